@@ -1,0 +1,287 @@
+"""Labelled text sources and the class-incremental stream built from them.
+
+``load_source`` reads a dataset on disk (CLINC150's JSON, or any CSV / JSON /
+JSONL table) into one tidy frame of ``text``, ``label`` and ``split``.
+``build_stream`` turns that frame into a seeded sequence of tasks, each with
+its own disjoint set of labels and a fixed number of train and test rows per
+label (DESIGN §5). Everything here is plain pandas/numpy, so it can be tested
+and reused without any orchestration or validation framework.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from model.config import DataConfig, SourceConfig
+
+STREAM_FILE = "stream.parquet"
+PLAN_FILE = "tasks.json"
+STREAM_COLUMNS = ["row_id", "task", "split", "text", "label"]
+CLINC150_SPLITS = {"train": "train", "val": "val", "test": "test"}
+
+
+class DataError(ValueError):
+    """A dataset or stream request that cannot be used; the message names the file and field."""
+
+
+def load_source(cfg: SourceConfig, root: Path = Path(".")) -> pd.DataFrame:
+    """Read the dataset named by ``cfg`` (relative to ``root``) into columns text, label, split.
+
+    ``split`` holds the source's split name per row, or is all missing when the
+    source has none. Text is stripped; rows whose label is in
+    ``cfg.exclude_labels`` are dropped. Bad input raises DataError naming the
+    file, the row and the field.
+    """
+    path = Path(root) / cfg.path
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (data.source.path = {cfg.path!r})")
+    if cfg.format == "clinc150":
+        records, text_field, label_field, split_field = _read_clinc150(path), "text", "label", "split"
+    else:
+        records = _read_table(path, cfg.format)
+        text_field, label_field, split_field = cfg.text_field, cfg.label_field, cfg.split_field
+        _check_fields(path, records, text_field, label_field, split_field)
+
+    texts: list[str] = []
+    labels: list[str] = []
+    splits: list[str | None] = []
+    for i, rec in enumerate(records):
+        where = f"{path}: row {i}"
+        text = rec.get(text_field)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {text_field!r} must be a string, got {_describe(text)}")
+        text = text.strip()
+        if not text:
+            raise DataError(f"{where}: field {text_field!r} is empty")
+        label = rec.get(label_field)
+        if not isinstance(label, str):
+            raise DataError(f"{where}: field {label_field!r} must be a string, got {_describe(label)}")
+        if not label.strip():
+            raise DataError(f"{where}: field {label_field!r} is empty")
+        split: str | None = None
+        if split_field is not None:
+            split = rec.get(split_field)
+            if not isinstance(split, str) or not split.strip():
+                raise DataError(f"{where}: field {split_field!r} must be a non-empty string, got {_describe(split)}")
+            split = split.strip()
+        texts.append(text)
+        labels.append(label.strip())
+        splits.append(split)
+
+    df = pd.DataFrame(
+        {
+            "text": pd.Series(texts, dtype="str"),
+            "label": pd.Series(labels, dtype="str"),
+            "split": pd.Series(splits, dtype="str" if split_field is not None else "object"),
+        }
+    )
+    if cfg.exclude_labels:
+        df = df[~df["label"].isin(cfg.exclude_labels)].reset_index(drop=True)
+    return df
+
+
+def _describe(value: Any) -> str:
+    """Short description of a bad field value for error messages."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "a missing value"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _read_clinc150(path: Path) -> list[dict[str, Any]]:
+    """Read CLINC150's ``{split: [[text, label], ...]}`` object, keeping train/val/test."""
+    obj = _read_json(path)
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: clinc150 format needs a JSON object of split -> rows, got {type(obj).__name__}")
+    present = [k for k in CLINC150_SPLITS if k in obj]
+    if not present:
+        raise DataError(
+            f"{path}: clinc150 format needs at least one of the keys {sorted(CLINC150_SPLITS)}; "
+            f"found keys: {sorted(obj)}"
+        )
+    records: list[dict[str, Any]] = []
+    for key in present:
+        rows = obj[key]
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: key {key!r} must be a list of [text, label] pairs, got {type(rows).__name__}")
+        for j, pair in enumerate(rows):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise DataError(f"{path}: {key}[{j}] must be a [text, label] pair, got {_describe(pair)}")
+            records.append({"text": pair[0], "label": pair[1], "split": CLINC150_SPLITS[key]})
+    return records
+
+
+def _read_json(path: Path) -> Any:
+    """Parse a JSON file, turning parse and encoding errors into DataError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+
+
+def _read_table(path: Path, fmt: str) -> list[dict[str, Any]]:
+    """Read a CSV, JSON (list of objects) or JSONL file into a list of records."""
+    if fmt == "csv":
+        try:
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: CSV file is empty (no header row)") from None
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a valid CSV file: {e}") from None
+        return table.to_dict(orient="records")
+    if fmt == "json":
+        obj = _read_json(path)
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: json format needs a list of objects, got {type(obj).__name__}")
+        for i, rec in enumerate(obj):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}: row {i} must be an object, got {_describe(rec)}")
+        return obj
+    records: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {lineno} is not valid JSON: {e}") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}: line {lineno} must be a JSON object, got {_describe(rec)}")
+                records.append(rec)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8: {e}") from None
+    return records
+
+
+def _check_fields(
+    path: Path, records: list[dict[str, Any]], text_field: str, label_field: str, split_field: str | None
+) -> None:
+    """Raise DataError if a configured field is absent, listing the fields that exist."""
+    if not records:
+        return
+    available: dict[str, None] = {}
+    for rec in records:
+        available.update(dict.fromkeys(rec))
+    for role, name in (("text_field", text_field), ("label_field", label_field), ("split_field", split_field)):
+        if name is None:
+            continue
+        if name not in available:
+            raise DataError(
+                f"{path}: no field {name!r} (data.source.{role}); available fields: {', '.join(map(str, available))}"
+            )
+        missing = next((i for i, rec in enumerate(records) if name not in rec), None)
+        if missing is not None:
+            raise DataError(f"{path}: row {missing} has no field {name!r} (data.source.{role})")
+
+
+def build_stream(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Build the seeded class-incremental stream and its plan ``{task: [labels]}``.
+
+    Exact duplicate texts are dropped (first kept). Only labels with enough
+    train and test rows are eligible; ``n_tasks * labels_per_task`` of them are
+    drawn and dealt into tasks. Train rows come from the source's ``train``
+    split and test rows from ``test`` (or ``val`` when there is no test split);
+    without a split column each label's rows are split by the seed. Rows are
+    ordered by task, then train (in the shuffled order the wake period reads)
+    before test (sorted by label and text), and numbered by ``row_id``.
+    """
+    missing = [c for c in ("text", "label") if c not in df.columns]
+    if missing:
+        raise DataError(f"dataset has no column(s) {missing}; columns: {list(df.columns)}")
+    if df.empty:
+        raise DataError(f"dataset is empty (source {cfg.source.path}); nothing to build a stream from")
+
+    df = df.drop_duplicates(subset="text", keep="first").reset_index(drop=True)
+    has_split = "split" in df.columns and bool(df["split"].notna().any())
+    n_train, n_test = cfg.train_per_label, cfg.test_per_label
+    if has_split:
+        split_names = set(df["split"].dropna().unique())
+        test_name = "test" if "test" in split_names else "val"
+        if "train" not in split_names or test_name not in split_names:
+            raise DataError(
+                f"source {cfg.source.path}: a split column needs 'train' rows and 'test' (or 'val') rows; "
+                f"found splits: {sorted(split_names)}"
+            )
+        train_pool = _rows_by_label(df[df["split"] == "train"])
+        test_pool = _rows_by_label(df[df["split"] == test_name])
+        counts = {
+            label: (len(train_pool.get(label, ())), len(test_pool.get(label, ())))
+            for label in sorted(set(train_pool) | set(test_pool))
+        }
+        need = f"at least {n_train} 'train' rows and {n_test} '{test_name}' rows"
+        eligible = sorted(lbl for lbl, (tr, te) in counts.items() if tr >= n_train and te >= n_test)
+    else:
+        test_name = ""
+        pool = _rows_by_label(df)
+        counts = {label: (len(idx), 0) for label, idx in pool.items()}
+        need = f"at least {n_train + n_test} rows (train_per_label {n_train} + test_per_label {n_test})"
+        eligible = sorted(lbl for lbl, (n, _) in counts.items() if n >= n_train + n_test)
+
+    n_needed = cfg.n_tasks * cfg.labels_per_task
+    if n_needed > len(eligible):
+        short = sorted(set(counts) - set(eligible))
+        if has_split:
+            shown = ", ".join(f"{lbl} ({counts[lbl][0]} train, {counts[lbl][1]} {test_name})" for lbl in short[:10])
+        else:
+            shown = ", ".join(f"{lbl} ({counts[lbl][0]} rows)" for lbl in short[:10])
+        more = f" and {len(short) - 10} more" if len(short) > 10 else ""
+        raise DataError(
+            f"source {cfg.source.path}: need {n_needed} labels (data.n_tasks {cfg.n_tasks} x "
+            f"data.labels_per_task {cfg.labels_per_task}) but only {len(eligible)} of {len(counts)} labels "
+            f"are eligible; a label needs {need} after dropping duplicate texts"
+            + (f"; too few examples: {shown}{more}" if short else "")
+            + ". Lower n_tasks, labels_per_task, train_per_label or test_per_label."
+        )
+
+    rng = np.random.default_rng(cfg.seed)
+    chosen = [eligible[i] for i in rng.choice(len(eligible), size=n_needed, replace=False)]
+    plan = {
+        t: sorted(chosen[t * cfg.labels_per_task : (t + 1) * cfg.labels_per_task]) for t in range(cfg.n_tasks)
+    }
+
+    parts: list[pd.DataFrame] = []
+    for task, labels in plan.items():
+        train_idx: list[int] = []
+        test_idx: list[int] = []
+        for label in labels:
+            if has_split:
+                train_idx.extend(rng.choice(train_pool[label], size=n_train, replace=False).tolist())
+                test_idx.extend(rng.choice(test_pool[label], size=n_test, replace=False).tolist())
+            else:
+                picked = rng.permutation(pool[label])[: n_train + n_test].tolist()
+                train_idx.extend(picked[:n_train])
+                test_idx.extend(picked[n_train:])
+        train = df.loc[rng.permutation(np.asarray(train_idx)), ["text", "label"]].assign(split="train")
+        test = df.loc[test_idx, ["text", "label"]].sort_values(["label", "text"], kind="stable").assign(split="test")
+        parts.append(pd.concat([train, test]).assign(task=task))
+
+    stream = pd.concat(parts, ignore_index=True)
+    stream.insert(0, "row_id", np.arange(len(stream), dtype="int64"))
+    stream = stream.astype({"row_id": "int64", "task": "int64", "split": "str", "text": "str", "label": "str"})
+    return stream[STREAM_COLUMNS], plan
+
+
+def _rows_by_label(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Positions of each label's rows, in the frame's order."""
+    return {str(label): np.asarray(idx) for label, idx in df.groupby("label", sort=True).groups.items()}
+
+
+def load_stream(out_dir: str | Path) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Read a stream and its plan written by the prepare stage (plan keys back to int)."""
+    out_dir = Path(out_dir)
+    stream_path, plan_path = out_dir / STREAM_FILE, out_dir / PLAN_FILE
+    for p in (stream_path, plan_path):
+        if not p.is_file():
+            raise DataError(f"{p}: not found; run the prepare stage first")
+    stream = pd.read_parquet(stream_path)
+    raw = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan = {int(k): list(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+    return stream, plan
