@@ -1,0 +1,182 @@
+"""Saving and loading the continuum-memory state: safetensors + a JSON manifest.
+
+A state directory holds::
+
+    experts.safetensors   every memory-level parameter (the base model is not saved)
+    train.safetensors     optimiser moments and mid-chunk gradients (exact resume of eq. 2)
+    manifest.json         levels, experts (slot, active, when/why unlocked, SHA-256 of the
+                          expert's weights), step counter, file digests, free-form metadata
+
+Loading verifies the file digests and each expert's digest before touching the
+model, and refuses a state made for a different CMS layout. Directories are
+written atomically, so a crash leaves the previous state as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.cms import ChunkedOptimizer, ContinuumMemory, ExpertInfo, attach_cms
+from model.io import atomic_dir, sha256_bytes, sha256_file
+
+if TYPE_CHECKING:
+    from model.config import Params
+    from model.loading import LoadedModel
+
+FORMAT_VERSION = 1
+EXPERTS_FILE = "experts.safetensors"
+TRAIN_FILE = "train.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A state directory that cannot be loaded; the message names the file and the field."""
+
+
+def expert_digest(cms: ContinuumMemory, level: int, slot: int) -> str:
+    """SHA-256 over one expert's weights in every layer (A, B and router row, fp32 bytes)."""
+    parts = []
+    for bank in cms.banks(level):
+        for p in (bank.A[slot], bank.B[slot], bank.router[slot]):
+            parts.append(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return sha256_bytes(b"".join(parts))
+
+
+def save_state(
+    cms: ContinuumMemory,
+    dest: str | Path,
+    optimizer: ChunkedOptimizer | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write the CMS (and optionally optimiser) state to directory ``dest`` atomically."""
+    dest = Path(dest)
+    tensors = {name: p.detach().contiguous().clone() for name, p in cms.named_memory_parameters()}
+    manifest = cms.manifest()
+    for li, level in enumerate(manifest["levels"]):
+        for e in level["experts"]:
+            e["sha256"] = expert_digest(cms, li, e["slot"])
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["metadata"] = metadata or {}
+    with atomic_dir(dest) as tmp:
+        save_file(tensors, str(tmp / EXPERTS_FILE))
+        files = {EXPERTS_FILE: sha256_file(tmp / EXPERTS_FILE)}
+        if optimizer is not None:
+            save_file(optimizer.state_tensors(), str(tmp / TRAIN_FILE))
+            files[TRAIN_FILE] = sha256_file(tmp / TRAIN_FILE)
+        manifest["files"] = files
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def read_manifest(src: str | Path) -> dict[str, Any]:
+    """Parse and sanity-check a state directory's manifest."""
+    path = Path(src) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a CMS state directory)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    for key in ("format_version", "layers", "d", "step", "levels", "files"):
+        if key not in manifest:
+            raise CheckpointError(f"{path}: field '{key}' missing")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: field 'format_version' is {manifest['format_version']}, expected {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimizer | None = None) -> dict[str, Any]:
+    """Load a state directory into ``cms`` (and ``optimizer``) after verifying every checksum.
+
+    Nothing in ``cms`` changes unless every check passes. Returns the manifest.
+    """
+    src = Path(src)
+    manifest = read_manifest(src)
+    mpath = src / MANIFEST_FILE
+    if manifest["layers"] != cms.layer_ids or manifest["d"] != cms.d:
+        raise CheckpointError(
+            f"{mpath}: field 'layers'/'d' ({manifest['layers']}, d={manifest['d']}) does not match this "
+            f"model's CMS ({cms.layer_ids}, d={cms.d})"
+        )
+    if len(manifest["levels"]) != cms.n_levels:
+        raise CheckpointError(f"{mpath}: field 'levels' has {len(manifest['levels'])} levels, CMS has {cms.n_levels}")
+    for li, (lv, cfg) in enumerate(zip(manifest["levels"], cms.cfg.levels)):
+        if (lv["n_experts"], lv["d_low"]) != (cfg.n_experts, cfg.d_low):
+            raise CheckpointError(
+                f"{mpath}: field 'levels[{li}]' has n_experts={lv['n_experts']}, d_low={lv['d_low']}; "
+                f"params.yaml has n_experts={cfg.n_experts}, d_low={cfg.d_low}"
+            )
+    for name, digest in manifest["files"].items():
+        fpath = src / name
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath}: missing (listed in {MANIFEST_FILE})")
+        if sha256_file(fpath) != digest:
+            raise CheckpointError(f"{fpath}: checksum mismatch (file corrupted or modified)")
+    tensors = load_file(str(src / EXPERTS_FILE))
+    own = dict(cms.named_memory_parameters())
+    if set(tensors) != set(own):
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        raise CheckpointError(f"{src / EXPERTS_FILE}: tensor names differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, t in tensors.items():
+        if t.shape != own[name].shape:
+            raise CheckpointError(f"{src / EXPERTS_FILE}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+    train = load_file(str(src / TRAIN_FILE)) if optimizer is not None and TRAIN_FILE in manifest["files"] else None
+
+    backup = {name: p.detach().clone() for name, p in own.items()}
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
+    try:
+        for li, lv in enumerate(manifest["levels"]):
+            for e in lv["experts"]:
+                if expert_digest(cms, li, e["slot"]) != e.get("sha256"):
+                    raise CheckpointError(
+                        f"{mpath}: field 'levels[{li}].experts[{e['slot']}].sha256' does not match the weights"
+                    )
+    except CheckpointError:
+        with torch.no_grad():
+            for name, t in backup.items():
+                own[name].copy_(t)
+        raise
+    for li, lv in enumerate(manifest["levels"]):
+        cms.experts[li] = [
+            ExpertInfo(
+                slot=e["slot"],
+                active=e["active"],
+                unlocked_at_step=e["unlocked_at_step"],
+                origin=e["origin"],
+                history=list(e["history"]),
+            )
+            for e in lv["experts"]
+        ]
+        cms.refresh_routing(li)
+    cms.step = int(manifest["step"])
+    for p in own.values():
+        p.grad = None
+    if train is not None:
+        optimizer.load_state_tensors(train)
+    return manifest
+
+
+def open_memory_model(
+    params: "Params", root: Path = Path("."), state: str | Path | None = None, with_optimizer: bool = False
+) -> tuple["LoadedModel", ContinuumMemory, ChunkedOptimizer | None]:
+    """The base model from params, with its memory levels attached and ``state`` loaded.
+
+    With ``state=None`` the levels are fresh (``initial_experts`` unlocked per level).
+    """
+    from model.loading import load_base_model
+
+    loaded = load_base_model(params.model, root=root)
+    cms = attach_cms(loaded.model, params.cms, seed=params.seed)
+    optimizer = ChunkedOptimizer(cms, grad_clip=params.wake.grad_clip) if with_optimizer else None
+    if state is not None:
+        load_state(cms, state, optimizer)
+    return loaded, cms, optimizer

@@ -1,0 +1,111 @@
+"""Save/load of the memory state: exact round trip, corruption refused, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.checkpoint import EXPERTS_FILE, MANIFEST_FILE, CheckpointError, load_state, save_state
+from model.cms import ChunkedOptimizer
+from model.wake import sft_loss
+from tests.model.helpers import logits, tiny_cms_config, tiny_with_cms, toy_batch
+
+
+def _trained(steps: int = 3):
+    lm, cms = tiny_with_cms()
+    opt = ChunkedOptimizer(cms)
+    batch = toy_batch(lm)
+    for _ in range(steps):
+        sft_loss(lm.model, batch).backward()
+        opt.step()
+    return lm, cms, opt, batch
+
+
+def test_round_trip_is_exact_including_mid_chunk_gradients(tmp_path):
+    lm, cms, opt, batch = _trained(steps=3)  # slow level (C=4) has 3 steps of pending gradient
+    cms.unlock(1, origin="consolidation:test")
+    save_state(cms, tmp_path / "s", opt, metadata={"period": 7})
+    lm2, cms2 = tiny_with_cms()
+    opt2 = ChunkedOptimizer(cms2)
+    manifest = load_state(cms2, tmp_path / "s", opt2)
+    assert manifest["metadata"] == {"period": 7}
+    torch.testing.assert_close(logits(lm2, batch), logits(lm, batch), rtol=0, atol=0)
+    assert cms2.step == cms.step == 3
+    assert cms2.active_slots(1) == cms.active_slots(1)
+    assert cms2.experts[1][1].origin == "consolidation:test"
+    # Continuing training from the loaded state matches continuing the original exactly.
+    for m, c, o in ((lm, cms, opt), (lm2, cms2, opt2)):
+        sft_loss(m.model, batch).backward()
+        o.step()  # step 4: the slow level's chunk ends here
+    for (n1, p1), (_, p2) in zip(cms.named_memory_parameters(), cms2.named_memory_parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=n1)
+
+
+def test_manifest_records_provenance_and_checksums(tmp_path):
+    _, cms, opt, _ = _trained()
+    save_state(cms, tmp_path / "s", opt)
+    m = json.loads((tmp_path / "s" / MANIFEST_FILE).read_text())
+    fast = m["levels"][0]
+    assert fast["name"] == "fast" and fast["chunk_size"] == 1
+    e0 = fast["experts"][0]
+    assert e0["active"] and e0["origin"] == "init" and e0["unlocked_at_step"] == 0 and len(e0["sha256"]) == 64
+    assert set(m["files"]) == {"experts.safetensors", "train.safetensors"}
+
+
+def test_corrupted_weights_are_refused_and_model_untouched(tmp_path):
+    lm, cms, opt, batch = _trained()
+    save_state(cms, tmp_path / "s", opt)
+    path = tmp_path / "s" / EXPERTS_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    lm2, cms2 = tiny_with_cms()
+    before = logits(lm2, batch)
+    with pytest.raises(CheckpointError, match="experts.safetensors: checksum mismatch"):
+        load_state(cms2, tmp_path / "s")
+    torch.testing.assert_close(logits(lm2, batch), before, rtol=0, atol=0)
+
+
+def test_tampered_expert_digest_is_refused_and_rolled_back(tmp_path):
+    lm, cms, opt, batch = _trained()
+    save_state(cms, tmp_path / "s", opt)
+    mpath = tmp_path / "s" / MANIFEST_FILE
+    m = json.loads(mpath.read_text())
+    m["levels"][0]["experts"][0]["sha256"] = "0" * 64
+    mpath.write_text(json.dumps(m))
+    lm2, cms2 = tiny_with_cms()
+    before = logits(lm2, batch)
+    with pytest.raises(CheckpointError, match=r"levels\[0\]\.experts\[0\]\.sha256"):
+        load_state(cms2, tmp_path / "s")
+    torch.testing.assert_close(logits(lm2, batch), before, rtol=0, atol=0)
+
+
+def test_layout_mismatch_and_missing_files(tmp_path):
+    _, cms, opt, _ = _trained()
+    save_state(cms, tmp_path / "s", opt)
+    _, other = tiny_with_cms(cfg=tiny_cms_config(d_low=4))
+    with pytest.raises(CheckpointError, match="d_low=8.*d_low=4"):
+        load_state(other, tmp_path / "s")
+    with pytest.raises(CheckpointError, match="manifest.json: missing"):
+        load_state(cms, tmp_path / "nowhere")
+    (tmp_path / "s" / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_state(cms, tmp_path / "s")
+
+
+def test_failed_save_keeps_the_previous_state(tmp_path, monkeypatch):
+    _, cms, opt, _ = _trained()
+    save_state(cms, tmp_path / "s", opt, metadata={"v": 1})
+    import model.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_state(cms, tmp_path / "s", opt, metadata={"v": 2})
+    m = json.loads((tmp_path / "s" / MANIFEST_FILE).read_text())
+    assert m["metadata"] == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp dirs left
