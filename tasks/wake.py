@@ -1,0 +1,144 @@
+"""Prefect tasks of a wake period: thin wrappers over ``model/`` that read and write files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from model.checkpoint import open_memory_model, save_state
+from model.config import Params
+from model.data import load_stream
+from model.io import write_json, write_text
+from model.wake import NonFiniteLossError, StepLog, classify, split_template, train_period
+
+
+class StreamError(ValueError):
+    """The prepared stream is missing or does not fit the requested period."""
+
+
+@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def read_stream(data_dir: Path) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Read the prepared stream (parquet) and its task plan (JSON)."""
+    return load_stream(data_dir)
+
+
+def _state_dir(params: Params, root: Path, period: int) -> Path:
+    return root / params.wake.state_dir / f"period-{period}"
+
+
+@task(cache_policy=NO_CACHE)
+def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: int) -> dict:
+    """Train the memory levels on one period's examples; save the state; return training logs."""
+    log = get_run_logger()
+    torch.set_num_threads(params.wake.threads)
+    torch.manual_seed(params.seed * 100_003 + period)
+    rows = stream[(stream["task"] == period) & (stream["split"] == "train")].sort_values("row_id")
+    if rows.empty:
+        raise StreamError(f"period {period}: the stream has no train rows for task {period}")
+    prev = _state_dir(params, root, period - 1) if period > 0 else None
+    if prev is not None and not prev.is_dir():
+        raise StreamError(f"{prev}: missing; wake period {period} needs period {period - 1}'s state")
+    loaded, cms, optimizer = open_memory_model(params, root, prev, with_optimizer=True)
+    pairs = [split_template(params.wake.template, t, lab) for t, lab in zip(rows["text"], rows["label"])]
+    n_steps = params.wake.epochs * -(-len(pairs) // params.wake.batch_size)
+    bar = tqdm(total=n_steps, desc=f"wake period {period}", unit="step", leave=False)
+
+    def on_step(s: StepLog) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{s.loss:.3f}")
+
+    start = time.perf_counter()
+    try:
+        logs = train_period(
+            loaded.model,
+            loaded.tokenizer,
+            optimizer,
+            [p for p, _ in pairs],
+            [c for _, c in pairs],
+            params.wake.batch_size,
+            params.wake.max_length,
+            params.wake.epochs,
+            on_step,
+        )
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e}; state of period {period} not saved") from None
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    tokens = sum(s.tokens for s in logs)
+    out = _state_dir(params, root, period)
+    save_state(cms, out, optimizer, metadata={"period": period, "task": period, "model": loaded.name})
+    updates = {lvl.name: sum(li in s.updated_levels for s in logs) for li, lvl in enumerate(params.cms.levels)}
+    log.info(f"period {period}: {len(logs)} steps, loss {logs[0].loss:.3f} -> {logs[-1].loss:.3f}, "
+             f"{tokens / seconds:.0f} tokens/s, level updates {updates}")
+    return {
+        "steps": len(logs),
+        "cms_step": cms.step,
+        "tokens": tokens,
+        "train_seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "loss_first": logs[0].loss,
+        "loss_last": logs[-1].loss,
+        "loss_mean": sum(s.loss for s in logs) / len(logs),
+        "losses": [round(s.loss, 5) for s in logs],
+        "level_updates": updates,
+        "state_dir": str(out.relative_to(root)),
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_seen_tasks(
+    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
+) -> dict[str, float]:
+    """Accuracy on the test rows of every task seen so far, choosing among all seen labels."""
+    torch.set_num_threads(params.wake.threads)
+    loaded, _, _ = open_memory_model(params, root, _state_dir(params, root, period))
+    seen = list(range(period + 1))
+    labels = [lab for t in seen for lab in plan[t]]
+    test = stream[(stream["split"] == "test") & (stream["task"].isin(seen))].sort_values("row_id")
+    pred = classify(
+        loaded.model, loaded.tokenizer, params.wake.template, list(test["text"]), labels,
+        params.wake.eval_batch_size, params.wake.max_length,
+    )
+    correct = pd.Series([p == g for p, g in zip(pred, test["label"])], index=test.index)
+    return {str(t): float(correct[test["task"] == t].mean()) for t in seen}
+
+
+@task(retries=2, retry_delay_seconds=1)
+def write_period_metrics(path: Path, metrics: dict) -> Path:
+    """Write one period's metrics JSON atomically."""
+    return write_json(path, metrics)
+
+
+@task(retries=2, retry_delay_seconds=1)
+def write_wake_summary(path: Path, periods: list[dict]) -> Path:
+    """Write the accuracy matrix R[i][j] over periods and a per-period table for plots."""
+    n = len(periods)
+    matrix = [[periods[i]["accuracy"].get(str(j)) for j in range(n)] for i in range(n)]
+    final = periods[-1]["accuracy"]
+    summary = {
+        "periods": n,
+        "accuracy_matrix": matrix,
+        "final_mean_accuracy": sum(final.values()) / len(final),
+        "mean_tokens_per_second": sum(p["tokens_per_second"] for p in periods) / n,
+    }
+    write_json(path, summary)
+    rows = [{"period": p["period"], "task": int(t), "accuracy": a} for p in periods for t, a in p["accuracy"].items()]
+    write_text(path.with_name(f"{path.stem}_accuracy.csv"), pd.DataFrame(rows).to_csv(index=False))
+    return path
+
+
+__all__ = [
+    "StreamError",
+    "evaluate_seen_tasks",
+    "read_stream",
+    "train_wake_period",
+    "write_period_metrics",
+    "write_wake_summary",
+]

@@ -1,0 +1,91 @@
+"""Wake training and label log-likelihood scoring on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.cms import ChunkedOptimizer
+from model.wake import NonFiniteLossError, classify, completion_logprobs, encode, split_template, train_period
+from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
+
+TEMPLATE = "{text} -> {label}"
+TOY = [
+    ("what is my balance", "balance"),
+    ("how much money do i have", "balance"),
+    ("book a table for two", "restaurant_reservation"),
+    ("reserve a table tonight", "restaurant_reservation"),
+    ("wake me up at seven", "alarm"),
+    ("set an alarm for six", "alarm"),
+]
+
+
+def test_split_template_and_encode_boundary():
+    lm, _ = tiny_with_cms()
+    prompt, comp = split_template(TEMPLATE, "book a table", "restaurant_reservation")
+    assert (prompt, comp) == ("book a table -> ", "restaurant reservation")
+    b = encode(lm.tokenizer, [prompt, "x -> "], [comp, "alarm"], 64)
+    for i, (p, c) in enumerate([(prompt, comp), ("x -> ", "alarm")]):
+        ids = b.input_ids[i][b.completion_mask[i]].tolist()
+        assert ids[-1] == lm.tokenizer.eos_token_id
+        assert lm.tokenizer.decode(ids[:-1]) == c
+        n = int(b.attention_mask[i].sum())
+        assert lm.tokenizer.decode(b.input_ids[i][:n][~b.completion_mask[i][:n]]) == p
+
+
+def test_long_prompt_is_cut_from_the_left_and_completion_kept():
+    lm, _ = tiny_with_cms()
+    b = encode(lm.tokenizer, ["word " * 100], ["balance"], 16)
+    assert b.input_ids.shape[1] == 16
+    assert lm.tokenizer.decode(b.input_ids[0][b.completion_mask[0]][:-1]) == "balance"
+    with pytest.raises(ValueError, match="more than max_length"):
+        encode(lm.tokenizer, ["x"], ["balance " * 20], 16)
+
+
+def test_completion_logprobs_match_full_forward():
+    """Parity: the head-on-completion-positions shortcut equals the plain full forward."""
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    b = encode(lm.tokenizer, ["what is my balance -> ", "hi -> "], ["balance", "restaurant reservation"], 64)
+    logp, n = completion_logprobs(lm.model, b)
+    with torch.no_grad():
+        full = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.log_softmax(-1)
+    ref = []
+    for i in range(2):
+        pos = b.completion_mask[i].nonzero().flatten()
+        ref.append(sum(full[i, p - 1, b.input_ids[i, p]] for p in pos.tolist()))
+        assert n[i] == len(pos)
+    torch.testing.assert_close(logp.detach(), torch.stack(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_wake_training_improves_accuracy_on_a_toy_stream():
+    torch.manual_seed(0)
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(lr=2e-2))
+    labels = sorted({lab for _, lab in TOY})
+    texts = [t for t, _ in TOY]
+    gold = [lab for _, lab in TOY]
+
+    def accuracy() -> float:
+        pred = classify(lm.model, lm.tokenizer, TEMPLATE, texts, labels, 16, 64)
+        return sum(p == g for p, g in zip(pred, gold)) / len(gold)
+
+    before = accuracy()
+    pairs = [split_template(TEMPLATE, t, lab) for t, lab in TOY]
+    opt = ChunkedOptimizer(cms)
+    logs = train_period(lm.model, lm.tokenizer, opt, [p for p, _ in pairs], [c for _, c in pairs], 3, 64, epochs=15)
+    assert len(logs) == 30 and cms.step == 30
+    assert logs[-1].loss < 0.5 * logs[0].loss
+    after = accuracy()
+    assert after == 1.0 and after > before
+
+
+def test_nan_loss_aborts_training():
+    lm, cms = tiny_with_cms()
+    with torch.no_grad():
+        for bank in cms.banks(0):
+            for s in cms.active_slots(0):
+                bank.B[s].fill_(float("nan"))
+    opt = ChunkedOptimizer(cms)
+    with pytest.raises(NonFiniteLossError, match="non-finite wake loss"):
+        train_period(lm.model, lm.tokenizer, opt, ["a -> "], ["alarm"], 1, 32)
+    assert cms.step == 0
