@@ -39,70 +39,101 @@ def split_template(template: str, text: str, label: str) -> tuple[str, str]:
 
 @dataclass
 class Batch:
-    """Right-padded prompt+completion sequences.
+    """Examples packed into rows: several prompt+completion sequences share a row.
 
-    input_ids, attention_mask, completion_mask: (B, T); completion_mask marks the
-    completion tokens (the ones that are scored / trained on).
+    input_ids, position_ids, segment, completion_mask: (R, T). ``position_ids`` restart
+    at 0 for every example, which makes the attention block-diagonal (each example
+    sees only itself, exactly as if it were alone); ``segment`` is the example index
+    of each token (-1 for padding); ``completion_mask`` marks completion tokens.
+    Packing instead of padding every example to the longest one keeps the GEMMs busy
+    with real tokens (CLINC queries vary from 3 to 30 tokens).
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
     completion_mask: torch.Tensor
+    n_examples: int
 
     @property
     def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return int((self.segment >= 0).sum())
 
 
 def encode(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str], max_length: int
 ) -> Batch:
-    """Tokenise prompt and completion separately (the boundary is exact) and pad on the right.
+    """Tokenise prompt and completion separately (the boundary is exact) and pack into rows.
 
     The completion gets an EOS token. Over-long prompts are cut from the left so the
-    completion is always kept whole; a completion longer than ``max_length - 1``
-    tokens is an error.
+    completion is always kept whole; a completion of ``max_length`` tokens or more is
+    an error. Rows are ``max_length`` long (first-fit, longest examples first).
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        raise ValueError("nothing to encode: no examples")
     p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    rows: list[tuple[list[int], int]] = []
-    for p, c, comp in zip(p_ids, c_ids, completions):
+    examples: list[tuple[list[int], int]] = []
+    for p, c, prompt, comp in zip(p_ids, c_ids, prompts, completions):
+        if not p:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens")
         c = list(c) + [eos]
         if len(c) >= max_length:
             raise ValueError(f"completion {comp!r} has {len(c)} tokens, more than max_length-1 ({max_length - 1})")
         p = list(p)[-(max_length - len(c)) :]
-        rows.append((p + c, len(p)))
-    T = max(len(ids) for ids, _ in rows)
+        examples.append((p + c, len(p)))
+    rows: list[list[int]] = []  # example indices per row
+    free: list[int] = []
+    for k in sorted(range(len(examples)), key=lambda k: -len(examples[k][0])):
+        n = len(examples[k][0])
+        r = next((r for r, f in enumerate(free) if f >= n), None)
+        if r is None:
+            rows.append([])
+            free.append(max_length)
+            r = len(rows) - 1
+        rows[r].append(k)
+        free[r] -= n
+    T = max(max_length - f for f in free)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), T), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    segment = torch.full((len(rows), T), -1, dtype=torch.long)
     comp_mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        comp_mask[i, n_prompt : len(ids)] = True
-    return Batch(input_ids, attention, comp_mask)
+    for r, members in enumerate(rows):
+        at = 0
+        for k in members:
+            ids, n_prompt = examples[k]
+            n = len(ids)
+            input_ids[r, at : at + n] = torch.tensor(ids)
+            position_ids[r, at : at + n] = torch.arange(n)
+            segment[r, at : at + n] = k
+            comp_mask[r, at + n_prompt : at + n] = True
+            at += n
+        position_ids[r, at:] = torch.arange(T - at)  # padding forms its own segment
+    return Batch(input_ids, position_ids, segment, comp_mask, len(examples))
 
 
 def completion_logprobs(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(completion token | prefix) per sequence, and the token counts.
+    """Sum of log p(completion token | prefix) per example, and the token counts.
 
-    Returns (logp: (B,), n: (B,)). The output head runs on the M completion
-    positions only: hidden (B, T, d) -> selected (M, d) -> logits (M, V).
+    Returns (logp: (N,), n: (N,)) in the order the examples were given. The output
+    head runs on the M completion positions only: hidden (R, T, d) -> (M, d) -> logits (M, V).
     """
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    predict = batch.completion_mask[:, 1:]  # position t predicts token t+1
+    # No KV cache: with one, transformers would not derive the block-diagonal (packed) mask.
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state
+    predict = batch.completion_mask[:, 1:]  # position t predicts token t+1 (same segment)
     h = hidden[:, :-1][predict]  # (M, d)
     targets = batch.input_ids[:, 1:][predict]  # (M,)
     logits = model.get_output_embeddings()(h).float()  # (M, V)
     token_lp = -F.cross_entropy(logits, targets, reduction="none")  # (M,)
-    rows = predict.nonzero()[:, 0]
-    B = batch.input_ids.shape[0]
-    logp = torch.zeros(B, dtype=token_lp.dtype).index_add(0, rows, token_lp)
-    n = predict.sum(dim=1)
+    example = batch.segment[:, 1:][predict]  # (M,)
+    logp = torch.zeros(batch.n_examples, dtype=token_lp.dtype).index_add(0, example, token_lp)
+    n = torch.zeros(batch.n_examples, dtype=torch.long).index_add(0, example, torch.ones_like(example))
     return logp, n
 
 

@@ -30,7 +30,7 @@ def toy_batch(lm: LoadedModel) -> Batch:
 
 def logits(lm: LoadedModel, batch: Batch) -> torch.Tensor:
     with torch.no_grad():
-        return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return lm.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
 
 
 def make_nonzero(cms: ContinuumMemory, level: int, seed: int = 1) -> None:

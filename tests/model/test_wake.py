@@ -25,12 +25,25 @@ def test_split_template_and_encode_boundary():
     prompt, comp = split_template(TEMPLATE, "book a table", "restaurant_reservation")
     assert (prompt, comp) == ("book a table -> ", "restaurant reservation")
     b = encode(lm.tokenizer, [prompt, "x -> "], [comp, "alarm"], 64)
-    for i, (p, c) in enumerate([(prompt, comp), ("x -> ", "alarm")]):
-        ids = b.input_ids[i][b.completion_mask[i]].tolist()
+    assert b.input_ids.shape[0] == 1  # both fit in one packed row
+    for k, (p, c) in enumerate([(prompt, comp), ("x -> ", "alarm")]):
+        mine = b.segment == k
+        ids = b.input_ids[mine & b.completion_mask].tolist()
         assert ids[-1] == lm.tokenizer.eos_token_id
         assert lm.tokenizer.decode(ids[:-1]) == c
-        n = int(b.attention_mask[i].sum())
-        assert lm.tokenizer.decode(b.input_ids[i][:n][~b.completion_mask[i][:n]]) == p
+        assert lm.tokenizer.decode(b.input_ids[mine & ~b.completion_mask]) == p
+        assert b.position_ids[mine].tolist() == list(range(int(mine.sum())))
+    assert b.n_tokens == int((b.segment >= 0).sum()) and b.n_examples == 2
+
+
+def test_packing_fills_rows_first_fit():
+    lm, _ = tiny_with_cms()
+    prompts = ["what is my balance -> "] * 9
+    b = encode(lm.tokenizer, prompts, ["balance"] * 9, 32)
+    n = b.n_tokens // 9  # tokens per example
+    per_row = 32 // n
+    assert b.input_ids.shape[0] == -(-9 // per_row) and b.input_ids.shape[1] == per_row * n
+    assert sorted(set(b.segment[b.segment >= 0].tolist())) == list(range(9))
 
 
 def test_long_prompt_is_cut_from_the_left_and_completion_kept():
@@ -40,22 +53,28 @@ def test_long_prompt_is_cut_from_the_left_and_completion_kept():
     assert lm.tokenizer.decode(b.input_ids[0][b.completion_mask[0]][:-1]) == "balance"
     with pytest.raises(ValueError, match="more than max_length"):
         encode(lm.tokenizer, ["x"], ["balance " * 20], 16)
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        encode(lm.tokenizer, [""], ["balance"], 16)
 
 
-def test_completion_logprobs_match_full_forward():
-    """Parity: the head-on-completion-positions shortcut equals the plain full forward."""
+def test_packed_logprobs_equal_each_example_alone():
+    """Parity: packing + head-on-completion-positions equals a plain forward of each example."""
     lm, cms = tiny_with_cms()
     make_nonzero(cms, 0)
-    b = encode(lm.tokenizer, ["what is my balance -> ", "hi -> "], ["balance", "restaurant reservation"], 64)
+    prompts = ["what is my balance -> ", "hi -> ", "book a table for two please -> "]
+    comps = ["balance", "restaurant reservation", "alarm"]
+    b = encode(lm.tokenizer, prompts, comps, 64)
+    assert b.input_ids.shape[0] == 1  # all three share one row
     logp, n = completion_logprobs(lm.model, b)
-    with torch.no_grad():
-        full = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.log_softmax(-1)
-    ref = []
-    for i in range(2):
-        pos = b.completion_mask[i].nonzero().flatten()
-        ref.append(sum(full[i, p - 1, b.input_ids[i, p]] for p in pos.tolist()))
-        assert n[i] == len(pos)
-    torch.testing.assert_close(logp.detach(), torch.stack(ref), rtol=1e-5, atol=1e-5)
+    for k, (p, c) in enumerate(zip(prompts, comps)):
+        ids = lm.tokenizer(p)["input_ids"] + lm.tokenizer(c, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ids + [lm.tokenizer.eos_token_id]])
+        n_prompt = len(lm.tokenizer(p)["input_ids"])
+        with torch.no_grad():
+            full = lm.model(input_ids=ids).logits.log_softmax(-1)[0]
+        ref = sum(full[t - 1, ids[0, t]] for t in range(n_prompt, ids.shape[1]))
+        assert int(n[k]) == ids.shape[1] - n_prompt
+        torch.testing.assert_close(logp[k].detach(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_wake_training_improves_accuracy_on_a_toy_stream():
