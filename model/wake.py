@@ -201,21 +201,58 @@ def score_candidates(
     batch_size: int,
     max_length: int,
 ) -> torch.Tensor:
-    """Log-likelihood of every candidate completion after every prompt: (P, C).
+    """Log-likelihood of every candidate completion (plus EOS) after every prompt: (P, C).
 
-    The P*C pairs are sorted by length before batching so little compute goes to padding.
+    Prefix sharing: one row holds a prompt followed by all C candidates, and a
+    tree-shaped attention mask lets each candidate see the prompt and itself only
+    (positions continue from the prompt for every candidate). The prompt is thus
+    computed once instead of C times. ``batch_size`` bounds the prompt+candidate
+    pairs per forward pass; prompts are cut from the left to ``max_length`` minus
+    the longest candidate.
     """
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(candidates))]
-    p_len = [len(x) for x in tokenizer(list(prompts))["input_ids"]]
-    c_len = [len(x) for x in tokenizer(list(candidates), add_special_tokens=False)["input_ids"]]
-    pairs.sort(key=lambda ij: p_len[ij[0]] + c_len[ij[1]])
+    eos = tokenizer.eos_token_id
+    cands = [list(c) + [eos] for c in tokenizer(list(candidates), add_special_tokens=False)["input_ids"]]
+    longest = max(len(c) for c in cands)
+    if longest >= max_length:
+        raise ValueError(f"a candidate has {longest} tokens, more than max_length-1 ({max_length - 1})")
+    p_ids = [list(p)[-(max_length - longest) :] for p in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    if any(not p for p in p_ids):
+        raise ValueError("a prompt encodes to no tokens")
+    cand_len = torch.tensor([len(c) for c in cands])
+    flat_cands = torch.tensor([t for c in cands for t in c])  # (S,) all candidates back to back
+    S = len(flat_cands)
+    # Within the candidate block: token a may see token b iff same candidate and b <= a.
+    owner = torch.repeat_interleave(torch.arange(len(cands)), cand_len)  # (S,)
+    offset = torch.cat([torch.arange(n) for n in cand_len.tolist()])  # (S,) index inside its candidate
+    block = (owner[:, None] == owner[None, :]) & (torch.arange(S)[None, :] <= torch.arange(S)[:, None])
     scores = torch.empty(len(prompts), len(candidates))
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = encode(tokenizer, [prompts[i] for i, _ in chunk], [candidates[j] for _, j in chunk], max_length)
-        logp, _ = completion_logprobs(model, batch)
-        for (i, j), v in zip(chunk, logp.tolist()):
-            scores[i, j] = v
+    per_call = max(1, batch_size // len(cands))
+    order = sorted(range(len(prompts)), key=lambda i: len(p_ids[i]))
+    for start in range(0, len(order), per_call):
+        rows = order[start : start + per_call]
+        P = max(len(p_ids[i]) for i in rows)
+        T = P + S
+        ids = torch.full((len(rows), T), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+        pos = torch.zeros((len(rows), T), dtype=torch.long)
+        mask = torch.zeros((len(rows), 1, T, T), dtype=torch.bool)
+        pred = torch.empty((len(rows), S), dtype=torch.long)  # position whose output predicts each candidate token
+        for r, i in enumerate(rows):
+            n = len(p_ids[i])
+            ids[r, P - n : P] = torch.tensor(p_ids[i])  # left-pad the prompt so candidates start at P
+            pos[r, P - n : P] = torch.arange(n)
+            pos[r, P:] = n + offset
+            ids[r, P:] = flat_cands
+            mask[r, 0, P - n : P, P - n : P] = torch.ones(n, n, dtype=torch.bool).tril()
+            mask[r, 0, P:, P - n : P] = True
+            mask[r, 0, P:, P:] = block
+            mask[r, 0, : P - n, : P - n] = torch.eye(P - n, dtype=torch.bool)  # padding sees itself only
+            pred[r] = torch.where(offset == 0, P - 1, P + torch.arange(S) - 1)
+        hidden = model.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+        h = torch.gather(hidden, 1, pred.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, S, d)
+        logits = model.get_output_embeddings()(h).float()  # (R, S, V)
+        token_lp = -F.cross_entropy(logits.flatten(0, 1), flat_cands.repeat(len(rows)), reduction="none").view(len(rows), S)
+        per_cand = torch.zeros(len(rows), len(cands)).index_add(1, owner, token_lp)
+        scores[rows] = per_cand
     return scores
 
 

@@ -108,3 +108,17 @@ def test_nan_loss_aborts_training():
     with pytest.raises(NonFiniteLossError, match="non-finite wake loss"):
         train_period(lm.model, lm.tokenizer, opt, ["a -> "], ["alarm"], 1, 32)
     assert cms.step == 0
+
+
+def test_prefix_shared_scores_equal_separate_forwards():
+    """Parity: the tree-masked scorer equals scoring each (prompt, candidate) pair on its own."""
+    from model.wake import score_candidates
+
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    prompts = ["what is my balance -> ", "hi -> ", "book a table for two please -> "]
+    cands = ["balance", "restaurant reservation", "alarm", "x"]
+    got = score_candidates(lm.model, lm.tokenizer, prompts, cands, batch_size=8, max_length=64)
+    for i, p in enumerate(prompts):
+        ref, _ = completion_logprobs(lm.model, encode(lm.tokenizer, [p] * len(cands), cands, 64))
+        torch.testing.assert_close(got[i], ref.detach(), rtol=1e-5, atol=1e-4)
