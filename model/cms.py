@@ -245,16 +245,39 @@ class ContinuumMemory(nn.Module):
             blk.enabled[level] = enabled
 
     @contextlib.contextmanager
-    def levels_masked(self, levels: list[int]) -> Iterator[None]:
-        """Temporarily mask some levels (e.g. the student view of consolidation)."""
-        before = [list(blk.enabled) for blk in self.blocks.values()]
+    def levels_masked(self, levels: list[int], hidden: dict[int, list[int]] | None = None) -> Iterator[None]:
+        """Temporarily mask whole levels and hide some experts of other levels.
+
+        This is how one module serves as both teacher and student in consolidation:
+        the teacher hides the newly unlocked expert, the student masks the fast level.
+        """
+        before_enabled = [list(blk.enabled) for blk in self.blocks.values()]
         try:
             for lv in levels:
                 self.set_level_enabled(lv, False)
+            for lv, slots in (hidden or {}).items():
+                visible = [s for s in self.active_slots(lv) if s not in slots]
+                for bank in self.banks(lv):
+                    bank.slots = visible
             yield
         finally:
-            for blk, en in zip(self.blocks.values(), before):
+            for blk, en in zip(self.blocks.values(), before_enabled):
                 blk.enabled = en
+            for lv in hidden or {}:
+                self.refresh_routing(lv)
+
+    @contextlib.contextmanager
+    def trainable_only(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """Temporarily let only ``params`` receive gradients (other levels keep their .grad)."""
+        keep = {id(p) for p in params}
+        saved = [(p, p.requires_grad) for _, p in self.named_memory_parameters()]
+        try:
+            for p, _ in saved:
+                p.requires_grad_(id(p) in keep)
+            yield
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
 
     @contextlib.contextmanager
     def random_expert_routing(self, seed: int) -> Iterator[None]:

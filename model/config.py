@@ -150,6 +150,33 @@ class WakeConfig(_Strict):
         return v
 
 
+class ConsolidationConfig(_Strict):
+    """Sleep stage 1: Knowledge Seeding of level l-1 into a new expert of level l (DESIGN §2)."""
+
+    prompt_buffer_size: int = Field(64, ge=1, description="Wake prompts kept for sleep (seeded sample).")
+    samples_per_prompt: int = Field(1, ge=1, description="Teacher samples per buffered prompt (the data D).")
+    steps: int = Field(40, ge=1, description="Optimiser steps on the new expert.")
+    batch_size: int = Field(8, ge=1, description="Sequences per distillation step.")
+    lr: float = Field(3e-3, gt=0, le=1.0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="JSD interpolation (jsd only).")
+    on_policy_fraction: float = Field(
+        0.5, ge=0, le=1, description="lambda: share of distillation batches sampled from the student."
+    )
+    alpha: float = Field(0.8, ge=0, le=1, description="L_KS = alpha * distillation - (1-alpha) * E[reward].")
+    gamma: float = Field(0.5, ge=0, le=1, description="r = gamma * r_sem + (1-gamma) * r_abs (eq. 3).")
+    semantic_threshold: float = Field(0.8, ge=-1, le=1, description="Cosine at which r_sem = 1.")
+    z0: int = Field(32, ge=0, description="Levenshtein threshold of r_abs (characters, eq. 4).")
+    lti_prefixes: int = Field(4, ge=1, description="Teacher sequences cut per step for Learning to Imitate.")
+    lti_group_size: int = Field(4, ge=2, description="Student continuations per prefix (group for advantages).")
+    max_new_tokens: int = Field(12, ge=1)
+    temperature: float = Field(1.0, ge=0, le=5.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0)
+    state_dir: str = "state/sleep"
+    metrics_dir: str = "metrics/consolidation"
+
+
 class Params(_Strict):
     """The whole params.yaml."""
 
@@ -158,6 +185,7 @@ class Params(_Strict):
     cms: CMSConfig = Field(default_factory=CMSConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     wake: WakeConfig = Field(default_factory=WakeConfig)
+    consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import ChunkedOptimizer
@@ -272,5 +271,25 @@ def classify(
     return [labels[j] for j in scores.argmax(dim=1).tolist()]
 
 
-def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
+@torch.inference_mode()
+def heldout_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    candidates: Sequence[str],
+    batch_size: int,
+    max_length: int,
+) -> dict[str, float]:
+    """Mean NLL per gold completion token and label log-likelihood accuracy among ``candidates``."""
+    pairs = [split_template(template, t, lab) for t, lab in zip(texts, labels)]
+    nll, count = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        logp, n = completion_logprobs(model, encode(tokenizer, [p for p, _ in chunk], [c for _, c in chunk], max_length))
+        nll -= float(logp.sum())
+        count += int(n.sum())
+    pred = classify(model, tokenizer, template, texts, candidates, batch_size, max_length)
+    accuracy = sum(p == g for p, g in zip(pred, labels)) / len(labels)
+    return {"loss": nll / count, "accuracy": accuracy}

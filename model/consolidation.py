@@ -1,0 +1,264 @@
+"""Sleep, stage 1: consolidation by Knowledge Seeding (paper 3.2-3.3, DESIGN §2).
+
+Level ``src = l-1`` is distilled into a freshly unlocked expert of level ``dst = l``:
+
+1. *Expand*: unlock a free slot of ``dst`` (B = 0, so the model is unchanged).
+2. *Teacher / student in one module*: the teacher is the model as it is with the new
+   expert hidden; the student masks level ``src`` and shows the new expert. Only the
+   new expert (A, B and its router row, in every CMS layer) receives gradients. Below
+   the first CMS layer both compute the same thing, so that prefix runs once, without
+   gradient, and feeds both suffixes.
+3. *Data D*: teacher samples from a small buffer of wake prompts.
+4. *GKD*: (1-lambda) E_{(x,y)~D} F(T||S)(y|x) + lambda E_x E_{y~S} F(T||S)(y|x),
+   no gradient through sampling.
+5. *Learning to Imitate*: cut a teacher sequence at a random token, let the student
+   continue it G times, reward r = gamma*r_sem + (1-gamma)*r_abs (eq. 3-4), policy
+   gradient with group-normalised advantages.
+6. *Objective*: L_KS = alpha * distillation - (1-alpha) * E[r].
+7. *Reset*: level ``src`` is zeroed and masked (synaptic pruning).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.masking_utils import create_causal_mask
+
+from model.cms import CMSError, ContinuumMemory
+from model.config import ConsolidationConfig, LevelConfig
+from model.losses import distillation_loss
+from model.rewards import SemanticJudge, group_advantages, imitation_reward
+from model.sampling import sample_continuations
+from model.wake import Batch, NonFiniteLossError, completion_logprobs, encode
+
+
+class EmptyPromptBufferError(ValueError):
+    """Sleep has nothing to replay: the prompt buffer is empty."""
+
+
+def due_consolidations(step_before: int, step_after: int, levels: Sequence[LevelConfig]) -> list[tuple[int, int]]:
+    """Pairs (l-1, l) whose schedule fired in wake steps (step_before, step_after].
+
+    Level l-1 is consolidated into level l at every multiple of C(l). Several
+    multiples crossed in one wake period give one consolidation (the fast level holds
+    the same knowledge at each of them). The slowest pair comes first, so a level
+    hands its knowledge up before it receives the faster level's.
+    """
+    pairs = []
+    for dst in range(len(levels) - 1, 0, -1):
+        c = levels[dst].chunk_size
+        if step_after // c > step_before // c:
+            pairs.append((dst - 1, dst))
+    return pairs
+
+
+@dataclass
+class PrefixState:
+    """Hidden states after the layers below the first CMS layer, with what the rest needs."""
+
+    hidden: torch.Tensor  # (R, T, d)
+    mask: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_ids: torch.Tensor
+
+
+class SplitForward:
+    """A Llama-family forward pass split at the first CMS layer (shared teacher/student prefix)."""
+
+    def __init__(self, model: PreTrainedModel, cms: ContinuumMemory) -> None:
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.start = cms.layer_ids[0]
+
+    @torch.no_grad()
+    def prefix(self, batch: Batch) -> PrefixState:
+        dec = self.decoder
+        h = dec.embed_tokens(batch.input_ids)
+        mask = create_causal_mask(
+            config=dec.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=batch.position_ids
+        )
+        pe = dec.rotary_emb(h, position_ids=batch.position_ids)
+        for layer in dec.layers[: self.start]:
+            h = layer(h, attention_mask=mask, position_ids=batch.position_ids, position_embeddings=pe)
+        return PrefixState(h, mask, pe, batch.position_ids)
+
+    def completion_logits(self, state: PrefixState, batch: Batch) -> torch.Tensor:
+        """Logits (M, V) at the M positions that predict a completion token."""
+        h = state.hidden
+        for layer in self.decoder.layers[self.start :]:
+            h = layer(h, attention_mask=state.mask, position_ids=state.position_ids, position_embeddings=state.position_embeddings)
+        h = self.decoder.norm(h)
+        predict = batch.completion_mask[:, 1:]
+        return self.head(h[:, :-1][predict]).float()
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    distillation: float
+    reward: float
+    on_policy: bool
+
+
+@dataclass
+class ConsolidationResult:
+    src: int
+    dst: int
+    slot: int
+    steps: list[StepRecord] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)  # the sleep's dreams table rows
+
+
+def _cut(tokenizer: PreTrainedTokenizerBase, prompt: str, text: str, rng: random.Random) -> tuple[str, str]:
+    """Cut a teacher sequence at a random completion token: (prompt + head, remaining tail)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    k = rng.randrange(len(ids)) if ids else 0
+    return prompt + tokenizer.decode(ids[:k]), tokenizer.decode(ids[k:])
+
+
+def consolidate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    src: int,
+    dst: int,
+    prompts: Sequence[str],
+    cfg: ConsolidationConfig,
+    max_length: int,
+    judge: SemanticJudge | None,
+    seed: int,
+    origin: str,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> ConsolidationResult:
+    """Knowledge Seeding of level ``src`` into a new expert of level ``dst``; then reset ``src``.
+
+    Mutates ``cms`` in memory only. Raises NonFiniteLossError on a NaN/inf loss (the
+    caller must then discard the model rather than save it), NoFreeSlotError when
+    ``dst`` is full, EmptyPromptBufferError without prompts.
+    """
+    if not prompts:
+        raise EmptyPromptBufferError("consolidation needs wake prompts, but the prompt buffer is empty")
+    if not (0 <= src < cms.n_levels and 0 <= dst < cms.n_levels and dst == src + 1):
+        raise CMSError(f"cannot consolidate level {src} into level {dst}: need 0 <= src, dst = src + 1 < {cms.n_levels}")
+    if cfg.gamma > 0 and cfg.alpha < 1 and judge is None:
+        raise ValueError("gamma > 0 needs the semantic reward model (judge)")
+    rng = random.Random(seed)
+    slot = cms.unlock(dst, origin=origin)
+    result = ConsolidationResult(src=src, dst=dst, slot=slot)
+    teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
+    student = lambda: cms.levels_masked([src])  # noqa: E731
+    new_params = cms.level_parameters(dst, [slot])
+    optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
+    split = SplitForward(model, cms)
+
+    with teacher():
+        data = sample_continuations(
+            model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed
+        )
+    result.samples += [
+        {"prompt": s.prompt, "text": s.text, "sampled_by": "teacher", "kind": "teacher_data", "step": 0,
+         "reference": None, "reward": math.nan} for s in data
+    ]
+
+    model.train()
+    try:
+        with cms.trainable_only(new_params):
+            for step in range(1, cfg.steps + 1):
+                pick = [data[i] for i in rng.sample(range(len(data)), min(cfg.batch_size, len(data)))]
+                on_policy = rng.random() < cfg.on_policy_fraction
+                b_prompts = [s.prompt for s in pick]
+                if on_policy:  # y ~ student(.|x); no gradient through sampling
+                    with student():
+                        drawn = sample_continuations(
+                            model, tokenizer, b_prompts, 1, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                            seed * 1_000_003 + step,
+                        )
+                    comps = [s.text for s in drawn]
+                    result.samples += [
+                        {"prompt": s.prompt, "text": s.text, "sampled_by": "student", "kind": "on_policy",
+                         "step": step, "reference": None, "reward": math.nan} for s in drawn
+                    ]
+                else:
+                    comps = [s.text for s in pick]
+                batch = encode(tokenizer, b_prompts, comps, max_length)
+                state = split.prefix(batch)
+                with torch.no_grad(), teacher():
+                    t_logits = split.completion_logits(state, batch)
+                with student():
+                    s_logits = split.completion_logits(state, batch)
+                distill = distillation_loss(t_logits, s_logits, cfg.divergence, cfg.beta)
+                loss, mean_reward = cfg.alpha * distill, math.nan
+                if cfg.alpha < 1:
+                    pg, mean_reward, rows = _imitation_step(
+                        model, tokenizer, cms, student, data, cfg, max_length, judge, rng, seed, step
+                    )
+                    loss = loss + (1 - cfg.alpha) * pg
+                    result.samples += rows
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLossError(f"non-finite consolidation loss {loss.item()} at step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(new_params, cfg.grad_clip)
+                optimizer.step()
+                rec = StepRecord(step, float(loss.item()), float(distill.item()), mean_reward, on_policy)
+                result.steps.append(rec)
+                if on_step is not None:
+                    on_step(rec)
+    finally:
+        model.eval()
+        for p in new_params:
+            p.grad = None
+    cms.reset_level(src, reason=f"consolidated into level {dst} slot {slot}")
+    return result
+
+
+def _imitation_step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    student: Callable,
+    data: list,
+    cfg: ConsolidationConfig,
+    max_length: int,
+    judge: SemanticJudge | None,
+    rng: random.Random,
+    seed: int,
+    step: int,
+) -> tuple[torch.Tensor, float, list[dict]]:
+    """Learning to Imitate: policy-gradient surrogate -E[A * log p_S(continuation)] and the mean reward."""
+    picks = [data[i] for i in rng.sample(range(len(data)), min(cfg.lti_prefixes, len(data)))]
+    cuts = [_cut(tokenizer, s.prompt, s.text, rng) for s in picks]
+    G = cfg.lti_group_size
+    with student():
+        conts = sample_continuations(
+            model, tokenizer, [p for p, _ in cuts], G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+            seed * 2_000_003 + step,
+        )
+    refs = [ref for _, ref in cuts for _ in range(G)]
+    texts = [c.text for c in conts]
+    rewards = torch.tensor(imitation_reward(texts, refs, cfg.gamma, cfg.z0, judge if cfg.gamma > 0 else None))
+    adv = group_advantages(rewards.view(len(cuts), G)).flatten()
+    with student():
+        logp, n = completion_logprobs(model, encode(tokenizer, [c.prompt for c in conts], texts, max_length))
+    pg = -(adv * logp / n.clamp(min=1)).mean()
+    rows = [
+        {"prompt": c.prompt, "text": c.text, "sampled_by": "student", "kind": "imitation", "step": step,
+         "reference": ref, "reward": float(r)} for c, ref, r in zip(conts, refs, rewards.tolist())
+    ]
+    return pg, float(rewards.mean()), rows
+
+
+__all__ = [
+    "ConsolidationResult",
+    "EmptyPromptBufferError",
+    "SplitForward",
+    "StepRecord",
+    "consolidate",
+    "due_consolidations",
+]
