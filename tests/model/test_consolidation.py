@@ -1,0 +1,131 @@
+"""Consolidation by Knowledge Seeding on a tiny model (DESIGN §2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.cms import CMSError, NoFreeSlotError
+from model.config import ConsolidationConfig, LevelConfig
+from model.consolidation import EmptyPromptBufferError, consolidate, due_consolidations
+from model.losses import distillation_loss
+from model.wake import NonFiniteLossError, encode
+from tests.model.helpers import logits, make_nonzero, tiny_with_cms, toy_batch
+
+PROMPTS = ["what is my balance -> ", "book a table for two -> ", "set an alarm for seven -> ", "how much money -> "]
+
+
+def _levels(*chunks: int) -> list[LevelConfig]:
+    return [LevelConfig(name=f"l{i}", chunk_size=c, lr=1e-3) for i, c in enumerate(chunks)]
+
+
+def test_schedule_fires_at_multiples_of_the_slower_chunk():
+    lv = _levels(1, 4)
+    assert due_consolidations(0, 3, lv) == []
+    assert due_consolidations(0, 4, lv) == [(0, 1)]
+    assert due_consolidations(3, 9, lv) == [(0, 1)]  # 4 and 8 crossed: one consolidation
+    assert due_consolidations(4, 7, lv) == []
+    assert due_consolidations(0, 4, _levels(1, 2, 4)) == [(1, 2), (0, 1)]  # slowest pair first
+    assert due_consolidations(0, 2, _levels(1, 2, 4)) == [(0, 1)]
+
+
+def _cfg(**kw) -> ConsolidationConfig:
+    base = dict(steps=30, batch_size=4, lr=2e-2, alpha=1.0, gamma=0.0, max_new_tokens=6, lti_prefixes=2,
+                lti_group_size=3, on_policy_fraction=0.5, divergence="forward_kl")
+    return ConsolidationConfig(**{**base, **kw})
+
+
+def test_teacher_and_student_views_in_one_module():
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    make_nonzero(cms, 1)
+    batch = toy_batch(lm)
+    full = logits(lm, batch)
+    with cms.levels_masked([0]):
+        fast_masked = logits(lm, batch)
+    slot = cms.unlock(1, "test")
+    with torch.no_grad():
+        for bank in cms.banks(1):
+            bank.B[slot].normal_(0, 0.5)  # the new expert now does something
+    with cms.levels_masked([], hidden={1: [slot]}):  # teacher: the model as it was
+        torch.testing.assert_close(logits(lm, batch), full, rtol=0, atol=0)
+    with cms.levels_masked([0], hidden={1: [slot]}):
+        torch.testing.assert_close(logits(lm, batch), fast_masked, rtol=0, atol=0)
+    assert cms.active_slots(1) == [0, slot]  # views leave the state as it was
+
+
+def _completion_logits(lm, batch) -> torch.Tensor:
+    with torch.no_grad():
+        out = lm.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    return out.flatten(0, 1)[batch.completion_mask.flatten()]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_consolidation_moves_knowledge_and_touches_only_the_new_expert(alpha):
+    lm, cms = tiny_with_cms()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the fast level holds "knowledge": a strong, specific function
+        for bank in cms.banks(0):
+            bank.A[0].normal_(0, 0.3, generator=g)
+            bank.B[0].normal_(0, 0.3, generator=g)
+    make_nonzero(cms, 1, seed=4)
+    probe = encode(lm.tokenizer, PROMPTS, ["balance", "restaurant", "alarm", "money"], 32)
+    teacher = _completion_logits(lm, probe)
+    with cms.levels_masked([0]):
+        gap_reset = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(alpha=alpha), 32, None, seed=0,
+                      origin="consolidation:test")
+    slot = res.slot
+    assert cms.experts[1][slot].origin == "consolidation:test" and cms.active_slots(1) == [0, slot]
+    assert cms.active_slots(0) == []  # fast level reset: masked and zeroed
+    assert all(float(p.detach().abs().sum()) == 0 for p in cms.level_parameters(0))
+    new = {id(p) for p in cms.level_parameters(1, [slot])}
+    for n, p in lm.model.named_parameters():
+        if id(p) in new:
+            continue
+        if ".levels.0." in n:
+            continue  # reset above
+        assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in lm.model.named_parameters() if id(p) in new)
+    gap_after = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    # Pure GKD moves most of the fast level's function up; with imitation mixed in, still a clear gain.
+    assert gap_after < (0.5 if alpha == 1.0 else 0.9) * gap_reset, (gap_reset, gap_after)
+    assert len(res.steps) == 30 and res.steps[-1].distillation < res.steps[0].distillation
+    kinds = {r["kind"] for r in res.samples}
+    assert "teacher_data" in kinds and "on_policy" in kinds
+    if alpha < 1:
+        assert "imitation" in kinds
+        assert all(0.0 <= r["reward"] <= 1.0 for r in res.samples if r["kind"] == "imitation")
+
+
+def test_empty_prompt_buffer_and_bad_levels():
+    lm, cms = tiny_with_cms()
+    with pytest.raises(EmptyPromptBufferError, match="prompt buffer is empty"):
+        consolidate(lm.model, lm.tokenizer, cms, 0, 1, [], _cfg(), 32, None, 0, "x")
+    with pytest.raises(CMSError, match="cannot consolidate level 1 into level 3"):
+        consolidate(lm.model, lm.tokenizer, cms, 1, 3, PROMPTS, _cfg(), 32, None, 0, "x")
+    with pytest.raises(ValueError, match="semantic reward model"):
+        consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(alpha=0.5, gamma=0.5), 32, None, 0, "x")
+
+
+def test_full_level_is_an_error_and_nothing_changes():
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    cms.unlock(1, "a")
+    cms.unlock(1, "b")
+    fast = [p.detach().clone() for p in cms.level_parameters(0)]
+    with pytest.raises(NoFreeSlotError):
+        consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(), 32, None, 0, "x")
+    assert cms.active_slots(0) == [0]
+    assert all(torch.equal(a, b) for a, b in zip(fast, cms.level_parameters(0)))
+
+
+def test_nan_loss_aborts():
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    with torch.no_grad():
+        for bank in cms.banks(0):
+            bank.B[0].fill_(float("nan"))
+    with pytest.raises((NonFiniteLossError, RuntimeError, ValueError)):
+        consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=2), 32, None, 0, "x")
