@@ -135,10 +135,7 @@ class WakeConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     threads: int = Field(2, ge=1)
     state_dir: str = "state/wake"
-    metrics_dir: str = Field("metrics/wake", description="One JSON per period.")
-    summary_path: str = Field(
-        "metrics/wake.json", description="Accuracy matrix; a <stem>_accuracy.csv beside it feeds the plots."
-    )
+    metrics_dir: str = Field("metrics/wake", description="Training metrics, one JSON per period.")
 
     @field_validator("template")
     @classmethod
@@ -173,8 +170,18 @@ class ConsolidationConfig(_Strict):
     temperature: float = Field(1.0, ge=0, le=5.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1.0)
     grad_clip: float = Field(1.0, gt=0)
-    state_dir: str = "state/sleep"
+    state_dir: str = Field("state/sleep", description="Model state after each sleep (input of the next wake).")
+    dreams_dir: str = Field("dreams/consolidation", description="Sleep data per period (parquet).")
     metrics_dir: str = "metrics/consolidation"
+
+
+class LifecycleConfig(_Strict):
+    """Wake/sleep cycles over the stream and their evaluation."""
+
+    metrics_dir: str = Field("metrics/lifecycle", description="Accuracy after each cycle, one JSON per period.")
+    summary_path: str = Field(
+        "metrics/lifecycle.json", description="Accuracy matrix; a <stem>_accuracy.csv beside it feeds the plots."
+    )
 
 
 class Params(_Strict):
@@ -186,6 +193,7 @@ class Params(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     wake: WakeConfig = Field(default_factory=WakeConfig)
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
+    lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:

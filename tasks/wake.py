@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -28,8 +29,12 @@ def read_stream(data_dir: Path) -> tuple[pd.DataFrame, dict[int, list[str]]]:
     return load_stream(data_dir)
 
 
-def _state_dir(params: Params, root: Path, period: int) -> Path:
+def wake_state_dir(params: Params, root: Path, period: int) -> Path:
     return root / params.wake.state_dir / f"period-{period}"
+
+
+def sleep_state_dir(params: Params, root: Path, period: int) -> Path:
+    return root / params.consolidation.state_dir / f"period-{period}"
 
 
 @task(cache_policy=NO_CACHE)
@@ -41,10 +46,14 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
     rows = stream[(stream["task"] == period) & (stream["split"] == "train")].sort_values("row_id")
     if rows.empty:
         raise StreamError(f"period {period}: the stream has no train rows for task {period}")
-    prev = _state_dir(params, root, period - 1) if period > 0 else None
+    prev = sleep_state_dir(params, root, period - 1) if period > 0 else None
     if prev is not None and not prev.is_dir():
-        raise StreamError(f"{prev}: missing; wake period {period} needs period {period - 1}'s state")
+        raise StreamError(f"{prev}: missing; wake period {period} starts from the sleep after period {period - 1}")
     loaded, cms, optimizer = open_memory_model(params, root, prev, with_optimizer=True)
+    step_before = cms.step
+    for li, lvl in enumerate(params.cms.levels):  # a level freed by the last sleep gets a fresh expert
+        if lvl.initial_experts and not cms.active_slots(li):
+            cms.unlock(li, origin=f"wake:period-{period}")
     pairs = [split_template(params.wake.template, t, lab) for t, lab in zip(rows["text"], rows["label"])]
     n_steps = params.wake.epochs * -(-len(pairs) // params.wake.batch_size)
     bar = tqdm(total=n_steps, desc=f"wake period {period}", unit="step", leave=False)
@@ -72,8 +81,11 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
         bar.close()
     seconds = time.perf_counter() - start
     tokens = sum(s.tokens for s in logs)
-    out = _state_dir(params, root, period)
-    save_state(cms, out, optimizer, metadata={"period": period, "task": period, "model": loaded.name})
+    out = wake_state_dir(params, root, period)
+    prompts = [p for p, _ in pairs]
+    buffer = random.Random(params.seed * 7_919 + period).sample(prompts, min(len(prompts), params.consolidation.prompt_buffer_size))
+    metadata = {"period": period, "task": period, "model": loaded.name, "step_before": step_before, "prompt_buffer": buffer}
+    save_state(cms, out, optimizer, metadata=metadata)
     updates = {lvl.name: sum(li in s.updated_levels for s in logs) for li, lvl in enumerate(params.cms.levels)}
     log.info(f"period {period}: {len(logs)} steps, loss {logs[0].loss:.3f} -> {logs[-1].loss:.3f}, "
              f"{tokens / seconds:.0f} tokens/s, level updates {updates}")
@@ -92,53 +104,7 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
     }
 
 
-@task(cache_policy=NO_CACHE)
-def evaluate_seen_tasks(
-    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
-) -> dict[str, float]:
-    """Accuracy on the test rows of every task seen so far, choosing among all seen labels."""
-    torch.set_num_threads(params.wake.threads)
-    loaded, _, _ = open_memory_model(params, root, _state_dir(params, root, period))
-    seen = list(range(period + 1))
-    labels = [lab for t in seen for lab in plan[t]]
-    test = stream[(stream["split"] == "test") & (stream["task"].isin(seen))].sort_values("row_id")
-    pred = classify(
-        loaded.model, loaded.tokenizer, params.wake.template, list(test["text"]), labels,
-        params.wake.eval_batch_size, params.wake.max_length,
-    )
-    correct = pd.Series([p == g for p, g in zip(pred, test["label"])], index=test.index)
-    return {str(t): float(correct[test["task"] == t].mean()) for t in seen}
-
-
 @task(retries=2, retry_delay_seconds=1)
-def write_period_metrics(path: Path, metrics: dict) -> Path:
-    """Write one period's metrics JSON atomically."""
+def write_metrics(path: Path, metrics: dict) -> Path:
+    """Write a metrics JSON atomically."""
     return write_json(path, metrics)
-
-
-@task(retries=2, retry_delay_seconds=1)
-def write_wake_summary(path: Path, periods: list[dict]) -> Path:
-    """Write the accuracy matrix R[i][j] over periods and a per-period table for plots."""
-    n = len(periods)
-    matrix = [[periods[i]["accuracy"].get(str(j)) for j in range(n)] for i in range(n)]
-    final = periods[-1]["accuracy"]
-    summary = {
-        "periods": n,
-        "accuracy_matrix": matrix,
-        "final_mean_accuracy": sum(final.values()) / len(final),
-        "mean_tokens_per_second": sum(p["tokens_per_second"] for p in periods) / n,
-    }
-    write_json(path, summary)
-    rows = [{"period": p["period"], "task": int(t), "accuracy": a} for p in periods for t, a in p["accuracy"].items()]
-    write_text(path.with_name(f"{path.stem}_accuracy.csv"), pd.DataFrame(rows).to_csv(index=False))
-    return path
-
-
-__all__ = [
-    "StreamError",
-    "evaluate_seen_tasks",
-    "read_stream",
-    "train_wake_period",
-    "write_period_metrics",
-    "write_wake_summary",
-]

@@ -1,0 +1,102 @@
+"""prepare -> wake/sleep cycles end to end on a toy CSV and a tiny model, under Prefect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from model.checkpoint import read_manifest
+from model.loading import tiny_model
+from model.wake import classify
+
+pytestmark = pytest.mark.slow
+
+KEYWORDS = {"alarm": "alarm", "balance": "money", "weather": "rain", "music": "song"}
+
+
+def toy_project(tmp_path: Path) -> Path:
+    rows = []
+    for label, word in KEYWORDS.items():
+        for i in range(12):
+            rows.append({"utterance": f"please {word} {word} now {i}", "intent": label})
+    pd.DataFrame(rows).to_csv(tmp_path / "toy.csv", index=False)
+    params = {
+        "seed": 0,
+        "model": {"source": "tiny"},
+        "cms": {
+            "top_layers": 2,
+            "levels": [
+                {"name": "fast", "chunk_size": 1, "lr": 0.05, "n_experts": 3, "d_low": 8, "top_k": 2},
+                {"name": "slow", "chunk_size": 12, "lr": 0.02, "n_experts": 3, "d_low": 8, "top_k": 2},
+            ],
+        },
+        "data": {
+            "source": {"path": "toy.csv", "format": "csv", "text_field": "utterance", "label_field": "intent",
+                       "exclude_labels": []},
+            "n_tasks": 2, "labels_per_task": 2, "train_per_label": 8, "test_per_label": 4, "seed": 1,
+        },
+        "wake": {"batch_size": 4, "epochs": 6, "max_length": 32, "threads": 1},
+        "consolidation": {"steps": 20, "batch_size": 4, "lr": 0.02, "prompt_buffer_size": 6, "alpha": 0.8,
+                          "gamma": 0.0, "lti_prefixes": 2, "lti_group_size": 2, "max_new_tokens": 6},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_path, prefect_harness):
+    from flows.lifecycle import lifecycle
+    from flows.prepare import prepare
+
+    params_path = toy_project(tmp_path)
+    prepare(str(params_path))
+    stream = pd.read_parquet(tmp_path / "data/processed/stream.parquet")
+    plan = json.loads((tmp_path / "data/processed/tasks.json").read_text())
+
+    # Accuracy of the untouched base model on task 0, choosing among task 0's labels.
+    lm = tiny_model()
+    test0 = stream[(stream.task == 0) & (stream.split == "test")]
+    base_pred = classify(lm.model, lm.tokenizer, "{text} -> {label}", list(test0.text), plan["0"], 16, 32)
+    base_acc = sum(p == g for p, g in zip(base_pred, test0.label)) / len(test0)
+
+    periods = lifecycle(str(params_path))
+    assert [p["period"] for p in periods] == [0, 1]
+    wake0 = json.loads((tmp_path / "metrics/wake/period-0.json").read_text())
+    assert wake0["loss_last"] < wake0["loss_first"]
+    assert wake0["steps"] == 6 * 4 and wake0["level_updates"] == {"fast": 24, "slow": 2}
+    # After the first sleep the fast level was consolidated into slow and reset, yet task 0 is still known.
+    cycle0 = json.loads((tmp_path / "metrics/lifecycle/period-0.json").read_text())
+    assert cycle0["accuracy"]["0"] > base_acc and cycle0["accuracy"]["0"] >= 0.75
+    sleep0 = json.loads((tmp_path / "metrics/consolidation/period-0.json").read_text())
+    (c,) = sleep0["consolidations"]
+    assert (c["src"], c["dst"]) == ("fast", "slow")
+    assert c["consolidated"]["loss"] < c["reset"]["loss"]
+    m0 = read_manifest(tmp_path / "state/sleep/period-0")
+    slow = m0["levels"][1]["experts"]
+    assert [e["origin"] for e in slow if e["active"]] == ["init", "consolidation:fast->slow@period-0"]
+    assert not any(e["active"] for e in m0["levels"][0]["experts"])  # fast level freed
+    dreams = pd.read_parquet(tmp_path / "dreams/consolidation/period-0.parquet")
+    assert {"teacher_data", "imitation"} <= set(dreams["kind"]) and len(dreams) > 6
+    # The next wake unlocked a fresh fast expert and consolidated again into a third slow slot.
+    m1 = read_manifest(tmp_path / "state/sleep/period-1")
+    assert m1["step"] == 48
+    assert [e["origin"] for e in m1["levels"][1]["experts"] if e["active"]][-1] == "consolidation:fast->slow@period-1"
+    summary = json.loads((tmp_path / "metrics/lifecycle.json").read_text())
+    assert len(summary["accuracy_matrix"]) == 2 and summary["accuracy_matrix"][0][1] is None
+    assert (tmp_path / "metrics/lifecycle_accuracy.csv").is_file()
+
+
+def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):
+    from flows.prepare import prepare
+    from flows.wake import wake
+    from tasks.wake import StreamError
+
+    params_path = toy_project(tmp_path)
+    prepare(str(params_path))
+    with pytest.raises(StreamError, match="sleep/period-0: missing; wake period 1 starts from the sleep after period 0"):
+        wake(1, str(params_path))
+    assert not (tmp_path / "state/wake/period-1").exists()
