@@ -1,0 +1,221 @@
+"""SQuAD passages as knowledge-incorporation tasks (C, tau) for dreaming (DESIGN §3, §5).
+
+C is a passage; tau is how well the model answers the passage's questions *without*
+the passage in its prompt, measured two ways:
+
+* :func:`answer_loglik`: mean log-probability per gold-answer token given the question
+  alone. Continuous, so it moves even when greedy answers do not; a cheap tau for
+  scoring dreams.
+* :func:`no_context_accuracy`: greedy answers graded by :mod:`model.grading`
+  (exact match, token F1 or semantic match); the tau that is reported.
+
+A question is written with a template such as ``"Question: {question}\\nAnswer:"``
+(the prompt) and its answer as ``" " + answer`` (the completion), so the same pair
+trains the answer with :func:`model.wake.encode` and scores it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.data import DataError
+from model.grading import METRICS, Metric, accuracy, grade
+from model.sampling import sample_continuations
+from model.wake import completion_logprobs, encode
+
+if TYPE_CHECKING:
+    from model.rewards import SemanticJudge
+
+QA_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question about a passage and its single reference answer."""
+
+    question: str
+    answer: str
+
+
+@dataclass
+class Passage:
+    """A passage C and the questions that measure whether the model knows it.
+
+    ``squad_val_index`` is the passage's position in SEAL's ``squad_val.json`` when the
+    file records it (None for the SQuAD-train passages).
+    """
+
+    title: str
+    context: str
+    questions: list[QA] = field(default_factory=list)
+    squad_val_index: int | None = None
+
+
+def load_passages(path: str | Path) -> list[Passage]:
+    """Read a JSON list of ``{"title", "context", "questions": [{"question", "answer"}]}`` passages.
+
+    Strings are stripped. Malformed input raises DataError naming the file, the
+    passage index and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: passages file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON list of passages, got {type(obj).__name__}")
+    if not obj:
+        raise DataError(f"{path}: the list of passages is empty")
+    return [_passage(path, i, rec) for i, rec in enumerate(obj)]
+
+
+def _passage(path: Path, i: int, rec: Any) -> Passage:
+    """Validate passage ``i`` of ``path`` and build it."""
+    where = f"{path}: passage {i}"
+    if not isinstance(rec, dict):
+        raise DataError(f"{where} must be an object, got {_describe(rec)}")
+    title = _string(rec, "title", where, allow_empty=True)
+    context = _string(rec, "context", where)
+    questions = rec.get("questions")
+    if not isinstance(questions, list):
+        raise DataError(
+            f"{where}: field 'questions' must be a list of {{question, answer}} objects, got {_describe(questions)}"
+        )
+    if not questions:
+        raise DataError(f"{where} has no questions (field 'questions' is an empty list)")
+    qas: list[QA] = []
+    for j, qa in enumerate(questions):
+        at = f"{where}: questions[{j}]"
+        if not isinstance(qa, dict):
+            raise DataError(f"{at} must be an object with fields 'question' and 'answer', got {_describe(qa)}")
+        qas.append(QA(question=_string(qa, "question", at), answer=_string(qa, "answer", at)))
+    index = rec.get("squad_val_index")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+        raise DataError(f"{where}: field 'squad_val_index' must be a non-negative integer, got {_describe(index)}")
+    return Passage(title=title, context=context, questions=qas, squad_val_index=index)
+
+
+def _string(rec: dict[str, Any], name: str, where: str, allow_empty: bool = False) -> str:
+    """Field ``name`` of ``rec`` as a stripped string; DataError if absent, not a string or empty."""
+    value = rec.get(name)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {_describe(value)}")
+    value = value.strip()
+    if not value and not allow_empty:
+        raise DataError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _describe(value: Any) -> str:
+    """Short description of a bad field value for error messages."""
+    if value is None:
+        return "a missing value"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def qa_prompt(question: str, template: str = QA_TEMPLATE) -> str:
+    """The prompt that asks ``question`` without the passage: ``template`` with ``{question}`` filled.
+
+    Only ``{question}`` is substituted, so other braces in the template stay as written.
+    """
+    if "{question}" not in template:
+        raise ValueError(f"QA template {template!r} has no '{{question}}' placeholder")
+    return template.replace("{question}", question.strip())
+
+
+def answer_completion(answer: str) -> str:
+    """How a gold answer follows the prompt: one space, then the answer."""
+    return " " + answer.strip()
+
+
+@torch.inference_mode()
+def answer_loglik(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    passage: Passage,
+    template: str = QA_TEMPLATE,
+    batch_size: int = 16,
+    max_length: int = 256,
+) -> float:
+    """Mean log p per gold-answer token (the answer's tokens and EOS) given each question alone.
+
+    Pooled over the passage's questions: sum of log-probabilities / number of tokens,
+    so long answers weigh by their length. Always <= 0; higher means the model knows more.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not passage.questions:
+        raise ValueError(f"passage {passage.title!r} has no questions to score")
+    prompts = [qa_prompt(qa.question, template) for qa in passage.questions]
+    completions = [answer_completion(qa.answer) for qa in passage.questions]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = encode(tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size], max_length)
+            logp, n = completion_logprobs(model, batch)  # (B,), (B,)
+            total += float(logp.sum())
+            count += int(n.sum())
+    finally:
+        model.train(was_training)
+    mean = total / count
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"non-finite answer log-likelihood {mean} for passage {passage.title!r}")
+    return mean
+
+
+def answer_questions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    template: str = QA_TEMPLATE,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to the questions without the passage: the text up to the first newline, stripped."""
+    if not questions:
+        return []
+    prompts = [qa_prompt(q, template) for q in questions]
+    samples = sample_continuations(
+        model, tokenizer, prompts, n_per_prompt=1, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size
+    )
+    return [s.text.split("\n", 1)[0].strip() for s in samples]
+
+
+def no_context_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    passage: Passage,
+    template: str = QA_TEMPLATE,
+    judge: SemanticJudge | None = None,
+    metric: Metric = "em",
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+) -> float:
+    """Fraction of the passage's questions answered correctly without it (see :mod:`model.grading`).
+
+    ``metric`` "semantic" needs ``judge``; "f1" gives the mean token F1.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric == "semantic" and judge is None:
+        raise ValueError("metric 'semantic' needs a judge (SemanticJudge.load(threshold))")
+    if not passage.questions:
+        raise ValueError(f"passage {passage.title!r} has no questions to answer")
+    preds = answer_questions(
+        model, tokenizer, [qa.question for qa in passage.questions], template, max_new_tokens, batch_size
+    )
+    results = grade(preds, [qa.answer for qa in passage.questions], judge=judge if metric == "semantic" else None)
+    return accuracy(results, metric)
