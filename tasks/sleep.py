@@ -72,7 +72,7 @@ def consolidate_due_levels(
         optimizer.drop_state(cms.level_parameters(src))
         after = _heldout(params, loaded, stream, plan, period)
         gap = reset["loss"] - teacher["loss"]
-        acc_gap = reset["accuracy"] - teacher["accuracy"]
+        acc_gap = teacher["accuracy"] - reset["accuracy"]
         report = {
             "src": names[0], "dst": names[1], "slot": res.slot, "seconds": round(seconds, 2),
             "teacher": teacher, "reset": reset, "consolidated": after,
