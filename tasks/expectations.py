@@ -151,36 +151,75 @@ def _label_tasks(df: pd.DataFrame) -> pd.DataFrame:
 
 def validate_stream(df: pd.DataFrame, plan: dict[int, list[str]]) -> StreamValidation:
     """Run the stream suite on ``df`` against ``plan`` and collect per-check results."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    source = context.data_sources.add_pandas("prepare")
+    source = _gx_source("prepare")
     frames = {"stream": df, "labels": _label_tasks(df)}
     has_row_id = "row_id" in df.columns
-    result_format: dict[str, Any] = {"result_format": "COMPLETE"}
-    if has_row_id:
-        result_format["unexpected_index_column_names"] = ["row_id"]
+    result_format = _result_format("row_id" if has_row_id else None)
 
     suite = _expectations(plan)
     texts = _texts_by_row_id(df)
     checks: list[dict[str, Any]] = []
     for batch_name, frame in frames.items():
         entries = [(name, e) for name, b, e in suite if b == batch_name]
-        gx_suite = gx.ExpectationSuite(name=f"stream_{batch_name}")
-        for i, (name, expectation) in enumerate(entries):
-            expectation.meta = {"check": name, "order": i}
-            gx_suite.add_expectation(expectation)
-        batch = (
-            source.add_dataframe_asset(batch_name)
-            .add_batch_definition_whole_dataframe("all")
-            .get_batch(batch_parameters={"dataframe": frame})
-        )
-        result = batch.validate(gx_suite, result_format=result_format)
-        ordered = sorted(result.results, key=lambda r: r.expectation_config.meta["order"])
-        checks += [_check_entry(r, has_row_id, texts) for r in ordered]
+        results = _run_suite(source, batch_name, frame, entries, result_format, suite_name=f"stream_{batch_name}")
+        checks += [_check_entry(r, has_row_id, texts) for r in results]
     return StreamValidation(success=all(c["success"] for c in checks), checks=checks)
+
+
+def _gx_source(name: str) -> Any:
+    """A pandas data source on a fresh ephemeral GX context (nothing on disk, no progress bars)."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return context.data_sources.add_pandas(name)
+
+
+def _result_format(id_column: str | None) -> dict[str, Any]:
+    """COMPLETE results; failing rows identified by ``id_column`` (or the index without one)."""
+    result_format: dict[str, Any] = {"result_format": "COMPLETE"}
+    if id_column is not None:
+        result_format["unexpected_index_column_names"] = [id_column]
+    return result_format
+
+
+def _run_suite(
+    source: Any,
+    asset_name: str,
+    frame: pd.DataFrame,
+    entries: list[tuple[str, Any]],
+    result_format: dict[str, Any],
+    suite_name: str,
+) -> list[Any]:
+    """Validate ``frame`` as one whole-dataframe batch against named expectations.
+
+    ``entries`` are (check name, expectation); each expectation's ``meta`` gets its
+    check name (``meta["check"]``) and position. Results come back in entry order.
+    """
+    import great_expectations as gx
+
+    gx_suite = gx.ExpectationSuite(name=suite_name)
+    for i, (name, expectation) in enumerate(entries):
+        expectation.meta = {"check": name, "order": i}
+        gx_suite.add_expectation(expectation)
+    batch = (
+        source.add_dataframe_asset(asset_name)
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+    result = batch.validate(gx_suite, result_format=result_format)
+    return sorted(result.results, key=lambda r: r.expectation_config.meta["order"])
+
+
+def _failing_ids(result: Any, id_column: str | None) -> list[Any]:
+    """Unique failing row ids of a GX result: ``id_column`` values, or index labels without one."""
+    res = result.result or {}
+    if id_column is not None:
+        ids = [_json_value(d[id_column]) for d in res.get("unexpected_index_list") or []]
+    else:
+        ids = [_json_value(i) for i in res.get("unexpected_index_list") or []]
+    return list(dict.fromkeys(ids))
 
 
 def _texts_by_row_id(df: pd.DataFrame) -> dict[Any, Any]:
@@ -212,11 +251,7 @@ def _check_entry(result: Any, has_row_id: bool, texts: dict[Any, Any]) -> dict[s
     )
     error = _exception_message(result.exception_info)
     res = result.result or {}
-    if has_row_id:
-        row_ids = [_json_value(d["row_id"]) for d in res.get("unexpected_index_list") or []]
-    else:
-        row_ids = [_json_value(i) for i in res.get("unexpected_index_list") or []]
-    row_ids = list(dict.fromkeys(row_ids))
+    row_ids = _failing_ids(result, "row_id" if has_row_id else None)
     observed = res.get("observed_value")
     return {
         "name": config.meta["check"],
