@@ -30,7 +30,8 @@ def lifecycle(params_path: str = "params.yaml") -> list[dict]:
                "consolidations": [
                    {k: c[k] for k in ("src", "dst", "slot", "seconds", "retention_loss", "accuracy_ratio")}
                    for c in slept["consolidation"]["consolidations"]
-               ]}
+               ],
+               "dream_funnel": slept["dream"].get("funnel")}
         write_metrics(root / params.lifecycle.metrics_dir / f"period-{period}.json", row)
         periods.append(row)
         acc = " ".join(f"{a:.2f}" for a in accuracy.values())

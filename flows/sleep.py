@@ -1,4 +1,4 @@
-"""The sleep flow: consolidation of the levels that are due (dreaming joins later)."""
+"""The sleep flows: consolidation of the levels that are due, then dreaming."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow
 
 from model.config import load_params
+from tasks.dream import dream_and_promote
 from tasks.sleep import consolidate_due_levels
 from tasks.wake import read_stream, write_metrics
 
@@ -23,10 +24,21 @@ def consolidate(period: int, params_path: str = "params.yaml") -> dict:
     return report
 
 
+@flow(name="dream", log_prints=True)
+def dream(period: int, params_path: str = "params.yaml") -> dict:
+    """Dream about the period's tasks, gate the dreams, promote the good ones; writes the sleep state."""
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    stream, _ = read_stream(root / params.data.out_dir)
+    report = dream_and_promote(params, root, stream, period)
+    write_metrics(root / params.dream.metrics_dir / f"period-{period}.json", report)
+    return report
+
+
 @flow(name="sleep", log_prints=True)
 def sleep(period: int, params_path: str = "params.yaml") -> dict:
-    """A sleep after wake period ``period``: consolidation (stage 1)."""
-    return {"consolidation": consolidate(period, params_path)}
+    """A sleep after wake period ``period``: consolidation (stage 1), then dreaming (stage 2)."""
+    return {"consolidation": consolidate(period, params_path), "dream": dream(period, params_path)}
 
 
 def main() -> None:

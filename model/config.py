@@ -170,9 +170,90 @@ class ConsolidationConfig(_Strict):
     temperature: float = Field(1.0, ge=0, le=5.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1.0)
     grad_clip: float = Field(1.0, gt=0)
-    state_dir: str = Field("state/sleep", description="Model state after each sleep (input of the next wake).")
+    state_dir: str = Field("state/consolidated", description="Model state after consolidation (input of dreaming).")
     dreams_dir: str = Field("dreams/consolidation", description="Sleep data per period (parquet).")
     metrics_dir: str = "metrics/consolidation"
+
+
+SEAL_IMPLICATIONS = (
+    "Let's read the following passage and produce a list of implications derived directly or indirectly "
+    "from the content.\n\n{title}\n{context}"
+)
+
+
+class DreamGateConfig(_Strict):
+    """Data checks a dream must pass to be promoted (Great Expectations suite, DESIGN §3 step 5)."""
+
+    min_tokens: int = Field(8, ge=1, description="Shorter dreams are degenerate.")
+    max_tokens: int = Field(512, ge=1)
+    near_duplicate_threshold: float = Field(
+        90.0, ge=0, le=100, description="rapidfuzz ratio to an earlier dream of the same context that marks a near-duplicate."
+    )
+    copy_threshold: float = Field(
+        95.0, ge=0, le=100, description="rapidfuzz partial_ratio to the context that marks a verbatim copy."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DreamGateConfig":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) > max_tokens ({self.max_tokens})")
+        return self
+
+
+EXAMPLES_PROMPT = (
+    "Here are examples of requests and their intents, one per line:\n{context}\n\n"
+    "Write more requests for these intents in exactly the same format, one per line."
+)
+
+
+class DreamConfig(_Strict):
+    """Sleep stage 2: dreaming (paper 3.4, SEAL's self-edit loop; DESIGN §3)."""
+
+    task_source: Literal["stream", "squad"] = Field(
+        "stream", description="stream: C = labelled examples of the wake period; squad: C = passages."
+    )
+    context_examples: int = Field(8, ge=1, description="stream: labelled examples in C.")
+    tau_examples: int = Field(16, ge=1, description="stream: held-out wake examples that tau scores.")
+    examples_prompt_template: str = Field(EXAMPLES_PROMPT, description="Dream prompt for the stream's C.")
+    passages: str = Field("data/raw/squad/squad_val_dev800.json", description="SQuAD-format passages (contexts C).")
+    passages_per_sleep: int = Field(1, ge=1, description="Contexts dreamt about in one sleep.")
+    dreams_per_context: int = Field(8, ge=1, description="m: dreams sampled per context and round.")
+    prompt_template: str = Field(SEAL_IMPLICATIONS, description="Dream prompt; {title} and {context} are filled in.")
+    chat: bool = Field(True, description="Wrap the prompt in the model's chat template.")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0, le=5.0)
+    top_p: float = Field(0.95, gt=0, le=1.0)
+    random_expert: bool = Field(True, description="Dream mode: every router also activates one random expert.")
+    importance: Literal["norm", "alignment"] = Field(
+        "alignment", description="Score of a dream's SFT gradient: its norm or its cosine with the task-loss gradient."
+    )
+    top_k: int = Field(3, ge=0, description="Dreams kept by importance.")
+    random_extra: int = Field(1, ge=0, description="b: extra dreams kept at random (diversity).")
+    qa_template: str = Field("Question: {question}\nAnswer:", description="tau: questions answered without the passage.")
+    train_template: str = Field("{title}\n", description="Prompt a dream is trained after (SFT on the dream text).")
+    trial_steps: int = Field(3, ge=1, description="SFT steps of each isolated trial.")
+    trial_lr: float = Field(1e-3, gt=0, le=1.0)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    rounds: int = Field(1, ge=1, description="R: ReST-EM rounds (generate, try, fine-tune the generator).")
+    rest_steps: int = Field(2, ge=0, description="Generator SFT steps per round on (prompt -> rewarded dream).")
+    promote_steps: int = Field(4, ge=0, description="SFT steps that train promoted dreams into the fast level.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Learning rate of ReST-EM and promotion (fast level).")
+    max_length: int = Field(512, ge=16)
+    gate: DreamGateConfig = Field(default_factory=DreamGateConfig)
+    enabled: bool = Field(True, description="Dream in every sleep (false: the sleep is consolidation only).")
+    state_dir: str = Field("state/sleep", description="Model state after the whole sleep (input of the next wake).")
+    dreams_dir: str = "dreams/dreaming"
+    reports_dir: str = "reports/dreams"
+    metrics_dir: str = "metrics/dreaming"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if "{context}" not in v:
+            raise ValueError("prompt_template must contain {context}")
+        return v
 
 
 class LifecycleConfig(_Strict):
@@ -193,6 +274,7 @@ class Params(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     wake: WakeConfig = Field(default_factory=WakeConfig)
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
+    dream: DreamConfig = Field(default_factory=DreamConfig)
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
 
 

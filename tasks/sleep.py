@@ -17,7 +17,7 @@ from model.consolidation import StepRecord, consolidate, due_consolidations
 from model.io import atomic_path
 from model.rewards import SemanticJudge
 from model.wake import heldout_metrics
-from tasks.wake import sleep_state_dir, wake_state_dir
+from tasks.wake import consolidated_state_dir, wake_state_dir
 
 
 def _heldout(params: Params, loaded, stream: pd.DataFrame, plan: dict[int, list[str]], period: int) -> dict:
@@ -92,7 +92,7 @@ def consolidate_due_levels(
         )
     if not pairs:
         log.info(f"sleep {period}: no consolidation due (wake steps {meta['step_before']} -> {manifest['step']})")
-    out = sleep_state_dir(params, root, period)
+    out = consolidated_state_dir(params, root, period)
     save_state(cms, out, optimizer, metadata={**meta, "sleep": {"period": period, "consolidations": len(pairs)}})
     dreams = root / cfg.dreams_dir / f"period-{period}.parquet"
     columns = ["src", "dst", "kind", "sampled_by", "step", "prompt", "text", "reference", "reward"]

@@ -33,8 +33,12 @@ def wake_state_dir(params: Params, root: Path, period: int) -> Path:
     return root / params.wake.state_dir / f"period-{period}"
 
 
-def sleep_state_dir(params: Params, root: Path, period: int) -> Path:
+def consolidated_state_dir(params: Params, root: Path, period: int) -> Path:
     return root / params.consolidation.state_dir / f"period-{period}"
+
+
+def sleep_state_dir(params: Params, root: Path, period: int) -> Path:
+    return root / params.dream.state_dir / f"period-{period}"
 
 
 @task(cache_policy=NO_CACHE)

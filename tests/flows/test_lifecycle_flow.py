@@ -42,6 +42,9 @@ def toy_project(tmp_path: Path) -> Path:
         "wake": {"batch_size": 4, "epochs": 6, "max_length": 32, "threads": 1},
         "consolidation": {"steps": 20, "batch_size": 4, "lr": 0.02, "prompt_buffer_size": 6, "alpha": 0.8,
                           "gamma": 0.0, "lti_prefixes": 2, "lti_group_size": 2, "max_new_tokens": 6},
+        "dream": {"context_examples": 3, "tau_examples": 3, "dreams_per_context": 3, "max_new_tokens": 10,
+                  "top_k": 1, "random_extra": 1, "trial_steps": 1, "lora_r": 4, "lora_alpha": 8.0, "rest_steps": 1,
+                  "promote_steps": 2, "max_length": 96, "chat": False, "gate": {"min_tokens": 1}},
     }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -75,10 +78,22 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     (c,) = sleep0["consolidations"]
     assert (c["src"], c["dst"]) == ("fast", "slow")
     assert c["consolidated"]["loss"] < c["reset"]["loss"]
-    m0 = read_manifest(tmp_path / "state/sleep/period-0")
+    m0 = read_manifest(tmp_path / "state/consolidated/period-0")
     slow = m0["levels"][1]["experts"]
     assert [e["origin"] for e in slow if e["active"]] == ["init", "consolidation:fast->slow@period-0"]
     assert not any(e["active"] for e in m0["levels"][0]["experts"])  # fast level freed
+    # Dreaming then unlocked a fresh fast expert for its dreams and wrote the sleep state.
+    s0 = read_manifest(tmp_path / "state/sleep/period-0")
+    assert [e["origin"] for e in s0["levels"][0]["experts"] if e["active"]] == ["dream@period-0"]
+    table = pd.read_parquet(tmp_path / "dreams/dreaming/period-0-dreams.parquet")
+    assert len(table) == 3 and {"importance", "reward", "gate_passed", "failed_checks", "promoted"} <= set(table.columns)
+    assert table["selected"].sum() == 2
+    promoted = pd.read_parquet(tmp_path / "dreams/dreaming/period-0-promoted.parquet")
+    assert list(promoted["dream_id"]) == list(table[table["promoted"]]["dream_id"])
+    assert (table["promoted"] == (table["gate_passed"] & (table["reward"] == 1.0))).all()
+    assert "rejected" in (tmp_path / "reports/dreams/period-0/gate.md").read_text().lower()
+    funnel = json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())["funnel"]
+    assert funnel["generated"] == 3 and funnel["selected"] == 2 and funnel["promoted"] == len(promoted)
     dreams = pd.read_parquet(tmp_path / "dreams/consolidation/period-0.parquet")
     assert {"teacher_data", "imitation"} <= set(dreams["kind"]) and len(dreams) > 6
     # The next wake unlocked a fresh fast expert and consolidated again into a third slow slot.

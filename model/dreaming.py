@@ -1,0 +1,320 @@
+"""Sleep, stage 2: dreaming (paper 3.4, building on SEAL; DESIGN §3).
+
+For a task (C, tau) -- a context C from the recent wake period and a measure tau of
+how well the model knows it *without* C in context (:class:`DreamTask`: a SQuAD
+passage and its questions, or a few labelled examples and held-out examples of the
+class-incremental stream) -- one ReST-EM round is:
+
+1. *Dream*: sample m dreams with C in the prompt (SEAL's "implications" prompt). In
+   dream mode every CMS router also activates one random active expert (novelty).
+2. *Importance*: w_i from the gradient g_i of the SFT loss on dream i with respect to
+   the trainable adapter parameters (the fast level): ``norm`` = ||g_i||, or
+   ``alignment`` = cos(g_i, g_task) with g_task the gradient of the task loss.
+3. *Select*: the top-k dreams by w plus b more at random (diversity).
+4. *Try each selected dream in isolation*: a fresh LoRA per dream, SFT on that dream
+   alone, tau before/after, reward 1 if tau improved (``model.trials``: k trials in
+   one vectorised pass).
+5. *ReST-EM*: fine-tune the dream generator on (prompt -> rewarded dream).
+
+The generator and the place dreams are trained into are the same: the fast CMS level
+(a fresh fast expert is unlocked if the last consolidation freed the level). After the
+rounds, the dream table goes through the data gate (``tasks/dream_gate.py``); dreams
+that pass every check *and* were rewarded are promoted and trained into the fast level
+by :func:`train_on_pairs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.cms import ContinuumMemory
+from model.config import DreamConfig
+from model.knowledge import Passage, answer_completion, qa_prompt
+from model.wake import label_text, split_template
+from model.sampling import sample_continuations
+from model.trials import AnswerLoglik, run_trials
+from model.wake import NonFiniteLossError, encode, sft_loss
+
+
+@dataclass(frozen=True)
+class DreamTask:
+    """A task (C, tau): a context C, and tau's (prompt, answer) pairs scored without C.
+
+    tau = mean log-likelihood per token of the answers (higher is better).
+    """
+
+    context_id: str
+    title: str
+    context: str
+    tau_prompts: tuple[str, ...]
+    tau_answers: tuple[str, ...]
+    prompt_template: str
+
+    def __post_init__(self) -> None:
+        if not self.tau_prompts:
+            raise ValueError(f"dream task {self.context_id!r} has no questions to measure tau with")
+        if len(self.tau_prompts) != len(self.tau_answers):
+            raise ValueError(f"dream task {self.context_id!r}: {len(self.tau_prompts)} prompts, {len(self.tau_answers)} answers")
+
+
+def task_from_passage(passage: Passage, context_id: str, cfg: DreamConfig) -> DreamTask:
+    """Knowledge incorporation: C = a passage; tau = its questions answered without it."""
+    if not passage.questions:
+        raise ValueError(f"passage {context_id!r} ({passage.title}) has no questions")
+    return DreamTask(
+        context_id, passage.title, passage.context,
+        tuple(qa_prompt(q.question, cfg.qa_template) for q in passage.questions),
+        tuple(answer_completion(q.answer) for q in passage.questions),
+        cfg.prompt_template,
+    )
+
+
+def task_from_examples(
+    examples: Sequence[tuple[str, str]], held_out: Sequence[tuple[str, str]], template: str, context_id: str, cfg: DreamConfig
+) -> DreamTask:
+    """Class-incremental stream: C = a few labelled examples; tau = held-out label log-likelihood."""
+    context = "\n".join(template.format(text=t, label=label_text(lab)) for t, lab in examples)
+    pairs = [split_template(template, t, lab) for t, lab in held_out]
+    labels = sorted({label_text(lab) for _, lab in examples})
+    return DreamTask(
+        context_id, "Intents: " + ", ".join(labels), context,
+        tuple(p for p, _ in pairs), tuple(c for _, c in pairs), cfg.examples_prompt_template,
+    )
+
+
+def dream_prompt(tokenizer: PreTrainedTokenizerBase, task: DreamTask, cfg: DreamConfig) -> str:
+    """The prompt a dream is sampled after: the template with C filled in (chat-wrapped if asked)."""
+    text = task.prompt_template.replace("{title}", task.title).replace("{context}", task.context)
+    if cfg.chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return text + "\n\n"
+
+
+def train_prompt(task: DreamTask, cfg: DreamConfig) -> str:
+    """The prompt a dream (or the context itself) is trained after, with no context in it."""
+    return cfg.train_template.replace("{title}", task.title)
+
+
+def fast_parameters(cms: ContinuumMemory, origin: str) -> list[nn.Parameter]:
+    """Parameters of the fast level's active experts, unlocking one if the level is empty."""
+    if not cms.active_slots(0):
+        cms.unlock(0, origin=origin)
+    return cms.level_parameters(0, cms.active_slots(0))
+
+
+def generate_dreams(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    seed: int,
+) -> tuple[str, list[str]]:
+    """Sample m dreams about ``task``'s context (random-expert routing in dream mode). Returns (prompt, dreams)."""
+    prompt = dream_prompt(tokenizer, task, cfg)
+    routing = cms.random_expert_routing(seed) if cfg.random_expert else contextlib.nullcontext()
+    with routing:
+        samples = sample_continuations(
+            model, tokenizer, [prompt], cfg.dreams_per_context, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
+            batch_size=cfg.dreams_per_context,
+        )
+    return prompt, [s.text.strip() for s in samples]
+
+
+def sft_gradient(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    params: Sequence[nn.Parameter],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    max_length: int,
+) -> torch.Tensor:
+    """Flattened gradient (P,) of the SFT loss on (prompts -> completions) w.r.t. ``params``."""
+    loss = sft_loss(model, encode(tokenizer, prompts, completions, max_length))
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def importance_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    params: Sequence[nn.Parameter],
+    dream_prompt_: str,
+    dreams: Sequence[str],
+    task: tuple[list[str], list[str]],
+    mode: str,
+    max_length: int,
+) -> list[float]:
+    """w_i for every dream: ||g_i|| (``norm``) or cos(g_i, g_task) (``alignment``).
+
+    g_i is the gradient of the SFT loss on dream i alone; an empty dream scores NaN.
+    """
+    g_task = sft_gradient(model, tokenizer, params, task[0], task[1], max_length) if mode == "alignment" else None
+    scores = []
+    for d in dreams:
+        if not d:
+            scores.append(math.nan)
+            continue
+        g = sft_gradient(model, tokenizer, params, [dream_prompt_], [d], max_length)
+        if g_task is None:
+            scores.append(float(g.norm()))
+        else:
+            scores.append(float(torch.nn.functional.cosine_similarity(g, g_task, dim=0)))
+    return scores
+
+
+def select_dreams(scores: Sequence[float], top_k: int, extra: int, rng: random.Random) -> dict[int, str]:
+    """Indices of the top-k finite scores plus ``extra`` random others: {index: "topk" | "random"}."""
+    finite = [i for i, s in enumerate(scores) if math.isfinite(s)]
+    ranked = sorted(finite, key=lambda i: -scores[i])[:top_k]
+    chosen = {i: "topk" for i in ranked}
+    rest = [i for i in finite if i not in chosen]
+    for i in rng.sample(rest, min(extra, len(rest))):
+        chosen[i] = "random"
+    return chosen
+
+
+def train_on_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    params: Sequence[nn.Parameter],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    steps: int,
+    lr: float,
+    max_length: int,
+) -> list[float]:
+    """SFT of ``params`` on all pairs at once (one packed batch per step); returns the losses."""
+    if not prompts or steps == 0:
+        return []
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    batch = encode(tokenizer, prompts, completions, max_length)
+    keep = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    losses = []
+    model.train()
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in keep)
+        for _ in range(steps):
+            loss = sft_loss(model, batch)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(f"non-finite dream SFT loss {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss.item()))
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
+        model.eval()
+    return losses
+
+
+@dataclass
+class DreamRow:
+    """One dream of the dream table (see tasks/dream_gate.py for the checks)."""
+
+    dream_id: str
+    period: int
+    round: int
+    context_id: str
+    context: str
+    prompt: str
+    text: str
+    n_tokens: int
+    importance: float
+    selected: bool
+    selection: str
+    tau_before: float
+    tau_after: float
+    reward: float
+    trial_error: str | None
+
+
+def dream_about(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    period: int,
+    seed: int,
+    select: bool = True,
+) -> list[DreamRow]:
+    """R ReST-EM rounds on one context; returns every dream with its score, selection and reward.
+
+    With ``select=False`` every dream is tried (the "no selection" ablation).
+    """
+    rng = random.Random(seed)
+    params = fast_parameters(cms, origin=f"dream@period-{period}")
+    tau = (list(task.tau_prompts), list(task.tau_answers))
+    t_prompt = train_prompt(task, cfg)
+    layers = cms.layer_ids
+    rows: list[DreamRow] = []
+    for rnd in range(cfg.rounds):
+        r_seed = seed * 1_009 + rnd
+        prompt, dreams = generate_dreams(model, tokenizer, cms, task, cfg, r_seed)
+        with cms.trainable_only(params):
+            scores = importance_scores(model, tokenizer, params, t_prompt, dreams, tau, cfg.importance, cfg.max_length)
+        chosen = (
+            select_dreams(scores, cfg.top_k, cfg.random_extra, rng)
+            if select
+            else {i: "all" for i, d in enumerate(dreams) if d}
+        )
+        order = sorted(chosen)
+        results = {}
+        if order:
+            measure = AnswerLoglik(model, tokenizer, tau[0], tau[1], cfg.max_length)
+            trial = run_trials(
+                model, tokenizer, [dreams[i] for i in order], measure, steps=cfg.trial_steps, lr=cfg.trial_lr,
+                r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, layers=layers,
+                seeds=[r_seed * 31 + i for i in order], max_length=cfg.max_length, prompt=t_prompt,
+            )
+            results = dict(zip(order, trial))
+        n_tok = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in dreams]
+        for i, d in enumerate(dreams):
+            res = results.get(i)
+            rows.append(
+                DreamRow(
+                    dream_id=f"p{period}-{task.context_id}-r{rnd}-d{i}", period=period, round=rnd,
+                    context_id=task.context_id, context=task.context, prompt=prompt, text=d, n_tokens=n_tok[i], importance=scores[i],
+                    selected=i in chosen, selection=chosen.get(i, "none"),
+                    tau_before=res.tau_before if res else math.nan,
+                    tau_after=res.tau_after if res and res.tau_after is not None else math.nan,
+                    reward=float(res.reward) if res and res.error is None else math.nan,
+                    trial_error=res.error if res else None,
+                )
+            )
+        rewarded = [dreams[i] for i, r in results.items() if r.reward == 1]
+        if rewarded and cfg.rest_steps:  # ReST-EM: the generator imitates its rewarded dreams
+            train_on_pairs(model, tokenizer, params, [prompt] * len(rewarded), rewarded, cfg.rest_steps, cfg.lr, cfg.max_length)
+    return rows
+
+
+def promote(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    tasks: dict[str, DreamTask],
+    promoted: Sequence[tuple[str, str]],
+    cfg: DreamConfig,
+    period: int,
+) -> list[float]:
+    """Train promoted dreams ((context_id, text) pairs) into the fast level; returns the SFT losses."""
+    if not promoted:
+        return []
+    params = fast_parameters(cms, origin=f"dream@period-{period}")
+    prompts = [train_prompt(tasks[c], cfg) for c, _ in promoted]
+    return train_on_pairs(model, tokenizer, params, prompts, [t for _, t in promoted], cfg.promote_steps, cfg.lr, cfg.max_length)

@@ -1,0 +1,119 @@
+"""Dreaming on a tiny model: generation in dream mode, importance, selection, trials, promotion."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from model.config import DreamConfig
+from model.dreaming import (
+    dream_about,
+    fast_parameters,
+    generate_dreams,
+    importance_scores,
+    promote,
+    select_dreams,
+    sft_gradient,
+    task_from_examples,
+    task_from_passage,
+    train_prompt,
+)
+from model.knowledge import QA, Passage
+from model.trials import AnswerLoglik
+from tests.model.helpers import make_nonzero, tiny_with_cms
+
+PASSAGE_RAW = Passage(
+    title="Balance",
+    context="The balance of the savings account is shown in the app. Money moves to savings every week.",
+    questions=[QA("Where is the balance shown?", "in the app"), QA("When does money move?", "every week")],
+)
+
+
+def _cfg(**kw) -> DreamConfig:
+    base = dict(dreams_per_context=4, max_new_tokens=12, top_k=2, random_extra=1, trial_steps=2, trial_lr=1e-2,
+                lora_r=4, lora_alpha=8.0, rounds=1, rest_steps=1, promote_steps=3, lr=1e-2, max_length=96, chat=False)
+    return DreamConfig(**{**base, **kw})
+
+
+PASSAGE = task_from_passage(PASSAGE_RAW, "c0", _cfg())
+
+
+def test_tasks_from_passages_and_from_labelled_examples():
+    assert PASSAGE.tau_prompts[0] == "Question: Where is the balance shown?\nAnswer:"
+    assert PASSAGE.tau_answers == (" in the app", " every week")
+    ex = task_from_examples([("what is my balance", "balance"), ("book a table", "restaurant_reservation")],
+                            [("how much money do i have", "balance")], "{text} -> {label}", "t0", _cfg())
+    assert ex.context == "what is my balance -> balance\nbook a table -> restaurant reservation"
+    assert ex.tau_prompts == ("how much money do i have -> ",) and ex.tau_answers == ("balance",)
+    assert "{context}" in ex.prompt_template
+    with pytest.raises(ValueError, match="has no questions"):
+        task_from_passage(Passage("t", "c", []), "c9", _cfg())
+
+
+def test_select_top_k_plus_random_is_seeded_and_skips_nan():
+    scores = [0.1, math.nan, 0.9, 0.5, 0.3, 0.7]
+    a = select_dreams(scores, 2, 2, random.Random(0))
+    b = select_dreams(scores, 2, 2, random.Random(0))
+    assert a == b
+    assert [i for i, why in a.items() if why == "topk"] == [2, 5]
+    assert len([i for i, why in a.items() if why == "random"]) == 2 and 1 not in a
+
+
+def test_dream_mode_uses_random_experts_and_is_seeded():
+    lm, cms = tiny_with_cms()
+    cms.unlock(1, "x")
+    cms.unlock(1, "y")  # three slow experts, top_k=2: the random expert matters
+    make_nonzero(cms, 1)
+    cfg = _cfg()
+    p1, d1 = generate_dreams(lm.model, lm.tokenizer, cms, PASSAGE, cfg, seed=3)
+    _, d2 = generate_dreams(lm.model, lm.tokenizer, cms, PASSAGE, cfg, seed=3)
+    assert d1 == d2 and len(d1) == 4 and PASSAGE.context in p1
+    with torch.no_grad():
+        ids = lm.tokenizer(p1, return_tensors="pt")["input_ids"]
+        plain = lm.model(ids).logits
+        with cms.random_expert_routing(seed=3):
+            dreamy = lm.model(ids).logits
+    assert not torch.allclose(plain, dreamy)
+
+
+def test_importance_norm_and_alignment_are_gradient_based():
+    lm, cms = tiny_with_cms()
+    params = fast_parameters(cms, "t")
+    task = (list(PASSAGE.tau_prompts), list(PASSAGE.tau_answers))
+    dreams = ["the balance is shown in the app", "zzzz qqqq", ""]
+    with cms.trainable_only(params):
+        norms = importance_scores(lm.model, lm.tokenizer, params, "Balance\n", dreams, task, "norm", 96)
+        cos = importance_scores(lm.model, lm.tokenizer, params, "Balance\n", dreams, task, "alignment", 96)
+        g = sft_gradient(lm.model, lm.tokenizer, params, ["Balance\n"], [dreams[0]], 96)
+    assert norms[0] == pytest.approx(float(g.norm()), rel=1e-5)
+    assert math.isnan(norms[2]) and math.isnan(cos[2])
+    assert all(-1.0 <= c <= 1.0 for c in cos[:2]) and norms[0] > 0
+
+
+def test_dream_round_rows_rewards_and_promotion_improve_tau():
+    lm, cms = tiny_with_cms()
+    cms.reset_level(0)  # as after a consolidation: the fast level is empty
+    cfg = _cfg()
+    rows = dream_about(lm.model, lm.tokenizer, cms, PASSAGE, cfg, period=0, seed=1)
+    assert len(rows) == 4 and cms.active_slots(0) == [0]
+    assert cms.experts[0][0].origin == "dream@period-0"
+    chosen = [r for r in rows if r.selected]
+    assert 1 <= len(chosen) <= 3 and {r.selection for r in chosen} <= {"topk", "random"}
+    for r in rows:
+        if r.selected and r.trial_error is None:
+            assert r.reward == float(r.tau_after > r.tau_before)
+        if not r.selected:
+            assert math.isnan(r.reward) and math.isnan(r.tau_before)
+    # Promotion trains the passage's facts (here: its own text as a stand-in dream) into the fast level.
+    measure = AnswerLoglik(lm.model, lm.tokenizer, list(PASSAGE.tau_prompts), list(PASSAGE.tau_answers), 96)
+    before = float(measure(None))
+    qa_text = " ".join(f"{q.question} {q.answer}" for q in PASSAGE_RAW.questions)
+    fast_before = [p.detach().clone() for p in cms.level_parameters(1)]
+    losses = promote(lm.model, lm.tokenizer, cms, {"c0": PASSAGE}, [("c0", qa_text)] * 2, cfg.model_copy(update={"promote_steps": 15}), 0)
+    assert losses[-1] < losses[0]
+    assert float(measure(None)) > before
+    assert all(torch.equal(a, b) for a, b in zip(fast_before, cms.level_parameters(1)))  # slow level untouched
+    assert train_prompt(PASSAGE, cfg) == "Balance\n"
