@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.masking_utils import create_causal_mask
 
 from model.cms import CMSError, ContinuumMemory
 from model.config import ConsolidationConfig, LevelConfig
+from model.forward import completion_logits, prefix_hidden, suffix_hidden
 from model.losses import distillation_loss
 from model.rewards import SemanticJudge, group_advantages, imitation_reward
 from model.sampling import sample_continuations
@@ -57,44 +57,20 @@ def due_consolidations(step_before: int, step_after: int, levels: Sequence[Level
     return pairs
 
 
-@dataclass
-class PrefixState:
-    """Hidden states after the layers below the first CMS layer, with what the rest needs."""
-
-    hidden: torch.Tensor  # (R, T, d)
-    mask: torch.Tensor | None
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    position_ids: torch.Tensor
-
-
 class SplitForward:
-    """A Llama-family forward pass split at the first CMS layer (shared teacher/student prefix)."""
+    """Teacher and student share the layers below the first CMS layer: run them once per batch."""
 
     def __init__(self, model: PreTrainedModel, cms: ContinuumMemory) -> None:
-        self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
+        self.model = model
         self.start = cms.layer_ids[0]
 
-    @torch.no_grad()
-    def prefix(self, batch: Batch) -> PrefixState:
-        dec = self.decoder
-        h = dec.embed_tokens(batch.input_ids)
-        mask = create_causal_mask(
-            config=dec.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=batch.position_ids
-        )
-        pe = dec.rotary_emb(h, position_ids=batch.position_ids)
-        for layer in dec.layers[: self.start]:
-            h = layer(h, attention_mask=mask, position_ids=batch.position_ids, position_embeddings=pe)
-        return PrefixState(h, mask, pe, batch.position_ids)
+    def prefix(self, batch: Batch) -> torch.Tensor:
+        """Hidden states (R, T, d) below the first CMS layer, without gradient."""
+        return prefix_hidden(self.model, batch.input_ids, batch.position_ids, self.start)
 
-    def completion_logits(self, state: PrefixState, batch: Batch) -> torch.Tensor:
-        """Logits (M, V) at the M positions that predict a completion token."""
-        h = state.hidden
-        for layer in self.decoder.layers[self.start :]:
-            h = layer(h, attention_mask=state.mask, position_ids=state.position_ids, position_embeddings=state.position_embeddings)
-        h = self.decoder.norm(h)
-        predict = batch.completion_mask[:, 1:]
-        return self.head(h[:, :-1][predict]).float()
+    def completion_logits(self, prefix: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Logits (M, V) at the completion positions, in the current CMS view."""
+        return completion_logits(self.model, suffix_hidden(self.model, prefix, batch.position_ids, self.start), batch)
 
 
 @dataclass

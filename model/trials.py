@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.masking_utils import create_causal_mask
 
 from model.cms import decoder_layers
+from model.forward import prefix_hidden, suffix_logprobs
 from model.wake import Batch, encode, sft_loss
 
 Measure = Callable[[torch.Tensor | None], torch.Tensor]
@@ -220,50 +220,6 @@ def attach_multi_lora(
 
 
 # --- split forward: a frozen prefix shared by all adapters, then the adapted suffix ---
-
-
-def _mask_and_rope(
-    model: PreTrainedModel, h: torch.Tensor, position_ids: torch.Tensor
-) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-    """The causal (or packed block-diagonal) mask and the rotary (cos, sin) for h (R, T, d)."""
-    dec = model.get_decoder()
-    mask = create_causal_mask(config=dec.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids)
-    return mask, dec.rotary_emb(h, position_ids=position_ids)
-
-
-@torch.no_grad()
-def prefix_hidden(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Hidden states (R, T, d) after decoder layers [0, start), without gradient."""
-    dec = model.get_decoder()
-    h = dec.embed_tokens(input_ids)
-    if start > 0:
-        mask, pe = _mask_and_rope(model, h, position_ids)
-        for layer in dec.layers[:start]:
-            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
-    return h
-
-
-def suffix_logprobs(
-    model: PreTrainedModel, hidden: torch.Tensor, batch: Batch, start: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run layers [start, L), the norm and the head on ``hidden`` (R, T, d).
-
-    Returns (logp: (N,), n: (N,)) per example of ``batch`` as
-    :func:`model.wake.completion_logprobs` does; the head runs on completion positions only.
-    """
-    dec = model.get_decoder()
-    mask, pe = _mask_and_rope(model, hidden, batch.position_ids)
-    h = hidden
-    for layer in dec.layers[start:]:
-        h = layer(h, attention_mask=mask, position_ids=batch.position_ids, position_embeddings=pe)
-    h = dec.norm(h)
-    predict = batch.completion_mask[:, 1:]
-    logits = model.get_output_embeddings()(h[:, :-1][predict]).float()  # (M, V)
-    token_lp = -F.cross_entropy(logits, batch.input_ids[:, 1:][predict], reduction="none")  # (M,)
-    example = batch.segment[:, 1:][predict]  # (M,)
-    logp = torch.zeros(batch.n_examples, dtype=token_lp.dtype, device=token_lp.device).index_add(0, example, token_lp)
-    n = torch.zeros(batch.n_examples, dtype=torch.long, device=example.device).index_add(0, example, torch.ones_like(example))
-    return logp, n
 
 
 def first_multi_lora_layer(model: PreTrainedModel) -> int:
@@ -647,11 +603,9 @@ __all__ = [
     "dream_tokens",
     "first_multi_lora_layer",
     "frozen_base",
-    "prefix_hidden",
     "rows_use",
     "run_trial_peft",
     "run_trials",
     "score_trials",
-    "suffix_logprobs",
     "train_trials",
 ]

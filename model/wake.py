@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import ChunkedOptimizer
+from model.forward import completion_logits, logprobs_by_example
 
 
 def label_text(label: str) -> str:
@@ -125,15 +126,7 @@ def completion_logprobs(model: PreTrainedModel, batch: Batch) -> tuple[torch.Ten
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
     ).last_hidden_state
-    predict = batch.completion_mask[:, 1:]  # position t predicts token t+1 (same segment)
-    h = hidden[:, :-1][predict]  # (M, d)
-    targets = batch.input_ids[:, 1:][predict]  # (M,)
-    logits = model.get_output_embeddings()(h).float()  # (M, V)
-    token_lp = -F.cross_entropy(logits, targets, reduction="none")  # (M,)
-    example = batch.segment[:, 1:][predict]  # (M,)
-    logp = torch.zeros(batch.n_examples, dtype=token_lp.dtype).index_add(0, example, token_lp)
-    n = torch.zeros(batch.n_examples, dtype=torch.long).index_add(0, example, torch.ones_like(example))
-    return logp, n
+    return logprobs_by_example(completion_logits(model, hidden, batch), batch)
 
 
 def sft_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:

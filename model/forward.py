@@ -1,0 +1,73 @@
+"""A Llama-family forward pass in pieces, for sharing work between passes.
+
+Consolidation (teacher and student) and isolated trials (k adapters) run the same
+frozen layers below their first trainable layer many times on the same input. These
+helpers run that prefix once (no gradient) and the rest per pass, and apply the LM
+head only at the positions that predict a completion token.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+
+if TYPE_CHECKING:
+    from model.wake import Batch
+
+
+def mask_and_rope(
+    model: PreTrainedModel, h: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+    """The causal (block-diagonal when packed) mask and the rotary (cos, sin) for h (R, T, d)."""
+    dec = model.get_decoder()
+    mask = create_causal_mask(config=dec.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids)
+    return mask, dec.rotary_emb(h, position_ids=position_ids)
+
+
+@torch.no_grad()
+def prefix_hidden(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Hidden states (R, T, d) after decoder layers [0, start), without gradient."""
+    dec = model.get_decoder()
+    h = dec.embed_tokens(input_ids)
+    if start > 0:
+        mask, pe = mask_and_rope(model, h, position_ids)
+        for layer in dec.layers[:start]:
+            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
+    return h
+
+
+def suffix_hidden(model: PreTrainedModel, hidden: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Layers [start, L) and the final norm on ``hidden`` (R, T, d) -> (R, T, d)."""
+    dec = model.get_decoder()
+    mask, pe = mask_and_rope(model, hidden, position_ids)
+    h = hidden
+    for layer in dec.layers[start:]:
+        h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
+    return dec.norm(h)
+
+
+def completion_logits(model: PreTrainedModel, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Logits (M, V) at the M positions whose next token is a completion token (head on those only)."""
+    predict = batch.completion_mask[:, 1:]
+    return model.get_output_embeddings()(hidden[:, :-1][predict]).float()
+
+
+def logprobs_by_example(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of completion-token log-probabilities per example (N,) and token counts (N,)."""
+    predict = batch.completion_mask[:, 1:]
+    token_lp = -F.cross_entropy(logits, batch.input_ids[:, 1:][predict], reduction="none")  # (M,)
+    example = batch.segment[:, 1:][predict]  # (M,)
+    logp = torch.zeros(batch.n_examples, dtype=token_lp.dtype, device=token_lp.device).index_add(0, example, token_lp)
+    n = torch.zeros(batch.n_examples, dtype=torch.long, device=example.device).index_add(0, example, torch.ones_like(example))
+    return logp, n
+
+
+def suffix_logprobs(
+    model: PreTrainedModel, hidden: torch.Tensor, batch: Batch, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the prefix ``hidden`` (R, T, d): per-example completion log-probabilities (N,) and counts (N,)."""
+    return logprobs_by_example(completion_logits(model, suffix_hidden(model, hidden, batch.position_ids, start), batch), batch)
