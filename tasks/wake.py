@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from model.checkpoint import open_memory_model, save_state
 from model.config import Params
 from model.data import load_stream
-from model.io import write_json, write_text
-from model.wake import NonFiniteLossError, StepLog, classify, split_template, train_period
+from model.io import write_json
+from model.wake import NonFiniteLossError, StepLog, split_template, train_period
 
 
 class StreamError(ValueError):
