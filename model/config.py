@@ -177,7 +177,7 @@ class ConsolidationConfig(_Strict):
 
 SEAL_IMPLICATIONS = (
     "Let's read the following passage and produce a list of implications derived directly or indirectly "
-    "from the content.\n\n{title}\n{context}"
+    "from the content.\n\n{title}\n{context}\n\nImplications:\n"
 )
 
 
@@ -200,10 +200,7 @@ class DreamGateConfig(_Strict):
         return self
 
 
-EXAMPLES_PROMPT = (
-    "Here are examples of requests and their intents, one per line:\n{context}\n\n"
-    "Write more requests for these intents in exactly the same format, one per line."
-)
+EXAMPLES_PROMPT = "Examples of requests and their intents, one per line:\n{context}\n"  # the model continues the list
 
 
 class DreamConfig(_Strict):

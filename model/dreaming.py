@@ -95,7 +95,7 @@ def dream_prompt(tokenizer: PreTrainedTokenizerBase, task: DreamTask, cfg: Dream
     text = task.prompt_template.replace("{title}", task.title).replace("{context}", task.context)
     if cfg.chat and tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return text + "\n\n"
+    return text
 
 
 def train_prompt(task: DreamTask, cfg: DreamConfig) -> str:
