@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
-    cfg = params.dream.model_copy(update={"task_source": "squad", "chat": True})
+    cfg = params.dream.model_copy(update={"task_source": "squad", "chat": True, "max_new_tokens": 128})
     passages = load_passages(args.passages)[: args.n]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

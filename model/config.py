@@ -218,6 +218,7 @@ class DreamConfig(_Strict):
     prompt_template: str = Field(SEAL_IMPLICATIONS, description="Dream prompt; {title} and {context} are filled in.")
     chat: bool = Field(True, description="Wrap the prompt in the model's chat template.")
     max_new_tokens: int = Field(128, ge=1)
+    min_new_tokens: int = Field(16, ge=0, description="No EOS before this many dream tokens.")
     temperature: float = Field(1.0, gt=0, le=5.0)
     top_p: float = Field(0.95, gt=0, le=1.0)
     random_expert: bool = Field(True, description="Dream mode: every router also activates one random expert.")
@@ -251,6 +252,12 @@ class DreamConfig(_Strict):
         if "{context}" not in v:
             raise ValueError("prompt_template must contain {context}")
         return v
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "DreamConfig":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
+        return self
 
 
 class LifecycleConfig(_Strict):

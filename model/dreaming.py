@@ -124,7 +124,7 @@ def generate_dreams(
     with routing:
         samples = sample_continuations(
             model, tokenizer, [prompt], cfg.dreams_per_context, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
-            batch_size=cfg.dreams_per_context,
+            batch_size=cfg.dreams_per_context, min_new_tokens=cfg.min_new_tokens,
         )
     return prompt, [s.text.strip() for s in samples]
 

@@ -44,8 +44,12 @@ def sample_continuations(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
+    min_new_tokens: int = 0,
 ) -> list[Sample]:
     """Sample ``n_per_prompt`` continuations of every prompt; temperature 0 means greedy.
+
+    EOS cannot be drawn before ``min_new_tokens`` tokens (a model that learned to answer
+    with one short label and stop can still be made to write more).
 
     A plain KV-cache decoding loop over left-padded batches (no ``generate``: its
     per-step machinery costs more than the model itself at this size). Finished rows
@@ -76,7 +80,10 @@ def sample_continuations(
             done = torch.zeros(len(chunk), dtype=torch.bool)
             new: list[torch.Tensor] = []
             for t in range(max_new_tokens):
-                nxt = pick_tokens(step.logits[:, -1], temperature, top_p, gen).masked_fill(done, pad)
+                logits = step.logits[:, -1]
+                if t < min_new_tokens:
+                    logits = logits.index_fill(-1, torch.tensor([eos]), float("-inf"))
+                nxt = pick_tokens(logits, temperature, top_p, gen).masked_fill(done, pad)
                 new.append(nxt)
                 done |= nxt == eos
                 if bool(done.all()) or t == max_new_tokens - 1:

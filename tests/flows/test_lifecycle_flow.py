@@ -42,7 +42,7 @@ def toy_project(tmp_path: Path) -> Path:
         "wake": {"batch_size": 4, "epochs": 6, "max_length": 32, "threads": 1},
         "consolidation": {"steps": 20, "batch_size": 4, "lr": 0.02, "prompt_buffer_size": 6, "alpha": 0.8,
                           "gamma": 0.0, "lti_prefixes": 2, "lti_group_size": 2, "max_new_tokens": 6},
-        "dream": {"context_examples": 3, "tau_examples": 3, "dreams_per_context": 3, "max_new_tokens": 10,
+        "dream": {"context_examples": 3, "tau_examples": 3, "dreams_per_context": 3, "max_new_tokens": 10, "min_new_tokens": 2,
                   "top_k": 1, "random_extra": 1, "trial_steps": 1, "lora_r": 4, "lora_alpha": 8.0, "rest_steps": 1,
                   "promote_steps": 2, "max_length": 96, "chat": False, "gate": {"min_tokens": 1}},
     }

@@ -33,7 +33,7 @@ PASSAGE_RAW = Passage(
 
 
 def _cfg(**kw) -> DreamConfig:
-    base = dict(dreams_per_context=4, max_new_tokens=12, top_k=2, random_extra=1, trial_steps=2, trial_lr=1e-2,
+    base = dict(dreams_per_context=4, max_new_tokens=12, min_new_tokens=4, top_k=2, random_extra=1, trial_steps=2, trial_lr=1e-2,
                 lora_r=4, lora_alpha=8.0, rounds=1, rest_steps=1, promote_steps=3, lr=1e-2, max_length=96, chat=False)
     return DreamConfig(**{**base, **kw})
 

@@ -53,3 +53,18 @@ def test_bad_arguments():
         sample_continuations(lm.model, lm.tokenizer, [], 1, 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sample_continuations(lm.model, lm.tokenizer, ["x"], 1, 0)
+
+
+def test_min_new_tokens_forbids_early_eos():
+    lm, cms = tiny_with_cms()
+    eos = lm.tokenizer.eos_token_id
+    def eos_first(module, inputs, out):  # make EOS the overwhelming choice at every step
+        out[..., eos] += 100.0
+        return out
+
+    lm.model.get_output_embeddings().register_forward_hook(eos_first)
+    early = sample_continuations(lm.model, lm.tokenizer, PROMPTS, 1, 12, temperature=0.0)
+    assert all(s.finished and s.text == "" for s in early)
+    late = sample_continuations(lm.model, lm.tokenizer, PROMPTS, 1, 12, temperature=0.0, min_new_tokens=5)
+    for s in late:
+        assert len(lm.tokenizer(s.text, add_special_tokens=False)["input_ids"]) >= 5
