@@ -43,7 +43,7 @@ def expert_digest(cms: ContinuumMemory, level: int, slot: int) -> str:
     parts = []
     for bank in cms.banks(level):
         for p in (bank.A[slot], bank.B[slot], bank.router[slot]):
-            parts.append(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+            parts.append(p.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return sha256_bytes(b"".join(parts))
 
 
@@ -55,7 +55,7 @@ def save_state(
 ) -> Path:
     """Write the CMS (and optionally optimiser) state to directory ``dest`` atomically."""
     dest = Path(dest)
-    tensors = {name: p.detach().contiguous().clone() for name, p in cms.named_memory_parameters()}
+    tensors = {name: p.detach().cpu().contiguous().clone() for name, p in cms.named_memory_parameters()}
     manifest = cms.manifest()
     for li, level in enumerate(manifest["levels"]):
         for e in level["experts"]:
@@ -66,7 +66,7 @@ def save_state(
         save_file(tensors, str(tmp / EXPERTS_FILE))
         files = {EXPERTS_FILE: sha256_file(tmp / EXPERTS_FILE)}
         if optimizer is not None:
-            save_file(optimizer.state_tensors(), str(tmp / TRAIN_FILE))
+            save_file({k: v.cpu() for k, v in optimizer.state_tensors().items()}, str(tmp / TRAIN_FILE))
             files[TRAIN_FILE] = sha256_file(tmp / TRAIN_FILE)
         manifest["files"] = files
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -172,10 +172,11 @@ def open_memory_model(
 
     With ``state=None`` the levels are fresh (``initial_experts`` unlocked per level).
     """
-    from model.loading import load_base_model
+    from model.loading import load_base_model, resolve_device
 
     loaded = load_base_model(params.model, root=root)
     cms = attach_cms(loaded.model, params.cms, seed=params.seed)
+    loaded.model.to(resolve_device(params.model.device))
     optimizer = ChunkedOptimizer(cms, grad_clip=params.wake.grad_clip) if with_optimizer else None
     if state is not None:
         load_state(cms, state, optimizer)

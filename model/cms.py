@@ -214,9 +214,10 @@ class ContinuumMemory(nn.Module):
         std = self.cfg.init_std
         with torch.no_grad():
             for bank in self.banks(level):
-                bank.A[slot].normal_(0.0, std, generator=self._gen)
+                # Drawn on the CPU (the generator lives there), so every device gets the same values.
+                bank.A[slot].copy_(torch.empty(bank.A[slot].shape).normal_(0.0, std, generator=self._gen))
                 bank.B[slot].zero_()
-                bank.router[slot].normal_(0.0, std, generator=self._gen)
+                bank.router[slot].copy_(torch.empty(bank.router[slot].shape).normal_(0.0, std, generator=self._gen))
         info = self.experts[level][slot]
         info.active, info.unlocked_at_step, info.origin = True, self.step, origin
         info.history.append(f"unlocked@{self.step}:{origin}")
@@ -388,12 +389,12 @@ class ChunkedOptimizer:
         for key, val in tensors.items():
             kind, rest = key.split("/", 1)
             if kind == "grad":
-                params[rest].grad = val.clone()
+                params[rest].grad = val.to(params[rest].device, copy=True)
             else:
                 stat, name = rest.split("/", 1)
                 p = params[name]
                 st = owner[p].state.setdefault(p, {})
-                st[stat] = val.reshape(()).clone() if stat == "step" else val.clone()
+                st[stat] = val.reshape(()).clone() if stat == "step" else val.to(p.device, copy=True)
 
 
 __all__ = [

@@ -33,6 +33,9 @@ class ModelConfig(_Strict):
     )
     path: str | None = Field(None, description="Model directory when source is 'path'.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the base weights.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="Where the model runs: cpu, cuda (error if absent) or auto (cuda when present)."
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> "ModelConfig":

@@ -162,7 +162,7 @@ def consolidate(
                     ]
                 else:
                     comps = [s.text for s in pick]
-                batch = encode(tokenizer, b_prompts, comps, max_length)
+                batch = encode(tokenizer, b_prompts, comps, max_length).to(model.device)
                 state = split.prefix(batch)
                 with torch.no_grad(), teacher():
                     t_logits = split.completion_logits(state, batch)
@@ -222,7 +222,7 @@ def _imitation_step(
     adv = group_advantages(rewards.view(len(cuts), G)).flatten()
     with student():
         logp, n = completion_logprobs(model, encode(tokenizer, [c.prompt for c in conts], texts, max_length))
-    pg = -(adv * logp / n.clamp(min=1)).mean()
+    pg = -(adv.to(logp.device) * logp / n.clamp(min=1)).mean()
     rows = [
         {"prompt": c.prompt, "text": c.text, "sampled_by": "student", "kind": "imitation", "step": step,
          "reference": ref, "reward": float(r)} for c, ref, r in zip(conts, refs, rewards.tolist())

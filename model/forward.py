@@ -32,6 +32,8 @@ def mask_and_rope(
 def prefix_hidden(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor:
     """Hidden states (R, T, d) after decoder layers [0, start), without gradient."""
     dec = model.get_decoder()
+    device = dec.embed_tokens.weight.device
+    input_ids, position_ids = input_ids.to(device), position_ids.to(device)
     h = dec.embed_tokens(input_ids)
     if start > 0:
         mask, pe = mask_and_rope(model, h, position_ids)
@@ -70,4 +72,5 @@ def suffix_logprobs(
     model: PreTrainedModel, hidden: torch.Tensor, batch: Batch, start: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """From the prefix ``hidden`` (R, T, d): per-example completion log-probabilities (N,) and counts (N,)."""
+    batch = batch.to(hidden.device)
     return logprobs_by_example(completion_logits(model, suffix_hidden(model, hidden, batch.position_ids, start), batch), batch)

@@ -180,8 +180,21 @@ def tiny_model(seed: int = 0, n_layers: int = 4, hidden: int = 64) -> LoadedMode
     return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-llama")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (an error if no GPU is visible) or ``auto`` (cuda when present)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible (use 'cpu' or 'auto')")
+    return torch.device(name)
+
+
 def load_base_model(cfg: ModelConfig, root: Path = Path(".")) -> LoadedModel:
-    """Load the base model that ``cfg`` names, frozen, in eval mode, with a pad token."""
+    """Load the base model that ``cfg`` names, frozen, in eval mode, with a pad token.
+
+    It is left on the CPU: memory levels are attached there, then the whole model is
+    moved to ``cfg.device`` (see ``model.checkpoint.open_memory_model``).
+    """
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if cfg.source == "tiny":
         loaded = tiny_model()

@@ -65,24 +65,25 @@ def sample_continuations(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    gen = torch.Generator().manual_seed(seed)
+    device = model.device
+    gen = torch.Generator(device=device).manual_seed(seed)
     out: list[Sample] = []
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(expanded), batch_size):
             chunk = expanded[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             mask = enc["attention_mask"]
             pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
             step = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
             last = pos[:, -1:]
-            done = torch.zeros(len(chunk), dtype=torch.bool)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
             new: list[torch.Tensor] = []
             for t in range(max_new_tokens):
                 logits = step.logits[:, -1]
                 if t < min_new_tokens:
-                    logits = logits.index_fill(-1, torch.tensor([eos]), float("-inf"))
+                    logits = logits.index_fill(-1, torch.tensor([eos], device=device), float("-inf"))
                 nxt = pick_tokens(logits, temperature, top_p, gen).masked_fill(done, pad)
                 new.append(nxt)
                 done |= nxt == eos

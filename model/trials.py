@@ -232,7 +232,7 @@ def first_multi_lora_layer(model: PreTrainedModel) -> int:
 def _replicate(batch: Batch, m: int) -> Batch:
     """The batch's rows m times over (replica-major); replica j's examples are j*N .. j*N+N-1."""
     N = batch.n_examples
-    offset = (torch.arange(m) * N).repeat_interleave(batch.segment.shape[0]).view(-1, 1)  # (m*R, 1)
+    offset = (torch.arange(m, device=batch.segment.device) * N).repeat_interleave(batch.segment.shape[0]).view(-1, 1)  # (m*R, 1)
     seg = batch.segment.repeat(m, 1)
     seg = torch.where(seg >= 0, seg + offset, seg)
     return Batch(batch.input_ids.repeat(m, 1), batch.position_ids.repeat(m, 1), seg, batch.completion_mask.repeat(m, 1), m * N)
@@ -257,7 +257,7 @@ class AnswerLoglik:
         rows_per_pass: int = 64,
     ) -> None:
         self.model = model
-        self.batch = encode(tokenizer, prompts, answers, max_length)
+        self.batch = encode(tokenizer, prompts, answers, max_length).to(model.device)
         self.rows_per_pass = rows_per_pass
 
     @torch.no_grad()
@@ -323,7 +323,7 @@ def _select_rows(batch: Batch, rows: torch.Tensor) -> tuple[Batch, int]:
     """Rows ``rows`` of a :func:`dream_batch`, renumbered and cut to their longest row; returns T."""
     seg = batch.segment[rows]
     T = int((seg >= 0).sum(1).max())
-    seg = torch.where(seg[:, :T] >= 0, torch.arange(len(rows)).view(-1, 1), -1)
+    seg = torch.where(seg[:, :T] >= 0, torch.arange(len(rows), device=seg.device).view(-1, 1), -1)
     return Batch(batch.input_ids[rows, :T], batch.position_ids[rows, :T], seg, batch.completion_mask[rows, :T], len(rows)), T
 
 
@@ -398,7 +398,7 @@ def train_trials(
     if not examples:
         return logs
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    full = dream_batch(examples, pad)
+    full = dream_batch(examples, pad).to(model.device)
     start = lora.first_layer
     hidden = prefix_hidden(model, full.input_ids, full.position_ids, start)  # (n, T, d), reused every step
     params = lora.parameters()
@@ -408,7 +408,7 @@ def train_trials(
         live = [i for i in range(k) if logs[i].error is None]
         if not live:
             break
-        rows = torch.tensor([rows_of[i] for i in live])
+        rows = torch.tensor([rows_of[i] for i in live], device=full.input_ids.device)
         batch, T = _select_rows(full, rows)
         with lora.rows_use(torch.tensor(live)):
             logp, n = suffix_logprobs(model, hidden[rows, :T], batch, start)
@@ -420,9 +420,9 @@ def train_trials(
                 logs[i].error = f"non-finite SFT loss {v} at step {step}"
         if bool(finite.any()):
             torch.where(finite, per_trial, torch.zeros_like(per_trial)).sum().backward()
-        keep = torch.zeros(k, dtype=torch.bool)
+        keep = torch.zeros(k, dtype=torch.bool, device=params[0].device)
         keep[[i for i in live if logs[i].error is None]] = True
-        sq = torch.zeros(k)
+        sq = torch.zeros(k, device=params[0].device)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -435,7 +435,7 @@ def train_trials(
                 for p in params:
                     p.grad[i] = 0.0
         if grad_clip is not None:
-            coef = torch.where(keep, (grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0), torch.ones(k))
+            coef = torch.where(keep, (grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0), torch.ones_like(sq))
             for p in params:
                 p.grad.mul_(coef.view(-1, 1, 1))
         for i in live:

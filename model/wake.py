@@ -59,6 +59,13 @@ class Batch:
     def n_tokens(self) -> int:
         return int((self.segment >= 0).sum())
 
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same batch on ``device`` (itself when it is already there)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device),
+                     self.completion_mask.to(device), self.n_examples)
+
 
 def encode(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str], max_length: int
@@ -122,6 +129,7 @@ def completion_logprobs(model: PreTrainedModel, batch: Batch) -> tuple[torch.Ten
     Returns (logp: (N,), n: (N,)) in the order the examples were given. The output
     head runs on the M completion positions only: hidden (R, T, d) -> (M, d) -> logits (M, V).
     """
+    batch = batch.to(model.device)
     # No KV cache: with one, transformers would not derive the block-diagonal (packed) mask.
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
@@ -239,10 +247,14 @@ def score_candidates(
             mask[r, 0, P:, P:] = block
             mask[r, 0, : P - n, : P - n] = torch.eye(P - n, dtype=torch.bool)  # padding sees itself only
             pred[r] = torch.where(offset == 0, P - 1, P + torch.arange(S) - 1)
-        hidden = model.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
-        h = torch.gather(hidden, 1, pred.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, S, d)
+        dev = model.device
+        hidden = model.get_decoder()(
+            input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev), use_cache=False
+        ).last_hidden_state
+        h = torch.gather(hidden, 1, pred.to(dev).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, S, d)
         logits = model.get_output_embeddings()(h).float()  # (R, S, V)
-        token_lp = -F.cross_entropy(logits.flatten(0, 1), flat_cands.repeat(len(rows)), reduction="none").view(len(rows), S)
+        targets = flat_cands.to(dev).repeat(len(rows))
+        token_lp = -F.cross_entropy(logits.flatten(0, 1), targets, reduction="none").view(len(rows), S).cpu()
         per_cand = torch.zeros(len(rows), len(cands)).index_add(1, owner, token_lp)
         scores[rows] = per_cand
     return scores
