@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig  # noqa: E402
-from model.loading import load_base_model  # noqa: E402
+from model.loading import load_base_model, resolve_device  # noqa: E402
 from model.trials import AnswerLoglik, run_trial_peft, run_trials  # noqa: E402
 
 SQUAD = ROOT / "data/raw/squad/squad_train_seal100.json"
@@ -83,6 +83,12 @@ def load_task(tokenizer: PreTrainedTokenizerBase, n_dreams: int, dream_tokens: i
     return dreams, qa, source
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so wall times cover it (no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def count_flops(fn: Callable[[], object]) -> float:
     with FlopCounterMode(display=False) as fc:
         fn()
@@ -102,8 +108,10 @@ def bench_layers(model, tokenizer, dreams: list[str], measure: AnswerLoglik, lay
     times: dict[int, list[float]] = {1: [], 8: []}
     for _ in range(args.repeats):
         for k in (1, 8):
+            sync()
             t = time.perf_counter()
             out = batched(k)
+            sync()
             times[k].append(time.perf_counter() - t)
             assert all(r.error is None for r in out), [r.error for r in out]
     t1, t8 = statistics.median(times[1]), statistics.median(times[8])
@@ -119,8 +127,10 @@ def bench_layers(model, tokenizer, dreams: list[str], measure: AnswerLoglik, lay
     if args.peft:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            sync()
             t = time.perf_counter()
             ref = [run_trial_peft(model, tokenizer, d, measure, seed=i, index=i, **kw) for i, d in enumerate(dreams[:8])]
+            sync()
             tp = time.perf_counter() - t
         res.update({"peft_sequential_8_s": tp, "ratio_peft8_over_t8": tp / t8, "ratio_peft8_over_t1": tp / t1,
                     "peft_rewards_8": [r.reward for r in ref]})
@@ -140,10 +150,12 @@ def main() -> None:
     ap.add_argument("--layers", nargs="+", choices=["all", "top8"], default=["all", "top8"])
     ap.add_argument("--no-peft", dest="peft", action="store_false", help="skip the sequential peft baseline")
     ap.add_argument("--out", default=str(ROOT / "bench/results/dream_trials.json"))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_base_model(ModelConfig(), ROOT)
+    loaded.model.to(resolve_device(args.device))
     model, tok = loaded.model, loaded.tokenizer
     dreams, qa, source = load_task(tok, 8, args.dream_tokens)
     measure = AnswerLoglik(model, tok, [f"Question: {q}\nAnswer:" for q, _ in qa], [f" {a}" for _, a in qa], args.max_length)
@@ -152,7 +164,8 @@ def main() -> None:
     print(f"threads={args.threads} model={loaded.name} dreams from {source}: {dream_lens} tokens; "
           f"{len(qa)} questions ({measure.batch.n_tokens} tokens); steps={args.steps} r={args.r}")
     res: dict = {
-        "threads": args.threads, "model": loaded.name, "torch": torch.__version__, "dream_source": source,
+        "threads": args.threads, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "model": loaded.name, "torch": torch.__version__, "dream_source": source,
         "dream_tokens": dream_lens, "questions": len(qa), "question_tokens": measure.batch.n_tokens,
         "steps": args.steps, "r": args.r, "alpha": 2 * args.r, "target_modules": ["q_proj", "v_proj"],
         "repeats": args.repeats, "by_layers": [],

@@ -15,6 +15,10 @@ and tau = mean log-likelihood per token of the gold answers. Results are appende
 JSONL file one passage at a time (a rerun resumes), and summarised with 95% CIs.
 
 Run:  python bench/knowledge_incorporation.py --passages data/raw/squad/squad_val_seal_eval200.json --n 200
+On a GPU, shard the passages over processes (they share the card; each passage's result
+does not depend on the sharding), then merge:
+      for i in 0 1 2 3; do python bench/knowledge_incorporation.py --device cuda --shard $i/4 & done; wait
+      python bench/knowledge_incorporation.py --summarise
 """
 
 from __future__ import annotations
@@ -75,12 +79,24 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench/results/knowledge_incorporation.jsonl"))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ap.add_argument("--shard", default="0/1", help="I/N: this process takes the passages with index %% N == I")
+    ap.add_argument("--summarise", action="store_true", help="only merge the result files and summarise them")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.summarise:
+        summarise(out)
+        return
+    shard, n_shards = (int(x) for x in args.shard.split("/"))
+    if not 0 <= shard < n_shards:
+        raise SystemExit(f"--shard {args.shard}: need 0 <= I < N")
+    if n_shards > 1:
+        out = out.with_name(f"{out.stem}.shard{shard}of{n_shards}{out.suffix}")
     torch.set_num_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
+    params = params.model_copy(update={"model": params.model.model_copy(update={"device": args.device})})
     cfg = params.dream.model_copy(update={"task_source": "squad", "chat": True, "max_new_tokens": 128})
     passages = load_passages(args.passages)[: args.n]
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["index"] for line in out.read_text().splitlines()} if out.exists() else set()
 
@@ -98,7 +114,7 @@ def main() -> None:
         cms.reset_level(0)  # as after a consolidation: dreams and FT go into a fresh fast expert
 
     for i, passage in enumerate(passages):
-        if i in done:
+        if i in done or i % n_shards != shard:
             continue
         t0 = time.perf_counter()
         task = task_from_passage(passage, f"passage{i}", cfg)
@@ -130,11 +146,21 @@ def main() -> None:
         print(f"[{i + 1}/{len(passages)}] {passage.title[:30]:30s} " + " ".join(
             f"{c}: f1 {res[c]['f1']:.2f} tau {res[c]['tau']:.2f}" for c in CONDITIONS) + f" ({res['seconds']} s)", flush=True)
 
-    summarise(out)
+    if n_shards == 1:
+        summarise(out)
 
 
 def summarise(path: Path) -> dict:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    """Merge ``path`` and its shard files (one row per passage index) and write the summary with 95% CIs."""
+    by_index: dict[int, dict] = {}
+    for f in sorted(path.parent.glob(f"{path.stem}*{path.suffix}")):
+        if f.name == path.name or f.name.startswith(f"{path.stem}.shard"):
+            for line in f.read_text().splitlines():
+                row = json.loads(line)
+                by_index[row["index"]] = row
+    rows = [by_index[i] for i in sorted(by_index)]
+    if not rows:
+        raise SystemExit(f"no results in {path} or its shard files")
     summary = {"passages": len(rows)}
     for c in CONDITIONS:
         summary[c] = {m: mean_ci95([r[c][m] for r in rows]) for m in ("em", "f1", "tau")}
