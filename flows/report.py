@@ -1,0 +1,46 @@
+"""The ``report`` flow: a lifecycle run's metrics -> report.md, figures, dvc plot tables, summary table.
+
+Run as ``python -m flows.report --params params.yaml`` after the lifecycle. Paths in the params
+file are relative to the params file's directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from model.config import ConfigError, load_params
+from tasks.report import ReportError, print_summary_table, report_task
+
+
+@flow(name="report", log_prints=True)
+def report(params_path: str = "params.yaml") -> dict[str, Any]:
+    """Write the lifecycle report and print the summary table; return the summary."""
+    params_file = Path(params_path).resolve()
+    summary = report_task(params_file.parent, load_params(params_file))
+    print_summary_table(summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns a non-zero exit code with a one-paragraph error."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.report",
+        description="Write the lifecycle report (markdown + PNG), the tables for `dvc plots` and a summary table.",
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        report(args.params)
+    except (ConfigError, ReportError) as e:
+        print(f"report failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
