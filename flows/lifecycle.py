@@ -1,4 +1,13 @@
-"""The lifecycle flow: wake -> sleep cycles over the whole stream, evaluated after each sleep."""
+"""The lifecycle flow: wake -> sleep cycles over the whole stream, evaluated and published after each sleep.
+
+Each cycle runs the ``wake``, ``sleep`` and ``evaluate`` flows as subflows. Their heavy
+tasks are cached by inputs and code (``tasks/caching.py``), so running the lifecycle
+again after a crash resumes at the task that failed; a sleep is one transaction, so a
+failed sleep leaves the state as the wake left it. The state directory is locked: a
+second lifecycle on the same state refuses to start. After each cycle: a Prefect
+markdown summary and metrics table, the cycle published to the artifact store, and
+at the end the lifecycle report (markdown + plots).
+"""
 
 from __future__ import annotations
 
@@ -6,45 +15,71 @@ import argparse
 from pathlib import Path
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.evaluate import evaluate
+from flows.report import report
 from flows.sleep import sleep
 from flows.wake import wake
 from model.config import load_params
-from tasks.evaluate import evaluate_seen_tasks, write_accuracy_summary
-from tasks.wake import read_stream, sleep_state_dir, write_metrics
+from model.io import exclusive
+from tasks.publish import default_run_id, publish_cycle_artifacts
+
+
+def _cycle_markdown(row: dict, published: dict | None) -> str:
+    acc = " | ".join(f"{a:.2f}" for a in row["accuracy"].values())
+    lines = [
+        f"## Cycle {row['period']}",
+        "",
+        f"| task | {' | '.join(row['accuracy'])} |",
+        f"| --- | {' | '.join('---' for _ in row['accuracy'])} |",
+        f"| accuracy after sleep | {acc} |",
+        "",
+        f"Mean accuracy on seen tasks: **{row['mean_accuracy_seen']:.3f}**; wake loss "
+        f"{row['wake_loss_first']:.3f} -> {row['wake_loss_last']:.3f}.",
+        "",
+    ]
+    for c in row["consolidations"]:
+        lines.append(f"- consolidation {c['src']} -> {c['dst']} (slot {c['slot']}, {c['seconds']:.0f} s): "
+                     f"retention {c['retention_loss']}, accuracy ratio {c['accuracy_ratio']}")
+    funnel = row.get("dream_funnel")
+    lines.append(f"- dreams: {funnel}" if funnel else "- dreams: none")
+    if published:
+        where = published.get("store")
+        lines.append(f"- artifacts: {where}" + (f" (upload pending: {published['error']})" if published.get("error") else ""))
+    return "\n".join(lines) + "\n"
 
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(params_path: str = "params.yaml") -> list[dict]:
-    """For every period of the stream: wake, sleep, then measure accuracy on all seen tasks."""
+    """For every period of the stream: wake, sleep, evaluate, publish; then the report."""
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    stream, plan = read_stream(root / params.data.out_dir)
+    run_id = default_run_id(params)
     periods = []
-    for period in range(params.data.n_tasks):
-        woke = wake(period, params_path)
-        slept = sleep(period, params_path)
-        accuracy = evaluate_seen_tasks(params, root, stream, plan, period, sleep_state_dir(params, root, period))
-        row = {"period": period, "accuracy": accuracy, "mean_accuracy_seen": sum(accuracy.values()) / len(accuracy),
-               "wake_loss_first": woke["loss_first"], "wake_loss_last": woke["loss_last"],
-               "consolidations": [
-                   {k: c[k] for k in ("src", "dst", "slot", "seconds", "retention_loss", "accuracy_ratio")}
-                   for c in slept["consolidation"]["consolidations"]
-               ],
-               "dream_funnel": slept["dream"].get("funnel")}
-        write_metrics(root / params.lifecycle.metrics_dir / f"period-{period}.json", row)
-        periods.append(row)
-        acc = " ".join(f"{a:.2f}" for a in accuracy.values())
-        print(f"cycle {period}: wake loss {woke['loss_first']:.3f} -> {woke['loss_last']:.3f}; "
-              f"accuracy on seen tasks after sleep: {acc}")
-    write_accuracy_summary(root / params.lifecycle.summary_path, periods)
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        for period in range(params.data.n_tasks):
+            wake(period, params_path)
+            sleep(period, params_path)
+            row = evaluate(period, params_path)
+            published = publish_cycle_artifacts(params, root, period, run_id) if params.lifecycle.publish else None
+            create_markdown_artifact(markdown=_cycle_markdown(row, published), key=f"cycle-{period}",
+                                     description=f"lm-sleep cycle {period}")
+            create_table_artifact(
+                table=[{"task": t, "accuracy": a} for t, a in row["accuracy"].items()],
+                key=f"cycle-{period}-accuracy", description=f"Accuracy on seen tasks after cycle {period}",
+            )
+            periods.append(row)
+        report(params_path)
+        if params.lifecycle.publish:  # the final report goes out with the last cycle
+            publish_cycle_artifacts(params, root, params.data.n_tasks - 1, run_id)
     return periods
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Run wake/sleep cycles over the prepared stream.")
     ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     lifecycle(args.params)
 
 

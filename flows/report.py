@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow
 
 from model.config import ConfigError, load_params
+from tasks.evaluate import summarise_cycles
 from tasks.report import ReportError, print_summary_table, report_task
 
 
@@ -21,7 +22,9 @@ from tasks.report import ReportError, print_summary_table, report_task
 def report(params_path: str = "params.yaml") -> dict[str, Any]:
     """Write the lifecycle report and print the summary table; return the summary."""
     params_file = Path(params_path).resolve()
-    summary = report_task(params_file.parent, load_params(params_file))
+    params = load_params(params_file)
+    summarise_cycles(params, params_file.parent)
+    summary = report_task(params_file.parent, params)
     print_summary_table(summary)
     return summary
 

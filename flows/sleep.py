@@ -1,4 +1,9 @@
-"""The sleep flows: consolidation of the levels that are due, then dreaming."""
+"""The sleep flows: consolidation of the levels that are due, then dreaming.
+
+``consolidate`` and ``dream`` are the two stages of a sleep (each a DVC stage of its
+own); ``sleep`` runs both in one Prefect transaction: if dreaming fails, the
+consolidation's files are rolled back and the state is what the wake left.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +11,83 @@ import argparse
 from pathlib import Path
 
 from prefect import flow
+from prefect.transactions import transaction
 
-from model.config import load_params
+from model.config import Params, load_params
+from model.io import exclusive
+from tasks.caching import outputs_intact
 from tasks.dream import dream_and_promote
 from tasks.sleep import consolidate_due_levels
-from tasks.wake import read_stream, write_metrics
+from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, write_metrics
+
+
+def _setup(params_path: str) -> tuple[Params, Path]:
+    params = load_params(params_path)
+    return params, Path(params_path).resolve().parent
+
+
+def run_consolidation(params: Params, root: Path, period: int) -> dict:
+    """The consolidation task (cached; rerun if its state is gone or damaged)."""
+    stream, plan = read_stream(root / params.data.out_dir)
+    report = consolidate_due_levels(params, root, stream, plan, period)
+    if not outputs_intact(consolidated_state_dir(params, root, period)):
+        report = consolidate_due_levels.with_options(refresh_cache=True)(params, root, stream, plan, period)
+    return report
+
+
+def run_dreaming(params: Params, root: Path, period: int) -> dict:
+    """The dream task (cached; rerun if its state is gone or damaged)."""
+    stream, _ = read_stream(root / params.data.out_dir)
+    report = dream_and_promote(params, root, stream, period)
+    if not outputs_intact(sleep_state_dir(params, root, period)):
+        report = dream_and_promote.with_options(refresh_cache=True)(params, root, stream, period)
+    return report
 
 
 @flow(name="consolidate", log_prints=True)
 def consolidate(period: int, params_path: str = "params.yaml") -> dict:
-    """Knowledge Seeding of every level pair due after wake period ``period``; writes the sleep state."""
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
-    stream, plan = read_stream(root / params.data.out_dir)
-    report = consolidate_due_levels(params, root, stream, plan, period)
-    write_metrics(root / params.consolidation.metrics_dir / f"period-{period}.json", report)
+    """Knowledge Seeding of every level pair due after wake period ``period``; writes the consolidated state."""
+    params, root = _setup(params_path)
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        report = run_consolidation(params, root, period)
+        write_metrics(root / params.consolidation.metrics_dir / f"period-{period}.json", report)
     return report
 
 
 @flow(name="dream", log_prints=True)
 def dream(period: int, params_path: str = "params.yaml") -> dict:
     """Dream about the period's tasks, gate the dreams, promote the good ones; writes the sleep state."""
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
-    stream, _ = read_stream(root / params.data.out_dir)
-    report = dream_and_promote(params, root, stream, period)
-    write_metrics(root / params.dream.metrics_dir / f"period-{period}.json", report)
+    params, root = _setup(params_path)
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        report = run_dreaming(params, root, period)
+        write_metrics(root / params.dream.metrics_dir / f"period-{period}.json", report)
     return report
 
 
 @flow(name="sleep", log_prints=True)
 def sleep(period: int, params_path: str = "params.yaml") -> dict:
-    """A sleep after wake period ``period``: consolidation (stage 1), then dreaming (stage 2)."""
-    return {"consolidation": consolidate(period, params_path), "dream": dream(period, params_path)}
+    """A sleep after wake period ``period``: consolidation (stage 1), then dreaming (stage 2), atomically.
+
+    Both run in one transaction; metrics are written once it has committed.
+    """
+    params, root = _setup(params_path)
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        with transaction():
+            consolidation = run_consolidation(params, root, period)
+            dreaming = run_dreaming(params, root, period)
+        write_metrics(root / params.consolidation.metrics_dir / f"period-{period}.json", consolidation)
+        write_metrics(root / params.dream.metrics_dir / f"period-{period}.json", dreaming)
+    return {"consolidation": consolidation, "dream": dreaming}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="Run the sleep after one wake period.")
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Run the sleep after one wake period (or one of its two stages).")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--period", type=int, required=True)
-    args = ap.parse_args()
-    sleep(args.period, args.params)
+    ap.add_argument("--stage", choices=["all", "consolidate", "dream"], default="all",
+                    help="all: consolidation then dreaming in one transaction (default)")
+    args = ap.parse_args(argv)
+    {"all": sleep, "consolidate": consolidate, "dream": dream}[args.stage](args.period, args.params)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,19 @@ from pathlib import Path
 
 from prefect import flow
 
-from model.config import load_params
-from tasks.wake import read_stream, train_wake_period, write_metrics
+from model.config import Params, load_params
+from model.io import exclusive
+from tasks.caching import outputs_intact
+from tasks.wake import read_stream, train_wake_period, wake_state_dir, write_metrics
+
+
+def run_wake(params: Params, root: Path, period: int) -> dict:
+    """The wake task (cached by inputs and code; rerun if its state is gone or damaged)."""
+    stream, _ = read_stream(root / params.data.out_dir)
+    metrics = train_wake_period(params, root, stream, period)
+    if not outputs_intact(wake_state_dir(params, root, period)):
+        metrics = train_wake_period.with_options(refresh_cache=True)(params, root, stream, period)
+    return {"period": period, "task": period, **metrics}
 
 
 @flow(name="wake", log_prints=True)
@@ -16,17 +27,17 @@ def wake(period: int, params_path: str = "params.yaml") -> dict:
     """Train the memory levels on period ``period`` of the stream (from the previous sleep's state)."""
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    stream, _ = read_stream(root / params.data.out_dir)
-    metrics = {"period": period, "task": period, **train_wake_period(params, root, stream, period)}
-    write_metrics(root / params.wake.metrics_dir / f"period-{period}.json", metrics)
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        metrics = run_wake(params, root, period)
+        write_metrics(root / params.wake.metrics_dir / f"period-{period}.json", metrics)
     return metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Run one wake period of the continuum-memory model.")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--period", type=int, required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     wake(args.period, args.params)
 
 

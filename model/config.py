@@ -263,12 +263,33 @@ class DreamConfig(_Strict):
         return self
 
 
+class CycleSpec(_Strict):
+    """One cycle of the DVC pipeline (``dvc.yaml`` iterates over ``lifecycle.cycles``)."""
+
+    period: int = Field(..., ge=0)
+    after: str = Field(..., description="The file or state the cycle's wake stage depends on.")
+
+
 class LifecycleConfig(_Strict):
     """Wake/sleep cycles over the stream and their evaluation."""
 
     metrics_dir: str = Field("metrics/lifecycle", description="Accuracy after each cycle, one JSON per period.")
     summary_path: str = Field(
         "metrics/lifecycle.json", description="Accuracy matrix; a <stem>_accuracy.csv beside it feeds the plots."
+    )
+    state_root: str = Field("state", description="Directory holding every state of a run; one run at a time (locked).")
+    publish: bool = Field(
+        True, description="Publish each cycle's experts, dreams and reports to the artifact store "
+        "(local 'artifacts/' unless LM_SLEEP_S3_BUCKET is set)."
+    )
+    cycles: list[CycleSpec] = Field(
+        default_factory=list,
+        description="One entry per wake/sleep cycle for DVC's per-cycle stages: {period: i, after: what "
+        "the wake of cycle i starts from}; must match data.n_tasks (checked with the whole params).",
+    )
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Run id in the artifact store; default 'lifecycle-<digest of params>' (reruns overwrite it).",
     )
 
 
@@ -283,6 +304,21 @@ class Params(_Strict):
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
     dream: DreamConfig = Field(default_factory=DreamConfig)
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
+
+    def expected_cycles(self) -> list[dict[str, int | str]]:
+        """The ``lifecycle.cycles`` that ``data.n_tasks`` and the state paths imply."""
+        first = f"{self.data.out_dir}/stream.parquet"
+        return [{"period": i, "after": first if i == 0 else f"{self.dream.state_dir}/period-{i - 1}"}
+                for i in range(self.data.n_tasks)]
+
+    @model_validator(mode="after")
+    def _cycles_match_tasks(self) -> "Params":
+        got = [c.model_dump() for c in self.lifecycle.cycles]
+        if got and got != self.expected_cycles():
+            want = "\n".join(f"    - {{period: {c['period']}, after: {c['after']}}}" for c in self.expected_cycles())
+            raise ValueError(f"lifecycle.cycles must list one cycle per task of data.n_tasks "
+                             f"({self.data.n_tasks}); write:\n  cycles:\n{want}")
+        return self
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:

@@ -95,3 +95,54 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of a byte string."""
     return hashlib.sha256(data).hexdigest()
+
+
+class BusyError(RuntimeError):
+    """Another process holds the lock on a directory (e.g. a second lifecycle run on the same state)."""
+
+
+_HELD: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): re-entrant within one process
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (file ``.lock`` inside) for the block.
+
+    A second process asking for the same lock fails at once with :class:`BusyError`
+    naming the holder's pid; nested use within one process is allowed. The lock
+    is released by the OS if the holder dies (kill -9 included), so no stale lock
+    survives a crash.
+    """
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".lock"
+    key = str(path.resolve())
+    if key in _HELD:
+        fd, depth = _HELD[key]
+        _HELD[key] = (fd, depth + 1)
+        try:
+            yield path
+        finally:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth - 1)
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BusyError(
+            f"{directory}: another {what} is using this state directory (pid {holder}); "
+            "wait for it to finish or stop it, then run again"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = (fd, 1)
+    try:
+        yield path
+    finally:
+        del _HELD[key]
+        os.close(fd)  # closing releases the flock

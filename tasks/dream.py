@@ -19,6 +19,8 @@ from model.dreaming import DreamTask, dream_about, promote, task_from_examples, 
 from model.io import atomic_dir, atomic_path
 from model.knowledge import load_passages
 from tasks.dream_gate import gate_dream_table
+from model.data import STREAM_FILE
+from tasks.caching import cache_options, record_outputs, remove_outputs
 from tasks.wake import consolidated_state_dir, sleep_state_dir
 
 
@@ -47,7 +49,12 @@ def dream_tasks(params: Params, root: Path, stream: pd.DataFrame, period: int) -
     return out
 
 
-@task(cache_policy=NO_CACHE)
+def _dream_inputs(params: Params, root: Path, period: int) -> list[Path]:
+    passages = [root / params.dream.passages] if params.dream.task_source == "squad" else []
+    return [consolidated_state_dir(params, root, period), root / params.data.out_dir / STREAM_FILE, *passages]
+
+
+@task(**cache_options(_dream_inputs))
 def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: int) -> dict:
     """Dream about the period's tasks, gate the dream table, train promoted dreams into the fast level.
 
@@ -79,6 +86,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
         list(zip(promoted["context_id"], promoted["text"])), cfg, period,
     )
     seconds = time.perf_counter() - start
+    record_outputs(out, *(root / cfg.dreams_dir / f"period-{period}-{n}.parquet" for n in ("dreams", "promoted")))
     for name, frame in (("dreams", gated), ("promoted", promoted)):
         with atomic_path(root / cfg.dreams_dir / f"period-{period}-{name}.parquet") as tmp:
             frame.to_parquet(tmp, index=False)
@@ -97,3 +105,9 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
         log.info(f"dream {period}: {funnel} in {seconds:.0f} s; promotion loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return {"period": period, "enabled": True, "seconds": round(seconds, 2), "funnel": funnel,
             "promotion_losses": losses, "gate_report": str((report_dir / "gate.md").relative_to(root))}
+
+
+@dream_and_promote.on_rollback
+def _undo_dreaming(transaction) -> None:
+    """A later task of the same sleep failed: remove this dream stage's files (the consolidated state stays)."""
+    remove_outputs(transaction)

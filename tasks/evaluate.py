@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ from model.checkpoint import open_memory_model
 from model.config import Params
 from model.io import write_json, write_text
 from model.wake import classify
+from tasks.wake import read_stream, sleep_state_dir
 
 
 @task(cache_policy=NO_CACHE)
@@ -47,3 +49,51 @@ def write_accuracy_summary(path: Path, periods: list[dict]) -> Path:
     rows = [{"period": p["period"], "task": int(t), "accuracy": a} for p in periods for t, a in p["accuracy"].items()]
     write_text(path.with_name(f"{path.stem}_accuracy.csv"), pd.DataFrame(rows).to_csv(index=False))
     return path
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cycle_row(params: Params, root: Path, period: int, accuracy: dict[str, float]) -> dict:
+    """One cycle's line of the lifecycle: accuracy on seen tasks, wake loss, consolidations, dream funnel."""
+    wake = _read(root / params.wake.metrics_dir / f"period-{period}.json") or {}
+    sleep = _read(root / params.consolidation.metrics_dir / f"period-{period}.json") or {}
+    dream = _read(root / params.dream.metrics_dir / f"period-{period}.json") or {}
+    return {
+        "period": period,
+        "accuracy": accuracy,
+        "mean_accuracy_seen": sum(accuracy.values()) / len(accuracy),
+        "wake_loss_first": wake.get("loss_first"),
+        "wake_loss_last": wake.get("loss_last"),
+        "consolidations": [
+            {k: c[k] for k in ("src", "dst", "slot", "seconds", "retention_loss", "accuracy_ratio")}
+            for c in sleep.get("consolidations", [])
+        ],
+        "dream_funnel": dream.get("funnel"),
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_cycle(params: Params, root: Path, period: int) -> dict:
+    """Accuracy after the sleep of ``period`` on every seen task, with the cycle's other metrics; writes its JSON."""
+    stream, plan = read_stream.fn(root / params.data.out_dir)
+    accuracy = evaluate_seen_tasks.fn(params, root, stream, plan, period, sleep_state_dir(params, root, period))
+    row = cycle_row(params, root, period, accuracy)
+    write_json(root / params.lifecycle.metrics_dir / f"period-{period}.json", row)
+    return row
+
+
+@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def summarise_cycles(params: Params, root: Path) -> dict:
+    """The accuracy matrix over every cycle evaluated so far (periods 0.. in order) -> summary JSON + CSV."""
+    periods = []
+    for period in range(params.data.n_tasks):
+        row = _read(root / params.lifecycle.metrics_dir / f"period-{period}.json")
+        if row is None:
+            break
+        periods.append(row)
+    if not periods:
+        raise FileNotFoundError(f"{root / params.lifecycle.metrics_dir}: no evaluated cycle (period-0.json missing)")
+    path = write_accuracy_summary.fn(root / params.lifecycle.summary_path, periods)
+    return json.loads(path.read_text())

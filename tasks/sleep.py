@@ -17,6 +17,7 @@ from model.consolidation import StepRecord, consolidate, due_consolidations
 from model.io import atomic_path
 from model.rewards import SemanticJudge
 from model.wake import heldout_metrics
+from tasks.caching import cache_options, record_outputs, remove_outputs
 from tasks.wake import consolidated_state_dir, wake_state_dir
 
 
@@ -28,7 +29,11 @@ def _heldout(params: Params, loaded, stream: pd.DataFrame, plan: dict[int, list[
     )
 
 
-@task(cache_policy=NO_CACHE)
+def _consolidation_inputs(params: Params, root: Path, period: int) -> list[Path]:
+    return [wake_state_dir(params, root, period)]
+
+
+@task(**cache_options(_consolidation_inputs))
 def consolidate_due_levels(
     params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
 ) -> dict:
@@ -93,10 +98,17 @@ def consolidate_due_levels(
     if not pairs:
         log.info(f"sleep {period}: no consolidation due (wake steps {meta['step_before']} -> {manifest['step']})")
     out = consolidated_state_dir(params, root, period)
-    save_state(cms, out, optimizer, metadata={**meta, "sleep": {"period": period, "consolidations": len(pairs)}})
     dreams = root / cfg.dreams_dir / f"period-{period}.parquet"
+    record_outputs(out, dreams)
+    save_state(cms, out, optimizer, metadata={**meta, "sleep": {"period": period, "consolidations": len(pairs)}})
     columns = ["src", "dst", "kind", "sampled_by", "step", "prompt", "text", "reference", "reward"]
     with atomic_path(dreams) as tmp:
         pd.DataFrame(samples, columns=columns).to_parquet(tmp, index=False)
     return {"period": period, "consolidations": reports, "state_dir": str(out.relative_to(root)),
             "dreams": str(dreams.relative_to(root))}
+
+
+@consolidate_due_levels.on_rollback
+def _undo_consolidation(transaction) -> None:
+    """A later task of the same sleep failed: remove this consolidation's files (the wake state stays)."""
+    remove_outputs(transaction)

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from model.checkpoint import open_memory_model, save_state
 from model.config import Params
-from model.data import load_stream
+from model.data import STREAM_FILE, load_stream
 from model.io import write_json
+from tasks.caching import cache_options
 from model.wake import NonFiniteLossError, StepLog, split_template, train_period
 
 
@@ -41,7 +42,12 @@ def sleep_state_dir(params: Params, root: Path, period: int) -> Path:
     return root / params.dream.state_dir / f"period-{period}"
 
 
-@task(cache_policy=NO_CACHE)
+def _wake_inputs(params: Params, root: Path, period: int) -> list[Path]:
+    prev = [sleep_state_dir(params, root, period - 1)] if period > 0 else []
+    return [root / params.data.out_dir / STREAM_FILE, *prev]
+
+
+@task(**cache_options(_wake_inputs))
 def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: int) -> dict:
     """Train the memory levels on one period's examples; save the state; return training logs."""
     log = get_run_logger()

@@ -1,0 +1,40 @@
+"""The evaluate flow: accuracy on every seen task after a cycle's sleep, and the accuracy matrix so far."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow
+
+from model.config import load_params
+from model.io import exclusive
+from tasks.evaluate import evaluate_cycle, summarise_cycles
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(period: int, params_path: str = "params.yaml", summary: bool = True) -> dict:
+    """Evaluate the state after the sleep of ``period``; with ``summary``, rewrite the matrix R[i][j] so far."""
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        row = evaluate_cycle(params, root, period)
+        if summary:
+            summarise_cycles(params, root)
+    acc = " ".join(f"{a:.2f}" for a in row["accuracy"].values())
+    print(f"cycle {period}: accuracy on seen tasks after sleep: {acc}")
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Evaluate the model after one cycle's sleep.")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--period", type=int, required=True)
+    ap.add_argument("--no-summary", dest="summary", action="store_false",
+                    help="only this cycle's JSON (under DVC the report stage writes the summary)")
+    args = ap.parse_args(argv)
+    evaluate(args.period, args.params, args.summary)
+
+
+if __name__ == "__main__":
+    main()
