@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make run    install, then run the main job (dvc repro) on the embedded default model, offline
+#   make run    install, then run the main job (lm-sleep run: dvc repro of the lifecycle) on the embedded default model, offline
 #   make test   install, then run the test suite
 PY ?= python3.11
 VENV := .venv
@@ -12,6 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
+export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install run test test-fast bench clean
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 install: $(VENV)/.installed
 
 run: install
-	dvc repro
+	lm-sleep run
 
 test: install
 	python -m pytest

@@ -1,0 +1,139 @@
+"""``lm-sleep``: the command line of the pipeline.
+
+    lm-sleep run                 the main job: `dvc repro` of prepare -> cycles -> report -> publish,
+                                 with one Prefect server on 127.0.0.1 for all stages; prints the
+                                 summary and the time orchestration added
+    lm-sleep run --no-dvc        the same work as one Prefect flow (the `lifecycle` flow), no DVC
+    lm-sleep prepare | wake | sleep | evaluate | report | publish    one stage
+    lm-sleep serve               serve the deployments of prefect.yaml (needs a Prefect server)
+    lm-sleep artifacts ...       list, fetch, open artifacts of a run; flush uploads; DVC remote
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+TIMINGS = Path("metrics/timings/orchestration.json")
+
+
+def _task_seconds(since: dt.datetime) -> tuple[float, int]:
+    """Total duration of the Prefect task runs that started after ``since`` (and their number)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)))
+    total = sum(r.total_run_time.total_seconds() for r in runs if r.total_run_time)
+    return total, len(runs)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job. With DVC: one local Prefect server, then `dvc repro`; report the orchestration time."""
+    from flows.server import local_server
+
+    root = Path(args.params).resolve().parent
+    since = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    with local_server(root / ".prefect-server.log") as url:
+        os.environ["PREFECT_API_URL"] = url
+        t_server = time.perf_counter() - t0
+        if args.no_dvc:
+            from flows.lifecycle import lifecycle
+            from flows.prepare import prepare
+
+            prepare(args.params)
+            lifecycle(args.params)
+        else:
+            cmd = ["dvc", "repro", *(["--force"] if args.force else [])]
+            proc = subprocess.run(cmd, cwd=root, env={**os.environ, "PREFECT_API_URL": url})
+            if proc.returncode != 0:
+                return proc.returncode
+        total = time.perf_counter() - t0
+        task_s, n_tasks = _task_seconds(since)
+    overhead = total - task_s
+    timings = {"total_s": round(total, 1), "server_start_s": round(t_server, 1), "task_runs": n_tasks,
+               "task_s": round(task_s, 1), "orchestration_s": round(overhead, 1),
+               "orchestration_share": round(overhead / total, 4) if total else None,
+               "mode": "lifecycle flow" if args.no_dvc else "dvc repro"}
+    out = root / TIMINGS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"main job: {total:.0f} s, of which Prefect tasks {task_s:.0f} s ({n_tasks} runs); orchestration "
+          f"(process starts, imports, API, DVC) {overhead:.0f} s = {100 * overhead / total:.1f}% -> {out}")
+    return 0
+
+
+def _stage(name: str):
+    def run(args: argparse.Namespace) -> int:
+        argv = ["--params", args.params]
+        if getattr(args, "period", None) is not None:
+            argv += ["--period", str(args.period)]
+        if name == "sleep":
+            argv += ["--stage", args.stage]
+        if name == "publish" and args.run_id:
+            argv += ["--run-id", args.run_id]
+        module = __import__(f"flows.{name}", fromlist=["main"])
+        return module.main(argv) or 0
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lm-sleep", description="Continual learning with wake/sleep cycles.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="the main job (dvc repro of the whole lifecycle)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--no-dvc", action="store_true", help="run prepare + the lifecycle flow in this process, no DVC")
+    p.add_argument("--force", action="store_true", help="dvc repro --force: rerun every stage")
+    p.set_defaults(func=cmd_run)
+    for name, help_text, period in (
+        ("prepare", "build and validate the stream", False),
+        ("wake", "one wake period", True),
+        ("sleep", "the sleep after a wake period", True),
+        ("evaluate", "accuracy after a cycle's sleep", True),
+        ("report", "the lifecycle report (markdown + PNG)", False),
+        ("publish", "publish the evaluated cycles to the artifact store", False),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--params", default="params.yaml")
+        if period:
+            p.add_argument("--period", type=int, required=True)
+        if name == "sleep":
+            p.add_argument("--stage", choices=["all", "consolidate", "dream"], default="all")
+        if name == "publish":
+            p.add_argument("--run-id", default=None)
+        p.set_defaults(func=_stage(name))
+    p = sub.add_parser("serve", help="serve the deployments of prefect.yaml (needs PREFECT_API_URL)", add_help=False)
+    p.set_defaults(func=lambda a: __import__("flows.deployments", fromlist=["main"]).main(a.rest))
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    from flows.artifacts import add_artifacts_parser
+
+    add_artifacts_parser(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.config import ConfigError
+    from model.io import BusyError
+    from tasks.store import StoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, BusyError, StoreError) as err:
+        print(f"lm-sleep {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""A Prefect server on 127.0.0.1 for the duration of a command.
+
+Without ``PREFECT_API_URL`` every Prefect process starts its own temporary API (6-11 s
+here). The main job runs a dozen stage processes under DVC, so ``lm-sleep run`` starts
+one real server on loopback first and points every stage at it; the runs then also
+stay browsable in its UI (``prefect server start`` keeps its database in PREFECT_HOME).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+class ServerStartError(RuntimeError):
+    """The local Prefect server did not become healthy; the message holds the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(api_url: str) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def local_server(log_path: Path, timeout: float = 90.0) -> Iterator[str]:
+    """Start ``prefect server start`` on 127.0.0.1 and a free port; yield its API URL; stop it after.
+
+    If ``PREFECT_API_URL`` is already set (a server the user runs), that one is used as is.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise ServerStartError(f"prefect server on 127.0.0.1:{port} did not start (log {log_path}):\n{tail}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
