@@ -54,7 +54,7 @@ from model.dreaming import (  # noqa: E402
     train_prompt,
 )
 from model.grading import exact_match, mean_ci95, token_f1  # noqa: E402
-from model.knowledge import answer_questions, load_passages  # noqa: E402
+from model.knowledge import answer_questions, load_passages, passage_chunks  # noqa: E402
 from model.trials import AnswerLoglik  # noqa: E402
 from tasks.dream_gate import gate_dreams, validate_dreams  # noqa: E402
 
@@ -122,7 +122,10 @@ def main() -> None:
         reset()
         res["base"] = measure(lm, passage, task, cfg)
         steps = cfg.promote_steps
-        train_on_pairs(lm.model, lm.tokenizer, fast_parameters(cms, f"passage-ft-{i}"), [train_prompt(task, cfg)], [passage.context], steps, cfg.lr, cfg.max_length)
+        prompt = train_prompt(task, cfg)
+        room = cfg.max_length - len(lm.tokenizer(prompt)["input_ids"]) - 1  # prompt + piece + EOS fit the window
+        pieces = passage_chunks(lm.tokenizer, passage.context, room)  # long passages train in pieces
+        train_on_pairs(lm.model, lm.tokenizer, fast_parameters(cms, f"passage-ft-{i}"), [prompt] * len(pieces), pieces, steps, cfg.lr, cfg.max_length)
         res["passage_ft"] = measure(lm, passage, task, cfg)
         reset()
         rows = dream_about(lm.model, lm.tokenizer, cms, task, cfg, period=0, seed=params.seed * 1_013 + i)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,3 +220,33 @@ def no_context_accuracy(
     )
     results = grade(preds, [qa.answer for qa in passage.questions], judge=judge if metric == "semantic" else None)
     return accuracy(results, metric)
+
+
+def passage_chunks(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> list[str]:
+    """Split ``text`` into consecutive pieces of at most ``max_tokens`` tokens, at sentence ends where possible.
+
+    For training on a passage longer than the model's window (continued pretraining in
+    pieces). A single sentence longer than ``max_tokens`` is cut at token boundaries.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    chunks: list[str] = []
+    current: list[str] = []
+    for sentence in sentences:
+        ids = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_tokens:  # one over-long sentence: cut it by tokens
+            if current:
+                chunks.append(" ".join(current))
+                current = []
+            chunks += [tokenizer.decode(ids[i : i + max_tokens]) for i in range(0, len(ids), max_tokens)]
+            continue
+        candidate = " ".join([*current, sentence])
+        if current and len(tokenizer(candidate, add_special_tokens=False)["input_ids"]) > max_tokens:
+            chunks.append(" ".join(current))
+            current = [sentence]
+        else:
+            current.append(sentence)
+    if current:
+        chunks.append(" ".join(current))
+    return chunks

@@ -226,3 +226,20 @@ def test_no_context_accuracy_rejects_bad_metrics(lm: LoadedModel, passage: Passa
         no_context_accuracy(lm.model, lm.tokenizer, passage, metric="semantic")
     with pytest.raises(ValueError, match="unknown metric 'bleu'"):
         no_context_accuracy(lm.model, lm.tokenizer, passage, metric="bleu")  # type: ignore[arg-type]
+
+
+def test_passage_chunks_fit_the_window_and_keep_every_sentence():
+    from model.knowledge import passage_chunks
+    from model.loading import tiny_model
+
+    tok = tiny_model().tokenizer
+    text = " ".join(f"Sentence number {i} says something about topic {i}." for i in range(40))
+    chunks = passage_chunks(tok, text, 120)  # a sentence is ~41 tokens for this tokenizer
+    assert len(chunks) > 1
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 120 for c in chunks)
+    assert " ".join(chunks) == text  # nothing lost, order kept
+    long_sentence = "word " * 100
+    pieces = passage_chunks(tok, long_sentence.strip(), 16)
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 16 for c in pieces)
+    with pytest.raises(ValueError, match="max_tokens"):
+        passage_chunks(tok, text, 0)
