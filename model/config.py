@@ -9,7 +9,7 @@ tasks or flows. Secrets never live in params: they come from the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -237,6 +237,20 @@ class DreamConfig(_Strict):
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    trial_workers: int = Field(
+        1, ge=1, description="1: a round's trials run in one batched pass in the dream task's process; N > 1: they "
+        "are split into up to N groups, each a Prefect task (run_trial_group) on the task runner trial_runner.",
+    )
+    trial_runner: str = Field(
+        "prefect_dask.DaskTaskRunner", pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$",
+        description="Qualified class name of the Prefect task runner of the trial groups (trial_workers > 1), "
+        "e.g. prefect_dask.DaskTaskRunner or prefect_ray.RayTaskRunner.",
+    )
+    trial_runner_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of trial_runner. Empty with the Dask runner: a local "
+        "cluster of trial_workers single-threaded worker processes, started for the dream stage; "
+        "{address: tcp://host:8786} uses a running Dask scheduler instead.",
+    )
     rounds: int = Field(1, ge=1, description="R: ReST-EM rounds (generate, try, fine-tune the generator).")
     rest_steps: int = Field(2, ge=0, description="Generator SFT steps per round on (prompt -> rewarded dream).")
     promote_steps: int = Field(4, ge=0, description="SFT steps that train promoted dreams into the fast level.")

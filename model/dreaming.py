@@ -13,7 +13,10 @@ class-incremental stream) -- one ReST-EM round is:
 3. *Select*: the top-k dreams by w plus b more at random (diversity).
 4. *Try each selected dream in isolation*: a fresh LoRA per dream, SFT on that dream
    alone, tau before/after, reward 1 if tau improved (``model.trials``: k trials in
-   one vectorised pass).
+   one vectorised pass). The trials are independent and leave the model as it was, so
+   :func:`dream_about` takes the step as a function (:class:`TrialFn`): in this
+   process by default (:func:`try_dreams`), or split into groups run elsewhere from a
+   copy of the model state (``tasks/trials.py``, ``dream.trial_workers``).
 5. *ReST-EM*: fine-tune the dream generator on (prompt -> rewarded dream).
 
 The generator and the place dreams are trained into are the same: the fast CMS level
@@ -30,6 +33,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -40,7 +44,7 @@ from model.config import DreamConfig
 from model.knowledge import Passage, answer_completion, qa_prompt
 from model.wake import label_text, split_template
 from model.sampling import sample_continuations
-from model.trials import AnswerLoglik, run_trials
+from model.trials import AnswerLoglik, TrialResult, run_trials
 from model.wake import NonFiniteLossError, encode, sft_loss
 
 
@@ -182,6 +186,50 @@ def select_dreams(scores: Sequence[float], top_k: int, extra: int, rng: random.R
     return chosen
 
 
+class TrialFn(Protocol):
+    """Step 4 as a function: try ``dreams[i]`` in isolation with adapter seed ``seeds[i]``.
+
+    Returns one :class:`TrialResult` per dream, in order (``index`` = position in
+    ``dreams``). It must leave ``model`` and ``cms`` as they were; the state the trials
+    see is theirs at the call (the generator as ReST-EM left it, the fast expert
+    unlocked for the dreams).
+    """
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cms: ContinuumMemory,
+        task: DreamTask,
+        cfg: DreamConfig,
+        dreams: Sequence[str],
+        seeds: Sequence[int],
+    ) -> list[TrialResult]: ...
+
+
+def try_dreams(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    dreams: Sequence[str],
+    seeds: Sequence[int],
+) -> list[TrialResult]:
+    """The default :class:`TrialFn`: every dream tried in this process, all in one batched pass.
+
+    tau is ``task``'s answer log-likelihood; each dream trains a fresh LoRA on the CMS
+    layers after :func:`train_prompt`. Any split of ``dreams`` into groups gives the same
+    results up to float rounding (the trials are independent).
+    """
+    measure = AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
+    return run_trials(
+        model, tokenizer, list(dreams), measure, steps=cfg.trial_steps, lr=cfg.trial_lr,
+        r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, layers=cms.layer_ids,
+        seeds=list(seeds), max_length=cfg.max_length, prompt=train_prompt(task, cfg),
+    )
+
+
 def train_on_pairs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -252,16 +300,17 @@ def dream_about(
     period: int,
     seed: int,
     select: bool = True,
+    run_trials_fn: TrialFn = try_dreams,
 ) -> list[DreamRow]:
     """R ReST-EM rounds on one context; returns every dream with its score, selection and reward.
 
     With ``select=False`` every dream is tried (the "no selection" ablation).
+    ``run_trials_fn`` runs step 4 (default: in this process, one batched pass).
     """
     rng = random.Random(seed)
     params = fast_parameters(cms, origin=f"dream@period-{period}")
     tau = (list(task.tau_prompts), list(task.tau_answers))
     t_prompt = train_prompt(task, cfg)
-    layers = cms.layer_ids
     rows: list[DreamRow] = []
     for rnd in range(cfg.rounds):
         r_seed = seed * 1_009 + rnd
@@ -276,12 +325,11 @@ def dream_about(
         order = sorted(chosen)
         results = {}
         if order:
-            measure = AnswerLoglik(model, tokenizer, tau[0], tau[1], cfg.max_length)
-            trial = run_trials(
-                model, tokenizer, [dreams[i] for i in order], measure, steps=cfg.trial_steps, lr=cfg.trial_lr,
-                r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, layers=layers,
-                seeds=[r_seed * 31 + i for i in order], max_length=cfg.max_length, prompt=t_prompt,
+            trial = run_trials_fn(
+                model, tokenizer, cms, task, cfg, [dreams[i] for i in order], [r_seed * 31 + i for i in order]
             )
+            if len(trial) != len(order):
+                raise RuntimeError(f"the trial step returned {len(trial)} results for {len(order)} dreams")
             results = dict(zip(order, trial))
         n_tok = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in dreams]
         for i, d in enumerate(dreams):

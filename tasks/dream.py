@@ -1,4 +1,8 @@
-"""Prefect tasks of sleep stage 2: dream, gate, promote (DESIGN §3)."""
+"""Prefect tasks of sleep stage 2: dream, gate, promote (DESIGN §3).
+
+A round's trials (dreaming step 4) run in this task's process, or as groups on a task
+runner when ``dream.trial_workers`` > 1 (``tasks/trials.py``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
@@ -21,6 +24,7 @@ from model.knowledge import load_passages
 from tasks.dream_gate import gate_dream_table
 from model.data import STREAM_FILE
 from tasks.caching import cache_options, record_outputs, remove_outputs
+from tasks.trials import trial_step
 from tasks.wake import consolidated_state_dir, sleep_state_dir
 
 
@@ -76,8 +80,12 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
     tasks = dream_tasks(params, root, stream, period)
     start = time.perf_counter()
     rows = []
-    for j, t in enumerate(tasks):
-        rows += dream_about(loaded.model, loaded.tokenizer, cms, t, cfg, period, seed=params.seed * 1_013 + period * 37 + j)
+    with trial_step(params, root) as trials:
+        for j, t in enumerate(tasks):
+            rows += dream_about(
+                loaded.model, loaded.tokenizer, cms, t, cfg, period, seed=params.seed * 1_013 + period * 37 + j,
+                run_trials_fn=trials,
+            )
     report_dir = root / cfg.reports_dir / f"period-{period}"
     gated = gate_dream_table.fn(pd.DataFrame([asdict(r) for r in rows]), cfg.gate, report_dir)
     promoted = gated[gated["promoted"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from model.dreaming import (
     task_from_examples,
     task_from_passage,
     train_prompt,
+    try_dreams,
 )
 from model.knowledge import QA, Passage
 from model.trials import AnswerLoglik
@@ -117,3 +119,30 @@ def test_dream_round_rows_rewards_and_promotion_improve_tau():
     assert float(measure(None)) > before
     assert all(torch.equal(a, b) for a, b in zip(fast_before, cms.level_parameters(1)))  # slow level untouched
     assert train_prompt(PASSAGE, cfg) == "Balance\n"
+
+
+def test_the_trial_step_is_injectable_and_trials_one_by_one_equal_the_batched_pass():
+    cfg = _cfg(rounds=2, trial_lr=0.05)
+    lm, cms = tiny_with_cms()
+    cms.reset_level(0)
+    batched = dream_about(lm.model, lm.tokenizer, cms, PASSAGE, cfg, period=0, seed=1)
+
+    calls = []
+
+    def one_by_one(model, tokenizer, cms_, task, cfg_, dreams, seeds):
+        calls.append((list(dreams), list(seeds), cms_.active_slots(0)))
+        return [replace(try_dreams(model, tokenizer, cms_, task, cfg_, [d], [s])[0], index=i)
+                for i, (d, s) in enumerate(zip(dreams, seeds))]
+
+    lm2, cms2 = tiny_with_cms()
+    cms2.reset_level(0)
+    split = dream_about(lm2.model, lm2.tokenizer, cms2, PASSAGE, cfg, period=0, seed=1, run_trials_fn=one_by_one)
+    assert len(calls) == 2 and all(slots == [0] for _, _, slots in calls)  # called with the dream expert unlocked
+    assert [d for d, _, _ in calls] == [[r.text for r in batched if r.selected and r.round == k] for k in (0, 1)]
+    for got, want in zip(split, batched):
+        a, b = asdict(got), asdict(want)
+        for key in ("tau_before", "tau_after"):
+            assert a.pop(key) == pytest.approx(b.pop(key), rel=1e-4, abs=1e-5, nan_ok=True)
+        assert a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)  # NaN == NaN
+    with pytest.raises(RuntimeError, match="returned 0 results for"):
+        dream_about(lm2.model, lm2.tokenizer, cms2, PASSAGE, cfg, period=0, seed=1, run_trials_fn=lambda *a: [])
