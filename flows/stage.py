@@ -1,0 +1,197 @@
+"""Run one pipeline stage (the command of each DVC stage): ``python -m flows.stage NAME [args]``.
+
+Every stage process would import torch, transformers, Prefect and Great Expectations
+(5-10 s here) before doing any work; a dozen stages make that a tenth of the main job.
+``lm-sleep run`` therefore starts a *stage server*: one process that has imported all of
+it once and, for each stage, forks a child that runs the stage. This module is the
+light client DVC runs: it imports only the standard library, hands its argv, working
+directory, environment and its stdin/stdout/stderr to the server over a Unix socket,
+and exits with the stage's exit code. If the client is killed, the stage is killed.
+
+Without a server (``LM_SLEEP_STAGE_SERVER`` unset or not answering: a plain ``dvc repro``)
+the stage runs in this process, exactly as ``python -m flows.NAME`` would.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+STAGES = ("prepare", "wake", "sleep", "evaluate", "report", "publish")
+ENV = "LM_SLEEP_STAGE_SERVER"
+PRELOAD = ("torch", "transformers", "pandas", "prefect", "great_expectations",
+           *(f"flows.{s}" for s in STAGES))
+
+
+def run_here(name: str, argv: list[str]) -> int:
+    """Run stage ``name`` in this process (its module's ``main``)."""
+    if name not in STAGES:
+        print(f"flows.stage: unknown stage {name!r} (one of {', '.join(STAGES)})", file=sys.stderr)
+        return 2
+    code = importlib.import_module(f"flows.{name}").main(argv)
+    return int(code or 0)
+
+
+# ------------------------------------------------------------------ client
+
+
+def run_via_server(path: str, name: str, argv: list[str]) -> int | None:
+    """Ask the stage server at ``path`` to run the stage; None if no server answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    with sock:
+        request = json.dumps({"name": name, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+        socket.send_fds(sock, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
+        reply = b""
+        while chunk := sock.recv(64):
+            reply += chunk
+    try:
+        return int(json.loads(reply)["exit"])
+    except (ValueError, KeyError):
+        print("flows.stage: the stage server closed the connection without an exit code", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(f"usage: python -m flows.stage {{{','.join(STAGES)}}} [stage args]", file=sys.stderr)
+        return 2
+    name, rest = argv[0], argv[1:]
+    path = os.environ.get(ENV)
+    if path:
+        code = run_via_server(path, name, rest)
+        if code is not None:
+            return code
+    return run_here(name, rest)
+
+
+# ------------------------------------------------------------------ server
+
+
+def _recv_exact(conn: socket.socket, n: int, fds: list[int]) -> bytes:
+    data = b""
+    while len(data) < n:
+        msg, anc, _, _ = conn.recvmsg(n - len(data), socket.CMSG_SPACE(3 * array.array("i").itemsize))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += array.array("i", payload[: len(payload) - len(payload) % 4]).tolist()
+        if not msg:
+            raise ConnectionError("client went away")
+        data += msg
+    return data
+
+
+def _serve_one(conn: socket.socket, server: socket.socket) -> None:
+    """Read a request, fork the stage with the client's stdio, relay its exit code."""
+    fds: list[int] = []
+    try:
+        size = int.from_bytes(_recv_exact(conn, 8, fds), "big")
+        request = json.loads(_recv_exact(conn, size, fds))
+    except (ConnectionError, ValueError):
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return
+    pid = os.fork()
+    if pid == 0:  # the stage
+        code = 1
+        try:
+            server.close()
+            conn.close()
+            for target, fd in zip((0, 1, 2), fds):
+                os.dup2(fd, target)
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            sys.argv = [f"flows.{request['name']}", *request["argv"]]
+            code = run_here(request["name"], request["argv"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 -- report like an uncaught exception would, then exit
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+
+    def watch_client() -> None:  # the client closing early (killed) kills the stage
+        with contextlib.suppress(OSError):
+            if conn.recv(1) == b"":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=watch_client, daemon=True).start()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    with contextlib.suppress(OSError):
+        conn.sendall(json.dumps({"exit": code if code >= 0 else 128 - code}).encode())
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
+
+
+def serve(path: str) -> None:
+    """Import everything once, then fork a stage per connection (one at a time, as DVC runs them)."""
+    for module in PRELOAD:
+        importlib.import_module(module)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+    if threading.active_count() != 1:  # forking is only safe while this process has one thread
+        raise RuntimeError(f"stage server: {threading.active_count()} threads after the imports; cannot fork safely")
+    print("ready", flush=True)
+    while True:
+        conn, _ = server.accept()
+        _serve_one(conn, server)
+
+
+@contextlib.contextmanager
+def stage_server() -> Iterator[str]:
+    """Start ``python -m flows.stage --serve`` on a private Unix socket; yield the socket's path."""
+    import subprocess
+    import tempfile
+
+    path = str(Path(tempfile.mkdtemp(prefix="lm-sleep-")) / "stage.sock")  # 0700 directory, short path
+    proc = subprocess.Popen([sys.executable, "-m", "flows.stage", "--serve", path], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if line.strip() != "ready":
+            raise RuntimeError(f"stage server did not start (exit {proc.poll()})")
+        yield path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        serve(sys.argv[2])
+    else:
+        sys.exit(main())

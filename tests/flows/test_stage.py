@@ -1,0 +1,96 @@
+"""The stage server: DVC's stage commands fork from one process that imported everything once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.server import local_server
+from flows.stage import ENV, stage_server
+from tests.flows.test_lifecycle_flow import toy_project
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A Prefect server on loopback and a stage server started with it in the environment."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = dict(os.environ)
+    os.environ["PREFECT_HOME"] = str(home)
+    try:
+        with local_server(home / "server.log") as url:
+            os.environ["PREFECT_API_URL"] = url
+            with stage_server() as path:
+                yield path
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def stage(args: list[str], path: str | None, **kw) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    if path:
+        env[ENV] = path
+    return subprocess.run([sys.executable, "-m", "flows.stage", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def server_pid(path: str) -> int:
+    (proc,) = [p for p in psutil.process_iter(["cmdline"]) if path in (p.info["cmdline"] or [])]
+    return proc.pid
+
+
+def test_stages_run_through_the_server_like_in_their_own_process(servers, tmp_path):
+    (tmp_path / "served").mkdir()
+    (tmp_path / "alone").mkdir()
+    served = toy_project(tmp_path / "served")
+    alone = toy_project(tmp_path / "alone")
+    for params in (served, alone):
+        path = servers if params is served else None
+        assert stage(["prepare", "--params", str(params)], path).returncode == 0
+        r = stage(["wake", "--params", str(params), "--period", "0"], path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "Finished in state Completed" in r.stdout + r.stderr  # the stage's output reached the client
+    a = json.loads((served.parent / "metrics/wake/period-0.json").read_text())
+    b = json.loads((alone.parent / "metrics/wake/period-0.json").read_text())
+    assert a["losses"] == b["losses"] and a["level_updates"] == b["level_updates"]
+    assert (served.parent / "state/wake/period-0/manifest.json").read_bytes() == (
+        alone.parent / "state/wake/period-0/manifest.json").read_bytes()
+
+
+def test_a_failing_stage_gives_its_exit_code_and_error(servers, tmp_path):
+    r = stage(["wake", "--params", str(tmp_path / "missing.yaml"), "--period", "0"], servers)
+    assert r.returncode != 0 and "params file not found" in r.stderr
+    r = stage(["nonsense"], servers)
+    assert r.returncode == 2 and "unknown stage" in r.stderr
+
+
+def test_killing_the_client_kills_its_stage(servers, tmp_path):
+    params = toy_project(tmp_path)
+    text = params.read_text().replace("epochs: 6", "epochs: 400")  # a wake long enough to kill
+    params.write_text(text)
+    assert stage(["prepare", "--params", str(params)], servers).returncode == 0
+    env = {**os.environ, ENV: servers}
+    client = subprocess.Popen([sys.executable, "-m", "flows.stage", "wake", "--params", str(params), "--period", "0"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    zygote = psutil.Process(server_pid(servers))
+    deadline = time.monotonic() + 60
+    while not zygote.children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (child,) = zygote.children()
+    time.sleep(1.0)
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    child.wait(timeout=20)  # gone with its client
+    assert not (tmp_path / "state/wake/period-0").exists()  # nothing half-written
+    assert stage(["prepare", "--params", str(params)], servers).returncode == 0  # the server still serves
