@@ -40,7 +40,7 @@ def _cycle_markdown(row: dict, published: dict | None) -> str:
         "",
     ]
     for c in row["consolidations"]:
-        lines.append(f"- consolidation {c['src']} -> {c['dst']} (slot {c['slot']}, {c['seconds']:.0f} s): "
+        lines.append(f"- consolidation {c['src']} -> {c['dst']} (slot {c['slot']}): "
                      f"retention {c['retention_loss']}, accuracy ratio {c['accuracy_ratio']}")
     funnel = row.get("dream_funnel")
     lines.append(f"- dreams: {funnel}" if funnel else "- dreams: none")

@@ -18,12 +18,22 @@ from model.io import exclusive
 from tasks.caching import outputs_intact
 from tasks.dream import dream_and_promote
 from tasks.sleep import consolidate_due_levels
-from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, write_metrics
+from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, timings_path, write_metrics
 
 
 def _setup(params_path: str) -> tuple[Params, Path]:
     params = load_params(params_path)
     return params, Path(params_path).resolve().parent
+
+
+def _write_consolidation_metrics(params: Params, root: Path, period: int, report: dict) -> None:
+    write_metrics(root / params.consolidation.metrics_dir / f"period-{period}.json", report,
+                  timings_path(params, root, "consolidation", period))
+
+
+def _write_dreaming_metrics(params: Params, root: Path, period: int, report: dict) -> None:
+    write_metrics(root / params.dream.metrics_dir / f"period-{period}.json", report,
+                  timings_path(params, root, "dreaming", period))
 
 
 def run_consolidation(params: Params, root: Path, period: int) -> dict:
@@ -50,7 +60,7 @@ def consolidate(period: int, params_path: str = "params.yaml") -> dict:
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
         report = run_consolidation(params, root, period)
-        write_metrics(root / params.consolidation.metrics_dir / f"period-{period}.json", report)
+        _write_consolidation_metrics(params, root, period, report)
     return report
 
 
@@ -60,7 +70,7 @@ def dream(period: int, params_path: str = "params.yaml") -> dict:
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
         report = run_dreaming(params, root, period)
-        write_metrics(root / params.dream.metrics_dir / f"period-{period}.json", report)
+        _write_dreaming_metrics(params, root, period, report)
     return report
 
 
@@ -75,8 +85,8 @@ def sleep(period: int, params_path: str = "params.yaml") -> dict:
         with transaction():
             consolidation = run_consolidation(params, root, period)
             dreaming = run_dreaming(params, root, period)
-        write_metrics(root / params.consolidation.metrics_dir / f"period-{period}.json", consolidation)
-        write_metrics(root / params.dream.metrics_dir / f"period-{period}.json", dreaming)
+        _write_consolidation_metrics(params, root, period, consolidation)
+        _write_dreaming_metrics(params, root, period, dreaming)
     return {"consolidation": consolidation, "dream": dreaming}
 
 

@@ -10,7 +10,7 @@ from prefect import flow
 from model.config import Params, load_params
 from model.io import exclusive
 from tasks.caching import outputs_intact
-from tasks.wake import read_stream, train_wake_period, wake_state_dir, write_metrics
+from tasks.wake import read_stream, timings_path, train_wake_period, wake_state_dir, write_metrics
 
 
 def run_wake(params: Params, root: Path, period: int) -> dict:
@@ -29,7 +29,8 @@ def wake(period: int, params_path: str = "params.yaml") -> dict:
     root = Path(params_path).resolve().parent
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
         metrics = run_wake(params, root, period)
-        write_metrics(root / params.wake.metrics_dir / f"period-{period}.json", metrics)
+        write_metrics(root / params.wake.metrics_dir / f"period-{period}.json", metrics,
+                      timings_path(params, root, "wake", period))
     return metrics
 
 

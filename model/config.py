@@ -291,6 +291,10 @@ class LifecycleConfig(_Strict):
     summary_path: str = Field(
         "metrics/lifecycle.json", description="Accuracy matrix; a <stem>_accuracy.csv beside it feeds the plots."
     )
+    timings_dir: str = Field(
+        "metrics/timings", description="Wall-clock timings of each stage, one JSON per stage and period "
+        "(<stage>-period-N.json); apart from the metrics, which a rerun reproduces byte for byte."
+    )
     state_root: str = Field("state", description="Directory holding every state of a run; one run at a time (locked).")
     publish: bool = Field(
         True, description="Publish each cycle's experts, dreams and reports to the artifact store "

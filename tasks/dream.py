@@ -25,7 +25,7 @@ from tasks.dream_gate import gate_dream_table
 from model.data import STREAM_FILE
 from tasks.caching import cache_options, record_outputs, remove_outputs
 from tasks.trials import trial_step
-from tasks.wake import consolidated_state_dir, sleep_state_dir
+from tasks.wake import TIMING, consolidated_state_dir, sleep_state_dir
 
 
 def dream_tasks(params: Params, root: Path, stream: pd.DataFrame, period: int) -> list[DreamTask]:
@@ -73,7 +73,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
     if not cfg.enabled:
         with atomic_dir(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-        return {"period": period, "enabled": False}
+        return {"period": period, "enabled": False, TIMING: {}}
     torch.set_num_threads(params.wake.threads)
     meta = read_manifest(src)["metadata"]
     loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
@@ -111,8 +111,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
         log.info(f"dream {period}: nothing promoted ({funnel}); the sleep goes on without dream training")
     else:
         log.info(f"dream {period}: {funnel} in {seconds:.0f} s; promotion loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return {"period": period, "enabled": True, "seconds": round(seconds, 2), "funnel": funnel,
-            "promotion_losses": losses, "gate_report": str((report_dir / "gate.md").relative_to(root))}
+    return {"period": period, "enabled": True, "funnel": funnel, "promotion_losses": losses,
+            "gate_report": str((report_dir / "gate.md").relative_to(root)), TIMING: {"seconds": round(seconds, 2)}}
 
 
 @dream_and_promote.on_rollback

@@ -67,7 +67,7 @@ def cycle_row(params: Params, root: Path, period: int, accuracy: dict[str, float
         "wake_loss_first": wake.get("loss_first"),
         "wake_loss_last": wake.get("loss_last"),
         "consolidations": [
-            {k: c[k] for k in ("src", "dst", "slot", "seconds", "retention_loss", "accuracy_ratio")}
+            {k: c[k] for k in ("src", "dst", "slot", "retention_loss", "accuracy_ratio")}
             for c in sleep.get("consolidations", [])
         ],
         "dream_funnel": dream.get("funnel"),

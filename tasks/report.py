@@ -120,7 +120,6 @@ class Consolidation:
     src: str
     dst: str
     slot: int
-    seconds: float
     retention_loss: float | None
     accuracy_ratio: float | None
     teacher: HeldOut | None = None
@@ -307,7 +306,6 @@ def _consolidations(row: _File, raw: list[Any], detail: _File | None) -> tuple[C
             src=row.string(row.get(c, "src", w), f"{w}.src"),
             dst=row.string(row.get(c, "dst", w), f"{w}.dst"),
             slot=row.integer(row.get(c, "slot", w), f"{w}.slot"),
-            seconds=row.number(row.get(c, "seconds", w), f"{w}.seconds"),
             retention_loss=row.number(row.get(c, "retention_loss", w), f"{w}.retention_loss", nullable=True),
             accuracy_ratio=row.number(row.get(c, "accuracy_ratio", w), f"{w}.accuracy_ratio", nullable=True),
             **held,
@@ -725,8 +723,8 @@ def summarize(metrics: LifecycleMetrics) -> dict[str, Any]:
             "wake_loss_first": c.wake_loss_first,
             "wake_loss_last": c.wake_loss_last,
             "consolidations": [
-                {"src": x.src, "dst": x.dst, "slot": x.slot, "seconds": x.seconds,
-                 "retention_loss": x.retention_loss, "accuracy_ratio": x.accuracy_ratio}
+                {"src": x.src, "dst": x.dst, "slot": x.slot, "retention_loss": x.retention_loss,
+                 "accuracy_ratio": x.accuracy_ratio}
                 for x in c.consolidations
             ],
             "dreaming": c.dreaming,
@@ -845,13 +843,13 @@ def render_markdown(
     rows = []
     for c in metrics.cycles:
         if not c.consolidations:
-            rows.append([str(c.period), NONE, *["–"] * 7])
+            rows.append([str(c.period), NONE, *["–"] * 6])
         for x in c.consolidations:
             acc = [_acc(h.accuracy) if h is not None else "–" for h in (x.teacher, x.reset, x.consolidated)]
-            rows.append([str(c.period), f"{_md(x.src)} → {_md(x.dst)}", str(x.slot), f"{x.seconds:.0f}", *acc,
+            rows.append([str(c.period), f"{_md(x.src)} → {_md(x.dst)}", str(x.slot), *acc,
                          _fmt(x.retention_loss, 3), _fmt(x.accuracy_ratio, 3)])
-    lines += _table(["cycle", "levels", "slot", "seconds", "teacher acc", "reset acc", "consolidated acc",
-                     "retention (loss)", "accuracy ratio"], rows, align="llrrrrrrr")
+    lines += _table(["cycle", "levels", "slot", "teacher acc", "reset acc", "consolidated acc",
+                     "retention (loss)", "accuracy ratio"], rows, align="llrrrrrr")
     lines += ["", f"![Retention per consolidation]({FIGURES['retention']})", ""]
 
     lines += ["## Dreams", "", "The funnel of each sleep's dreams; rejected = not promoted (failed a gate check "
@@ -902,7 +900,7 @@ def plot_tables(metrics: LifecycleMetrics) -> dict[str, str]:
               for c in metrics.cycles if c.dream_funnel is not None
               for k, s in enumerate(FUNNEL_STAGES) if c.dream_funnel.stage(s) is not None]
     retention = [[c.period, f"{label(c.period)} · {x.src}→{x.dst} (slot {x.slot})", x.src, x.dst, x.slot,
-                  x.retention_loss, x.accuracy_ratio, x.seconds]
+                  x.retention_loss, x.accuracy_ratio]
                  for c in metrics.cycles for x in c.consolidations]
     return {
         "cycles": _csv(["cycle", "mean_accuracy_seen", "wake_loss_first", "wake_loss_last", "consolidations",
@@ -910,8 +908,8 @@ def plot_tables(metrics: LifecycleMetrics) -> dict[str, str]:
         "task_accuracy": _csv(["cycle", "task", "accuracy"], task_acc),
         "accuracy_matrix": _csv(["after_cycle", "task", "accuracy"], matrix),
         "dream_funnel": _csv(["cycle", "label", "stage", "count"], funnel),
-        "retention": _csv(["cycle", "consolidation", "src", "dst", "slot", "retention_loss", "accuracy_ratio",
-                           "seconds"], retention),
+        "retention": _csv(["cycle", "consolidation", "src", "dst", "slot", "retention_loss", "accuracy_ratio"],
+                          retention),
     }
 
 

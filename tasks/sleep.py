@@ -18,7 +18,7 @@ from model.io import atomic_path
 from model.rewards import SemanticJudge
 from model.wake import heldout_metrics
 from tasks.caching import cache_options, record_outputs, remove_outputs
-from tasks.wake import consolidated_state_dir, wake_state_dir
+from tasks.wake import TIMING, consolidated_state_dir, wake_state_dir
 
 
 def _heldout(params: Params, loaded, stream: pd.DataFrame, plan: dict[int, list[str]], period: int) -> dict:
@@ -52,7 +52,7 @@ def consolidate_due_levels(
     pairs = due_consolidations(int(meta["step_before"]), int(manifest["step"]), params.cms.levels)
     loaded, cms, optimizer = open_memory_model(params, root, src_dir, with_optimizer=True)
     judge = SemanticJudge.load(cfg.semantic_threshold) if pairs and cfg.alpha < 1 and cfg.gamma > 0 else None
-    reports, samples = [], []
+    reports, samples, timings = [], [], []
     for src, dst in pairs:
         teacher = _heldout(params, loaded, stream, plan, period)
         with cms.levels_masked([src]):
@@ -79,7 +79,7 @@ def consolidate_due_levels(
         gap = reset["loss"] - teacher["loss"]
         acc_gap = teacher["accuracy"] - reset["accuracy"]
         report = {
-            "src": names[0], "dst": names[1], "slot": res.slot, "seconds": round(seconds, 2),
+            "src": names[0], "dst": names[1], "slot": res.slot,
             "teacher": teacher, "reset": reset, "consolidated": after,
             "retention_loss": (reset["loss"] - after["loss"]) / gap if gap else None,
             "retention_accuracy": (after["accuracy"] - reset["accuracy"]) / acc_gap if acc_gap else None,
@@ -89,6 +89,7 @@ def consolidate_due_levels(
             "loss": [round(r.loss, 5) for r in res.steps],
         }
         reports.append(report)
+        timings.append({"src": names[0], "dst": names[1], "seconds": round(seconds, 2)})
         samples += [{**row, "src": names[0], "dst": names[1]} for row in res.samples]
         log.info(
             f"sleep {period}: {names[0]} -> {names[1]} (slot {res.slot}) in {seconds:.0f} s; loss teacher "
@@ -105,7 +106,7 @@ def consolidate_due_levels(
     with atomic_path(dreams) as tmp:
         pd.DataFrame(samples, columns=columns).to_parquet(tmp, index=False)
     return {"period": period, "consolidations": reports, "state_dir": str(out.relative_to(root)),
-            "dreams": str(dreams.relative_to(root))}
+            "dreams": str(dreams.relative_to(root)), TIMING: {"consolidations": timings}}
 
 
 @consolidate_due_levels.on_rollback

@@ -668,7 +668,7 @@ class CycleSummary(BaseModel):
 
     Fields: ``period`` (wake period of the cycle), ``accuracy`` (task id -> accuracy on its
     test rows after the sleep), ``mean_accuracy_seen``, ``consolidations`` (one dict per
-    consolidation, e.g. src, dst, slot, seconds, retention_loss, accuracy_ratio), ``dream_funnel``
+    consolidation, e.g. src, dst, slot, retention_loss, accuracy_ratio), ``dream_funnel``
     (generated/selected/rewarded/passed_gate/promoted/rejected; None when dreaming is off) and
     ``experts`` (:func:`experts_from_manifest` of the cycle's state manifest).
     """
@@ -709,7 +709,7 @@ _CSS = (
     "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}section{border-top:2px solid #888;margin-top:2em}"
 )
 _FUNNEL = ("generated", "selected", "rewarded", "passed_gate", "promoted", "rejected")
-_CONSOLIDATION_FIRST = ("src", "dst", "slot", "seconds", "retention_loss", "retention_accuracy", "accuracy_ratio")
+_CONSOLIDATION_FIRST = ("src", "dst", "slot", "retention_loss", "retention_accuracy", "accuracy_ratio")
 
 
 def _e(value: Any) -> str:

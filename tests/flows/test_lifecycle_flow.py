@@ -18,12 +18,14 @@ pytestmark = pytest.mark.slow
 KEYWORDS = {"alarm": "alarm", "balance": "money", "weather": "rain", "music": "song"}
 
 
-def toy_project(tmp_path: Path) -> Path:
+def toy_project(tmp_path: Path, data_path: str = "toy.csv") -> Path:
+    """A toy CSV of 4 intents at ``data_path`` and a params.yaml for a tiny model, 2 tasks; returns the params path."""
     rows = []
     for label, word in KEYWORDS.items():
         for i in range(12):
             rows.append({"utterance": f"please {word} {word} now {i}", "intent": label})
-    pd.DataFrame(rows).to_csv(tmp_path / "toy.csv", index=False)
+    (tmp_path / data_path).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(tmp_path / data_path, index=False)
     params = {
         "seed": 0,
         "model": {"source": "tiny"},
@@ -35,7 +37,7 @@ def toy_project(tmp_path: Path) -> Path:
             ],
         },
         "data": {
-            "source": {"path": "toy.csv", "format": "csv", "text_field": "utterance", "label_field": "intent",
+            "source": {"path": data_path, "format": "csv", "text_field": "utterance", "label_field": "intent",
                        "exclude_labels": []},
             "n_tasks": 2, "labels_per_task": 2, "train_per_label": 8, "test_per_label": 4, "seed": 1,
         },
@@ -71,12 +73,17 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     wake0 = json.loads((tmp_path / "metrics/wake/period-0.json").read_text())
     assert wake0["loss_last"] < wake0["loss_first"]
     assert wake0["steps"] == 6 * 4 and wake0["level_updates"] == {"fast": 24, "slow": 2}
+    # Wall-clock measures vary by run: they are kept apart from the metrics.
+    assert "tokens_per_second" not in wake0
+    assert json.loads((tmp_path / "metrics/timings/wake-period-0.json").read_text())["tokens_per_second"] > 0
     # After the first sleep the fast level was consolidated into slow and reset, yet task 0 is still known.
     cycle0 = json.loads((tmp_path / "metrics/lifecycle/period-0.json").read_text())
     assert cycle0["accuracy"]["0"] > base_acc and cycle0["accuracy"]["0"] >= 0.75
     sleep0 = json.loads((tmp_path / "metrics/consolidation/period-0.json").read_text())
     (c,) = sleep0["consolidations"]
-    assert (c["src"], c["dst"]) == ("fast", "slow")
+    assert (c["src"], c["dst"]) == ("fast", "slow") and "seconds" not in c
+    timing = json.loads((tmp_path / "metrics/timings/consolidation-period-0.json").read_text())
+    assert [(t["src"], t["dst"]) for t in timing["consolidations"]] == [("fast", "slow")]
     assert c["consolidated"]["loss"] < c["reset"]["loss"]
     m0 = read_manifest(tmp_path / "state/consolidated/period-0")
     slow = m0["levels"][1]["experts"]

@@ -41,8 +41,7 @@ FUNNEL0 = {"generated": 6, "selected": 3, "rewarded": 2, "passed_gate": 5, "prom
 
 
 def _consolidation(slot: int, retention: float | None, ratio: float | None) -> dict[str, Any]:
-    return {"src": "fast", "dst": "slow", "slot": slot, "seconds": 12.5, "retention_loss": retention,
-            "accuracy_ratio": ratio}
+    return {"src": "fast", "dst": "slow", "slot": slot, "retention_loss": retention, "accuracy_ratio": ratio}
 
 
 def write_fake_run(root: Path, *, funnel_key: bool = True) -> Path:
@@ -249,9 +248,9 @@ def test_write_report_writes_markdown_pngs_csvs_and_metrics(run):
     assert "| final average accuracy | 0.500 |" in md
     assert "| 0 | 0.500 | 0.750 | 0.250 | 0.500 | -0.250 |" in md  # task 0: learned, best, final, F, BWT
     # Consolidations (a cycle without one renders as none; an undefined retention as n/a) and dreams.
-    assert "| 0 | fast → slow | 1 | 12 | 0.800 | 0.400 | 0.900 | 1.250 | 1.125 |" in md
-    assert "| 1 | none | – | – | – | – | – | – | – |" in md
-    assert "| 2 | fast → slow | 2 | 12 | 0.800 | 0.400 | 0.900 | n/a | 0.875 |" in md
+    assert "| 0 | fast → slow | 1 | 0.800 | 0.400 | 0.900 | 1.250 | 1.125 |" in md
+    assert md.count("\n| 1 | none | – | – | – | – | – | – |\n") == 2  # no consolidation, no dreams
+    assert "| 2 | fast → slow | 2 | 0.800 | 0.400 | 0.900 | n/a | 0.875 |" in md
     assert "| 0 | 6 | 3 | 2 | 5 | 2 | 4 | length_bounds 1 ([gate report](../dreams/period-0/gate.md)) |" in md
     assert "| 1 | none | – | – | – | – | – | – |" in md
     assert "| 2 | none (dreaming off) | – | – | – | – | – | – |" in md
@@ -289,7 +288,7 @@ def test_plot_tables_for_dvc(run):
     assert [(r["stage"], int(r["count"])) for r in rows] == list(FUNNEL0.items())  # cycles without dreams: no rows
     assert rows[0]["label"] == "cycle 0 · 1 generated"
     header, rows = _read_csv(plots / PLOT_CSVS["retention"])
-    assert header == ["cycle", "consolidation", "src", "dst", "slot", "retention_loss", "accuracy_ratio", "seconds"]
+    assert header == ["cycle", "consolidation", "src", "dst", "slot", "retention_loss", "accuracy_ratio"]
     assert [(r["cycle"], r["retention_loss"], r["accuracy_ratio"]) for r in rows] == [
         ("0", "1.25", "1.125"), ("2", "", "0.875")]
     header, rows = _read_csv(plots / PLOT_CSVS["cycles"])
