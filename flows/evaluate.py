@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from prefect import flow
 
+from flows.locked import run_locked
 from model.config import load_params
 from model.io import exclusive
 from tasks.evaluate import evaluate_cycle, summarise_cycles
@@ -26,15 +28,15 @@ def evaluate(period: int, params_path: str = "params.yaml", summary: bool = True
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Evaluate the model after one cycle's sleep.")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--period", type=int, required=True)
     ap.add_argument("--no-summary", dest="summary", action="store_false",
                     help="only this cycle's JSON (under DVC the report stage writes the summary)")
     args = ap.parse_args(argv)
-    evaluate(args.period, args.params, args.summary)
+    return run_locked("evaluate", args.params, evaluate, args.period, args.params, args.summary)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

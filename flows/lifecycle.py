@@ -12,11 +12,13 @@ at the end the lifecycle report (markdown + plots).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.locked import run_locked
 from flows.evaluate import evaluate
 from flows.report import report
 from flows.sleep import sleep
@@ -76,12 +78,12 @@ def lifecycle(params_path: str = "params.yaml") -> list[dict]:
     return periods
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run wake/sleep cycles over the prepared stream.")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    lifecycle(args.params)
+    return run_locked("lifecycle", args.params, lifecycle, args.params)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,11 +8,14 @@ consolidation's files are rolled back and the state is what the wake left.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+import pandas as pd
 from prefect import flow
 from prefect.transactions import transaction
 
+from flows.locked import run_locked
 from model.config import Params, load_params
 from model.io import exclusive
 from tasks.caching import outputs_intact
@@ -36,18 +39,18 @@ def _write_dreaming_metrics(params: Params, root: Path, period: int, report: dic
                   timings_path(params, root, "dreaming", period))
 
 
-def run_consolidation(params: Params, root: Path, period: int) -> dict:
+def run_consolidation(
+    params: Params, root: Path, period: int, stream: pd.DataFrame, plan: dict[int, list[str]]
+) -> dict:
     """The consolidation task (cached; rerun if its state is gone or damaged)."""
-    stream, plan = read_stream(root / params.data.out_dir)
     report = consolidate_due_levels(params, root, stream, plan, period)
     if not outputs_intact(consolidated_state_dir(params, root, period)):
         report = consolidate_due_levels.with_options(refresh_cache=True)(params, root, stream, plan, period)
     return report
 
 
-def run_dreaming(params: Params, root: Path, period: int) -> dict:
+def run_dreaming(params: Params, root: Path, period: int, stream: pd.DataFrame) -> dict:
     """The dream task (cached; rerun if its state is gone or damaged)."""
-    stream, _ = read_stream(root / params.data.out_dir)
     report = dream_and_promote(params, root, stream, period)
     if not outputs_intact(sleep_state_dir(params, root, period)):
         report = dream_and_promote.with_options(refresh_cache=True)(params, root, stream, period)
@@ -59,7 +62,8 @@ def consolidate(period: int, params_path: str = "params.yaml") -> dict:
     """Knowledge Seeding of every level pair due after wake period ``period``; writes the consolidated state."""
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        report = run_consolidation(params, root, period)
+        stream, plan = read_stream(root / params.data.out_dir)
+        report = run_consolidation(params, root, period, stream, plan)
         _write_consolidation_metrics(params, root, period, report)
     return report
 
@@ -69,7 +73,8 @@ def dream(period: int, params_path: str = "params.yaml") -> dict:
     """Dream about the period's tasks, gate the dreams, promote the good ones; writes the sleep state."""
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        report = run_dreaming(params, root, period)
+        stream, _ = read_stream(root / params.data.out_dir)
+        report = run_dreaming(params, root, period, stream)
         _write_dreaming_metrics(params, root, period, report)
     return report
 
@@ -78,27 +83,31 @@ def dream(period: int, params_path: str = "params.yaml") -> dict:
 def sleep(period: int, params_path: str = "params.yaml") -> dict:
     """A sleep after wake period ``period``: consolidation (stage 1), then dreaming (stage 2), atomically.
 
-    Both run in one transaction; metrics are written once it has committed.
+    Both run in one transaction; metrics are written once it has committed. Only the two
+    stage tasks run inside it: a task that fails and is retried inside a transaction rolls the
+    whole transaction back, so the stream (an I/O task with retries) is read before.
     """
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        stream, plan = read_stream(root / params.data.out_dir)
         with transaction():
-            consolidation = run_consolidation(params, root, period)
-            dreaming = run_dreaming(params, root, period)
+            consolidation = run_consolidation(params, root, period, stream, plan)
+            dreaming = run_dreaming(params, root, period, stream)
         _write_consolidation_metrics(params, root, period, consolidation)
         _write_dreaming_metrics(params, root, period, dreaming)
     return {"consolidation": consolidation, "dream": dreaming}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the sleep after one wake period (or one of its two stages).")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--period", type=int, required=True)
     ap.add_argument("--stage", choices=["all", "consolidate", "dream"], default="all",
                     help="all: consolidation then dreaming in one transaction (default)")
     args = ap.parse_args(argv)
-    {"all": sleep, "consolidate": consolidate, "dream": dream}[args.stage](args.period, args.params)
+    flow = {"all": sleep, "consolidate": consolidate, "dream": dream}[args.stage]
+    return run_locked(f"sleep --stage {args.stage}", args.params, flow, args.period, args.params)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

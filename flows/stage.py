@@ -132,18 +132,25 @@ def _serve_one(conn: socket.socket, server: socket.socket) -> None:
     for fd in fds:
         os.close(fd)
 
-    def watch_client() -> None:  # the client closing early (killed) kills the stage
-        with contextlib.suppress(OSError):
-            if conn.recv(1) == b"":
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    finished = threading.Event()
 
-    threading.Thread(target=watch_client, daemon=True).start()
+    def watch_client() -> None:  # the client going away (killed) before the stage ends kills the stage
+        with contextlib.suppress(OSError):
+            conn.recv(1)
+        if not finished.is_set():  # the child is not reaped before `finished`, so its pid is still its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    watcher = threading.Thread(target=watch_client, daemon=True)
+    watcher.start()
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # wait for the stage without reaping it yet
+    finished.set()
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     with contextlib.suppress(OSError):
         conn.sendall(json.dumps({"exit": code if code >= 0 else 128 - code}).encode())
         conn.shutdown(socket.SHUT_WR)
+    watcher.join(timeout=30)  # the client closes after reading the code; no thread is left at the next fork
     conn.close()
 
 
@@ -165,14 +172,18 @@ def serve(path: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_server() -> Iterator[str]:
-    """Start ``python -m flows.stage --serve`` on a private Unix socket; yield the socket's path."""
+def stage_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start ``python -m flows.stage --serve`` on a private Unix socket; yield the socket's path.
+
+    ``env`` (default: this process's) should carry the settings every stage shares, such as
+    ``PREFECT_API_URL``: the server imports Prefect once, with them.
+    """
     import subprocess
     import tempfile
 
     path = str(Path(tempfile.mkdtemp(prefix="lm-sleep-")) / "stage.sock")  # 0700 directory, short path
     proc = subprocess.Popen([sys.executable, "-m", "flows.stage", "--serve", path], stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env=env, cwd=Path(__file__).resolve().parents[1])
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if line.strip() != "ready":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from prefect import flow
 
+from flows.locked import run_locked
 from model.config import Params, load_params
 from model.io import exclusive
 from tasks.caching import outputs_intact
@@ -34,13 +36,13 @@ def wake(period: int, params_path: str = "params.yaml") -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run one wake period of the continuum-memory model.")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--period", type=int, required=True)
     args = ap.parse_args(argv)
-    wake(args.period, args.params)
+    return run_locked("wake", args.params, wake, args.period, args.params)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,10 @@
 
 Every artifact is written to a temporary file in the destination directory and
 renamed into place, so a crash never leaves a half-written file behind and an
-existing file is only replaced by a complete one.
+existing file is only replaced by a complete one. A temporary's name carries the
+writer's pid (``.<name>.<pid>.<random>.tmp``): what a writer killed mid-write (kill -9)
+left is removed by the next write of the same destination, and a live writer's
+temporary is never touched.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +28,39 @@ def _umask() -> int:
     return mask
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(dest: str | Path) -> list[Path]:
+    """Remove the temporaries that writers of ``dest`` no longer running left beside it; return them."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(\d+)\.[^.]+\.tmp")
+    removed = []
+    for path in dest.parent.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m is None or int(m.group(1)) == os.getpid() or _running(int(m.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.{os.getpid()}."
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success rename it onto ``dest``.
@@ -32,7 +69,8 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    remove_stale_temporaries(dest)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -50,11 +88,13 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; on success swap it into place.
 
-    A previous ``dest`` is kept until the new one is complete, then replaced.
+    A previous ``dest`` is kept until the new one is complete, then replaced (it is
+    ``.<name>.old`` for the moment between the two renames).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700

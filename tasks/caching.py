@@ -9,12 +9,20 @@ and resumes at the one that failed; any change of code, params or inputs recompu
 Results are persisted as JSON (never pickles). A task's files are outputs on disk,
 so a cache hit is only used when those files are still there and intact
 (:func:`outputs_intact`); otherwise the task runs again.
+
+Inside a transaction (a sleep), a task's rollback hook removes its files when a later
+task fails. Prefect registers a task's rollback hooks only once the task has succeeded,
+so a task that fails half-way through its writes removes them itself
+(:func:`writing_outputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -93,12 +101,26 @@ def record_outputs(*paths: Path) -> None:
         txn.set("outputs", [str(p) for p in paths])
 
 
-def remove_outputs(transaction: Any) -> None:
-    """Rollback hook body: delete the files a task recorded with :func:`record_outputs`."""
-    import shutil
-
-    for p in map(Path, transaction.get("outputs", [])):
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing_outputs(*paths: Path) -> Iterator[None]:
+    """The block writes ``paths`` (files or directories): recorded for the task's rollback hook,
+    and removed at once if the block itself fails, so a failed task leaves none of them."""
+    record_outputs(*paths)
+    try:
+        yield
+    except BaseException:
+        _remove(list(paths))
+        raise
+
+
+def remove_outputs(transaction: Any) -> None:
+    """Rollback hook body: delete the files a task recorded with :func:`record_outputs`."""
+    _remove([Path(p) for p in transaction.get("outputs", [])])

@@ -23,7 +23,7 @@ from model.io import atomic_dir, atomic_path
 from model.knowledge import load_passages
 from tasks.dream_gate import gate_dream_table
 from model.data import STREAM_FILE
-from tasks.caching import cache_options, record_outputs, remove_outputs
+from tasks.caching import cache_options, remove_outputs, writing_outputs
 from tasks.trials import trial_step
 from tasks.wake import TIMING, consolidated_state_dir, sleep_state_dir
 
@@ -64,14 +64,15 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
 
     Reads the consolidated state, writes the sleep state, the dream table (all dreams,
     with scores, reward and gate result), the promoted dreams, and the gate report.
-    Every dream rejected is a normal outcome: the sleep completes and says so.
+    Every dream rejected is a normal outcome: the sleep completes and says so. A failure
+    once the gate has started removes whatever of these the task had written.
     """
     log = get_run_logger()
     cfg = params.dream
     src = consolidated_state_dir(params, root, period)
     out = sleep_state_dir(params, root, period)
     if not cfg.enabled:
-        with atomic_dir(out) as tmp:
+        with writing_outputs(out), atomic_dir(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         return {"period": period, "enabled": False, TIMING: {}}
     torch.set_num_threads(params.wake.threads)
@@ -87,18 +88,19 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
                 run_trials_fn=trials,
             )
     report_dir = root / cfg.reports_dir / f"period-{period}"
-    gated = gate_dream_table.fn(pd.DataFrame([asdict(r) for r in rows]), cfg.gate, report_dir)
-    promoted = gated[gated["promoted"]]
-    losses = promote(
-        loaded.model, loaded.tokenizer, cms, {t.context_id: t for t in tasks},
-        list(zip(promoted["context_id"], promoted["text"])), cfg, period,
-    )
-    seconds = time.perf_counter() - start
-    record_outputs(out, *(root / cfg.dreams_dir / f"period-{period}-{n}.parquet" for n in ("dreams", "promoted")))
-    for name, frame in (("dreams", gated), ("promoted", promoted)):
-        with atomic_path(root / cfg.dreams_dir / f"period-{period}-{name}.parquet") as tmp:
-            frame.to_parquet(tmp, index=False)
-    save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted))}})
+    tables = {name: root / cfg.dreams_dir / f"period-{period}-{name}.parquet" for name in ("dreams", "promoted")}
+    with writing_outputs(report_dir, *tables.values(), out):
+        gated = gate_dream_table.fn(pd.DataFrame([asdict(r) for r in rows]), cfg.gate, report_dir)
+        promoted = gated[gated["promoted"]]
+        losses = promote(
+            loaded.model, loaded.tokenizer, cms, {t.context_id: t for t in tasks},
+            list(zip(promoted["context_id"], promoted["text"])), cfg, period,
+        )
+        seconds = time.perf_counter() - start
+        for name, frame in (("dreams", gated), ("promoted", promoted)):
+            with atomic_path(tables[name]) as tmp:
+                frame.to_parquet(tmp, index=False)
+        save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted))}})
     funnel = {
         "generated": int(len(gated)),
         "selected": int(gated["selected"].sum()),

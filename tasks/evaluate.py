@@ -89,9 +89,14 @@ def summarise_cycles(params: Params, root: Path) -> dict:
     """The accuracy matrix over every cycle evaluated so far (periods 0.. in order) -> summary JSON + CSV."""
     periods = []
     for period in range(params.data.n_tasks):
-        row = _read(root / params.lifecycle.metrics_dir / f"period-{period}.json")
+        path = root / params.lifecycle.metrics_dir / f"period-{period}.json"
+        row = _read(path)
         if row is None:
             break
+        if not isinstance(row, dict) or not isinstance(row.get("accuracy"), dict):
+            from tasks.report import ReportError  # noqa: PLC0415 (matplotlib only where a report is made)
+
+            raise ReportError(f"{path.relative_to(root)}: expected an object with an 'accuracy' mapping")
         periods.append(row)
     if not periods:
         raise FileNotFoundError(f"{root / params.lifecycle.metrics_dir}: no evaluated cycle (period-0.json missing)")

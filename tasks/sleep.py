@@ -17,7 +17,7 @@ from model.consolidation import StepRecord, consolidate, due_consolidations
 from model.io import atomic_path
 from model.rewards import SemanticJudge
 from model.wake import heldout_metrics
-from tasks.caching import cache_options, record_outputs, remove_outputs
+from tasks.caching import cache_options, remove_outputs, writing_outputs
 from tasks.wake import TIMING, consolidated_state_dir, wake_state_dir
 
 
@@ -41,7 +41,8 @@ def consolidate_due_levels(
 
     Held-out measures on the period's task (loss and accuracy) are taken for (a) the
     teacher, (b) the fast level reset without consolidation, (c) after consolidation.
-    A failure (NaN, no free slot, ...) raises before anything is written.
+    A failure (NaN, no free slot, ...) raises before anything is written; one while writing
+    removes what was written.
     """
     log = get_run_logger()
     cfg = params.consolidation
@@ -100,11 +101,11 @@ def consolidate_due_levels(
         log.info(f"sleep {period}: no consolidation due (wake steps {meta['step_before']} -> {manifest['step']})")
     out = consolidated_state_dir(params, root, period)
     dreams = root / cfg.dreams_dir / f"period-{period}.parquet"
-    record_outputs(out, dreams)
-    save_state(cms, out, optimizer, metadata={**meta, "sleep": {"period": period, "consolidations": len(pairs)}})
     columns = ["src", "dst", "kind", "sampled_by", "step", "prompt", "text", "reference", "reward"]
-    with atomic_path(dreams) as tmp:
-        pd.DataFrame(samples, columns=columns).to_parquet(tmp, index=False)
+    with writing_outputs(out, dreams):
+        save_state(cms, out, optimizer, metadata={**meta, "sleep": {"period": period, "consolidations": len(pairs)}})
+        with atomic_path(dreams) as tmp:
+            pd.DataFrame(samples, columns=columns).to_parquet(tmp, index=False)
     return {"period": period, "consolidations": reports, "state_dir": str(out.relative_to(root)),
             "dreams": str(dreams.relative_to(root)), TIMING: {"consolidations": timings}}
 

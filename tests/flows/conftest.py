@@ -1,4 +1,8 @@
-"""A real Prefect server on 127.0.0.1 for the modules that run flows in other processes."""
+"""A real Prefect server on 127.0.0.1 for a test module, and helpers for tests that run flows as subprocesses.
+
+Every Prefect subprocess of a module talks to the module's server (``PREFECT_API_URL``), so
+none of them pays for starting an ephemeral API of its own.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.flows.helpers import free_port, stop, wait_for
@@ -61,5 +67,8 @@ def prefect_server(server_env, prefect_home) -> Iterator[str]:
         wait_for(healthy, 60, "prefect server /api/health", log)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
+            # Send what flows run in this process queued (logs, events) while the server still answers.
+            APILogWorker.drain_all(timeout=10, at_exit=False)
+            EventsWorker.drain_all(timeout=10, at_exit=False)
     finally:
         stop(proc, signal.SIGTERM)

@@ -17,12 +17,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flows.stage import ENV as STAGE_SERVER_ENV
+from flows.stage import stage_server
 from model.config import load_params
 from tasks.report import FIGURES, PLOT_CSVS, REPORT_DIR
 from tests.flows.helpers import stop
@@ -88,16 +91,19 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def dvc_env(server_env, prefect_server) -> dict[str, str]:
-    """The environment of ``dvc repro``: this venv's python first on PATH, the module's Prefect server, the local store."""
+def dvc_env(server_env, prefect_server) -> Iterator[dict[str, str]]:
+    """The environment of ``dvc repro``: this venv's python first on PATH, the module's Prefect server,
+    the local store, and a stage server (as ``lm-sleep run`` starts one) so stages do not each import torch."""
     env = {k: v for k, v in server_env.items() if not k.startswith(("LM_SLEEP_", "AWS_"))}
-    return env | {
+    env |= {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "PREFECT_API_URL": prefect_server,
         "DVC_NO_ANALYTICS": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "OMP_WAIT_POLICY": "PASSIVE",
     }
+    with stage_server(env) as path:
+        yield env | {STAGE_SERVER_ENV: path}
 
 
 @pytest.fixture(scope="module")
