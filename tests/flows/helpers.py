@@ -20,14 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
+def wait_for(check: Callable[[], Any], timeout: float, what: str, log: Path | None = None,
+             interval: float = 0.3) -> Any:
     """Poll ``check`` until it returns something truthy; fail with the log's tail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := check():
             return value
-        time.sleep(0.3)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
+        time.sleep(interval)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
     pytest.fail(f"{what}: not within {timeout} s\n{tail}")
 
 
