@@ -110,6 +110,16 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     summary = json.loads((tmp_path / "metrics/lifecycle.json").read_text())
     assert len(summary["accuracy_matrix"]) == 2 and summary["accuracy_matrix"][0][1] is None
     assert (tmp_path / "metrics/lifecycle_accuracy.csv").is_file()
+    # Per cycle: a markdown summary and an accuracy table as Prefect artifacts; the report; the store.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        for key, kind in (("cycle-1", "markdown"), ("cycle-1-accuracy", "table")):
+            (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1)
+            assert art.type == kind
+    assert (tmp_path / "reports/lifecycle/report.md").is_file()
+    assert (tmp_path / "artifacts/index.html").is_file() and list((tmp_path / "artifacts/runs").glob("*/cycle-1/summary.json"))
 
 
 def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):
