@@ -153,6 +153,13 @@ class WakeConfig(_Strict):
 class ConsolidationConfig(_Strict):
     """Sleep stage 1: Knowledge Seeding of level l-1 into a new expert of level l (DESIGN §2)."""
 
+    enabled: bool = Field(
+        True, description="Consolidate at every sleep (false: the levels keep what they learned, CMS without sleep)."
+    )
+    expand: bool = Field(
+        True, description="Parameter expansion: consolidate into a newly unlocked expert of the slower level "
+        "(false: train the slower level's newest existing expert in place, the 'no expansion' ablation).",
+    )
     prompt_buffer_size: int = Field(64, ge=1, description="Wake prompts kept for sleep (seeded sample).")
     samples_per_prompt: int = Field(1, ge=1, description="Teacher samples per buffered prompt (the data D).")
     steps: int = Field(40, ge=1, description="Optimiser steps on the new expert.")
@@ -225,8 +232,9 @@ class DreamConfig(_Strict):
     temperature: float = Field(1.0, gt=0, le=5.0)
     top_p: float = Field(0.95, gt=0, le=1.0)
     random_expert: bool = Field(True, description="Dream mode: every router also activates one random expert.")
-    importance: Literal["norm", "alignment"] = Field(
-        "alignment", description="Score of a dream's SFT gradient: its norm or its cosine with the task-loss gradient."
+    importance: Literal["norm", "alignment", "random"] = Field(
+        "alignment", description="Score of a dream's SFT gradient: its norm or its cosine with the task-loss "
+        "gradient; random: no gradient selection (the same number of dreams drawn at random, an ablation).",
     )
     top_k: int = Field(3, ge=0, description="Dreams kept by importance.")
     random_extra: int = Field(1, ge=0, description="b: extra dreams kept at random (diversity).")

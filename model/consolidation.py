@@ -16,13 +16,18 @@ Level ``src = l-1`` is distilled into a freshly unlocked expert of level ``dst =
    gradient with group-normalised advantages.
 6. *Objective*: L_KS = alpha * distillation - (1-alpha) * E[r].
 7. *Reset*: level ``src`` is zeroed and masked (synaptic pruning).
+
+Without expansion (``cfg.expand`` false, an ablation) step 1 is skipped: the newest
+active expert of ``dst`` is trained in place, and the teacher sees a frozen copy of
+its weights as they were when the sleep began.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -125,11 +130,18 @@ def consolidate(
     if cfg.gamma > 0 and cfg.alpha < 1 and judge is None:
         raise ValueError("gamma > 0 needs the semantic reward model (judge)")
     rng = random.Random(seed)
-    slot = cms.unlock(dst, origin=origin)
+    existing = cms.active_slots(dst)
+    if cfg.expand or not existing:
+        slot = cms.unlock(dst, origin=origin)
+        new_params = cms.level_parameters(dst, [slot])
+        teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
+    else:  # no expansion: train the newest expert in place against a frozen copy of it
+        slot = existing[-1]
+        new_params = cms.level_parameters(dst, [slot])
+        frozen = [p.detach().clone() for p in new_params]
+        teacher = lambda: _weights_swapped(new_params, frozen)  # noqa: E731
     result = ConsolidationResult(src=src, dst=dst, slot=slot)
-    teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
     student = lambda: cms.levels_masked([src])  # noqa: E731
-    new_params = cms.level_parameters(dst, [slot])
     optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     split = SplitForward(model, cms)
 
@@ -192,6 +204,19 @@ def consolidate(
             p.grad = None
     cms.reset_level(src, reason=f"consolidated into level {dst} slot {slot}")
     return result
+
+
+@contextlib.contextmanager
+def _weights_swapped(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Temporarily give ``params`` the tensors ``values`` (same shapes); gradients must be off meanwhile."""
+    saved = [p.data for p in params]
+    try:
+        for p, v in zip(params, values):
+            p.data = v
+        yield
+    finally:
+        for p, v in zip(params, saved):
+            p.data = v
 
 
 def _imitation_step(

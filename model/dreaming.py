@@ -157,10 +157,13 @@ def importance_scores(
     mode: str,
     max_length: int,
 ) -> list[float]:
-    """w_i for every dream: ||g_i|| (``norm``) or cos(g_i, g_task) (``alignment``).
+    """w_i for every dream: ||g_i|| (``norm``), cos(g_i, g_task) (``alignment``) or uniform noise (``random``).
 
     g_i is the gradient of the SFT loss on dream i alone; an empty dream scores NaN.
     """
+    if mode == "random":  # the "no gradient selection" ablation: no gradients, uniform scores
+        rng = random.Random(f"{dream_prompt_}|{'|'.join(dreams)}")
+        return [rng.random() if d else math.nan for d in dreams]
     g_task = sft_gradient(model, tokenizer, params, task[0], task[1], max_length) if mode == "alignment" else None
     scores = []
     for d in dreams:

@@ -50,7 +50,7 @@ def consolidate_due_levels(
     src_dir = wake_state_dir(params, root, period)
     manifest = read_manifest(src_dir)
     meta = manifest["metadata"]
-    pairs = due_consolidations(int(meta["step_before"]), int(manifest["step"]), params.cms.levels)
+    pairs = due_consolidations(int(meta["step_before"]), int(manifest["step"]), params.cms.levels) if cfg.enabled else []
     loaded, cms, optimizer = open_memory_model(params, root, src_dir, with_optimizer=True)
     judge = SemanticJudge.load(cfg.semantic_threshold) if pairs and cfg.alpha < 1 and cfg.gamma > 0 else None
     reports, samples, timings = [], [], []
@@ -97,7 +97,9 @@ def consolidate_due_levels(
             f"{teacher['loss']:.3f} reset {reset['loss']:.3f} consolidated {after['loss']:.3f}; accuracy "
             f"{teacher['accuracy']:.2f} / {reset['accuracy']:.2f} / {after['accuracy']:.2f}"
         )
-    if not pairs:
+    if not cfg.enabled:
+        log.info(f"sleep {period}: consolidation disabled (consolidation.enabled false); the levels stay as the wake left them")
+    elif not pairs:
         log.info(f"sleep {period}: no consolidation due (wake steps {meta['step_before']} -> {manifest['step']})")
     out = consolidated_state_dir(params, root, period)
     dreams = root / cfg.dreams_dir / f"period-{period}.parquet"

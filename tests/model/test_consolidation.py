@@ -129,3 +129,40 @@ def test_nan_loss_aborts():
             bank.B[0].fill_(float("nan"))
     with pytest.raises((NonFiniteLossError, RuntimeError, ValueError)):
         consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=2), 32, None, 0, "x")
+
+
+def test_without_expansion_the_newest_slow_expert_learns_in_place_against_a_frozen_teacher():
+    lm, cms = tiny_with_cms()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for bank in cms.banks(0):
+            bank.A[0].normal_(0, 0.3, generator=g)
+            bank.B[0].normal_(0, 0.3, generator=g)
+    make_nonzero(cms, 1, seed=4)
+    probe = encode(lm.tokenizer, PROMPTS, ["balance", "restaurant", "alarm", "money"], 32)
+    teacher = _completion_logits(lm, probe)
+    with cms.levels_masked([0]):
+        gap_reset = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    slow_before = [p.detach().clone() for p in cms.level_parameters(1, [0])]
+    other_slots = [p.detach().clone() for p in cms.level_parameters(1, [1])]
+    res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(expand=False), 32, None, seed=0,
+                      origin="consolidation:test")
+    assert res.slot == 0 and cms.active_slots(1) == [0]  # no slot unlocked
+    assert cms.active_slots(0) == []
+    assert any(not torch.equal(a, b) for a, b in zip(slow_before, cms.level_parameters(1, [0])))
+    assert all(torch.equal(a, b) for a, b in zip(other_slots, cms.level_parameters(1, [1])))
+    gap_after = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    # One expert must now hold both its own function and the fast level's: less room than a new expert.
+    assert gap_after < 0.75 * gap_reset, (gap_reset, gap_after)
+
+
+def test_weights_swapped_restores_the_live_tensors():
+    from model.consolidation import _weights_swapped
+
+    p = torch.nn.Parameter(torch.ones(3))
+    with _weights_swapped([p], [torch.zeros(3)]):
+        assert float(p.sum()) == 0
+    assert float(p.sum()) == 3
+    with pytest.raises(RuntimeError), _weights_swapped([p], [torch.zeros(3)]):
+        raise RuntimeError("boom")
+    assert float(p.sum()) == 3

@@ -95,6 +95,20 @@ def test_importance_norm_and_alignment_are_gradient_based():
     assert all(-1.0 <= c <= 1.0 for c in cos[:2]) and norms[0] > 0
 
 
+def test_random_importance_is_seeded_noise_without_gradients():
+    lm, cms = tiny_with_cms()
+    params = fast_parameters(cms, "t")
+    task = (list(PASSAGE.tau_prompts), list(PASSAGE.tau_answers))
+    dreams = ["the balance is shown in the app", "zzzz qqqq", "", "another dream"]
+    a = importance_scores(lm.model, lm.tokenizer, params, "Balance\n", dreams, task, "random", 96)
+    b = importance_scores(lm.model, lm.tokenizer, params, "Balance\n", dreams, task, "random", 96)
+    c = importance_scores(lm.model, lm.tokenizer, params, "Balance\n", dreams[::-1], task, "random", 96)
+    assert a == b or all(math.isnan(x) and math.isnan(y) for x, y in zip(a, b) if x != y)
+    assert math.isnan(a[2]) and all(0.0 <= x < 1.0 for i, x in enumerate(a) if i != 2)
+    assert [x for x in a if x == x] != [x for x in c[::-1] if x == x]  # depends on the dreams, not their order alone
+    assert all(p.grad is None for p in params)
+
+
 def test_dream_round_rows_rewards_and_promotion_improve_tau():
     lm, cms = tiny_with_cms()
     cms.reset_level(0)  # as after a consolidation: the fast level is empty
