@@ -5,6 +5,8 @@
                                  summary and the time orchestration added
     lm-sleep run --no-dvc        the same work as one Prefect flow (the `lifecycle` flow), no DVC
     lm-sleep prepare | wake | sleep | evaluate | report | publish    one stage
+    lm-sleep compare NAME        a comparison of params.yaml (evaluation.comparisons): sleep vs baselines
+                                 and ablations over seeds -> reports/NAME/ (--quick: a smoke run)
     lm-sleep serve               serve the deployments of prefect.yaml (needs a Prefect server)
     lm-sleep artifacts ...       list, fetch, open artifacts of a run; flush uploads; DVC remote
 """
@@ -118,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "publish":
             p.add_argument("--run-id", default=None)
         p.set_defaults(func=_stage(name))
+    p = sub.add_parser("compare", help="run a named comparison (evaluation.comparisons) -> reports/NAME/",
+                       add_help=False)
+    p.set_defaults(func=lambda a: __import__("flows.compare", fromlist=["main"]).main(a.rest))
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="serve the deployments of prefect.yaml (needs PREFECT_API_URL)", add_help=False)
     p.set_defaults(func=lambda a: __import__("flows.deployments", fromlist=["main"]).main(a.rest))
     p.add_argument("rest", nargs=argparse.REMAINDER)

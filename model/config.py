@@ -319,6 +319,111 @@ class LifecycleConfig(_Strict):
     )
 
 
+METHODS: dict[str, str] = {
+    "zero_shot": "the base model, no training (label log-likelihood)",
+    "icl": "in-context learning: k train examples per seen label in the prompt, no training",
+    "finetune": "sequential fine-tuning of LoRA adapters, task after task",
+    "ewc": "sequential LoRA fine-tuning with an elastic weight consolidation penalty",
+    "replay": "sequential LoRA fine-tuning with experience replay from a reservoir buffer of past examples",
+    "cms": "the continuum memory system learning online, without sleep",
+    "sleep_consolidation": "wake + sleep with consolidation only (no dreaming)",
+    "sleep": "wake + full sleep (consolidation and dreaming)",
+    "no_imitation": "full sleep without Learning to Imitate (alpha = 1)",
+    "no_semantic_reward": "full sleep without the semantic reward (gamma = 0)",
+    "no_expansion": "full sleep without parameter expansion (the slow level's expert is trained in place)",
+    "no_gradient_selection": "full sleep, dreams picked at random instead of by gradient importance",
+    "no_random_expert": "full sleep, dreams without the random-expert dream mode",
+    "no_dreaming": "full sleep without dreaming (same as sleep_consolidation, named as the paper's ablation)",
+}
+#: Methods that keep raw examples of past tasks (the target compares sleep with the others).
+STORES_RAW_DATA = frozenset({"icl", "replay"})
+#: What each method of the CMS family changes in params (applied after the comparison's overrides).
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "cms": {"consolidation": {"enabled": False}, "dream": {"enabled": False}},
+    "sleep_consolidation": {"dream": {"enabled": False}},
+    "sleep": {},
+    "no_imitation": {"consolidation": {"alpha": 1.0}},
+    "no_semantic_reward": {"consolidation": {"gamma": 0.0}},
+    "no_expansion": {"consolidation": {"expand": False}},
+    "no_gradient_selection": {"dream": {"importance": "random"}},
+    "no_random_expert": {"dream": {"random_expert": False}},
+    "no_dreaming": {"dream": {"enabled": False}},
+}
+MethodName = Literal[
+    "zero_shot", "icl", "finetune", "ewc", "replay", "cms", "sleep_consolidation", "sleep", "no_imitation",
+    "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
+]
+
+
+class BaselinesConfig(_Strict):
+    """Hyperparameters of the baselines (same data, model, batches and wake steps as the CMS methods)."""
+
+    lora_r: int = Field(8, ge=1, description="LoRA rank of finetune / ewc / replay.")
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the LoRA baselines.")
+    ewc_lambda: float = Field(1000.0, ge=0, description="EWC: lambda of lambda/2 * sum F (theta - theta*)^2.")
+    ewc_fisher_batch_size: int = Field(
+        1, ge=1, description="EWC: examples per squared gradient of the empirical Fisher (1: per example, faithful)."
+    )
+    replay_buffer: int = Field(50, ge=1, description="replay: examples kept (reservoir sampling over all seen).")
+    replay_per_batch: int = Field(5, ge=1, description="replay: buffered examples added to every batch.")
+    icl_shots_per_label: int = Field(1, ge=1, description="icl: train examples per seen label in the prompt.")
+    icl_max_length: int = Field(1024, ge=16, description="icl: token limit of prompt + label.")
+
+
+class ComparisonConfig(_Strict):
+    """A named comparison: methods x seeds on the same data and budget (``lm-sleep compare NAME``)."""
+
+    methods: list[MethodName] = Field(..., min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="Each seed sets params.seed and data.seed (another draw of the tasks).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters changed for every run of this comparison, nested like "
+        "params.yaml (e.g. {consolidation: {steps: 20}}); checked like params.yaml.",
+    )
+    description: str = ""
+
+    @field_validator("methods", "seeds")
+    @classmethod
+    def _unique(cls, v: list) -> list:
+        dup = sorted({str(x) for x in v if v.count(x) > 1})
+        if dup:
+            raise ValueError(f"listed twice: {', '.join(dup)}")
+        return v
+
+
+class EvaluationConfig(_Strict):
+    """Comparisons of sleep with baselines and ablations (DESIGN §5; ``lm-sleep compare``)."""
+
+    work_dir: str = Field("state/compare", description="Per comparison, method and seed: its states and result.")
+    reports_dir: str = Field("reports", description="reports/<comparison>/: table, plots, metrics.")
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    quick: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of `compare --quick` (a smoke run), applied last; may "
+        "set seeds.",
+    )
+    comparisons: dict[str, ComparisonConfig] = Field(default_factory=dict)
+
+    @field_validator("comparisons")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        import re
+
+        bad = [k for k in v if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", k)]
+        if bad:
+            raise ValueError(f"comparison names must be letters, digits, '-' or '_': {bad}")
+        return v
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in, recursively for mappings (neither is modified)."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class Params(_Strict):
     """The whole params.yaml."""
 
@@ -330,12 +435,30 @@ class Params(_Strict):
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
     dream: DreamConfig = Field(default_factory=DreamConfig)
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     def expected_cycles(self) -> list[dict[str, int | str]]:
         """The ``lifecycle.cycles`` that ``data.n_tasks`` and the state paths imply."""
         first = f"{self.data.out_dir}/stream.parquet"
         return [{"period": i, "after": first if i == 0 else f"{self.dream.state_dir}/period-{i - 1}"}
                 for i in range(self.data.n_tasks)]
+
+    def for_run(self, overrides: dict[str, Any], where: str) -> "Params":
+        """These params with ``overrides`` merged in (no cycles, no comparisons): a ConfigError names ``where``."""
+        raw = merge_overrides(self.model_dump(exclude={"evaluation"}), overrides)
+        raw.setdefault("lifecycle", {})["cycles"] = []
+        try:
+            return Params.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(Path(where), e)) from None
+
+    @model_validator(mode="after")
+    def _comparisons_valid(self) -> "Params":
+        for name, comp in self.evaluation.comparisons.items():
+            for extra in ({}, self.evaluation.quick):
+                quick = {k: v for k, v in extra.items() if k != "seeds"}
+                self.for_run(merge_overrides(comp.overrides, quick), f"evaluation.comparisons.{name}.overrides")
+        return self
 
     @model_validator(mode="after")
     def _cycles_match_tasks(self) -> "Params":

@@ -532,11 +532,11 @@ _STYLE: dict[str, Any] = {
     "legend.fontsize": 8,
     "legend.frameon": False,
 }
-_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 
 
 @contextlib.contextmanager
-def _style() -> Iterator[None]:
+def figure_style() -> Iterator[None]:
     """Matplotlib's defaults plus the report's settings, whatever the user's matplotlibrc says."""
     with matplotlib.style.context(["default", _STYLE]):
         yield
@@ -552,7 +552,7 @@ def _empty(ax: Any, text: str) -> None:
 
 def save_png(fig: Figure, dest: str | Path) -> Path:
     """Write ``fig`` as a PNG atomically, without the software tag, so reruns give identical bytes."""
-    with _style(), atomic_path(dest) as tmp:
+    with figure_style(), atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     return Path(dest)
 
@@ -565,7 +565,7 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float | None]]) -> Figure:
     """Heatmap of ``R[i][j]`` (rows: after cycle i, columns: task j), each cell annotated."""
     t = len(matrix)
     cl = continual_learning_metrics(matrix)
-    with _style():
+    with figure_style():
         fig = _figure()
         ax = fig.add_subplot()
         values = [[math.nan if j > i or matrix[i][j] is None else float(matrix[i][j]) for j in range(t)]
@@ -600,13 +600,13 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float | None]]) -> Figure:
 def plot_task_accuracy(matrix: Sequence[Sequence[float | None]]) -> Figure:
     """Accuracy of each task after each cycle (from the cycle it is learned), and the mean on seen tasks."""
     t = len(matrix)
-    with _style():
+    with figure_style():
         fig = _figure()
         ax = fig.add_subplot()
         cycles = list(range(t))
         for j in range(t):
             xs = [i for i in range(j, t) if matrix[i][j] is not None]
-            ax.plot(xs, [matrix[i][j] for i in xs], marker="o", color=_COLORS[j % len(_COLORS)],
+            ax.plot(xs, [matrix[i][j] for i in xs], marker="o", color=COLORS[j % len(COLORS)],
                     label=f"task {j}", linewidth=1.6)
         means = [_mean([float(matrix[i][j]) for j in range(i + 1) if matrix[i][j] is not None]) for i in cycles]
         ax.plot(cycles, means, linestyle="--", color="black", marker="s", markersize=4, linewidth=1.2,
@@ -627,7 +627,7 @@ def plot_dream_funnel(funnels: Sequence[DreamFunnel | None]) -> Figure:
 
     ``funnels[i]`` is cycle i's funnel, or None (no dreaming): the cycle is labelled "none".
     """
-    with _style():
+    with figure_style():
         fig = _figure()
         ax = fig.add_subplot()
         n = len(funnels)
@@ -640,7 +640,7 @@ def plot_dream_funnel(funnels: Sequence[DreamFunnel | None]) -> Figure:
                 if v is not None:
                     xs.append(i - 0.4 + width * (k + 0.5))
                     ys.append(v)
-            bars = ax.bar(xs, ys, width=width, color=_COLORS[k], label=stage.replace("_", " "))
+            bars = ax.bar(xs, ys, width=width, color=COLORS[k], label=stage.replace("_", " "))
             if n <= 8:
                 ax.bar_label(bars, fontsize=7, padding=1)
         for i, f in enumerate(funnels):
@@ -664,7 +664,7 @@ def plot_retention(consolidations: Sequence[Sequence[Consolidation]]) -> Figure:
 
     ``consolidations[i]`` are cycle i's consolidations (empty: labelled "none").
     """
-    with _style():
+    with figure_style():
         fig = _figure()
         ax = fig.add_subplot()
         labels, slots = [], []
@@ -690,7 +690,7 @@ def plot_retention(consolidations: Sequence[Sequence[Consolidation]]) -> Figure:
                 xs.append(x + dx)
                 ys.append(v)
             values += ys
-            bars = ax.bar(xs, ys, width=width, color=_COLORS[k], label=label)
+            bars = ax.bar(xs, ys, width=width, color=COLORS[k], label=label)
             if len(slots) <= 10:
                 ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="1 = teacher (before the reset)")

@@ -1,0 +1,100 @@
+"""The compare flow: a named comparison of sleep with baselines and ablations (DESIGN §5).
+
+``lm-sleep compare NAME`` (or ``python -m flows.compare NAME``) runs every method of
+``evaluation.comparisons.NAME`` on every seed, on the same data, model and budget, and
+writes ``reports/NAME/``: a markdown table (mean and 95% CI over seeds), plots and DVC
+metrics. Every seed's stream is built and checked before anything trains. The CMS
+methods (cms, sleep and its ablations) run the lifecycle's own wake, sleep and evaluate
+flows in a directory of their own, with the method's switches in its params.yaml; the
+baselines run ``model/comparison.py``. Finished runs are kept, so a rerun after a crash
+resumes; ``--quick`` applies ``evaluation.quick`` (a smoke run, for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.evaluate import evaluate
+from flows.sleep import sleep
+from flows.wake import wake
+from model.comparison import BASELINES
+from model.config import ConfigError, load_params
+from model.data import DataError
+from model.io import BusyError, exclusive
+from tasks.compare import (
+    cached_result,
+    collect_cms_result,
+    comparison_dir,
+    prepare_streams,
+    resolve_comparison,
+    run_baseline_method,
+    run_dir,
+    run_key,
+    run_params,
+    write_run_params,
+)
+from tasks.compare_report import write_comparison_report
+from tasks.expectations import StreamValidationError
+
+
+@flow(name="compare", log_prints=True)
+def compare(name: str, params_path: str = "params.yaml", quick: bool = False, methods: list[str] | None = None) -> dict:
+    """Run comparison ``name``: every method on every seed; then its report. Returns the report's summary."""
+    log = get_run_logger()
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    comp = resolve_comparison(params, name, quick, methods)
+    results = []
+    with exclusive(comparison_dir(params, root, comp), "comparison run"):
+        streams = prepare_streams(params, root, comp)  # bad data fails here, before any training
+        runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
+        for i, (seed, method) in enumerate(runs, 1):
+            p = run_params(params, root, comp, method, seed)
+            rdir = run_dir(params, root, comp, method, seed)
+            log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
+            stream, plan = streams[seed]
+            if method in BASELINES:
+                res = run_baseline_method(p, params.evaluation.baselines, rdir, method, stream, plan)
+            else:
+                res = cached_result(rdir, run_key(p, method))
+                if res is None:
+                    params_file = str(write_run_params(p, rdir / "params.yaml"))
+                    start = time.perf_counter()
+                    rows = []
+                    for period in sorted(plan):
+                        wake(period, params_file)
+                        sleep(period, params_file)
+                        rows.append(evaluate(period, params_file, summary=False))
+                    res = collect_cms_result(p, rdir, method, rows, time.perf_counter() - start)
+            final = res["accuracy"][-1]
+            log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: final accuracy "
+                     + " ".join(f"{a:.2f}" for a in final.values()) + f" ({res['seconds']:.0f} s)")
+            results.append(res)
+        summary = write_comparison_report(params, root, comp, results)
+    log.info(f"report: {summary['report']}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lm-sleep compare", description="Run a named comparison of params.yaml "
+                                 "(evaluation.comparisons) and write reports/<name>/.")
+    ap.add_argument("name", help="the comparison, e.g. default or ablations")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--quick", action="store_true", help="apply evaluation.quick: a small smoke run")
+    ap.add_argument("--methods", nargs="+", help="only these methods of the comparison")
+    args = ap.parse_args(argv)
+    try:
+        compare(args.name, args.params, args.quick, args.methods)
+    except (ConfigError, DataError, StreamValidationError, BusyError) as e:
+        print(f"compare {args.name} failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

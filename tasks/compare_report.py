@@ -1,0 +1,251 @@
+"""The report of a comparison: ``reports/<name>/`` (DESIGN §5).
+
+- ``README.md``: one row per method: final average accuracy, forgetting and backward
+  transfer as mean [95% CI] over seeds, gradient steps, minutes; then the target
+  check (sleep vs the methods that keep no raw past data, and vs sequential
+  fine-tuning by the CI of the per-seed differences), then every run's matrix.
+- ``metrics.json`` (DVC metrics): per method, the means and CIs.
+- ``runs.csv`` (a row per run), ``accuracy.csv`` (a row per run, after-task and task):
+  DVC plots.
+- ``plots/``: accuracy matrix per method (mean over seeds), final accuracy and
+  forgetting per method with error bars, accuracy of each task over time.
+
+Definitions (``model/continual.py``): R[i][j] is the accuracy on task j after task i;
+final average accuracy = mean_j R[T-1][j]; forgetting = mean over j < T-1 of
+max_{j <= i <= T-2} R[i][j] - R[T-1][j] (Chaudhry et al. 2018); backward transfer =
+mean over j < T-1 of R[T-1][j] - R[j][j] (Lopez-Paz & Ranzato 2017).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from model.config import METHODS, STORES_RAW_DATA, Params
+from model.continual import accuracy_matrix, backward_transfer, final_average_accuracy, forgetting, mean_ci, paired_difference_ci
+from model.io import atomic_dir, write_json, write_text
+from tasks.report import COLORS, figure_style, save_png
+
+METRICS = ("final_accuracy", "forgetting", "backward_transfer")
+
+
+def run_metrics(result: dict, n_tasks: int) -> dict[str, Any]:
+    """A run's accuracy matrix and its three continual-learning metrics."""
+    R = accuracy_matrix(result["accuracy"], n_tasks)
+    return {"matrix": R, "final_accuracy": final_average_accuracy(R), "forgetting": forgetting(R),
+            "backward_transfer": backward_transfer(R)}
+
+
+def _ci(values: Sequence[float]) -> dict[str, float | None]:
+    m, lo, hi = mean_ci(values)
+    return {"mean": m, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
+
+
+def summarise(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+    """Per method: each metric's mean and 95% CI over seeds, mean matrix, steps, seconds."""
+    n_tasks = max(len(r["accuracy"]) for r in results)
+    by = {(r["method"], r["seed"]): {**r, **run_metrics(r, n_tasks)} for r in results}
+    out: dict[str, Any] = {}
+    for m in methods:
+        runs = [by[(m, s)] for s in seeds if (m, s) in by]
+        if not runs:
+            continue
+        mats = np.array([[[math.nan if v is None else v for v in row] for row in r["matrix"]] for r in runs])
+        out[m] = {
+            **{k: _ci([r[k] for r in runs]) for k in METRICS},
+            "per_seed": {k: [r[k] for r in runs] for k in METRICS},
+            "seeds": [r["seed"] for r in runs],
+            "mean_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in np.nanmean(mats, axis=0)]
+            if len(runs) else None,
+            "gradient_steps": float(np.mean([r["gradient_steps"] for r in runs])),
+            "seconds": float(np.sum([r["seconds"] for r in runs])),
+            "stores_raw_data": m in STORES_RAW_DATA,
+        }
+    return out
+
+
+def target_check(summary: dict[str, Any], reference: str = "sleep", against: str = "finetune") -> dict[str, Any]:
+    """Issue #6's target, checked: does ``reference`` have the highest final accuracy and the lowest
+    forgetting of all methods that keep no raw past data, and is its final-accuracy margin over
+    ``against`` outside the CI (paired over seeds)?"""
+    if reference not in summary:
+        return {"checked": False, "why": f"no {reference} runs in this comparison"}
+    pool = [m for m in summary if not summary[m]["stores_raw_data"]]
+    best_acc = max(pool, key=lambda m: summary[m]["final_accuracy"]["mean"])
+    least_forget = min(pool, key=lambda m: summary[m]["forgetting"]["mean"])
+    out: dict[str, Any] = {"checked": True, "pool": pool, "best_final_accuracy": best_acc,
+                           "lowest_forgetting": least_forget,
+                           "highest_accuracy": best_acc == reference, "lowest_forgetting_ok": least_forget == reference}
+    if against in summary and summary[against]["seeds"] == summary[reference]["seeds"]:
+        d, lo, hi = paired_difference_ci(summary[reference]["per_seed"]["final_accuracy"],
+                                         summary[against]["per_seed"]["final_accuracy"])
+        out["margin_over"] = against
+        out["margin"] = {"mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
+        out["margin_outside_ci"] = bool(not math.isnan(lo) and lo > 0)
+    out["met"] = bool(out["highest_accuracy"] and out["lowest_forgetting_ok"] and out.get("margin_outside_ci"))
+    return out
+
+
+def _fmt_ci(c: dict[str, float | None], digits: int = 3) -> str:
+    if c["low"] is None:
+        return f"{c['mean']:.{digits}f}"
+    return f"{c['mean']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
+
+
+def markdown(name: str, description: str, summary: dict[str, Any], target: dict[str, Any], seeds: Sequence[int],
+             results: Sequence[dict], params: Params) -> str:
+    """The report's README.md."""
+    lines = [f"# Comparison `{name}`", ""]
+    if description:
+        lines += [description, ""]
+    lines += [
+        f"Seeds {list(seeds)} (each seed draws its own tasks); {params.data.n_tasks} tasks x "
+        f"{params.data.labels_per_task} labels, {params.data.train_per_label} train / {params.data.test_per_label} "
+        f"test examples per label, model `{params.model.source}`. Mean over seeds with a 95% Student-t CI.",
+        "",
+        "| method | keeps raw past data | final avg accuracy | forgetting | backward transfer | gradient steps | minutes (all seeds) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, s in summary.items():
+        lines.append(f"| {m} | {'yes' if s['stores_raw_data'] else 'no'} | {_fmt_ci(s['final_accuracy'])} | "
+                     f"{_fmt_ci(s['forgetting'])} | {_fmt_ci(s['backward_transfer'])} | {s['gradient_steps']:.0f} | "
+                     f"{s['seconds'] / 60:.1f} |")
+    lines += ["", "Methods: " + "; ".join(f"**{m}**: {METHODS[m]}" for m in summary), ""]
+    lines += ["## Target", ""]
+    if not target.get("checked"):
+        lines.append(f"Not checked: {target.get('why')}.")
+    else:
+        yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
+        lines += [
+            f"Among the methods that keep no raw past data ({', '.join(target['pool'])}):",
+            f"- highest final accuracy: {target['best_final_accuracy']} (sleep: {yes(target['highest_accuracy'])})",
+            f"- lowest forgetting: {target['lowest_forgetting']} (sleep: {yes(target['lowest_forgetting_ok'])})",
+        ]
+        if "margin" in target:
+            lines.append(f"- sleep - {target['margin_over']}, final accuracy, paired over seeds: "
+                         f"{_fmt_ci(target['margin'])} (outside the CI: {yes(target['margin_outside_ci'])})")
+        lines.append(f"- target met: {yes(target['met'])}")
+    lines += ["", "## Plots", "", "![accuracy matrices](plots/accuracy_matrices.png)", "",
+              "![final accuracy and forgetting](plots/final_forgetting.png)", "",
+              "![accuracy of each task over time](plots/task_accuracy.png)", "", "## Runs", ""]
+    for r in results:
+        rows = "; ".join(" ".join(f"{a:.2f}" for a in row.values()) for row in r["accuracy"])
+        funnels = r.get("dream_funnels")
+        extra = ""
+        if funnels and any(funnels):
+            extra = " · dreams promoted per sleep " + "/".join(str((f or {}).get("promoted", 0)) for f in funnels)
+        lines.append(f"- {r['method']}, seed {r['seed']}: R rows {rows} · {r['gradient_steps']} steps · "
+                     f"{r['seconds']:.0f} s{extra}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_matrices(summary: dict[str, Any]) -> Figure:
+    """One heatmap per method: the accuracy matrix averaged over seeds."""
+    methods = list(summary)
+    cols = min(4, len(methods))
+    rows = -(-len(methods) // cols)
+    with figure_style():
+        fig = Figure(figsize=(3.0 * cols, 2.7 * rows), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False)
+        for k, ax in enumerate(axes.flat):
+            if k >= len(methods):
+                ax.set_visible(False)
+                continue
+            m = methods[k]
+            R = summary[m]["mean_matrix"]
+            t = len(R)
+            vals = [[math.nan if (j > i or R[i][j] is None) else R[i][j] for j in range(t)] for i in range(t)]
+            im = ax.imshow(vals, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+            for i in range(t):
+                for j in range(t):
+                    if not math.isnan(vals[i][j]):
+                        ax.text(j, i, f"{vals[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if vals[i][j] < 0.6 else "black")
+            ax.set_xticks(range(t))
+            ax.set_yticks(range(t))
+            ax.set_title(m, fontsize=9)
+            ax.set_xlabel("task j", fontsize=8)
+            ax.set_ylabel("after task i", fontsize=8)
+        fig.colorbar(im, ax=axes, shrink=0.6, label="accuracy")
+        fig.suptitle("Accuracy matrix R[i][j] per method (mean over seeds)")
+    return fig
+
+
+def plot_final_forgetting(summary: dict[str, Any]) -> Figure:
+    """Bars with 95% CI error bars: final average accuracy and forgetting per method."""
+    methods = list(summary)
+    with figure_style():
+        fig = Figure(figsize=(max(6.0, 0.8 * len(methods) + 2), 3.6), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for ax, key, title in zip(axes, ("final_accuracy", "forgetting"), ("final average accuracy", "forgetting")):
+            means = [summary[m][key]["mean"] for m in methods]
+            err = [[0 if summary[m][key]["low"] is None else summary[m][key]["mean"] - summary[m][key]["low"]
+                    for m in methods],
+                   [0 if summary[m][key]["high"] is None else summary[m][key]["high"] - summary[m][key]["mean"]
+                    for m in methods]]
+            colors = [COLORS[3] if m == "sleep" else (COLORS[7] if summary[m]["stores_raw_data"] else COLORS[0])
+                      for m in methods]
+            ax.bar(range(len(methods)), means, yerr=err, capsize=3, color=colors)
+            ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
+            ax.set_title(f"{title} (95% CI)")
+            ax.axhline(0, color="#444444", linewidth=0.6)
+        fig.suptitle("grey: keeps raw past data · red: sleep")
+    return fig
+
+
+def plot_task_accuracy(summary: dict[str, Any]) -> Figure:
+    """Accuracy of each task after each later task, one panel per task, a line per method."""
+    methods = list(summary)
+    t = len(next(iter(summary.values()))["mean_matrix"])
+    with figure_style():
+        fig = Figure(figsize=(3.2 * t, 3.0), layout="constrained")
+        axes = fig.subplots(1, t, squeeze=False)[0]
+        for j, ax in enumerate(axes):
+            for k, m in enumerate(methods):
+                R = summary[m]["mean_matrix"]
+                xs = list(range(j, t))
+                ax.plot(xs, [R[i][j] for i in xs], marker="o", markersize=3, label=m,
+                        color=COLORS[k % len(COLORS)], linestyle="-" if k < len(COLORS) else "--")
+            ax.set_title(f"task {j}")
+            ax.set_xlabel("after task i")
+            ax.set_ylim(0, 1.02)
+            ax.set_xticks(range(t))
+        axes[0].set_ylabel("accuracy (mean over seeds)")
+        axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+@task(cache_policy=NO_CACHE)
+def write_comparison_report(params: Params, root: Path, comp: Any, results: list[dict]) -> dict[str, Any]:
+    """Write ``reports/<name>/`` as a whole, atomically; return the summary."""
+    name = comp.name + ("-quick" if comp.quick else "")
+    out = root / params.evaluation.reports_dir / name
+    summary = summarise(results, comp.methods, comp.seeds)
+    target = target_check(summary)
+    run_params = params.for_run(comp.overrides, f"evaluation.comparisons.{comp.name}.overrides")
+    n_tasks = max(len(r["accuracy"]) for r in results)
+    runs = pd.DataFrame([{"method": r["method"], "seed": r["seed"],
+                          **{k: run_metrics(r, n_tasks)[k] for k in METRICS},
+                          "gradient_steps": r["gradient_steps"], "seconds": r["seconds"]} for r in results])
+    acc = pd.DataFrame([{"method": r["method"], "seed": r["seed"], "after_task": i, "task": int(j), "accuracy": a}
+                        for r in results for i, row in enumerate(r["accuracy"]) for j, a in row.items()])
+    metrics = {m: {k: s[k] for k in METRICS} | {"gradient_steps": s["gradient_steps"]} for m, s in summary.items()}
+    with atomic_dir(out) as tmp:
+        write_text(tmp / "README.md", markdown(name, comp.description, summary, target, comp.seeds, results, run_params))
+        write_json(tmp / "metrics.json", {"comparison": name, "seeds": list(comp.seeds), "methods": metrics,
+                                          "target": target})
+        write_json(tmp / "results.json", {"comparison": name, "summary": summary, "runs": results})
+        write_text(tmp / "runs.csv", runs.to_csv(index=False))
+        write_text(tmp / "accuracy.csv", acc.to_csv(index=False))
+        save_png(plot_matrices(summary), tmp / "plots" / "accuracy_matrices.png")
+        save_png(plot_final_forgetting(summary), tmp / "plots" / "final_forgetting.png")
+        save_png(plot_task_accuracy(summary), tmp / "plots" / "task_accuracy.png")
+    return {"report": str(out / "README.md"), "summary": summary, "target": target}
