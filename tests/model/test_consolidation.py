@@ -60,11 +60,12 @@ def _completion_logits(lm, batch) -> torch.Tensor:
     return out.flatten(0, 1)[batch.completion_mask.flatten()]
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.7])
-def test_consolidation_moves_knowledge_and_touches_only_the_new_expert(alpha):
+def _fast_level_with_knowledge():
+    """A CMS whose fast level holds "knowledge" (a strong, specific function); the probe, the teacher's
+    logits on it, and the distillation gap once the fast level is masked."""
     lm, cms = tiny_with_cms()
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # the fast level holds "knowledge": a strong, specific function
+    with torch.no_grad():
         for bank in cms.banks(0):
             bank.A[0].normal_(0, 0.3, generator=g)
             bank.B[0].normal_(0, 0.3, generator=g)
@@ -73,6 +74,12 @@ def test_consolidation_moves_knowledge_and_touches_only_the_new_expert(alpha):
     teacher = _completion_logits(lm, probe)
     with cms.levels_masked([0]):
         gap_reset = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    return lm, cms, probe, teacher, gap_reset
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_consolidation_moves_knowledge_and_touches_only_the_new_expert(alpha):
+    lm, cms, probe, teacher, gap_reset = _fast_level_with_knowledge()
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(alpha=alpha), 32, None, seed=0,
                       origin="consolidation:test")
@@ -132,17 +139,7 @@ def test_nan_loss_aborts():
 
 
 def test_without_expansion_the_newest_slow_expert_learns_in_place_against_a_frozen_teacher():
-    lm, cms = tiny_with_cms()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for bank in cms.banks(0):
-            bank.A[0].normal_(0, 0.3, generator=g)
-            bank.B[0].normal_(0, 0.3, generator=g)
-    make_nonzero(cms, 1, seed=4)
-    probe = encode(lm.tokenizer, PROMPTS, ["balance", "restaurant", "alarm", "money"], 32)
-    teacher = _completion_logits(lm, probe)
-    with cms.levels_masked([0]):
-        gap_reset = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    lm, cms, probe, teacher, gap_reset = _fast_level_with_knowledge()
     slow_before = [p.detach().clone() for p in cms.level_parameters(1, [0])]
     other_slots = [p.detach().clone() for p in cms.level_parameters(1, [1])]
     res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(expand=False), 32, None, seed=0,
