@@ -222,3 +222,24 @@ def test_a_rerun_from_scratch_writes_identical_dreams_metrics_and_experts(runs):
     assert sum(p.startswith("metrics/") for p in a) >= 12
     assert sorted(b) == sorted(a)
     assert [p for p in a if a[p] != b[p]] == []
+
+
+def test_a_comparison_is_a_dvc_stage_of_its_own_pipeline(tmp_path, dvc_env):
+    """evaluation/dvc.yaml: `dvc repro` of a comparison writes its report and metrics, a rerun skips it,
+    and the lifecycle's `dvc repro` (the main job) does not run it."""
+    root = make_project(tmp_path)
+    (root / "evaluation").mkdir()
+    shutil.copy(REPO / "evaluation/dvc.yaml", root / "evaluation")
+    params_path = root / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["evaluation"] = {"comparisons": {"toy": {"methods": ["zero_shot", "finetune", "cms"], "seeds": [0]}}}
+    params_path.write_text(yaml.safe_dump(params))
+    stage = "evaluation/dvc.yaml:compare@toy"
+    assert "compare" not in dvc(root, dvc_env, "stage", "list", "--name-only")  # the main job's pipeline (dvc.yaml)
+    output = dvc(root, dvc_env, "repro", stage)
+    assert f"Running stage '{stage}'" in output
+    metrics = json.loads((root / "reports/toy/metrics.json").read_text())
+    assert set(metrics["methods"]) == {"zero_shot", "finetune", "cms"}
+    shown = dvc(root, dvc_env, "metrics", "show", "--json")  # other metrics of the project are missing: a warning first
+    assert '"reports/toy/metrics.json": {"data": {"comparison": "toy"' in shown
+    assert f"Stage '{stage}' didn't change, skipping" in dvc(root, dvc_env, "repro", stage)
