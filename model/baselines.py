@@ -371,21 +371,21 @@ def classify_in_context(
 ) -> list[str]:
     """Predict one of ``labels`` for each text by label log-likelihood after ``prefix``.
 
-    The same scoring as :func:`model.wake.classify`, with prompts ``prefix + prompt``.
-    The demonstrations must not be cut: if any prompt plus the longest label (and EOS)
-    is longer than ``max_length`` tokens, a ValueError says how long it must be
-    (wake's scorer would otherwise silently drop the start of the prefix).
+    The same scoring as :func:`model.wake.classify`, with the demonstrations as the
+    scorer's shared prefix (computed once into a KV cache for all texts). They must
+    not be cut: if the prefix plus any prompt plus the longest label (and EOS) is
+    longer than ``max_length`` tokens, a ValueError says how long it must be.
     """
-    prompts = [prefix + split_template(template, t, labels[0])[0] for t in texts]
+    prompts = [split_template(template, t, labels[0])[0] for t in texts]
     comps = [label_text(lab) for lab in labels]
     n_prefix = len(tokenizer(prefix, add_special_tokens=True)["input_ids"])
     if n_prefix > max_length:
         raise ValueError(f"the in-context prefix alone has {n_prefix} tokens, more than max_length={max_length}")
     longest = max(len(c) for c in tokenizer(comps, add_special_tokens=False)["input_ids"]) + 1  # + EOS
-    needed = max(len(p) for p in tokenizer(prompts, add_special_tokens=True)["input_ids"]) + longest
+    needed = n_prefix + max(len(p) for p in tokenizer(prompts, add_special_tokens=False)["input_ids"]) + longest
     if needed > max_length:
         raise ValueError(
             f"in-context prompts need max_length >= {needed} (prefix {n_prefix} tokens), got {max_length}"
         )
-    scores = score_candidates(model, tokenizer, prompts, comps, batch_size, max_length)
+    scores = score_candidates(model, tokenizer, prompts, comps, batch_size, max_length, shared_prefix=prefix)
     return [labels[j] for j in scores.argmax(dim=1).tolist()]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import ChunkedOptimizer
 from model.forward import completion_logits, logprobs_by_example
@@ -200,6 +200,7 @@ def score_candidates(
     candidates: Sequence[str],
     batch_size: int,
     max_length: int,
+    shared_prefix: str = "",
 ) -> torch.Tensor:
     """Log-likelihood of every candidate completion (plus EOS) after every prompt: (P, C).
 
@@ -209,13 +210,29 @@ def score_candidates(
     computed once instead of C times. ``batch_size`` bounds the prompt+candidate
     pairs per forward pass; prompts are cut from the left to ``max_length`` minus
     the longest candidate.
+
+    ``shared_prefix`` (e.g. in-context demonstrations) comes before every prompt. It
+    is computed once into a KV cache that every row attends to, instead of once per
+    prompt; ``max_length`` then bounds prefix + prompt + candidate (a ValueError if the
+    prefix leaves no room).
     """
     eos = tokenizer.eos_token_id
     cands = [list(c) + [eos] for c in tokenizer(list(candidates), add_special_tokens=False)["input_ids"]]
     longest = max(len(c) for c in cands)
     if longest >= max_length:
         raise ValueError(f"a candidate has {longest} tokens, more than max_length-1 ({max_length - 1})")
-    p_ids = [list(p)[-(max_length - longest) :] for p in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    dev = model.device
+    decoder = model.get_decoder()
+    prefix_ids = tokenizer(shared_prefix, add_special_tokens=True)["input_ids"] if shared_prefix else []
+    L = len(prefix_ids)
+    if L + longest >= max_length:
+        raise ValueError(f"the shared prefix has {L} tokens: no room for a prompt and the longest candidate "
+                         f"({longest} tokens) within max_length {max_length}")
+    prefix_cache = None
+    if L:
+        prefix_cache = decoder(input_ids=torch.tensor([prefix_ids], device=dev), use_cache=True).cache
+    p_ids = [list(p)[-(max_length - L - longest) :]
+             for p in tokenizer(list(prompts), add_special_tokens=not L)["input_ids"]]
     if any(not p for p in p_ids):
         raise ValueError("a prompt encodes to no tokens")
     cand_len = torch.tensor([len(c) for c in cands])
@@ -234,7 +251,9 @@ def score_candidates(
         T = P + S
         ids = torch.full((len(rows), T), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
         pos = torch.zeros((len(rows), T), dtype=torch.long)
-        mask = torch.zeros((len(rows), 1, T, T), dtype=torch.bool)
+        mask = torch.zeros((len(rows), 1, T, L + T), dtype=torch.bool)
+        mask[..., :L] = True  # every row sees the shared prefix (padding too: its outputs are never read)
+        full, mask = mask, mask[..., L:]  # mask: the view over this batch's own tokens, filled below
         pred = torch.empty((len(rows), S), dtype=torch.long)  # position whose output predicts each candidate token
         for r, i in enumerate(rows):
             n = len(p_ids[i])
@@ -247,9 +266,15 @@ def score_candidates(
             mask[r, 0, P:, P:] = block
             mask[r, 0, : P - n, : P - n] = torch.eye(P - n, dtype=torch.bool)  # padding sees itself only
             pred[r] = torch.where(offset == 0, P - 1, P + torch.arange(S) - 1)
-        dev = model.device
-        hidden = model.get_decoder()(
-            input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev), use_cache=False
+        cache = None
+        if prefix_cache is not None:  # one copy of the prefix's keys/values per row
+            cache = DynamicCache()
+            for li, layer in enumerate(prefix_cache.layers):
+                cache.update(layer.keys.expand(len(rows), -1, -1, -1).contiguous(),
+                             layer.values.expand(len(rows), -1, -1, -1).contiguous(), li)
+        hidden = decoder(
+            input_ids=ids.to(dev), position_ids=(pos + L).to(dev), attention_mask=full.to(dev),
+            cache=cache, use_cache=cache is not None,
         ).last_hidden_state
         h = torch.gather(hidden, 1, pred.to(dev).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, S, d)
         logits = model.get_output_embeddings()(h).float()  # (R, S, V)

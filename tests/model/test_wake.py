@@ -122,3 +122,20 @@ def test_prefix_shared_scores_equal_separate_forwards():
     for i, p in enumerate(prompts):
         ref, _ = completion_logprobs(lm.model, encode(lm.tokenizer, [p] * len(cands), cands, 64))
         torch.testing.assert_close(got[i], ref.detach(), rtol=1e-5, atol=1e-4)
+
+
+def test_a_shared_prefix_is_computed_once_and_scores_like_the_concatenated_prompt():
+    from model.loading import tiny_model
+    from model.wake import score_candidates
+
+    lm = tiny_model()
+    prefix = "play some music -> music\nis it raining -> weather\n"
+    prompts = ["wake me up at six -> ", "how much money -> ", "a -> "]  # different lengths: left padding
+    cands = ["alarm", "balance", "weather report", "music"]
+    joined = score_candidates(lm.model, lm.tokenizer, [prefix + p for p in prompts], cands, 8, 128)
+    cached = score_candidates(lm.model, lm.tokenizer, prompts, cands, 8, 128, shared_prefix=prefix)
+    torch.testing.assert_close(cached, joined, rtol=1e-5, atol=1e-4)
+    one_per_call = score_candidates(lm.model, lm.tokenizer, prompts, cands, 4, 128, shared_prefix=prefix)
+    torch.testing.assert_close(one_per_call, joined, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="no room"):
+        score_candidates(lm.model, lm.tokenizer, prompts, cands, 8, 20, shared_prefix=prefix * 3)
