@@ -44,6 +44,21 @@ class ModelConfig(_Strict):
         return self
 
 
+class SamplingConfig(_Strict):
+    """The sleep's decoder (model/sampling.py): teacher, on-policy, imitation and dream samples."""
+
+    batch_size: int = Field(64, ge=1, le=1024, description="Most sequences decoded at once (continuous batching).")
+    dtype: Literal["model", "float32", "bfloat16"] = Field(
+        "model", description="Compute dtype of the base weights while sampling: model = model.dtype (float32 is "
+        "the reference); bfloat16 uses a cached bf16 copy and needs a CPU with native bf16 or a GPU.",
+    )
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """The ``dtype`` argument of ``sample_continuations`` (None: the model's own)."""
+        return None if self.dtype == "model" else self.dtype
+
+
 class LevelConfig(_Strict):
     """One memory level of the continuum memory system (paper eq. 1-2)."""
 
@@ -429,6 +444,7 @@ class Params(_Strict):
 
     seed: int = Field(0, ge=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     cms: CMSConfig = Field(default_factory=CMSConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     wake: WakeConfig = Field(default_factory=WakeConfig)

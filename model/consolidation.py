@@ -34,7 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import CMSError, ContinuumMemory
-from model.config import ConsolidationConfig, LevelConfig
+from model.config import ConsolidationConfig, LevelConfig, SamplingConfig
 from model.forward import completion_logits, prefix_hidden, suffix_hidden
 from model.losses import distillation_loss
 from model.rewards import SemanticJudge, group_advantages, imitation_reward
@@ -116,12 +116,15 @@ def consolidate(
     seed: int,
     origin: str,
     on_step: Callable[[StepRecord], None] | None = None,
+    sampling: SamplingConfig | None = None,
 ) -> ConsolidationResult:
     """Knowledge Seeding of level ``src`` into a new expert of level ``dst``; then reset ``src``.
 
-    Mutates ``cms`` in memory only. Raises NonFiniteLossError on a NaN/inf loss (the
-    caller must then discard the model rather than save it), NoFreeSlotError when
-    ``dst`` is full, EmptyPromptBufferError without prompts.
+    Mutates ``cms`` in memory only. Raises NonFiniteLossError on a NaN/inf loss and
+    NonFiniteLogitsError on NaN logits while sampling (the caller must then discard the
+    model rather than save it), NoFreeSlotError when
+    ``dst`` is full, EmptyPromptBufferError without prompts. ``sampling`` sets the
+    decoder's batch size and dtype for every sample drawn here (default: SamplingConfig()).
     """
     if not prompts:
         raise EmptyPromptBufferError("consolidation needs wake prompts, but the prompt buffer is empty")
@@ -144,10 +147,13 @@ def consolidate(
     student = lambda: cms.levels_masked([src])  # noqa: E731
     optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     split = SplitForward(model, cms)
+    sampling = sampling or SamplingConfig()
+    decode = {"batch_size": sampling.batch_size, "dtype": sampling.compute_dtype}
 
     with teacher():
         data = sample_continuations(
-            model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed
+            model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
+            **decode,
         )
     result.samples += [
         {"prompt": s.prompt, "text": s.text, "sampled_by": "teacher", "kind": "teacher_data", "step": 0,
@@ -165,7 +171,7 @@ def consolidate(
                     with student():
                         drawn = sample_continuations(
                             model, tokenizer, b_prompts, 1, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                            seed * 1_000_003 + step,
+                            seed * 1_000_003 + step, **decode,
                         )
                     comps = [s.text for s in drawn]
                     result.samples += [
@@ -184,7 +190,7 @@ def consolidate(
                 loss, mean_reward = cfg.alpha * distill, math.nan
                 if cfg.alpha < 1:
                     pg, mean_reward, rows = _imitation_step(
-                        model, tokenizer, cms, student, data, cfg, max_length, judge, rng, seed, step
+                        model, tokenizer, cms, student, data, cfg, max_length, judge, rng, seed, step, decode
                     )
                     loss = loss + (1 - cfg.alpha) * pg
                     result.samples += rows
@@ -231,6 +237,7 @@ def _imitation_step(
     rng: random.Random,
     seed: int,
     step: int,
+    decode: dict,
 ) -> tuple[torch.Tensor, float, list[dict]]:
     """Learning to Imitate: policy-gradient surrogate -E[A * log p_S(continuation)] and the mean reward."""
     picks = [data[i] for i in rng.sample(range(len(data)), min(cfg.lti_prefixes, len(data)))]
@@ -239,7 +246,7 @@ def _imitation_step(
     with student():
         conts = sample_continuations(
             model, tokenizer, [p for p, _ in cuts], G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-            seed * 2_000_003 + step,
+            seed * 2_000_003 + step, **decode,
         )
     refs = [ref for _, ref in cuts for _ in range(G)]
     texts = [c.text for c in conts]

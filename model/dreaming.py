@@ -40,7 +40,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import ContinuumMemory
-from model.config import DreamConfig
+from model.config import DreamConfig, SamplingConfig
 from model.knowledge import Passage, answer_completion, qa_prompt
 from model.wake import label_text, split_template
 from model.sampling import sample_continuations
@@ -121,14 +121,16 @@ def generate_dreams(
     task: DreamTask,
     cfg: DreamConfig,
     seed: int,
+    sampling: SamplingConfig | None = None,
 ) -> tuple[str, list[str]]:
     """Sample m dreams about ``task``'s context (random-expert routing in dream mode). Returns (prompt, dreams)."""
+    sampling = sampling or SamplingConfig()
     prompt = dream_prompt(tokenizer, task, cfg)
     routing = cms.random_expert_routing(seed) if cfg.random_expert else contextlib.nullcontext()
     with routing:
         samples = sample_continuations(
             model, tokenizer, [prompt], cfg.dreams_per_context, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
-            batch_size=cfg.dreams_per_context, min_new_tokens=cfg.min_new_tokens,
+            batch_size=sampling.batch_size, min_new_tokens=cfg.min_new_tokens, dtype=sampling.compute_dtype,
         )
     return prompt, [s.text.strip() for s in samples]
 
@@ -304,11 +306,13 @@ def dream_about(
     seed: int,
     select: bool = True,
     run_trials_fn: TrialFn = try_dreams,
+    sampling: SamplingConfig | None = None,
 ) -> list[DreamRow]:
     """R ReST-EM rounds on one context; returns every dream with its score, selection and reward.
 
     With ``select=False`` every dream is tried (the "no selection" ablation).
-    ``run_trials_fn`` runs step 4 (default: in this process, one batched pass).
+    ``run_trials_fn`` runs step 4 (default: in this process, one batched pass); ``sampling`` sets the
+    decoder's batch size and dtype (default: SamplingConfig()).
     """
     rng = random.Random(seed)
     params = fast_parameters(cms, origin=f"dream@period-{period}")
@@ -317,7 +321,7 @@ def dream_about(
     rows: list[DreamRow] = []
     for rnd in range(cfg.rounds):
         r_seed = seed * 1_009 + rnd
-        prompt, dreams = generate_dreams(model, tokenizer, cms, task, cfg, r_seed)
+        prompt, dreams = generate_dreams(model, tokenizer, cms, task, cfg, r_seed, sampling)
         with cms.trainable_only(params):
             scores = importance_scores(model, tokenizer, params, t_prompt, dreams, tau, cfg.importance, cfg.max_length)
         chosen = (

@@ -85,7 +85,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
         for j, t in enumerate(tasks):
             rows += dream_about(
                 loaded.model, loaded.tokenizer, cms, t, cfg, period, seed=params.seed * 1_013 + period * 37 + j,
-                run_trials_fn=trials,
+                run_trials_fn=trials, sampling=params.sampling,
             )
     report_dir = root / cfg.reports_dir / f"period-{period}"
     tables = {name: root / cfg.dreams_dir / f"period-{period}-{name}.parquet" for name in ("dreams", "promoted")}

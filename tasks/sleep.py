@@ -71,6 +71,7 @@ def consolidate_due_levels(
                 loaded.model, loaded.tokenizer, cms, src, dst, meta["prompt_buffer"], cfg, params.wake.max_length,
                 judge, seed=params.seed * 1_009 + period * 31 + dst,
                 origin=f"consolidation:{names[0]}->{names[1]}@period-{period}", on_step=on_step,
+                sampling=params.sampling,
             )
         finally:
             bar.close()

@@ -9,7 +9,8 @@ from model.cms import CMSError, NoFreeSlotError
 from model.config import ConsolidationConfig, LevelConfig
 from model.consolidation import EmptyPromptBufferError, consolidate, due_consolidations
 from model.losses import distillation_loss
-from model.wake import NonFiniteLossError, encode
+from model.sampling import NonFiniteLogitsError
+from model.wake import encode
 from tests.model.helpers import logits, make_nonzero, tiny_with_cms, toy_batch
 
 PROMPTS = ["what is my balance -> ", "book a table for two -> ", "set an alarm for seven -> ", "how much money -> "]
@@ -134,7 +135,7 @@ def test_nan_loss_aborts():
     with torch.no_grad():
         for bank in cms.banks(0):
             bank.B[0].fill_(float("nan"))
-    with pytest.raises((NonFiniteLossError, RuntimeError, ValueError)):
+    with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):  # the teacher samples already see NaN
         consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=2), 32, None, 0, "x")
 
 

@@ -1,50 +1,189 @@
-"""The sampler: greedy equals Hugging Face generate; seeded sampling is reproducible."""
+"""The sampler: greedy equals Hugging Face generate in every CMS view; seeded sampling is reproducible."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
-from model.sampling import pick_tokens, sample_continuations
+from model.config import ModelConfig
+from model import sampling
+from model.loading import ModelNotFoundError, load_base_model
+from model.sampling import NonFiniteLogitsError, pick_tokens, sample_continuations
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
 PROMPTS = ["what is my balance ->", "book a table for two please ->", "hi"]
+# Different lengths (two of equal length: one prefill run), more prompts than some batch sizes below.
+MANY = PROMPTS + ["set an alarm for seven and the quick brown fox", "x", "transfer money", "hi", "the lazy dog ->"]
 
 
-def test_greedy_equals_hf_generate_with_cms_and_left_padding():
+def generate_ids(lm, prompt: str, n_new: int) -> list[int]:
+    """Greedy ``generate`` for one prompt (no padding): the new ids up to EOS."""
+    enc = lm.tokenizer(prompt, return_tensors="pt")
+    out = lm.model.generate(**enc, max_new_tokens=n_new, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+                            eos_token_id=lm.tokenizer.eos_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+    eos = lm.tokenizer.eos_token_id
+    return out[: out.index(eos)] if eos in out else out
+
+
+def eos_bias(lm, amount: float) -> torch.utils.hooks.RemovableHandle:
+    """Raise EOS's logit so that greedy rows end after different numbers of tokens."""
+    eos = lm.tokenizer.eos_token_id
+
+    def hook(module, inputs, out):
+        out[..., eos] += amount
+        return out
+
+    return lm.model.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_greedy_equals_generate_token_for_token_with_refill_and_compaction(batch_size):
     lm, cms = tiny_with_cms()
     make_nonzero(cms, 0)
-    got = sample_continuations(lm.model, lm.tokenizer, PROMPTS, 1, 10, temperature=0.0, batch_size=3)
-    for prompt, sample in zip(PROMPTS, got):
-        enc = lm.tokenizer(prompt, return_tensors="pt")
-        ref = lm.model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
-                                eos_token_id=lm.tokenizer.eos_token_id)
-        new = ref[0, enc["input_ids"].shape[1]:].tolist()
-        eos = lm.tokenizer.eos_token_id
-        new = new[: new.index(eos)] if eos in new else new
-        assert sample.text == lm.tokenizer.decode(new, skip_special_tokens=True)
+    eos_bias(lm, 2.5)  # rows finish at 0..18 tokens: rows leave, waiting prompts join
+    refs = [generate_ids(lm, p, 20) for p in MANY]
+    assert len({len(r) for r in refs}) >= 4 and min(len(r) for r in refs) < 20
+    got = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 20, temperature=0.0, batch_size=batch_size)
+    assert [list(s.tokens) for s in got] == refs
+    assert [s.finished for s in got] == [len(r) < 20 for r in refs]
+    assert [s.text for s in got] == [lm.tokenizer.decode(r, skip_special_tokens=True) for r in refs]
 
 
-def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone():
+@pytest.mark.parametrize("view", ["teacher", "student", "both_levels"])
+def test_greedy_equals_generate_in_every_cms_view(view):
+    lm, cms = tiny_with_cms()
+    slot = cms.unlock(1, origin="test")
+    make_nonzero(cms, 0)
+    make_nonzero(cms, 1, seed=2)
+    views = {
+        "teacher": lambda: cms.levels_masked([], hidden={1: [slot]}),
+        "student": lambda: cms.levels_masked([0]),
+        "both_levels": contextlib.nullcontext,
+    }
+    with views[view]():
+        refs = [generate_ids(lm, p, 12) for p in MANY]
+        got = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 12, temperature=0.0, batch_size=3)
+    assert [list(s.tokens) for s in got] == refs
+    with cms.levels_masked([0]):  # the views really differ
+        other = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 12, temperature=0.0, batch_size=3)
+    if view == "both_levels":
+        assert [s.tokens for s in other] != [s.tokens for s in got]
+
+
+def test_dream_mode_routes_through_the_random_experts_like_generate():
+    lm, cms = tiny_with_cms()
+    cms.unlock(0, origin="test")
+    cms.unlock(0, origin="test")  # 3 active experts > top_k 2: the random expert changes the routing
+    make_nonzero(cms, 0)
+    with torch.no_grad():  # strong experts, so that which ones run shows in the greedy tokens
+        for bank in cms.banks(0):
+            for a in bank.A:
+                a.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+    prompt = "book a table for two please ->"
+    with cms.random_expert_routing(7):  # one row: the router's draws come in the same order as generate's
+        ref = generate_ids(lm, prompt, 16)
+    with cms.random_expert_routing(7):
+        got = sample_continuations(lm.model, lm.tokenizer, [prompt], 1, 16, temperature=0.0)
+    assert list(got[0].tokens) == ref
+    plain = sample_continuations(lm.model, lm.tokenizer, [prompt], 1, 16, temperature=0.0)
+    assert plain[0].tokens != got[0].tokens
+    with cms.random_expert_routing(7):  # reproducible for a fixed seed and batch
+        again = sample_continuations(lm.model, lm.tokenizer, [prompt] * 3, 2, 16, temperature=1.0, seed=1)
+    with cms.random_expert_routing(7):
+        same = sample_continuations(lm.model, lm.tokenizer, [prompt] * 3, 2, 16, temperature=1.0, seed=1)
+    assert [s.tokens for s in again] == [s.tokens for s in same]
+
+
+def test_seeded_sampling_is_reproducible_batch_independent_and_leaves_global_rng_alone():
     lm, _ = tiny_with_cms()
+    eos_bias(lm, 1.5)
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = sample_continuations(lm.model, lm.tokenizer, PROMPTS, 2, 8, temperature=1.0, top_p=0.9, seed=5)
+    a = sample_continuations(lm.model, lm.tokenizer, MANY, 2, 8, temperature=1.0, top_p=0.9, seed=5)
     after = torch.rand(1)
-    b = sample_continuations(lm.model, lm.tokenizer, PROMPTS, 2, 8, temperature=1.0, top_p=0.9, seed=5)
-    c = sample_continuations(lm.model, lm.tokenizer, PROMPTS, 2, 8, temperature=1.0, top_p=0.9, seed=6)
-    assert [s.text for s in a] == [s.text for s in b] != [s.text for s in c]
     assert torch.equal(before, after)
-    assert [s.prompt for s in a] == [p for p in PROMPTS for _ in range(2)]
+    for batch_size in (1, 5, 16):
+        b = sample_continuations(lm.model, lm.tokenizer, MANY, 2, 8, temperature=1.0, top_p=0.9, seed=5,
+                                 batch_size=batch_size)
+        assert [s.tokens for s in b] == [s.tokens for s in a]
+    c = sample_continuations(lm.model, lm.tokenizer, MANY, 2, 8, temperature=1.0, top_p=0.9, seed=6)
+    assert [s.text for s in c] != [s.text for s in a]
+    assert [s.prompt for s in a] == [p for p in MANY for _ in range(2)]
+    assert len({s.tokens for s in a[:2]}) == 2  # two draws of one prompt differ
 
 
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    picks = {int(pick_tokens(logits, 1.0, 0.7, g)) for _ in range(200)}
+    picks = {int(pick_tokens(logits, 1.0, 0.7, torch.rand(1, generator=torch.Generator().manual_seed(i))))
+             for i in range(200)}
     assert picks == {0, 1}  # 0.5 + 0.3 covers 0.7; the tail is never drawn
-    assert int(pick_tokens(logits, 0.0, 1.0, g)) == 0
+    assert int(pick_tokens(logits, 0.0, 1.0, torch.rand(1))) == 0
+
+
+def test_top_p_equals_a_full_sort_for_small_and_large_nuclei():
+    """Rows whose nucleus fits in the top 256, in the top 4096, and only in a full sort."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 20_000
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([[8.0], [8.0], [1.5], [1.5], [0.1], [0.1]])
+    u = torch.rand(6, generator=g)
+    for top_p in (0.5, 0.9, 0.99):
+        probs = torch.softmax(logits, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+        cdf = kept.cumsum(-1)
+        ref = order.gather(1, torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]), right=True))[:, 0]
+        sizes = (kept > 0).sum(-1)
+        assert sizes.min() < 256 and sizes.max() > 4096 or top_p != 0.99
+        assert torch.equal(pick_tokens(logits, 1.0, top_p, u), ref)
+
+
+def test_stop_string_spanning_two_tokens_cuts_the_text_before_it():
+    lm, _ = tiny_with_cms()
+    prompt = "the quick brown fox"
+    full = sample_continuations(lm.model, lm.tokenizer, [prompt], 1, 16, temperature=0.0)[0]
+    tok = lm.tokenizer
+    for k in range(1, len(full.tokens) - 1):  # a stop string across the boundary of tokens k-1 and k
+        head, text = tok.decode(full.tokens[:k]), tok.decode(full.tokens[: k + 1])
+        stop = head[-1:] + text[len(head):][:1]
+        if len(stop) == 2 and full.text.find(stop) == len(head) - 1 and text.startswith(head):
+            break
+    else:
+        pytest.skip("no clean two-token boundary in this continuation")
+    got = sample_continuations(lm.model, tok, [prompt], 1, 16, temperature=0.0, stop=["never there", stop])[0]
+    assert got.finished and got.text == full.text[: len(head) - 1]
+    assert list(got.tokens) == list(full.tokens[: k + 1])  # decoding stopped at the token completing it
+
+
+def test_nan_logits_raise_naming_the_prompt():
+    lm, _ = tiny_with_cms()
+
+    def nan_after_first(module, inputs, out):
+        return out.masked_fill(torch.zeros_like(out, dtype=torch.bool).index_fill(-1, torch.tensor([5]), True), float("nan"))
+
+    lm.model.get_output_embeddings().register_forward_hook(nan_after_first)
+    with pytest.raises(NonFiniteLogitsError, match="non-finite logits while sampling prompt 0 .'hi'. at new token 0"):
+        sample_continuations(lm.model, lm.tokenizer, ["hi"], 1, 4, temperature=1.0)
+
+
+def test_bfloat16_uses_a_cached_copy_and_restores_fp32_weights():
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    try:
+        bf = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, temperature=0.0, dtype="bfloat16")
+    except ValueError as e:
+        pytest.skip(str(e))
+    weight = lm.model.model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == torch.float32 and all(p.dtype == torch.float32 for p in cms.parameters())
+    fp = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, temperature=0.0)
+    assert [list(s.tokens) for s in fp] == [generate_ids(lm, p, 8) for p in MANY]  # fp32 stays the reference
+    agree = sum(a.tokens[:2] == b.tokens[:2] for a, b in zip(bf, fp))
+    assert agree >= len(MANY) // 2  # bf16 rounding may change a continuation, not most of them
+    copy = sampling._CAST_CACHE[id(weight)][3]
+    again = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, temperature=0.0, dtype="bfloat16")
+    assert sampling._CAST_CACHE[id(weight)][3] is copy and [s.tokens for s in again] == [s.tokens for s in bf]
 
 
 def test_bad_arguments():
@@ -53,18 +192,31 @@ def test_bad_arguments():
         sample_continuations(lm.model, lm.tokenizer, [], 1, 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sample_continuations(lm.model, lm.tokenizer, ["x"], 1, 0)
+    with pytest.raises(ValueError, match="stop must be a sequence"):
+        sample_continuations(lm.model, lm.tokenizer, ["x"], 1, 4, stop="\n")
+    with pytest.raises(ValueError, match="dtype must be"):
+        sample_continuations(lm.model, lm.tokenizer, ["x"], 1, 4, dtype="float16")
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        sample_continuations(lm.model, lm.tokenizer, ["x", ""], 1, 4)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_continuations(lm.model, lm.tokenizer, ["x"], 1, 4, top_p=0.0)
 
 
 def test_min_new_tokens_forbids_early_eos():
-    lm, cms = tiny_with_cms()
-    eos = lm.tokenizer.eos_token_id
-    def eos_first(module, inputs, out):  # make EOS the overwhelming choice at every step
-        out[..., eos] += 100.0
-        return out
-
-    lm.model.get_output_embeddings().register_forward_hook(eos_first)
+    lm, _ = tiny_with_cms()
+    eos_bias(lm, 100.0)  # EOS is the overwhelming choice at every step
     early = sample_continuations(lm.model, lm.tokenizer, PROMPTS, 1, 12, temperature=0.0)
-    assert all(s.finished and s.text == "" for s in early)
+    assert all(s.finished and s.text == "" and s.tokens == () for s in early)
     late = sample_continuations(lm.model, lm.tokenizer, PROMPTS, 1, 12, temperature=0.0, min_new_tokens=5)
-    for s in late:
-        assert len(lm.tokenizer(s.text, add_special_tokens=False)["input_ids"]) >= 5
+    assert all(s.finished and len(s.tokens) == 5 for s in late)
+
+
+@pytest.mark.slow
+def test_greedy_equals_generate_on_the_embedded_default():
+    try:
+        lm = load_base_model(ModelConfig())
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+    prompts = ["what is my balance ->", "The capital of France is", "Question: Who wrote Hamlet?\nAnswer:", "hi"]
+    got = sample_continuations(lm.model, lm.tokenizer, prompts, 1, 16, temperature=0.0)
+    assert [list(s.tokens) for s in got] == [generate_ids(lm, p, 16) for p in prompts]
