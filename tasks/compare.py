@@ -85,11 +85,12 @@ def _absolute(root: Path, path: str | None) -> str | None:
     return str(p if p.is_absolute() else (root / p).resolve())
 
 
-def run_params(params: Params, root: Path, comp: Comparison, method: str, seed: int) -> Params:
-    """The params of one run: project params + comparison overrides + seed + the method's switches.
+def seed_params(params: Params, root: Path, comp: Comparison, seed: int) -> Params:
+    """The params every run of ``seed`` shares: project params + comparison overrides + the seed.
 
     Input paths become absolute (a run lives in its own directory); the stream is the
-    seed's shared one; nothing is published to the artifact store.
+    seed's shared one (each seed draws its own tasks); nothing is published to the
+    artifact store.
     """
     base = params.for_run(comp.overrides, f"evaluation.comparisons.{comp.name}.overrides")
     seeded = {
@@ -101,8 +102,13 @@ def run_params(params: Params, root: Path, comp: Comparison, method: str, seed: 
     }
     if base.model.path is not None:
         seeded["model"] = {"path": _absolute(root, base.model.path)}
-    return base.for_run(merge_overrides(seeded, METHOD_OVERRIDES.get(method, {})),
-                        f"evaluation.comparisons.{comp.name} ({method}, seed {seed})")
+    return base.for_run(seeded, f"evaluation.comparisons.{comp.name} (seed {seed})")
+
+
+def run_params(params: Params, root: Path, comp: Comparison, method: str, seed: int) -> Params:
+    """The params of one run: :func:`seed_params` plus the method's own switches (METHOD_OVERRIDES)."""
+    return seed_params(params, root, comp, seed).for_run(
+        METHOD_OVERRIDES.get(method, {}), f"evaluation.comparisons.{comp.name} ({method}, seed {seed})")
 
 
 def write_run_params(p: Params, path: Path) -> Path:
@@ -123,7 +129,7 @@ def prepare_streams(params: Params, root: Path, comp: Comparison) -> dict[int, t
     log = get_run_logger()
     out = {}
     for seed in comp.seeds:
-        p = run_params(params, root, comp, "data", seed)
+        p = seed_params(params, root, comp, seed)
         source = load_source(p.data.source, root)
         stream, plan = build_stream(source, p.data)
         where = f"{p.data.source.path} (seed {seed})"
