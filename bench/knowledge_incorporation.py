@@ -14,6 +14,11 @@ steps. Metrics per passage: exact match and token F1 of greedy answers (model.gr
 and tau = mean log-likelihood per token of the gold answers. Results are appended to a
 JSONL file one passage at a time (a rerun resumes), and summarised with 95% CIs.
 
+The measures and the passage fine-tuning are model/incorporation.py's, which
+``lm-sleep compare knowledge`` also runs; (c) here resets the ReST-EM updates before
+promotion and (d) trains the same dreams, where the comparison's ``sleep`` keeps ReST-EM
+as the lifecycle does and ``base_dreams`` samples its own dreams from the base model.
+
 Run:  python bench/knowledge_incorporation.py --passages data/raw/squad/squad_val_seal_eval200.json --n 200
 On a GPU, shard the passages over processes (they share the card; each passage's result
 does not depend on the sharding), then merge:
@@ -45,32 +50,17 @@ from model.checkpoint import open_memory_model  # noqa: E402
 from model.cms import ExpertInfo  # noqa: E402
 from model.config import load_params  # noqa: E402
 from model.dream_checks import add_check_columns  # noqa: E402
-from model.dreaming import (  # noqa: E402
-    dream_about,
-    fast_parameters,
-    promote,
-    task_from_passage,
-    train_on_pairs,
-    train_prompt,
-)
-from model.grading import exact_match, mean_ci95, token_f1  # noqa: E402
-from model.knowledge import answer_questions, load_passages, passage_chunks  # noqa: E402
-from model.trials import AnswerLoglik  # noqa: E402
+from model.dreaming import dream_about, promote, task_from_passage  # noqa: E402
+from model.grading import mean_ci95  # noqa: E402
+from model.incorporation import evaluate_passage, learn_passage_finetune  # noqa: E402
+from model.knowledge import load_passages  # noqa: E402
 from tasks.dream_gate import gate_dreams, validate_dreams  # noqa: E402
 
 CONDITIONS = ("base", "passage_ft", "promoted_dreams", "all_dreams")
 
 
 def measure(lm, passage, task, cfg) -> dict:
-    preds = answer_questions(lm.model, lm.tokenizer, [q.question for q in passage.questions], cfg.qa_template)
-    golds = [q.answer for q in passage.questions]
-    tau = AnswerLoglik(lm.model, lm.tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
-    return {
-        "em": sum(exact_match(p, g) for p, g in zip(preds, golds)) / len(golds),
-        "f1": sum(token_f1(p, g) for p, g in zip(preds, golds)) / len(golds),
-        "tau": float(tau(None)),
-        "answers": preds,
-    }
+    return evaluate_passage(lm.model, lm.tokenizer, passage, task, cfg)
 
 
 def main() -> None:
@@ -121,11 +111,8 @@ def main() -> None:
         res: dict = {"index": i, "title": passage.title, "n_questions": len(passage.questions)}
         reset()
         res["base"] = measure(lm, passage, task, cfg)
-        steps = cfg.promote_steps
-        prompt = train_prompt(task, cfg)
-        room = cfg.max_length - len(lm.tokenizer(prompt)["input_ids"]) - 1  # prompt + piece + EOS fit the window
-        pieces = passage_chunks(lm.tokenizer, passage.context, room)  # long passages train in pieces
-        train_on_pairs(lm.model, lm.tokenizer, fast_parameters(cms, f"passage-ft-{i}"), [prompt] * len(pieces), pieces, steps, cfg.lr, cfg.max_length)
+        # the fast level fine-tuned on the passage (long passages in pieces), promote_steps steps
+        learn_passage_finetune(lm.model, lm.tokenizer, cms, task, cfg, origin=f"passage-ft-{i}")
         res["passage_ft"] = measure(lm, passage, task, cfg)
         reset()
         rows = dream_about(lm.model, lm.tokenizer, cms, task, cfg, period=0, seed=params.seed * 1_013 + i)

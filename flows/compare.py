@@ -8,6 +8,11 @@ methods (cms, sleep and its ablations) run the lifecycle's own wake, sleep and e
 flows in a directory of their own, with the method's switches in its params.yaml; the
 baselines run ``model/comparison.py``. Finished runs are kept, so a rerun after a crash
 resumes; ``--quick`` applies ``evaluation.quick`` (a smoke run, for tests).
+
+A comparison of ``kind: knowledge`` instead learns SQuAD passages (single passage or
+continued pretraining) with base / passage_finetune / base_dreams / sleep and answers
+their questions without context (``tasks/knowledge.py``, ``model/incorporation.py``);
+its passages are checked before anything trains, and a run resumes mid-way.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from flows.evaluate import evaluate
 from flows.sleep import sleep
 from flows.wake import wake
 from model.comparison import BASELINES
-from model.config import ConfigError, load_params
+from model.config import ConfigError, Params, load_params
 from model.data import DataError
 from model.io import BusyError, exclusive
 from tasks.compare import (
+    Comparison,
     cached_result,
     collect_cms_result,
     comparison_dir,
@@ -40,6 +46,8 @@ from tasks.compare import (
 )
 from tasks.compare_report import write_comparison_report
 from tasks.expectations import StreamValidationError
+from tasks.knowledge import prepare_passages, run_knowledge_method
+from tasks.knowledge_report import write_knowledge_report
 
 
 @flow(name="compare", log_prints=True)
@@ -49,6 +57,8 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
     comp = resolve_comparison(params, name, quick, methods)
+    if comp.kind == "knowledge":
+        return compare_knowledge(params, root, comp)
     results = []
     with exclusive(comparison_dir(params, root, comp), "comparison run"):
         streams = prepare_streams(params, root, comp)  # bad data fails here, before any training
@@ -76,6 +86,27 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
                      + " ".join(f"{a:.2f}" for a in final.values()) + f" ({res['seconds']:.0f} s)")
             results.append(res)
         summary = write_comparison_report(params, root, comp, results)
+    log.info(f"report: {summary['report']}")
+    return summary
+
+
+def compare_knowledge(params: Params, root: Path, comp: Comparison) -> dict:
+    """A knowledge-incorporation comparison: every method on every seed over the passages; then its report."""
+    log = get_run_logger()
+    results = []
+    with exclusive(comparison_dir(params, root, comp), "comparison run"):
+        passages = prepare_passages(root, comp)  # a missing file or too few passages fails here, before training
+        runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
+        for i, (seed, method) in enumerate(runs, 1):
+            p = run_params(params, root, comp, method, seed)
+            rdir = run_dir(params, root, comp, method, seed)
+            log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
+            write_run_params(p, rdir / "params.yaml")
+            res = run_knowledge_method(p, root, rdir, method, comp.knowledge, passages)
+            tau = sum(r["tau"] for r in res["passages"]) / len(res["passages"])
+            log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: mean tau {tau:.3f} ({res['seconds']:.0f} s)")
+            results.append(res)
+        summary = write_knowledge_report(params, root, comp, results)
     log.info(f"report: {summary['report']}")
     return summary
 

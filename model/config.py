@@ -364,9 +364,19 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_random_expert": {"dream": {"random_expert": False}},
     "no_dreaming": {"dream": {"enabled": False}},
 }
+#: The methods of a knowledge-incorporation comparison (``kind: knowledge``; model/incorporation.py).
+KNOWLEDGE_METHODS: dict[str, str] = {
+    "base": "the base model, nothing trained",
+    "passage_finetune": "the fast level fine-tuned on the passage text (in pieces), promote_steps steps",
+    "base_dreams": "dreams sampled from the base model (no random expert, selection, trials, ReST-EM or gate), "
+    "all trained into the fast level for promote_steps steps (SEAL without its RL loop)",
+    "sleep": "the full dream stage: dream mode, gradient selection, isolated trials, ReST-EM, the Great "
+    "Expectations gate, promotion",
+}
 MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "cms", "sleep_consolidation", "sleep", "no_imitation",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
+    "base", "passage_finetune", "base_dreams",
 ]
 
 
@@ -387,9 +397,34 @@ class BaselinesConfig(_Strict):
     icl_max_length: int = Field(1024, ge=16, description="icl: token limit of prompt + label.")
 
 
-class ComparisonConfig(_Strict):
-    """A named comparison: methods x seeds on the same data and budget (``lm-sleep compare NAME``)."""
+class KnowledgeConfig(_Strict):
+    """The passages of a knowledge-incorporation comparison and how they are learned (DESIGN §5).
 
+    single: every passage from the same fresh state (n=1), measured right after it;
+    continued: one state learns the passages one after the other (continued pretraining)
+    and every passage's questions are answered at the end.
+    """
+
+    passages: str = Field("data/raw/squad/squad_val_seal_eval200.json", description="SQuAD-format passages "
+                          "(model.knowledge.load_passages), relative to the project root.")
+    n_passages: int = Field(200, ge=1, description="Passages used, from offset on; more than the file holds "
+                            "is an error before anything trains.")
+    offset: int = Field(0, ge=0, description="Index of the first passage used.")
+    mode: Literal["single", "continued"] = "single"
+    tau_every: int = Field(0, ge=0, description="continued: also measure tau over the passages learned so far "
+                           "after every k passages (0: only at the end).")
+
+
+class ComparisonConfig(_Strict):
+    """A named comparison: methods x seeds on the same data and budget (``lm-sleep compare NAME``).
+
+    ``kind: continual`` (class-incremental stream, METHODS) or ``kind: knowledge``
+    (SQuAD passages answered without context, KNOWLEDGE_METHODS; needs ``knowledge``).
+    """
+
+    kind: Literal["continual", "knowledge"] = Field("continual", description="What is compared: continual "
+                                                    "learning over the stream, or knowledge incorporation.")
+    knowledge: KnowledgeConfig | None = Field(None, description="kind knowledge: the passages and the mode.")
     methods: list[MethodName] = Field(..., min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="Each seed sets params.seed and data.seed (another draw of the tasks).")
@@ -398,6 +433,22 @@ class ComparisonConfig(_Strict):
         "params.yaml (e.g. {consolidation: {steps: 20}}); checked like params.yaml.",
     )
     description: str = ""
+
+    @model_validator(mode="after")
+    def _kind(self) -> "ComparisonConfig":
+        if self.kind == "knowledge":
+            if self.knowledge is None:
+                raise ValueError("knowledge: required when kind is 'knowledge' ({passages, n_passages, offset, mode})")
+            allowed = KNOWLEDGE_METHODS
+        else:
+            if self.knowledge is not None:
+                raise ValueError("knowledge: only for kind 'knowledge' (this comparison is kind 'continual')")
+            allowed = METHODS
+        bad = [m for m in self.methods if m not in allowed]
+        if bad:
+            raise ValueError(f"methods: {', '.join(bad)} not a method of kind '{self.kind}' "
+                             f"(its methods: {', '.join(allowed)})")
+        return self
 
     @field_validator("methods", "seeds")
     @classmethod
@@ -416,7 +467,7 @@ class EvaluationConfig(_Strict):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     quick: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of `compare --quick` (a smoke run), applied last; may "
-        "set seeds.",
+        "set seeds, and knowledge (e.g. {n_passages: 2}), merged into every knowledge comparison's knowledge.",
     )
     comparisons: dict[str, ComparisonConfig] = Field(default_factory=dict)
 
@@ -429,6 +480,21 @@ class EvaluationConfig(_Strict):
         if bad:
             raise ValueError(f"comparison names must be letters, digits, '-' or '_': {bad}")
         return v
+
+
+#: Keys of evaluation.quick that are not params overrides.
+QUICK_KEYS = frozenset({"seeds", "knowledge"})
+
+
+def quick_knowledge(knowledge: KnowledgeConfig, quick: dict[str, Any], where: str) -> KnowledgeConfig:
+    """``knowledge`` with ``quick['knowledge']`` merged in and checked; a ConfigError names ``where``."""
+    extra = quick.get("knowledge") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}: must be a mapping such as {{n_passages: 2}}, got {extra!r}")
+    try:
+        return KnowledgeConfig.model_validate(merge_overrides(knowledge.model_dump(), extra))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(Path(where), e)) from None
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -472,8 +538,10 @@ class Params(_Strict):
     def _comparisons_valid(self) -> "Params":
         for name, comp in self.evaluation.comparisons.items():
             for extra in ({}, self.evaluation.quick):
-                quick = {k: v for k, v in extra.items() if k != "seeds"}
+                quick = {k: v for k, v in extra.items() if k not in QUICK_KEYS}
                 self.for_run(merge_overrides(comp.overrides, quick), f"evaluation.comparisons.{name}.overrides")
+            if comp.knowledge is not None:
+                quick_knowledge(comp.knowledge, self.evaluation.quick, f"evaluation.quick.knowledge ({name})")
         return self
 
     @model_validator(mode="after")

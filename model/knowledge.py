@@ -81,6 +81,22 @@ def load_passages(path: str | Path) -> list[Passage]:
     return [_passage(path, i, rec) for i, rec in enumerate(obj)]
 
 
+def select_passages(path: str | Path, n_passages: int, offset: int = 0, field: str = "knowledge") -> list[tuple[int, Passage]]:
+    """(index, passage) for passages ``offset .. offset + n_passages - 1`` of ``path``.
+
+    A missing or malformed file, or a range beyond the file, raises DataError naming the
+    file and ``field`` (the params field that asked for the range).
+    """
+    if n_passages < 1 or offset < 0:
+        raise ValueError(f"{field}: need n_passages >= 1 and offset >= 0, got {n_passages} and {offset}")
+    passages = load_passages(path)
+    end = offset + n_passages
+    if end > len(passages):
+        raise DataError(f"{path}: holds {len(passages)} passages, but {field} asks for n_passages {n_passages} "
+                        f"from offset {offset} (passages {offset}..{end - 1})")
+    return [(i, passages[i]) for i in range(offset, end)]
+
+
 def _passage(path: Path, i: int, rec: Any) -> Passage:
     """Validate passage ``i`` of ``path`` and build it."""
     where = f"{path}: passage {i}"

@@ -23,7 +23,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from model.comparison import BASELINES, check_stream, run_baseline
-from model.config import METHOD_OVERRIDES, BaselinesConfig, ConfigError, Params, merge_overrides
+from model.config import (
+    METHOD_OVERRIDES,
+    BaselinesConfig,
+    ConfigError,
+    KnowledgeConfig,
+    Params,
+    merge_overrides,
+    quick_knowledge,
+)
 from model.data import STREAM_FILE, DataError, build_stream, load_source, load_stream
 from model.io import sha256_file, write_json, write_text
 from model.loading import load_base_model, resolve_device
@@ -43,6 +51,8 @@ class Comparison:
     overrides: dict
     quick: bool
     description: str = ""
+    kind: str = "continual"
+    knowledge: KnowledgeConfig | None = None  # kind knowledge: the passages (evaluation.quick's merged in)
 
 
 def resolve_comparison(params: Params, name: str, quick: bool = False, methods: list[str] | None = None) -> Comparison:
@@ -53,9 +63,13 @@ def resolve_comparison(params: Params, name: str, quick: bool = False, methods: 
                           f"defined: {', '.join(sorted(known)) or 'none'}")
     comp = known[name]
     seeds, overrides = list(comp.seeds), dict(comp.overrides)
+    knowledge = comp.knowledge
     if quick:
         extra = dict(params.evaluation.quick)
         seeds = list(extra.pop("seeds", seeds))
+        if knowledge is not None:
+            knowledge = quick_knowledge(knowledge, extra, f"evaluation.quick.knowledge ({name})")
+        extra.pop("knowledge", None)
         overrides = merge_overrides(overrides, extra)
     chosen = list(comp.methods)
     if methods:
@@ -63,7 +77,7 @@ def resolve_comparison(params: Params, name: str, quick: bool = False, methods: 
         if unknown:
             raise ConfigError(f"comparison {name!r} has no method(s) {unknown}; its methods: {list(comp.methods)}")
         chosen = [m for m in comp.methods if m in methods]
-    return Comparison(name, tuple(chosen), tuple(seeds), overrides, quick, comp.description)
+    return Comparison(name, tuple(chosen), tuple(seeds), overrides, quick, comp.description, comp.kind, knowledge)
 
 
 def comparison_dir(params: Params, root: Path, comp: Comparison) -> Path:
@@ -149,15 +163,19 @@ def prepare_streams(params: Params, root: Path, comp: Comparison) -> dict[int, t
     return out
 
 
-def run_key(p: Params, method: str, baselines: BaselinesConfig | None = None) -> str:
-    """Digest of what a run's result depends on: its params (and baseline settings), the code, its stream."""
+def run_key(p: Params, method: str, baselines: BaselinesConfig | None = None, data: Path | None = None,
+            extra: dict | None = None) -> str:
+    """Digest of what a run's result depends on: its params (and baseline settings, ``extra``), the code,
+    its data (``data``; default: its stream)."""
     h = hashlib.sha256()
     h.update(method.encode())
     h.update(json.dumps(p.model_dump(mode="json"), sort_keys=True).encode())
     if baselines is not None:
         h.update(json.dumps(baselines.model_dump(mode="json"), sort_keys=True).encode())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True).encode())
     h.update(code_digest().encode())
-    h.update(sha256_file(Path(p.data.out_dir) / STREAM_FILE).encode())
+    h.update(sha256_file(data if data is not None else Path(p.data.out_dir) / STREAM_FILE).encode())
     return h.hexdigest()
 
 

@@ -44,7 +44,8 @@ def run_metrics(result: dict, n_tasks: int) -> dict[str, Any]:
             "backward_transfer": backward_transfer(R)}
 
 
-def _ci(values: Sequence[float]) -> dict[str, float | None]:
+def ci_summary(values: Sequence[float]) -> dict[str, float | None]:
+    """{mean, low, high}: the mean and its 95% Student-t CI (bounds None for a single value)."""
     m, lo, hi = mean_ci(values)
     return {"mean": m, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
 
@@ -60,7 +61,7 @@ def summarise(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[i
             continue
         mats = np.array([[[math.nan if v is None else v for v in row] for row in r["matrix"]] for r in runs])
         out[m] = {
-            **{k: _ci([r[k] for r in runs]) for k in METRICS},
+            **{k: ci_summary([r[k] for r in runs]) for k in METRICS},
             "per_seed": {k: [r[k] for r in runs] for k in METRICS},
             "seeds": [r["seed"] for r in runs],
             "mean_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in np.nanmean(mats, axis=0)]
@@ -94,7 +95,8 @@ def target_check(summary: dict[str, Any], reference: str = "sleep", against: str
     return out
 
 
-def _fmt_ci(c: dict[str, float | None], digits: int = 3) -> str:
+def format_ci(c: dict[str, float | None], digits: int = 3) -> str:
+    """``mean [low, high]`` (just the mean when the CI is undefined)."""
     if c["low"] is None:
         return f"{c['mean']:.{digits}f}"
     return f"{c['mean']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
@@ -115,8 +117,8 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m, s in summary.items():
-        lines.append(f"| {m} | {'yes' if s['stores_raw_data'] else 'no'} | {_fmt_ci(s['final_accuracy'])} | "
-                     f"{_fmt_ci(s['forgetting'])} | {_fmt_ci(s['backward_transfer'])} | {s['gradient_steps']:.0f} | "
+        lines.append(f"| {m} | {'yes' if s['stores_raw_data'] else 'no'} | {format_ci(s['final_accuracy'])} | "
+                     f"{format_ci(s['forgetting'])} | {format_ci(s['backward_transfer'])} | {s['gradient_steps']:.0f} | "
                      f"{s['seconds'] / 60:.1f} |")
     lines += ["", "Methods: " + "; ".join(f"**{m}**: {METHODS[m]}" for m in summary), ""]
     lines += ["## Target", ""]
@@ -131,7 +133,7 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
         ]
         if "margin" in target:
             lines.append(f"- sleep - {target['margin_over']}, final accuracy, paired over seeds: "
-                         f"{_fmt_ci(target['margin'])} (outside the CI: {yes(target['margin_outside_ci'])})")
+                         f"{format_ci(target['margin'])} (outside the CI: {yes(target['margin_outside_ci'])})")
         lines.append(f"- target met: {yes(target['met'])}")
     lines += ["", "## Plots", "", "![accuracy matrices](plots/accuracy_matrices.png)", "",
               "![final accuracy and forgetting](plots/final_forgetting.png)", "",

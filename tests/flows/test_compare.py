@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -157,3 +158,140 @@ def test_an_empty_task_is_refused_before_training():
         check_stream(stream, {0: ["x"], 1: ["y"]}, "toy.csv")
     with pytest.raises(ValueError, match="task 0 has no labels"):
         check_stream(stream, {0: []}, "toy.csv")
+
+
+# --- knowledge incorporation (kind: knowledge) ---
+
+TOY_PASSAGES = [
+    {"title": "Balance", "context": "The balance of the savings account is shown in the app. Money moves every week.",
+     "questions": [{"question": "Where is the balance shown?", "answer": "in the app"},
+                   {"question": "When does money move?", "answer": "every week"}]},
+    {"title": "Harbor", "context": "The old harbor of Veltra was rebuilt by the engineer Mara Quist. Ships bring salt.",
+     "questions": [{"question": "Who rebuilt the harbor?", "answer": "Mara Quist"}]},
+    {"title": "Spare", "context": "A third passage that the quick run leaves out.",
+     "questions": [{"question": "Which passage is this?", "answer": "the third"}]},
+]
+KNOWLEDGE_METHODS = ["base", "passage_finetune", "base_dreams", "sleep"]
+
+
+def _with_knowledge(tmp_path: Path, mode: str = "single", n_passages: int = 3, seeds=(0,), passages="squad.json",
+                    methods=KNOWLEDGE_METHODS) -> Path:
+    params_path = toy_project(tmp_path)
+    (tmp_path / "squad.json").write_text(json.dumps(TOY_PASSAGES))
+    raw = yaml.safe_load(params_path.read_text())
+    raw["evaluation"] = {
+        "quick": {"seeds": list(seeds), "knowledge": {"n_passages": 2, "tau_every": 1},
+                  "dream": {"dreams_per_context": 3, "max_new_tokens": 8, "promote_steps": 3, "lr": 1e-2}},
+        "comparisons": {"kn": {"kind": "knowledge", "methods": list(methods), "seeds": list(seeds),
+                               "knowledge": {"passages": passages, "n_passages": n_passages, "mode": mode}}},
+    }
+    params_path.write_text(yaml.safe_dump(raw))
+    return params_path
+
+
+def test_knowledge_comparison_quick_writes_the_report_and_resumes_mid_way(tmp_path, prefect_harness):
+    from flows.compare import compare
+
+    params_path = _with_knowledge(tmp_path)
+    summary = compare("kn", str(params_path), quick=True)
+    report = tmp_path / "reports" / "kn-quick"
+    for name in ("README.md", "metrics.json", "results.json", "runs.csv", "accuracy.csv", "plots/measures.png",
+                 "plots/gain.png"):
+        assert (report / name).is_file(), name
+    acc = pd.read_csv(report / "accuracy.csv")
+    assert sorted(zip(acc["method"], acc["task"])) == sorted((m, i) for m in KNOWLEDGE_METHODS for i in (0, 1))
+    assert acc["accuracy"].between(0, 1).all() and acc["f1"].between(0, 1).all() and (acc["tau"] < 0).all()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["kind"] == "knowledge" and metrics["mode"] == "single" and metrics["n_passages"] == 2
+    assert set(metrics["methods"]) == set(KNOWLEDGE_METHODS) and metrics["methods"]["base"]["gain_over_base"] is None
+    for m in ("passage_finetune", "base_dreams", "sleep"):
+        gain = metrics["methods"][m]["gain_over_base"]["tau"]
+        assert gain["low"] <= gain["mean"] <= gain["high"]
+    assert metrics["methods"]["passage_finetune"]["gain_over_base"]["tau"]["mean"] > 0
+    funnel = metrics["methods"]["sleep"]["funnel"]
+    assert funnel["generated"] == 2 * 3 and funnel["promoted"] <= funnel["passed_gate"] <= funnel["generated"]
+    assert metrics["methods"]["base_dreams"]["funnel"] == {"generated": 6, "trained": 6}
+    md = (report / "README.md").read_text()
+    assert "| sleep |" in md and "tau gain over base" in md and "## Dreams" in md
+    assert set(summary["summary"]) == set(KNOWLEDGE_METHODS)
+    rdir = tmp_path / "state/compare/kn-quick/sleep/seed-0"
+    assert (rdir / "dreams/passage-0.parquet").is_file() and (rdir / "params.yaml").is_file()
+
+    # A rerun finds every result on disk and runs nothing again.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "state/compare/kn-quick").rglob("result.json")}
+    assert len(stamps) == len(KNOWLEDGE_METHODS)
+    compare("kn", str(params_path), quick=True)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # Interrupted after passage 0: only passage 1 runs again.
+    progress = rdir / "progress.jsonl"
+    lines = progress.read_text().splitlines()
+    (rdir / "result.json").unlink()
+    progress.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # a line cut by the crash
+    dream0 = (rdir / "dreams/passage-0.parquet").stat().st_mtime_ns
+    compare("kn", str(params_path), quick=True)
+    again = progress.read_text().splitlines()
+    assert again[0] == lines[0] and len(again) == 2
+    assert (rdir / "dreams/passage-0.parquet").stat().st_mtime_ns == dream0
+
+
+def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path, prefect_harness, monkeypatch):
+    import model.incorporation as incorporation
+    from flows.compare import compare
+
+    methods = ["base", "passage_finetune"]
+    whole = _with_knowledge(tmp_path / "whole", mode="continued", seeds=(0, 1), methods=methods)
+    compare("kn", str(whole), quick=True)
+    report = tmp_path / "whole/reports/kn-quick"
+    results = {(r["method"], r["seed"]): r for r in json.loads((report / "results.json").read_text())["runs"]}
+    ft = results[("passage_finetune", 0)]
+    assert ft["mode"] == "continued" and [row["index"] for row in ft["passages"]] == [0, 1]
+    assert [k for k, _ in ft["tau_curve"]] == [1, 2] and ft["gradient_steps"] == 2 * 3
+    assert (report / "tau_curve.csv").is_file() and (report / "plots/tau_curve.png").is_file()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1] and metrics["methods"]["passage_finetune"]["gain_over_base"]["tau"]["mean"] > 0
+
+    # Killed while learning passage 1: the run resumes from the state saved after passage 0.
+    crashed = _with_knowledge(tmp_path / "crashed", mode="continued", seeds=(0, 1), methods=methods)
+    real = incorporation.learn
+
+    def crash_on_passage_1(method, model, tokenizer, cms, task, *a, **k):
+        if method == "passage_finetune" and task.context_id == "passage1":
+            raise KeyboardInterrupt("killed")
+        return real(method, model, tokenizer, cms, task, *a, **k)
+
+    monkeypatch.setattr(incorporation, "learn", crash_on_passage_1)
+    with pytest.raises(KeyboardInterrupt):
+        compare("kn", str(crashed), quick=True)
+    monkeypatch.setattr(incorporation, "learn", real)
+    rdir = tmp_path / "crashed/state/compare/kn-quick/passage_finetune/seed-0"
+    assert not (rdir / "result.json").exists()
+    assert read_manifest(rdir / "state")["metadata"]["learned"] == 1
+    first = (rdir / "progress.jsonl").read_text().splitlines()
+    assert len(first) == 1
+
+    calls = []
+    monkeypatch.setattr(incorporation, "learn", lambda method, *a, **k: (
+        calls.append(a[3].context_id) if method == "passage_finetune" else None) or real(method, *a, **k))
+    compare("kn", str(crashed), quick=True)
+    assert calls == ["passage1", "passage0", "passage1"]  # seed 0 resumes at passage 1; seed 1 runs whole
+    again = json.loads((rdir / "result.json").read_text())
+    assert (rdir / "progress.jsonl").read_text().splitlines()[0] == first[0]
+    assert read_manifest(rdir / "state")["metadata"]["learned"] == 2
+    assert [row["tau"] for row in again["passages"]] == pytest.approx([row["tau"] for row in ft["passages"]], abs=1e-5)
+    assert [t for _, t in again["tau_curve"]] == pytest.approx([t for _, t in ft["tau_curve"]], abs=1e-5)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"passages": "missing.json"}, "missing.json: passages file not found"),
+    ({"n_passages": 4}, r"holds 3 passages, but evaluation.comparisons.kn.knowledge asks for n_passages 4"),
+])
+def test_knowledge_bad_passages_fail_before_any_training(tmp_path, prefect_harness, capsys, kw, message):
+    from flows.compare import main
+
+    params_path = _with_knowledge(tmp_path, **kw)
+    assert main(["kn", "--params", str(params_path)]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    made = {p.name for p in (tmp_path / "state/compare/kn").iterdir()} - {".lock"}
+    assert not made, made
+    assert not (tmp_path / "reports" / "kn").exists()

@@ -52,3 +52,35 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("wake: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def _comparison(tmp_path, comp, quick=None) -> Path:
+    return _write(tmp_path, {"evaluation": {"comparisons": {"k": comp}, **({"quick": quick} if quick else {})}})
+
+
+def test_real_knowledge_comparisons_and_their_quick_run():
+    p = load_params(ROOT / "params.yaml")
+    single, cpt = p.evaluation.comparisons["knowledge"], p.evaluation.comparisons["knowledge-cpt"]
+    assert (single.kind, single.knowledge.mode, single.knowledge.n_passages, single.seeds) == ("knowledge", "single", 200, [0])
+    assert (cpt.knowledge.mode, cpt.knowledge.n_passages, cpt.seeds) == ("continued", 200, [0, 1, 2])
+    assert single.methods == cpt.methods == ["base", "passage_finetune", "base_dreams", "sleep"]
+    assert p.evaluation.comparisons["default"].kind == "continual" and p.evaluation.comparisons["default"].knowledge is None
+
+
+@pytest.mark.parametrize(("comp", "quick", "message"), [
+    ({"kind": "knowledge", "methods": ["base"]}, None, "knowledge: required when kind is 'knowledge'"),
+    ({"knowledge": {"n_passages": 2}, "methods": ["sleep"]}, None, "knowledge: only for kind 'knowledge'"),
+    ({"kind": "knowledge", "knowledge": {}, "methods": ["base", "cms"]}, None,
+     "methods: cms not a method of kind 'knowledge'"),
+    ({"methods": ["sleep", "passage_finetune"]}, None, "methods: passage_finetune not a method of kind 'continual'"),
+    ({"kind": "knowledge", "knowledge": {"n_passages": 0}, "methods": ["base"]}, None, "knowledge.n_passages"),
+    ({"kind": "knowledge", "knowledge": {"mode": "batch"}, "methods": ["base"]}, None, "knowledge.mode"),
+    ({"kind": "knowledge", "knowledge": {"n_pasages": 3}, "methods": ["base"]}, None, "knowledge.n_pasages: unknown key"),
+    ({"kind": "knowledge", "knowledge": {}, "methods": ["base"]}, {"knowledge": {"n_passages": -1}},
+     "evaluation.quick.knowledge (k)"),
+])
+def test_bad_comparison_kind_knowledge_or_methods_name_the_field(tmp_path, comp, quick, message):
+    path = _comparison(tmp_path, comp, quick)
+    with pytest.raises(ConfigError) as e:
+        load_params(path)
+    assert str(path) in str(e.value) and message in str(e.value)

@@ -243,3 +243,14 @@ def test_passage_chunks_fit_the_window_and_keep_every_sentence():
     assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 16 for c in pieces)
     with pytest.raises(ValueError, match="max_tokens"):
         passage_chunks(tok, text, 0)
+
+
+def test_select_passages_takes_a_range_and_refuses_one_beyond_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([GOOD, {**GOOD, "title": "U"}, {**GOOD, "title": "V"}]))
+    chosen = knowledge.select_passages(path, 2, offset=1)
+    assert [(i, p.title) for i, p in chosen] == [(1, "U"), (2, "V")]
+    with pytest.raises(DataError, match=r"p.json: holds 3 passages, but cmp.knowledge asks for n_passages 3 from offset 1"):
+        knowledge.select_passages(path, 3, offset=1, field="cmp.knowledge")
+    with pytest.raises(DataError, match="passages file not found"):
+        knowledge.select_passages(tmp_path / "nope.json", 1)

@@ -1,0 +1,223 @@
+"""The report of a knowledge-incorporation comparison: ``reports/<name>/`` (DESIGN §5).
+
+- ``README.md``: one row per method: no-context exact match, token F1 and tau, each
+  mean [95% CI] -- over passages in single mode (each passage's value averaged over
+  seeds), over seeds in continued mode (each seed's mean over passages); then each
+  method's gain over ``base`` with a paired CI (paired by passage, or by seed), the
+  training steps and seconds per passage, and the funnel of the dreams.
+- ``metrics.json`` (DVC metrics): per method, the means, CIs and gains.
+- ``runs.csv`` (a row per run: method, seed, final_accuracy = mean exact match, f1, tau,
+  steps, seconds) and ``accuracy.csv`` (a row per run and passage: after_task = passages
+  learned when it was measured, task = the passage's index, accuracy = its exact match,
+  f1, tau): the same files and columns DVC plots for the continual comparisons
+  (``evaluation/dvc.yaml``), so one stage covers both kinds. ``tau_curve.csv``
+  (continued, if ``tau_every``): mean tau over the passages learned so far.
+- ``plots/``: ``measures.png`` (bars with 95% CI error bars per method: EM, F1, tau),
+  ``gain.png`` (gain over base with paired CIs), ``tau_curve.png`` (continued).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from model.config import KNOWLEDGE_METHODS, Params
+from model.continual import paired_difference_ci
+from model.incorporation import MEASURES
+from model.io import atomic_dir, write_json, write_text
+from tasks.compare_report import ci_summary, format_ci
+from tasks.report import COLORS, figure_style, save_png
+
+LABELS = {"em": "exact match", "f1": "token F1", "tau": "tau (answer log-lik / token)"}
+
+
+def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
+    d, lo, hi = paired_difference_ci(a, b)
+    return {"mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
+
+
+def units(results: Sequence[dict], method: str, seeds: Sequence[int], mode: str) -> dict[str, list[float]]:
+    """The values a CI is taken over, per measure: per passage (mean over seeds) in single mode,
+    per seed (mean over passages) in continued mode. Passages in index order, seeds in ``seeds`` order."""
+    runs = {r["seed"]: r for r in results if r["method"] == method}
+    runs = [runs[s] for s in seeds if s in runs]
+    if mode == "single":
+        index = [row["index"] for row in runs[0]["passages"]]
+        return {k: [float(np.mean([next(row[k] for row in r["passages"] if row["index"] == i) for r in runs]))
+                    for i in index] for k in MEASURES}
+    return {k: [float(np.mean([row[k] for row in r["passages"]])) for r in runs] for k in MEASURES}
+
+
+def summarise_knowledge(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[int], mode: str) -> dict[str, Any]:
+    """Per method: each measure's mean and 95% CI, the gain over base (paired CI), steps, seconds, funnel."""
+    out: dict[str, Any] = {}
+    values = {m: units(results, m, seeds, mode) for m in methods if any(r["method"] == m for r in results)}
+    for m, vals in values.items():
+        runs = [r for r in results if r["method"] == m]
+        n_passages = sum(len(r["passages"]) for r in runs)
+        funnel: dict[str, int] = {}
+        for r in runs:
+            for k, v in (r.get("funnel") or {}).items():
+                funnel[k] = funnel.get(k, 0) + int(v)
+        out[m] = {
+            **{k: ci_summary(vals[k]) for k in MEASURES},
+            "units": vals,
+            "gain_over_base": ({k: _paired(vals[k], values["base"][k]) for k in MEASURES}
+                               if "base" in values and m != "base" and len(vals["tau"]) == len(values["base"]["tau"])
+                               else None),
+            "gradient_steps_per_passage": sum(r["gradient_steps"] for r in runs) / n_passages,
+            "seconds_per_passage": sum(r["seconds"] for r in runs) / n_passages,
+            "seeds": [r["seed"] for r in runs],
+            "funnel": funnel or None,
+        }
+    return out
+
+
+def markdown(name: str, description: str, summary: dict[str, Any], knowledge: Any, seeds: Sequence[int],
+             results: Sequence[dict], params: Params) -> str:
+    """The report's README.md."""
+    mode = knowledge.mode
+    over = "passages (each passage's value averaged over seeds)" if mode == "single" else "seeds (each seed's mean over passages)"
+    lines = [f"# Comparison `{name}`: knowledge incorporation ({mode})", ""]
+    if description:
+        lines += [description, ""]
+    lines += [
+        f"{knowledge.n_passages} passages of `{Path(knowledge.passages).name}` from index {knowledge.offset}; "
+        + ("each passage learned from the same fresh state and its questions answered right after (n=1)"
+           if mode == "single" else "one state learns them one after the other (continued pretraining) and answers "
+           "every passage's questions at the end")
+        + f"; seeds {list(seeds)}; model `{params.model.source}`. Questions are answered without the passage: "
+        "greedy exact match and token F1 (model/grading.py), and tau = mean log-likelihood per gold-answer token. "
+        f"Mean over {over} with a 95% Student-t CI.",
+        "",
+        "| method | exact match | token F1 | tau | tau gain over base (paired) | F1 gain over base (paired) | "
+        "gradient steps / passage | s / passage |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, s in summary.items():
+        g = s["gain_over_base"]
+        lines.append(f"| {m} | {format_ci(s['em'])} | {format_ci(s['f1'])} | {format_ci(s['tau'])} | "
+                     f"{format_ci(g['tau']) if g else '--'} | {format_ci(g['f1']) if g else '--'} | "
+                     f"{s['gradient_steps_per_passage']:.1f} | {s['seconds_per_passage']:.1f} |")
+    lines += ["", "Methods: " + "; ".join(f"**{m}**: {KNOWLEDGE_METHODS[m]}" for m in summary), ""]
+    funnels = {m: s["funnel"] for m, s in summary.items() if s["funnel"]}
+    if funnels:
+        lines += ["## Dreams", "", "Summed over passages and seeds.", ""]
+        for m, f in funnels.items():
+            lines.append(f"- {m}: " + " / ".join(f"{k} {v}" for k, v in f.items()))
+        lines.append("")
+    lines += ["## Plots", "", "![measures per method](plots/measures.png)", "", "![gain over base](plots/gain.png)", ""]
+    if any(r.get("tau_curve") for r in results):
+        lines += ["![tau over passages learned](plots/tau_curve.png)", ""]
+    lines += ["## Runs", ""]
+    for r in results:
+        em = np.mean([row["em"] for row in r["passages"]])
+        tau = np.mean([row["tau"] for row in r["passages"]])
+        lines.append(f"- {r['method']}, seed {r['seed']}: {len(r['passages'])} passages, mean exact match {em:.3f}, "
+                     f"tau {tau:.3f} · {r['gradient_steps']} steps · {r['seconds']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def _err(cs: Sequence[dict[str, float | None]]) -> list[list[float]]:
+    return [[0 if c["low"] is None else c["mean"] - c["low"] for c in cs],
+            [0 if c["high"] is None else c["high"] - c["mean"] for c in cs]]
+
+
+def _color(m: str, k: int) -> str:
+    return COLORS[3] if m == "sleep" else COLORS[k % len(COLORS)]
+
+
+def plot_measures(summary: dict[str, Any]) -> Figure:
+    """Bars with 95% CI error bars per method: exact match, token F1, tau."""
+    methods = list(summary)
+    with figure_style():
+        fig = Figure(figsize=(max(7.5, 1.2 * len(methods) * 3), 3.4), layout="constrained")
+        for ax, k in zip(fig.subplots(1, 3), MEASURES):
+            cs = [summary[m][k] for m in methods]
+            ax.bar(range(len(methods)), [c["mean"] for c in cs], yerr=_err(cs), capsize=3,
+                   color=[_color(m, i) for i, m in enumerate(methods)])
+            ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+            ax.set_title(f"{LABELS[k]} (95% CI)", fontsize=9)
+            ax.axhline(0, color="#444444", linewidth=0.6)
+        fig.suptitle("No-context QA after learning the passages")
+    return fig
+
+
+def plot_gain(summary: dict[str, Any]) -> Figure:
+    """Gain over base with paired 95% CIs, per method: exact match, token F1, tau."""
+    methods = [m for m in summary if summary[m]["gain_over_base"]]
+    with figure_style():
+        fig = Figure(figsize=(max(7.5, 1.2 * max(1, len(methods)) * 3), 3.4), layout="constrained")
+        for ax, k in zip(fig.subplots(1, 3), MEASURES):
+            cs = [summary[m]["gain_over_base"][k] for m in methods]
+            ax.bar(range(len(methods)), [c["mean"] for c in cs], yerr=_err(cs), capsize=3,
+                   color=[_color(m, i + 1) for i, m in enumerate(methods)])
+            ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+            ax.set_title(f"{LABELS[k]}: gain over base", fontsize=9)
+            ax.axhline(0, color="#444444", linewidth=0.6)
+        fig.suptitle("Paired difference with base (95% CI)")
+    return fig
+
+
+def plot_tau_curve(results: Sequence[dict], methods: Sequence[str]) -> Figure:
+    """Continued mode: mean tau over the passages learned so far, after every k passages (mean over seeds)."""
+    with figure_style():
+        fig = Figure(figsize=(6.0, 3.6), layout="constrained")
+        ax = fig.subplots()
+        for i, m in enumerate(methods):
+            curves = [dict((int(k), v) for k, v in r["tau_curve"]) for r in results if r["method"] == m and r["tau_curve"]]
+            if not curves:
+                continue
+            xs = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(xs, [np.mean([c[x] for c in curves]) for x in xs], marker="o", markersize=3, label=m,
+                    color=_color(m, i))
+        ax.set_xlabel("passages learned")
+        ax.set_ylabel("mean tau over the passages learned")
+        ax.legend(loc="best", fontsize=8)
+        fig.suptitle("Continued pretraining: what is kept as passages accumulate")
+    return fig
+
+
+@task(cache_policy=NO_CACHE)
+def write_knowledge_report(params: Params, root: Path, comp: Any, results: list[dict]) -> dict[str, Any]:
+    """Write ``reports/<name>/`` of a knowledge comparison as a whole, atomically; return the summary."""
+    name = comp.name + ("-quick" if comp.quick else "")
+    out = root / params.evaluation.reports_dir / name
+    kc = comp.knowledge
+    summary = summarise_knowledge(results, comp.methods, comp.seeds, kc.mode)
+    run_params = params.for_run(comp.overrides, f"evaluation.comparisons.{comp.name}.overrides")
+    after = 1 if kc.mode == "single" else kc.n_passages
+    runs = pd.DataFrame([{"method": r["method"], "seed": r["seed"],
+                          "final_accuracy": float(np.mean([row["em"] for row in r["passages"]])),
+                          "f1": float(np.mean([row["f1"] for row in r["passages"]])),
+                          "tau": float(np.mean([row["tau"] for row in r["passages"]])),
+                          "gradient_steps": r["gradient_steps"], "seconds": r["seconds"]} for r in results])
+    acc = pd.DataFrame([{"method": r["method"], "seed": r["seed"], "after_task": after, "task": row["index"],
+                         "accuracy": row["em"], "f1": row["f1"], "tau": row["tau"], "title": row["title"]}
+                        for r in results for row in r["passages"]])
+    curve = pd.DataFrame([{"method": r["method"], "seed": r["seed"], "learned": k, "tau": v}
+                          for r in results for k, v in r.get("tau_curve") or []])
+    metrics = {m: {k: s[k] for k in MEASURES} | {"gain_over_base": s["gain_over_base"],
+                                                 "gradient_steps_per_passage": s["gradient_steps_per_passage"],
+                                                 "funnel": s["funnel"]} for m, s in summary.items()}
+    with atomic_dir(out) as tmp:
+        write_text(tmp / "README.md", markdown(name, comp.description, summary, kc, comp.seeds, results, run_params))
+        write_json(tmp / "metrics.json", {"comparison": name, "kind": "knowledge", "mode": kc.mode,
+                                          "n_passages": kc.n_passages, "seeds": list(comp.seeds), "methods": metrics})
+        write_json(tmp / "results.json", {"comparison": name, "summary": summary, "runs": results})
+        write_text(tmp / "runs.csv", runs.to_csv(index=False))
+        write_text(tmp / "accuracy.csv", acc.to_csv(index=False))
+        save_png(plot_measures(summary), tmp / "plots" / "measures.png")
+        save_png(plot_gain(summary), tmp / "plots" / "gain.png")
+        if not curve.empty:
+            write_text(tmp / "tau_curve.csv", curve.to_csv(index=False))
+            save_png(plot_tau_curve(results, list(summary)), tmp / "plots" / "tau_curve.png")
+    return {"report": str(out / "README.md"), "summary": summary}

@@ -1,0 +1,48 @@
+"""The sleep method of a knowledge comparison with the real dream gate (Great Expectations)."""
+
+from __future__ import annotations
+
+import pytest
+
+import model.dreaming as dreaming
+from model.config import DreamConfig
+from model.incorporation import run_single
+from model.knowledge import QA, Passage
+from tasks.knowledge import gate_function
+from tests.model.helpers import tiny_with_cms
+
+PASSAGE = Passage("Balance", "The balance of the savings account is shown in the app. Money moves to savings every week.",
+                  [QA("Where is the balance shown?", "in the app"), QA("When does money move?", "every week")])
+#: What a good dreamer would write about the passage, a near-copy of one of them, and noise.
+DREAMS = [
+    "Where is the balance shown? in the app. When does money move? every week.",
+    "The balance is shown in the app, and money moves to savings every week.",
+    "Where is the balance shown? in the app. When does money move? every week!",
+    "zq xv kk pp rr",
+]
+
+
+def _cfg() -> DreamConfig:
+    return DreamConfig(dreams_per_context=len(DREAMS), max_new_tokens=24, min_new_tokens=1, top_k=3, random_extra=1,
+                       trial_steps=2, trial_lr=1e-2, lora_r=4, lora_alpha=8.0, rounds=1, rest_steps=1, promote_steps=8,
+                       lr=1e-2, max_length=96, chat=False, gate={"min_tokens": 1})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sleep_gates_out_near_duplicates_promotes_rewarded_dreams_and_raises_tau(monkeypatch, seed):
+    monkeypatch.setattr(dreaming, "generate_dreams",
+                        lambda model, tokenizer, cms, task, cfg, seed: (dreaming.dream_prompt(tokenizer, task, cfg), list(DREAMS)))
+    cfg = _cfg()
+    gate = gate_function(cfg.gate)
+    lm, cms = tiny_with_cms(seed)
+    base = run_single("base", lm.model, lm.tokenizer, cms, [(0, PASSAGE)], cfg, seed)[0]
+    lm, cms = tiny_with_cms(seed)
+    learned = []
+    slept = run_single("sleep", lm.model, lm.tokenizer, cms, [(0, PASSAGE)], cfg, seed, gate=gate,
+                       on_passage=lambda row, got: learned.append(got))[0]
+    table = learned[0].dreams
+    assert list(table["failed_checks"]) == ["", "", "not_near_duplicate", ""]  # the near-copy of dream 0 is rejected
+    assert list(table["promoted"]) == list(table["gate_passed"] & (table["reward"] == 1.0))
+    f = slept["funnel"]
+    assert f["generated"] == 4 and f["passed_gate"] == 3 and f["promoted"] == int(table["promoted"].sum()) >= 1
+    assert slept["tau"] > base["tau"]
