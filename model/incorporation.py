@@ -36,7 +36,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import ContinuumMemory
-from model.config import DreamConfig
+from model.config import DreamConfig, SamplingConfig
 from model.dream_checks import add_check_columns
 from model.dreaming import (
     DreamTask,
@@ -150,6 +150,7 @@ def learn_base_dreams(
     task: DreamTask,
     cfg: DreamConfig,
     seed: int,
+    sampling: SamplingConfig | None = None,
 ) -> Learned:
     """``base_dreams``: m dreams from the base model, every non-empty one trained in (no selection, no RL).
 
@@ -159,7 +160,7 @@ def learn_base_dreams(
     """
     plain = cfg.model_copy(update={"random_expert": False})
     with cms.levels_masked(list(range(cms.n_levels))):
-        _, dreams = generate_dreams(model, tokenizer, cms, task, plain, seed)
+        _, dreams = generate_dreams(model, tokenizer, cms, task, plain, seed, sampling)
     kept = [d for d in dreams if d.strip()]
     losses = promote(model, tokenizer, cms, {task.context_id: task}, [(task.context_id, d) for d in kept], cfg, 0)
     table = pd.DataFrame({"context_id": task.context_id, "text": dreams, "trained": [bool(d.strip()) for d in dreams]})
@@ -175,6 +176,7 @@ def learn_sleep(
     cfg: DreamConfig,
     seed: int,
     gate: GateFn,
+    sampling: SamplingConfig | None = None,
 ) -> Learned:
     """``sleep``: the lifecycle's dream stage on one passage, then the gate, then promotion.
 
@@ -182,7 +184,7 @@ def learn_sleep(
     tries the selected ones in isolation and runs ReST-EM on the fast level (kept, as in
     the lifecycle); ``gate`` decides the promoted dreams, which are trained in.
     """
-    rows = dream_about(model, tokenizer, cms, task, cfg, period=0, seed=seed)
+    rows = dream_about(model, tokenizer, cms, task, cfg, period=0, seed=seed, sampling=sampling)
     rest = len({r.round for r in rows if r.reward == 1.0}) * cfg.rest_steps  # ReST-EM: steps per rewarded round
     table = add_check_columns(pd.DataFrame([asdict(r) for r in rows]), cfg.gate)
     gated = gate(table)
@@ -209,6 +211,7 @@ def learn(
     cfg: DreamConfig,
     seed: int,
     gate: GateFn | None = None,
+    sampling: SamplingConfig | None = None,
 ) -> Learned:
     """Learn one passage (``task``) into the fast level with ``method`` (one of METHODS)."""
     if method == "base":
@@ -216,11 +219,11 @@ def learn(
     if method == "passage_finetune":
         return learn_passage_finetune(model, tokenizer, cms, task, cfg)
     if method == "base_dreams":
-        return learn_base_dreams(model, tokenizer, cms, task, cfg, seed)
+        return learn_base_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
     if method == "sleep":
         if gate is None:
             raise ValueError("the sleep method needs the dream gate (gate=...)")
-        return learn_sleep(model, tokenizer, cms, task, cfg, seed, gate)
+        return learn_sleep(model, tokenizer, cms, task, cfg, seed, gate, sampling)
     raise ValueError(f"unknown knowledge method {method!r}; one of {', '.join(METHODS)}")
 
 
@@ -246,6 +249,7 @@ def run_single(
     gate: GateFn | None = None,
     done: Sequence[int] = (),
     on_passage: Callable[[dict[str, Any], Learned], None] | None = None,
+    sampling: SamplingConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Single-passage incorporation (n=1): each passage from the same fresh state, measured right after.
 
@@ -263,7 +267,7 @@ def run_single(
         start = time.perf_counter()
         snapshot.restore(cms)
         task = task_from_passage(passage, f"passage{index}", cfg)
-        learned = learn(method, model, tokenizer, cms, task, cfg, passage_seed(seed, index), gate)
+        learned = learn(method, model, tokenizer, cms, task, cfg, passage_seed(seed, index), gate, sampling)
         row = _row(index, passage, learned, evaluate_passage(model, tokenizer, passage, task, cfg),
                    time.perf_counter() - start)
         rows.append(row)
@@ -296,6 +300,7 @@ def run_continued(
     start: int = 0,
     tau_every: int = 0,
     on_learned: Callable[[int, dict[str, Any], Learned], None] | None = None,
+    sampling: SamplingConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Continued pretraining over ``passages``: one state learns them in order, then answers every question.
 
@@ -313,7 +318,7 @@ def run_continued(
         t0 = time.perf_counter()
         index, passage = passages[k]
         task = task_from_passage(passage, f"passage{index}", cfg)
-        learned = learn(method, model, tokenizer, cms, task, cfg, passage_seed(seed, index), gate)
+        learned = learn(method, model, tokenizer, cms, task, cfg, passage_seed(seed, index), gate, sampling)
         row: dict[str, Any] = {"index": index, "learned": k + 1, "gradient_steps": learned.gradient_steps,
                                "n_dreams": learned.n_dreams, "funnel": learned.funnel,
                                "losses": [round(x, 5) for x in learned.losses]}

@@ -139,7 +139,8 @@ def run_knowledge_method(
             log.info(f"{method} seed {p.seed} [{len(progress)}/{n}] passage {row['index']}: em {row['em']:.2f} "
                      f"f1 {row['f1']:.2f} tau {row['tau']:.3f} ({row['seconds']:.0f} s)")
 
-        run_single(method, lm.model, lm.tokenizer, cms, passages, cfg, p.seed, gate, done, on_passage)
+        run_single(method, lm.model, lm.tokenizer, cms, passages, cfg, p.seed, gate, done, on_passage,
+                   sampling=p.sampling)
         by_index = {r["index"]: {k: v for k, v in r.items() if k != "key"} for r in progress}
         rows = [by_index[i] for i, _ in passages]
         learning = rows
@@ -170,7 +171,7 @@ def run_knowledge_method(
             log.info(f"{method} seed {p.seed}: learned {k}/{n} (passage {row['index']}){extra} ({row['seconds']:.0f} s)")
 
         rows = run_continued(method, lm.model, lm.tokenizer, cms, passages, cfg, p.seed, gate, start, kc.tau_every,
-                             on_learned)
+                             on_learned, sampling=p.sampling)
         learning = [{k: v for k, v in r.items() if k != "key"} for r in progress]
 
     funnel: dict[str, int] = {}

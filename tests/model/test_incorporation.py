@@ -98,10 +98,10 @@ def test_base_dreams_samples_the_base_model_and_trains_every_dream(monkeypatch):
     seen = {}
     real = incorporation.generate_dreams
 
-    def spy(model, tokenizer, cms_, task, cfg_, seed):
+    def spy(model, tokenizer, cms_, task, cfg_, seed, sampling=None):
         seen["random_expert"] = cfg_.random_expert
         seen["masked"] = all(not any(blk.enabled) for blk in cms_.blocks.values())
-        return real(model, tokenizer, cms_, task, cfg_, seed)
+        return real(model, tokenizer, cms_, task, cfg_, seed, sampling)
 
     def no_trials(*a, **k):
         raise AssertionError("base_dreams must not run trials, selection or ReST-EM")

@@ -31,7 +31,7 @@ def _cfg() -> DreamConfig:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sleep_gates_out_near_duplicates_promotes_rewarded_dreams_and_raises_tau(monkeypatch, seed):
     monkeypatch.setattr(dreaming, "generate_dreams",
-                        lambda model, tokenizer, cms, task, cfg, seed: (dreaming.dream_prompt(tokenizer, task, cfg), list(DREAMS)))
+                        lambda model, tokenizer, cms, task, cfg, seed, sampling=None: (dreaming.dream_prompt(tokenizer, task, cfg), list(DREAMS)))
     cfg = _cfg()
     gate = gate_function(cfg.gate)
     lm, cms = tiny_with_cms(seed)
