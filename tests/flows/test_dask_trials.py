@@ -45,7 +45,7 @@ def test_dream_trials_on_two_dask_workers_equal_the_in_process_pass(tmp_path, pr
     # 4 dreams, 3 tried per round: the 2 workers get groups of 2 and 1. Two rounds, so the second
     # round's trials must see the generator as the first round's ReST-EM left it.
     _set_dream(params_path, dreams_per_context=4, top_k=2, random_extra=1, rounds=2, trial_steps=2, trial_lr=0.05,
-               lr=0.05)
+               lr=0.05, rest_steps=4)
     prepare(str(params_path))
     wake(0, str(params_path))
     consolidate(0, str(params_path))
