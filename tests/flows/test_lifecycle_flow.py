@@ -29,6 +29,7 @@ def toy_project(tmp_path: Path, data_path: str = "toy.csv") -> Path:
     params = {
         "seed": 0,
         "model": {"source": "tiny"},
+        "sampling": {"batch_size": 16, "dtype": "model"},  # a section the DVC stages depend on
         "cms": {
             "top_layers": 2,
             "levels": [
@@ -42,7 +43,7 @@ def toy_project(tmp_path: Path, data_path: str = "toy.csv") -> Path:
             "n_tasks": 2, "labels_per_task": 2, "train_per_label": 8, "test_per_label": 4, "seed": 1,
         },
         "wake": {"batch_size": 4, "epochs": 6, "max_length": 32, "threads": 1},
-        "consolidation": {"steps": 20, "batch_size": 4, "lr": 0.02, "prompt_buffer_size": 6, "alpha": 0.8,
+        "consolidation": {"steps": 40, "batch_size": 4, "lr": 0.03, "prompt_buffer_size": 6, "alpha": 0.8,
                           "gamma": 0.0, "lti_prefixes": 2, "lti_group_size": 2, "max_new_tokens": 6},
         "dream": {"context_examples": 3, "tau_examples": 3, "dreams_per_context": 3, "max_new_tokens": 10, "min_new_tokens": 2,
                   "top_k": 1, "random_extra": 1, "trial_steps": 1, "lora_r": 4, "lora_alpha": 8.0, "rest_steps": 1,
