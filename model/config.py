@@ -389,7 +389,9 @@ class BaselinesConfig(_Strict):
     lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the LoRA baselines.")
     ewc_lambda: float = Field(1000.0, ge=0, description="EWC: lambda of lambda/2 * sum F (theta - theta*)^2.")
     ewc_fisher_batch_size: int = Field(
-        1, ge=1, description="EWC: examples per squared gradient of the empirical Fisher (1: per example, faithful)."
+        32, ge=1, le=1024,
+        description="EWC: examples per forward/backward pass of the empirical Fisher (each example's gradient "
+                    "is still squared on its own; the estimate does not depend on it).",
     )
     replay_buffer: int = Field(50, ge=1, description="replay: examples kept (reservoir sampling over all seen).")
     replay_per_batch: int = Field(5, ge=1, description="replay: buffered examples added to every batch.")

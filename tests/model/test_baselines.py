@@ -117,23 +117,57 @@ def test_sequential_uses_wakes_batches_in_order_and_is_deterministic():
 # --- EWC -----------------------------------------------------------------------------
 
 
-def test_fisher_per_example_equals_mean_squared_gradient():
-    lm = tiny_model(seed=0)
-    params = [lm.model.model.layers[0].self_attn.q_proj.weight, lm.model.model.norm.weight]
-    for p in params:
-        p.requires_grad_(True)
-    prompts, comps = pairs(TASK_A)
-    fisher = EWC.fisher_diagonal(lm.model, lm.tokenizer, params, prompts, comps, batch_size=1, max_length=64)
+def _fisher_reference(lm: LoadedModel, params, prompts, comps) -> list[torch.Tensor]:
+    """The textbook empirical Fisher: one backward pass per example, squared, averaged."""
     ref = [torch.zeros_like(p) for p in params]
     for p_, c_ in zip(prompts, comps):
         sft_loss(lm.model, encode(lm.tokenizer, [p_], [c_], 64)).backward()
         for r, p in zip(ref, params):
             r += p.grad**2 / len(prompts)
         lm.model.zero_grad(set_to_none=True)
+    return ref
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_fisher_is_per_example_whatever_the_batch_size(batch_size):
+    # LoRA adapters (every one a linear layer's weight): one pass per batch, per-example gradients from hooks.
+    lm = tiny_model(seed=0)
+    params = attach_lora(lm.model, r=4, alpha=8.0, targets=["q_proj", "v_proj"], seed=1)
+    with torch.no_grad():  # B starts at zero, which would make A's gradient vanish
+        for p in params:
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    prompts, comps = pairs(TASK_A + TASK_B)
+    passes = []
+    hook = lm.model.get_decoder().register_forward_hook(lambda *_: passes.append(1))
+    fisher = EWC.fisher_diagonal(lm.model, lm.tokenizer, params, prompts, comps, batch_size=batch_size, max_length=64)
+    hook.remove()
+    assert len(passes) == math.ceil(len(prompts) / batch_size)  # one pass per batch, not per example
+    ref = _fisher_reference(lm, params, prompts, comps)
+    for f, r, p in zip(fisher, ref, params):
+        assert f.shape == p.shape and (f >= 0).all() and f.sum() > 0
+        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-9)
+    # Squaring per example is not squaring the batch mean: that would be several times smaller here.
+    batch_sq = [g**2 for g in torch.autograd.grad(sft_loss(lm.model, encode(lm.tokenizer, prompts, comps, 64)), params)]
+    assert sum(float(f.sum()) for f in fisher) > 2 * sum(float(b.sum()) for b in batch_sq)
+    assert all(p.grad is None for p in params)  # the estimate leaves .grad alone
+
+
+def test_fisher_of_parameters_outside_linear_layers_falls_back_to_one_pass_per_example():
+    lm = tiny_model(seed=0)
+    params = [lm.model.model.layers[0].self_attn.q_proj.weight, lm.model.model.norm.weight]
+    for p in params:
+        p.requires_grad_(True)
+    prompts, comps = pairs(TASK_A)
+    passes = []
+    hook = lm.model.get_decoder().register_forward_hook(lambda *_: passes.append(1))
+    fisher = EWC.fisher_diagonal(lm.model, lm.tokenizer, params, prompts, comps, batch_size=4, max_length=64)
+    hook.remove()
+    assert len(passes) == len(prompts)
+    ref = _fisher_reference(lm, params, prompts, comps)
     for f, r, p in zip(fisher, ref, params):
         assert f.shape == p.shape and (f >= 0).all() and f.sum() > 0
         torch.testing.assert_close(f, r)
-    assert all(p.grad is None for p in params)  # the estimate leaves .grad alone
+    assert all(p.grad is None for p in params)
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_quadratic_away_from_it():
