@@ -225,7 +225,6 @@ def train_sequential(
     return losses
 
 
-
 # --- Per-example gradients ------------------------------------------------------------
 
 
@@ -237,9 +236,8 @@ def _linear_owners(model: nn.Module, params: Sequence[nn.Parameter]) -> list[tup
     """
     places: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                places.setdefault(id(p), []).append((module, name))
+        for name, p in module.named_parameters(recurse=False):
+            places.setdefault(id(p), []).append((module, name))
     owners = []
     for p in params:
         where = places.get(id(p), [])
