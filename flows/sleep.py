@@ -21,7 +21,7 @@ from model.io import exclusive
 from tasks.caching import outputs_intact
 from tasks.dream import dream_and_promote
 from tasks.sleep import consolidate_due_levels
-from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, timings_path, write_metrics
+from tasks.wake import consolidated_state_dir, read_plan, read_stream, sleep_state_dir, timings_path, write_metrics
 
 
 def _setup(params_path: str) -> tuple[Params, Path]:
@@ -39,13 +39,11 @@ def _write_dreaming_metrics(params: Params, root: Path, period: int, report: dic
                   timings_path(params, root, "dreaming", period))
 
 
-def run_consolidation(
-    params: Params, root: Path, period: int, stream: pd.DataFrame, plan: dict[int, list[str]]
-) -> dict:
-    """The consolidation task (cached; rerun if its state is gone or damaged)."""
-    report = consolidate_due_levels(params, root, stream, plan, period)
+def run_consolidation(params: Params, root: Path, period: int, plan: dict[int, list[str]]) -> dict:
+    """The consolidation task (cached; rerun if its state is gone or damaged). A sleep sees label names, not examples."""
+    report = consolidate_due_levels(params, root, plan, period)
     if not outputs_intact(consolidated_state_dir(params, root, period)):
-        report = consolidate_due_levels.with_options(refresh_cache=True)(params, root, stream, plan, period)
+        report = consolidate_due_levels.with_options(refresh_cache=True)(params, root, plan, period)
     return report
 
 
@@ -62,8 +60,8 @@ def consolidate(period: int, params_path: str = "params.yaml") -> dict:
     """Knowledge Seeding of every level pair due after wake period ``period``; writes the consolidated state."""
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        stream, plan = read_stream(root / params.data.out_dir)
-        report = run_consolidation(params, root, period, stream, plan)
+        plan = read_plan(root / params.data.out_dir)
+        report = run_consolidation(params, root, period, plan)
         _write_consolidation_metrics(params, root, period, report)
     return report
 
@@ -73,7 +71,7 @@ def dream(period: int, params_path: str = "params.yaml") -> dict:
     """Dream about the period's tasks, gate the dreams, promote the good ones; writes the sleep state."""
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        stream, _ = read_stream(root / params.data.out_dir)
+        stream, _ = read_stream(root / params.data.out_dir, period)  # this period's rows only
         report = run_dreaming(params, root, period, stream)
         _write_dreaming_metrics(params, root, period, report)
     return report
@@ -89,9 +87,9 @@ def sleep(period: int, params_path: str = "params.yaml") -> dict:
     """
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        stream, plan = read_stream(root / params.data.out_dir)
+        stream, plan = read_stream(root / params.data.out_dir, period)  # this period's rows and every label name
         with transaction():
-            consolidation = run_consolidation(params, root, period, stream, plan)
+            consolidation = run_consolidation(params, root, period, plan)
             dreaming = run_dreaming(params, root, period, stream)
         _write_consolidation_metrics(params, root, period, consolidation)
         _write_dreaming_metrics(params, root, period, dreaming)

@@ -17,7 +17,7 @@ from tasks.wake import read_stream, timings_path, train_wake_period, wake_state_
 
 def run_wake(params: Params, root: Path, period: int) -> dict:
     """The wake task (cached by inputs and code; rerun if its state is gone or damaged)."""
-    stream, _ = read_stream(root / params.data.out_dir)
+    stream, _ = read_stream(root / params.data.out_dir, period)  # this period's rows only
     metrics = train_wake_period(params, root, stream, period)
     if not outputs_intact(wake_state_dir(params, root, period)):
         metrics = train_wake_period.with_options(refresh_cache=True)(params, root, stream, period)

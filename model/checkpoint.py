@@ -153,6 +153,7 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
                 unlocked_at_step=e["unlocked_at_step"],
                 origin=e["origin"],
                 history=list(e["history"]),
+                frozen=bool(e.get("frozen", False)),
             )
             for e in lv["experts"]
         ]

@@ -59,6 +59,7 @@ class ExpertInfo:
     unlocked_at_step: int | None = None
     origin: str | None = None  # e.g. "init", "consolidation:fast->slow@step-40"
     history: list[str] = field(default_factory=list)
+    frozen: bool = False  # read-only in wake (a consolidated expert, cms.freeze_consolidated)
 
 
 class ExpertBank(nn.Module):
@@ -93,10 +94,16 @@ class ExpertBank(nn.Module):
             keep = torch.zeros_like(gates, dtype=torch.bool)
             keep.scatter_(1, logits.topk(k, dim=1).indices, True)
             if self.random_generator is not None:
-                # Dream mode (paper 3.4): each router also activates one random active expert.
-                rnd = torch.randint(n_act, (x.shape[0], 1), generator=self.random_generator)
-                keep.scatter_(1, rnd.to(x.device), True)
+                # Dream mode (paper 3.4): each router also activates one random expert that its top-k left
+                # off (uniform over the unselected ones: random keys, selected ones pushed to -inf).
+                keys = torch.rand(x.shape[0], n_act, generator=self.random_generator).to(x.device)
+                keep.scatter_(1, keys.masked_fill(keep, -1.0).argmax(dim=1, keepdim=True), True)
             gates = gates * keep
+        elif self.random_generator is not None and n_act > 0:
+            # Every active expert is already on (n_active <= top_k): none is off, so dream mode drives a
+            # random one at full gate instead of its router's sigmoid.
+            rnd = torch.randint(n_act, (x.shape[0], 1), generator=self.random_generator).to(x.device)
+            gates = gates.scatter(1, rnd, 1.0)
         hidden = self.act(x @ A).view(-1, n_act, r) * gates.unsqueeze(-1)  # (N, Ea, r)
         return (hidden.view(-1, n_act * r) @ B).view(shape)
 
@@ -182,6 +189,23 @@ class ContinuumMemory(nn.Module):
         self._check_level(level)
         return [e.slot for e in self.experts[level] if e.active]
 
+    def writable_slots(self, level: int) -> list[int]:
+        """Active slots that wake's eq.-2 step may move (not frozen by a sleep)."""
+        self._check_level(level)
+        return [e.slot for e in self.experts[level] if e.active and not e.frozen]
+
+    def frozen_slots(self, level: int) -> list[int]:
+        self._check_level(level)
+        return [e.slot for e in self.experts[level] if e.active and e.frozen]
+
+    def freeze(self, level: int, slot: int, reason: str) -> None:
+        """Make an active expert read-only in wake (its weights change only in a later sleep's merge)."""
+        info = self.experts[level][slot]
+        if not info.active:
+            raise CMSError(f"level {level} slot {slot} is not active; only an active expert can be frozen")
+        info.frozen = True
+        info.history.append(f"frozen@{self.step}:{reason}")
+
     def free_slots(self, level: int) -> list[int]:
         self._check_level(level)
         return [e.slot for e in self.experts[level] if not e.active]
@@ -219,7 +243,7 @@ class ContinuumMemory(nn.Module):
                 bank.B[slot].zero_()
                 bank.router[slot].copy_(torch.empty(bank.router[slot].shape).normal_(0.0, std, generator=self._gen))
         info = self.experts[level][slot]
-        info.active, info.unlocked_at_step, info.origin = True, self.step, origin
+        info.active, info.unlocked_at_step, info.origin, info.frozen = True, self.step, origin, False
         info.history.append(f"unlocked@{self.step}:{origin}")
         self.refresh_routing(level)
         return slot
@@ -235,7 +259,21 @@ class ContinuumMemory(nn.Module):
         for info in self.experts[level]:
             if info.active:
                 info.history.append(f"reset@{self.step}:{reason}")
-            info.active, info.unlocked_at_step, info.origin = False, None, None
+            info.active, info.unlocked_at_step, info.origin, info.frozen = False, None, None, False
+        self.refresh_routing(level)
+        return params
+
+    def reset_slot(self, level: int, slot: int, reason: str) -> list[nn.Parameter]:
+        """Zero and mask one expert of a level (its slot becomes free). Returns its parameters."""
+        params = self.level_parameters(level, [slot])
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+                p.grad = None
+        info = self.experts[level][slot]
+        if info.active:
+            info.history.append(f"reset@{self.step}:{reason}")
+        info.active, info.unlocked_at_step, info.origin, info.frozen = False, None, None, False
         self.refresh_routing(level)
         return params
 
@@ -354,7 +392,9 @@ class ChunkedOptimizer:
         self.cms.step += 1
         updated = self.due(self.cms.step)
         for li in updated:
-            params = [p for p in self.cms.level_parameters(li) if p.grad is not None]
+            for p in self.cms.level_parameters(li, self.cms.frozen_slots(li)):
+                p.grad = None  # read-only experts: their gradients are dropped, never applied
+            params = [p for p in self.cms.level_parameters(li, self.cms.writable_slots(li)) if p.grad is not None]
             if not params:
                 continue
             if self.grad_clip is not None:

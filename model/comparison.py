@@ -10,6 +10,7 @@ run the lifecycle's own wake/sleep/evaluate code instead; see ``flows/compare.py
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from model.baselines import (
 from model.config import BaselinesConfig, WakeConfig
 from model.wake import classify, split_template
 
-BASELINES = ("zero_shot", "icl", "finetune", "ewc", "replay")
+BASELINES = ("zero_shot", "icl", "finetune", "ewc", "replay", "joint")
 
 
 @dataclass
@@ -87,7 +88,9 @@ def run_baseline(
     wake's batches, epochs and example order; ``ewc`` adds its penalty from the second
     task on (Fisher of every earlier task, online); ``replay`` adds ``replay_per_batch``
     examples from a reservoir of everything seen before the current task.
-    ``zero_shot`` and ``icl`` never train.
+    ``zero_shot`` and ``icl`` never train. ``joint`` is the upper bound: after task i it is the
+    same initial adapters trained on the train rows of tasks 0..i at once (shuffled), with as
+    many steps as the sequential methods took up to task i; it keeps all raw data.
     """
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; one of {', '.join(BASELINES)}")
@@ -95,8 +98,9 @@ def run_baseline(
     run = BaselineRun(method)
     torch.manual_seed(seed)
     params: list[torch.nn.Parameter] = []
-    if method in ("finetune", "ewc", "replay"):
+    if method in ("finetune", "ewc", "replay", "joint"):
         params = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, seed=seed)
+    initial = [p.detach().clone() for p in params]
     ewc = EWC(params, cfg.ewc_lambda) if method == "ewc" else None
     buffer = ReplayBuffer(cfg.replay_buffer, seed=seed) if method == "replay" else None
 
@@ -107,6 +111,12 @@ def run_baseline(
         pairs = [split_template(wake.template, x, y) for x, y in task_pairs(stream, period, "train")]
         if not pairs:
             raise ValueError(f"task {period} has no train rows")
+        if method == "joint":  # the upper bound: every task so far at once, from the same initial adapters
+            pairs = [split_template(wake.template, x, y) for x, y in seen_train(stream, period)]
+            random.Random(seed * 1_000 + period).shuffle(pairs)
+            with torch.no_grad():
+                for p, v in zip(params, initial):
+                    p.copy_(v)
         if params:
             losses = train_sequential(
                 model, tokenizer, params, [p for p, _ in pairs], [c for _, c in pairs], wake.batch_size,
@@ -116,7 +126,8 @@ def run_baseline(
                 replay_per_batch=cfg.replay_per_batch, seed=seed * 1_000 + period,
             )
             run.losses.append(losses)
-            run.gradient_steps += len(losses)
+            # joint's model after the last task took as many steps as the sequential methods in all
+            run.gradient_steps = len(losses) if method == "joint" else run.gradient_steps + len(losses)
             if ewc is not None:
                 ewc.consolidate(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs],
                                 cfg.ewc_fisher_batch_size, wake.max_length)

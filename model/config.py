@@ -78,6 +78,15 @@ class LevelConfig(_Strict):
         return self
 
 
+class RoutingConfig(_Strict):
+    """Routers trained to separate inputs (model/routing.py)."""
+
+    enabled: bool = Field(False, description="Routing loss: the learning experts' routers fire on the current period's "
+                          "inputs and not on dreamed inputs of other tasks (false: routers learn only from the LM loss).")
+    weight: float = Field(1.0, ge=0, le=100.0, description="Weight of L_route beside the wake / consolidation loss.")
+    negatives_per_step: int = Field(8, ge=1, description="Dreamed other-task inputs per wake step.")
+
+
 class CMSConfig(_Strict):
     """Where the memory levels attach and what they are (DESIGN §1)."""
 
@@ -85,6 +94,11 @@ class CMSConfig(_Strict):
     top_layers: int = Field(8, ge=1, description="Attach to the last N decoder layers when 'layers' is null.")
     activation: Literal["silu", "gelu", "relu"] = "silu"
     init_std: float = Field(0.02, gt=0, le=1.0, description="Std of A and router rows at unlock.")
+    freeze_consolidated: bool = Field(
+        True, description="An expert a sleep filled is read-only in wake: the eq.-2 step moves only the level's "
+        "writable experts (false: every active expert moves, the 'no freezing' ablation).",
+    )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     levels: list[LevelConfig] = Field(
         default_factory=lambda: [
             LevelConfig(name="fast", chunk_size=1, lr=1e-3),
@@ -165,6 +179,45 @@ class WakeConfig(_Strict):
         return v
 
 
+REHEARSAL_PROMPT = (
+    '{examples}Write one short, realistic example of a message a user might write whose category is "{label}". '
+    "Reply with the message only."
+)
+REHEARSAL_SHOT = 'Example of "{label}": {text}\n'  # rehearsal.shots > 0: current-period examples first
+
+
+class RehearsalConfig(_Strict):
+    """Rehearsal inside sleep: dreamed inputs of every earlier task join consolidation's data D (model/rehearsal.py)."""
+
+    enabled: bool = Field(True, description="Dream about every earlier task and distil the old model's answers on "
+                          "those dreams into the new expert (false: consolidation sees the current period only).")
+    per_label: int = Field(4, ge=1, le=64, description="Dreamed inputs per label of every earlier task.")
+    prompt: str = Field(REHEARSAL_PROMPT, description="Dream prompt; {label} is the label's name, {examples} the "
+                        "shots (optional).")
+    shot: str = Field(REHEARSAL_SHOT, description="One shot: a labelled example of the current period ({text}, {label}).")
+    shots: int = Field(0, ge=0, le=32, description="Current-period examples shown before each dream prompt, so "
+                       "dreams of earlier tasks come in the style of real inputs (0: the label alone).")
+    chat: bool = Field(True, description="Wrap the prompt in the model's chat template (when it has one).")
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0, le=5.0)
+    top_p: float = Field(0.95, gt=0, le=1.0)
+    random_expert: bool = Field(True, description="Dream mode while dreaming: every router also activates a random expert.")
+    batch_size: int = Field(8, ge=1, description="Dreamed old-task sequences per distillation step (beside the batch).")
+    weight: float = Field(1.0, ge=0, le=100.0, description="Weight of the old-task distillation term.")
+    all_positions: bool = Field(True, description="Distil the old model on every token of a dreamed input, not only "
+                                "on its label (more signal per dream; false: the label's tokens only).")
+    min_chars: int = Field(8, ge=1, description="Check: shorter dreams are rejected.")
+    near_duplicate_threshold: float = Field(90, ge=0, le=100, description="Check: rapidfuzz ratio at which a dream "
+                                            "repeats an earlier one of its label (or is just the label's name).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if "{label}" not in v:
+            raise ValueError("prompt must contain {label}")
+        return v
+
+
 class ConsolidationConfig(_Strict):
     """Sleep stage 1: Knowledge Seeding of level l-1 into a new expert of level l (DESIGN §2)."""
 
@@ -195,6 +248,12 @@ class ConsolidationConfig(_Strict):
     temperature: float = Field(1.0, ge=0, le=5.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1.0)
     grad_clip: float = Field(1.0, gt=0)
+    rehearsal: RehearsalConfig = Field(default_factory=RehearsalConfig)
+    merge_when_full: bool = Field(
+        True, description="When the slower level has no free slot, merge its two oldest consolidated experts into "
+        "one (layer-wise distillation) so the sleep still has a slot (false: NoFreeSlotError).",
+    )
+    merge_steps: int = Field(60, ge=1, description="Adam steps of a merge (per layer, on the experts' own inputs).")
     state_dir: str = Field("state/consolidated", description="Model state after consolidation (input of dreaming).")
     dreams_dir: str = Field("dreams/consolidation", description="Sleep data per period (parquet).")
     metrics_dir: str = "metrics/consolidation"
@@ -318,6 +377,10 @@ class LifecycleConfig(_Strict):
         "metrics/timings", description="Wall-clock timings of each stage, one JSON per stage and period "
         "(<stage>-period-N.json); apart from the metrics, which a rerun reproduces byte for byte."
     )
+    diagnostics: bool = Field(
+        True, description="Evaluate also measures every seen task in each state of a cycle (after the previous "
+        "sleep, after wake with and without the fast level, after consolidation, after dreaming).",
+    )
     state_root: str = Field("state", description="Directory holding every state of a run; one run at a time (locked).")
     publish: bool = Field(
         True, description="Publish each cycle's experts, dreams and reports to the artifact store "
@@ -340,6 +403,11 @@ METHODS: dict[str, str] = {
     "finetune": "sequential fine-tuning of LoRA adapters, task after task",
     "ewc": "sequential LoRA fine-tuning with an elastic weight consolidation penalty",
     "replay": "sequential LoRA fine-tuning with experience replay from a reservoir buffer of past examples",
+    "joint": "upper bound: LoRA fine-tuning on every task so far at once (all raw data), the same steps in all",
+    "no_rehearsal": "full sleep without rehearsal: consolidation sees the current period's prompts only",
+    "no_freezing": "full sleep, consolidated experts stay writable in wake (the slow level's eq.-2 step moves them)",
+    "with_routing": "full sleep plus the routing loss (routers fire on this period's inputs, not on dreamed inputs "
+    "of other tasks; off by default: it did not help on the development runs)",
     "cms": "the continuum memory system learning online, without sleep",
     "sleep_consolidation": "wake + sleep with consolidation only (no dreaming)",
     "sleep": "wake + full sleep (consolidation and dreaming)",
@@ -351,18 +419,21 @@ METHODS: dict[str, str] = {
     "no_dreaming": "full sleep without dreaming (same as sleep_consolidation, named as the paper's ablation)",
 }
 #: Methods that keep raw examples of past tasks (the target compares sleep with the others).
-STORES_RAW_DATA = frozenset({"icl", "replay"})
+STORES_RAW_DATA = frozenset({"icl", "replay", "joint"})
 #: What each method of the CMS family changes in params (applied after the comparison's overrides).
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "cms": {"consolidation": {"enabled": False}, "dream": {"enabled": False}},
     "sleep_consolidation": {"dream": {"enabled": False}},
-    "sleep": {},
+    "sleep": {"lifecycle": {"diagnostics": True}},
     "no_imitation": {"consolidation": {"alpha": 1.0}},
     "no_semantic_reward": {"consolidation": {"gamma": 0.0}},
     "no_expansion": {"consolidation": {"expand": False}},
     "no_gradient_selection": {"dream": {"importance": "random"}},
     "no_random_expert": {"dream": {"random_expert": False}},
     "no_dreaming": {"dream": {"enabled": False}},
+    "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
+    "no_freezing": {"cms": {"freeze_consolidated": False}},
+    "with_routing": {"cms": {"routing": {"enabled": True}}},
 }
 #: The methods of a knowledge-incorporation comparison (``kind: knowledge``; model/incorporation.py).
 KNOWLEDGE_METHODS: dict[str, str] = {
@@ -374,7 +445,8 @@ KNOWLEDGE_METHODS: dict[str, str] = {
     "Expectations gate, promotion",
 }
 MethodName = Literal[
-    "zero_shot", "icl", "finetune", "ewc", "replay", "cms", "sleep_consolidation", "sleep", "no_imitation",
+    "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
+    "no_rehearsal", "no_freezing", "with_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
     "base", "passage_finetune", "base_dreams",
 ]

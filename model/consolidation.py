@@ -25,6 +25,7 @@ its weights as they were when the sleep began.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,8 @@ from model.cms import CMSError, ContinuumMemory
 from model.config import ConsolidationConfig, LevelConfig, SamplingConfig
 from model.forward import completion_logits, prefix_hidden, suffix_hidden
 from model.losses import distillation_loss
+from model.merging import MergeRecord, merge_oldest
+from model.routing import captured_inputs, router_logits, routing_loss
 from model.rewards import SemanticJudge, group_advantages, imitation_reward
 from model.sampling import sample_continuations
 from model.wake import Batch, NonFiniteLossError, completion_logprobs, encode
@@ -92,6 +95,7 @@ class ConsolidationResult:
     src: int
     dst: int
     slot: int
+    merged: MergeRecord | None = None  # the merge that freed a slot of a full level first
     steps: list[StepRecord] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)  # the sleep's dreams table rows
 
@@ -117,6 +121,9 @@ def consolidate(
     origin: str,
     on_step: Callable[[StepRecord], None] | None = None,
     sampling: SamplingConfig | None = None,
+    rehearsal: Sequence[tuple[str, str]] = (),
+    freeze: bool = False,
+    route_weight: float = 0.0,
 ) -> ConsolidationResult:
     """Knowledge Seeding of level ``src`` into a new expert of level ``dst``; then reset ``src``.
 
@@ -125,6 +132,15 @@ def consolidate(
     model rather than save it), NoFreeSlotError when
     ``dst`` is full, EmptyPromptBufferError without prompts. ``sampling`` sets the
     decoder's batch size and dtype for every sample drawn here (default: SamplingConfig()).
+
+    ``rehearsal``: (prompt, completion) pairs of dreamed old-task inputs (model/rehearsal.py).
+    They join D with a second teacher, the *old* model (level ``src`` masked, the new expert
+    hidden), in a batch of ``cfg.rehearsal.batch_size`` beside every distillation batch, weighted
+    by ``cfg.rehearsal.weight``; with ``route_weight`` > 0 the new expert's router also learns
+    L_route (model/routing.py): on for this period's prompts, off for the rehearsal dreams.
+    ``freeze``: the new expert is read-only in later wakes.
+    When ``dst`` is full and ``cfg.merge_when_full``, its two oldest consolidated experts are
+    merged first (:func:`model.merging.merge_oldest`), so a sleep always has a slot.
     """
     if not prompts:
         raise EmptyPromptBufferError("consolidation needs wake prompts, but the prompt buffer is empty")
@@ -134,16 +150,27 @@ def consolidate(
         raise ValueError("gamma > 0 needs the semantic reward model (judge)")
     rng = random.Random(seed)
     existing = cms.active_slots(dst)
+    merged = None
+    if (cfg.expand or not existing) and not cms.free_slots(dst) and cfg.merge_when_full:
+        with cms.levels_masked([src]):  # the slow level's inputs as the student will see them
+            merged = merge_oldest(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
+                                  max_length, cfg.merge_steps, cfg.lr, seed)
     if cfg.expand or not existing:
         slot = cms.unlock(dst, origin=origin)
         new_params = cms.level_parameters(dst, [slot])
         teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
+        old_teacher = lambda: cms.levels_masked([src], hidden={dst: [slot]})  # noqa: E731
     else:  # no expansion: train the newest expert in place against a frozen copy of it
         slot = existing[-1]
         new_params = cms.level_parameters(dst, [slot])
         frozen = [p.detach().clone() for p in new_params]
         teacher = lambda: _weights_swapped(new_params, frozen)  # noqa: E731
-    result = ConsolidationResult(src=src, dst=dst, slot=slot)
+
+        @contextlib.contextmanager
+        def old_teacher() -> Iterator[None]:
+            with _weights_swapped(new_params, frozen), cms.levels_masked([src]):
+                yield
+    result = ConsolidationResult(src=src, dst=dst, slot=slot, merged=merged)
     student = lambda: cms.levels_masked([src])  # noqa: E731
     optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     split = SplitForward(model, cms)
@@ -184,10 +211,28 @@ def consolidate(
                 state = split.prefix(batch)
                 with torch.no_grad(), teacher():
                     t_logits = split.completion_logits(state, batch)
-                with student():
+                with student(), captured_inputs(cms, dst) as pos:
                     s_logits = split.completion_logits(state, batch)
                 distill = distillation_loss(t_logits, s_logits, cfg.divergence, cfg.beta)
+                route = None
+                if rehearsal and (cfg.rehearsal.weight > 0 or route_weight > 0):  # old tasks: the old model teaches
+                    old = [rehearsal[i] for i in rng.sample(range(len(rehearsal)), min(cfg.rehearsal.batch_size, len(rehearsal)))]
+                    r_batch = encode(tokenizer, [p for p, _ in old], [c for _, c in old], max_length)
+                    if cfg.rehearsal.all_positions:  # keep the old function on every token, not just the label's
+                        r_batch = every_position(r_batch)
+                    r_batch = r_batch.to(model.device)
+                    r_state = split.prefix(r_batch)
+                    with torch.no_grad(), old_teacher():
+                        rt_logits = split.completion_logits(r_state, r_batch)
+                    with student(), captured_inputs(cms, dst) as neg:
+                        rs_logits = split.completion_logits(r_state, r_batch)
+                    distill = distill + cfg.rehearsal.weight * distillation_loss(rt_logits, rs_logits, cfg.divergence, cfg.beta)
+                    if route_weight > 0:  # the new expert fires on this period's inputs, not on the old tasks'
+                        route = routing_loss(router_logits(cms, dst, [slot], [x[0] for x in pos], batch.segment >= 0),
+                                             router_logits(cms, dst, [slot], [x[0] for x in neg], r_batch.segment >= 0))
                 loss, mean_reward = cfg.alpha * distill, math.nan
+                if route is not None:
+                    loss = loss + route_weight * route
                 if cfg.alpha < 1:
                     pg, mean_reward, rows = _imitation_step(
                         model, tokenizer, cms, student, data, cfg, max_length, judge, rng, seed, step, decode
@@ -209,7 +254,16 @@ def consolidate(
         for p in new_params:
             p.grad = None
     cms.reset_level(src, reason=f"consolidated into level {dst} slot {slot}")
+    if freeze:
+        cms.freeze(dst, slot, reason=f"consolidated from level {src}")
     return result
+
+
+def every_position(batch: Batch) -> Batch:
+    """The same batch with every token after an example's first one marked for distillation (M grows
+    from the completion tokens to all predicted tokens)."""
+    mask = (batch.segment >= 0) & (batch.position_ids > 0)
+    return dataclasses.replace(batch, completion_mask=mask)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,16 @@ import numpy as np
 Matrix = list[list[float | None]]
 
 
+#: The states a cycle's diagnostics measure, in the order they happen: (name, what it is).
+DIAGNOSTIC_STATES: tuple[tuple[str, str], ...] = (
+    ("after_previous_sleep", "the state the wake started from (the sleep of period t-1)"),
+    ("after_wake", "after wake t, every level on"),
+    ("after_wake_fast_masked", "after wake t, the fastest level masked (what the slower levels still know)"),
+    ("after_consolidation", "after consolidation t (the fast level freed)"),
+    ("after_dreaming", "after dreaming t: the sleep's final state"),
+)
+
+
 def accuracy_matrix(rows: Sequence[Mapping[int | str, float]], n_tasks: int) -> Matrix:
     """Build R from one mapping per learned task: ``rows[i][j]`` = accuracy on task j after task i.
 

@@ -22,6 +22,7 @@ from model.config import DataConfig, SourceConfig
 
 STREAM_FILE = "stream.parquet"
 PLAN_FILE = "tasks.json"
+TASKS_DIR = "tasks"  # one parquet shard per task: task-N.parquet
 STREAM_COLUMNS = ["row_id", "task", "split", "text", "label"]
 CLINC150_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
@@ -274,10 +275,30 @@ def _rows_by_label(df: pd.DataFrame) -> dict[str, np.ndarray]:
     return {str(label): np.asarray(idx) for label, idx in df.groupby("label", sort=True).groups.items()}
 
 
-def load_stream(out_dir: str | Path) -> tuple[pd.DataFrame, dict[int, list[str]]]:
-    """Read a stream and its plan written by the prepare stage (plan keys back to int)."""
+def task_file(out_dir: str | Path, task: int) -> Path:
+    """The shard of the stream that holds task ``task``'s rows only (what its wake and dreaming read)."""
+    return Path(out_dir) / TASKS_DIR / f"task-{task}.parquet"
+
+
+def load_plan(out_dir: str | Path) -> dict[int, list[str]]:
+    """The task plan (task -> label names) alone: what a sleep may know of every task."""
+    plan_path = Path(out_dir) / PLAN_FILE
+    if not plan_path.is_file():
+        raise DataError(f"{plan_path}: not found; run the prepare stage first")
+    raw = json.loads(plan_path.read_text(encoding="utf-8"))
+    return {int(k): list(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+
+
+def load_stream(out_dir: str | Path, task: int | None = None) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Read a stream and its plan written by the prepare stage (plan keys back to int).
+
+    With ``task``, only that task's shard is read (:func:`task_file`): a stage that learns
+    task t never opens the rows of any other task.
+    """
     out_dir = Path(out_dir)
     stream_path, plan_path = out_dir / STREAM_FILE, out_dir / PLAN_FILE
+    if task is not None:
+        stream_path = task_file(out_dir, task)
     for p in (stream_path, plan_path):
         if not p.is_file():
             raise DataError(f"{p}: not found; run the prepare stage first")

@@ -15,6 +15,7 @@ at every prompt position.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from model.cms import ChunkedOptimizer
+from model.cms import ChunkedOptimizer, CMSError, ContinuumMemory
+from model.config import LevelConfig
 from model.forward import completion_logits, logprobs_by_example
+from model.routing import captured_inputs, router_logits, routing_loss
 
 
 def label_text(label: str) -> str:
@@ -143,6 +146,32 @@ def sft_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     return -logp.sum() / n.sum().clamp(min=1)
 
 
+class NoWritableExpertError(CMSError):
+    """A level that learns in wake has no writable expert and no free slot to unlock one."""
+
+
+def ensure_writable(cms: ContinuumMemory, levels: Sequence[LevelConfig], origin: str) -> list[int]:
+    """Give every level that starts with experts (``initial_experts`` > 0) a writable one for wake.
+
+    A level freed by the last sleep, or whose every active expert is frozen (consolidated), gets
+    a fresh expert (B = 0: the function does not change). Returns the levels that got one.
+    Raises NoWritableExpertError naming the level when it has no free slot left.
+    """
+    unlocked = []
+    for li, lvl in enumerate(levels):
+        if not lvl.initial_experts or cms.writable_slots(li):
+            continue
+        if not cms.free_slots(li):
+            raise NoWritableExpertError(
+                f"level {li} ('{lvl.name}'): all {lvl.n_experts} experts are frozen consolidated experts and no "
+                "slot is free, so wake has nothing to write; raise cms.levels[].n_experts or let sleep merge "
+                "experts (consolidation.merge_when_full)"
+            )
+        cms.unlock(li, origin=origin)
+        unlocked.append(li)
+    return unlocked
+
+
 @dataclass
 class StepLog:
     step: int
@@ -165,30 +194,54 @@ def train_period(
     max_length: int,
     epochs: int = 1,
     on_step: Callable[[StepLog], None] | None = None,
+    negatives: Sequence[str] = (),
+    route_weight: float = 0.0,
+    negatives_per_step: int = 8,
+    seed: int = 0,
 ) -> list[StepLog]:
     """One wake period: read the examples in order, one optimiser step call per batch.
 
     Each level is updated only when its chunk ends (eq. 2); every other step just
     accumulates its gradients. Raises NonFiniteLossError on a NaN/inf loss.
+    With ``negatives`` (dreamed inputs of other tasks) and ``route_weight`` > 0 the fast
+    level's writable experts also learn L_route (model/routing.py): their routers fire on
+    this period's tokens and not on ``negatives_per_step`` negatives drawn per step.
     """
+    rng = random.Random(seed)
+    route = bool(negatives) and route_weight > 0
     model.train()
     logs: list[StepLog] = []
     n = len(prompts)
-    try:
-        for _ in range(epochs):
-            for start in range(0, n, batch_size):
-                batch = encode(tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size], max_length)
-                loss = sft_loss(model, batch)
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLossError(f"non-finite wake loss {loss.item()} at step {optimizer.cms.step + 1}")
-                loss.backward()
-                updated = optimizer.step()
-                log = StepLog(optimizer.cms.step, float(loss.item()), batch.n_tokens, updated)
-                logs.append(log)
-                if on_step is not None:
-                    on_step(log)
-    finally:
-        model.eval()
+    cms = optimizer.cms
+    writable = [p for li in range(cms.n_levels) for p in cms.level_parameters(li, cms.writable_slots(li))]
+    with cms.trainable_only(writable):  # frozen (consolidated) experts get no gradient at all
+        try:
+            for _ in range(epochs):
+                for start in range(0, n, batch_size):
+                    batch = encode(tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size], max_length)
+                    slots = cms.writable_slots(0) if route else []
+                    with captured_inputs(cms, 0) as pos:
+                        loss = sft_loss(model, batch)
+                    if slots and all(pos):
+                        neg_texts = rng.sample(list(negatives), min(negatives_per_step, len(negatives)))
+                        nb = encode(tokenizer, neg_texts, [""] * len(neg_texts), max_length).to(model.device)
+                        with torch.no_grad(), captured_inputs(cms, 0) as neg:
+                            model.get_decoder()(input_ids=nb.input_ids, position_ids=nb.position_ids, use_cache=False)
+                        lp = router_logits(cms, 0, slots, [x[0] for x in pos], batch.segment >= 0)
+                        ln = router_logits(cms, 0, slots, [x[0] for x in neg], nb.segment >= 0)
+                        total = loss + route_weight * routing_loss(lp, ln)
+                    else:
+                        total = loss
+                    if not math.isfinite(total.item()):
+                        raise NonFiniteLossError(f"non-finite wake loss {total.item()} at step {optimizer.cms.step + 1}")
+                    total.backward()
+                    updated = optimizer.step()
+                    log = StepLog(optimizer.cms.step, float(loss.item()), batch.n_tokens, updated)
+                    logs.append(log)
+                    if on_step is not None:
+                        on_step(log)
+        finally:
+            model.eval()
     return logs
 
 

@@ -32,7 +32,7 @@ from model.config import (
     merge_overrides,
     quick_knowledge,
 )
-from model.data import STREAM_FILE, DataError, build_stream, load_source, load_stream
+from model.data import STREAM_FILE, DataError, build_stream, load_source, load_stream, task_file
 from model.io import sha256_file, write_json, write_text
 from model.loading import load_base_model, resolve_device
 from tasks.caching import code_digest
@@ -152,7 +152,7 @@ def prepare_streams(params: Params, root: Path, comp: Comparison) -> dict[int, t
         target = Path(p.data.out_dir)
         try:
             old_stream, old_plan = load_stream(target)
-            same = old_stream.equals(stream) and old_plan == plan
+            same = old_stream.equals(stream) and old_plan == plan and all(task_file(target, t).is_file() for t in plan)
         except (DataError, OSError, ValueError):  # missing or unreadable: write it
             same = False
         if not same:
@@ -191,13 +191,36 @@ def cached_result(rdir: Path, key: str) -> dict | None:
     return res if res.get("key") == key else None
 
 
+#: What a baseline's result depends on: the params sections it reads and the modules whose code it runs.
+BASELINE_SECTIONS = ("seed", "model", "data", "wake")
+BASELINE_CODE = ("model/baselines.py", "model/comparison.py", "model/wake.py", "model/forward.py",
+                 "model/loading.py", "model/data.py")
+
+
+def baseline_key(p: Params, method: str, baselines: BaselinesConfig) -> str:
+    """Digest of what a baseline's result depends on: only the params sections it reads, its baseline
+    settings, the code it runs and its stream. Changes to sleep (its params or its modules) leave a
+    finished baseline run valid, so a long comparison resumes without recomputing the baselines."""
+    h = hashlib.sha256()
+    h.update(method.encode())
+    dump = p.model_dump(mode="json")
+    h.update(json.dumps({k: dump[k] for k in BASELINE_SECTIONS}, sort_keys=True).encode())
+    h.update(json.dumps(baselines.model_dump(mode="json"), sort_keys=True).encode())
+    root = Path(__file__).resolve().parents[1]
+    for rel in BASELINE_CODE:
+        h.update(rel.encode())
+        h.update((root / rel).read_bytes())
+    h.update(sha256_file(Path(p.data.out_dir) / STREAM_FILE).encode())
+    return h.hexdigest()
+
+
 @task(cache_policy=NO_CACHE)
 def run_baseline_method(
     p: Params, baselines: BaselinesConfig, rdir: Path, method: str, stream: pd.DataFrame, plan: dict[int, list[str]]
 ) -> dict:
     """One baseline (zero_shot, icl, finetune, ewc, replay) over the seed's stream; writes result.json."""
     log = get_run_logger()
-    key = run_key(p, method, baselines)
+    key = baseline_key(p, method, baselines)
     hit = cached_result(rdir, key)
     if hit is not None:
         log.info(f"{method} seed {p.seed}: result on disk, not run again")
@@ -245,6 +268,7 @@ def collect_cms_result(p: Params, rdir: Path, method: str, rows: list[dict], sec
     result = {"method": method, "seed": p.seed, "key": run_key(p, method),
               "accuracy": [r["accuracy"] for r in rows], "gradient_steps": sum(steps.values()),
               "gradient_steps_by_stage": steps, "seconds": round(seconds, 1),
-              "dream_funnels": [r.get("dream_funnel") for r in rows]}
+              "dream_funnels": [r.get("dream_funnel") for r in rows],
+              "diagnostics": [r.get("diagnostics") for r in rows]}
     write_json(rdir / RESULT_FILE, result)
     return result

@@ -22,7 +22,7 @@ from model.dreaming import DreamTask, dream_about, promote, task_from_examples, 
 from model.io import atomic_dir, atomic_path
 from model.knowledge import load_passages
 from tasks.dream_gate import gate_dream_table
-from model.data import STREAM_FILE
+from model.data import task_file
 from tasks.caching import cache_options, remove_outputs, writing_outputs
 from tasks.trials import trial_step
 from tasks.wake import TIMING, consolidated_state_dir, sleep_state_dir
@@ -55,7 +55,7 @@ def dream_tasks(params: Params, root: Path, stream: pd.DataFrame, period: int) -
 
 def _dream_inputs(params: Params, root: Path, period: int) -> list[Path]:
     passages = [root / params.dream.passages] if params.dream.task_source == "squad" else []
-    return [consolidated_state_dir(params, root, period), root / params.data.out_dir / STREAM_FILE, *passages]
+    return [consolidated_state_dir(params, root, period), task_file(root / params.data.out_dir, period), *passages]
 
 
 @task(**cache_options(_dream_inputs))

@@ -10,11 +10,12 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model.checkpoint import open_memory_model
+from model.checkpoint import load_state, open_memory_model
 from model.config import Params
+from model.continual import DIAGNOSTIC_STATES
 from model.io import write_json, write_text
 from model.wake import classify
-from tasks.wake import read_stream, sleep_state_dir
+from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, wake_state_dir
 
 
 @task(cache_policy=NO_CACHE)
@@ -36,6 +37,41 @@ def evaluate_seen_tasks(
     )
     correct = pd.Series([p == g for p, g in zip(pred, test["label"])], index=test.index)
     return {str(t): float(correct[test["task"] == t].mean()) for t in seen}
+
+
+@task(cache_policy=NO_CACHE)
+def diagnose_states(
+    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
+) -> dict[str, dict[str, float]]:
+    """Where forgetting happens: accuracy of every seen task (among all seen labels) in each state of cycle ``period``.
+
+    One model is loaded and each state's experts are loaded into it in turn (checksums verified).
+    ``after_previous_sleep`` is measured on tasks 0..t as well (task t not yet learned). States a
+    run did not write are left out.
+    """
+    torch.set_num_threads(params.wake.threads)
+    seen = list(range(period + 1))
+    labels = [lab for t in seen for lab in plan[t]]
+    test = stream[(stream["split"] == "test") & (stream["task"].isin(seen))].sort_values("row_id")
+    views = {
+        "after_previous_sleep": (sleep_state_dir(params, root, period - 1) if period > 0 else None, []),
+        "after_wake": (wake_state_dir(params, root, period), []),
+        "after_wake_fast_masked": (wake_state_dir(params, root, period), [0]),
+        "after_consolidation": (consolidated_state_dir(params, root, period), []),
+        "after_dreaming": (sleep_state_dir(params, root, period), []),
+    }
+    loaded, cms, _ = open_memory_model(params, root, None)
+    out: dict[str, dict[str, float]] = {}
+    for name, (state, masked) in views.items():
+        if state is None or not state.is_dir():
+            continue
+        load_state(cms, state)
+        with cms.levels_masked(masked):
+            pred = classify(loaded.model, loaded.tokenizer, params.wake.template, list(test["text"]), labels,
+                            params.wake.eval_batch_size, params.wake.max_length)
+        correct = pd.Series([p == g for p, g in zip(pred, test["label"])], index=test.index)
+        out[name] = {str(t): float(correct[test["task"] == t].mean()) for t in seen}
+    return out
 
 
 @task(retries=2, retry_delay_seconds=1)
@@ -67,7 +103,7 @@ def cycle_row(params: Params, root: Path, period: int, accuracy: dict[str, float
         "wake_loss_first": wake.get("loss_first"),
         "wake_loss_last": wake.get("loss_last"),
         "consolidations": [
-            {k: c[k] for k in ("src", "dst", "slot", "retention_loss", "accuracy_ratio")}
+            {k: c.get(k) for k in ("src", "dst", "slot", "retention_loss", "accuracy_ratio")}
             for c in sleep.get("consolidations", [])
         ],
         "dream_funnel": dream.get("funnel"),
@@ -80,6 +116,8 @@ def evaluate_cycle(params: Params, root: Path, period: int) -> dict:
     stream, plan = read_stream.fn(root / params.data.out_dir)
     accuracy = evaluate_seen_tasks.fn(params, root, stream, plan, period, sleep_state_dir(params, root, period))
     row = cycle_row(params, root, period, accuracy)
+    if params.lifecycle.diagnostics:
+        row["diagnostics"] = diagnose_states.fn(params, root, stream, plan, period)
     write_json(root / params.lifecycle.metrics_dir / f"period-{period}.json", row)
     return row
 

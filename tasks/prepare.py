@@ -6,6 +6,7 @@ add retries (for file I/O only) and write the validation report and the stream f
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
 from model.config import DataConfig, SourceConfig
-from model.data import PLAN_FILE, STREAM_FILE, build_stream, load_source
+from model.data import PLAN_FILE, STREAM_FILE, build_stream, load_source, task_file
 from model.io import atomic_path, write_json, write_text
 from tasks.expectations import StreamValidation, StreamValidationError, validate_stream
 
@@ -60,10 +61,18 @@ def validate_class_stream(df: pd.DataFrame, plan: dict[int, list[str]], report_d
 
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_os_error, cache_policy=NO_CACHE)
 def write_stream(df: pd.DataFrame, plan: dict[int, list[str]], out_dir: Path) -> Path:
-    """Write stream.parquet and tasks.json into ``out_dir``; both are renamed in only when both are complete."""
+    """Write stream.parquet, tasks.json and one shard per task (tasks/task-N.parquet) into ``out_dir``.
+
+    They are renamed in only when all are complete.
+    """
     out_dir = Path(out_dir)
     stream_path = out_dir / STREAM_FILE
-    with atomic_path(stream_path) as tmp_stream, atomic_path(out_dir / PLAN_FILE) as tmp_plan:
+    with contextlib.ExitStack() as stack:  # every file is renamed in only once all are complete
+        tmp_stream = stack.enter_context(atomic_path(stream_path))
+        tmp_plan = stack.enter_context(atomic_path(out_dir / PLAN_FILE))
+        shards = {t: stack.enter_context(atomic_path(task_file(out_dir, t))) for t in plan}
         df.to_parquet(tmp_stream, index=False, engine="pyarrow")
         write_json(tmp_plan, {str(task_id): labels for task_id, labels in plan.items()})
+        for t, tmp in shards.items():
+            df[df["task"] == t].to_parquet(tmp, index=False, engine="pyarrow")
     return stream_path

@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from model.config import Params
+from model.continual import DIAGNOSTIC_STATES
 from model.io import atomic_dir, atomic_path, write_json, write_text
 
 REPORT_DIR = Path("reports/lifecycle")
@@ -50,14 +51,14 @@ FIGURES = {
     "accuracy_matrix": "accuracy_matrix.png",
     "task_accuracy": "task_accuracy.png",
     "dream_funnel": "dream_funnel.png",
-    "retention": "retention.png",
+    "diagnostics": "diagnostics.png",
 }
 PLOT_CSVS = {
     "cycles": "cycles.csv",
     "task_accuracy": "task_accuracy.csv",
     "accuracy_matrix": "accuracy_matrix.csv",
     "dream_funnel": "dream_funnel.csv",
-    "retention": "retention.csv",
+    "diagnostics": "diagnostics.csv",
 }
 FUNNEL_STAGES: tuple[str, ...] = ("generated", "selected", "rewarded", "passed_gate", "promoted", "rejected")
 FUNNEL_REQUIRED: tuple[str, ...] = ("generated", "selected", "rewarded", "promoted")
@@ -78,7 +79,7 @@ __all__ = [
     "load_lifecycle_metrics",
     "plot_accuracy_matrix",
     "plot_dream_funnel",
-    "plot_retention",
+    "plot_diagnostics",
     "plot_tables",
     "plot_task_accuracy",
     "print_summary_table",
@@ -167,6 +168,8 @@ class Cycle:
     dream_funnel: DreamFunnel | None
     dreaming: str  # "on" (a funnel), "off" (dream.enabled false), "none" (no record of dreaming)
     gate: GateSummary | None = None
+    # state (DIAGNOSTIC_STATES) -> task -> accuracy among all seen labels; empty when not measured
+    diagnostics: dict[str, dict[int, float]] = field(default_factory=dict)
 
     @property
     def dreams_promoted(self) -> int | None:
@@ -313,6 +316,19 @@ def _consolidations(row: _File, raw: list[Any], detail: _File | None) -> tuple[C
     return tuple(out)
 
 
+def _diagnostics(row: _File, value: Any) -> dict[str, dict[int, float]]:
+    """A lifecycle row's per-state accuracies (absent: not measured)."""
+    if value is None:
+        return {}
+    out = {}
+    for state, accs in row.mapping(value, "diagnostics").items():
+        if state not in dict(DIAGNOSTIC_STATES):
+            raise row.error(f"diagnostics.{state}", f"unknown state; expected one of {[n for n, _ in DIAGNOSTIC_STATES]}")
+        where = f"diagnostics.{state}"
+        out[state] = {int(t): row.number(a, f"{where}.{t}", unit=True) for t, a in row.mapping(accs, where).items()}
+    return out
+
+
 def _funnel(f: _File, value: Any, where: str) -> DreamFunnel:
     obj = f.mapping(value, where)
     counts = {s: f.integer(f.get(obj, s, where), _join(where, s)) for s in FUNNEL_REQUIRED}
@@ -443,6 +459,7 @@ def load_lifecycle_metrics(root: str | Path, params: Params) -> LifecycleMetrics
             dream_funnel=funnel,
             dreaming=dreaming,
             gate=_gate(gate_file) if gate_file is not None else None,
+            diagnostics=_diagnostics(row, row.get(rb, "diagnostics", "", required=False)),
         ))
     return LifecycleMetrics(tuple(cycles), matrix, final, tuple(sources))
 
@@ -659,51 +676,42 @@ def plot_dream_funnel(funnels: Sequence[DreamFunnel | None]) -> Figure:
     return fig
 
 
-def plot_retention(consolidations: Sequence[Sequence[Consolidation]]) -> Figure:
-    """Retention (on held-out loss) and accuracy ratio of every consolidation; 1 = as good as the teacher.
-
-    ``consolidations[i]`` are cycle i's consolidations (empty: labelled "none").
-    """
+def plot_diagnostics(cycles: Sequence["Cycle"]) -> Figure:
+    """Where forgetting happens: mean accuracy of the earlier tasks and of the cycle's own task in each
+    state of every cycle (DIAGNOSTIC_STATES), among all labels seen so far."""
     with figure_style():
         fig = _figure()
         ax = fig.add_subplot()
-        labels, slots = [], []
-        for i, cs in enumerate(consolidations):
-            if not cs:
-                labels.append(f"cycle {i}\n{NONE}")
-                slots.append(None)
-            for c in cs:
-                labels.append(f"cycle {i}\n{c.src}→{c.dst}")
-                slots.append(c)
-        width = 0.38
-        values: list[float] = [1.0, 0.0]
-        for k, (name, label) in enumerate((("retention_loss", "retention (held-out loss)"),
-                                          ("accuracy_ratio", "accuracy ratio (consolidated / teacher)"))):
-            xs, ys = [], []
-            for x, c in enumerate(slots):
-                v = getattr(c, name) if c is not None else None
-                dx = (k - 0.5) * width
-                if v is None:
-                    if c is not None:
-                        ax.text(x + dx, 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="#666666")
+        measured = [c for c in cycles if c.diagnostics]
+        if not measured:
+            _empty(ax, "no diagnostics (lifecycle.diagnostics false)")
+            return fig
+        states = [n for n, _ in DIAGNOSTIC_STATES]
+        x = 0
+        ticks, names = [], []
+        for c in measured:
+            for k, state in enumerate(states):
+                accs = c.diagnostics.get(state)
+                if accs is None:
                     continue
-                xs.append(x + dx)
-                ys.append(v)
-            values += ys
-            bars = ax.bar(xs, ys, width=width, color=COLORS[k], label=label)
-            if len(slots) <= 10:
-                ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="1 = teacher (before the reset)")
-        ax.axhline(0.0, color="#888888", linewidth=0.8)
-        lo, hi = min(values), max(values)
-        pad = 0.12 * (hi - lo)
-        ax.set_ylim(lo - (pad if lo < 0 else 0), hi + 2.2 * pad)
-        ax.set_xticks(range(len(slots)), labels)
-        ax.set_xlim(-0.6, len(slots) - 0.4)
-        if all(c is None for c in slots):
-            _empty(ax, "no consolidation in any cycle")
-        ax.legend(loc="upper left", ncols=1)
-        ax.set_title("Retention per consolidation")
+                old = [a for t, a in accs.items() if t < c.period]
+                new = accs.get(c.period)
+                if old:
+                    ax.bar(x - 0.2, sum(old) / len(old), width=0.4, color=COLORS[0],
+                           label="earlier tasks (mean)" if x == 0 or not ticks else None)
+                if new is not None:
+                    ax.bar(x + 0.2, new, width=0.4, color=COLORS[1], label="this cycle's task" if not ticks else None)
+                ticks.append(x)
+                names.append(f"{c.period}: {state.replace('after_', '').replace('_', ' ')}")
+                x += 1
+            x += 0.6
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), loc="upper right", fontsize=7)
+        ax.set_xticks(ticks, names, rotation=60, ha="right", fontsize=6)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy among all seen labels")
+        ax.set_title("Where forgetting happens: each state of each cycle")
     return fig
 
 
@@ -835,22 +843,30 @@ def render_markdown(
         ])
     lines += ["", f"![Accuracy of each task over the cycles]({FIGURES['task_accuracy']})", ""]
 
-    lines += ["## Consolidations", "",
-              "Held-out loss and accuracy on the cycle's task for the teacher (after wake), the model with the "
-              "fast level reset without consolidation, and after consolidation. Retention = (reset - consolidated) "
-              "/ (reset - teacher) on loss; accuracy ratio = consolidated / teacher accuracy; 1 is the teacher's "
-              "level.", ""]
+    lines += ["## Consolidations", ""]
     rows = []
     for c in metrics.cycles:
         if not c.consolidations:
-            rows.append([str(c.period), NONE, *["–"] * 6])
+            rows.append([str(c.period), NONE, "–"])
         for x in c.consolidations:
-            acc = [_acc(h.accuracy) if h is not None else "–" for h in (x.teacher, x.reset, x.consolidated)]
-            rows.append([str(c.period), f"{_md(x.src)} → {_md(x.dst)}", str(x.slot), *acc,
-                         _fmt(x.retention_loss, 3), _fmt(x.accuracy_ratio, 3)])
-    lines += _table(["cycle", "levels", "slot", "teacher acc", "reset acc", "consolidated acc",
-                     "retention (loss)", "accuracy ratio"], rows, align="llrrrrrr")
-    lines += ["", f"![Retention per consolidation]({FIGURES['retention']})", ""]
+            rows.append([str(c.period), f"{_md(x.src)} → {_md(x.dst)}", str(x.slot)])
+    lines += _table(["cycle", "levels", "slot"], rows, align="llr")
+    lines += ["", "## Where forgetting happens", "",
+              "Accuracy of every seen task among all labels seen so far, in each state of a cycle: "
+              + "; ".join(f"*{n.replace('_', ' ')}*: {d}" for n, d in DIAGNOSTIC_STATES) + ".", ""]
+    rows = []
+    for c in metrics.cycles:
+        for state, _ in DIAGNOSTIC_STATES:
+            accs = c.diagnostics.get(state)
+            if accs is not None:
+                rows.append([str(c.period), state.replace("_", " "),
+                             *(_acc(accs[j]) if j in accs else "–" for j in range(metrics.n_tasks))])
+    if rows:
+        lines += _table(["cycle", "state", *(f"task {j}" for j in range(metrics.n_tasks))], rows,
+                        align="ll" + "r" * metrics.n_tasks)
+        lines += ["", f"![Where forgetting happens]({FIGURES['diagnostics']})", ""]
+    else:
+        lines += ["Not measured (`lifecycle.diagnostics` false).", ""]
 
     lines += ["## Dreams", "", "The funnel of each sleep's dreams; rejected = not promoted (failed a gate check "
               "or not rewarded).", ""]
@@ -899,17 +915,15 @@ def plot_tables(metrics: LifecycleMetrics) -> dict[str, str]:
     funnel = [[c.period, f"{label(c.period)} · {k + 1} {s.replace('_', ' ')}", s, c.dream_funnel.stage(s)]
               for c in metrics.cycles if c.dream_funnel is not None
               for k, s in enumerate(FUNNEL_STAGES) if c.dream_funnel.stage(s) is not None]
-    retention = [[c.period, f"{label(c.period)} · {x.src}→{x.dst} (slot {x.slot})", x.src, x.dst, x.slot,
-                  x.retention_loss, x.accuracy_ratio]
-                 for c in metrics.cycles for x in c.consolidations]
+    diagnostics = [[c.period, state, j, accs[j]] for c in metrics.cycles for state, _ in DIAGNOSTIC_STATES
+                   if (accs := c.diagnostics.get(state)) is not None for j in sorted(accs)]
     return {
         "cycles": _csv(["cycle", "mean_accuracy_seen", "wake_loss_first", "wake_loss_last", "consolidations",
                         "dreams_promoted"], cycles),
         "task_accuracy": _csv(["cycle", "task", "accuracy"], task_acc),
         "accuracy_matrix": _csv(["after_cycle", "task", "accuracy"], matrix),
         "dream_funnel": _csv(["cycle", "label", "stage", "count"], funnel),
-        "retention": _csv(["cycle", "consolidation", "src", "dst", "slot", "retention_loss", "accuracy_ratio"],
-                          retention),
+        "diagnostics": _csv(["cycle", "state", "task", "accuracy"], diagnostics),
     }
 
 
@@ -944,7 +958,7 @@ def write_report(
         "accuracy_matrix": plot_accuracy_matrix(metrics.accuracy_matrix),
         "task_accuracy": plot_task_accuracy(metrics.accuracy_matrix),
         "dream_funnel": plot_dream_funnel([c.dream_funnel for c in metrics.cycles]),
-        "retention": plot_retention([c.consolidations for c in metrics.cycles]),
+        "diagnostics": plot_diagnostics(metrics.cycles),
     }
     with atomic_dir(out) as tmp:
         for key, fig in figures.items():

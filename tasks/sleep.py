@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -15,18 +18,10 @@ from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
 from model.consolidation import StepRecord, consolidate, due_consolidations
 from model.io import atomic_path
+from model.rehearsal import dream_task_inputs
 from model.rewards import SemanticJudge
-from model.wake import heldout_metrics
 from tasks.caching import cache_options, remove_outputs, writing_outputs
 from tasks.wake import TIMING, consolidated_state_dir, wake_state_dir
-
-
-def _heldout(params: Params, loaded, stream: pd.DataFrame, plan: dict[int, list[str]], period: int) -> dict:
-    test = stream[(stream["split"] == "test") & (stream["task"] == period)].sort_values("row_id")
-    return heldout_metrics(
-        loaded.model, loaded.tokenizer, params.wake.template, list(test["text"]), list(test["label"]),
-        plan[period], params.wake.eval_batch_size, params.wake.max_length,
-    )
 
 
 def _consolidation_inputs(params: Params, root: Path, period: int) -> list[Path]:
@@ -34,15 +29,15 @@ def _consolidation_inputs(params: Params, root: Path, period: int) -> list[Path]
 
 
 @task(**cache_options(_consolidation_inputs))
-def consolidate_due_levels(
-    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
-) -> dict:
+def consolidate_due_levels(params: Params, root: Path, plan: dict[int, list[str]], period: int) -> dict:
     """Consolidate every level pair whose schedule fired during the wake period; save the sleep state.
 
-    Held-out measures on the period's task (loss and accuracy) are taken for (a) the
-    teacher, (b) the fast level reset without consolidation, (c) after consolidation.
-    A failure (NaN, no free slot, ...) raises before anything is written; one while writing
-    removes what was written.
+    With ``consolidation.rehearsal.enabled`` the sleep first dreams inputs of every earlier
+    task from their label names (``plan``: the stream's examples are not an input of a sleep) with the fast level masked,
+    checks them, and distils the old model's answers on the ones that pass beside the
+    period's prompts. Retention is measured apart from learning, by the evaluate stage on
+    the saved states (``diagnostics``). A failure (NaN, no free slot, ...) raises before
+    anything is written; one while writing removes what was written.
     """
     log = get_run_logger()
     cfg = params.consolidation
@@ -54,49 +49,73 @@ def consolidate_due_levels(
     loaded, cms, optimizer = open_memory_model(params, root, src_dir, with_optimizer=True)
     judge = SemanticJudge.load(cfg.semantic_threshold) if pairs and cfg.alpha < 1 and cfg.gamma > 0 else None
     reports, samples, timings = [], [], []
+    old_labels = {t: plan[t] for t in sorted(plan) if t < period}
+    dreamed_inputs: list[dict] = []
+    shots = [tuple(x) for x in meta.get("buffer_examples", [])]  # this period's (text, label): the dreams' style
     for src, dst in pairs:
-        teacher = _heldout(params, loaded, stream, plan, period)
-        with cms.levels_masked([src]):
-            reset = _heldout(params, loaded, stream, plan, period)
         names = (params.cms.levels[src].name, params.cms.levels[dst].name)
+        seed = params.seed * 1_009 + period * 31 + dst
+        start = time.perf_counter()
+        dreams, current = [], []
+        if cfg.rehearsal.enabled:
+            if old_labels:  # earlier tasks: the old experts dream them, the fast level masked
+                dreams = dream_task_inputs(loaded.model, loaded.tokenizer, cms, old_labels, [src], cfg.rehearsal,
+                                           seed=seed * 7 + 1, sampling=params.sampling, examples=shots)
+            # this period's task: the whole model dreams it (more prompts for D, and the next wake's negatives)
+            current = dream_task_inputs(loaded.model, loaded.tokenizer, cms, {period: plan[period]}, [],
+                                        cfg.rehearsal, seed=seed * 7 + 2, sampling=params.sampling, examples=shots)
+            samples += [{"kind": "rehearsal" if d.task < period else "current_dream",
+                         "sampled_by": "old_model" if d.task < period else "model", "step": 0,
+                         "prompt": d.pair(params.wake.template)[0], "text": d.text, "reference": d.label,
+                         "reward": math.nan, "task": d.task, "passed": d.passed, "failed": ",".join(d.failed),
+                         "src": names[0], "dst": names[1]}
+                        for d in [*dreams, *current]]
+        rehearsal = [d.pair(params.wake.template) for d in dreams if d.passed]
+        dreamed_inputs += [{"task": d.task, "label": d.label, "text": d.text} for d in [*dreams, *current] if d.passed]
+        prompts = [*meta["prompt_buffer"], *(d.pair(params.wake.template)[0] for d in current if d.passed)]
+        dream_seconds = time.perf_counter() - start
         bar = tqdm(total=cfg.steps, desc=f"sleep {period}: consolidate {names[0]} -> {names[1]}", unit="step", leave=False)
 
         def on_step(r: StepRecord) -> None:
             bar.update(1)
             bar.set_postfix(gkd=f"{r.distillation:.3f}", reward=f"{r.reward:.2f}")
 
-        start = time.perf_counter()
         try:
             res = consolidate(
-                loaded.model, loaded.tokenizer, cms, src, dst, meta["prompt_buffer"], cfg, params.wake.max_length,
-                judge, seed=params.seed * 1_009 + period * 31 + dst,
-                origin=f"consolidation:{names[0]}->{names[1]}@period-{period}", on_step=on_step,
-                sampling=params.sampling,
+                loaded.model, loaded.tokenizer, cms, src, dst, prompts, cfg, params.wake.max_length,
+                judge, seed=seed, origin=f"consolidation:{names[0]}->{names[1]}@period-{period}", on_step=on_step,
+                sampling=params.sampling, rehearsal=rehearsal, freeze=params.cms.freeze_consolidated,
+                route_weight=params.cms.routing.weight if params.cms.routing.enabled else 0.0,
             )
         finally:
             bar.close()
         seconds = time.perf_counter() - start
         optimizer.drop_state(cms.level_parameters(src))
-        after = _heldout(params, loaded, stream, plan, period)
-        gap = reset["loss"] - teacher["loss"]
-        acc_gap = teacher["accuracy"] - reset["accuracy"]
+        optimizer.drop_state(cms.level_parameters(dst, [res.slot]))  # a fresh (or merged) slot has no wake moments
+        if res.merged is not None:
+            optimizer.drop_state(cms.level_parameters(dst, [res.merged.into, res.merged.freed]))
+        failed = Counter(f for d in dreams for f in d.failed)
         report = {
             "src": names[0], "dst": names[1], "slot": res.slot,
-            "teacher": teacher, "reset": reset, "consolidated": after,
-            "retention_loss": (reset["loss"] - after["loss"]) / gap if gap else None,
-            "retention_accuracy": (after["accuracy"] - reset["accuracy"]) / acc_gap if acc_gap else None,
-            "accuracy_ratio": after["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else None,
+            "frozen": params.cms.freeze_consolidated,
+            "rehearsal": {"tasks": sorted(old_labels), "generated": len(dreams), "passed": len(rehearsal),
+                          "rejected": len(dreams) - len(rehearsal), "failed_checks": dict(sorted(failed.items())),
+                          "current_task_dreams": len(current),
+                          "current_task_passed": sum(d.passed for d in current)},
+            "merged": None if res.merged is None else asdict(res.merged),
             "distillation": [round(r.distillation, 5) for r in res.steps],
             "reward": [None if r.reward != r.reward else round(r.reward, 4) for r in res.steps],
             "loss": [round(r.loss, 5) for r in res.steps],
         }
         reports.append(report)
-        timings.append({"src": names[0], "dst": names[1], "seconds": round(seconds, 2)})
-        samples += [{**row, "src": names[0], "dst": names[1]} for row in res.samples]
+        timings.append({"src": names[0], "dst": names[1], "seconds": round(seconds, 2),
+                        "rehearsal_dream_seconds": round(dream_seconds, 2)})
+        samples += [{**row, "src": names[0], "dst": names[1], "task": period, "passed": True, "failed": ""}
+                    for row in res.samples]
         log.info(
-            f"sleep {period}: {names[0]} -> {names[1]} (slot {res.slot}) in {seconds:.0f} s; loss teacher "
-            f"{teacher['loss']:.3f} reset {reset['loss']:.3f} consolidated {after['loss']:.3f}; accuracy "
-            f"{teacher['accuracy']:.2f} / {reset['accuracy']:.2f} / {after['accuracy']:.2f}"
+            f"sleep {period}: {names[0]} -> {names[1]} (slot {res.slot}) in {seconds:.0f} s; rehearsal dreams "
+            f"{len(rehearsal)}/{len(dreams)} passed (tasks {sorted(old_labels)})"
+            + (f"; merged slot {res.merged.freed} into {res.merged.into} first" if res.merged else "")
         )
     if not cfg.enabled:
         log.info(f"sleep {period}: consolidation disabled (consolidation.enabled false); the levels stay as the wake left them")
@@ -104,9 +123,14 @@ def consolidate_due_levels(
         log.info(f"sleep {period}: no consolidation due (wake steps {meta['step_before']} -> {manifest['step']})")
     out = consolidated_state_dir(params, root, period)
     dreams = root / cfg.dreams_dir / f"period-{period}.parquet"
-    columns = ["src", "dst", "kind", "sampled_by", "step", "prompt", "text", "reference", "reward"]
+    columns = ["src", "dst", "kind", "sampled_by", "step", "prompt", "text", "reference", "reward", "task", "passed",
+               "failed"]
     with writing_outputs(out, dreams):
-        save_state(cms, out, optimizer, metadata={**meta, "sleep": {"period": period, "consolidations": len(pairs)}})
+        # The wake's prompt buffer (this period's examples) stays behind: no later stage sees it. The dreamed
+        # inputs (model-written, from label names) go on: the next wake's routing negatives.
+        kept = {k: v for k, v in meta.items() if k not in ("prompt_buffer", "buffer_examples")}
+        save_state(cms, out, optimizer, metadata={**kept, "sleep": {"period": period, "consolidations": len(pairs)},
+                                                  "dreamed_inputs": dreamed_inputs})
         with atomic_path(dreams) as tmp:
             pd.DataFrame(samples, columns=columns).to_parquet(tmp, index=False)
     return {"period": period, "consolidations": reports, "state_dir": str(out.relative_to(root)),

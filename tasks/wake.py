@@ -12,12 +12,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from model.checkpoint import open_memory_model, save_state
+from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
-from model.data import STREAM_FILE, load_stream
+from model.data import STREAM_FILE, load_plan, load_stream, task_file
 from model.io import write_json
 from tasks.caching import cache_options
-from model.wake import NonFiniteLossError, StepLog, split_template, train_period
+from model.wake import NonFiniteLossError, StepLog, ensure_writable, split_template, train_period
 
 
 TIMING = "timing"  # the key of a task result's wall-clock measures (written apart from the metrics)
@@ -28,9 +28,15 @@ class StreamError(ValueError):
 
 
 @task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def read_stream(data_dir: Path) -> tuple[pd.DataFrame, dict[int, list[str]]]:
-    """Read the prepared stream (parquet) and its task plan (JSON)."""
-    return load_stream(data_dir)
+def read_stream(data_dir: Path, period: int | None = None) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Read the prepared stream (parquet) and its task plan (JSON); with ``period``, only that task's shard."""
+    return load_stream(data_dir) if period is None else load_stream(data_dir, period)
+
+
+@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def read_plan(data_dir: Path) -> dict[int, list[str]]:
+    """Read the task plan alone (label names per task): all that a sleep knows of earlier tasks."""
+    return load_plan(data_dir)
 
 
 def wake_state_dir(params: Params, root: Path, period: int) -> Path:
@@ -51,7 +57,7 @@ def timings_path(params: Params, root: Path, stage: str, period: int) -> Path:
 
 def _wake_inputs(params: Params, root: Path, period: int) -> list[Path]:
     prev = [sleep_state_dir(params, root, period - 1)] if period > 0 else []
-    return [root / params.data.out_dir / STREAM_FILE, *prev]
+    return [task_file(root / params.data.out_dir, period), *prev]
 
 
 @task(**cache_options(_wake_inputs))
@@ -67,10 +73,10 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
     if prev is not None and not prev.is_dir():
         raise StreamError(f"{prev}: missing; wake period {period} starts from the sleep after period {period - 1}")
     loaded, cms, optimizer = open_memory_model(params, root, prev, with_optimizer=True)
+    # Routing negatives: the inputs the last sleep dreamed about every task so far (model-written, no examples).
+    negatives = [d["text"] for d in read_manifest(prev)["metadata"].get("dreamed_inputs", [])] if prev else []
     step_before = cms.step
-    for li, lvl in enumerate(params.cms.levels):  # a level freed by the last sleep gets a fresh expert
-        if lvl.initial_experts and not cms.active_slots(li):
-            cms.unlock(li, origin=f"wake:period-{period}")
+    ensure_writable(cms, params.cms.levels, origin=f"wake:period-{period}")
     pairs = [split_template(params.wake.template, t, lab) for t, lab in zip(rows["text"], rows["label"])]
     n_steps = params.wake.epochs * -(-len(pairs) // params.wake.batch_size)
     bar = tqdm(total=n_steps, desc=f"wake period {period}", unit="step", leave=False)
@@ -91,6 +97,10 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
             params.wake.max_length,
             params.wake.epochs,
             on_step,
+            negatives=negatives,
+            route_weight=params.cms.routing.weight if params.cms.routing.enabled else 0.0,
+            negatives_per_step=params.cms.routing.negatives_per_step,
+            seed=params.seed * 100_003 + period,
         )
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"{e}; state of period {period} not saved") from None
@@ -99,9 +109,12 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
     seconds = time.perf_counter() - start
     tokens = sum(s.tokens for s in logs)
     out = wake_state_dir(params, root, period)
-    prompts = [p for p, _ in pairs]
-    buffer = random.Random(params.seed * 7_919 + period).sample(prompts, min(len(prompts), params.consolidation.prompt_buffer_size))
-    metadata = {"period": period, "task": period, "model": loaded.name, "step_before": step_before, "prompt_buffer": buffer}
+    picks = random.Random(params.seed * 7_919 + period).sample(range(len(pairs)), min(len(pairs), params.consolidation.prompt_buffer_size))
+    buffer = [pairs[i][0] for i in picks]
+    # The same examples as (text, label): the sleep writes its dreams in their style (rehearsal.shots).
+    examples = [[str(rows["text"].iloc[i]), str(rows["label"].iloc[i])] for i in picks]
+    metadata = {"period": period, "task": period, "model": loaded.name, "step_before": step_before,
+                "prompt_buffer": buffer, "buffer_examples": examples}
     save_state(cms, out, optimizer, metadata=metadata)
     updates = {lvl.name: sum(li in s.updated_levels for s in logs) for li, lvl in enumerate(params.cms.levels)}
     log.info(f"period {period}: {len(logs)} steps, loss {logs[0].loss:.3f} -> {logs[-1].loss:.3f}, "
@@ -115,6 +128,7 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
         "loss_mean": sum(s.loss for s in logs) / len(logs),
         "losses": [round(s.loss, 5) for s in logs],
         "level_updates": updates,
+        "routing_negatives": len(negatives),
         "state_dir": str(out.relative_to(root)),
         TIMING: {"train_seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1)},
     }

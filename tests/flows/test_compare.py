@@ -17,7 +17,7 @@ from tests.flows.test_lifecycle_flow import toy_project
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["zero_shot", "icl", "finetune", "ewc", "replay", "cms", "sleep"]
+METHODS = ["zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep"]
 
 
 def _with_comparisons(params_path: Path, methods=METHODS, seeds=(0, 1), **evaluation) -> Path:
@@ -26,7 +26,8 @@ def _with_comparisons(params_path: Path, methods=METHODS, seeds=(0, 1), **evalua
         "baselines": {"lr": 5e-3, "lora_r": 4, "lora_alpha": 8.0, "replay_buffer": 6, "replay_per_batch": 2,
                       "icl_max_length": 256},
         "comparisons": {"toy": {"methods": list(methods), "seeds": list(seeds),
-                                "overrides": {"wake": {"epochs": 3}, "consolidation": {"steps": 6}}}},
+                                "overrides": {"wake": {"epochs": 3}, "consolidation": {"steps": 6},
+                                              "lifecycle": {"diagnostics": False}}}},
         **evaluation,
     }
     params_path.write_text(yaml.safe_dump(raw))
@@ -53,8 +54,16 @@ def test_comparison_runs_every_method_and_seed_writes_the_report_and_resumes(tmp
         assert all(0.0 <= a <= 1.0 for row in r["accuracy"] for a in row.values())
     # Same budget: every trained baseline takes exactly the wake's steps (2 tasks x 16/4 batches x 3 epochs).
     wake_steps = 2 * 4 * 3
-    for m in ("finetune", "ewc", "replay"):
-        assert results[(m, 0)]["gradient_steps"] == wake_steps
+    for m in ("finetune", "ewc", "replay", "joint"):
+        assert results[(m, 0)]["gradient_steps"] == wake_steps  # joint: its final model, both tasks at once
+    # Where forgetting happens: the sleep run measured every state of every cycle (lifecycle.diagnostics).
+    diag = results[("sleep", 0)]["diagnostics"]
+    assert set(diag[1]) == {"after_previous_sleep", "after_wake", "after_wake_fast_masked", "after_consolidation",
+                            "after_dreaming"} and set(diag[0]) == set(diag[1]) - {"after_previous_sleep"}
+    assert diag[1]["after_dreaming"] == results[("sleep", 0)]["accuracy"][1]
+    assert results[("cms", 0)]["diagnostics"] == [None, None]  # off for the other methods (comparison overrides)
+    assert "## Where forgetting happens" in (report / "README.md").read_text()
+    assert set(pd.read_csv(report / "diagnostics.csv")["method"]) == {"sleep"}
     assert results[("zero_shot", 0)]["gradient_steps"] == results[("icl", 0)]["gradient_steps"] == 0
     assert results[("cms", 0)]["gradient_steps_by_stage"]["wake"] == wake_steps
     assert results[("cms", 0)]["gradient_steps_by_stage"]["consolidation"] == 0
@@ -103,12 +112,36 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("no_semantic_reward", ("consolidation", "gamma"), 0.0), ("no_expansion", ("consolidation", "expand"), False),
     ("no_gradient_selection", ("dream", "importance"), "random"), ("no_random_expert", ("dream", "random_expert"), False),
     ("no_dreaming", ("dream", "enabled"), False), ("sleep", ("dream", "enabled"), True),
+    ("no_rehearsal", ("consolidation", "rehearsal", "enabled"), False),
+    ("no_freezing", ("cms", "freeze_consolidated"), False), ("with_routing", ("cms", "routing", "enabled"), True),
+    ("sleep", ("lifecycle", "diagnostics"), True),
 ])
 def test_each_method_sets_its_switch(tmp_path, method, field, value):
     params_path = _with_comparisons(toy_project(tmp_path), methods=[method])
     params = load_params(params_path)
     p = run_params(params, tmp_path, resolve_comparison(params, "toy"), method, 0)
-    assert getattr(getattr(p, field[0]), field[1]) == value
+    for name in field:
+        p = getattr(p, name)
+    assert p == value
+
+
+def test_a_baseline_result_survives_changes_to_sleep_but_not_to_what_it_reads(tmp_path):
+    from model.config import BaselinesConfig
+    from tasks.compare import baseline_key
+
+    params_path = _with_comparisons(toy_project(tmp_path), methods=["finetune"])
+    params = load_params(params_path)
+    p = run_params(params, tmp_path, resolve_comparison(params, "toy"), "finetune", 0)
+    stream = Path(p.data.out_dir) / "stream.parquet"
+    stream.parent.mkdir(parents=True)
+    stream.write_bytes(b"a stream")
+    key = baseline_key(p, "finetune", BaselinesConfig())
+    assert baseline_key(p.for_run({"consolidation": {"steps": 99}}, "t"), "finetune", BaselinesConfig()) == key
+    assert baseline_key(p.for_run({"wake": {"epochs": 9}}, "t"), "finetune", BaselinesConfig()) != key
+    assert baseline_key(p, "finetune", BaselinesConfig(lr=0.5)) != key
+    assert baseline_key(p, "ewc", BaselinesConfig()) != key
+    stream.write_bytes(b"another stream")
+    assert baseline_key(p, "finetune", BaselinesConfig()) != key
 
 
 def test_unknown_comparison_method_or_override_is_a_config_error(tmp_path):

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from prefect import get_client
@@ -34,6 +35,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
+from model.checkpoint import read_manifest
 from tasks.caching import outputs_intact, state_digest
 from tests.flows.helpers import wait_for
 from tests.flows.test_lifecycle_flow import toy_project
@@ -376,11 +378,11 @@ def test_a_read_retried_during_a_sleep_does_not_roll_it_back(prepared, tmp_path,
     params = copy_project(prepared, tmp_path / "project")
     load_stream, calls = tasks.wake.load_stream, []
 
-    def flaky_load_stream(data_dir):
+    def flaky_load_stream(data_dir, task=None):
         calls.append(data_dir)
         if len(calls) == 1:
             raise OSError(f"{data_dir}: stale file handle (once)")
-        return load_stream(data_dir)
+        return load_stream(data_dir, task)
 
     with private_storage(tmp_path):
         wake(0, str(params))
@@ -428,3 +430,48 @@ def test_wake_is_cached_by_inputs_and_recomputed_when_its_state_is_gone_or_its_p
         fourth = wake(0, str(params), return_state=True)
         assert task_states_of(fourth, "train_wake_period", 1) == ["Completed"]
         assert fourth.result()["steps"] == 20 and state_digest(state) != digest
+
+
+# ---------------------------------------------------------------- what a stage opens
+
+_OPENED: list[str] | None = None  # while a list, every file opened in this process is appended
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, os.PathLike)):
+        _OPENED.append(os.path.abspath(os.fspath(args[0])))
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed: it records only while _OPENED is a list
+
+
+@contextlib.contextmanager
+def recording_opens() -> Iterator[list[str]]:
+    global _OPENED
+    _OPENED = []
+    try:
+        yield _OPENED
+    finally:
+        _OPENED = None
+
+
+def test_no_later_stage_reads_an_earlier_periods_examples(prepared, tmp_path, prefect_server):
+    """Wake 1 and sleep 1 open task 1's shard and the plan (label names), never the whole stream or
+    task 0's rows; the sleep state they start from carries no examples of period 0."""
+    from flows.sleep import sleep
+    from flows.wake import wake
+
+    params = copy_project(prepared, tmp_path / "project")
+    data = (params.parent / "data/processed").resolve()
+    with private_storage(tmp_path):
+        wake(0, str(params))
+        sleep(0, str(params))
+        with recording_opens() as opened:
+            wake(1, str(params))
+            sleep(1, str(params))
+    data_files = sorted({p for p in opened if p.startswith(str(data))})
+    assert data_files == [str(data / "tasks.json"), str(data / "tasks/task-1.parquet")], data_files
+    meta = read_manifest(params.parent / "state/sleep/period-0")["metadata"]
+    assert "prompt_buffer" not in meta  # the wake's examples stay in the wake state
+    period0 = set(pd.read_parquet(data / "tasks/task-0.parquet")["text"])
+    assert meta["dreamed_inputs"] and not period0 & {d["text"] for d in meta["dreamed_inputs"]}

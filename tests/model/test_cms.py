@@ -194,3 +194,56 @@ def test_only_cms_parameters_change_during_training():
         if ".levels." not in n:
             assert torch.equal(p, base[n]), n
     assert any(float(b.B[s].detach().abs().sum()) > 0 for b in cms.banks(0) for s in cms.active_slots(0))
+
+
+def test_dream_mode_always_adds_an_expert_that_would_otherwise_be_off():
+    """Top-1 of 3: every token gets exactly two experts in dream mode, the extra one never its top-1.
+    With one active expert (n_active <= top_k) nothing is off, and dream mode drives it at full gate."""
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(top_k=1))
+    cms.unlock(0, "x")
+    cms.unlock(0, "y")
+    make_nonzero(cms, 0)
+    bank = cms.banks(0)[0]
+    h = torch.randn(64, cms.d)
+    slots = cms.active_slots(0)
+    per_expert = torch.stack([torch.sigmoid(h @ bank.router[s]).unsqueeze(-1)
+                              * (torch.nn.functional.silu(h @ bank.A[s]) @ bank.B[s]) for s in slots], 1)  # (N, E, d)
+    best = torch.stack([h @ bank.router[s] for s in slots], 1).argmax(1)
+    with torch.no_grad(), cms.random_expert_routing(seed=0):
+        out = bank(h)
+    for n in range(64):
+        matches = [e for e in range(3) if e != best[n]
+                   and torch.allclose(out[n], per_expert[n, best[n]] + per_expert[n, e], atol=1e-5)]
+        assert len(matches) == 1, n
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(top_k=2))
+    make_nonzero(cms, 0)
+    bank = cms.banks(0)[0]
+    full = torch.nn.functional.silu(h @ bank.A[0]) @ bank.B[0]
+    with torch.no_grad(), cms.random_expert_routing(seed=0):
+        torch.testing.assert_close(bank(h), full)
+
+
+def test_frozen_experts_do_not_move_in_wake_and_the_flag_survives_a_checkpoint(tmp_path):
+    from model.checkpoint import load_state, save_state
+    from model.wake import NoWritableExpertError, ensure_writable, train_period
+
+    lm, cms = tiny_with_cms()
+    slot = cms.unlock(1, "consolidation:a")
+    make_nonzero(cms, 1)
+    cms.freeze(1, slot, "test")
+    frozen = [p.detach().clone() for p in cms.level_parameters(1, [slot])]
+    writable = [p.detach().clone() for p in cms.level_parameters(1, [0])]
+    opt = ChunkedOptimizer(cms)
+    train_period(lm.model, lm.tokenizer, opt, ["a b c ->", "d e f ->"] * 4, ["x", "y"] * 4, 2, 32, epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, cms.level_parameters(1, [slot])))
+    assert any(not torch.equal(a, b) for a, b in zip(writable, cms.level_parameters(1, [0])))
+    save_state(cms, tmp_path / "s", opt)
+    _, cms2 = tiny_with_cms()
+    load_state(cms2, tmp_path / "s")
+    assert cms2.frozen_slots(1) == [slot] and cms2.writable_slots(1) == [0]
+    # Every slot frozen and none free: wake has nothing to write, and says which level.
+    cms2.freeze(1, 0, "test")
+    cms2.unlock(1, "consolidation:b")
+    cms2.freeze(1, 2, "test")
+    with pytest.raises(NoWritableExpertError, match="level 1 \\('slow'\\): all 3 experts are frozen"):
+        ensure_writable(cms2, cms2.cfg.levels, origin="wake")

@@ -124,7 +124,7 @@ def test_full_level_is_an_error_and_nothing_changes():
     cms.unlock(1, "b")
     fast = [p.detach().clone() for p in cms.level_parameters(0)]
     with pytest.raises(NoFreeSlotError):
-        consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(), 32, None, 0, "x")
+        consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(merge_when_full=False), 32, None, 0, "x")
     assert cms.active_slots(0) == [0]
     assert all(torch.equal(a, b) for a, b in zip(fast, cms.level_parameters(0)))
 
@@ -164,3 +164,40 @@ def test_weights_swapped_restores_the_live_tensors():
     with pytest.raises(RuntimeError), _weights_swapped([p], [torch.zeros(3)]):
         raise RuntimeError("boom")
     assert float(p.sum()) == 3
+
+
+OLD_PROMPTS = ["play some jazz music -> ", "turn the lights off -> ", "call my mother now -> "]
+OLD_LABELS = ["music", "lights", "call"]
+
+
+def test_rehearsal_keeps_the_old_models_answers_on_old_task_inputs():
+    """Distilled beside the new period's prompts, dreamed old-task inputs with the old model (fast level masked)
+    as their teacher keep the new slow expert from rewriting what the model answered on them."""
+    gaps = {}
+    for rehearse in (False, True):
+        lm, cms, _, _, _ = _fast_level_with_knowledge()
+        probe = encode(lm.tokenizer, OLD_PROMPTS, OLD_LABELS, 32)
+        with cms.levels_masked([0]):
+            old = _completion_logits(lm, probe)  # what the slow level (the old model) answers
+        pairs = list(zip(OLD_PROMPTS, OLD_LABELS)) if rehearse else []
+        res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=40), 32, None, seed=0,
+                          origin="consolidation:test", rehearsal=pairs, freeze=True)
+        gaps[rehearse] = float(distillation_loss(old, _completion_logits(lm, probe), "forward_kl", 0.0))
+        assert cms.experts[1][res.slot].frozen and cms.frozen_slots(1) == [res.slot]
+    assert gaps[True] < 0.5 * gaps[False], gaps
+
+
+def test_a_full_level_merges_its_two_oldest_experts_and_the_sleep_goes_on():
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    for name in ("a", "b"):
+        slot = cms.unlock(1, f"consolidation:{name}")
+        cms.freeze(1, slot, "test")
+    make_nonzero(cms, 1, seed=5)
+    assert not cms.free_slots(1)
+    res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=2, merge_steps=30), 32, None, 0, "x")
+    assert res.merged is not None and res.merged.level == 1
+    assert (res.merged.into, res.merged.freed) == (1, 2)  # the two oldest consolidated experts
+    assert res.slot == 2 and cms.active_slots(1) == [0, 1, 2]
+    assert cms.experts[1][1].frozen and any("merged" in h for h in cms.experts[1][1].history)
+    assert all(e < 1.0 for e in res.merged.relative_error), res.merged

@@ -23,7 +23,7 @@ from tasks.report import (
     continual_learning_metrics,
     load_lifecycle_metrics,
     plot_dream_funnel,
-    plot_retention,
+    plot_diagnostics,
     print_summary_table,
     save_png,
     write_report,
@@ -62,6 +62,10 @@ def write_fake_run(root: Path, *, funnel_key: bool = True) -> Path:
                "consolidations": consolidations[p], "dream_funnel": funnels[p]}
         if not funnel_key:
             del row["dream_funnel"]
+        if p == 1:  # evaluate's per-state diagnostics (lifecycle.diagnostics)
+            row["diagnostics"] = {"after_previous_sleep": {"0": 0.5, "1": 0.0}, "after_wake": {"0": 0.125, "1": 1.0},
+                                  "after_wake_fast_masked": {"0": 0.625, "1": 0.0},
+                                  "after_consolidation": {"0": 0.75, "1": 1.0}, "after_dreaming": {"0": 0.75, "1": 1.0}}
         write_json(root / f"metrics/lifecycle/period-{p}.json", row)  # tasks.wake.write_metrics
         periods.append(row)
         detail = [{**c, "teacher": {"loss": 0.5, "accuracy": 0.8}, "reset": {"loss": 4.0, "accuracy": 0.4},
@@ -248,9 +252,11 @@ def test_write_report_writes_markdown_pngs_csvs_and_metrics(run):
     assert "| final average accuracy | 0.500 |" in md
     assert "| 0 | 0.500 | 0.750 | 0.250 | 0.500 | -0.250 |" in md  # task 0: learned, best, final, F, BWT
     # Consolidations (a cycle without one renders as none; an undefined retention as n/a) and dreams.
-    assert "| 0 | fast → slow | 1 | 0.800 | 0.400 | 0.900 | 1.250 | 1.125 |" in md
-    assert md.count("\n| 1 | none | – | – | – | – | – | – |\n") == 2  # no consolidation, no dreams
-    assert "| 2 | fast → slow | 2 | 0.800 | 0.400 | 0.900 | n/a | 0.875 |" in md
+    assert "| 0 | fast → slow | 1 |" in md and "| 1 | none | – |" in md and "| 2 | fast → slow | 2 |" in md
+    # Where forgetting happens: the states of cycle 1, every seen task among all seen labels.
+    assert "| 1 | after wake | 0.125 | 1.000 | – |" in md
+    assert "| 1 | after wake fast masked | 0.625 | 0.000 | – |" in md
+    assert "| 1 | after consolidation | 0.750 | 1.000 | – |" in md
     assert "| 0 | 6 | 3 | 2 | 5 | 2 | 4 | length_bounds 1 ([gate report](../dreams/period-0/gate.md)) |" in md
     assert "| 1 | none | – | – | – | – | – | – |" in md
     assert "| 2 | none (dreaming off) | – | – | – | – | – | – |" in md
@@ -287,10 +293,9 @@ def test_plot_tables_for_dvc(run):
     assert header == ["cycle", "label", "stage", "count"]
     assert [(r["stage"], int(r["count"])) for r in rows] == list(FUNNEL0.items())  # cycles without dreams: no rows
     assert rows[0]["label"] == "cycle 0 · 1 generated"
-    header, rows = _read_csv(plots / PLOT_CSVS["retention"])
-    assert header == ["cycle", "consolidation", "src", "dst", "slot", "retention_loss", "accuracy_ratio"]
-    assert [(r["cycle"], r["retention_loss"], r["accuracy_ratio"]) for r in rows] == [
-        ("0", "1.25", "1.125"), ("2", "", "0.875")]
+    header, rows = _read_csv(plots / PLOT_CSVS["diagnostics"])
+    assert header == ["cycle", "state", "task", "accuracy"] and len(rows) == 10
+    assert ("1", "after_wake_fast_masked", "0", "0.625") in [tuple(r.values()) for r in rows]
     header, rows = _read_csv(plots / PLOT_CSVS["cycles"])
     assert header[:2] == ["cycle", "mean_accuracy_seen"] and [r["dreams_promoted"] for r in rows] == ["2", "", ""]
 
@@ -309,7 +314,7 @@ def test_rerun_gives_identical_bytes(run, tmp_path_factory):
 
 
 def test_plots_with_nothing_to_show_still_render(tmp_path):
-    for name, fig in (("funnel.png", plot_dream_funnel([None, None])), ("retention.png", plot_retention([[], []]))):
+    for name, fig in (("funnel.png", plot_dream_funnel([None, None])), ("diagnostics.png", plot_diagnostics([]))):
         assert _png_size(save_png(fig, tmp_path / name)) == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
 
 
