@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -35,6 +36,7 @@ from tasks.compare import (
     Comparison,
     cached_result,
     collect_cms_result,
+    finished_results,
     comparison_dir,
     prepare_streams,
     resolve_comparison,
@@ -51,12 +53,26 @@ from tasks.knowledge_report import write_knowledge_report
 
 
 @flow(name="compare", log_prints=True)
-def compare(name: str, params_path: str = "params.yaml", quick: bool = False, methods: list[str] | None = None) -> dict:
-    """Run comparison ``name``: every method on every seed; then its report. Returns the report's summary."""
+def compare(name: str, params_path: str = "params.yaml", quick: bool = False, methods: list[str] | None = None,
+            report_only: bool = False) -> dict:
+    """Run comparison ``name``: every method on every seed; then its report. Returns the report's summary.
+
+    ``report_only``: run nothing; write the report over the runs that have finished (the rest are listed)."""
     log = get_run_logger()
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
     comp = resolve_comparison(params, name, quick, methods)
+    if report_only:
+        results, missing = finished_results(params, root, comp)
+        if not results:
+            raise ConfigError(f"comparison {name!r}: no finished run under {comparison_dir(params, root, comp)}")
+        if missing:
+            log.warning(f"{name}: report over the finished runs; not run yet: "
+                        + ", ".join(f"{m} (seed {s})" for m, s in missing))
+        seeds = tuple(s for s in comp.seeds if any(r["seed"] == s for r in results))
+        summary = write_comparison_report(params, root, replace(comp, seeds=seeds), results)
+        log.info(f"report: {summary['report']}")
+        return summary
     if comp.kind == "knowledge":
         return compare_knowledge(params, root, comp)
     results = []
@@ -118,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--quick", action="store_true", help="apply evaluation.quick: a small smoke run")
     ap.add_argument("--methods", nargs="+", help="only these methods of the comparison")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the report over the runs that have finished so far")
     args = ap.parse_args(argv)
     try:
-        compare(args.name, args.params, args.quick, args.methods)
+        compare(args.name, args.params, args.quick, args.methods, args.report_only)
     except (ConfigError, DataError, StreamValidationError, BusyError) as e:
         print(f"compare {args.name} failed: {e}", file=sys.stderr)
         return 1

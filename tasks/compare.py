@@ -242,6 +242,20 @@ def run_baseline_method(
     return result
 
 
+def finished_results(params: Params, root: Path, comp: Comparison) -> tuple[list[dict], list[tuple[str, int]]]:
+    """Every run of ``comp`` whose result.json is on disk (whatever code or params it ran with), and the
+    (method, seed) pairs that have none: what a report over the finished runs shows and leaves out."""
+    done, missing = [], []
+    for seed in comp.seeds:
+        for method in comp.methods:
+            path = run_dir(params, root, comp, method, seed) / RESULT_FILE
+            try:
+                done.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError):
+                missing.append((method, seed))
+    return done, missing
+
+
 def _json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 

@@ -95,13 +95,17 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
                            "margins": {}, "gaps": {}}
     ok = out["lowest_forgetting_ok"]
     for other in against:
-        if other not in summary or summary[other]["seeds"] != summary[reference]["seeds"]:
+        if other not in summary:
             continue
-        d, lo, hi = paired_difference_ci(summary[reference]["per_seed"]["final_accuracy"],
-                                         summary[other]["per_seed"]["final_accuracy"])
+        ref = dict(zip(summary[reference]["seeds"], summary[reference]["per_seed"]["final_accuracy"]))
+        oth = dict(zip(summary[other]["seeds"], summary[other]["per_seed"]["final_accuracy"]))
+        common = [s for s in ref if s in oth]  # paired over the seeds both ran
+        if not common:
+            continue
+        d, lo, hi = paired_difference_ci([ref[s] for s in common], [oth[s] for s in common])
         above = bool(not math.isnan(lo) and lo > 0)
         out["margins"][other] = {"mean": d, "low": None if math.isnan(lo) else lo,
-                                 "high": None if math.isnan(hi) else hi, "above_zero": above}
+                                 "high": None if math.isnan(hi) else hi, "above_zero": above, "seeds": common}
         ok = ok and above
     for other, margin in near:
         if other not in summary:
@@ -151,7 +155,7 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
             f"{target['lowest_forgetting']} (sleep: {yes(target['lowest_forgetting_ok'])})",
         ]
         for other, m in target["margins"].items():
-            lines.append(f"- sleep - {other}, final accuracy, paired over seeds: {format_ci(m)} "
+            lines.append(f"- sleep - {other}, final accuracy, paired over seeds {m['seeds']}: {format_ci(m)} "
                          f"(interval above zero: {yes(m['above_zero'])})")
         for other, g in target["gaps"].items():
             lines.append(f"- {other} - sleep, final accuracy: {g['gap']:+.3f} (within {g['allowed']:.2f}: "

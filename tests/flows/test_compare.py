@@ -93,6 +93,13 @@ def test_comparison_runs_every_method_and_seed_writes_the_report_and_resumes(tmp
     compare("toy", str(params_path))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
+    # A report over the runs that have finished: nothing runs, the missing run is left out.
+    (run_dir(params, tmp_path, comp, "ewc", 1) / "result.json").unlink()
+    partial = compare("toy", str(params_path), report_only=True)
+    assert partial["summary"]["ewc"]["seeds"] == [0] and partial["summary"]["sleep"]["seeds"] == [0, 1]
+    assert not (run_dir(params, tmp_path, comp, "ewc", 1) / "result.json").exists()
+    assert partial["target"]["margins"]["ewc"]["seeds"] == [0]
+
 
 def test_quick_applies_its_overrides_and_seeds(tmp_path):
     params_path = _with_comparisons(toy_project(tmp_path), quick={"seeds": [3], "consolidation": {"steps": 1}})
