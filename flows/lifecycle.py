@@ -42,8 +42,9 @@ def _cycle_markdown(row: dict, published: dict | None) -> str:
         "",
     ]
     for c in row["consolidations"]:
-        lines.append(f"- consolidation {c['src']} -> {c['dst']} (slot {c['slot']}): "
-                     f"retention {c['retention_loss']}, accuracy ratio {c['accuracy_ratio']}")
+        lines.append(f"- consolidation {c['src']} -> {c['dst']} (slot {c['slot']})")
+    for state, accs in (row.get("diagnostics") or {}).items():
+        lines.append(f"- {state.replace('_', ' ')}: " + " ".join(f"{a:.2f}" for a in accs.values()))
     funnel = row.get("dream_funnel")
     lines.append(f"- dreams: {funnel}" if funnel else "- dreams: none")
     if published:

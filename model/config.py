@@ -204,8 +204,8 @@ class RehearsalConfig(_Strict):
     random_expert: bool = Field(True, description="Dream mode while dreaming: every router also activates a random expert.")
     batch_size: int = Field(8, ge=1, description="Dreamed old-task sequences per distillation step (beside the batch).")
     weight: float = Field(1.0, ge=0, le=100.0, description="Weight of the old-task distillation term.")
-    all_positions: bool = Field(True, description="Distil the old model on every token of a dreamed input, not only "
-                                "on its label (more signal per dream; false: the label's tokens only).")
+    all_positions: bool = Field(False, description="Distil the old model on every token of a dreamed input, not only "
+                                "on its label (false: the label's tokens; true lost old tasks on the development run).")
     min_chars: int = Field(8, ge=1, description="Check: shorter dreams are rejected.")
     near_duplicate_threshold: float = Field(90, ge=0, le=100, description="Check: rapidfuzz ratio at which a dream "
                                             "repeats an earlier one of its label (or is just the label's name).")

@@ -61,9 +61,9 @@ def consolidate_due_levels(params: Params, root: Path, plan: dict[int, list[str]
             if old_labels:  # earlier tasks: the old experts dream them, the fast level masked
                 dreams = dream_task_inputs(loaded.model, loaded.tokenizer, cms, old_labels, [src], cfg.rehearsal,
                                            seed=seed * 7 + 1, sampling=params.sampling, examples=shots)
-            # this period's task: the whole model dreams it (more prompts for D, and the next wake's negatives)
-            current = dream_task_inputs(loaded.model, loaded.tokenizer, cms, {period: plan[period]}, [],
-                                        cfg.rehearsal, seed=seed * 7 + 2, sampling=params.sampling, examples=shots)
+            if params.cms.routing.enabled:  # this period's task, dreamed by the whole model: the next wake's negatives
+                current = dream_task_inputs(loaded.model, loaded.tokenizer, cms, {period: plan[period]}, [],
+                                            cfg.rehearsal, seed=seed * 7 + 2, sampling=params.sampling, examples=shots)
             samples += [{"kind": "rehearsal" if d.task < period else "current_dream",
                          "sampled_by": "old_model" if d.task < period else "model", "step": 0,
                          "prompt": d.pair(params.wake.template)[0], "text": d.text, "reference": d.label,
@@ -72,7 +72,7 @@ def consolidate_due_levels(params: Params, root: Path, plan: dict[int, list[str]
                         for d in [*dreams, *current]]
         rehearsal = [d.pair(params.wake.template) for d in dreams if d.passed]
         dreamed_inputs += [{"task": d.task, "label": d.label, "text": d.text} for d in [*dreams, *current] if d.passed]
-        prompts = [*meta["prompt_buffer"], *(d.pair(params.wake.template)[0] for d in current if d.passed)]
+        prompts = meta["prompt_buffer"]
         dream_seconds = time.perf_counter() - start
         bar = tqdm(total=cfg.steps, desc=f"sleep {period}: consolidate {names[0]} -> {names[1]}", unit="step", leave=False)
 

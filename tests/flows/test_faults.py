@@ -471,7 +471,10 @@ def test_no_later_stage_reads_an_earlier_periods_examples(prepared, tmp_path, pr
             sleep(1, str(params))
     data_files = sorted({p for p in opened if p.startswith(str(data))})
     assert data_files == [str(data / "tasks.json"), str(data / "tasks/task-1.parquet")], data_files
-    meta = read_manifest(params.parent / "state/sleep/period-0")["metadata"]
-    assert "prompt_buffer" not in meta  # the wake's examples stay in the wake state
-    period0 = set(pd.read_parquet(data / "tasks/task-0.parquet")["text"])
-    assert meta["dreamed_inputs"] and not period0 & {d["text"] for d in meta["dreamed_inputs"]}
+    for period in (0, 1):  # the wake's examples stay in the wake state
+        assert "prompt_buffer" not in read_manifest(params.parent / f"state/sleep/period-{period}")["metadata"]
+    rehearsed = pd.read_parquet(params.parent / "dreams/consolidation/period-1.parquet")
+    rehearsed = rehearsed[rehearsed["kind"] == "rehearsal"]
+    period0 = pd.read_parquet(data / "tasks/task-0.parquet")
+    assert len(rehearsed) and set(rehearsed["reference"]) == set(period0["label"])  # every label of task 0
+    assert not set(period0["text"]) & set(rehearsed["text"])  # dreamed, not recalled
