@@ -85,7 +85,11 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     assert (c["src"], c["dst"]) == ("fast", "slow") and "seconds" not in c
     timing = json.loads((tmp_path / "metrics/timings/consolidation-period-0.json").read_text())
     assert [(t["src"], t["dst"]) for t in timing["consolidations"]] == [("fast", "slow")]
-    assert c["consolidated"]["loss"] < c["reset"]["loss"]
+    assert c["rehearsal"]["tasks"] == [] and c["merged"] is None  # nothing earlier to rehearse, a free slot
+    # Where forgetting happens (evaluate's diagnostics): the consolidated model keeps what the wake learned.
+    diag0 = cycle0["diagnostics"]
+    assert set(diag0) == {"after_wake", "after_wake_fast_masked", "after_consolidation", "after_dreaming"}
+    assert diag0["after_dreaming"] == cycle0["accuracy"] and diag0["after_consolidation"]["0"] >= 0.75
     m0 = read_manifest(tmp_path / "state/consolidated/period-0")
     slow = m0["levels"][1]["experts"]
     assert [e["origin"] for e in slow if e["active"]] == ["init", "consolidation:fast->slow@period-0"]

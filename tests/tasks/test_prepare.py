@@ -228,7 +228,8 @@ def _project(tmp_path: Path) -> Path:
 
 
 def _snapshot(out_dir: Path) -> dict[str, tuple[str, int]]:
-    return {p.name: (sha256_file(p), p.stat().st_mtime_ns) for p in sorted(out_dir.iterdir())}
+    return {str(p.relative_to(out_dir)): (sha256_file(p), p.stat().st_mtime_ns)
+            for p in sorted(out_dir.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
@@ -243,7 +244,12 @@ def test_prepare_flow_writes_stream_and_keeps_it_on_bad_source(prefect_harness: 
     expected, expected_plan = build_stream(load_source(SourceConfig(), tmp_path), DataConfig(**SMALL))
     pd.testing.assert_frame_equal(stream, expected)
     assert plan == expected_plan
-    assert sorted(p.name for p in out_dir.iterdir()) == ["stream.parquet", "tasks.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["stream.parquet", "tasks", "tasks.json"]
+    for t in plan:  # one shard per task, exactly that task's rows
+        shard, _ = load_stream(out_dir, t)
+        pd.testing.assert_frame_equal(shard.reset_index(drop=True),
+                                      stream[stream["task"] == t].reset_index(drop=True))
+    assert sorted(p.name for p in (out_dir / "tasks").iterdir()) == [f"task-{t}.parquet" for t in plan]
     report = json.loads((tmp_path / "reports/prepare/validation.json").read_text(encoding="utf-8"))
     assert report["success"] is True and report["n_failed"] == 0
     before = _snapshot(out_dir)
