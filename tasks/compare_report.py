@@ -229,6 +229,7 @@ def plot_diagnostics(diag: pd.DataFrame) -> Figure:
         ax.set_ylabel("accuracy among all seen labels")
         ax.set_title("Where forgetting happens (mean over seeds)")
         ax.legend(fontsize=7, loc="lower left")
+        fig.subplots_adjust(bottom=0.34)  # room for the rotated state names
     return fig
 
 
