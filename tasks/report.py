@@ -712,7 +712,6 @@ def plot_diagnostics(cycles: Sequence["Cycle"]) -> Figure:
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("accuracy among all seen labels")
         ax.set_title("Where forgetting happens: each state of each cycle")
-        fig.subplots_adjust(bottom=0.34)  # room for the rotated state names
     return fig
 
 
