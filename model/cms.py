@@ -251,17 +251,8 @@ class ContinuumMemory(nn.Module):
     def reset_level(self, level: int, reason: str = "reset") -> list[nn.Parameter]:
         """Synaptic pruning: zero and mask every expert of a level. Returns the freed parameters
         (so a caller can drop their optimiser state)."""
-        params = self.level_parameters(level)
-        with torch.no_grad():
-            for p in params:
-                p.zero_()
-                p.grad = None
-        for info in self.experts[level]:
-            if info.active:
-                info.history.append(f"reset@{self.step}:{reason}")
-            info.active, info.unlocked_at_step, info.origin, info.frozen = False, None, None, False
-        self.refresh_routing(level)
-        return params
+        self._check_level(level)
+        return [p for slot in range(self.cfg.levels[level].n_experts) for p in self.reset_slot(level, slot, reason)]
 
     def reset_slot(self, level: int, slot: int, reason: str) -> list[nn.Parameter]:
         """Zero and mask one expert of a level (its slot becomes free). Returns its parameters."""

@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import CMSError, ContinuumMemory, ExpertBank
+from model.routing import captured_inputs
 from model.wake import encode
 
 
@@ -66,25 +67,13 @@ def level_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms
     """The hidden states (N, d) that reach ``level`` in every CMS layer, over the tokens of ``prompts``."""
     if not prompts:
         raise CMSError("merging needs prompts to read the level's inputs from")
-    banks = cms.banks(level)
-    seen: list[list[torch.Tensor]] = [[] for _ in banks]
     batch = encode(tokenizer, list(prompts), [""] * len(prompts), max_length).to(model.device)
     keep = (batch.segment >= 0).flatten()
-
-    def hook(k: int):
-        def grab(_module, args):
-            seen[k].append(args[0].reshape(-1, args[0].shape[-1])[keep.to(args[0].device)].float().detach())
-        return grab
-
-    handles = [b.register_forward_pre_hook(hook(k)) for k, b in enumerate(banks)]
-    try:
+    with captured_inputs(cms, level) as seen:
         model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     if any(not s for s in seen):  # a level masked or with no experts is not called: nothing to fit
         raise CMSError(f"level {level} was not reached in the forward pass (masked, or without active experts)")
-    return [torch.cat(s) for s in seen]
+    return [torch.cat([h.reshape(-1, h.shape[-1])[keep.to(h.device)].float() for h in s]) for s in seen]
 
 
 def merge_oldest(

@@ -18,16 +18,8 @@ from model.wake import classify
 from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, wake_state_dir
 
 
-@task(cache_policy=NO_CACHE)
-def evaluate_seen_tasks(
-    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int, state_dir: Path
-) -> dict[str, float]:
-    """Accuracy of the model in ``state_dir`` on the test rows of every task seen so far.
-
-    Class-incremental: each text is classified among the labels of all seen tasks.
-    """
-    torch.set_num_threads(params.wake.threads)
-    loaded, _, _ = open_memory_model(params, root, state_dir)
+def _seen_accuracy(params: Params, loaded, stream: pd.DataFrame, plan: dict[int, list[str]], period: int) -> dict[str, float]:
+    """Accuracy of the loaded model on the test rows of tasks 0..period, each among all seen labels."""
     seen = list(range(period + 1))
     labels = [lab for t in seen for lab in plan[t]]
     test = stream[(stream["split"] == "test") & (stream["task"].isin(seen))].sort_values("row_id")
@@ -40,6 +32,19 @@ def evaluate_seen_tasks(
 
 
 @task(cache_policy=NO_CACHE)
+def evaluate_seen_tasks(
+    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int, state_dir: Path
+) -> dict[str, float]:
+    """Accuracy of the model in ``state_dir`` on the test rows of every task seen so far.
+
+    Class-incremental: each text is classified among the labels of all seen tasks.
+    """
+    torch.set_num_threads(params.wake.threads)
+    loaded, _, _ = open_memory_model(params, root, state_dir)
+    return _seen_accuracy(params, loaded, stream, plan, period)
+
+
+@task(cache_policy=NO_CACHE)
 def diagnose_states(
     params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
 ) -> dict[str, dict[str, float]]:
@@ -47,12 +52,9 @@ def diagnose_states(
 
     One model is loaded and each state's experts are loaded into it in turn (checksums verified).
     ``after_previous_sleep`` is measured on tasks 0..t as well (task t not yet learned). States a
-    run did not write are left out.
+    run did not write are left out; ``after_dreaming`` is the cycle's accuracy.
     """
     torch.set_num_threads(params.wake.threads)
-    seen = list(range(period + 1))
-    labels = [lab for t in seen for lab in plan[t]]
-    test = stream[(stream["split"] == "test") & (stream["task"].isin(seen))].sort_values("row_id")
     views = {
         "after_previous_sleep": (sleep_state_dir(params, root, period - 1) if period > 0 else None, []),
         "after_wake": (wake_state_dir(params, root, period), []),
@@ -67,10 +69,7 @@ def diagnose_states(
             continue
         load_state(cms, state)
         with cms.levels_masked(masked):
-            pred = classify(loaded.model, loaded.tokenizer, params.wake.template, list(test["text"]), labels,
-                            params.wake.eval_batch_size, params.wake.max_length)
-        correct = pd.Series([p == g for p, g in zip(pred, test["label"])], index=test.index)
-        out[name] = {str(t): float(correct[test["task"] == t].mean()) for t in seen}
+            out[name] = _seen_accuracy(params, loaded, stream, plan, period)
     return out
 
 
@@ -114,10 +113,14 @@ def cycle_row(params: Params, root: Path, period: int, accuracy: dict[str, float
 def evaluate_cycle(params: Params, root: Path, period: int) -> dict:
     """Accuracy after the sleep of ``period`` on every seen task, with the cycle's other metrics; writes its JSON."""
     stream, plan = read_stream.fn(root / params.data.out_dir)
-    accuracy = evaluate_seen_tasks.fn(params, root, stream, plan, period, sleep_state_dir(params, root, period))
+    diagnostics = diagnose_states.fn(params, root, stream, plan, period) if params.lifecycle.diagnostics else None
+    if diagnostics is not None and "after_dreaming" in diagnostics:  # the sleep's state, already measured
+        accuracy = diagnostics["after_dreaming"]
+    else:
+        accuracy = evaluate_seen_tasks.fn(params, root, stream, plan, period, sleep_state_dir(params, root, period))
     row = cycle_row(params, root, period, accuracy)
-    if params.lifecycle.diagnostics:
-        row["diagnostics"] = diagnose_states.fn(params, root, stream, plan, period)
+    if diagnostics is not None:
+        row["diagnostics"] = diagnostics
     write_json(root / params.lifecycle.metrics_dir / f"period-{period}.json", row)
     return row
 
