@@ -134,14 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from model.checkpoint import CheckpointError
+    from model.cms import CMSError
     from model.config import ConfigError
+    from model.consolidation import EmptyPromptBufferError
+    from model.data import DataError
     from model.io import BusyError
+    from model.rehearsal import RehearsalError
     from tasks.store import StoreError
+    from tasks.wake import StreamError
 
+    # Bad input and bad states: one line naming the file and field, exit 1 (no traceback).
+    expected = (ConfigError, BusyError, StoreError, CheckpointError, CMSError, DataError, RehearsalError, StreamError,
+                EmptyPromptBufferError)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, BusyError, StoreError) as err:
+    except expected as err:
         print(f"lm-sleep {args.command}: {err}", file=sys.stderr)
         return 1
 

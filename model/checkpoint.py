@@ -2,7 +2,8 @@
 
 A state directory holds::
 
-    experts.safetensors   every memory-level parameter (the base model is not saved)
+    experts.safetensors   every memory-level parameter (the base model is not saved) and the
+                          routing prototypes (``routing.*``, model/prototypes.py) when there are any
     train.safetensors     optimiser moments and mid-chunk gradients (exact resume of eq. 2)
     manifest.json         levels, experts (slot, active, when/why unlocked, SHA-256 of the
                           expert's weights), step counter, file digests, free-form metadata
@@ -21,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.cms import ChunkedOptimizer, ContinuumMemory, ExpertInfo, attach_cms
+from model.cms import ChunkedOptimizer, CMSError, ContinuumMemory, ExpertInfo, attach_cms
 from model.io import atomic_dir, sha256_bytes, sha256_file
+from model.prototypes import PROTOTYPE_KEYS, Prototypes
 
 if TYPE_CHECKING:
     from model.config import Params
@@ -56,6 +58,8 @@ def save_state(
     """Write the CMS (and optionally optimiser) state to directory ``dest`` atomically."""
     dest = Path(dest)
     tensors = {name: p.detach().cpu().contiguous().clone() for name, p in cms.named_memory_parameters()}
+    if cms.prototypes is not None:  # prototype routing's state (model/prototypes.py), checksummed with the experts
+        tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in cms.prototypes.to_tensors().items()})
     manifest = cms.manifest()
     for li, level in enumerate(manifest["levels"]):
         for e in level["experts"]:
@@ -120,6 +124,14 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
         if sha256_file(fpath) != digest:
             raise CheckpointError(f"{fpath}: checksum mismatch (file corrupted or modified)")
     tensors = load_file(str(src / EXPERTS_FILE))
+    routing = {k: tensors.pop(k) for k in PROTOTYPE_KEYS if k in tensors}
+    try:
+        prototypes = Prototypes.from_tensors(routing, str(src / EXPERTS_FILE)) if routing else None
+    except CMSError as e:
+        raise CheckpointError(str(e)) from None
+    if prototypes is not None and prototypes.mean.shape[0] != cms.d:
+        raise CheckpointError(f"{src / EXPERTS_FILE}: tensor 'routing.mean' has {prototypes.mean.shape[0]} features, "
+                              f"the model's hidden size is {cms.d}")
     own = dict(cms.named_memory_parameters())
     if set(tensors) != set(own):
         missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
@@ -154,11 +166,14 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
                 origin=e["origin"],
                 history=list(e["history"]),
                 frozen=bool(e.get("frozen", False)),
+                period=e.get("period"),
             )
             for e in lv["experts"]
         ]
         cms.refresh_routing(li)
     cms.step = int(manifest["step"])
+    cms.period = int(manifest.get("period", 0))
+    cms.prototypes = prototypes
     for p in own.values():
         p.grad = None
     if train is not None:

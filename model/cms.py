@@ -60,6 +60,7 @@ class ExpertInfo:
     origin: str | None = None  # e.g. "init", "consolidation:fast->slow@step-40"
     history: list[str] = field(default_factory=list)
     frozen: bool = False  # read-only in wake (a consolidated expert, cms.freeze_consolidated)
+    period: int | None = None  # the wake period whose data it learned last (prototype routing, model/routing.py)
 
 
 class ExpertBank(nn.Module):
@@ -169,6 +170,8 @@ class ContinuumMemory(nn.Module):
             [ExpertInfo(slot=s) for s in range(lvl.n_experts)] for lvl in cfg.levels
         ]
         self.step = 0  # wake steps taken so far (drives eq. 2 and the sleep schedule)
+        self.period = 0  # the wake period being learned (or slept on): the period new experts belong to
+        self.prototypes = None  # model.routing.Prototypes: where each period's inputs lie (None: no routing)
         self._gen = torch.Generator().manual_seed(seed)
         self.base_model = [model]  # a list, so the base is not registered as a submodule
         for li, lvl in enumerate(cfg.levels):
@@ -244,6 +247,7 @@ class ContinuumMemory(nn.Module):
                 bank.router[slot].copy_(torch.empty(bank.router[slot].shape).normal_(0.0, std, generator=self._gen))
         info = self.experts[level][slot]
         info.active, info.unlocked_at_step, info.origin, info.frozen = True, self.step, origin, False
+        info.period = self.period
         info.history.append(f"unlocked@{self.step}:{origin}")
         self.refresh_routing(level)
         return slot
@@ -264,9 +268,21 @@ class ContinuumMemory(nn.Module):
         info = self.experts[level][slot]
         if info.active:
             info.history.append(f"reset@{self.step}:{reason}")
-        info.active, info.unlocked_at_step, info.origin, info.frozen = False, None, None, False
+        info.active, info.unlocked_at_step, info.origin, info.frozen, info.period = False, None, None, False, None
         self.refresh_routing(level)
         return params
+
+    def begin_period(self, period: int) -> None:
+        """A wake period starts: experts unlocked from now on, and every writable expert (it learns this
+        period's data now), belong to ``period``; frozen experts keep the period they were filled in."""
+        if period < 0:
+            raise CMSError(f"period {period}: periods are numbered from 0")
+        self.period = period
+        for level in self.experts:
+            for info in level:
+                if info.active and not info.frozen and info.period != period:
+                    info.period = period
+                    info.history.append(f"period@{self.step}:{period}")
 
     def set_level_enabled(self, level: int, enabled: bool) -> None:
         """Mask (False) or unmask (True) a whole level in the forward pass."""
@@ -337,6 +353,7 @@ class ContinuumMemory(nn.Module):
             "layers": self.layer_ids,
             "d": self.d,
             "step": self.step,
+            "period": self.period,
             "levels": [
                 {**lvl.model_dump(), "experts": [asdict(e) for e in self.experts[li]]}
                 for li, lvl in enumerate(self.cfg.levels)

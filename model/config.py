@@ -85,6 +85,12 @@ class RoutingConfig(_Strict):
                           "inputs and not on dreamed inputs of other tasks (false: routers learn only from the LM loss).")
     weight: float = Field(1.0, ge=0, le=100.0, description="Weight of L_route beside the wake / consolidation loss.")
     negatives_per_step: int = Field(8, ge=1, description="Dreamed other-task inputs per wake step.")
+    by_prototype: bool = Field(True, description="Prototype routing (model/prototypes.py): each wake period leaves "
+                               "prototypes of its inputs; an input is answered by the experts of periods up to its "
+                               "nearest prototype's (false: every expert fires on every input).")
+    feature_layer: int | None = Field(None, ge=0, description="Decoder layer whose input is the routing feature (at or "
+                                      "below the first CMS layer); null = a quarter of the model's depth.")
+    prototypes_per_period: int = Field(16, ge=1, le=256, description="K: k-means prototypes of each period's inputs.")
 
 
 class CMSConfig(_Strict):
@@ -406,6 +412,7 @@ METHODS: dict[str, str] = {
     "joint": "upper bound: LoRA fine-tuning on every task so far at once (all raw data), the same steps in all",
     "no_rehearsal": "full sleep without rehearsal: consolidation sees the current period's prompts only",
     "no_freezing": "full sleep, consolidated experts stay writable in wake (the slow level's eq.-2 step moves them)",
+    "no_prototype_routing": "full sleep, every expert fires on every input (no period prototypes)",
     "with_routing": "full sleep plus the routing loss (routers fire on this period's inputs, not on dreamed inputs "
     "of other tasks; off by default: it did not help on the development runs)",
     "cms": "the continuum memory system learning online, without sleep",
@@ -434,6 +441,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
     "no_freezing": {"cms": {"freeze_consolidated": False}},
     "with_routing": {"cms": {"routing": {"enabled": True}}},
+    "no_prototype_routing": {"cms": {"routing": {"by_prototype": False}}},
 }
 #: The methods of a knowledge-incorporation comparison (``kind: knowledge``; model/incorporation.py).
 KNOWLEDGE_METHODS: dict[str, str] = {
@@ -446,7 +454,7 @@ KNOWLEDGE_METHODS: dict[str, str] = {
 }
 MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
-    "no_rehearsal", "no_freezing", "with_routing",
+    "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
     "base", "passage_finetune", "base_dreams",
 ]

@@ -114,9 +114,11 @@ def merge_oldest(
             fit = gated_expert_output(bank, h, [into])
             errors.append(float((fit - target).norm() / target.norm().clamp(min=1e-12)))
     was_frozen = cms.experts[level][into].frozen or cms.experts[level][freed].frozen
+    periods = [p for p in (cms.experts[level][into].period, cms.experts[level][freed].period) if p is not None]
     cms.reset_slot(level, freed, reason=f"merged into slot {into}")
     info = cms.experts[level][into]
     info.frozen = was_frozen
+    info.period = min(periods) if periods else None  # it answers for the older period's inputs too
     info.history.append(f"merged@{cms.step}:slot {freed} merged in")
     return MergeRecord(level, into, freed, [round(e, 5) for e in errors])
 

@@ -283,6 +283,7 @@ def collect_cms_result(p: Params, rdir: Path, method: str, rows: list[dict], sec
               "accuracy": [r["accuracy"] for r in rows], "gradient_steps": sum(steps.values()),
               "gradient_steps_by_stage": steps, "seconds": round(seconds, 1),
               "dream_funnels": [r.get("dream_funnel") for r in rows],
-              "diagnostics": [r.get("diagnostics") for r in rows]}
+              "diagnostics": [r.get("diagnostics") for r in rows],
+              "routing_accuracy": [r.get("routing_accuracy") for r in rows]}
     write_json(rdir / RESULT_FILE, result)
     return result

@@ -17,6 +17,7 @@ from model.config import Params
 from model.data import STREAM_FILE, load_plan, load_stream, task_file
 from model.io import write_json
 from tasks.caching import cache_options
+from model.prototypes import learn_prototypes
 from model.wake import NonFiniteLossError, StepLog, ensure_writable, split_template, train_period
 
 
@@ -76,6 +77,7 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
     # Routing negatives: the inputs the last sleep dreamed about every task so far (model-written, no examples).
     negatives = [d["text"] for d in read_manifest(prev)["metadata"].get("dreamed_inputs", [])] if prev else []
     step_before = cms.step
+    cms.begin_period(period)  # experts that learn now belong to this period (prototype routing)
     ensure_writable(cms, params.cms.levels, origin=f"wake:period-{period}")
     pairs = [split_template(params.wake.template, t, lab) for t, lab in zip(rows["text"], rows["label"])]
     n_steps = params.wake.epochs * -(-len(pairs) // params.wake.batch_size)
@@ -108,6 +110,13 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
         bar.close()
     seconds = time.perf_counter() - start
     tokens = sum(s.tokens for s in logs)
+    routing = params.cms.routing
+    if routing.by_prototype:  # where this period's inputs lie: the router of its experts
+        learn_prototypes(loaded.model, loaded.tokenizer, cms, [p for p, _ in pairs], period, routing.feature_layer,
+                         routing.prototypes_per_period, params.wake.eval_batch_size, params.wake.max_length,
+                         seed=params.seed * 100_003 + period)
+    else:
+        cms.prototypes = None
     out = wake_state_dir(params, root, period)
     picks = random.Random(params.seed * 7_919 + period).sample(range(len(pairs)), min(len(pairs), params.consolidation.prompt_buffer_size))
     buffer = [pairs[i][0] for i in picks]

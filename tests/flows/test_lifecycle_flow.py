@@ -111,6 +111,11 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     # The next wake unlocked a fresh fast expert and consolidated again into a third slow slot.
     m1 = read_manifest(tmp_path / "state/sleep/period-1")
     assert m1["step"] == 48
+    # Prototype routing: each expert belongs to the period it learned last; each task's inputs find their period.
+    assert m1["period"] == 1
+    assert [e["period"] for e in m1["levels"][1]["experts"] if e["active"]] == [1, 0, 1]  # init (writable), sleep 0, sleep 1
+    cycle1 = json.loads((tmp_path / "metrics/lifecycle/period-1.json").read_text())
+    assert set(cycle1["routing_accuracy"]) == {"0", "1"} and min(cycle1["routing_accuracy"].values()) >= 0.75
     assert [e["origin"] for e in m1["levels"][1]["experts"] if e["active"]][-1] == "consolidation:fast->slow@period-1"
     summary = json.loads((tmp_path / "metrics/lifecycle.json").read_text())
     assert len(summary["accuracy_matrix"]) == 2 and summary["accuracy_matrix"][0][1] is None
@@ -137,3 +142,14 @@ def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harn
     with pytest.raises(StreamError, match="sleep/period-0: missing; wake period 1 starts from the sleep after period 0"):
         wake(1, str(params_path))
     assert not (tmp_path / "state/wake/period-1").exists()
+
+
+def test_the_cli_reports_a_bad_state_in_one_line(tmp_path, prefect_harness, capsys):
+    from flows.cli import main
+    from flows.prepare import prepare
+
+    params_path = toy_project(tmp_path)
+    prepare(str(params_path))
+    assert main(["wake", "--params", str(params_path), "--period", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "lm-sleep wake:" in err and "sleep/period-0: missing" in err and "Traceback" not in err

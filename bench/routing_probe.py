@@ -1,0 +1,106 @@
+"""How well prototype routing finds an input's period, on development streams disjoint from the evaluation.
+
+Chooses ``cms.routing.feature_layer`` and ``prototypes_per_period`` without touching an
+evaluation set. Development streams are built from the source's *train* rows of labels
+that no evaluation stream uses (every seed of every continual comparison of params.yaml
+is built and its labels excluded), split into train/test by the dev seed. For each
+(feature layer, K) the script learns each task's prototypes from its train prompts with
+``model.prototypes`` (the code the lifecycle runs) and reports the share of test prompts
+routed to their own task after the last task, mean over dev streams.
+
+    python bench/routing_probe.py                       # embedded default, 3 dev streams of 3 and 5 tasks
+    python bench/routing_probe.py --out docs/results/issue13/routing_probe.json
+
+Any text/label data works: the source, template and sizes come from params.yaml's data section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model.cms import attach_cms
+from model.config import load_params
+from model.data import build_stream, load_source
+from model.io import write_json
+from model.loading import load_base_model
+from model.prototypes import Prototypes, add_period, route, sequence_features
+from model.wake import split_template
+from tasks.compare import resolve_comparison, seed_params
+
+
+def evaluation_labels(params, root: Path) -> set[str]:
+    """Every label that a seed of a continual comparison of ``params`` puts in its stream."""
+    df = load_source(params.data.source, root)
+    labels: set[str] = set()
+    for name, comp in params.evaluation.comparisons.items():
+        if comp.kind != "continual":
+            continue
+        resolved = resolve_comparison(params, name, quick=False)
+        for seed in resolved.seeds:
+            p = seed_params(params, root, resolved, seed)
+            _, plan = build_stream(df, p.data)
+            labels.update(lab for task in plan.values() for lab in task)
+    return labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--dev-seeds", type=int, nargs="+", default=[100, 101, 102])
+    ap.add_argument("--tasks", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--layers", type=float, nargs="+", default=[0.125, 0.25, 0.375, 0.5],
+                    help="feature layers as fractions of the depth")
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    root = Path(".")
+    params = load_params(Path(args.params))
+    excluded = evaluation_labels(params, root)
+    df = load_source(params.data.source, root)
+    if "split" in df.columns and df["split"].notna().any():
+        df = df[df["split"] == "train"].drop(columns=["split"])  # dev rows come only from the train split
+    df = df[~df["label"].isin(excluded)].reset_index(drop=True)
+    lm = load_base_model(params.model, root)
+    cms = attach_cms(lm.model, params.cms, seed=params.seed)
+    n_layers = len(lm.model.get_decoder().layers)
+    layers = sorted({min(int(f * n_layers), cms.layer_ids[0]) for f in args.layers})
+    print(f"{len(excluded)} evaluation labels excluded; {df['label'].nunique()} dev labels; layers {layers}")
+    start = time.perf_counter()
+    table: dict[str, list[float]] = {}
+    for n_tasks in args.tasks:
+        for seed in args.dev_seeds:
+            cfg = params.data.model_copy(update={"seed": seed, "n_tasks": n_tasks, "exclude_labels": []})
+            stream, plan = build_stream(df, cfg)
+            prompts = {(t, split): [split_template(params.wake.template, x, plan[t][0])[0]
+                                    for x in stream[(stream.task == t) & (stream.split == split)].text]
+                       for t in plan for split in ("train", "test")}
+            for layer in layers:
+                feats = {key: sequence_features(lm.model, lm.tokenizer, v, layer, 64, params.wake.max_length)
+                         for key, v in prompts.items()}
+                for k in args.k:
+                    protos: Prototypes | None = None
+                    for t in plan:
+                        protos = add_period(protos, feats[(t, "train")], t, k, layer, seed=seed)
+                    hits = [float((route(protos, feats[(t, "test")]) == t).float().mean()) for t in plan]
+                    table.setdefault(f"{n_tasks} tasks, layer {layer}, K={k}", []).append(statistics.mean(hits))
+            print(f"dev stream {n_tasks} tasks seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    rows = [{"setting": key, "routing_accuracy": round(statistics.mean(v), 4), "per_stream": [round(x, 4) for x in v]}
+            for key, v in table.items()]
+    print("| setting | routed to own task (mean over dev streams) |\n| --- | --- |")
+    for r in rows:
+        print(f"| {r['setting']} | {r['routing_accuracy']:.3f} |")
+    if args.out:
+        write_json(Path(args.out), {"model": lm.name, "n_layers": n_layers, "dev_seeds": args.dev_seeds,
+                                    "excluded_labels": len(excluded), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""Prototype routing: each period's inputs leave prototypes; an input is answered by the experts of its period."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import CheckpointError, load_state, save_state
+from model.cms import CMSError
+from model.merging import merge_oldest
+from model.prototypes import (
+    add_period,
+    feature_layer,
+    learn_prototypes,
+    period_view,
+    route,
+    routed_classify,
+    sequence_features,
+    spherical_kmeans,
+)
+from model.wake import classify
+from tests.model.helpers import logits, make_nonzero, tiny_cms_config, tiny_with_cms, toy_batch
+
+ALARMS = ["please set an alarm now", "wake me up at seven", "alarm for six please", "set my alarm for nine"]
+MONEY = ["what is my balance", "how much money do I have", "show my bank account", "money left in savings"]
+TEMPLATE = "{text} -> {label}"
+
+
+def _clusters(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.zeros(2, 16)
+    centre[0, 0], centre[1, 1] = 5.0, 5.0
+    x = torch.cat([centre[0] + 0.3 * torch.randn(20, 16, generator=g), centre[1] + 0.3 * torch.randn(20, 16, generator=g)])
+    return x, torch.tensor([0] * 20 + [1] * 20)
+
+
+def test_spherical_kmeans_gives_unit_centroids_that_separate_clusters():
+    x, truth = _clusters()
+    x = F.normalize(x, dim=1)
+    c = spherical_kmeans(x, 2, seed=0)
+    assert c.shape == (2, 16) and torch.allclose(c.norm(dim=1), torch.ones(2), atol=1e-5)
+    assign = (x @ c.T).argmax(1)
+    assert len(set(assign[truth == 0].tolist())) == 1 and len(set(assign[truth == 1].tolist())) == 1
+    assert assign[0] != assign[-1]
+    assert spherical_kmeans(x[:3], 8).shape == (3, 16)  # k is cut to the number of points
+
+
+def test_route_names_the_period_of_the_nearest_prototype_and_a_period_can_be_replaced():
+    x, truth = _clusters()
+    protos = add_period(None, x[truth == 0], period=0, k=3, layer=1)
+    protos = add_period(protos, x[truth == 1], period=1, k=3, layer=1)
+    assert protos.centroids.shape == (6, 16) and protos.periods.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(route(protos, x), truth)
+    again = add_period(protos, x[truth == 1], period=1, k=2, layer=1)  # a rerun of period 1 replaces its prototypes
+    assert again.periods.tolist() == [0, 0, 0, 1, 1] and torch.equal(route(again, x), truth)
+    with pytest.raises(CMSError, match="feature_layer"):
+        add_period(protos, x, period=2, k=2, layer=0)
+
+
+def test_features_come_from_below_the_memory_so_experts_never_move_them():
+    lm, cms = tiny_with_cms()
+    layer = feature_layer(cms, None)
+    assert layer == 1 <= cms.layer_ids[0]
+    before = sequence_features(lm.model, lm.tokenizer, ALARMS + MONEY, layer, 3, 32)
+    make_nonzero(cms, 0)
+    after = sequence_features(lm.model, lm.tokenizer, ALARMS + MONEY, layer, 3, 32)
+    assert before.shape == (8, lm.model.config.hidden_size) and torch.allclose(before, after)
+    alone = sequence_features(lm.model, lm.tokenizer, ALARMS[:1], layer, 1, 32)
+    assert torch.allclose(alone[0], before[0], atol=1e-5)  # padding in a batch does not change a feature
+    with pytest.raises(CMSError, match="cms.routing.feature_layer"):
+        feature_layer(cms, cms.layer_ids[0] + 1)
+
+
+def test_period_view_fires_only_experts_of_earlier_periods():
+    lm, cms = tiny_with_cms()
+    batch = toy_batch(lm)
+    make_nonzero(cms, 0)
+    base_fast = logits(lm, batch)
+    cms.begin_period(1)
+    slot = cms.unlock(0, origin="test")
+    assert cms.experts[0][slot].period == 1 and cms.experts[0][0].period == 1  # writable experts learn period 1 now
+    cms.freeze(0, 0, reason="test")
+    cms.experts[0][0].period = 0
+    make_nonzero(cms, 0, seed=3)
+    both = logits(lm, batch)
+    with period_view(cms, 0):
+        only_old = logits(lm, batch)
+    with cms.levels_masked([], hidden={0: [slot]}):
+        hidden_new = logits(lm, batch)
+    with period_view(cms, 1):
+        assert torch.equal(logits(lm, batch), both)
+    assert torch.equal(only_old, hidden_new) and not torch.allclose(only_old, both)
+    assert not torch.allclose(base_fast, both)
+    cms.begin_period(2)
+    assert cms.experts[0][0].period == 0 and cms.experts[0][slot].period == 2  # frozen experts keep their period
+
+
+def test_routed_classify_answers_each_input_with_its_periods_experts():
+    lm, cms = tiny_with_cms()
+    labels = ["alarm", "balance"]
+    prompts = lambda texts: [f"{t} ->" for t in texts]  # noqa: E731
+    learn_prototypes(lm.model, lm.tokenizer, cms, prompts(ALARMS), 0, None, 2, 4, 32)
+    make_nonzero(cms, 0, seed=1)
+    cms.freeze(0, 0, reason="test")
+    cms.begin_period(1)
+    slot = cms.unlock(0, origin="test")
+    make_nonzero(cms, 0, seed=7)
+    with torch.no_grad():  # a strong new expert: it changes the answers wherever it fires
+        for bank in cms.banks(0):
+            bank.A[slot].mul_(100)
+    learn_prototypes(lm.model, lm.tokenizer, cms, prompts(MONEY), 1, None, 2, 4, 32)
+    pred, periods = routed_classify(lm.model, lm.tokenizer, cms, TEMPLATE, ALARMS + MONEY, labels, 8, 32)
+    assert periods == [0] * 4 + [1] * 4  # the training inputs route to their own period
+    with cms.levels_masked([], hidden={0: [slot]}):
+        old = classify(lm.model, lm.tokenizer, TEMPLATE, ALARMS, labels, 8, 32)
+    new = classify(lm.model, lm.tokenizer, TEMPLATE, MONEY, labels, 8, 32)
+    assert pred == old + new
+    assert old != classify(lm.model, lm.tokenizer, TEMPLATE, ALARMS, labels, 8, 32)  # unrouted, the new expert overrides
+    cms.prototypes = None  # no prototypes: every expert answers every input
+    assert routed_classify(lm.model, lm.tokenizer, cms, TEMPLATE, ALARMS, labels, 8, 32) == (
+        classify(lm.model, lm.tokenizer, TEMPLATE, ALARMS, labels, 8, 32), None)
+
+
+def test_prototypes_and_periods_survive_a_checkpoint_and_bad_ones_are_refused(tmp_path):
+    lm, cms = tiny_with_cms()
+    learn_prototypes(lm.model, lm.tokenizer, cms, ALARMS, 0, None, 2, 4, 32)
+    cms.begin_period(1)
+    cms.unlock(1, origin="test")
+    save_state(cms, tmp_path / "s")
+    _, fresh = tiny_with_cms()
+    load_state(fresh, tmp_path / "s")
+    assert fresh.period == 1 and [e.period for e in fresh.experts[1]] == [e.period for e in cms.experts[1]]
+    for name in ("mean", "scale", "centroids", "periods"):
+        assert torch.equal(getattr(fresh.prototypes, name), getattr(cms.prototypes, name))
+    assert fresh.prototypes.layer == cms.prototypes.layer
+
+    _, other = tiny_with_cms()  # a state without prototypes (routing off) loads as "no routing"
+    other.prototypes = None
+    save_state(other, tmp_path / "plain")
+    load_state(fresh, tmp_path / "plain")
+    assert fresh.prototypes is None
+
+    from safetensors.torch import load_file, save_file
+    from model.io import sha256_file
+
+    bad = tmp_path / "s"
+    tensors = load_file(str(bad / "experts.safetensors"))
+    tensors["routing.periods"] = tensors["routing.periods"][:1]
+    save_file(tensors, str(bad / "experts.safetensors"))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["experts.safetensors"] = sha256_file(bad / "experts.safetensors")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="experts.safetensors.*inconsistent shapes"):
+        load_state(fresh, bad)
+
+
+def test_merged_expert_answers_for_the_older_period():
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=3, top_k=3))
+    for period in (0, 1):
+        cms.begin_period(period)
+        slot = cms.unlock(1, origin=f"consolidation:test-{period}")
+        cms.freeze(1, slot, reason="test")
+    make_nonzero(cms, 1)
+    merge_oldest(lm.model, lm.tokenizer, cms, 1, ALARMS, 32, steps=2, lr=1e-2, seed=0)
+    periods = sorted(e.period for e in cms.experts[1] if e.active)
+    assert periods[0] == 0 and len(periods) == 2
