@@ -151,7 +151,7 @@ def feature_layer(cms: ContinuumMemory, layer: int | None) -> int:
     if not 0 <= chosen <= cms.layer_ids[0]:
         raise CMSError(f"cms.routing.feature_layer: {chosen} must be within 0..{cms.layer_ids[0]} (the first CMS "
                        f"layer; the model has {n_layers} decoder layers), so that memory never changes the features")
-    return min(chosen, cms.layer_ids[0])
+    return chosen
 
 
 def learn_prototypes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory,

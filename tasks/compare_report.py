@@ -173,6 +173,15 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
             lines.append(f"| {m} | {period} | {state.replace('_', ' ')} | "
                          f"{f'{old.mean():.3f}' if len(old) else '–'} | {g['current'].mean():.3f} |")
         lines += ["", "![where forgetting happens](plots/diagnostics.png)"]
+    routed = routing_table(results)
+    if not routed.empty:
+        lines += ["", "## Routing", "",
+                  "Share of each seen task's test inputs that prototype routing sent to the task's own period, "
+                  "after the last sleep (mean over seeds and tasks; an input sent to an earlier period meets "
+                  "experts that never learned its task).", "", "| method | seeds | routed to their own period |",
+                  "| --- | --- | --- |"]
+        for m, g in routed.groupby("method", sort=False):
+            lines.append(f"| {m} | {g['seed'].nunique()} | {format_ci(ci_summary(g.groupby('seed')['share'].mean().tolist()))} |")
     lines += ["", "## Plots", "", "![accuracy matrices](plots/accuracy_matrices.png)", "",
               "![final accuracy and forgetting](plots/final_forgetting.png)", "",
               "![accuracy of each task over time](plots/task_accuracy.png)", "", "## Runs", ""]
@@ -185,6 +194,17 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
         lines.append(f"- {r['method']}, seed {r['seed']}: R rows {rows} · {r['gradient_steps']} steps · "
                      f"{r['seconds']:.0f} s{extra}")
     return "\n".join(lines) + "\n"
+
+
+def routing_table(results: Sequence[dict]) -> pd.DataFrame:
+    """One row per (method, seed, task) of the runs with prototype routing: the share of the task's test
+    inputs routed to its own period after the last sleep."""
+    rows = []
+    for r in results:
+        last = (r.get("routing_accuracy") or [None])[-1]
+        for t, share in (last or {}).items():
+            rows.append({"method": r["method"], "seed": r["seed"], "task": int(t), "share": share})
+    return pd.DataFrame(rows, columns=["method", "seed", "task", "share"])
 
 
 def diagnostics_table(results: Sequence[dict]) -> pd.DataFrame:

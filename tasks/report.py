@@ -170,6 +170,8 @@ class Cycle:
     gate: GateSummary | None = None
     # state (DIAGNOSTIC_STATES) -> task -> accuracy among all seen labels; empty when not measured
     diagnostics: dict[str, dict[int, float]] = field(default_factory=dict)
+    # task -> share of its test inputs that prototype routing sent to the task's own period; empty without routing
+    routing: dict[int, float] = field(default_factory=dict)
 
     @property
     def dreams_promoted(self) -> int | None:
@@ -329,6 +331,14 @@ def _diagnostics(row: _File, value: Any) -> dict[str, dict[int, float]]:
     return out
 
 
+def _routing(row: _File, value: Any) -> dict[int, float]:
+    """A lifecycle row's routing accuracy per task (absent: no prototype routing)."""
+    if value is None:
+        return {}
+    return {int(t): row.number(a, f"routing_accuracy.{t}", unit=True)
+            for t, a in row.mapping(value, "routing_accuracy").items()}
+
+
 def _funnel(f: _File, value: Any, where: str) -> DreamFunnel:
     obj = f.mapping(value, where)
     counts = {s: f.integer(f.get(obj, s, where), _join(where, s)) for s in FUNNEL_REQUIRED}
@@ -460,6 +470,7 @@ def load_lifecycle_metrics(root: str | Path, params: Params) -> LifecycleMetrics
             dreaming=dreaming,
             gate=_gate(gate_file) if gate_file is not None else None,
             diagnostics=_diagnostics(row, row.get(rb, "diagnostics", "", required=False)),
+            routing=_routing(row, row.get(rb, "routing_accuracy", "", required=False)),
         ))
     return LifecycleMetrics(tuple(cycles), matrix, final, tuple(sources))
 
@@ -867,6 +878,15 @@ def render_markdown(
         lines += ["", f"![Where forgetting happens]({FIGURES['diagnostics']})", ""]
     else:
         lines += ["Not measured (`lifecycle.diagnostics` false).", ""]
+    lines += ["## Routing", "", "Share of each seen task's test inputs that prototype routing sends to the task's own "
+              "period after the sleep (an input sent to an earlier period meets experts that never learned its task).", ""]
+    rows = [[str(c.period), *(_acc(c.routing[j]) if j in c.routing else "–" for j in range(metrics.n_tasks))]
+            for c in metrics.cycles if c.routing]
+    if rows:
+        lines += _table(["cycle", *(f"task {j}" for j in range(metrics.n_tasks))], rows, align="l" + "r" * metrics.n_tasks)
+        lines += [""]
+    else:
+        lines += ["No prototype routing (`cms.routing.by_prototype` false): every expert answers every input.", ""]
 
     lines += ["## Dreams", "", "The funnel of each sleep's dreams; rejected = not promoted (failed a gate check "
               "or not rewarded).", ""]

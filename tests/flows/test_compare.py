@@ -64,6 +64,12 @@ def test_comparison_runs_every_method_and_seed_writes_the_report_and_resumes(tmp
     assert results[("cms", 0)]["diagnostics"] == [None, None]  # off for the other methods (comparison overrides)
     assert "## Where forgetting happens" in (report / "README.md").read_text()
     assert set(pd.read_csv(report / "diagnostics.csv")["method"]) == {"sleep"}
+    # Prototype routing: every CMS-family run records where its test inputs were routed, cycle by cycle.
+    for m in ("cms", "sleep"):
+        shares = results[(m, 0)]["routing_accuracy"]
+        assert [sorted(s) for s in shares] == [["0"], ["0", "1"]] and all(0 <= v <= 1 for s in shares for v in s.values())
+    assert results[("finetune", 0)].get("routing_accuracy") is None
+    assert "## Routing" in (report / "README.md").read_text()
     assert results[("zero_shot", 0)]["gradient_steps"] == results[("icl", 0)]["gradient_steps"] == 0
     assert results[("cms", 0)]["gradient_steps_by_stage"]["wake"] == wake_steps
     assert results[("cms", 0)]["gradient_steps_by_stage"]["consolidation"] == 0

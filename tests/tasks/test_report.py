@@ -66,6 +66,7 @@ def write_fake_run(root: Path, *, funnel_key: bool = True) -> Path:
             row["diagnostics"] = {"after_previous_sleep": {"0": 0.5, "1": 0.0}, "after_wake": {"0": 0.125, "1": 1.0},
                                   "after_wake_fast_masked": {"0": 0.625, "1": 0.0},
                                   "after_consolidation": {"0": 0.75, "1": 1.0}, "after_dreaming": {"0": 0.75, "1": 1.0}}
+            row["routing_accuracy"] = {"0": 0.875, "1": 0.625}  # prototype routing, measured on the sleep's state
         write_json(root / f"metrics/lifecycle/period-{p}.json", row)  # tasks.wake.write_metrics
         periods.append(row)
         detail = [{**c, "teacher": {"loss": 0.5, "accuracy": 0.8}, "reset": {"loss": 4.0, "accuracy": 0.4},
@@ -257,6 +258,9 @@ def test_write_report_writes_markdown_pngs_csvs_and_metrics(run):
     assert "| 1 | after wake | 0.125 | 1.000 | – |" in md
     assert "| 1 | after wake fast masked | 0.625 | 0.000 | – |" in md
     assert "| 1 | after consolidation | 0.750 | 1.000 | – |" in md
+    # Routing: only the cycle that recorded it has a row.
+    routing = md[md.index("## Routing"):md.index("## Dreams")]
+    assert "| 1 | 0.875 | 0.625 | – |" in routing and "| 0 |" not in routing and "| 2 |" not in routing
     assert "| 0 | 6 | 3 | 2 | 5 | 2 | 4 | length_bounds 1 ([gate report](../dreams/period-0/gate.md)) |" in md
     assert "| 1 | none | – | – | – | – | – | – |" in md
     assert "| 2 | none (dreaming off) | – | – | – | – | – | – |" in md
