@@ -60,7 +60,7 @@ class ExpertInfo:
     origin: str | None = None  # e.g. "init", "consolidation:fast->slow@step-40"
     history: list[str] = field(default_factory=list)
     frozen: bool = False  # read-only in wake (a consolidated expert, cms.freeze_consolidated)
-    period: int | None = None  # the wake period whose data it learned last (prototype routing, model/routing.py)
+    period: int | None = None  # the wake period whose data it learned last (prototype routing, model/prototypes.py)
 
 
 class ExpertBank(nn.Module):
@@ -171,7 +171,7 @@ class ContinuumMemory(nn.Module):
         ]
         self.step = 0  # wake steps taken so far (drives eq. 2 and the sleep schedule)
         self.period = 0  # the wake period being learned (or slept on): the period new experts belong to
-        self.prototypes = None  # model.routing.Prototypes: where each period's inputs lie (None: no routing)
+        self.prototypes = None  # model.prototypes.Prototypes: where each period's inputs lie (None: no routing)
         self._gen = torch.Generator().manual_seed(seed)
         self.base_model = [model]  # a list, so the base is not registered as a submodule
         for li, lvl in enumerate(cfg.levels):

@@ -172,7 +172,7 @@ def routed_classify(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     Returns the predictions and each text's routed period (None without prototypes).
     """
     protos = cms.prototypes
-    if protos is None or not len(texts):
+    if protos is None or not texts:
         return classify(model, tokenizer, template, texts, labels, batch_size, max_length), None
     prompts = [split_template(template, t, labels[0])[0] for t in texts]
     periods = route(protos, sequence_features(model, tokenizer, prompts, protos.layer, batch_size, max_length)).tolist()

@@ -18,12 +18,12 @@ from model.prototypes import routed_classify
 from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, wake_state_dir
 
 
-def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict[int, list[str]], period: int,
-                   routes: dict[str, float] | None = None) -> dict[str, float]:
-    """Accuracy of the loaded model on the test rows of tasks 0..period, each among all seen labels.
+def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
+                   ) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Accuracy of the loaded model on the test rows of tasks 0..period, each among all seen labels, and
+    (with prototype routing, else None) the share of each task's texts routed to the task's own period.
 
-    With prototype routing each text is answered by the experts of its routed period; ``routes``
-    (if given) receives the share of each task's texts routed to the task's own period.
+    With prototype routing each text is answered by the experts of its routed period.
     """
     seen = list(range(period + 1))
     labels = [lab for t in seen for lab in plan[t]]
@@ -33,37 +33,37 @@ def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict
         params.wake.eval_batch_size, params.wake.max_length,
     )
     correct = pd.Series([p == g for p, g in zip(pred, test["label"])], index=test.index)
-    if routes is not None and routed is not None:
-        own = pd.Series([r == t for r, t in zip(routed, test["task"])], index=test.index)
-        routes.update({str(t): float(own[test["task"] == t].mean()) for t in seen})
-    return {str(t): float(correct[test["task"] == t].mean()) for t in seen}
+    accuracy = {str(t): float(correct[test["task"] == t].mean()) for t in seen}
+    if routed is None:
+        return accuracy, None
+    own = pd.Series([r == t for r, t in zip(routed, test["task"])], index=test.index)
+    return accuracy, {str(t): float(own[test["task"] == t].mean()) for t in seen}
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_seen_tasks(
-    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int, state_dir: Path,
-    routes: dict[str, float] | None = None,
-) -> dict[str, float]:
-    """Accuracy of the model in ``state_dir`` on the test rows of every task seen so far.
+    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int, state_dir: Path
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Accuracy of the model in ``state_dir`` on the test rows of every task seen so far, and its routing
+    shares (None without prototype routing).
 
     Class-incremental: each text is classified among the labels of all seen tasks.
     """
     torch.set_num_threads(params.wake.threads)
     loaded, cms, _ = open_memory_model(params, root, state_dir)
-    return _seen_accuracy(params, loaded, cms, stream, plan, period, routes)
+    return _seen_accuracy(params, loaded, cms, stream, plan, period)
 
 
 @task(cache_policy=NO_CACHE)
 def diagnose_states(
-    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int,
-    routes: dict[str, float] | None = None,
-) -> dict[str, dict[str, float]]:
+    params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
+) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
     """Where forgetting happens: accuracy of every seen task (among all seen labels) in each state of cycle ``period``.
 
     One model is loaded and each state's experts are loaded into it in turn (checksums verified).
     ``after_previous_sleep`` is measured on tasks 0..t as well (task t not yet learned). States a
-    run did not write are left out; ``after_dreaming`` is the cycle's accuracy (its routing shares go
-    into ``routes``).
+    run did not write are left out; ``after_dreaming`` is the cycle's accuracy. Also returns the
+    routing shares of that last state (None without prototype routing or without the state).
     """
     torch.set_num_threads(params.wake.threads)
     views = {
@@ -75,14 +75,14 @@ def diagnose_states(
     }
     loaded, cms, _ = open_memory_model(params, root, None)
     out: dict[str, dict[str, float]] = {}
+    routing = None
     for name, (state, masked) in views.items():
         if state is None or not state.is_dir():
             continue
         load_state(cms, state)
         with cms.levels_masked(masked):
-            out[name] = _seen_accuracy(params, loaded, cms, stream, plan, period,
-                                       routes if name == "after_dreaming" else None)
-    return out
+            out[name], routing = _seen_accuracy(params, loaded, cms, stream, plan, period)
+    return out, (routing if "after_dreaming" in out else None)
 
 
 @task(retries=2, retry_delay_seconds=1)
@@ -125,12 +125,12 @@ def cycle_row(params: Params, root: Path, period: int, accuracy: dict[str, float
 def evaluate_cycle(params: Params, root: Path, period: int) -> dict:
     """Accuracy after the sleep of ``period`` on every seen task, with the cycle's other metrics; writes its JSON."""
     stream, plan = read_stream.fn(root / params.data.out_dir)
-    routes: dict[str, float] = {}
-    diagnostics = diagnose_states.fn(params, root, stream, plan, period, routes) if params.lifecycle.diagnostics else None
+    diagnostics, routes = (diagnose_states.fn(params, root, stream, plan, period) if params.lifecycle.diagnostics
+                           else (None, None))
     if diagnostics is not None and "after_dreaming" in diagnostics:  # the sleep's state, already measured
         accuracy = diagnostics["after_dreaming"]
     else:
-        accuracy = evaluate_seen_tasks.fn(params, root, stream, plan, period, sleep_state_dir(params, root, period), routes)
+        accuracy, routes = evaluate_seen_tasks.fn(params, root, stream, plan, period, sleep_state_dir(params, root, period))
     row = cycle_row(params, root, period, accuracy)
     if routes:  # prototype routing: the share of each task's test texts routed to the task's own period
         row["routing_accuracy"] = routes
