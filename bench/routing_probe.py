@@ -26,27 +26,12 @@ import torch
 
 from model.cms import attach_cms
 from model.config import load_params
+from model.comparison import evaluation_labels
 from model.data import build_stream, load_source
 from model.io import write_json
 from model.loading import load_base_model
 from model.prototypes import Prototypes, add_period, route, sequence_features
 from model.wake import split_template
-from tasks.compare import resolve_comparison, seed_params
-
-
-def evaluation_labels(params, root: Path) -> set[str]:
-    """Every label that a seed of a continual comparison of ``params`` puts in its stream."""
-    df = load_source(params.data.source, root)
-    labels: set[str] = set()
-    for name, comp in params.evaluation.comparisons.items():
-        if comp.kind != "continual":
-            continue
-        resolved = resolve_comparison(params, name, quick=False)
-        for seed in resolved.seeds:
-            p = seed_params(params, root, resolved, seed)
-            _, plan = build_stream(df, p.data)
-            labels.update(lab for task in plan.values() for lab in task)
-    return labels
 
 
 def main(argv: list[str] | None = None) -> int:

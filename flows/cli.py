@@ -7,6 +7,8 @@
     lm-sleep prepare | wake | sleep | evaluate | report | publish    one stage
     lm-sleep compare NAME        a comparison of params.yaml (evaluation.comparisons): sleep vs baselines
                                  and ablations over seeds -> reports/NAME/ (--quick: a smoke run)
+    lm-sleep lr-search           every tunable method x evaluation.lr_search.grid on development tasks
+                                 -> reports/lr-search/ (the choice per method for params.yaml)
     lm-sleep serve               serve the deployments of prefect.yaml (needs a Prefect server)
     lm-sleep artifacts ...       list, fetch, open artifacts of a run; flush uploads; DVC remote
 """
@@ -95,6 +97,15 @@ def _stage(name: str):
     return run
 
 
+#: Subcommands with a parser of their own: name -> (module whose main(argv) runs it, help).
+DELEGATED = {
+    "compare": ("flows.compare", "run a named comparison (evaluation.comparisons) -> reports/NAME/"),
+    "lr-search": ("flows.lr_search", "the same learning-rate search for every method, on development tasks "
+                  "(evaluation.lr_search) -> reports/lr-search/"),
+    "serve": ("flows.deployments", "serve the deployments of prefect.yaml (needs PREFECT_API_URL)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lm-sleep", description="Continual learning with wake/sleep cycles.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -120,13 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "publish":
             p.add_argument("--run-id", default=None)
         p.set_defaults(func=_stage(name))
-    p = sub.add_parser("compare", help="run a named comparison (evaluation.comparisons) -> reports/NAME/",
-                       add_help=False)
-    p.set_defaults(func=lambda a: __import__("flows.compare", fromlist=["main"]).main(a.rest))
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("serve", help="serve the deployments of prefect.yaml (needs PREFECT_API_URL)", add_help=False)
-    p.set_defaults(func=lambda a: __import__("flows.deployments", fromlist=["main"]).main(a.rest))
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, help_text in DELEGATED.items():  # their own parsers (main() hands them argv, -h included)
+        sub.add_parser(name, help=help_text[1], add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     from flows.artifacts import add_artifacts_parser
 
     add_artifacts_parser(sub)
@@ -147,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     # Bad input and bad states: one line naming the file and field, exit 1 (no traceback).
     expected = (ConfigError, BusyError, StoreError, CheckpointError, CMSError, DataError, RehearsalError, StreamError,
                 EmptyPromptBufferError)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:  # `lm-sleep compare -h` is compare's own help
+        module = __import__(DELEGATED[argv[0]][0], fromlist=["main"])
+        try:
+            return int(module.main(argv[1:]) or 0)
+        except expected as err:
+            print(f"lm-sleep {argv[0]}: {err}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

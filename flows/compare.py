@@ -29,7 +29,7 @@ from flows.evaluate import evaluate
 from flows.sleep import sleep
 from flows.wake import wake
 from model.comparison import BASELINES
-from model.config import ConfigError, Params, load_params
+from model.config import BaselinesConfig, ConfigError, Params, load_params
 from model.data import DataError
 from model.io import BusyError, exclusive
 from tasks.compare import (
@@ -37,6 +37,7 @@ from tasks.compare import (
     cached_result,
     collect_cms_result,
     finished_results,
+    method_baselines,
     comparison_dir,
     prepare_streams,
     resolve_comparison,
@@ -75,35 +76,46 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
         return summary
     if comp.kind == "knowledge":
         return compare_knowledge(params, root, comp)
-    results = []
     with exclusive(comparison_dir(params, root, comp), "comparison run"):
-        streams = prepare_streams(params, root, comp)  # bad data fails here, before any training
-        runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
-        for i, (seed, method) in enumerate(runs, 1):
-            p = run_params(params, root, comp, method, seed)
-            rdir = run_dir(params, root, comp, method, seed)
-            log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
-            stream, plan = streams[seed]
-            if method in BASELINES:
-                res = run_baseline_method(p, params.evaluation.baselines, rdir, method, stream, plan)
-            else:
-                res = cached_result(rdir, run_key(p, method))
-                if res is None:
-                    params_file = str(write_run_params(p, rdir / "params.yaml"))
-                    start = time.perf_counter()
-                    rows = []
-                    for period in sorted(plan):
-                        wake(period, params_file)
-                        sleep(period, params_file)
-                        rows.append(evaluate(period, params_file, summary=False))
-                    res = collect_cms_result(p, rdir, method, rows, time.perf_counter() - start)
-            final = res["accuracy"][-1]
-            log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: final accuracy "
-                     + " ".join(f"{a:.2f}" for a in final.values()) + f" ({res['seconds']:.0f} s)")
-            results.append(res)
+        results = run_continual(params, root, comp)
         summary = write_comparison_report(params, root, comp, results)
     log.info(f"report: {summary['report']}")
     return summary
+
+
+def run_continual(params: Params, root: Path, comp: Comparison, baselines: BaselinesConfig | None = None) -> list[dict]:
+    """Every method of a continual comparison on every seed (finished runs are read back); their results.
+
+    ``baselines``: the settings of every baseline run (default: ``evaluation.baselines`` with each method's
+    own learning rate from ``evaluation.lrs``). The caller holds the comparison directory's lock."""
+    log = get_run_logger()
+    streams = prepare_streams(params, root, comp)  # bad data fails here, before any training
+    runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
+    results = []
+    for i, (seed, method) in enumerate(runs, 1):
+        p = run_params(params, root, comp, method, seed)
+        rdir = run_dir(params, root, comp, method, seed)
+        log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
+        stream, plan = streams[seed]
+        if method in BASELINES:
+            settings = baselines if baselines is not None else method_baselines(params, method)
+            res = run_baseline_method(p, settings, rdir, method, stream, plan)
+        else:
+            res = cached_result(rdir, run_key(p, method))
+            if res is None:
+                params_file = str(write_run_params(p, rdir / "params.yaml"))
+                start = time.perf_counter()
+                rows = []
+                for period in sorted(plan):
+                    wake(period, params_file)
+                    sleep(period, params_file)
+                    rows.append(evaluate(period, params_file, summary=False))
+                res = collect_cms_result(p, rdir, method, rows, time.perf_counter() - start)
+        final = res["accuracy"][-1]
+        log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: final accuracy "
+                 + " ".join(f"{a:.2f}" for a in final.values()) + f" ({res['seconds']:.0f} s)")
+        results.append(res)
+    return results
 
 
 def compare_knowledge(params: Params, root: Path, comp: Comparison) -> dict:

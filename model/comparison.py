@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -28,7 +29,8 @@ from model.baselines import (
     icl_prompt_prefix,
     train_sequential,
 )
-from model.config import BaselinesConfig, WakeConfig
+from model.config import BaselinesConfig, Params, WakeConfig
+from model.data import build_stream, load_source
 from model.wake import classify, split_template
 
 BASELINES = ("zero_shot", "icl", "finetune", "ewc", "replay", "joint")
@@ -152,10 +154,23 @@ def run_baseline(
     return run
 
 
-def stream_examples_per_task(stream: pd.DataFrame) -> dict[int, int]:
-    """Train rows of every task (what every method reads once per epoch)."""
-    train = stream[stream["split"] == "train"]
-    return {int(t): int(n) for t, n in train.groupby("task").size().items()}
+def evaluation_labels(params: Params, root: Path) -> set[str]:
+    """Every label that a seed of a continual comparison of ``params`` puts in its stream: what development
+    streams (learning-rate search, routing probe) must never use."""
+    sources: dict[str, pd.DataFrame] = {}
+    labels: set[str] = set()
+    for name, comp in params.evaluation.comparisons.items():
+        if comp.kind != "continual":
+            continue
+        base = params.for_run(comp.overrides, f"evaluation.comparisons.{name}.overrides")
+        key = base.data.source.model_dump_json()
+        if key not in sources:
+            sources[key] = load_source(base.data.source, root)
+        source = sources[key]
+        for seed in comp.seeds:
+            _, plan = build_stream(source, base.data.model_copy(update={"seed": seed}))
+            labels.update(lab for task in plan.values() for lab in task)
+    return labels
 
 
 def check_stream(stream: pd.DataFrame, plan: dict[int, list[str]], where: str) -> None:

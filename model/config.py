@@ -443,6 +443,16 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "with_routing": {"cms": {"routing": {"enabled": True}}},
     "no_prototype_routing": {"cms": {"routing": {"by_prototype": False}}},
 }
+
+
+def cms_lr_overrides(cms: "CMSConfig", lr: float) -> dict[str, Any]:
+    """Overrides that set the fastest level's wake learning rate to ``lr``, every slower level keeping its
+    ratio to it (how a CMS method's learning rate is searched and set)."""
+    factor = lr / cms.levels[0].lr
+    levels = [level.model_dump(mode="json") | {"lr": level.lr * factor} for level in cms.levels]
+    return {"cms": {"levels": levels}}
+
+
 #: The methods of a knowledge-incorporation comparison (``kind: knowledge``; model/incorporation.py).
 KNOWLEDGE_METHODS: dict[str, str] = {
     "base": "the base model, nothing trained",
@@ -466,7 +476,8 @@ class BaselinesConfig(_Strict):
     lora_r: int = Field(8, ge=1, description="LoRA rank of finetune / ewc / replay.")
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the LoRA baselines.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of a LoRA baseline "
+                    "not in evaluation.lrs.")
     ewc_lambda: float = Field(1000.0, ge=0, description="EWC: lambda of lambda/2 * sum F (theta - theta*)^2.")
     ewc_fisher_batch_size: int = Field(
         32, ge=1, le=1024,
@@ -541,6 +552,47 @@ class ComparisonConfig(_Strict):
         return v
 
 
+#: Methods whose learning rate `lm-sleep lr-search` can tune: the LoRA baselines and the CMS family.
+LR_SEARCH_METHODS = ("finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep")
+
+
+class LRSearchConfig(_Strict):
+    """The learning-rate search that gives every method the same tuning budget (``lm-sleep lr-search``).
+
+    Every method of ``methods`` runs with each value of ``grid`` on development streams: the
+    comparison ``comparison``'s budget and sizes, drawn from labels that no seed of any
+    continual comparison puts in its stream, so no evaluation task is ever used for tuning.
+    A LoRA baseline's value is its AdamW learning rate; a CMS method's value is the fastest
+    level's wake learning rate, every slower level keeping its ratio to it.
+    """
+
+    comparison: str = Field("default", description="The continual comparison whose overrides (budget, sizes) "
+                            "the search runs with.")
+    methods: list[MethodName] = Field(default_factory=lambda: ["finetune", "ewc", "replay", "joint", "cms", "sleep"],
+                                      min_length=1)
+    grid: list[float] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2], min_length=2,
+                              description="The learning rates tried, the same for every method.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="Development seeds (each draws its own dev tasks).")
+
+    @field_validator("methods")
+    @classmethod
+    def _tunable(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in LR_SEARCH_METHODS]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: no learning rate to search (tunable: {', '.join(LR_SEARCH_METHODS)})")
+        if len(set(v)) != len(v):
+            raise ValueError("a method is listed twice")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if any(not 0 < x <= 1.0 for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"learning rates must be distinct and in (0, 1]: {v}")
+        return sorted(v)
+
+
 class EvaluationConfig(_Strict):
     """Comparisons of sleep with baselines and ablations (DESIGN §5; ``lm-sleep compare``)."""
 
@@ -552,6 +604,23 @@ class EvaluationConfig(_Strict):
         "set seeds, and knowledge (e.g. {n_passages: 2}), merged into every knowledge comparison's knowledge.",
     )
     comparisons: dict[str, ComparisonConfig] = Field(default_factory=dict)
+    lr_search: LRSearchConfig = Field(default_factory=LRSearchConfig)
+    lrs: dict[str, float] = Field(
+        default_factory=dict, description="A method's own learning rate in comparisons, where the search chose one "
+        "that differs from the params: a LoRA baseline's AdamW rate, or a CMS method's fast-level wake rate "
+        "(slower levels keep their ratio). `lm-sleep lr-search` writes the table to choose from.",
+    )
+
+    @field_validator("lrs")
+    @classmethod
+    def _lrs(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [m for m in v if m not in LR_SEARCH_METHODS]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: no learning rate to set (tunable: {', '.join(LR_SEARCH_METHODS)})")
+        out = {m: x for m, x in v.items() if not (isinstance(x, (int, float)) and 0 < x <= 1.0)}
+        if out:
+            raise ValueError(f"learning rates must be in (0, 1]: {out}")
+        return v
 
     @field_validator("comparisons")
     @classmethod

@@ -29,6 +29,7 @@ from model.config import (
     ConfigError,
     KnowledgeConfig,
     Params,
+    cms_lr_overrides,
     merge_overrides,
     quick_knowledge,
 )
@@ -120,9 +121,22 @@ def seed_params(params: Params, root: Path, comp: Comparison, seed: int) -> Para
 
 
 def run_params(params: Params, root: Path, comp: Comparison, method: str, seed: int) -> Params:
-    """The params of one run: :func:`seed_params` plus the method's own switches (METHOD_OVERRIDES)."""
-    return seed_params(params, root, comp, seed).for_run(
-        METHOD_OVERRIDES.get(method, {}), f"evaluation.comparisons.{comp.name} ({method}, seed {seed})")
+    """The params of one run: :func:`seed_params` plus the method's own switches (METHOD_OVERRIDES) and, for a
+    CMS method with its own learning rate in ``evaluation.lrs``, its levels' learning rates."""
+    where = f"evaluation.comparisons.{comp.name} ({method}, seed {seed})"
+    p = seed_params(params, root, comp, seed).for_run(METHOD_OVERRIDES.get(method, {}), where)
+    lr = params.evaluation.lrs.get(method)
+    if lr is not None and method not in BASELINES:
+        p = p.for_run(cms_lr_overrides(p.cms, lr), f"{where}, evaluation.lrs")
+    return p
+
+
+def method_baselines(params: Params, method: str) -> BaselinesConfig:
+    """The baseline settings of ``method``: ``evaluation.baselines`` with the method's own learning rate from
+    ``evaluation.lrs`` where it has one."""
+    lr = params.evaluation.lrs.get(method)
+    base = params.evaluation.baselines
+    return base if lr is None else base.model_copy(update={"lr": lr})
 
 
 def write_run_params(p: Params, path: Path) -> Path:
