@@ -9,7 +9,13 @@
                                  and ablations over seeds -> reports/NAME/ (--quick: a smoke run)
     lm-sleep lr-search           every tunable method x evaluation.lr_search.grid on development tasks
                                  -> reports/lr-search/ (the choice per method for params.yaml)
+    lm-sleep ingest PATH|s3://B/K  new data into the inbox (checked row by row; bad rows to quarantine)
+    lm-sleep wake --inbox | sleep --inbox | cycle    the next inbox period: every batch no wake has
+                                 consumed, exactly once (cycle = wake, sleep and evaluate)
     lm-sleep serve               serve the deployments of prefect.yaml (needs a Prefect server)
+    lm-sleep predict | generate --state PERIOD|PATH    ask a trained state: top labels of texts, or
+                                 continuations of prompts (JSONL out)
+    lm-sleep export --state PERIOD|PATH --out DIR      a state as a Hugging Face directory
     lm-sleep artifacts ...       list, fetch, open artifacts of a run; flush uploads; DVC remote
 """
 
@@ -86,6 +92,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _stage(name: str):
     def run(args: argparse.Namespace) -> int:
         argv = ["--params", args.params]
+        if getattr(args, "inbox", False):
+            from flows.intake import sleep_inbox, wake_inbox
+            from flows.locked import run_locked
+
+            return run_locked(f"{name} --inbox", args.params, wake_inbox if name == "wake" else sleep_inbox,
+                              args.params)
         if getattr(args, "period", None) is not None:
             argv += ["--period", str(args.period)]
         if name == "sleep":
@@ -102,7 +114,13 @@ DELEGATED = {
     "compare": ("flows.compare", "run a named comparison (evaluation.comparisons) -> reports/NAME/"),
     "lr-search": ("flows.lr_search", "the same learning-rate search for every method, on development tasks "
                   "(evaluation.lr_search) -> reports/lr-search/"),
+    "ingest": ("flows.intake:main_ingest", "put a file (or s3://BUCKET/KEY) of new data into the inbox; "
+               "bad rows to quarantine"),
+    "cycle": ("flows.intake:main_cycle", "wake on every new inbox batch, then sleep and evaluate (one period)"),
     "serve": ("flows.deployments", "serve the deployments of prefect.yaml (needs PREFECT_API_URL)"),
+    "predict": ("flows.model_cli:predict_main", "the top labels of texts (a file or stdin) under a state -> JSONL"),
+    "generate": ("flows.model_cli:generate_main", "continuations of prompts under a state -> JSONL"),
+    "export": ("flows.model_cli:export_main", "a state as a Hugging Face directory (trust_remote_code)"),
 }
 
 
@@ -125,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--params", default="params.yaml")
         if period:
-            p.add_argument("--period", type=int, required=True)
+            which = p.add_mutually_exclusive_group(required=True)
+            which.add_argument("--period", type=int, help="a period of the prepared stream")
+            if name in ("wake", "sleep"):
+                which.add_argument("--inbox", action="store_true", help="the next inbox period: the batches "
+                                   "`lm-sleep ingest` accepted that no wake has consumed (wake), or its sleep")
         if name == "sleep":
             p.add_argument("--stage", choices=["all", "consolidate", "dream"], default="all")
         if name == "publish":
@@ -155,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                 EmptyPromptBufferError)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:  # `lm-sleep compare -h` is compare's own help
-        module = __import__(DELEGATED[argv[0]][0], fromlist=["main"])
+        module_name, _, func = DELEGATED[argv[0]][0].partition(":")
+        entry = getattr(__import__(module_name, fromlist=["main"]), func or "main")
         try:
-            return int(module.main(argv[1:]) or 0)
+            return int(entry(argv[1:]) or 0)
         except expected as err:
             print(f"lm-sleep {argv[0]}: {err}", file=sys.stderr)
             return 1

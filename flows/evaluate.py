@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.locked import run_locked
-from model.config import load_params
+from model.config import Params, load_params
 from model.io import exclusive
 from tasks.evaluate import evaluate_cycle, summarise_cycles
 
@@ -20,11 +20,17 @@ def evaluate(period: int, params_path: str = "params.yaml", summary: bool = True
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        row = evaluate_cycle(params, root, period)
-        if summary:
-            summarise_cycles(params, root)
+        row = run_evaluate(params, root, period, summary)
     acc = " ".join(f"{a:.2f}" for a in row["accuracy"].values())
     print(f"cycle {period}: accuracy on seen tasks after sleep: {acc}")
+    return row
+
+
+def run_evaluate(params: Params, root: Path, period: int, summary: bool = True) -> dict:
+    """The evaluation of ``period`` (and, with ``summary``, the matrix so far); the caller holds the lock."""
+    row = evaluate_cycle(params, root, period)
+    if summary:
+        summarise_cycles(params, root)
     return row
 
 

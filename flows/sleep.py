@@ -87,12 +87,17 @@ def sleep(period: int, params_path: str = "params.yaml") -> dict:
     """
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        stream, plan = read_stream(root / params.data.out_dir, period)  # this period's rows and every label name
-        with transaction():
-            consolidation = run_consolidation(params, root, period, plan)
-            dreaming = run_dreaming(params, root, period, stream)
-        _write_consolidation_metrics(params, root, period, consolidation)
-        _write_dreaming_metrics(params, root, period, dreaming)
+        return run_sleep(params, root, period)
+
+
+def run_sleep(params: Params, root: Path, period: int) -> dict:
+    """Both stages of the sleep after ``period`` in one transaction, then their metrics (the caller holds the lock)."""
+    stream, plan = read_stream(root / params.data.out_dir, period)  # this period's rows and every label name
+    with transaction():
+        consolidation = run_consolidation(params, root, period, plan)
+        dreaming = run_dreaming(params, root, period, stream)
+    _write_consolidation_metrics(params, root, period, consolidation)
+    _write_dreaming_metrics(params, root, period, dreaming)
     return {"consolidation": consolidation, "dream": dreaming}
 
 

@@ -372,6 +372,22 @@ class CycleSpec(_Strict):
     after: str = Field(..., description="The file or state the cycle's wake stage depends on.")
 
 
+class IntakeConfig(_Strict):
+    """New data handed to a running model: `lm-sleep ingest` puts batches into an inbox under
+    ``lifecycle.state_root``; a wake with ``--inbox`` consumes every accepted batch no wake has consumed."""
+
+    inbox: str = Field("inbox", description="The inbox directory, under lifecycle.state_root: batches/, "
+                       "quarantine/, the ledger and the open stream the inbox periods are read from.")
+    text_field: str = Field("text", min_length=1, description="The field of an ingested row that holds its text.")
+    label_field: str = Field("label", min_length=1, description="The field that holds its label; a file without it "
+                             "is a batch of plain passages.")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of each label's rows of a batch held out "
+                                 "to measure the model (seeded by the batch's content).")
+    max_line_bytes: int = Field(1_000_000, ge=1_024, description="A longer line makes the whole file an error.")
+    max_text_chars: int = Field(4_000, ge=1, description="A row with a longer text is quarantined.")
+    max_label_chars: int = Field(200, ge=1, description="A row with a longer label is quarantined.")
+
+
 class LifecycleConfig(_Strict):
     """Wake/sleep cycles over the stream and their evaluation."""
 
@@ -668,6 +684,7 @@ class Params(_Strict):
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
     dream: DreamConfig = Field(default_factory=DreamConfig)
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     def expected_cycles(self) -> list[dict[str, int | str]]:

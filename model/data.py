@@ -45,7 +45,7 @@ def load_source(cfg: SourceConfig, root: Path = Path(".")) -> pd.DataFrame:
     if cfg.format == "clinc150":
         records, text_field, label_field, split_field = _read_clinc150(path), "text", "label", "split"
     else:
-        records = _read_table(path, cfg.format)
+        records = read_records(path, cfg.format)
         text_field, label_field, split_field = cfg.text_field, cfg.label_field, cfg.split_field
         _check_fields(path, records, text_field, label_field, split_field)
 
@@ -126,7 +126,7 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON: {e}") from None
 
 
-def _read_table(path: Path, fmt: str) -> list[dict[str, Any]]:
+def read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
     """Read a CSV, JSON (list of objects) or JSONL file into a list of records."""
     if fmt == "csv":
         try:

@@ -26,7 +26,7 @@ def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict
     With prototype routing each text is answered by the experts of its routed period.
     """
     seen = list(range(period + 1))
-    labels = [lab for t in seen for lab in plan[t]]
+    labels = list(dict.fromkeys(lab for t in seen for lab in plan[t]))  # a later period may bring a label back
     test = stream[(stream["split"] == "test") & (stream["task"].isin(seen))].sort_values("row_id")
     pred, routed = routed_classify(
         loaded.model, loaded.tokenizer, cms, params.wake.template, list(test["text"]), labels,

@@ -264,3 +264,18 @@ def _check_entry(result: Any, has_row_id: bool, texts: dict[Any, Any]) -> dict[s
         "observed": json.loads(json.dumps(observed, default=str)) if observed is not None else None,
         "error": error,
     }
+
+
+def failing_rows(name: str, frame: pd.DataFrame, entries: list[tuple[str, Any]], id_column: str
+                 ) -> dict[str, list[Any]]:
+    """Run named expectations on ``frame``; return {check name: ids (``id_column``) of the rows that fail it}.
+
+    A check that fails on no row (or fails as a whole, e.g. a missing column) maps to [] and to the
+    sentinel id ``None`` respectively."""
+    source = _gx_source(name)
+    results = _run_suite(source, name, frame, entries, _result_format(id_column), suite_name=name)
+    out: dict[str, list[Any]] = {}
+    for r in results:
+        ids = _failing_ids(r, id_column)
+        out[r.expectation_config.meta["check"]] = ids if (ids or r.success) else [None]
+    return out

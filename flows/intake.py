@@ -1,0 +1,113 @@
+"""The inbox flows: new data in, and the wake and sleep of the periods it makes (issue #15).
+
+``lm-sleep ingest PATH|s3://BUCKET/KEY`` puts a file into the inbox (checked row by row; bad rows to
+quarantine). ``lm-sleep wake --inbox`` claims every accepted batch no wake has consumed as the next
+period of the open stream and runs the wake; ``lm-sleep sleep --inbox`` runs that period's sleep and
+evaluation; ``lm-sleep cycle`` does both. A period with nothing new is a no-op; after a crash the
+unfinished period is taken up again with the same batches (the ledger says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.evaluate import run_evaluate
+from flows.sleep import run_sleep
+from flows.wake import run_wake
+from model.config import load_params
+from model.io import exclusive
+from tasks.intake import claim_period, inbox_params, ingest_file, mark_period
+from tasks.wake import timings_path, write_metrics
+
+
+@flow(name="ingest", log_prints=True)
+def ingest(src: str, params_path: str = "params.yaml", fmt: str | None = None) -> dict:
+    """Put ``src`` (a path or s3://bucket/key) into the inbox; return its ledger record."""
+    params = load_params(params_path)
+    return ingest_file(params, Path(params_path).resolve().parent, src, fmt)
+
+
+@flow(name="wake-inbox", log_prints=True)
+def wake_inbox(params_path: str = "params.yaml") -> dict | None:
+    """Wake on the waiting batches (the next inbox period); None when nothing is new or a sleep is due first."""
+    log = get_run_logger()
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        period = claim_period(params, root)
+        if period is None:
+            log.info("inbox: no new batch; nothing to learn")
+            return None
+        if period["status"] == "woken":
+            log.info(f"inbox period {period['period']}: its wake is done and its sleep is due; new batches wait")
+            return None
+        p = inbox_params(params, root)
+        metrics = run_wake(p, root, period["period"])
+        write_metrics(root / p.wake.metrics_dir / f"period-{period['period']}.json", metrics,
+                      timings_path(p, root, "wake", period["period"]))
+        mark_period(params, root, period["period"], "woken")
+    return {"period": period["period"], "batches": period["batches"], "wake": metrics}
+
+
+@flow(name="sleep-inbox", log_prints=True)
+def sleep_inbox(params_path: str = "params.yaml") -> dict | None:
+    """Sleep after the inbox period whose wake is done, then evaluate it; None when no such period waits."""
+    log = get_run_logger()
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        from model.intake import LEDGER_FILE, read_ledger
+        from tasks.intake import inbox_dir
+
+        period = read_ledger(inbox_dir(params, root) / LEDGER_FILE).open_period()
+        if period is None or period["status"] != "woken":
+            log.info("inbox: no period waits for its sleep" + ("" if period is None else
+                     f" (period {period['period']} has not finished its wake)"))
+            return None
+        p = inbox_params(params, root)
+        sleep = run_sleep(p, root, period["period"])
+        row = run_evaluate(p, root, period["period"], summary=False)
+        mark_period(params, root, period["period"], "done")
+    acc = " ".join(f"{a:.2f}" for a in row["accuracy"].values())
+    log.info(f"inbox period {period['period']}: accuracy on seen tasks after sleep: {acc}")
+    return {"period": period["period"], "sleep": sleep, "evaluate": row}
+
+
+@flow(name="cycle", log_prints=True)
+def cycle(params_path: str = "params.yaml") -> dict:
+    """Wake on the new batches, then sleep and evaluate: one inbox period end to end."""
+    woke = wake_inbox(params_path)
+    slept = sleep_inbox(params_path)
+    return {"wake": woke, "sleep": slept}
+
+
+def main_ingest(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lm-sleep ingest", description="Put a file of new data into the inbox "
+                                 "(CSV, JSON or JSONL; labelled rows or plain passages); bad rows go to quarantine.")
+    ap.add_argument("source", help="a file, or s3://BUCKET/KEY (endpoint from AWS_ENDPOINT_URL_S3)")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--format", choices=["csv", "json", "jsonl"], default=None,
+                    help="the file's format (default: from its suffix)")
+    args = ap.parse_args(argv)
+    record = ingest(args.source, args.params, args.format)
+    if record["quarantined"]:
+        print(f"{args.source}: {record['quarantined']} of {record['rows']} rows quarantined "
+              f"(see {record['quarantine_file']} in the inbox)", file=sys.stderr)
+    print(f"{args.source}: batch {record['id'][:12]}: {record['accepted']} rows accepted"
+          + ("" if record["new"] else " (already in the inbox; nothing changed)"))
+    return 0 if record["accepted"] else 1
+
+
+def main_cycle(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lm-sleep cycle", description="Wake on every new batch of the inbox, then "
+                                 "sleep and evaluate (one inbox period); nothing new is a no-op.")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    out = cycle(args.params)
+    if out["wake"] is None and out["sleep"] is None:
+        print("nothing new in the inbox")
+    return 0

@@ -1,0 +1,227 @@
+"""Prefect tasks of the inbox (``model/intake.py``): ingest a file as a batch; claim the waiting batches for
+an inbox period and write them into the open stream; mark how far a period got.
+
+Layout under ``<lifecycle.state_root>/<intake.inbox>/``: ``batches/<id>.parquet`` (accepted rows, with their
+split), ``quarantine/<id>.jsonl`` (rejected rows and the checks they failed), ``ledger.json`` and
+``stream/`` (the open stream, in prepare's format). Every write is atomic and the ledger is written last,
+under the inbox's lock, so a crash leaves either the old ledger or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from model.config import IntakeConfig, Params
+from model.data import PLAN_FILE, STREAM_COLUMNS, DataError, load_stream
+from model.intake import (
+    LEDGER_FILE,
+    Ledger,
+    content_id,
+    extend_stream,
+    file_format,
+    read_batch,
+    read_ledger,
+    split_batch,
+)
+from model.io import atomic_path, exclusive, sha256_file, write_json, write_text
+from tasks.expectations import failing_rows
+from tasks.prepare import write_stream
+
+BATCHES, QUARANTINE, STREAM = "batches", "quarantine", "stream"
+
+
+def inbox_dir(params: Params, root: Path) -> Path:
+    return root / params.lifecycle.state_root / params.intake.inbox
+
+
+def open_stream_dir(params: Params, root: Path) -> Path:
+    return inbox_dir(params, root) / STREAM
+
+
+def inbox_params(params: Params, root: Path) -> Params:
+    """``params`` reading the open stream: what wake, sleep and evaluate of an inbox period run with."""
+    out_dir = str(open_stream_dir(params, root).relative_to(root))
+    return params.model_copy(update={"data": params.data.model_copy(update={"out_dir": out_dir})})
+
+
+def row_checks(cfg: IntakeConfig, kind: str) -> list[tuple[str, Any]]:
+    """The Great Expectations checks of an ingested row (a failing row is quarantined, not the batch)."""
+    import great_expectations as gx
+
+    ex = gx.expectations
+    checks = [
+        ("text_is_a_string", ex.ExpectColumnValuesToNotBeNull(column="text")),
+        ("text_not_blank", ex.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S")),
+        ("text_length", ex.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1,
+                                                               max_value=cfg.max_text_chars)),
+    ]
+    if kind == "labelled":
+        checks += [
+            ("label_is_a_string", ex.ExpectColumnValuesToNotBeNull(column="label")),
+            ("label_not_blank", ex.ExpectColumnValuesToMatchRegex(column="label", regex=r"\S")),
+            ("label_length", ex.ExpectColumnValueLengthsToBeBetween(column="label", min_value=1,
+                                                                    max_value=cfg.max_label_chars)),
+        ]
+    return checks
+
+
+def _strings(values: pd.Series) -> pd.Series:
+    """Strings stripped; anything else (a number, a list, a missing value) becomes None."""
+    return pd.Series([v.strip() if isinstance(v, str) else None for v in values], index=values.index, dtype="object")
+
+
+def _fetch(src: str, scratch: Path) -> Path:
+    """A local path for ``src``: the file itself, or an S3 object (``s3://bucket/key``) downloaded into ``scratch``."""
+    if not src.startswith("s3://"):
+        path = Path(src)
+        if not path.is_file():
+            raise DataError(f"{src}: no such file to ingest")
+        return path
+    import os
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from tasks.store import S3Store, StoreError
+
+    bucket, _, key = src[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise DataError(f"{src}: an S3 source is s3://BUCKET/KEY")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    try:  # any object: not one lm-sleep wrote, so no checksum metadata to verify against
+        data = S3Store(bucket, prefix="", endpoint_url=endpoint).client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+            raise DataError(f"{src}: no such S3 object ({code})") from None
+        raise StoreError(f"{src}: {code or e}") from None
+    except BotoCoreError as e:
+        raise StoreError(f"{src}: {e}") from None
+    path = scratch / Path(key).name
+    path.write_bytes(data)
+    return path
+
+
+@task(cache_policy=NO_CACHE)
+def ingest_file(params: Params, root: Path, src: str, fmt: str | None = None) -> dict[str, Any]:
+    """Put one file into the inbox as a batch; return its ledger record (``new``: False when it was there).
+
+    Whole-file problems (unknown format, empty, not UTF-8, a line too long, no text field, a missing S3 key)
+    raise before anything is written. Rows failing a row check go to ``quarantine/<id>.jsonl``.
+    """
+    log = get_run_logger()
+    cfg, inbox = params.intake, inbox_dir(params, root)
+    with exclusive(inbox, "inbox"), tempfile.TemporaryDirectory(dir=inbox, prefix=".incoming-") as scratch:
+        path = _fetch(src, Path(scratch))
+        batch_id = content_id(path.read_bytes())
+        ledger = read_ledger(inbox / LEDGER_FILE)
+        known = ledger.batch(batch_id)
+        if known is not None:
+            log.info(f"{src}: already in the inbox as batch {batch_id[:12]}; nothing to do")
+            return {**known, "new": False}
+        rows, kind = read_batch(path, file_format(src, fmt), cfg.text_field, cfg.label_field, cfg.max_line_bytes)
+        rows = rows.assign(text=_strings(rows["text"]), label=_strings(rows["label"]), raw_label=rows["label"],
+                           raw_text=rows["text"])
+        failed = failing_rows(f"intake_{kind}", rows[["row", "text", "label"]], row_checks(cfg, kind), "row")
+        reasons: dict[int, list[str]] = {}
+        for check, ids in failed.items():
+            if None in ids:
+                raise DataError(f"{src}: the row check {check!r} could not run")
+            for i in ids:
+                reasons.setdefault(int(i), []).append(check)
+        bad = rows["row"].isin(list(reasons))
+        good = rows[~bad].reset_index(drop=True)
+        good = good.assign(split=split_batch(good, cfg.test_fraction, batch_id))
+        if kind == "passages":
+            good = good.assign(label="")
+        record = {"id": batch_id, "source": src, "kind": kind, "rows": int(len(rows)), "accepted": int(len(good)),
+                  "quarantined": int(bad.sum()), "file": f"{BATCHES}/{batch_id}.parquet", "sha256": None,
+                  "quarantine_file": f"{QUARANTINE}/{batch_id}.jsonl" if bad.any() else None}
+        if len(good):
+            with atomic_path(inbox / record["file"]) as tmp:
+                good[["row", "text", "label", "split"]].to_parquet(tmp, index=False, engine="pyarrow")
+            record["sha256"] = sha256_file(inbox / record["file"])
+        if bad.any():
+            lines = [json.dumps({"row": int(r.row), "text": r.raw_text, "label": r.raw_label,
+                                 "failed": reasons[int(r.row)]}, default=str, ensure_ascii=False)
+                     for r in rows[bad].itertuples()]
+            write_text(inbox / record["quarantine_file"], "\n".join(lines) + "\n")
+        ledger.batches.append(record)
+        write_json(inbox / LEDGER_FILE, ledger.to_json())  # the commit point
+    log.info(f"{src}: batch {batch_id[:12]} ({kind}): {record['accepted']} rows accepted, "
+             f"{record['quarantined']} quarantined")
+    return {**record, "new": True}
+
+
+def _batch_rows(inbox: Path, record: dict[str, Any]) -> pd.DataFrame:
+    """An accepted batch's rows, after checking the file against the ledger's checksum."""
+    path = inbox / record["file"]
+    if not path.is_file():
+        raise DataError(f"{path}: batch {record['id'][:12]} of the ledger is missing")
+    if sha256_file(path) != record["sha256"]:
+        raise DataError(f"{path}: checksum does not match the ledger (batch {record['id'][:12]} is damaged)")
+    return pd.read_parquet(path)
+
+
+def _base_stream(params: Params, root: Path) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Where the open stream starts: the prepared stream if there is one, else nothing."""
+    prepared = root / params.data.out_dir
+    if (prepared / PLAN_FILE).is_file():
+        return load_stream(prepared)
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("row_id", "task") else "str") for c in STREAM_COLUMNS}), {}
+
+
+def _materialise(params: Params, root: Path, ledger: Ledger, period: dict[str, Any]) -> None:
+    """Make sure the open stream holds ``period``'s task (idempotent: a crash after the claim reruns it)."""
+    out = open_stream_dir(params, root)
+    stream, plan = load_stream(out) if (out / PLAN_FILE).is_file() else _base_stream(params, root)
+    if period["period"] in plan:
+        return
+    inbox = inbox_dir(params, root)
+    rows = pd.concat([_batch_rows(inbox, ledger.batch(b)) for b in period["batches"]], ignore_index=True)
+    stream, plan = extend_stream(stream, plan, period["period"], rows)
+    write_stream.fn(stream, plan, out)
+
+
+@task(cache_policy=NO_CACHE)
+def claim_period(params: Params, root: Path) -> dict[str, Any] | None:
+    """The inbox period to work on: the unfinished one (after a crash), else a new one claiming every waiting
+    labelled batch; None when nothing waits. The claim is one atomic ledger write."""
+    log = get_run_logger()
+    inbox = inbox_dir(params, root)
+    with exclusive(inbox, "inbox"):
+        ledger = read_ledger(inbox / LEDGER_FILE)
+        period = ledger.open_period()
+        if period is None:
+            waiting = ledger.waiting("labelled")
+            passages = ledger.waiting("passages")
+            if passages:
+                log.warning(f"{len(passages)} passage batch(es) wait: an inbox wake learns labelled batches only")
+            if not waiting:
+                return None
+            out = open_stream_dir(params, root)
+            _, plan = load_stream(out) if (out / PLAN_FILE).is_file() else _base_stream(params, root)
+            period = {"period": max(plan) + 1 if plan else 0, "batches": [b["id"] for b in waiting],
+                      "status": "claimed"}
+            ledger.periods.append(period)
+            write_json(inbox / LEDGER_FILE, ledger.to_json())
+            log.info(f"inbox period {period['period']}: claimed {len(waiting)} batch(es)")
+        _materialise(params, root, ledger, period)
+    return period
+
+
+@task(cache_policy=NO_CACHE)
+def mark_period(params: Params, root: Path, period: int, status: str) -> None:
+    """Record how far inbox period ``period`` got (``woken``, ``done``)."""
+    inbox = inbox_dir(params, root)
+    with exclusive(inbox, "inbox"):
+        ledger = read_ledger(inbox / LEDGER_FILE)
+        entry = next(p for p in ledger.periods if p["period"] == period)
+        entry["status"] = status
+        write_json(inbox / LEDGER_FILE, ledger.to_json())
