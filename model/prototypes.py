@@ -10,16 +10,18 @@ model/cms.py): the model answers an old task's input with the experts it had whe
 learned that task, and a later expert cannot override it. Prototypes are statistics of
 the model's own states (standardised means of hidden states), not stored examples.
 
-Applied where the model answers (classification, evaluation). Training and sampling run
-with every expert of the current period on. The routing loss (model/routing.py) is the
-other, learned, mechanism; it is off by default.
+Applied where the model answers: classification and evaluation, model/serving.py's predict and
+generate, the exported model (model/export.py). Training and the sleep's sampling run with every
+expert of the current period on. The routing loss (model/routing.py) is the other, learned,
+mechanism; it is off by default.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import CMSError, ContinuumMemory
 from model.forward import prefix_hidden
-from model.wake import classify, split_template
+from model.wake import label_scores, split_template
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 PROTOTYPE_KEYS = ("routing.mean", "routing.scale", "routing.centroids", "routing.periods", "routing.layer")
 
@@ -164,6 +169,42 @@ def learn_prototypes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return cms.prototypes
 
 
+def routed_periods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory,
+                   prompts: Sequence[str], batch_size: int, max_length: int) -> list[int] | None:
+    """The period of each prompt's nearest prototype (None without prototypes or without prompts)."""
+    protos = cms.prototypes
+    if protos is None or not prompts:
+        return None
+    return route(protos, sequence_features(model, tokenizer, prompts, protos.layer, batch_size, max_length)).tolist()
+
+
+def map_routed(cms: ContinuumMemory, periods: Sequence[int] | None, items: Sequence[T],
+               fn: Callable[[list[T]], Sequence[R]]) -> list[R]:
+    """``fn`` over ``items``, each item in the view of its routed period (all items at once, every expert on,
+    when ``periods`` is None); one call per period; the results in the order of ``items``."""
+    if periods is None:
+        return list(fn(list(items)))
+    out: list[R] = [None] * len(items)  # type: ignore[list-item]
+    for p in sorted(set(periods)):
+        idx = [i for i, q in enumerate(periods) if q == p]
+        with period_view(cms, p):
+            for i, y in zip(idx, fn([items[i] for i in idx])):
+                out[i] = y
+    return out
+
+
+def routed_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory, template: str,
+                  texts: Sequence[str], labels: Sequence[str], batch_size: int, max_length: int
+                  ) -> tuple[torch.Tensor, list[int] | None]:
+    """Log-likelihood of every label after every text (N, C); with prototypes, each text in the view of its
+    routed period. Also returns each text's routed period (None without prototypes)."""
+    prompts = [split_template(template, t, labels[0])[0] for t in texts]
+    periods = routed_periods(model, tokenizer, cms, prompts, batch_size, max_length)
+    rows = map_routed(cms, periods, list(texts),
+                      lambda part: list(label_scores(model, tokenizer, template, part, labels, batch_size, max_length)))
+    return (torch.stack(rows) if rows else torch.empty(0, len(labels))), periods
+
+
 def routed_classify(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory, template: str,
                     texts: Sequence[str], labels: Sequence[str], batch_size: int, max_length: int
                     ) -> tuple[list[str], list[int] | None]:
@@ -171,18 +212,8 @@ def routed_classify(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
     Returns the predictions and each text's routed period (None without prototypes).
     """
-    protos = cms.prototypes
-    if protos is None or not texts:
-        return classify(model, tokenizer, template, texts, labels, batch_size, max_length), None
-    prompts = [split_template(template, t, labels[0])[0] for t in texts]
-    periods = route(protos, sequence_features(model, tokenizer, prompts, protos.layer, batch_size, max_length)).tolist()
-    pred: list[str] = [""] * len(texts)
-    for p in sorted(set(periods)):
-        idx = [i for i, q in enumerate(periods) if q == p]
-        with period_view(cms, p):
-            for i, y in zip(idx, classify(model, tokenizer, template, [texts[i] for i in idx], labels, batch_size, max_length)):
-                pred[i] = y
-    return pred, periods
+    scores, periods = routed_scores(model, tokenizer, cms, template, texts, labels, batch_size, max_length)
+    return [labels[j] for j in scores.argmax(dim=1).tolist()], periods
 
 
 __all__ = [
@@ -191,9 +222,12 @@ __all__ = [
     "add_period",
     "feature_layer",
     "learn_prototypes",
+    "map_routed",
     "period_view",
     "route",
     "routed_classify",
+    "routed_periods",
+    "routed_scores",
     "sequence_features",
     "spherical_kmeans",
     "standardise",

@@ -338,6 +338,21 @@ def score_candidates(
     return scores
 
 
+def label_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    batch_size: int,
+    max_length: int,
+) -> torch.Tensor:
+    """Log-likelihood of every label after every text, written with ``template``: (N, C)."""
+    prompts = [split_template(template, t, labels[0])[0] for t in texts]
+    comps = [label_text(lab) for lab in labels]
+    return score_candidates(model, tokenizer, prompts, comps, batch_size, max_length)
+
+
 def classify(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -348,9 +363,7 @@ def classify(
     max_length: int,
 ) -> list[str]:
     """Predict one of ``labels`` for each text by label log-likelihood."""
-    prompts = [split_template(template, t, labels[0])[0] for t in texts]
-    comps = [label_text(lab) for lab in labels]
-    scores = score_candidates(model, tokenizer, prompts, comps, batch_size, max_length)
+    scores = label_scores(model, tokenizer, template, texts, labels, batch_size, max_length)
     return [labels[j] for j in scores.argmax(dim=1).tolist()]
 
 
