@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -142,9 +143,10 @@ def evaluate_cycle(params: Params, root: Path, period: int) -> dict:
 
 @task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def summarise_cycles(params: Params, root: Path) -> dict:
-    """The accuracy matrix over every cycle evaluated so far (periods 0.. in order) -> summary JSON + CSV."""
+    """The accuracy matrix over every cycle evaluated so far (periods 0.. in order, the prepared stream's and then
+    the inbox's) -> summary JSON + CSV."""
     periods = []
-    for period in range(params.data.n_tasks):
+    for period in itertools.count():
         path = root / params.lifecycle.metrics_dir / f"period-{period}.json"
         row = _read(path)
         if row is None:

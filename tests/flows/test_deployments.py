@@ -35,9 +35,18 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load(PREFECT_YAML.read_text())
-NAMES = ["lifecycle-nightly", "prepare", "wake", "sleep-after-wake"]
-FULL_NAMES = {"lifecycle-nightly": "lifecycle/lifecycle-nightly", "prepare": "prepare/prepare",
+NAMES = ["wake-on-new-data", "sleep-nightly", "report-weekly", "lifecycle", "prepare", "wake", "sleep-after-wake"]
+FULL_NAMES = {"wake-on-new-data": "wake-inbox/wake-on-new-data", "sleep-nightly": "sleep-inbox/sleep-nightly",
+              "report-weekly": "report/report-weekly", "lifecycle": "lifecycle/lifecycle", "prepare": "prepare/prepare",
               "wake": "wake/wake", "sleep-after-wake": "sleep/sleep-after-wake"}
+SCHEDULED = {"wake-on-new-data": (None, 600.0), "sleep-nightly": ("0 2 * * *", None),
+             "report-weekly": ("0 6 * * 1", None)}
+
+
+def _schedules(d) -> list[tuple]:
+    return [(getattr(s.schedule, "cron", None),
+             s.schedule.interval.total_seconds() if getattr(s.schedule, "interval", None) else None, s.active)
+            for s in d.schedules or []]
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +83,12 @@ def test_prefect_yaml_agrees_with_the_built_deployments(toy_params):
         assert d.tags == spec["tags"] and d.description == spec["description"]
         assert d.work_pool_name is None  # served: no pool; `prefect deploy` uses the spec's pool
         assert spec["work_pool"]["name"] == "lm-sleep"
-        got = [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules or []]
-        assert got == [(s["cron"], s["timezone"], s["active"]) for s in spec.get("schedules", [])]
-    nightly = built["lifecycle-nightly"].schedules
-    assert [(s.schedule.cron, s.schedule.timezone) for s in nightly] == [("0 2 * * *", "UTC")]
+        want = [(s.get("cron"), float(s["interval"]) if "interval" in s else None, s["active"])
+                for s in spec.get("schedules", [])]
+        assert _schedules(d) == want
+    for name, (cron, interval) in SCHEDULED.items():
+        assert _schedules(built[name]) == [(cron, interval, True)]
+    assert built["wake-on-new-data"].concurrency_limit == built["sleep-nightly"].concurrency_limit == 1
     (trigger,) = built["sleep-after-wake"].triggers
     assert trigger.expect == {"prefect.flow-run.Completed"}
     assert [dict(m.root) for m in trigger.match_related] == [
@@ -94,7 +105,7 @@ def test_a_misspelt_key_in_prefect_yaml_is_an_error(tmp_path):
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     spec["deployments"][0]["schedule"] = spec["deployments"][0].pop("schedules")
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
-    with pytest.raises(DeploymentSpecError, match=r"lifecycle-nightly.*unknown keys \['schedule'\]"):
+    with pytest.raises(DeploymentSpecError, match=r"wake-on-new-data.*unknown keys \['schedule'\]"):
         read_deployment_specs(tmp_path / "prefect.yaml")
 
 
@@ -110,12 +121,11 @@ def test_serve_without_a_server_says_how_to_start_one(capsys):
 
 
 def test_deployments_register_with_their_schedules_and_trigger(registered, toy_params):
-    nightly = read_deployment("lifecycle-nightly")
-    assert nightly.id == registered["lifecycle-nightly"]
-    (schedule,) = nightly.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
-    assert nightly.parameters == {"params_path": str(toy_params)} and not nightly.paused
-    for name in ("prepare", "wake", "sleep-after-wake"):
+    for name, (cron, interval) in SCHEDULED.items():
+        d = read_deployment(name)
+        assert d.id == registered[name] and _schedules(d) == [(cron, interval, True)]
+        assert d.parameters == {"params_path": str(toy_params)} and not d.paused
+    for name in ("lifecycle", "prepare", "wake", "sleep-after-wake"):
         assert read_deployment(name).schedules == []
     with get_client(sync_client=True) as client:
         (automation,) = client.read_automations_by_name("sleep-after-wake__automation_1")
@@ -148,7 +158,15 @@ def test_a_completed_wake_run_starts_a_sleep_for_the_same_period(registered, toy
         client.delete_flow_run(sleep_run.id)  # nobody should run a sleep without its wake
 
 
-def test_served_prepare_runs_to_completion(registered, toy_params, prefect_server, server_env, prefect_home):
+def test_served_prepare_and_inbox_runs_complete(registered, toy_params, prefect_server, server_env, prefect_home,
+                                                tmp_path):
+    from flows.intake import ingest
+    from model.intake import LEDGER_FILE, read_ledger
+    from tests.flows.test_intake_flow import _batch as new_batch
+    from tests.flows.test_intake_flow import _project as inbox_project
+
+    inbox_root = tmp_path / "inbox-project"
+    inbox_root.mkdir()
     log = prefect_home / "serve.log"
     env = server_env | {"PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     with log.open("w") as out:
@@ -163,8 +181,18 @@ def test_served_prepare_runs_to_completion(registered, toy_params, prefect_serve
         run = run_deployment(FULL_NAMES["prepare"], timeout=90, poll_interval=1)
         assert run.state_name == "Completed", log.read_text()[-3000:]
         assert run.parameters == {"params_path": str(toy_params)}
+        # New data arrives; the inbox deployments take it in: a wake on it, then its sleep.
+        inbox_params = str(inbox_project(inbox_root))
+        batch = ingest(new_batch(inbox_root, "a", ["alarm", "music"]), inbox_params)
+        for name in ("wake-on-new-data", "sleep-nightly", "wake-on-new-data"):
+            run = run_deployment(FULL_NAMES[name], parameters={"params_path": inbox_params}, timeout=180,
+                                 poll_interval=1)
+            assert run.state_name == "Completed", log.read_text()[-3000:]
     finally:
         stop(proc)
+    ledger = read_ledger(inbox_root / "state/inbox" / LEDGER_FILE)
+    assert ledger.periods == [{"period": 0, "batches": [batch["id"]], "status": "done"}]  # the last wake: a no-op
+    assert (inbox_root / "state/sleep/period-0/manifest.json").is_file()
     root = toy_params.parent
     assert (root / "data/processed/stream.parquet").is_file() and (root / "data/processed/tasks.json").is_file()
     assert (root / "reports/prepare/validation.md").is_file()
@@ -187,9 +215,8 @@ def test_prefect_deploy_registers_the_same_deployments_and_a_worker_runs_them(
         assert d.id == registered[spec["name"]]  # the same deployment, now on the work pool
         assert (d.entrypoint, d.parameters, d.work_pool_name) == (spec["entrypoint"], spec["parameters"], "lm-sleep")
         assert d.pull_steps == SPEC["pull"]
-        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules] == [
-            (s["cron"], s["timezone"], s["active"]) for s in spec.get("schedules", [])
-        ]
+        assert _schedules(d) == [(s.get("cron"), float(s["interval"]) if "interval" in s else None, s["active"])
+                                 for s in spec.get("schedules", [])]
     with get_client(sync_client=True) as client:
         assert len(client.read_automations_by_name("sleep-after-wake__automation_1")) == 1  # replaced, not doubled
 
