@@ -53,7 +53,7 @@ def state_period(manifest: dict[str, Any]) -> int:
 
 def state_labels(manifest: dict[str, Any], params: Params, root: Path, where: str | Path = "the state") -> list[str]:
     """The labels a state has seen: its metadata's ``labels`` when it records them, else the labels of
-    tasks 0..its period in the stream plan (``<data.out_dir>/tasks.json``)."""
+    tasks 0..its period in the stream plan (``<data.out_dir>/tasks.json``), each once, as evaluation has them."""
     labels = manifest["metadata"].get("labels")
     if labels:
         return [str(lab) for lab in labels]
@@ -66,7 +66,7 @@ def state_labels(manifest: dict[str, Any], params: Params, root: Path, where: st
     missing = [t for t in range(period + 1) if t not in plan]
     if missing:
         raise ServingError(f"{plan_path}: has no task {missing[0]}, but {where} has learned periods 0..{period}")
-    return [lab for t in range(period + 1) for lab in plan[t]]
+    return list(dict.fromkeys(lab for t in range(period + 1) for lab in plan[t]))  # a label may come back later
 
 
 @dataclass
