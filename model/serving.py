@@ -107,8 +107,11 @@ class TrainedModel:
         if not texts:
             return []
         wake = self.params.wake
-        scores, _ = routed_scores(self.loaded.model, self.loaded.tokenizer, self.cms, wake.template, texts, candidates,
-                                  wake.eval_batch_size, wake.max_length)  # (N, C) log-likelihoods
+        try:
+            scores, _ = routed_scores(self.loaded.model, self.loaded.tokenizer, self.cms, wake.template, texts,
+                                      candidates, wake.eval_batch_size, wake.max_length)  # (N, C) log-likelihoods
+        except ValueError as e:  # the scorer's checks: a label longer than wake.max_length, an empty prompt
+            raise ServingError(str(e)) from None
         probs = scores.softmax(dim=1)
         # Stable order on the log-likelihoods: among equal scores the first label wins, as argmax picks it.
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
@@ -121,9 +124,11 @@ class TrainedModel:
         if not prompts:
             return []
         model, tok = self.loaded.model, self.loaded.tokenizer
+        lengths = [len(ids) for ids in tok(list(prompts))["input_ids"]]
+        if not min(lengths):
+            raise ServingError(f"prompt {prompts[lengths.index(0)]!r} encodes to no tokens")
         # Route on every token of the prompt (no cut): what the exported model does at its first forward pass.
-        longest = max(len(ids) for ids in tok(list(prompts))["input_ids"])
-        periods = routed_periods(model, tok, self.cms, prompts, self.params.wake.eval_batch_size, max(longest, 1))
+        periods = routed_periods(model, tok, self.cms, prompts, self.params.wake.eval_batch_size, max(lengths))
         sampling = self.params.sampling
 
         def write(part: list[str]) -> list[str]:

@@ -91,6 +91,8 @@ def test_predict_ranks_labels_as_evaluation_classifies(trained):
     for bad in ([], ["alarm", "alarm"], [""]):
         with pytest.raises(ServingError, match="candidate labels"):
             trained.predict(texts, labels=bad)
+    with pytest.raises(ServingError, match="more than max_length-1"):
+        trained.predict(texts, labels=["alarm", "a very long label " * 10])
 
 
 def test_generate_writes_in_the_view_of_each_prompts_period(trained):
@@ -102,6 +104,10 @@ def test_generate_writes_in_the_view_of_each_prompts_period(trained):
     with period_view(trained.cms, 0):
         old = sample_continuations(model, tok, prompts[:1], 1, 6, 0.0)[0].text
     assert out == [old, sample_continuations(model, tok, prompts[1:], 1, 6, 0.0)[0].text]
+    with pytest.raises(ServingError, match="prompt '' encodes to no tokens"):
+        trained.generate(["", "hello"])
+    with pytest.raises(ServingError, match="max_new_tokens must be >= 1"):
+        trained.generate(prompts, max_new_tokens=0)
 
 
 def test_state_labels_come_from_the_state_or_the_plan_or_fail_clearly(project):
@@ -170,6 +176,8 @@ def test_export_round_trip_gives_the_memory_models_logits_and_greedy_text(traine
 def test_export_replaces_only_an_earlier_export_and_a_failure_leaves_it_whole(trained, tmp_path, monkeypatch):
     out = export_model(trained, tmp_path / "export")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    export_model(trained, out)  # an export over an earlier one: the same bytes (a rerun after a crash ends alike)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
