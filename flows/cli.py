@@ -116,6 +116,7 @@ DELEGATED = {
                   "(evaluation.lr_search) -> reports/lr-search/"),
     "ingest": ("flows.intake:main_ingest", "put a file (or s3://BUCKET/KEY) of new data into the inbox; "
                "bad rows to quarantine"),
+    "rebuild": ("flows.intake:main_rebuild", "rebuild a past inbox period from the ledger, byte for byte"),
     "cycle": ("flows.intake:main_cycle", "wake on every new inbox batch, then sleep and evaluate (one period)"),
     "serve": ("flows.deployments", "serve the deployments of prefect.yaml (needs PREFECT_API_URL)"),
     "predict": ("flows.model_cli:predict_main", "the top labels of texts (a file or stdin) under a state -> JSONL"),

@@ -19,8 +19,19 @@ from flows.evaluate import run_evaluate
 from flows.sleep import run_sleep
 from flows.wake import run_wake
 from model.config import load_params
+from model.intake import LEDGER_FILE, read_ledger
 from model.io import exclusive
-from tasks.intake import claim_period, inbox_params, ingest_file, mark_period
+from tasks.intake import (
+    apply_retention,
+    claim_period,
+    inbox_dir,
+    inbox_params,
+    ingest_file,
+    mark_period,
+    read_open_period,
+    seed_rebuild,
+    stage_batches,
+)
 from tasks.wake import timings_path, write_metrics
 
 
@@ -60,10 +71,7 @@ def sleep_inbox(params_path: str = "params.yaml") -> dict | None:
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        from model.intake import LEDGER_FILE, read_ledger
-        from tasks.intake import inbox_dir
-
-        period = read_ledger(inbox_dir(params, root) / LEDGER_FILE).open_period()
+        period = read_open_period(params, root)
         if period is None or period["status"] != "woken":
             log.info("inbox: no period waits for its sleep" + ("" if period is None else
                      f" (period {period['period']} has not finished its wake)"))
@@ -72,6 +80,7 @@ def sleep_inbox(params_path: str = "params.yaml") -> dict | None:
         sleep = run_sleep(p, root, period["period"])
         row = run_evaluate(p, root, period["period"], summary=False)
         mark_period(params, root, period["period"], "done")
+        apply_retention(params, root)
     acc = " ".join(f"{a:.2f}" for a in row["accuracy"].values())
     log.info(f"inbox period {period['period']}: accuracy on seen tasks after sleep: {acc}")
     return {"period": period["period"], "sleep": sleep, "evaluate": row}
@@ -83,6 +92,47 @@ def cycle(params_path: str = "params.yaml") -> dict:
     woke = wake_inbox(params_path)
     slept = sleep_inbox(params_path)
     return {"wake": woke, "sleep": slept}
+
+
+@flow(name="rebuild", log_prints=True)
+def rebuild(period: int, out: str, params_path: str = "params.yaml") -> dict:
+    """Rebuild inbox period ``period`` in the empty directory ``out`` from the ledger (its batches, in the
+    groups the periods consumed them) and check each state against the digest the ledger recorded.
+
+    The model of any past night, even one retention deleted: ``lm-sleep predict --state OUT/state/sleep/period-N``.
+    """
+    log = get_run_logger()
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    target = Path(out).resolve()
+    periods = seed_rebuild(params, root, Path(params_path).resolve(), target, period)
+    out_params = str(target / "params.yaml")
+    for p in periods:
+        stage_batches(params, target, root, p["records"])
+        wake_inbox(out_params)
+        sleep_inbox(out_params)
+    rebuilt = read_ledger(inbox_dir(params, target) / LEDGER_FILE).periods[-1]
+    expected = periods[-1].get("states", {})
+    same = {k: rebuilt["states"].get(k) == v for k, v in expected.items()}
+    log.info(f"rebuilt period {period} in {target}: " + ", ".join(f"{k} {'identical' if ok else 'DIFFERENT'}"
+                                                                   for k, ok in same.items()))
+    return {"period": period, "out": str(target), "identical": same}
+
+
+def main_rebuild(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lm-sleep rebuild", description="Rebuild a past inbox period's states from the "
+                                 "ledger in an empty directory and check them against the digests it recorded.")
+    ap.add_argument("--period", type=int, required=True)
+    ap.add_argument("--out", required=True, help="an empty (or new) directory")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    result = rebuild(args.period, args.out, args.params)
+    bad = [k for k, ok in result["identical"].items() if not ok]
+    if bad:
+        print(f"rebuild of period {args.period}: {', '.join(bad)} differ from the ledger's digests", file=sys.stderr)
+        return 1
+    print(f"period {args.period} rebuilt byte for byte in {result['out']} (state/sleep/period-{args.period})")
+    return 0
 
 
 def main_ingest(argv: list[str] | None = None) -> int:

@@ -386,6 +386,18 @@ class IntakeConfig(_Strict):
     max_line_bytes: int = Field(1_000_000, ge=1_024, description="A longer line makes the whole file an error.")
     max_text_chars: int = Field(4_000, ge=1, description="A row with a longer text is quarantined.")
     max_label_chars: int = Field(200, ge=1, description="A row with a longer label is quarantined.")
+    keep_periods: int = Field(3, ge=0, description="Retention: the states and dreams of the last N finished inbox "
+                              "periods are kept, older ones deleted after each sleep (0: keep everything). The "
+                              "prepared stream's periods (DVC outputs), pinned periods and every batch are kept.")
+    pinned_periods: list[int] = Field(default_factory=list, description="Inbox periods never deleted (e.g. a "
+                                      "published night).")
+
+    @field_validator("keep_periods")
+    @classmethod
+    def _window(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("must be 0 (keep everything) or at least 2: a sleep reads the previous period's state")
+        return v
 
 
 class LifecycleConfig(_Strict):

@@ -156,6 +156,8 @@ def parse_ledger(obj: Any, where: str, inbox: Path) -> Ledger:
             raise DataError(f"{where}: periods[{i}] needs an int period and a status in {PERIOD_STATUS}")
         if not isinstance(p.get("batches"), list) or not set(p["batches"]) <= ids:
             raise DataError(f"{where}: periods[{i}].batches must list batches of the ledger")
+        if not isinstance(p.get("states", {}), dict):
+            raise DataError(f"{where}: periods[{i}].states must map a state to its digest")
     return Ledger(list(obj["batches"]), list(obj["periods"]))
 
 

@@ -53,11 +53,15 @@ def state_period(manifest: dict[str, Any]) -> int:
 
 def state_labels(manifest: dict[str, Any], params: Params, root: Path, where: str | Path = "the state") -> list[str]:
     """The labels a state has seen: its metadata's ``labels`` when it records them, else the labels of
-    tasks 0..its period in the stream plan (``<data.out_dir>/tasks.json``), each once, as evaluation has them."""
+    tasks 0..its period in the stream plan (``<data.out_dir>/tasks.json``, or the inbox's open stream for an inbox
+    period), each once, as evaluation has them."""
     labels = manifest["metadata"].get("labels")
     if labels:
         return [str(lab) for lab in labels]
     plan_path = root / params.data.out_dir / PLAN_FILE
+    open_plan = root / params.lifecycle.state_root / params.intake.inbox / "stream" / PLAN_FILE
+    if open_plan.is_file() and state_period(manifest) in load_plan(open_plan.parent):
+        plan_path = open_plan  # an inbox period: the open stream (the prepared tasks, then the inbox's)
     if not plan_path.is_file():
         raise ServingError(f"{where}: records no labels and {plan_path} does not exist; pass the candidate labels "
                            "(--labels) or run prepare")

@@ -217,11 +217,118 @@ def claim_period(params: Params, root: Path) -> dict[str, Any] | None:
 
 
 @task(cache_policy=NO_CACHE)
+def read_open_period(params: Params, root: Path) -> dict[str, Any] | None:
+    """The inbox period that claimed its batches and has not finished, if any."""
+    return read_ledger(inbox_dir(params, root) / LEDGER_FILE).open_period()
+
+
+@task(cache_policy=NO_CACHE)
 def mark_period(params: Params, root: Path, period: int, status: str) -> None:
-    """Record how far inbox period ``period`` got (``woken``, ``done``)."""
+    """Record how far inbox period ``period`` got (``woken``, ``done``); when done, the digests of its three
+    states (the SHA-256 of each manifest, which lists its files' digests): what a rebuild must reproduce."""
+    from tasks.caching import state_digest
+    from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
+
     inbox = inbox_dir(params, root)
     with exclusive(inbox, "inbox"):
         ledger = read_ledger(inbox / LEDGER_FILE)
         entry = next(p for p in ledger.periods if p["period"] == period)
         entry["status"] = status
+        if status == "done":
+            entry["states"] = {name: state_digest(d(params, root, period)) for name, d in (
+                ("wake", wake_state_dir), ("consolidated", consolidated_state_dir), ("sleep", sleep_state_dir))}
         write_json(inbox / LEDGER_FILE, ledger.to_json())
+
+
+@task(cache_policy=NO_CACHE)
+def seed_rebuild(params: Params, root: Path, params_path: Path, out: Path, period: int) -> list[dict[str, Any]]:
+    """Lay out ``out`` to rebuild inbox period ``period`` from the ledger: the params file, the prepared stream and
+    the last prepared period's sleep state (DVC outputs), an empty inbox. Returns the ledger's periods up to
+    ``period`` (each with its batch records), in order."""
+    import shutil
+
+    from tasks.wake import sleep_state_dir
+
+    ledger = read_ledger(inbox_dir(params, root) / LEDGER_FILE)
+    periods = [p for p in ledger.periods if p["period"] <= period]
+    if not periods or periods[-1]["period"] != period or periods[-1]["status"] != "done":
+        done = [p["period"] for p in ledger.periods if p["status"] == "done"]
+        raise DataError(f"{inbox_dir(params, root) / LEDGER_FILE}: no finished inbox period {period} "
+                        f"(finished: {done or 'none'})")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: not empty; a rebuild starts from an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(params_path, out / "params.yaml")
+    prepared = root / params.data.out_dir
+    if (prepared / PLAN_FILE).is_file():
+        shutil.copytree(prepared, out / params.data.out_dir)
+    first = periods[0]["period"]
+    if first > 0:
+        before = sleep_state_dir(params, root, first - 1)
+        if not before.is_dir():
+            raise DataError(f"{before}: missing; the inbox's first period starts from it (dvc repro rebuilds it)")
+        shutil.copytree(before, sleep_state_dir(params, out, first - 1))
+    return [{**p, "records": [ledger.batch(b) for b in p["batches"]]} for p in periods]
+
+
+@task(cache_policy=NO_CACHE)
+def stage_batches(params: Params, root: Path, source: Path, records: list[dict[str, Any]]) -> None:
+    """Put batches (their files, checked against their digests, and their ledger records) into ``root``'s inbox,
+    as the ingest that brought them did."""
+    import shutil
+
+    src, dst = inbox_dir(params, source), inbox_dir(params, root)
+    with exclusive(dst, "inbox"):
+        ledger = read_ledger(dst / LEDGER_FILE)
+        for rec in records:
+            _batch_rows(src, rec)  # the checksum
+            for key in ("file", "quarantine_file"):
+                if rec.get(key):
+                    (dst / rec[key]).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src / rec[key], dst / rec[key])
+            ledger.batches.append(rec)
+        write_json(dst / LEDGER_FILE, ledger.to_json())
+
+
+def period_files(params: Params, root: Path, period: int) -> list[Path]:
+    """What a period leaves that retention may delete: its three states, its dreams and its dream reports.
+    Metrics (small; the report reads them) and the batches (a past period is rebuilt from them) stay."""
+    states = [root / d / f"period-{period}" for d in (params.wake.state_dir, params.consolidation.state_dir,
+                                                       params.dream.state_dir)]
+    dreams = [p for d in (params.consolidation.dreams_dir, params.dream.dreams_dir)
+              for p in sorted((root / d).glob(f"period-{period}[.-]*"))]
+    return [*states, *dreams, root / params.dream.reports_dir / f"period-{period}"]
+
+
+def retention_plan(params: Params, root: Path, ledger: Ledger) -> list[int]:
+    """Inbox periods whose files retention deletes now: finished ones older than the last ``keep_periods``
+    finished, except pinned periods (never the prepared stream's: they are DVC outputs, not in the ledger)."""
+    keep = params.intake.keep_periods
+    if keep == 0:
+        return []
+    done = [p["period"] for p in ledger.periods if p["status"] == "done"]
+    return [p for p in done[:-keep] if p not in set(params.intake.pinned_periods)]
+
+
+@task(cache_policy=NO_CACHE)
+def apply_retention(params: Params, root: Path) -> list[str]:
+    """Delete the files of the periods :func:`retention_plan` names; return what was deleted (relative paths)."""
+    import shutil
+
+    inbox = inbox_dir(params, root)
+    deleted = []
+    with exclusive(inbox, "inbox"):
+        ledger = read_ledger(inbox / LEDGER_FILE)
+        for period in retention_plan(params, root, ledger):
+            for path in period_files(params, root, period):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.is_file():
+                    path.unlink()
+                else:
+                    continue
+                deleted.append(str(path.relative_to(root)))
+    if deleted:
+        get_run_logger().info(f"retention: deleted {len(deleted)} old paths (intake.keep_periods "
+                              f"{params.intake.keep_periods})")
+    return deleted

@@ -54,7 +54,7 @@ def test_each_batch_is_consumed_once_in_order_and_a_crash_resumes_the_same_perio
         with pytest.raises(RuntimeError, match="killed mid-wake"):
             wake_inbox(params)
     ledger = read_ledger(inbox / LEDGER_FILE)
-    assert ledger.periods == [{"period": 0, "batches": [a["id"]], "status": "claimed"}]
+    assert ledger.periods == [{"period": 0, "batches": [a["id"]], "status": "claimed"}]  # no state digests yet
     # ... and a batch that arrives meanwhile waits for the next period: the rerun takes the same batches.
     b = ingest(_batch(tmp_path, "b", ["weather", "music"]), params)
     first = cycle(params)
@@ -66,6 +66,7 @@ def test_each_batch_is_consumed_once_in_order_and_a_crash_resumes_the_same_perio
     assert set(second["sleep"]["evaluate"]["accuracy"]) == {"0", "1"}
 
     ledger = read_ledger(inbox / LEDGER_FILE)
+    assert all(set(p["states"]) == {"wake", "consolidated", "sleep"} for p in ledger.periods)
     assert [(p["period"], p["batches"], p["status"]) for p in ledger.periods] == [
         (0, [a["id"]], "done"), (1, [b["id"], c["id"]], "done")]
     stream, plan = load_stream(inbox / "stream")
@@ -74,6 +75,23 @@ def test_each_batch_is_consumed_once_in_order_and_a_crash_resumes_the_same_perio
     for period in (0, 1):
         assert (tmp_path / f"state/sleep/period-{period}/manifest.json").is_file()
         assert json.loads((tmp_path / f"metrics/lifecycle/period-{period}.json").read_text())["period"] == period
+
+    # The new state answers: predict over every label it has seen (the inbox's open stream).
+    from model.serving import load_state
+
+    trained = load_state(1, params)
+    assert set(trained.labels) == {"alarm", "balance", "weather", "music", "timer"}
+    (top,) = trained.predict(["please clock clock now"], top_k=2)
+    assert len(top) == 2 and top[0][1] >= top[1][1]
+
+    # Any past night, rebuilt from the ledger in another directory, byte for byte.
+    from flows.intake import rebuild
+
+    out = rebuild(1, str(tmp_path / "rebuilt"), params)
+    assert out["identical"] == {"wake": True, "consolidated": True, "sleep": True}
+    for name in ("experts.safetensors", "manifest.json"):
+        assert ((tmp_path / "rebuilt/state/sleep/period-1" / name).read_bytes()
+                == (tmp_path / "state/sleep/period-1" / name).read_bytes())
 
     # Nothing new: a no-op that changes no file of the inbox.
     before = {p: p.read_bytes() for p in inbox.rglob("*") if p.is_file() and p.name != ".lock"}
@@ -94,3 +112,107 @@ def test_the_inbox_continues_the_prepared_stream(tmp_path, prefect_harness):
         wake_inbox(params)  # the inbox's first period is 2: it needs the lifecycle's states first
     _, plan = load_stream(tmp_path / "state/inbox/stream")
     assert sorted(plan) == [0, 1, 2] and plan[2] == ["joke", "timer"]
+
+
+def _files(root: Path) -> dict[str, str]:
+    """sha256 of every file a period leaves in the project (states, inbox, dreams, metrics; not timings or locks)."""
+    import hashlib
+
+    out = {}
+    for sub in ("state", "dreams", "metrics"):
+        for p in sorted((root / sub).rglob("*")):
+            rel = str(p.relative_to(root))
+            if p.is_file() and p.name != ".lock" and "timings" not in rel:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_kill_9_during_a_wake_then_a_rerun_ends_in_the_same_files_as_an_uninterrupted_run(tmp_path, prefect_harness):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flows.intake import cycle, ingest
+
+    repo = Path(__file__).resolve().parents[2]
+    roots = {}
+    for name in ("straight", "killed"):
+        root = tmp_path / name
+        root.mkdir()
+        _project(root)
+        _batch(root, "a", ["alarm", "balance"])
+        roots[name] = root
+    cwd = os.getcwd()
+    try:  # sources named relative to each project, as a user in that directory would type them
+        for root in roots.values():
+            os.chdir(root)
+            ingest("a.csv", "params.yaml")
+        os.chdir(roots["straight"])
+        cycle("params.yaml")
+        os.chdir(roots["killed"])
+        env = os.environ | {"PYTHONPATH": str(repo)}
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "cycle", "--params", "params.yaml"],
+                                cwd=roots["killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ledger_path = roots["killed"] / "state/inbox" / LEDGER_FILE
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if read_ledger(ledger_path).periods:  # the batches are claimed: the wake is under way
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the cycle ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert read_ledger(ledger_path).periods[0]["status"] == "claimed"
+        assert not (roots["killed"] / "state/sleep/period-0").exists()
+        cycle("params.yaml")  # the rerun takes up the claimed period
+    finally:
+        os.chdir(cwd)
+    straight, killed = _files(roots["straight"]), _files(roots["killed"])
+    assert straight.keys() == killed.keys()
+    assert {k for k in straight if straight[k] != killed[k]} == set()
+
+
+def test_kill_9_during_ingest_then_a_rerun_accepts_the_batch_once(tmp_path, prefect_harness):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flows.intake import ingest
+
+    repo = Path(__file__).resolve().parents[2]
+    rows = [{"text": f"please {w} now {i}", "label": lab} for lab, w in WORDS.items() for i in range(10_000)]
+    rows[7] = {"text": "an empty label", "label": ""}
+    roots = {}
+    for name in ("straight", "killed"):
+        roots[name] = tmp_path / name
+        roots[name].mkdir()
+        _project(roots[name])
+        pd.DataFrame(rows).to_csv(roots[name] / "big.csv", index=False)
+    cwd = os.getcwd()
+    try:
+        os.chdir(roots["straight"])
+        ingest("big.csv", "params.yaml")
+        os.chdir(roots["killed"])
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", "big.csv", "--params", "params.yaml"],
+                                cwd=roots["killed"], env=os.environ | {"PYTHONPATH": str(repo)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        inbox = roots["killed"] / "state/inbox"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not list(inbox.glob(".incoming-*")):
+            time.sleep(0.01)
+        time.sleep(0.3)  # inside the ingest: the file read, its rows being checked or written
+        killed_mid_way = proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert killed_mid_way, "the ingest ended before it could be killed"
+        assert read_ledger(inbox / LEDGER_FILE).batches == []  # nothing half-accepted
+        ingest("big.csv", "params.yaml")
+    finally:
+        os.chdir(cwd)
+    assert _files(roots["straight"]) == _files(roots["killed"])
+    (batch,) = read_ledger(roots["killed"] / "state/inbox" / LEDGER_FILE).batches
+    assert (batch["accepted"], batch["quarantined"]) == (len(rows) - 1, 1)

@@ -131,3 +131,17 @@ def test_a_ledger_naming_a_file_outside_the_inbox_is_refused(tmp_path, prefect_h
     with pytest.raises(DataError, match=r"batches\[0\].file '../../secrets.parquet' lies outside the inbox"):
         read_ledger(path)
     assert record["accepted"] == 1
+
+
+def test_retention_keeps_the_last_periods_and_the_pinned_ones(tmp_path):
+    from model.intake import Ledger
+    from tasks.intake import retention_plan
+
+    periods = [{"period": p, "batches": [], "status": "done"} for p in range(3, 9)]
+    ledger = Ledger([], periods + [{"period": 9, "batches": [], "status": "claimed"}])
+    params, root = _project(tmp_path, keep_periods=3, pinned_periods=[4])
+    assert retention_plan(params, root, ledger) == [3, 5]  # 6, 7, 8 kept; 4 pinned; 9 not finished
+    params, root = _project(tmp_path, keep_periods=0)
+    assert retention_plan(params, root, ledger) == []
+    with pytest.raises(Exception, match="at least 2"):
+        _project(tmp_path, keep_periods=1)
