@@ -127,11 +127,16 @@ def test_no_labels_left_for_development_is_a_clear_error(tmp_path, prefect_harne
     assert not (tmp_path / "reports" / "lr-search").exists()
 
 
-def test_subcommands_with_their_own_parser_answer_help(capsys):
-    from flows.cli import main
+def test_every_subcommand_answers_help_with_its_own_options(capsys):
+    from flows.cli import DELEGATED, build_parser, main
 
-    for name in ("compare", "lr-search"):
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    names = sorted(sub.choices)
+    assert set(DELEGATED) <= set(names) and {"ingest", "cycle", "rebuild", "predict", "lr-search"} <= set(names)
+    for name in names:
         with pytest.raises(SystemExit) as exc:
             main([name, "-h"])
-        assert exc.value.code == 0
-        assert f"usage: lm-sleep {name}" in capsys.readouterr().out
+        assert exc.value.code == 0, name
+        out = capsys.readouterr().out
+        assert f"usage: lm-sleep {name}" in out, (name, out[:80])
+        assert "-h, --help" in out, name
