@@ -7,6 +7,7 @@ The store is the local ``artifacts/`` directory unless ``LM_SLEEP_S3_BUCKET`` is
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from prefect import flow
@@ -30,13 +31,27 @@ def publish(params_path: str = "params.yaml", run_id: str | None = None) -> list
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def queued_message(results: list[dict]) -> str | None:
+    """One line saying what did not reach the store, or None when everything did."""
+    pending = sorted({k for r in results for k in r.get("pending") or []})
+    errors = [r["error"] for r in results if r.get("error")]
+    if not pending and not errors:
+        return None
+    return (f"{len(pending)} upload(s) stay queued in artifacts/.outbox ({errors[-1] if errors else 'not sent'}); "
+            "`lm-sleep artifacts flush` sends them when the store answers")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Publish a lifecycle run's cycles to the artifact store.")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--run-id", default=None, help="default: $LM_SLEEP_RUN_ID, lifecycle.run_id, or a params digest")
     args = ap.parse_args(argv)
-    publish(args.params, args.run_id)
+    message = queued_message(publish(args.params, args.run_id))
+    if message is not None:  # a scheduler or CI must see that the artifacts are not all in the store
+        print(f"publish incomplete: {message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

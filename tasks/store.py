@@ -43,12 +43,10 @@ import mimetypes
 import os
 import random
 import re
-import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -166,12 +164,6 @@ def cycle_key(run_id: str, cycle: int, suffix: str) -> str:
     if category not in CATEGORIES or "/" not in suffix:
         raise InvalidKeyError(f"invalid artifact key {suffix!r}: must be <{'|'.join(CATEGORIES)}>/<name>")
     return f"{run_prefix(run_id)}cycle-{cycle}/{suffix}"
-
-
-def make_run_id(label: str = "run") -> str:
-    """A fresh run id: ``<label>-<UTC time>-<6 hex>``, e.g. ``run-20250101T120000Z-1a2b3c``."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return validate_run_id(f"{label}-{stamp}-{secrets.token_hex(3)}")
 
 
 # ---------------------------------------------------------------------------- digests and retries
@@ -1123,10 +1115,3 @@ def upload_cycle_artifacts(
     log.info(f"cycle {cycle} of run {run_id}: {len(result.uploaded)} uploaded, {len(result.unchanged)} unchanged "
              f"in {store.uri}; index {store.url(run_prefix(run_id) + 'index.html')}")
     return {**asdict(result), "pending": [], "error": None}
-
-
-@task(cache_policy=NO_CACHE)
-def flush_artifact_outbox(root: Path) -> dict[str, Any]:
-    """Send uploads queued by earlier runs to the configured store."""
-    result = flush_outbox(store_from_env(root), outbox_for(root))
-    return asdict(result)

@@ -37,7 +37,7 @@ def _batch(tmp_path: Path, name: str, labels: list[str], n: int = 5) -> str:
 
 
 def test_each_batch_is_consumed_once_in_order_and_a_crash_resumes_the_same_period(tmp_path, prefect_harness,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, capsys):
     import flows.intake as intake
     from flows.intake import cycle, ingest, wake_inbox
 
@@ -97,6 +97,19 @@ def test_each_batch_is_consumed_once_in_order_and_a_crash_resumes_the_same_perio
     before = {p: p.read_bytes() for p in inbox.rglob("*") if p.is_file() and p.name != ".lock"}
     assert cycle(params) == {"wake": None, "sleep": None}
     assert {p: p.read_bytes() for p in inbox.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+    # Publishing to a store that does not answer fails visibly (exit 1, one line); the uploads stay queued.
+    from flows.publish import main as publish_main
+    from tests.flows.helpers import free_port
+
+    for key, value in {"LM_SLEEP_S3_BUCKET": "lm-sleep-down", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}",
+                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    assert publish_main(["--params", params]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("publish incomplete:") and "stay queued" in err and "artifacts flush" in err
+    assert (tmp_path / "artifacts/.outbox/pending.json").is_file()
 
 
 def test_the_inbox_continues_the_prepared_stream(tmp_path, prefect_harness):
