@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.cms import ChunkedOptimizer, CMSError, ContinuumMemory, ExpertInfo, attach_cms
@@ -96,6 +97,41 @@ def read_manifest(src: str | Path) -> dict[str, Any]:
     return manifest
 
 
+#: The fields of an expert entry and their types (None allowed where the slot was never unlocked).
+EXPERT_FIELDS: dict[str, tuple[type, bool]] = {"slot": (int, False), "active": (bool, False),
+                                               "unlocked_at_step": (int, True), "origin": (str, True),
+                                               "history": (list, False)}
+
+
+def _check_experts(mpath: Path, level: int, experts: Any, n_experts: int) -> None:
+    """A level's expert entries name distinct slots below ``n_experts`` and carry every field (CheckpointError)."""
+    where = f"{mpath}: field 'levels[{level}].experts"
+    if not isinstance(experts, list):
+        raise CheckpointError(f"{where}' must be a list")
+    seen: set[int] = set()
+    for i, e in enumerate(experts):
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{where}[{i}]' must be an object")
+        for key, (typ, nullable) in EXPERT_FIELDS.items():
+            if key not in e:
+                raise CheckpointError(f"{where}[{i}].{key}' missing")
+            value = e[key]
+            if (value is None and not nullable) or (value is not None and (
+                    not isinstance(value, typ) or (typ is int and isinstance(value, bool)))):
+                raise CheckpointError(f"{where}[{i}].{key}' must be a {typ.__name__}")
+        if not 0 <= e["slot"] < n_experts or e["slot"] in seen:
+            raise CheckpointError(f"{where}[{i}].slot' is {e['slot']}: not a free slot of 0..{n_experts - 1}")
+        seen.add(e["slot"])
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; anything else (a pickle, a truncated file) is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
 def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimizer | None = None) -> dict[str, Any]:
     """Load a state directory into ``cms`` (and ``optimizer``) after verifying every checksum.
 
@@ -117,13 +153,15 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
                 f"{mpath}: field 'levels[{li}]' has n_experts={lv['n_experts']}, d_low={lv['d_low']}; "
                 f"params.yaml has n_experts={cfg.n_experts}, d_low={cfg.d_low}"
             )
+    for li, lv in enumerate(manifest["levels"]):
+        _check_experts(mpath, li, lv.get("experts"), lv["n_experts"])
     for name, digest in manifest["files"].items():
         fpath = src / name
         if not fpath.is_file():
             raise CheckpointError(f"{fpath}: missing (listed in {MANIFEST_FILE})")
         if sha256_file(fpath) != digest:
             raise CheckpointError(f"{fpath}: checksum mismatch (file corrupted or modified)")
-    tensors = load_file(str(src / EXPERTS_FILE))
+    tensors = _load_tensors(src / EXPERTS_FILE)
     routing = {k: tensors.pop(k) for k in PROTOTYPE_KEYS if k in tensors}
     try:
         prototypes = Prototypes.from_tensors(routing, str(src / EXPERTS_FILE)) if routing else None
@@ -139,7 +177,7 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
     for name, t in tensors.items():
         if t.shape != own[name].shape:
             raise CheckpointError(f"{src / EXPERTS_FILE}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
-    train = load_file(str(src / TRAIN_FILE)) if optimizer is not None and TRAIN_FILE in manifest["files"] else None
+    train = _load_tensors(src / TRAIN_FILE) if optimizer is not None and TRAIN_FILE in manifest["files"] else None
 
     backup = {name: p.detach().clone() for name, p in own.items()}
     with torch.no_grad():

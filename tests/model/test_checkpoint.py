@@ -109,3 +109,50 @@ def test_failed_save_keeps_the_previous_state(tmp_path, monkeypatch):
     m = json.loads((tmp_path / "s" / MANIFEST_FILE).read_text())
     assert m["metadata"] == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp dirs left
+
+
+def _with_digest(state, name: str, data: bytes) -> None:
+    """Replace a state file and fix its manifest digest, as a careless tool (or an attacker) would."""
+    import hashlib
+
+    (state / name).write_bytes(data)
+    mpath = state / MANIFEST_FILE
+    m = json.loads(mpath.read_text())
+    m["files"][name] = hashlib.sha256(data).hexdigest()
+    mpath.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("pickle", r"experts.safetensors: not a readable safetensors file"),
+    ("truncated", r"experts.safetensors: not a readable safetensors file"),
+    ("slot 9", r"levels\[0\]\.experts\[0\]\.slot' is 9: not a free slot of 0\.\.2"),
+    ("twice", r"levels\[1\]\.experts\[1\]\.slot' is 0: not a free slot"),
+    ("no origin", r"levels\[0\]\.experts\[0\]\.origin' missing"),
+])
+def test_a_damaged_state_is_one_error_naming_the_file_and_field(tmp_path, case, message):
+    import pickle
+
+    lm, cms, opt, batch = _trained()
+    cms.unlock(1, origin="consolidation:test")
+    state = tmp_path / "s"
+    save_state(cms, state, opt)
+    if case == "pickle":
+        _with_digest(state, EXPERTS_FILE, pickle.dumps({"weights": [1, 2, 3]}))
+    elif case == "truncated":
+        _with_digest(state, EXPERTS_FILE, (state / EXPERTS_FILE).read_bytes()[:100])
+    else:
+        mpath = state / MANIFEST_FILE
+        m = json.loads(mpath.read_text())
+        if case == "slot 9":
+            m["levels"][0]["experts"][0]["slot"] = 9
+        elif case == "twice":
+            m["levels"][1]["experts"][1]["slot"] = m["levels"][1]["experts"][0]["slot"]
+        else:
+            del m["levels"][0]["experts"][0]["origin"]
+        mpath.write_text(json.dumps(m))
+    lm2, cms2 = tiny_with_cms()
+    before = logits(lm2, batch)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_state(cms2, state)
+    assert "\n" not in str(err.value)
+    torch.testing.assert_close(logits(lm2, batch), before, rtol=0, atol=0)
