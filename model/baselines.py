@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from model.forward import Batch
 from model.wake import (
-    Batch,
     NonFiniteLossError,
     completion_logprobs,
     encode,

@@ -36,13 +36,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import CMSError, ContinuumMemory
 from model.config import ConsolidationConfig, LevelConfig, SamplingConfig
-from model.forward import completion_logits, prefix_hidden, suffix_hidden
+from model.forward import Batch, completion_logits, prefix_hidden, suffix_hidden
 from model.losses import distillation_loss
 from model.merging import MergeRecord, merge_oldest
 from model.routing import captured_inputs, router_logits, routing_loss
 from model.rewards import SemanticJudge, group_advantages, imitation_reward
 from model.sampling import sample_continuations
-from model.wake import Batch, NonFiniteLossError, completion_logprobs, encode
+from model.wake import NonFiniteLossError, completion_logprobs, encode
 
 
 class EmptyPromptBufferError(ValueError):
@@ -235,7 +235,7 @@ def consolidate(
                     loss = loss + route_weight * route
                 if cfg.alpha < 1:
                     pg, mean_reward, rows = _imitation_step(
-                        model, tokenizer, cms, student, data, cfg, max_length, judge, rng, seed, step, decode
+                        model, tokenizer, student, data, cfg, max_length, judge, rng, seed, step, decode
                     )
                     loss = loss + (1 - cfg.alpha) * pg
                     result.samples += rows
@@ -282,7 +282,6 @@ def _weights_swapped(params: Sequence[torch.nn.Parameter], values: Sequence[torc
 def _imitation_step(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
     student: Callable,
     data: list,
     cfg: ConsolidationConfig,

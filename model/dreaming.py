@@ -42,10 +42,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from model.cms import ContinuumMemory
 from model.config import DreamConfig, SamplingConfig
 from model.knowledge import Passage, answer_completion, qa_prompt
-from model.wake import label_text, split_template
 from model.sampling import sample_continuations
 from model.trials import AnswerLoglik, TrialResult, run_trials
-from model.wake import NonFiniteLossError, encode, sft_loss
+from model.wake import NonFiniteLossError, encode, label_text, sft_loss, split_template
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import decoder_layers
-from model.forward import prefix_hidden, suffix_logprobs
-from model.wake import Batch, encode, sft_loss
+from model.forward import Batch, prefix_hidden, suffix_logprobs
+from model.wake import encode, sft_loss
 
 Measure = Callable[[torch.Tensor | None], torch.Tensor]
 

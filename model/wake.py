@@ -25,7 +25,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import ChunkedOptimizer, CMSError, ContinuumMemory
 from model.config import LevelConfig
-from model.forward import completion_logits, logprobs_by_example
+from model.forward import Batch, completion_logits, logprobs_by_example
 from model.routing import captured_inputs, router_logits, routing_loss
 
 
@@ -38,36 +38,6 @@ def split_template(template: str, text: str, label: str) -> tuple[str, str]:
     """Fill ``template`` and split it into (prompt, completion) at ``{label}``."""
     head = template[: template.rindex("{label}")]
     return head.format(text=text), label_text(label)
-
-
-@dataclass
-class Batch:
-    """Examples packed into rows: several prompt+completion sequences share a row.
-
-    input_ids, position_ids, segment, completion_mask: (R, T). ``position_ids`` restart
-    at 0 for every example, which makes the attention block-diagonal (each example
-    sees only itself, exactly as if it were alone); ``segment`` is the example index
-    of each token (-1 for padding); ``completion_mask`` marks completion tokens.
-    Packing instead of padding every example to the longest one keeps the GEMMs busy
-    with real tokens (CLINC queries vary from 3 to 30 tokens).
-    """
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    segment: torch.Tensor
-    completion_mask: torch.Tensor
-    n_examples: int
-
-    @property
-    def n_tokens(self) -> int:
-        return int((self.segment >= 0).sum())
-
-    def to(self, device: torch.device | str) -> "Batch":
-        """The same batch on ``device`` (itself when it is already there)."""
-        if self.input_ids.device == torch.device(device):
-            return self
-        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device),
-                     self.completion_mask.to(device), self.n_examples)
 
 
 def encode(

@@ -6,8 +6,9 @@ import torch
 
 from model.cms import ContinuumMemory, attach_cms
 from model.config import CMSConfig, LevelConfig
+from model.forward import Batch
 from model.loading import LoadedModel, tiny_model
-from model.wake import Batch, encode
+from model.wake import encode
 
 
 def tiny_cms_config(**level_overrides) -> CMSConfig:
