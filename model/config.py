@@ -75,6 +75,9 @@ class LevelConfig(_Strict):
     def _slots(self) -> "LevelConfig":
         if self.initial_experts > self.n_experts:
             raise ValueError(f"initial_experts ({self.initial_experts}) > n_experts ({self.n_experts})")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) > n_experts ({self.n_experts}): a router cannot pick more "
+                             "experts than the level has")
         return self
 
 

@@ -36,6 +36,8 @@ def _write(tmp_path, data) -> Path:
         ({"model": {"source": "path"}}, "model.path is required"),
         ({"wake": {"template": "{label} {text}"}}, "must end with {label}"),
         ({"cms": {"levels": [{"name": "a", "chunk_size": 1, "lr": 1e-3, "n_experts": 1, "initial_experts": 2}]}}, "initial_experts"),
+        ({"cms": {"levels": [{"name": "a", "chunk_size": 1, "lr": 1e-3, "n_experts": 3, "top_k": 4}]}},
+         "top_k (4) > n_experts (3)"),
     ],
 )
 def test_bad_params_name_file_and_field(tmp_path, data, field):
