@@ -1,4 +1,4 @@
-"""The compare flow: a named comparison of sleep with baselines and ablations (DESIGN §5).
+"""The compare flow: a named comparison of sleep with baselines and ablations (docs/design.md §5).
 
 ``lm-sleep compare NAME`` (or ``python -m flows.compare NAME``) runs every method of
 ``evaluation.comparisons.NAME`` on every seed, on the same data, model and budget, and

@@ -1,4 +1,4 @@
-"""Baselines for the continual-learning evaluation (DESIGN §5), on wake's data and budget.
+"""Baselines for the continual-learning evaluation (docs/design.md §5), on wake's data and budget.
 
 Every trained baseline reads one task's (prompt, completion) pairs exactly as wake
 does (:func:`model.wake.train_period`): the same order, ``batch_size`` examples per

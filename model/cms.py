@@ -141,7 +141,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class ContinuumMemory(nn.Module):
-    """All memory levels of a model, plus the operations on them (DESIGN §1).
+    """All memory levels of a model, plus the operations on them (docs/design.md §1).
 
     The base model's own weights are the slowest memory and stay frozen. Create it
     with :func:`attach_cms`; it keeps a reference to the model it was attached to.

@@ -1,4 +1,4 @@
-"""The baselines of a comparison run over a class-incremental stream (DESIGN §5).
+"""The baselines of a comparison run over a class-incremental stream (docs/design.md §5).
 
 Every method sees the same stream: task after task, each task's train rows in the
 stream's order, ``wake.epochs`` passes in batches of ``wake.batch_size``. After each

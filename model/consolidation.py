@@ -1,4 +1,4 @@
-"""Sleep, stage 1: consolidation by Knowledge Seeding (paper 3.2-3.3, DESIGN §2).
+"""Sleep, stage 1: consolidation by Knowledge Seeding (paper 3.2-3.3, docs/design.md §2).
 
 Level ``src = l-1`` is distilled into a freshly unlocked expert of level ``dst = l``:
 

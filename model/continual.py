@@ -1,7 +1,7 @@
 """Continual-learning metrics over an accuracy matrix, and confidence intervals over seeds.
 
 ``R[i][j]`` is the accuracy on task j (its test split) measured right after learning
-task i, for tasks learned in the order 0, 1, ..., T-1 (DESIGN §5). From it:
+task i, for tasks learned in the order 0, 1, ..., T-1 (docs/design.md §5). From it:
 
 - final average accuracy  A_T = 1/T sum_j R[T-1][j]                      (Chaudhry et al. 2018)
 - forgetting              F_T = 1/(T-1) sum_{j<T-1} max_{j<=i<=T-2} R[i][j] - R[T-1][j]

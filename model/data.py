@@ -4,7 +4,7 @@
 JSONL table) into one tidy frame of ``text``, ``label`` and ``split``.
 ``build_stream`` turns that frame into a seeded sequence of tasks, each with
 its own disjoint set of labels and a fixed number of train and test rows per
-label (DESIGN §5). Everything here is plain pandas/numpy, so it can be tested
+label (docs/design.md §5). Everything here is plain pandas/numpy, so it can be tested
 and reused without any orchestration or validation framework.
 """
 

@@ -1,4 +1,4 @@
-"""Derived columns the dream gate checks (DESIGN §3 step 5), computed with rapidfuzz.
+"""Derived columns the dream gate checks (docs/design.md §3 step 5), computed with rapidfuzz.
 
 Pure pandas: the Great Expectations suite that reads these columns lives in
 ``tasks/dream_gate.py``. Scores are rapidfuzz similarities in [0, 100]:

@@ -1,4 +1,4 @@
-"""Sleep, stage 2: dreaming (paper 3.4, building on SEAL; DESIGN §3).
+"""Sleep, stage 2: dreaming (paper 3.4, building on SEAL; docs/design.md §3).
 
 For a task (C, tau) -- a context C from the recent wake period and a measure tau of
 how well the model knows it *without* C in context (:class:`DreamTask`: a SQuAD

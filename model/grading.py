@@ -1,4 +1,4 @@
-"""Automatic grading of short answers to questions asked without their passage (tau, DESIGN §3, §5).
+"""Automatic grading of short answers to questions asked without their passage (tau, docs/design.md §3, §5).
 
 SEAL grades no-context SQuAD answers with an LLM judge; this project has no such
 judge offline, so it grades with three automatic measures against the single

@@ -1,4 +1,4 @@
-"""Knowledge incorporation: ways to learn a SQuAD passage, and no-context QA after it (DESIGN §5).
+"""Knowledge incorporation: ways to learn a SQuAD passage, and no-context QA after it (docs/design.md §5).
 
 Issue #6 compares, on SEAL's SQuAD subsets, four methods that each learn a passage C
 into the fast CMS level (the same parameters, the same promotion budget):

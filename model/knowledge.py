@@ -1,4 +1,4 @@
-"""SQuAD passages as knowledge-incorporation tasks (C, tau) for dreaming (DESIGN §3, §5).
+"""SQuAD passages as knowledge-incorporation tasks (C, tau) for dreaming (docs/design.md §3, §5).
 
 C is a passage; tau is how well the model answers the passage's questions *without*
 the passage in its prompt, measured two ways:

@@ -1,4 +1,4 @@
-"""Dreams tried in isolation (DESIGN §3, step 3), k trials in one vectorised pass.
+"""Dreams tried in isolation (docs/design.md §3, step 3), k trials in one vectorised pass.
 
 A trial gives one dream its own fresh LoRA adapter, fine-tunes that adapter on the
 dream alone for a few steps (SFT on the whole dream text) and measures tau before

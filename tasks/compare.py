@@ -1,4 +1,4 @@
-"""Prefect tasks of a comparison (``lm-sleep compare NAME``, DESIGN §5).
+"""Prefect tasks of a comparison (``lm-sleep compare NAME``, docs/design.md §5).
 
 A comparison runs methods x seeds on the same data, model and budget. Each run has
 its own directory ``<evaluation.work_dir>/<name>/<method>/seed-<s>/`` holding the

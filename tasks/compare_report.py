@@ -1,4 +1,4 @@
-"""The report of a comparison: ``reports/<name>/`` (DESIGN §5).
+"""The report of a comparison: ``reports/<name>/`` (docs/design.md §5).
 
 - ``README.md``: one row per method: final average accuracy, forgetting and backward
   transfer as mean [95% CI] over seeds, gradient steps, minutes; then the target

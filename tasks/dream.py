@@ -1,4 +1,4 @@
-"""Prefect tasks of sleep stage 2: dream, gate, promote (DESIGN §3).
+"""Prefect tasks of sleep stage 2: dream, gate, promote (docs/design.md §3).
 
 A round's trials (dreaming step 4) run in this task's process, or as groups on a task
 runner when ``dream.trial_workers`` > 1 (``tasks/trials.py``).

@@ -1,4 +1,4 @@
-"""The dream gate (DESIGN §3 step 5): a Great Expectations suite decides which dreams are promoted.
+"""The dream gate (docs/design.md §3 step 5): a Great Expectations suite decides which dreams are promoted.
 
 The suite runs on the dream table plus the derived columns of
 :func:`model.dream_checks.add_check_columns` (one ephemeral GX context, one

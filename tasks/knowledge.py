@@ -1,4 +1,4 @@
-"""Prefect tasks of a knowledge-incorporation comparison (``kind: knowledge``; DESIGN §5).
+"""Prefect tasks of a knowledge-incorporation comparison (``kind: knowledge``; docs/design.md §5).
 
 Every run (method x seed) lives in ``<evaluation.work_dir>/<name>/<method>/seed-<s>/``
 like a continual one: its ``params.yaml``, ``result.json`` (kept, keyed by the run's

@@ -1,4 +1,4 @@
-"""The report of a knowledge-incorporation comparison: ``reports/<name>/`` (DESIGN §5).
+"""The report of a knowledge-incorporation comparison: ``reports/<name>/`` (docs/design.md §5).
 
 - ``README.md``: one row per method: no-context exact match, token F1 and tau, each
   mean [95% CI] -- over passages in single mode (each passage's value averaged over

@@ -481,7 +481,7 @@ def load_lifecycle_metrics(root: str | Path, params: Params) -> LifecycleMetrics
 
 @dataclass(frozen=True)
 class CLMetrics:
-    """Continual-learning metrics of an accuracy matrix ``R`` of ``T`` tasks (DESIGN §5).
+    """Continual-learning metrics of an accuracy matrix ``R`` of ``T`` tasks (docs/design.md §5).
 
     - ``final_average_accuracy`` = mean_j R[T-1][j] over all T tasks.
     - ``average_incremental_accuracy`` = mean_i (mean_{j<=i} R[i][j]): the mean accuracy on the

@@ -1,4 +1,4 @@
-"""Prefect tasks of a sleep: consolidation of the levels that are due (DESIGN §2)."""
+"""Prefect tasks of a sleep: consolidation of the levels that are due (docs/design.md §2)."""
 
 from __future__ import annotations
 

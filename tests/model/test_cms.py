@@ -1,4 +1,4 @@
-"""Invariants of the continuum memory system (DESIGN §1, paper eq. 1-2)."""
+"""Invariants of the continuum memory system (docs/design.md §1, paper eq. 1-2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Consolidation by Knowledge Seeding on a tiny model (DESIGN §2)."""
+"""Consolidation by Knowledge Seeding on a tiny model (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dreams tried in isolation (DESIGN §3 step 3): k batched trials against peft one by one."""
+"""Dreams tried in isolation (docs/design.md §3 step 3): k batched trials against peft one by one."""
 
 from __future__ import annotations
 
