@@ -24,7 +24,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Which base model to load (DESIGN §1, "Base")."""
+    """Which base model to load (docs/design.md §1, "Base")."""
 
     source: Literal["embedded", "path", "tiny"] = Field(
         "embedded",
@@ -97,7 +97,7 @@ class RoutingConfig(_Strict):
 
 
 class CMSConfig(_Strict):
-    """Where the memory levels attach and what they are (DESIGN §1)."""
+    """Where the memory levels attach and what they are (docs/design.md §1)."""
 
     layers: list[int] | None = Field(None, description="Decoder layer indices that carry the CMS; null = top_layers.")
     top_layers: int = Field(8, ge=1, description="Attach to the last N decoder layers when 'layers' is null.")
@@ -154,7 +154,7 @@ class SourceConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """The class-incremental stream built by the ``prepare`` stage (DESIGN §5)."""
+    """The class-incremental stream built by the ``prepare`` stage (docs/design.md §5)."""
 
     source: SourceConfig = Field(default_factory=SourceConfig)
     n_tasks: int = Field(3, ge=1)
@@ -228,7 +228,7 @@ class RehearsalConfig(_Strict):
 
 
 class ConsolidationConfig(_Strict):
-    """Sleep stage 1: Knowledge Seeding of level l-1 into a new expert of level l (DESIGN §2)."""
+    """Sleep stage 1: Knowledge Seeding of level l-1 into a new expert of level l (docs/design.md §2)."""
 
     enabled: bool = Field(
         True, description="Consolidate at every sleep (false: the levels keep what they learned, CMS without sleep)."
@@ -275,7 +275,7 @@ SEAL_IMPLICATIONS = (
 
 
 class DreamGateConfig(_Strict):
-    """Data checks a dream must pass to be promoted (Great Expectations suite, DESIGN §3 step 5)."""
+    """Data checks a dream must pass to be promoted (Great Expectations suite, docs/design.md §3 step 5)."""
 
     min_tokens: int = Field(8, ge=1, description="Shorter dreams are degenerate.")
     max_tokens: int = Field(512, ge=1)
@@ -297,7 +297,7 @@ EXAMPLES_PROMPT = "Examples of requests and their intents, one per line:\n{conte
 
 
 class DreamConfig(_Strict):
-    """Sleep stage 2: dreaming (paper 3.4, SEAL's self-edit loop; DESIGN §3)."""
+    """Sleep stage 2: dreaming (paper 3.4, SEAL's self-edit loop; docs/design.md §3)."""
 
     task_source: Literal["stream", "squad"] = Field(
         "stream", description="stream: C = labelled examples of the wake period; squad: C = passages."
@@ -522,7 +522,7 @@ class BaselinesConfig(_Strict):
 
 
 class KnowledgeConfig(_Strict):
-    """The passages of a knowledge-incorporation comparison and how they are learned (DESIGN §5).
+    """The passages of a knowledge-incorporation comparison and how they are learned (docs/design.md §5).
 
     single: every passage from the same fresh state (n=1), measured right after it;
     continued: one state learns the passages one after the other (continued pretraining)
@@ -625,7 +625,7 @@ class LRSearchConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    """Comparisons of sleep with baselines and ablations (DESIGN §5; ``lm-sleep compare``)."""
+    """Comparisons of sleep with baselines and ablations (docs/design.md §5; ``lm-sleep compare``)."""
 
     work_dir: str = Field("state/compare", description="Per comparison, method and seed: its states and result.")
     reports_dir: str = Field("reports", description="reports/<comparison>/: table, plots, metrics.")

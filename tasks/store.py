@@ -1,4 +1,4 @@
-"""The artifact store: each cycle's experts, dreams and reports, on the local disk or on S3 (DESIGN §4).
+"""The artifact store: each cycle's experts, dreams and reports, on the local disk or on S3 (docs/design.md §4).
 
 Layout, keys relative to the store's root (on S3 the root is ``s3://BUCKET/PREFIX/``)::
 
