@@ -28,7 +28,7 @@ def lr_search(params_path: str = "params.yaml", quick: bool = False) -> dict:
     log = get_run_logger()
     params = search_params(load_params(params_path))
     root = Path(params_path).resolve().parent
-    grid = search_comparisons(params, root, quick)
+    n_excluded, grid = search_comparisons(params, root, quick)
     work = root / params.evaluation.work_dir / NAME
     grid_results = {}
     with exclusive(work, "learning-rate search"):
@@ -40,7 +40,7 @@ def lr_search(params_path: str = "params.yaml", quick: bool = False) -> dict:
             except DataError as e:
                 raise DataError(f"{NAME}: the development stream (labels of no evaluation comparison) cannot be "
                                 f"built: {e}") from None
-        summary = write_lr_search_report(params, root, grid_results, grid[0][1].seeds, quick)
+        summary = write_lr_search_report(params, root, grid_results, grid[0][1].seeds, quick, n_excluded)
     log.info(f"{NAME}: chosen " + ", ".join(f"{m} {lr:g}" for m, lr in summary["chosen"].items())
              + f"; report: {summary['report']}")
     return summary

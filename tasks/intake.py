@@ -177,10 +177,16 @@ def _base_stream(params: Params, root: Path) -> tuple[pd.DataFrame, dict[int, li
     return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("row_id", "task") else "str") for c in STREAM_COLUMNS}), {}
 
 
-def _materialise(params: Params, root: Path, ledger: Ledger, period: dict[str, Any]) -> None:
+def _open_stream(params: Params, root: Path) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """The open stream as it is (the prepared stream before the first inbox period)."""
+    out = open_stream_dir(params, root)
+    return load_stream(out) if (out / PLAN_FILE).is_file() else _base_stream(params, root)
+
+
+def _materialise(params: Params, root: Path, ledger: Ledger, period: dict[str, Any],
+                 stream: pd.DataFrame, plan: dict[int, list[str]]) -> None:
     """Make sure the open stream holds ``period``'s task (idempotent: a crash after the claim reruns it)."""
     out = open_stream_dir(params, root)
-    stream, plan = load_stream(out) if (out / PLAN_FILE).is_file() else _base_stream(params, root)
     if period["period"] in plan:
         return
     inbox = inbox_dir(params, root)
@@ -198,6 +204,7 @@ def claim_period(params: Params, root: Path) -> dict[str, Any] | None:
     with exclusive(inbox, "inbox"):
         ledger = read_ledger(inbox / LEDGER_FILE)
         period = ledger.open_period()
+        stream, plan = _open_stream(params, root)
         if period is None:
             waiting = ledger.waiting("labelled")
             passages = ledger.waiting("passages")
@@ -205,14 +212,12 @@ def claim_period(params: Params, root: Path) -> dict[str, Any] | None:
                 log.warning(f"{len(passages)} passage batch(es) wait: an inbox wake learns labelled batches only")
             if not waiting:
                 return None
-            out = open_stream_dir(params, root)
-            _, plan = load_stream(out) if (out / PLAN_FILE).is_file() else _base_stream(params, root)
             period = {"period": max(plan) + 1 if plan else 0, "batches": [b["id"] for b in waiting],
                       "status": "claimed"}
             ledger.periods.append(period)
             write_json(inbox / LEDGER_FILE, ledger.to_json())
             log.info(f"inbox period {period['period']}: claimed {len(waiting)} batch(es)")
-        _materialise(params, root, ledger, period)
+        _materialise(params, root, ledger, period, stream, plan)
     return period
 
 

@@ -36,8 +36,8 @@ def search_params(params: Params) -> Params:
     return params.model_copy(update={"evaluation": params.evaluation.model_copy(update={"lrs": {}})})
 
 
-def search_comparisons(params: Params, root: Path, quick: bool = False) -> list[tuple[float, Comparison]]:
-    """One development comparison per grid value: (learning rate, comparison).
+def search_comparisons(params: Params, root: Path, quick: bool = False) -> tuple[int, list[tuple[float, Comparison]]]:
+    """How many evaluation labels are excluded, and one development comparison per grid value: (rate, comparison).
 
     The named comparison's overrides (with ``evaluation.quick`` when ``quick``), plus every label of the
     evaluation streams excluded from the source and the CMS levels' rates set from the grid value.
@@ -60,7 +60,7 @@ def search_comparisons(params: Params, root: Path, quick: bool = False) -> list[
         desc = (f"Learning-rate search, lr {lr:g}: {cfg.comparison}'s budget on development tasks "
                 f"({len(excluded)} evaluation labels excluded).")
         out.append((lr, Comparison(f"{NAME}/lr-{lr:g}", tuple(cfg.methods), seeds, overrides, quick, desc)))
-    return out
+    return len(excluded), out
 
 
 def current_lrs(params: Params) -> dict[str, float]:
@@ -164,13 +164,12 @@ def plot_search(rows: list[dict[str, Any]], chosen: dict[str, float]) -> Figure:
 
 @task(cache_policy=NO_CACHE)
 def write_lr_search_report(params: Params, root: Path, grid_results: dict[float, list[dict]],
-                           seeds: tuple[int, ...], quick: bool) -> dict[str, Any]:
+                           seeds: tuple[int, ...], quick: bool, n_excluded: int) -> dict[str, Any]:
     """Write ``reports/lr-search/`` (README.md table, results.json, plots/lr_search.png) atomically; return
     {report, chosen, now, rows}."""
     rows = search_table(grid_results)
     chosen = choose(rows)
     now = current_lrs(params)
-    n_excluded = len(evaluation_labels(params, root))
     out = root / params.evaluation.reports_dir / (NAME + ("-quick" if quick else ""))
     with atomic_dir(out) as tmp:
         write_text(tmp / "README.md", markdown(params, rows, chosen, now, seeds, n_excluded))

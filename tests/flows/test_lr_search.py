@@ -33,7 +33,8 @@ def _dev_project(tmp_path: Path, grid=(1e-3, 5e-2), methods=("finetune", "cms"),
 def test_each_grid_value_is_a_dev_comparison_that_sets_the_method_rate(tmp_path):
     params_path = _dev_project(tmp_path)
     params = load_params(params_path)
-    grid = search_comparisons(search_params(params), tmp_path)
+    n_excluded, grid = search_comparisons(search_params(params), tmp_path)
+    assert n_excluded == 4
     assert [lr for lr, _ in grid] == [1e-3, 5e-2]
     evaluation = evaluation_labels(params, tmp_path)
     assert len(evaluation) == 4  # the toy comparison's one seed: 2 tasks x 2 intents of the 8
