@@ -47,11 +47,11 @@ def run_consolidation(params: Params, root: Path, period: int, plan: dict[int, l
     return report
 
 
-def run_dreaming(params: Params, root: Path, period: int, stream: pd.DataFrame) -> dict:
-    """The dream task (cached; rerun if its state is gone or damaged)."""
-    report = dream_and_promote(params, root, stream, period)
+def run_dreaming(params: Params, root: Path, period: int, stream: pd.DataFrame, plan: dict[int, list[str]]) -> dict:
+    """The dream task (cached; rerun if its state is gone or damaged). ``plan``: the label names seen so far."""
+    report = dream_and_promote(params, root, stream, plan, period)
     if not outputs_intact(sleep_state_dir(params, root, period)):
-        report = dream_and_promote.with_options(refresh_cache=True)(params, root, stream, period)
+        report = dream_and_promote.with_options(refresh_cache=True)(params, root, stream, plan, period)
     return report
 
 
@@ -71,8 +71,8 @@ def dream(period: int, params_path: str = "params.yaml") -> dict:
     """Dream about the period's tasks, gate the dreams, promote the good ones; writes the sleep state."""
     params, root = _setup(params_path)
     with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
-        stream, _ = read_stream(root / params.data.out_dir, period)  # this period's rows only
-        report = run_dreaming(params, root, period, stream)
+        stream, plan = read_stream(root / params.data.out_dir, period)  # this period's rows and every label name
+        report = run_dreaming(params, root, period, stream, plan)
         _write_dreaming_metrics(params, root, period, report)
     return report
 
@@ -95,7 +95,7 @@ def run_sleep(params: Params, root: Path, period: int) -> dict:
     stream, plan = read_stream(root / params.data.out_dir, period)  # this period's rows and every label name
     with transaction():
         consolidation = run_consolidation(params, root, period, plan)
-        dreaming = run_dreaming(params, root, period, stream)
+        dreaming = run_dreaming(params, root, period, stream, plan)
     _write_consolidation_metrics(params, root, period, consolidation)
     _write_dreaming_metrics(params, root, period, dreaming)
     return {"consolidation": consolidation, "dream": dreaming}

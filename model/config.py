@@ -345,6 +345,12 @@ class DreamConfig(_Strict):
     rounds: int = Field(1, ge=1, description="R: ReST-EM rounds (generate, try, fine-tune the generator).")
     rest_steps: int = Field(2, ge=0, description="Generator SFT steps per round on (prompt -> rewarded dream).")
     promote_steps: int = Field(4, ge=0, description="SFT steps that train promoted dreams into the fast level.")
+    promotion_check: bool = Field(
+        True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "
+        "the period's examples that no dream saw in its context (stream: among every label seen so far; "
+        "passages: their questions) score a higher gold log-probability, at no lower accuracy, than in the "
+        "consolidated state; otherwise the sleep's state is the consolidated one.",
+    )
     lr: float = Field(1e-3, gt=0, le=1.0, description="Learning rate of ReST-EM and promotion (fast level).")
     max_length: int = Field(512, ge=16)
     gate: DreamGateConfig = Field(default_factory=DreamGateConfig)
@@ -455,6 +461,7 @@ METHODS: dict[str, str] = {
     "no_gradient_selection": "full sleep, dreams picked at random instead of by gradient importance",
     "no_random_expert": "full sleep, dreams without the random-expert dream mode",
     "no_dreaming": "full sleep without dreaming (same as sleep_consolidation, named as the paper's ablation)",
+    "no_promotion_check": "full sleep, the dream stage's training kept whether or not it helped the period's unseen examples",
 }
 #: Methods that keep raw examples of past tasks (the target compares sleep with the others).
 STORES_RAW_DATA = frozenset({"icl", "replay", "joint"})
@@ -469,6 +476,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_gradient_selection": {"dream": {"importance": "random"}},
     "no_random_expert": {"dream": {"random_expert": False}},
     "no_dreaming": {"dream": {"enabled": False}},
+    "no_promotion_check": {"dream": {"promotion_check": False}},
     "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
     "no_freezing": {"cms": {"freeze_consolidated": False}},
     "with_routing": {"cms": {"routing": {"enabled": True}}},
@@ -497,7 +505,7 @@ MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
-    "base", "passage_finetune", "base_dreams",
+    "no_promotion_check", "base", "passage_finetune", "base_dreams",
 ]
 
 

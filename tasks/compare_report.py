@@ -191,6 +191,9 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
         extra = ""
         if funnels and any(funnels):
             extra = " · dreams promoted per sleep " + "/".join(str((f or {}).get("promoted", 0)) for f in funnels)
+            if any("kept" in (f or {}) for f in funnels):  # dream.promotion_check: was the stage's training kept?
+                extra += " (training kept: " + "/".join(
+                    {True: "yes", False: "no"}.get((f or {}).get("kept"), "-") for f in funnels) + ")"
         lines.append(f"- {r['method']}, seed {r['seed']}: R rows {rows} · {r['gradient_steps']} steps · "
                      f"{r['seconds']:.0f} s{extra}")
     return "\n".join(lines) + "\n"

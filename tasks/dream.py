@@ -18,24 +18,23 @@ from prefect import get_run_logger, task
 
 from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
-from model.dreaming import DreamTask, dream_about, promote, task_from_examples, task_from_passage
+from model.dreaming import (
+    DreamTask, HeldOutScore, answer_check, dream_about, held_out_check, promote, task_from_examples, task_from_passage,
+    training_helped,
+)
 from model.io import atomic_dir, atomic_path
 from model.knowledge import load_passages
 from tasks.dream_gate import gate_dream_table
-from model.data import task_file
+from model.data import PLAN_FILE, task_file
 from tasks.caching import cache_options, remove_outputs, writing_outputs
 from tasks.trials import trial_step
 from tasks.wake import TIMING, consolidated_state_dir, sleep_state_dir
 
 
-def dream_tasks(params: Params, root: Path, stream: pd.DataFrame, period: int) -> list[DreamTask]:
-    """The (C, tau) tasks of one sleep, drawn (seeded) from the period's wake data or from passages."""
+def _stream_picks(params: Params, stream: pd.DataFrame, period: int) -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]]]:
+    """The period's train (text, label) pairs, and the seeded pick of each stream dream task (C first, then tau's)."""
     cfg = params.dream
     rng = random.Random(params.seed * 7_907 + period)
-    if cfg.task_source == "squad":
-        passages = load_passages(root / cfg.passages)
-        picks = rng.sample(range(len(passages)), min(cfg.passages_per_sleep, len(passages)))
-        return [task_from_passage(passages[i], f"passage{i}", cfg) for i in picks]
     rows = stream[(stream["task"] == period) & (stream["split"] == "train")].sort_values("row_id")
     pairs = list(zip(rows["text"], rows["label"]))
     need = cfg.context_examples + cfg.tau_examples
@@ -44,28 +43,55 @@ def dream_tasks(params: Params, root: Path, stream: pd.DataFrame, period: int) -
             f"dream: period {period} has {len(pairs)} train examples, fewer than "
             f"dream.context_examples + dream.tau_examples = {need}"
         )
-    out = []
-    for j in range(cfg.passages_per_sleep):
-        pick = rng.sample(pairs, need)
-        out.append(task_from_examples(
-            pick[: cfg.context_examples], pick[cfg.context_examples :], params.wake.template, f"task{period}-{j}", cfg
-        ))
-    return out
+    return pairs, [rng.sample(pairs, need) for _ in range(cfg.passages_per_sleep)]
+
+
+def dream_tasks(params: Params, root: Path, stream: pd.DataFrame, period: int) -> list[DreamTask]:
+    """The (C, tau) tasks of one sleep, drawn (seeded) from the period's wake data or from passages."""
+    cfg = params.dream
+    if cfg.task_source == "squad":
+        rng = random.Random(params.seed * 7_907 + period)
+        passages = load_passages(root / cfg.passages)
+        picks = rng.sample(range(len(passages)), min(cfg.passages_per_sleep, len(passages)))
+        return [task_from_passage(passages[i], f"passage{i}", cfg) for i in picks]
+    _, picks = _stream_picks(params, stream, period)
+    return [task_from_examples(pick[: cfg.context_examples], pick[cfg.context_examples :], params.wake.template,
+                               f"task{period}-{j}", cfg) for j, pick in enumerate(picks)]
+
+
+def check_examples(params: Params, stream: pd.DataFrame, period: int) -> list[tuple[str, str]]:
+    """The promotion check's set on the stream: the period's train examples that no dream saw in its context C."""
+    pairs, picks = _stream_picks(params, stream, period)
+    seen = {p for pick in picks for p in pick[: params.dream.context_examples]}
+    return [p for p in pairs if p not in seen]
+
+
+def check_score(params: Params, model, tokenizer, cms, tasks: list[DreamTask], examples: list[tuple[str, str]],
+                candidates: list[str]) -> HeldOutScore:
+    """The promotion check of one state: the stream's unseen examples among ``candidates``, or the passages' questions."""
+    if params.dream.task_source == "squad":
+        return answer_check(model, tokenizer, tasks, params.dream.max_length)
+    return held_out_check(model, tokenizer, cms, params.wake.template, examples, candidates,
+                          params.wake.eval_batch_size, params.wake.max_length)
 
 
 def _dream_inputs(params: Params, root: Path, period: int) -> list[Path]:
     passages = [root / params.dream.passages] if params.dream.task_source == "squad" else []
-    return [consolidated_state_dir(params, root, period), task_file(root / params.data.out_dir, period), *passages]
+    data = root / params.data.out_dir
+    return [consolidated_state_dir(params, root, period), task_file(data, period), data / PLAN_FILE, *passages]
 
 
 @task(**cache_options(_dream_inputs))
-def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: int) -> dict:
+def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int) -> dict:
     """Dream about the period's tasks, gate the dream table, train promoted dreams into the fast level.
 
     Reads the consolidated state, writes the sleep state, the dream table (all dreams,
     with scores, reward and gate result), the promoted dreams, and the gate report.
     Every dream rejected is a normal outcome: the sleep completes and says so. A failure
-    once the gate has started removes whatever of these the task had written.
+    once the gate has started removes whatever of these the task had written. With
+    ``dream.promotion_check`` the stage's training is kept only if it helped the check set
+    (:func:`model.dreaming.training_helped`); otherwise the sleep state is the consolidated
+    one, and the report says so. ``plan`` gives the label names seen so far (the candidates).
     """
     log = get_run_logger()
     cfg = params.dream
@@ -80,6 +106,11 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
     loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
     tasks = dream_tasks(params, root, stream, period)
     start = time.perf_counter()
+    check = None
+    if cfg.promotion_check:
+        candidates = [lab for t in sorted(plan) if t <= period for lab in plan[t]]
+        examples = check_examples(params, stream, period) if cfg.task_source == "stream" else []
+        before = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates)
     rows = []
     with trial_step(params, root) as trials:
         for j, t in enumerate(tasks):
@@ -96,11 +127,19 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
             loaded.model, loaded.tokenizer, cms, {t.context_id: t for t in tasks},
             list(zip(promoted["context_id"], promoted["text"])), cfg, period,
         )
+        kept = True
+        if cfg.promotion_check:
+            after = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates)
+            kept = training_helped(before, after)
+            check = {"before": asdict(before), "after": asdict(after), "kept": kept}
+            if not kept:  # the dreams did not help: the sleep's state is the consolidated one
+                log.info(f"dream {period}: check set {before} -> {after}; the dream training is not kept")
+                loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
         seconds = time.perf_counter() - start
         for name, frame in (("dreams", gated), ("promoted", promoted)):
             with atomic_path(tables[name]) as tmp:
                 frame.to_parquet(tmp, index=False)
-        save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted))}})
+        save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted)), "kept": kept}})
     funnel = {
         "generated": int(len(gated)),
         "selected": int(gated["selected"].sum()),
@@ -108,12 +147,13 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, period: 
         "passed_gate": int(gated["gate_passed"].sum()),
         "promoted": int(len(promoted)),
         "rejected": int((~gated["promoted"]).sum()),
+        "kept": bool(kept),
     }
     if funnel["promoted"] == 0:
         log.info(f"dream {period}: nothing promoted ({funnel}); the sleep goes on without dream training")
     else:
         log.info(f"dream {period}: {funnel} in {seconds:.0f} s; promotion loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return {"period": period, "enabled": True, "funnel": funnel, "promotion_losses": losses,
+    return {"period": period, "enabled": True, "funnel": funnel, "promotion_losses": losses, "check": check,
             "gate_report": str((report_dir / "gate.md").relative_to(root)), TIMING: {"seconds": round(seconds, 2)}}
 
 

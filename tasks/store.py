@@ -639,6 +639,7 @@ class DreamFunnel(BaseModel):
     passed_gate: int | None = Field(None, ge=0)
     promoted: int = Field(ge=0)
     rejected: int = Field(ge=0)
+    kept: bool | None = Field(None, description="dream.promotion_check: whether the stage's training was kept")
 
 
 class ExpertRecord(BaseModel):
@@ -700,7 +701,7 @@ _CSS = (
     "text-align:left;vertical-align:top}th{background:#f3f3f3}code{font-size:.9em}"
     "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}section{border-top:2px solid #888;margin-top:2em}"
 )
-_FUNNEL = ("generated", "selected", "rewarded", "passed_gate", "promoted", "rejected")
+_FUNNEL = ("generated", "selected", "rewarded", "passed_gate", "promoted", "rejected", "kept")
 _CONSOLIDATION_FIRST = ("src", "dst", "slot", "retention_loss", "retention_accuracy", "accuracy_ratio")
 
 

@@ -106,6 +106,11 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     assert "rejected" in (tmp_path / "reports/dreams/period-0/gate.md").read_text().lower()
     funnel = json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())["funnel"]
     assert funnel["generated"] == 3 and funnel["selected"] == 2 and funnel["promoted"] == len(promoted)
+    # The promotion check: the dream training was kept because the unseen examples of the period scored better.
+    check = json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())["check"]
+    assert funnel["kept"] is check["kept"] is True and s0["metadata"]["dream"]["kept"] is True
+    assert check["after"]["logprob"] > check["before"]["logprob"] and check["after"]["accuracy"] >= check["before"]["accuracy"]
+    assert check["before"]["n"] == 2 * 8 - 3  # the period's train examples less the 3 of C
     dreams = pd.read_parquet(tmp_path / "dreams/consolidation/period-0.parquet")
     assert {"teacher_data", "imitation"} <= set(dreams["kind"]) and len(dreams) > 6
     # The next wake unlocked a fresh fast expert and consolidated again into a third slow slot.
@@ -130,6 +135,19 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
             assert art.type == kind
     assert (tmp_path / "reports/lifecycle/report.md").is_file()
     assert (tmp_path / "artifacts/index.html").is_file() and list((tmp_path / "artifacts/runs").glob("*/cycle-1/summary.json"))
+
+    # Dream training that does not help is not kept: with a learning rate that wrecks the fast level, the
+    # sleep's state is the consolidated one, tensor for tensor.
+    from flows.sleep import dream
+
+    doc = yaml.safe_load(params_path.read_text())
+    doc["dream"].update(lr=1.0, promote_steps=8, rest_steps=4)
+    params_path.write_text(yaml.safe_dump(doc))
+    report = dream(0, str(params_path))
+    assert report["funnel"]["promoted"] >= 1 and report["check"]["kept"] is False
+    assert report["check"]["after"]["logprob"] < report["check"]["before"]["logprob"]
+    wrecked, consolidated = read_manifest(tmp_path / "state/sleep/period-0"), read_manifest(tmp_path / "state/consolidated/period-0")
+    assert wrecked["files"] == consolidated["files"] and wrecked["metadata"]["dream"]["kept"] is False
 
 
 def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):

@@ -11,9 +11,12 @@ import torch
 
 from model.config import DreamConfig
 from model.dreaming import (
+    HeldOutScore,
+    candidate_check,
     dream_about,
     fast_parameters,
     generate_dreams,
+    held_out_check,
     importance_scores,
     promote,
     select_dreams,
@@ -21,8 +24,10 @@ from model.dreaming import (
     task_from_examples,
     task_from_passage,
     train_prompt,
+    training_helped,
     try_dreams,
 )
+from model.wake import label_scores
 from model.knowledge import QA, Passage
 from model.trials import AnswerLoglik
 from tests.model.helpers import make_nonzero, tiny_with_cms
@@ -160,3 +165,36 @@ def test_the_trial_step_is_injectable_and_trials_one_by_one_equal_the_batched_pa
         assert a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)  # NaN == NaN
     with pytest.raises(RuntimeError, match="returned 0 results for"):
         dream_about(lm2.model, lm2.tokenizer, cms2, PASSAGE, cfg, period=0, seed=1, run_trials_fn=lambda *a: [])
+
+
+def test_the_promotion_check_scores_gold_among_candidates():
+    scores = torch.tensor([[0.0, math.log(3.0)], [math.log(2.0), 0.0], [1.0, 1.0]])  # (N=3, C=2) log-likelihoods
+    got = candidate_check(scores, torch.tensor([1, 1, 0]))
+    # softmax of the rows: (1/4, 3/4), (2/3, 1/3), (1/2, 1/2); argmax of a tie is the first candidate
+    assert got.logprob == pytest.approx((math.log(3 / 4) + math.log(1 / 3) + math.log(1 / 2)) / 3)
+    assert got.accuracy == pytest.approx(2 / 3) and got.n == 3
+    # Making every label likelier by the same amount changes nothing: the check measures telling labels apart.
+    assert candidate_check(scores + 5.0, torch.tensor([1, 1, 0])) == got
+    with pytest.raises(ValueError, match="do not match"):
+        candidate_check(scores, torch.tensor([0, 1]))
+
+
+def test_training_is_kept_only_if_the_check_set_improves_at_no_loss_of_accuracy():
+    before = HeldOutScore(-1.0, 0.5, 8)
+    assert training_helped(before, HeldOutScore(-0.9, 0.5, 8))
+    assert not training_helped(before, HeldOutScore(-1.0, 0.75, 8))  # no rise in log-probability: not measurable help
+    assert not training_helped(before, HeldOutScore(-0.5, 0.375, 8))  # likelier gold, but fewer right answers
+    assert training_helped(HeldOutScore(-1.0, math.nan, 4), HeldOutScore(-0.99, math.nan, 4))  # passages: tau only
+    assert not training_helped(before, HeldOutScore(math.nan, 0.5, 8))
+
+
+def test_the_held_out_check_scores_as_evaluation_does():
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    examples = [("what is my balance", "balance"), ("book a table", "restaurant"), ("wake me at six", "alarm")]
+    labels = ["alarm", "balance", "restaurant"]
+    got = held_out_check(lm.model, lm.tokenizer, cms, "{text} -> {label}", examples, labels, 2, 32)
+    scores = label_scores(lm.model, lm.tokenizer, "{text} -> {label}", [x for x, _ in examples], labels, 2, 32)
+    assert got == candidate_check(scores, torch.tensor([1, 2, 0]))  # no prototypes: every expert on, as evaluate
+    with pytest.raises(ValueError, match=r"\['weather'\] are not among the candidate labels"):
+        held_out_check(lm.model, lm.tokenizer, cms, "{text} -> {label}", [("rain?", "weather")], labels, 2, 32)
