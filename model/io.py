@@ -84,16 +84,29 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         raise
 
 
+def restore_interrupted_swap(dest: str | Path) -> bool:
+    """Put back the previous ``dest`` that a writer killed between :func:`atomic_dir`'s two renames left as
+    ``.<name>.old`` (``dest`` itself missing); returns whether it did. A complete ``dest`` is never touched."""
+    dest = Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    if dest.exists() or dest.is_symlink() or not old.is_dir():
+        return False
+    os.replace(old, dest)
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; on success swap it into place.
 
     A previous ``dest`` is kept until the new one is complete, then replaced (it is
-    ``.<name>.old`` for the moment between the two renames).
+    ``.<name>.old`` for the moment between the two renames; a writer killed in that moment
+    leaves it there, and the next write of ``dest`` puts it back first).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dest)
+    restore_interrupted_swap(dest)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from model.io import atomic_dir, atomic_path, exclusive, remove_stale_temporaries, write_text
+from model.io import atomic_dir, atomic_path, exclusive, remove_stale_temporaries, restore_interrupted_swap, write_text
 
 
 def _dead_pid() -> int:
@@ -46,6 +46,23 @@ def test_a_failed_write_leaves_nothing_and_the_old_file_as_it_was(tmp_path):
         (tmp / "x").write_text("half")
         raise RuntimeError("killed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"] and dest.read_text() == "old\n"
+
+
+def test_a_writer_killed_between_the_two_renames_loses_nothing(tmp_path):
+    dest = tmp_path / "export"
+    old = tmp_path / ".export.old"  # what kill -9 leaves after the old directory moved aside, before the new moved in
+    old.mkdir()
+    (old / "model.safetensors").write_text("previous")
+    with pytest.raises(RuntimeError), atomic_dir(dest) as tmp:  # the next write fails too: the previous one is back
+        (tmp / "model.safetensors").write_text("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert (dest / "model.safetensors").read_text() == "previous"
+    old.mkdir()  # a complete destination is never replaced by a leftover
+    assert not restore_interrupted_swap(dest) and (dest / "model.safetensors").read_text() == "previous"
+    with atomic_dir(dest) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (dest / "model.safetensors").read_text() == "new"
 
 
 def test_a_second_process_is_refused_the_lock_with_the_holders_pid(tmp_path):
