@@ -129,11 +129,13 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         )
         kept = True
         if cfg.promotion_check:
-            after = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates)
-            kept = training_helped(before, after)
-            check = {"before": asdict(before), "after": asdict(after), "kept": kept}
-            if not kept:  # the dreams did not help: the sleep's state is the consolidated one
-                log.info(f"dream {period}: check set {before} -> {after}; the dream training is not kept")
+            trained = (cfg.rest_steps > 0 and bool((gated["reward"] == 1.0).any())) or (cfg.promote_steps > 0 and len(promoted) > 0)
+            after = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates) if trained else before
+            kept = trained and training_helped(before, after)
+            check = {"trained": trained, "before": asdict(before), "after": asdict(after), "kept": kept}
+            if not kept:  # no dream trained, or the training did not help: the sleep's state is the consolidated one
+                if trained:
+                    log.info(f"dream {period}: check set {before} -> {after}; the dream training is not kept")
                 loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
         seconds = time.perf_counter() - start
         for name, frame in (("dreams", gated), ("promoted", promoted)):

@@ -108,7 +108,7 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     assert funnel["generated"] == 3 and funnel["selected"] == 2 and funnel["promoted"] == len(promoted)
     # The promotion check: the dream training was kept because the unseen examples of the period scored better.
     check = json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())["check"]
-    assert funnel["kept"] is check["kept"] is True and s0["metadata"]["dream"]["kept"] is True
+    assert funnel["kept"] is check["kept"] is check["trained"] is True and s0["metadata"]["dream"]["kept"] is True
     assert check["after"]["logprob"] > check["before"]["logprob"] and check["after"]["accuracy"] >= check["before"]["accuracy"]
     assert check["before"]["n"] == 2 * 8 - 3  # the period's train examples less the 3 of C
     dreams = pd.read_parquet(tmp_path / "dreams/consolidation/period-0.parquet")
@@ -144,10 +144,16 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     doc["dream"].update(lr=1.0, promote_steps=8, rest_steps=4)
     params_path.write_text(yaml.safe_dump(doc))
     report = dream(0, str(params_path))
-    assert report["funnel"]["promoted"] >= 1 and report["check"]["kept"] is False
+    assert report["funnel"]["promoted"] >= 1 and report["check"]["trained"] is True and report["check"]["kept"] is False
     assert report["check"]["after"]["logprob"] < report["check"]["before"]["logprob"]
     wrecked, consolidated = read_manifest(tmp_path / "state/sleep/period-0"), read_manifest(tmp_path / "state/consolidated/period-0")
     assert wrecked["files"] == consolidated["files"] and wrecked["metadata"]["dream"]["kept"] is False
+    # No dream trained at all (no ReST-EM, no promotion steps): nothing to check, the consolidated state again.
+    doc["dream"].update(rest_steps=0, promote_steps=0)
+    params_path.write_text(yaml.safe_dump(doc))
+    report = dream(0, str(params_path))
+    assert report["check"]["trained"] is False and report["check"]["after"] == report["check"]["before"]
+    assert read_manifest(tmp_path / "state/sleep/period-0")["files"] == consolidated["files"]
 
 
 def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):
