@@ -18,7 +18,7 @@ from prefect.transactions import transaction
 from flows.locked import run_locked
 from model.config import Params, load_params
 from model.io import exclusive
-from tasks.caching import outputs_intact
+from tasks.caching import outputs_match
 from tasks.dream import dream_and_promote
 from tasks.sleep import consolidate_due_levels
 from tasks.wake import consolidated_state_dir, read_plan, read_stream, sleep_state_dir, timings_path, write_metrics
@@ -40,17 +40,17 @@ def _write_dreaming_metrics(params: Params, root: Path, period: int, report: dic
 
 
 def run_consolidation(params: Params, root: Path, period: int, plan: dict[int, list[str]]) -> dict:
-    """The consolidation task (cached; rerun if its state is gone or damaged). A sleep sees label names, not examples."""
+    """The consolidation task (cached; rerun if its state is gone, damaged or not the one the cached run wrote). A sleep sees label names, not examples."""
     report = consolidate_due_levels(params, root, plan, period)
-    if not outputs_intact(consolidated_state_dir(params, root, period)):
+    if not outputs_match(report, consolidated_state_dir(params, root, period)):
         report = consolidate_due_levels.with_options(refresh_cache=True)(params, root, plan, period)
     return report
 
 
 def run_dreaming(params: Params, root: Path, period: int, stream: pd.DataFrame, plan: dict[int, list[str]]) -> dict:
-    """The dream task (cached; rerun if its state is gone or damaged). ``plan``: the label names seen so far."""
+    """The dream task (cached; rerun if its state is gone, damaged or not the one the cached run wrote). ``plan``: the label names seen so far."""
     report = dream_and_promote(params, root, stream, plan, period)
-    if not outputs_intact(sleep_state_dir(params, root, period)):
+    if not outputs_match(report, sleep_state_dir(params, root, period)):
         report = dream_and_promote.with_options(refresh_cache=True)(params, root, stream, plan, period)
     return report
 

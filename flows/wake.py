@@ -11,15 +11,15 @@ from prefect import flow
 from flows.locked import run_locked
 from model.config import Params, load_params
 from model.io import exclusive
-from tasks.caching import outputs_intact
+from tasks.caching import outputs_match
 from tasks.wake import read_stream, timings_path, train_wake_period, wake_state_dir, write_metrics
 
 
 def run_wake(params: Params, root: Path, period: int) -> dict:
-    """The wake task (cached by inputs and code; rerun if its state is gone or damaged)."""
+    """The wake task (cached by inputs and code; rerun if its state is gone, damaged or not the one the cached run wrote)."""
     stream, _ = read_stream(root / params.data.out_dir, period)  # this period's rows only
     metrics = train_wake_period(params, root, stream, period)
-    if not outputs_intact(wake_state_dir(params, root, period)):
+    if not outputs_match(metrics, wake_state_dir(params, root, period)):
         metrics = train_wake_period.with_options(refresh_cache=True)(params, root, stream, period)
     return {"period": period, "task": period, **metrics}
 

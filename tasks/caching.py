@@ -7,8 +7,11 @@ the state's tensors). A rerun after a crash thus finds every finished task cache
 and resumes at the one that failed; any change of code, params or inputs recomputes.
 
 Results are persisted as JSON (never pickles). A task's files are outputs on disk,
-so a cache hit is only used when those files are still there and intact
-(:func:`outputs_intact`); otherwise the task runs again.
+so a cache hit is only used when those files are still there, intact, and the very state
+the cached run wrote (:func:`outputs_match`: the result records its state's manifest
+digest under :data:`OUTPUT_STATE`); otherwise the task runs again. Without that last
+check, params A, then B, then A again in one project would find A's cached result while
+the state on disk is B's.
 
 Inside a transaction (a sleep), a task's rollback hook removes its files when a later
 task fails. Prefect registers a task's rollback hooks only once the task has succeeded,
@@ -64,6 +67,21 @@ def outputs_intact(state_dir: Path) -> bool:
         return False
     return all((state_dir / name).is_file() and sha256_file(state_dir / name) == digest
                for name, digest in manifest.get("files", {}).items())
+
+
+#: The key of a heavy task's result that records the SHA-256 of the state manifest it wrote (not a metric).
+OUTPUT_STATE = "output_state"
+
+
+def stamp_output(result: dict[str, Any], state_dir: Path) -> dict[str, Any]:
+    """``result`` with the digest of the state it wrote (:data:`OUTPUT_STATE`)."""
+    return {**result, OUTPUT_STATE: state_digest(state_dir)}
+
+
+def outputs_match(result: dict[str, Any] | None, state_dir: Path) -> bool:
+    """True if ``state_dir`` is intact and is the state that the run which returned ``result`` wrote."""
+    return (isinstance(result, dict) and outputs_intact(state_dir)
+            and result.get(OUTPUT_STATE) == state_digest(state_dir))
 
 
 def cache_key(task_name: str, params: Params, root: Path, period: int, inputs: list[Path]) -> str:

@@ -26,7 +26,7 @@ from model.io import atomic_dir, atomic_path
 from model.knowledge import load_passages
 from tasks.dream_gate import gate_dream_table
 from model.data import PLAN_FILE, task_file
-from tasks.caching import cache_options, remove_outputs, writing_outputs
+from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.trials import trial_step
 from tasks.wake import TIMING, consolidated_state_dir, sleep_state_dir
 
@@ -100,7 +100,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     if not cfg.enabled:
         with writing_outputs(out), atomic_dir(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-        return {"period": period, "enabled": False, TIMING: {}}
+        return stamp_output({"period": period, "enabled": False, TIMING: {}}, out)
     torch.set_num_threads(params.wake.threads)
     meta = read_manifest(src)["metadata"]
     loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
@@ -154,9 +154,11 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     if funnel["promoted"] == 0:
         log.info(f"dream {period}: nothing promoted ({funnel}); the sleep goes on without dream training")
     else:
-        log.info(f"dream {period}: {funnel} in {seconds:.0f} s; promotion loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return {"period": period, "enabled": True, "funnel": funnel, "promotion_losses": losses, "check": check,
-            "gate_report": str((report_dir / "gate.md").relative_to(root)), TIMING: {"seconds": round(seconds, 2)}}
+        trained = f"; promotion loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "; promote_steps is 0: not trained"
+        log.info(f"dream {period}: {funnel} in {seconds:.0f} s{trained}")
+    return stamp_output({"period": period, "enabled": True, "funnel": funnel, "promotion_losses": losses, "check": check,
+                         "gate_report": str((report_dir / "gate.md").relative_to(root)),
+                         TIMING: {"seconds": round(seconds, 2)}}, out)
 
 
 @dream_and_promote.on_rollback

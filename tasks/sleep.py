@@ -20,7 +20,7 @@ from model.consolidation import StepRecord, consolidate, due_consolidations
 from model.io import atomic_path
 from model.rehearsal import dream_task_inputs
 from model.rewards import SemanticJudge
-from tasks.caching import cache_options, remove_outputs, writing_outputs
+from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.wake import TIMING, consolidated_state_dir, wake_state_dir
 
 
@@ -133,8 +133,8 @@ def consolidate_due_levels(params: Params, root: Path, plan: dict[int, list[str]
                                                   "dreamed_inputs": dreamed_inputs})
         with atomic_path(dreams) as tmp:
             pd.DataFrame(samples, columns=columns).to_parquet(tmp, index=False)
-    return {"period": period, "consolidations": reports, "state_dir": str(out.relative_to(root)),
-            "dreams": str(dreams.relative_to(root)), TIMING: {"consolidations": timings}}
+    return stamp_output({"period": period, "consolidations": reports, "state_dir": str(out.relative_to(root)),
+                         "dreams": str(dreams.relative_to(root)), TIMING: {"consolidations": timings}}, out)
 
 
 @consolidate_due_levels.on_rollback

@@ -16,7 +16,7 @@ from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
 from model.data import STREAM_FILE, load_plan, load_stream, task_file
 from model.io import write_json
-from tasks.caching import cache_options
+from tasks.caching import OUTPUT_STATE, cache_options, stamp_output
 from model.prototypes import learn_prototypes
 from model.wake import NonFiniteLossError, StepLog, ensure_writable, split_template, train_period
 
@@ -128,7 +128,7 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
     updates = {lvl.name: sum(li in s.updated_levels for s in logs) for li, lvl in enumerate(params.cms.levels)}
     log.info(f"period {period}: {len(logs)} steps, loss {logs[0].loss:.3f} -> {logs[-1].loss:.3f}, "
              f"{tokens / seconds:.0f} tokens/s, level updates {updates}")
-    return {
+    return stamp_output({
         "steps": len(logs),
         "cms_step": cms.step,
         "tokens": tokens,
@@ -140,7 +140,7 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
         "routing_negatives": len(negatives),
         "state_dir": str(out.relative_to(root)),
         TIMING: {"train_seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1)},
-    }
+    }, out)
 
 
 @task(retries=2, retry_delay_seconds=1)
@@ -151,4 +151,4 @@ def write_metrics(path: Path, result: dict, timings: Path) -> Path:
     bytes and DVC sees nothing change downstream; wall-clock times differ at every run.
     """
     write_json(timings, result.get(TIMING, {}))
-    return write_json(path, {k: v for k, v in result.items() if k != TIMING})
+    return write_json(path, {k: v for k, v in result.items() if k not in (TIMING, OUTPUT_STATE)})

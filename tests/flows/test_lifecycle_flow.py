@@ -140,6 +140,7 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     # sleep's state is the consolidated one, tensor for tensor.
     from flows.sleep import dream
 
+    original = yaml.safe_load(params_path.read_text())
     doc = yaml.safe_load(params_path.read_text())
     doc["dream"].update(lr=1.0, promote_steps=8, rest_steps=4)
     params_path.write_text(yaml.safe_dump(doc))
@@ -154,6 +155,10 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     report = dream(0, str(params_path))
     assert report["check"]["trained"] is False and report["check"]["after"] == report["check"]["before"]
     assert read_manifest(tmp_path / "state/sleep/period-0")["files"] == consolidated["files"]
+    # Back to the first params: their cached dream result is not used over a state that is not its own.
+    params_path.write_text(yaml.safe_dump(original))
+    report = dream(0, str(params_path))
+    assert report["check"]["kept"] is True and read_manifest(tmp_path / "state/sleep/period-0")["files"] == s0["files"]
 
 
 def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):
