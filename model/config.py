@@ -345,6 +345,11 @@ class DreamConfig(_Strict):
     rounds: int = Field(1, ge=1, description="R: ReST-EM rounds (generate, try, fine-tune the generator).")
     rest_steps: int = Field(2, ge=0, description="Generator SFT steps per round on (prompt -> rewarded dream).")
     promote_steps: int = Field(4, ge=0, description="SFT steps that train promoted dreams into the fast level.")
+    train_into: Literal["fast", "consolidated"] = Field(
+        "fast", description="Where ReST-EM and promotion train: the fast level (the next wake trains the same "
+        "expert on the next period), or the slower-level experts this sleep consolidated (the period's own, "
+        "read-only in wake); the fast level when the sleep consolidated nothing.",
+    )
     promotion_check: bool = Field(
         True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "
         "the period's examples that no dream saw in its context (stream: among every label seen so far; "
@@ -462,6 +467,7 @@ METHODS: dict[str, str] = {
     "no_random_expert": "full sleep, dreams without the random-expert dream mode",
     "no_dreaming": "full sleep without dreaming (same as sleep_consolidation, named as the paper's ablation)",
     "no_promotion_check": "full sleep, the dream stage's training kept whether or not it helped the period's unseen examples",
+    "dreams_into_slow": "full sleep, dreams trained into the slow expert the sleep consolidated instead of the fast level",
 }
 #: Methods that keep raw examples of past tasks (the target compares sleep with the others).
 STORES_RAW_DATA = frozenset({"icl", "replay", "joint"})
@@ -477,6 +483,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_random_expert": {"dream": {"random_expert": False}},
     "no_dreaming": {"dream": {"enabled": False}},
     "no_promotion_check": {"dream": {"promotion_check": False}},
+    "dreams_into_slow": {"dream": {"train_into": "consolidated"}},
     "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
     "no_freezing": {"cms": {"freeze_consolidated": False}},
     "with_routing": {"cms": {"routing": {"enabled": True}}},
@@ -505,7 +512,7 @@ MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
-    "no_promotion_check", "base", "passage_finetune", "base_dreams",
+    "no_promotion_check", "dreams_into_slow", "base", "passage_finetune", "base_dreams",
 ]
 
 

@@ -119,6 +119,25 @@ def fast_parameters(cms: ContinuumMemory, origin: str) -> list[nn.Parameter]:
     return cms.level_parameters(0, cms.active_slots(0))
 
 
+def dream_parameters(cms: ContinuumMemory, cfg: DreamConfig, period: int, origin: str) -> list[nn.Parameter]:
+    """Where a sleep's dreams are trained (ReST-EM and promotion; ``dream.train_into``).
+
+    ``fast``: the fast level's active experts (:func:`fast_parameters`); the next wake then
+    trains the same expert on the next period. ``consolidated``: the slower-level experts
+    this period's consolidation filled, which belong to ``period`` and are read-only in
+    wake, so what the dreams taught stays with the period's own inputs; the fast level when
+    this sleep consolidated nothing.
+    """
+    if cfg.train_into == "consolidated":
+        slots = {li: [e.slot for e in cms.experts[li]
+                      if e.active and e.period == period and (e.origin or "").startswith("consolidation:")]
+                 for li in range(1, len(cms.experts))}
+        params = [p for li, s in slots.items() if s for p in cms.level_parameters(li, s)]
+        if params:
+            return params
+    return fast_parameters(cms, origin)
+
+
 def generate_dreams(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -320,7 +339,7 @@ def dream_about(
     decoder's batch size and dtype (default: SamplingConfig()).
     """
     rng = random.Random(seed)
-    params = fast_parameters(cms, origin=f"dream@period-{period}")
+    params = dream_parameters(cms, cfg, period, origin=f"dream@period-{period}")
     tau = (list(task.tau_prompts), list(task.tau_answers))
     t_prompt = train_prompt(task, cfg)
     rows: list[DreamRow] = []
@@ -437,9 +456,9 @@ def promote(
     cfg: DreamConfig,
     period: int,
 ) -> list[float]:
-    """Train promoted dreams ((context_id, text) pairs) into the fast level; returns the SFT losses."""
+    """Train promoted dreams ((context_id, text) pairs) where ``dream.train_into`` says; returns the SFT losses."""
     if not promoted:
         return []
-    params = fast_parameters(cms, origin=f"dream@period-{period}")
+    params = dream_parameters(cms, cfg, period, origin=f"dream@period-{period}")
     prompts = [train_prompt(tasks[c], cfg) for c, _ in promoted]
     return train_on_pairs(model, tokenizer, params, prompts, [t for _, t in promoted], cfg.promote_steps, cfg.lr, cfg.max_length)

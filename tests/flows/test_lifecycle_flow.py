@@ -159,6 +159,19 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     params_path.write_text(yaml.safe_dump(original))
     report = dream(0, str(params_path))
     assert report["check"]["kept"] is True and read_manifest(tmp_path / "state/sleep/period-0")["files"] == s0["files"]
+    # Dreams trained into the slow expert this sleep consolidated: the fast level stays free for the next wake.
+    doc = {**original, "dream": {**original["dream"], "train_into": "consolidated", "promotion_check": False}}
+    params_path.write_text(yaml.safe_dump(doc))
+    report = dream(0, str(params_path))
+    into_slow = read_manifest(tmp_path / "state/sleep/period-0")
+    assert report["funnel"]["promoted"] >= 1 and report["check"] is None
+    assert not any(e["active"] for e in into_slow["levels"][0]["experts"])
+    def slow(m: dict) -> list[tuple]:
+        return [(e["slot"], e["origin"], e["period"], e["frozen"], e.get("sha256")) for e in m["levels"][1]["experts"] if e["active"]]
+
+    before, after = slow(consolidated), slow(into_slow)
+    assert [x[:4] for x in after] == [x[:4] for x in before]  # the same experts, the consolidated one trained:
+    assert [a[4] == b[4] for a, b in zip(after, before)] == [True, False]  # init unchanged, period 0's expert moved
 
 
 def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):

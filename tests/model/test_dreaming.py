@@ -14,6 +14,7 @@ from model.dreaming import (
     HeldOutScore,
     candidate_check,
     dream_about,
+    dream_parameters,
     fast_parameters,
     generate_dreams,
     held_out_check,
@@ -198,3 +199,16 @@ def test_the_held_out_check_scores_as_evaluation_does():
     assert got == candidate_check(scores, torch.tensor([1, 2, 0]))  # no prototypes: every expert on, as evaluate
     with pytest.raises(ValueError, match=r"\['weather'\] are not among the candidate labels"):
         held_out_check(lm.model, lm.tokenizer, cms, "{text} -> {label}", [("rain?", "weather")], labels, 2, 32)
+
+
+def test_dreams_train_the_fast_level_or_the_expert_this_sleep_consolidated():
+    lm, cms = tiny_with_cms()
+    cms.begin_period(1)
+    slot = cms.unlock(1, origin="consolidation:fast->slow@period-1")
+    fast = dream_parameters(cms, _cfg(), 1, origin="dream@period-1")
+    assert {id(p) for p in fast} == {id(p) for p in cms.level_parameters(0, cms.active_slots(0))}
+    into_slow = dream_parameters(cms, _cfg(train_into="consolidated"), 1, origin="dream@period-1")
+    assert {id(p) for p in into_slow} == {id(p) for p in cms.level_parameters(1, [slot])}
+    # A sleep that consolidated nothing for this period: the fast level, as before.
+    again = dream_parameters(cms, _cfg(train_into="consolidated"), 2, origin="dream@period-2")
+    assert {id(p) for p in again} == {id(p) for p in fast}
