@@ -83,7 +83,7 @@ def _dream_inputs(params: Params, root: Path, period: int) -> list[Path]:
 
 @task(**cache_options(_dream_inputs))
 def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int) -> dict:
-    """Dream about the period's tasks, gate the dream table, train promoted dreams into the fast level.
+    """Dream about the period's tasks, gate the dream table, train promoted dreams (``dream.train_into``).
 
     Reads the consolidated state, writes the sleep state, the dream table (all dreams,
     with scores, reward and gate result), the promoted dreams, and the gate report.
