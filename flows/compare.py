@@ -39,6 +39,7 @@ from tasks.compare import (
     finished_results,
     method_baselines,
     comparison_dir,
+    development_comparison,
     prepare_streams,
     resolve_comparison,
     run_baseline_method,
@@ -55,14 +56,20 @@ from tasks.knowledge_report import write_knowledge_report
 
 @flow(name="compare", log_prints=True)
 def compare(name: str, params_path: str = "params.yaml", quick: bool = False, methods: list[str] | None = None,
-            report_only: bool = False) -> dict:
+            report_only: bool = False, dev: bool = False, seeds: list[int] | None = None) -> dict:
     """Run comparison ``name``: every method on every seed; then its report. Returns the report's summary.
 
-    ``report_only``: run nothing; write the report over the runs that have finished (the rest are listed)."""
+    ``report_only``: run nothing; write the report over the runs that have finished (the rest are listed).
+    ``dev``: the comparison on development tasks (``<name>-dev``, no evaluation label in its streams), where
+    choices are made. ``seeds``: only these seeds."""
     log = get_run_logger()
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
     comp = resolve_comparison(params, name, quick, methods)
+    if seeds:
+        comp = replace(comp, seeds=tuple(dict.fromkeys(seeds)))
+    if dev:
+        comp = development_comparison(params, root, comp)
     if report_only:
         results, missing = finished_results(params, root, comp)
         if not results:
@@ -148,9 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", help="only these methods of the comparison")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: write the report over the runs that have finished so far")
+    ap.add_argument("--dev", action="store_true",
+                    help="on development tasks: streams drawn from labels no evaluation stream uses (NAME-dev); "
+                    "make choices here, never on the evaluation streams")
+    ap.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="only these seeds")
     args = ap.parse_args(argv)
+    if args.seeds and min(args.seeds) < 0:
+        ap.error("--seeds: a seed is a non-negative integer")
     try:
-        compare(args.name, args.params, args.quick, args.methods, args.report_only)
+        compare(args.name, args.params, args.quick, args.methods, args.report_only, args.dev, args.seeds)
     except (ConfigError, DataError, StreamValidationError, BusyError) as e:
         print(f"compare {args.name} failed: {e}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +22,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from model.comparison import BASELINES, check_stream, run_baseline
+from model.comparison import BASELINES, check_stream, evaluation_labels, run_baseline
 from model.config import (
     METHOD_OVERRIDES,
     BaselinesConfig,
@@ -79,6 +79,25 @@ def resolve_comparison(params: Params, name: str, quick: bool = False, methods: 
             raise ConfigError(f"comparison {name!r} has no method(s) {unknown}; its methods: {list(comp.methods)}")
         chosen = [m for m in comp.methods if m in methods]
     return Comparison(name, tuple(chosen), tuple(seeds), overrides, quick, comp.description, comp.kind, knowledge)
+
+
+def development_overrides(params: Params, root: Path, comp: Comparison) -> tuple[dict, int]:
+    """``comp``'s overrides with every label of the evaluation streams excluded from the source (the labels that
+    any seed of any continual comparison puts in its stream), and how many labels that excludes."""
+    base = params.for_run(comp.overrides, f"evaluation.comparisons.{comp.name}.overrides")
+    excluded = sorted(evaluation_labels(params, root))
+    exclude = list(dict.fromkeys([*base.data.source.exclude_labels, *excluded]))
+    return merge_overrides(comp.overrides, {"data": {"source": {"exclude_labels": exclude}}}), len(excluded)
+
+
+def development_comparison(params: Params, root: Path, comp: Comparison) -> Comparison:
+    """``comp`` on development tasks, named ``<name>-dev``: the same methods, budget and sizes, on streams
+    drawn from labels that no evaluation stream uses, so a choice made on it never saw an evaluation task."""
+    if comp.kind != "continual":
+        raise ConfigError(f"comparison {comp.name!r} is a {comp.kind} comparison; --dev needs a continual one")
+    overrides, n = development_overrides(params, root, comp)
+    return replace(comp, name=f"{comp.name}-dev", overrides=overrides,
+                   description=f"{comp.description} On development tasks ({n} evaluation labels excluded).".strip())
 
 
 def comparison_dir(params: Params, root: Path, comp: Comparison) -> Path:

@@ -21,11 +21,11 @@ from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model.comparison import BASELINES, evaluation_labels
+from model.comparison import BASELINES
 from model.config import ConfigError, Params, cms_lr_overrides, merge_overrides
 from model.continual import accuracy_matrix, final_average_accuracy, forgetting
 from model.io import atomic_dir, write_json, write_text
-from tasks.compare import Comparison, resolve_comparison
+from tasks.compare import Comparison, development_overrides, resolve_comparison
 from tasks.report import COLORS, save_png
 
 NAME = "lr-search"
@@ -50,17 +50,15 @@ def search_comparisons(params: Params, root: Path, quick: bool = False) -> tuple
                           f"of evaluation.comparisons (continual: {', '.join(continual) or 'none'})")
     base = resolve_comparison(params, cfg.comparison, quick)
     base_params = params.for_run(base.overrides, f"evaluation.comparisons.{cfg.comparison}.overrides")
-    excluded = sorted(evaluation_labels(params, root))
-    exclude = list(dict.fromkeys([*base_params.data.source.exclude_labels, *excluded]))
+    dev, n_excluded = development_overrides(params, root, base)
     seeds = base.seeds if quick else tuple(cfg.seeds)
     out = []
     for lr in cfg.grid:
-        overrides = merge_overrides(base.overrides, {"data": {"source": {"exclude_labels": exclude}}}
-                                    | cms_lr_overrides(base_params.cms, lr))
+        overrides = merge_overrides(dev, cms_lr_overrides(base_params.cms, lr))
         desc = (f"Learning-rate search, lr {lr:g}: {cfg.comparison}'s budget on development tasks "
-                f"({len(excluded)} evaluation labels excluded).")
+                f"({n_excluded} evaluation labels excluded).")
         out.append((lr, Comparison(f"{NAME}/lr-{lr:g}", tuple(cfg.methods), seeds, overrides, quick, desc)))
-    return len(excluded), out
+    return n_excluded, out
 
 
 def current_lrs(params: Params) -> dict[str, float]:

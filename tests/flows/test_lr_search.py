@@ -141,3 +141,31 @@ def test_every_subcommand_answers_help_with_its_own_options(capsys):
         out = capsys.readouterr().out
         assert f"usage: lm-sleep {name}" in out, (name, out[:80])
         assert "-h, --help" in out, name
+
+
+def test_a_comparison_on_development_tasks_never_sees_an_evaluation_label(tmp_path):
+    from model.data import build_stream, load_source
+    from tasks.compare import development_comparison, seed_params
+
+    params_path = _dev_project(tmp_path)
+    params = load_params(params_path)
+    comp = resolve_comparison(params, "toy", methods=["sleep"])
+    dev = development_comparison(params, tmp_path, comp)
+    assert (dev.name, dev.methods, dev.seeds) == ("toy-dev", ("sleep",), comp.seeds)
+    assert "4 evaluation labels excluded" in dev.description
+    evaluation = evaluation_labels(params, tmp_path)
+    p = seed_params(params, tmp_path, dev, 0)
+    _, plan = build_stream(load_source(p.data.source, tmp_path), p.data)
+    every = set(pd.read_csv(tmp_path / "toy.csv")["intent"])
+    assert {lab for labels in plan.values() for lab in labels} == every - evaluation  # the 4 intents left over
+    assert len(every - evaluation) == 4 and run_params(params, tmp_path, dev, "sleep", 0).wake.epochs == 3
+
+
+def test_compare_dev_and_seeds_reach_the_flow(tmp_path, prefect_harness, capsys):
+    from flows.compare import main
+
+    params_path = _dev_project(tmp_path)
+    assert main(["toy", "--params", str(params_path), "--dev", "--seeds", "0", "--report-only"]) == 1
+    assert "toy-dev" in capsys.readouterr().err  # no finished run under the development comparison's directory
+    with pytest.raises(SystemExit):
+        main(["toy", "--params", str(params_path), "--seeds", "-1"])
