@@ -350,6 +350,12 @@ class DreamConfig(_Strict):
         "expert on the next period), or the slower-level experts this sleep consolidated (the period's own, "
         "read-only in wake); the fast level when the sleep consolidated nothing.",
     )
+    fold_into_slow: bool = Field(
+        False, description="With train_into fast and stream dreams: after the dream training, distil the model "
+        "(dream-trained fast level on) into the slow expert this sleep consolidated, in place, on the period's wake "
+        "prompts with the consolidation's rehearsal dreams (consolidation's settings), then free the fast level. The "
+        "dreams stay with their period's expert and the next wake starts from an empty fast level.",
+    )
     promotion_check: bool = Field(
         True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "
         "the period's examples that no dream saw in its context (stream: among every label seen so far; "
@@ -376,6 +382,8 @@ class DreamConfig(_Strict):
     def _lengths(self) -> "DreamConfig":
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
+        if self.fold_into_slow and self.train_into != "fast":
+            raise ValueError("fold_into_slow folds dreams trained into the fast level: it needs train_into 'fast'")
         return self
 
 
@@ -468,6 +476,8 @@ METHODS: dict[str, str] = {
     "no_dreaming": "full sleep without dreaming (same as sleep_consolidation, named as the paper's ablation)",
     "no_promotion_check": "full sleep, the dream stage's training kept whether or not it helped the period's unseen examples",
     "dreams_into_slow": "full sleep, dreams trained into the slow expert the sleep consolidated instead of the fast level",
+    "fold_dreams": "full sleep, dreams trained into the fast level, then distilled into the slow expert the sleep "
+    "consolidated, and the fast level freed",
 }
 #: Methods that keep raw examples of past tasks (the target compares sleep with the others).
 STORES_RAW_DATA = frozenset({"icl", "replay", "joint"})
@@ -484,6 +494,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_dreaming": {"dream": {"enabled": False}},
     "no_promotion_check": {"dream": {"promotion_check": False}},
     "dreams_into_slow": {"dream": {"train_into": "consolidated"}},
+    "fold_dreams": {"dream": {"fold_into_slow": True}},
     "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
     "no_freezing": {"cms": {"freeze_consolidated": False}},
     "with_routing": {"cms": {"routing": {"enabled": True}}},
@@ -512,7 +523,7 @@ MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
-    "no_promotion_check", "dreams_into_slow", "base", "passage_finetune", "base_dreams",
+    "no_promotion_check", "dreams_into_slow", "fold_dreams", "base", "passage_finetune", "base_dreams",
 ]
 
 

@@ -124,6 +124,7 @@ def consolidate(
     rehearsal: Sequence[tuple[str, str]] = (),
     freeze: bool = False,
     route_weight: float = 0.0,
+    into: int | None = None,
 ) -> ConsolidationResult:
     """Knowledge Seeding of level ``src`` into a new expert of level ``dst``; then reset ``src``.
 
@@ -141,6 +142,8 @@ def consolidate(
     ``freeze``: the new expert is read-only in later wakes.
     When ``dst`` is full and ``cfg.merge_when_full``, its two oldest consolidated experts are
     merged first (:func:`model.merging.merge_oldest`), so a sleep always has a slot.
+    ``into``: an active slot of ``dst`` to train in place (against a frozen copy of itself, as
+    without expansion) instead of a new expert; how a sleep folds its dreams (:func:`fold_dreams`).
     """
     if not prompts:
         raise EmptyPromptBufferError("consolidation needs wake prompts, but the prompt buffer is empty")
@@ -150,12 +153,17 @@ def consolidate(
         raise ValueError("gamma > 0 needs the semantic reward model (judge)")
     rng = random.Random(seed)
     existing = cms.active_slots(dst)
+    if into is not None:
+        if into not in existing:
+            raise CMSError(f"cannot train level {dst} slot {into} in place: it is not active (active: {existing})")
+        existing = [into]
+    expand = cfg.expand and into is None
     merged = None
-    if (cfg.expand or not existing) and not cms.free_slots(dst) and cfg.merge_when_full:
+    if (expand or not existing) and not cms.free_slots(dst) and cfg.merge_when_full:
         with cms.levels_masked([src]):  # the slow level's inputs as the student will see them
             merged = merge_oldest(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
                                   max_length, cfg.merge_steps, cfg.lr, seed)
-    if cfg.expand or not existing:
+    if expand or not existing:
         slot = cms.unlock(dst, origin=origin)
         new_params = cms.level_parameters(dst, [slot])
         teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
@@ -323,3 +331,43 @@ __all__ = [
     "consolidate",
     "due_consolidations",
 ]
+
+
+def period_expert(cms: ContinuumMemory, level: int, period: int) -> int | None:
+    """The slot of ``level`` that the sleep after wake period ``period`` filled by consolidation (None: none)."""
+    slots = [e.slot for e in cms.experts[level]
+             if e.active and e.period == period and (e.origin or "").startswith("consolidation:")]
+    return slots[-1] if slots else None
+
+
+def fold_dreams(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    period: int,
+    prompts: Sequence[str],
+    cfg: ConsolidationConfig,
+    max_length: int,
+    judge: SemanticJudge | None,
+    seed: int,
+    sampling: SamplingConfig | None = None,
+    rehearsal: Sequence[tuple[str, str]] = (),
+) -> ConsolidationResult | None:
+    """Fold what a sleep's dreams trained into the fast level (level 0) into the level-1 expert the
+    same sleep consolidated, then free the fast level (``dream.fold_into_slow``).
+
+    It is Knowledge Seeding again, in place: the teacher is the whole model (the dream-trained
+    fast level on, the expert as consolidation left it), the student the model with the fast
+    level masked, and only that expert learns; ``rehearsal`` pairs keep their old teacher (fast
+    level masked, the expert as it was). So the dreams stay with their period's expert, which
+    prototype routing gives the period's inputs, and the next wake starts from an empty fast
+    level instead of a dream-trained one. Returns None (nothing changed) when this sleep filled
+    no level-1 expert.
+    """
+    if cms.n_levels < 2:
+        return None
+    slot = period_expert(cms, 1, period)
+    if slot is None:
+        return None
+    return consolidate(model, tokenizer, cms, 0, 1, prompts, cfg, max_length, judge, seed,
+                       origin=f"dream-fold@period-{period}", sampling=sampling, rehearsal=rehearsal, into=slot)

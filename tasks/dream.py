@@ -18,12 +18,15 @@ from prefect import get_run_logger, task
 
 from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
+from model.consolidation import fold_dreams
 from model.dreaming import (
     DreamTask, HeldOutScore, answer_check, dream_about, held_out_check, promote, task_from_examples, task_from_passage,
     training_helped,
 )
 from model.io import atomic_dir, atomic_path
 from model.knowledge import load_passages
+from model.rewards import SemanticJudge
+from model.wake import split_template
 from tasks.dream_gate import gate_dream_table
 from model.data import PLAN_FILE, task_file
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
@@ -73,6 +76,31 @@ def check_score(params: Params, model, tokenizer, cms, tasks: list[DreamTask], e
         return answer_check(model, tokenizer, tasks, params.dream.max_length)
     return held_out_check(model, tokenizer, cms, params.wake.template, examples, candidates,
                           params.wake.eval_batch_size, params.wake.max_length)
+
+
+def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, meta: dict, period: int) -> dict | None:
+    """``dream.fold_into_slow``: fold the dream-trained fast level into the slow expert this sleep filled.
+
+    D is the period's wake prompts (at most ``consolidation.prompt_buffer_size``, seeded), the
+    rehearsal the old-task dreams the consolidation kept (the state's ``dreamed_inputs``); no
+    earlier period's examples are read. Returns the fold's report, or None when nothing was folded.
+    """
+    cfg = params.consolidation
+    pairs, _ = _stream_picks(params, stream, period)
+    rng = random.Random(params.seed * 4_999 + period)
+    prompts = [split_template(params.wake.template, t, lab)[0]
+               for t, lab in rng.sample(pairs, min(cfg.prompt_buffer_size, len(pairs)))]
+    rehearsal = [split_template(params.wake.template, d["text"], d["label"])
+                 for d in meta.get("dreamed_inputs", []) if int(d["task"]) < period]
+    judge = SemanticJudge.load(cfg.semantic_threshold) if cfg.alpha < 1 and cfg.gamma > 0 else None
+    res = fold_dreams(loaded.model, loaded.tokenizer, cms, period, prompts, cfg, params.wake.max_length, judge,
+                      seed=params.seed * 1_019 + period * 41, sampling=params.sampling, rehearsal=rehearsal)
+    if res is None:
+        return None
+    optimizer.drop_state(cms.level_parameters(0))
+    optimizer.drop_state(cms.level_parameters(1, [res.slot]))
+    return {"slot": res.slot, "prompts": len(prompts), "rehearsal": len(rehearsal),
+            "distillation": [round(r.distillation, 5) for r in res.steps]}
 
 
 def _dream_inputs(params: Params, root: Path, period: int) -> list[Path]:
@@ -127,9 +155,14 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
             loaded.model, loaded.tokenizer, cms, {t.context_id: t for t in tasks},
             list(zip(promoted["context_id"], promoted["text"])), cfg, period,
         )
-        kept = True
+        kept, fold = True, None
+        trained = (cfg.rest_steps > 0 and bool((gated["reward"] == 1.0).any())) or (cfg.promote_steps > 0 and len(promoted) > 0)
+        if cfg.fold_into_slow and trained and cfg.task_source == "stream":
+            fold = fold_stage(params, loaded, cms, optimizer, stream, meta, period)
+            if fold is not None:
+                log.info(f"dream {period}: folded the dream-trained fast level into slow slot {fold['slot']} "
+                         f"({fold['prompts']} prompts, {fold['rehearsal']} rehearsal dreams)")
         if cfg.promotion_check:
-            trained = (cfg.rest_steps > 0 and bool((gated["reward"] == 1.0).any())) or (cfg.promote_steps > 0 and len(promoted) > 0)
             after = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates) if trained else before
             kept = trained and training_helped(before, after)
             check = {"trained": trained, "before": asdict(before), "after": asdict(after), "kept": kept}
@@ -141,7 +174,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         for name, frame in (("dreams", gated), ("promoted", promoted)):
             with atomic_path(tables[name]) as tmp:
                 frame.to_parquet(tmp, index=False)
-        save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted)), "kept": kept}})
+        save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted)), "kept": kept,
+                                                                  "folded": fold is not None and kept}})
     funnel = {
         "generated": int(len(gated)),
         "selected": int(gated["selected"].sum()),
@@ -157,6 +191,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         trained = f"; promotion loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "; promote_steps is 0: not trained"
         log.info(f"dream {period}: {funnel} in {seconds:.0f} s{trained}")
     return stamp_output({"period": period, "enabled": True, "funnel": funnel, "promotion_losses": losses, "check": check,
+                         "fold": fold,
                          "gate_report": str((report_dir / "gate.md").relative_to(root)),
                          TIMING: {"seconds": round(seconds, 2)}}, out)
 

@@ -129,7 +129,7 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("no_freezing", ("cms", "freeze_consolidated"), False), ("with_routing", ("cms", "routing", "enabled"), True),
     ("sleep", ("lifecycle", "diagnostics"), True), ("no_promotion_check", ("dream", "promotion_check"), False),
     ("sleep", ("dream", "promotion_check"), True), ("dreams_into_slow", ("dream", "train_into"), "consolidated"),
-    ("sleep", ("dream", "train_into"), "fast"),
+    ("sleep", ("dream", "train_into"), "fast"), ("fold_dreams", ("dream", "fold_into_slow"), True),
 ])
 def test_each_method_sets_its_switch(tmp_path, method, field, value):
     params_path = _with_comparisons(toy_project(tmp_path), methods=[method])

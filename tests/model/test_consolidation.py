@@ -201,3 +201,46 @@ def test_a_full_level_merges_its_two_oldest_experts_and_the_sleep_goes_on():
     assert res.slot == 2 and cms.active_slots(1) == [0, 1, 2]
     assert cms.experts[1][1].frozen and any("merged" in h for h in cms.experts[1][1].history)
     assert all(e < 1.0 for e in res.merged.relative_error), res.merged
+
+
+def test_fold_dreams_moves_the_fast_level_into_the_periods_expert_only():
+    """A sleep's dreams, trained into the fast level, fold into the slow expert the same sleep consolidated:
+    that expert (fast level masked) comes to answer as the dream-trained model did, no other expert moves,
+    and the fast level is empty for the next wake."""
+    from model.consolidation import fold_dreams, period_expert
+
+    lm, cms, _, _, _ = _fast_level_with_knowledge()
+    cms.begin_period(2)
+    res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=5), 32, None, seed=0,
+                      origin="consolidation:fast->slow@period-2", freeze=True)
+    assert period_expert(cms, 1, 2) == res.slot and period_expert(cms, 1, 1) is None
+    g = torch.Generator().manual_seed(9)  # the dream stage trains a fresh fast expert
+    slot0 = cms.unlock(0, "dream@period-2")
+    with torch.no_grad():
+        for bank in cms.banks(0):
+            bank.A[slot0].normal_(0, 0.3, generator=g)
+            bank.B[slot0].normal_(0, 0.3, generator=g)
+    probe = encode(lm.tokenizer, PROMPTS, ["balance", "restaurant", "alarm", "money"], 32)
+    dreamt = _completion_logits(lm, probe)  # the dream-trained model
+    with cms.levels_masked([0]):
+        gap_before = float(distillation_loss(dreamt, _completion_logits(lm, probe), "forward_kl", 0.0))
+    others = {s: [p.detach().clone() for p in cms.level_parameters(1, [s])] for s in cms.active_slots(1) if s != res.slot}
+    folded = fold_dreams(lm.model, lm.tokenizer, cms, 2, PROMPTS, _cfg(steps=30), 32, None, seed=1)
+    assert folded is not None and folded.slot == res.slot
+    assert cms.active_slots(0) == [] and all(float(p.abs().sum()) == 0 for p in cms.level_parameters(0))
+    assert cms.experts[1][res.slot].frozen and cms.experts[1][res.slot].period == 2
+    assert sorted(cms.active_slots(1)) == sorted([*others, res.slot])  # in place: no slot unlocked
+    for s, vals in others.items():
+        assert all(torch.equal(a, b) for a, b in zip(vals, cms.level_parameters(1, [s]))), s
+    gap_after = float(distillation_loss(dreamt, _completion_logits(lm, probe), "forward_kl", 0.0))
+    assert gap_after < 0.75 * gap_before, (gap_before, gap_after)
+    # A sleep that consolidated nothing into level 1 has nothing to fold into: nothing changes.
+    assert fold_dreams(lm.model, lm.tokenizer, cms, 3, PROMPTS, _cfg(steps=2), 32, None, seed=1) is None
+
+
+def test_training_in_place_needs_an_active_slot():
+    lm, cms, _, _, _ = _fast_level_with_knowledge()
+    free = cms.free_slots(1)[0]
+    with pytest.raises(CMSError, match=f"slot {free}.*not active"):
+        consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=1), 32, None, seed=0,
+                    origin="consolidation:test", into=free)
