@@ -18,6 +18,7 @@ mechanism; it is off by default.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -131,6 +132,39 @@ def add_period(protos: Prototypes | None, features: torch.Tensor, period: int, k
                       torch.cat([protos.periods[keep], torch.full((cent.shape[0],), period, dtype=torch.long)]))
 
 
+def view_class(cms: ContinuumMemory, period: int) -> int:
+    """Which view ``period`` routes to: :func:`period_view` of p hides the experts of periods > p, so two
+    periods with no active expert's period between them (a < e <= b) see the same experts. The class is the
+    number of active experts' distinct periods <= ``period``."""
+    return bisect.bisect_right(sorted({e.period for level in cms.experts for e in level
+                                       if e.active and e.period is not None}), period)
+
+
+def compact(protos: Prototypes, cms: ContinuumMemory, k: int, seed: int = 0) -> Prototypes:
+    """The prototypes with every group of periods that share a view (:func:`view_class`) reduced to K
+    centroids of the latest of them (spherical k-means over the group's centroids).
+
+    Routing to any period of a group answers with the same experts, so the group needs one period's worth
+    of prototypes. Groups only ever coarsen (a new expert belongs to the current period or later; a merge or
+    a writable expert moving to the next period removes a boundary), so this bounds the prototypes by
+    K x (distinct expert periods + 1) however many periods the model lives: the merges of a full level
+    (model/merging.py) are what makes old periods share a view.
+    """
+    classes = [view_class(cms, int(p)) for p in protos.periods.tolist()]
+    if len(set(classes)) == len(set(protos.periods.tolist())):
+        return protos  # every period its own view: nothing to share
+    cents, pers = [], []
+    for c in sorted(set(classes)):
+        idx = [i for i, x in enumerate(classes) if x == c]
+        rep = int(protos.periods[idx].max())
+        group = protos.centroids[idx]
+        if len(set(protos.periods[idx].tolist())) > 1:
+            group = spherical_kmeans(group, k, seed=seed * 1_009 + rep)
+        cents.append(group)
+        pers.append(torch.full((group.shape[0],), rep, dtype=torch.long))
+    return Prototypes(protos.layer, protos.mean, protos.scale, torch.cat(cents), torch.cat(pers))
+
+
 def route(protos: Prototypes, features: torch.Tensor) -> torch.Tensor:
     """The period of each input's nearest prototype (cosine): (N,) long."""
     sims = standardise(features, protos) @ protos.centroids.T  # (N, P)
@@ -165,7 +199,7 @@ def learn_prototypes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Wake: ``period``'s prototypes from its prompts, into ``cms.prototypes`` (returned)."""
     at = feature_layer(cms, layer)
     feats = sequence_features(model, tokenizer, prompts, at, batch_size, max_length)
-    cms.prototypes = add_period(cms.prototypes, feats, period, k, at, seed=seed)
+    cms.prototypes = compact(add_period(cms.prototypes, feats, period, k, at, seed=seed), cms, k, seed=seed)
     return cms.prototypes
 
 
@@ -220,6 +254,7 @@ __all__ = [
     "PROTOTYPE_KEYS",
     "Prototypes",
     "add_period",
+    "compact",
     "feature_layer",
     "learn_prototypes",
     "map_routed",
@@ -228,6 +263,7 @@ __all__ = [
     "routed_classify",
     "routed_periods",
     "routed_scores",
+    "view_class",
     "sequence_features",
     "spherical_kmeans",
     "standardise",

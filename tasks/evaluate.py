@@ -15,14 +15,15 @@ from model.checkpoint import load_state, open_memory_model
 from model.config import Params
 from model.continual import DIAGNOSTIC_STATES
 from model.io import write_json, write_text
-from model.prototypes import routed_classify
+from model.prototypes import routed_classify, view_class
 from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, wake_state_dir
 
 
 def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
                    ) -> tuple[dict[str, float], dict[str, float] | None]:
     """Accuracy of the loaded model on the test rows of tasks 0..period, each among all seen labels, and
-    (with prototype routing, else None) the share of each task's texts routed to the task's own period.
+    (with prototype routing, else None) the share of each task's texts routed to the task's own period (or one
+    that sees the same experts, :func:`model.prototypes.view_class`).
 
     With prototype routing each text is answered by the experts of its routed period.
     """
@@ -37,7 +38,7 @@ def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict
     accuracy = {str(t): float(correct[test["task"] == t].mean()) for t in seen}
     if routed is None:
         return accuracy, None
-    own = pd.Series([r == t for r, t in zip(routed, test["task"])], index=test.index)
+    own = pd.Series([view_class(cms, r) == view_class(cms, t) for r, t in zip(routed, test["task"])], index=test.index)
     return accuracy, {str(t): float(own[test["task"] == t].mean()) for t in seen}
 
 

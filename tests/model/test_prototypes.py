@@ -12,7 +12,9 @@ from model.checkpoint import CheckpointError, load_state, save_state
 from model.cms import CMSError
 from model.merging import merge_oldest
 from model.prototypes import (
+    Prototypes,
     add_period,
+    compact,
     feature_layer,
     learn_prototypes,
     period_view,
@@ -20,6 +22,7 @@ from model.prototypes import (
     routed_classify,
     sequence_features,
     spherical_kmeans,
+    view_class,
 )
 from model.wake import classify
 from tests.model.helpers import logits, make_nonzero, tiny_cms_config, tiny_with_cms, toy_batch
@@ -167,3 +170,33 @@ def test_merged_expert_answers_for_the_older_period():
     merge_oldest(lm.model, lm.tokenizer, cms, 1, ALARMS, 32, steps=2, lr=1e-2, seed=0)
     periods = sorted(e.period for e in cms.experts[1] if e.active)
     assert periods[0] == 0 and len(periods) == 2
+
+
+def test_periods_that_see_the_same_experts_share_k_prototypes_and_route_alike():
+    """Once a merge leaves no expert between two periods, they share one view; compaction keeps K centroids for
+    the pair (labelled with the later period), so the prototypes stay bounded over a long life, and every input
+    is answered with the same experts as before."""
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=4, top_k=4))
+    g = torch.Generator().manual_seed(0)
+    feats = {p: 0.3 * torch.randn(12, 16, generator=g) + 5.0 * F.one_hot(torch.tensor(p), 16) for p in range(4)}
+    protos = Prototypes(1, torch.zeros(16), torch.ones(16), torch.empty(0, 16), torch.empty(0, dtype=torch.long))
+    for period in range(3):  # each sleep leaves a frozen expert of its period
+        cms.begin_period(period)
+        protos = add_period(protos, feats[period], period, k=3, layer=1)
+        cms.freeze(1, cms.unlock(1, origin=f"consolidation:test-{period}"), reason="test")
+    cms.begin_period(3)
+    protos = add_period(protos, feats[3], 3, k=3, layer=1)
+    assert [view_class(cms, p) for p in range(4)] == [1, 2, 3, 4]  # each period its own experts: its own view
+    assert compact(protos, cms, k=3) is protos
+    x = torch.cat([feats[p] for p in range(4)])
+    for e in cms.experts[1]:  # a merge of periods 0 and 1's experts: the merged one answers for period 0
+        if e.active and e.period == 1:
+            e.active = False
+    assert [view_class(cms, p) for p in range(4)] == [1, 1, 2, 3]
+    small = compact(protos, cms, k=3)
+    assert small.periods.tolist() == [1] * 3 + [2] * 3 + [3] * 3 and small.centroids.shape == (9, 16)
+    assert torch.allclose(small.centroids.norm(dim=1), torch.ones(9), atol=1e-5)
+    after = [view_class(cms, int(r)) for r in route(small, x)]
+    truth = [view_class(cms, p) for p in range(4) for _ in range(12)]
+    assert after == truth  # every input still finds the experts its own period sees
+    assert compact(small, cms, k=3) is small  # a compact set stays as it is
