@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             prepare(args.params)
             lifecycle(args.params)
         else:
-            cmd = ["dvc", "repro", *(["--force"] if args.force else [])]
+            cmd = ["dvc", "repro", *(["--force"] if args.force else []), "dvc.yaml"]  # not pipelines/inbox
             proc = subprocess.run(cmd, cwd=root, env=dict(os.environ))
             if proc.returncode != 0:
                 return proc.returncode
@@ -117,6 +117,7 @@ DELEGATED = {
     "ingest": ("flows.intake:main_ingest", "put a file (or s3://BUCKET/KEY) of new data into the inbox; "
                "bad rows to quarantine"),
     "rebuild": ("flows.intake:main_rebuild", "rebuild a past inbox period from the ledger, byte for byte"),
+    "replay": ("flows.intake:main", "replay a finished inbox period in place (the DVC stage of pipelines/inbox/dvc.yaml)"),
     "cycle": ("flows.intake:main_cycle", "wake on every new inbox batch, then sleep and evaluate (one period)"),
     "serve": ("flows.deployments", "serve the deployments of prefect.yaml (needs PREFECT_API_URL)"),
     "predict": ("flows.model_cli:predict_main", "the top labels of texts (a file or stdin) under a state -> JSONL"),

@@ -24,6 +24,7 @@ from model.io import exclusive
 from tasks.intake import (
     apply_retention,
     claim_period,
+    finished_period,
     inbox_dir,
     inbox_params,
     ingest_file,
@@ -31,6 +32,8 @@ from tasks.intake import (
     read_open_period,
     seed_rebuild,
     stage_batches,
+    states_match,
+    track_period,
 )
 from tasks.wake import timings_path, write_metrics
 
@@ -80,6 +83,7 @@ def sleep_inbox(params_path: str = "params.yaml") -> dict | None:
         sleep = run_sleep(p, root, period["period"])
         row = run_evaluate(p, root, period["period"], summary=False)
         mark_period(params, root, period["period"], "done")
+        track_period(params, root, period["period"])  # before retention: DVC keeps what retention deletes
         apply_retention(params, root)
     acc = " ".join(f"{a:.2f}" for a in row["accuracy"].values())
     log.info(f"inbox period {period['period']}: accuracy on seen tasks after sleep: {acc}")
@@ -117,6 +121,43 @@ def rebuild(period: int, out: str, params_path: str = "params.yaml") -> dict:
     log.info(f"rebuilt period {period} in {target}: " + ", ".join(f"{k} {'identical' if ok else 'DIFFERENT'}"
                                                                    for k, ok in same.items()))
     return {"period": period, "out": str(target), "identical": same}
+
+
+@flow(name="replay", log_prints=True)
+def replay(period: int, params_path: str = "params.yaml") -> dict:
+    """Replay finished inbox period ``period`` in place: its wake, sleep and evaluation, from the state before it
+    and the batches the ledger says it consumed (the command of its stage in ``pipelines/inbox/dvc.yaml``).
+    The ledger is not changed; each state must come out with the digest the ledger recorded."""
+    log = get_run_logger()
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+        entry = finished_period(params, root, period)
+        p = inbox_params(params, root)
+        metrics = run_wake(p, root, period)
+        write_metrics(root / p.wake.metrics_dir / f"period-{period}.json", metrics, timings_path(p, root, "wake", period))
+        run_sleep(p, root, period)
+        run_evaluate(p, root, period, summary=False)
+        same = states_match(params, root, period, entry.get("states", {}))
+    log.info(f"replayed inbox period {period}: " + ", ".join(f"{k} {'identical' if ok else 'DIFFERENT'}"
+                                                              for k, ok in same.items()))
+    return {"period": period, "identical": same}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.stage intake --period N``: the inbox pipeline's stage (DVC runs it)."""
+    ap = argparse.ArgumentParser(prog="lm-sleep replay", description="Replay a finished inbox period in place from "
+                                 "the batches it consumed (what `dvc repro pipelines/inbox/dvc.yaml` runs); its "
+                                 "states must equal the digests the ledger recorded.")
+    ap.add_argument("--period", type=int, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    result = replay(args.period, args.params)
+    bad = [k for k, ok in result["identical"].items() if not ok]
+    if bad:
+        print(f"replay of inbox period {args.period}: {', '.join(bad)} differ from the ledger's digests", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main_rebuild(argv: list[str] | None = None) -> int:

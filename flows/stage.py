@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-STAGES = ("prepare", "wake", "sleep", "evaluate", "report", "publish")
+STAGES = ("prepare", "wake", "sleep", "evaluate", "report", "publish", "intake")
 ENV = "LM_SLEEP_STAGE_SERVER"
 PRELOAD = ("torch", "transformers", "pandas", "prefect", "great_expectations",
            *(f"flows.{s}" for s in STAGES))
