@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,14 +30,9 @@ def _inbox_status(root: Path, env: dict[str, str]) -> dict:
     return json.loads(dvc(root, env, "status", "--json", "pipelines/inbox/dvc.yaml"))
 
 
-def _lm_sleep(root: Path, env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--params", "params.yaml"], cwd=root, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert done.returncode == 0, f"lm-sleep {' '.join(args)} failed:\n{done.stdout[-5000:]}"
-    return done.stdout
+def test_each_inbox_period_is_a_dvc_stage_that_replays_it_byte_for_byte(tmp_path, dvc_env, prefect_harness):
+    from flows.intake import cycle, ingest
 
-
-def test_each_inbox_period_is_a_dvc_stage_that_replays_it_byte_for_byte(tmp_path, dvc_env):
     root = make_project(tmp_path / "project")
     (root / "dvc.yaml").unlink()  # an inbox-only project: its periods start at 0, where dvc.yaml's cycles are
     raw = yaml.safe_load((root / "params.yaml").read_text())
@@ -47,10 +40,11 @@ def test_each_inbox_period_is_a_dvc_stage_that_replays_it_byte_for_byte(tmp_path
     raw["consolidation"].update({"steps": 4, "prompt_buffer_size": 4})
     raw["lifecycle"]["publish"] = False
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    _lm_sleep(root, dvc_env, "ingest", _batch(tmp_path, "a", ["alarm", "balance"]))
-    _lm_sleep(root, dvc_env, "cycle")
-    _lm_sleep(root, dvc_env, "ingest", _batch(tmp_path, "b", ["weather", "music"]))
-    _lm_sleep(root, dvc_env, "cycle")
+    params = str(root / "params.yaml")
+    ingest(_batch(tmp_path, "a", ["alarm", "balance"]), params)
+    cycle(params)  # in this process; its `dvc commit` runs in the project
+    ingest(_batch(tmp_path, "b", ["weather", "music"]), params)
+    cycle(params)
 
     ledger = read_ledger(root / "state/inbox" / LEDGER_FILE)
     pipeline = yaml.safe_load((root / "pipelines/inbox/dvc.yaml").read_text())["stages"]
