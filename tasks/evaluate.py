@@ -38,7 +38,8 @@ def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict
     accuracy = {str(t): float(correct[test["task"] == t].mean()) for t in seen}
     if routed is None:
         return accuracy, None
-    own = pd.Series([view_class(cms, r) == view_class(cms, t) for r, t in zip(routed, test["task"])], index=test.index)
+    view = {p: view_class(cms, p) for p in {*routed, *test["task"].tolist()}}
+    own = pd.Series([view[r] == view[t] for r, t in zip(routed, test["task"])], index=test.index)
     return accuracy, {str(t): float(own[test["task"] == t].mean()) for t in seen}
 
 

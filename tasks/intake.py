@@ -227,21 +227,32 @@ def read_open_period(params: Params, root: Path) -> dict[str, Any] | None:
     return read_ledger(inbox_dir(params, root) / LEDGER_FILE).open_period()
 
 
-@task(cache_policy=NO_CACHE)
-def mark_period(params: Params, root: Path, period: int, status: str) -> None:
-    """Record how far inbox period ``period`` got (``woken``, ``done``); when done, the digests of its three
-    states (the SHA-256 of each manifest, which lists its files' digests): what a rebuild must reproduce."""
+def state_digests(params: Params, root: Path, period: int) -> dict[str, str]:
+    """The digests of ``period``'s three states (the SHA-256 of each manifest, which lists its files' digests)."""
     from tasks.caching import state_digest
     from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
 
+    return {name: state_digest(d(params, root, period)) for name, d in (
+        ("wake", wake_state_dir), ("consolidated", consolidated_state_dir), ("sleep", sleep_state_dir))}
+
+
+def _finished_error(params: Params, root: Path, ledger: Ledger, period: int) -> DataError:
+    done = [p["period"] for p in ledger.periods if p["status"] == "done"]
+    return DataError(f"{inbox_dir(params, root) / LEDGER_FILE}: no finished inbox period {period} "
+                     f"(finished: {done or 'none'})")
+
+
+@task(cache_policy=NO_CACHE)
+def mark_period(params: Params, root: Path, period: int, status: str) -> None:
+    """Record how far inbox period ``period`` got (``woken``, ``done``); when done, the digests of its three
+    states (:func:`state_digests`): what a rebuild must reproduce."""
     inbox = inbox_dir(params, root)
     with exclusive(inbox, "inbox"):
         ledger = read_ledger(inbox / LEDGER_FILE)
         entry = next(p for p in ledger.periods if p["period"] == period)
         entry["status"] = status
         if status == "done":
-            entry["states"] = {name: state_digest(d(params, root, period)) for name, d in (
-                ("wake", wake_state_dir), ("consolidated", consolidated_state_dir), ("sleep", sleep_state_dir))}
+            entry["states"] = state_digests(params, root, period)
         write_json(inbox / LEDGER_FILE, ledger.to_json())
 
 
@@ -257,9 +268,7 @@ def seed_rebuild(params: Params, root: Path, params_path: Path, out: Path, perio
     ledger = read_ledger(inbox_dir(params, root) / LEDGER_FILE)
     periods = [p for p in ledger.periods if p["period"] <= period]
     if not periods or periods[-1]["period"] != period or periods[-1]["status"] != "done":
-        done = [p["period"] for p in ledger.periods if p["status"] == "done"]
-        raise DataError(f"{inbox_dir(params, root) / LEDGER_FILE}: no finished inbox period {period} "
-                        f"(finished: {done or 'none'})")
+        raise _finished_error(params, root, ledger, period)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: not empty; a rebuild starts from an empty directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -360,8 +369,9 @@ def period_outputs(params: Params, root: Path, period: int) -> tuple[list[Path],
     reports and metrics), those that exist."""
     from tasks.wake import timings_path
 
-    cached = [p for p in period_files(params, root, period) if p.exists() and "reports" not in p.relative_to(root).parts]
-    uncached = [root / params.dream.reports_dir / f"period-{period}",
+    report = root / params.dream.reports_dir / f"period-{period}"
+    cached = [p for p in period_files(params, root, period) if p != report and p.exists()]
+    uncached = [report,
                 *(root / d / f"period-{period}.json" for d in (params.wake.metrics_dir, params.consolidation.metrics_dir,
                                                                 params.dream.metrics_dir, params.lifecycle.metrics_dir)),
                 *(timings_path(params, root, s, period) for s in ("wake", "consolidation", "dreaming"))]
@@ -442,8 +452,7 @@ def finished_period(params: Params, root: Path, period: int) -> dict[str, Any]:
     ledger = read_ledger(inbox / LEDGER_FILE)
     entry = next((p for p in ledger.periods if p["period"] == period), None)
     if entry is None or entry["status"] != "done":
-        done = [p["period"] for p in ledger.periods if p["status"] == "done"]
-        raise DataError(f"{inbox / LEDGER_FILE}: no finished inbox period {period} (finished: {done or 'none'})")
+        raise _finished_error(params, root, ledger, period)
     for b in entry["batches"]:
         _batch_rows(inbox, ledger.batch(b))  # present, and the bytes the ledger recorded
     if period not in _open_stream(params, root)[1]:
@@ -454,8 +463,5 @@ def finished_period(params: Params, root: Path, period: int) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def states_match(params: Params, root: Path, period: int, expected: dict[str, str]) -> dict[str, bool]:
     """Whether each state of ``period`` has the manifest digest the ledger recorded when the period finished."""
-    from tasks.caching import state_digest
-    from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
-
-    dirs = {"wake": wake_state_dir, "consolidated": consolidated_state_dir, "sleep": sleep_state_dir}
-    return {k: state_digest(dirs[k](params, root, period)) == v for k, v in expected.items()}
+    now = state_digests(params, root, period)
+    return {k: now.get(k) == v for k, v in expected.items()}
