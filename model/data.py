@@ -24,6 +24,9 @@ STREAM_FILE = "stream.parquet"
 PLAN_FILE = "tasks.json"
 TASKS_DIR = "tasks"  # one parquet shard per task: task-N.parquet
 STREAM_COLUMNS = ["row_id", "task", "split", "text", "label"]
+#: The label of a stream row that is a plain passage (text to learn, no class): the inbox's passage batches.
+#: Such rows are train rows; a task's labels in the plan never include it.
+PASSAGE_LABEL = ""
 CLINC150_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 

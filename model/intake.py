@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from model.data import STREAM_COLUMNS, DataError, read_records
+from model.data import PASSAGE_LABEL, STREAM_COLUMNS, DataError, read_records
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 LEDGER_FILE = "ledger.json"
@@ -119,10 +119,10 @@ class Ledger:
     def consumed(self) -> set[str]:
         return {b for p in self.periods for b in p["batches"]}
 
-    def waiting(self, kind: str = "labelled") -> list[dict[str, Any]]:
-        """Accepted batches of ``kind`` that no period has claimed, in arrival order."""
+    def waiting(self) -> list[dict[str, Any]]:
+        """Accepted batches (labelled or passages) that no period has claimed, in arrival order."""
         used = self.consumed()
-        return [b for b in self.batches if b["kind"] == kind and b["accepted"] > 0 and b["id"] not in used]
+        return [b for b in self.batches if b["accepted"] > 0 and b["id"] not in used]
 
     def open_period(self) -> dict[str, Any] | None:
         """The period that claimed its batches and has not finished (a crash, or a sleep still to run)."""
@@ -175,7 +175,8 @@ def read_ledger(path: Path) -> Ledger:
 def extend_stream(stream: pd.DataFrame, plan: dict[int, list[str]], period: int, rows: pd.DataFrame
                   ) -> tuple[pd.DataFrame, dict[int, list[str]]]:
     """The open stream with ``rows`` (text, label, split) as task ``period``; the task's labels are those of
-    its rows (labels seen before may come back). Rows are ordered train (in batch order) then test."""
+    its labelled rows (labels seen before may come back; a passage's label is :data:`PASSAGE_LABEL`, never in
+    the plan, so a period of passages only has no labels). Rows are ordered train (in batch order) then test."""
     if period in plan:
         raise DataError(f"period {period} is already in the stream")
     if rows.empty or not (rows["split"] == "train").any():
@@ -188,4 +189,4 @@ def extend_stream(stream: pd.DataFrame, plan: dict[int, list[str]], period: int,
                         "label": ordered["label"].to_numpy()})
     out = pd.concat([stream[STREAM_COLUMNS], new[STREAM_COLUMNS]], ignore_index=True)
     out = out.astype({"row_id": "int64", "task": "int64"})
-    return out, {**plan, period: sorted(set(new["label"]))}
+    return out, {**plan, period: sorted(set(new["label"]) - {PASSAGE_LABEL})}

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from model.data import DataError
+from model.data import PASSAGE_LABEL, DataError
 from model.grading import METRICS, Metric, accuracy, grade
 from model.sampling import sample_continuations
-from model.wake import completion_logprobs, encode
+from model.wake import completion_logprobs, encode, split_template
 
 if TYPE_CHECKING:
     from model.rewards import SemanticJudge
@@ -170,12 +170,29 @@ def answer_loglik(
     Pooled over the passage's questions: sum of log-probabilities / number of tokens,
     so long answers weigh by their length. Always <= 0; higher means the model knows more.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not passage.questions:
         raise ValueError(f"passage {passage.title!r} has no questions to score")
     prompts = [qa_prompt(qa.question, template) for qa in passage.questions]
     completions = [answer_completion(qa.answer) for qa in passage.questions]
+    return pairs_loglik(model, tokenizer, prompts, completions, batch_size, max_length, f"passage {passage.title!r}")
+
+
+def pairs_loglik(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 256,
+    what: str = "completions",
+) -> float:
+    """Mean log p per completion token (its tokens and EOS) given its prompt, pooled over the pairs.
+
+    Sum of log-probabilities / number of tokens, so long completions weigh by their length.
+    Always <= 0; higher means the model knows more. ``what`` names the pairs in errors.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -187,10 +204,72 @@ def answer_loglik(
             count += int(n.sum())
     finally:
         model.train(was_training)
+    if count == 0:
+        raise ValueError(f"no {what} to score")
     mean = total / count
     if not math.isfinite(mean):
-        raise FloatingPointError(f"non-finite answer log-likelihood {mean} for passage {passage.title!r}")
+        raise FloatingPointError(f"non-finite log-likelihood {mean} of {what}")
     return mean
+
+
+def passage_pairs(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int,
+                  prefix_fraction: float = 0.25) -> list[tuple[str, str]]:
+    """A plain passage as (prompt, completion) pairs to learn by heart.
+
+    The passage is cut into pieces of at most ``max_tokens`` tokens (:func:`passage_chunks`).
+    Each piece is split after its first ``prefix_fraction`` of words: at least one word in
+    the prompt and at least one left for the completion. The model learns to continue a
+    piece from its beginning. That prefix is also the prompt a sleep keeps, so consolidation
+    distils the same recall. A piece of one word has nothing to continue and is left out.
+    """
+    if not 0 < prefix_fraction < 1:
+        raise ValueError(f"prefix_fraction must be in (0, 1), got {prefix_fraction}")
+    out = []
+    for piece in passage_chunks(tokenizer, text, max_tokens):
+        words = piece.split()
+        if len(words) < 2:
+            continue
+        k = min(max(1, round(len(words) * prefix_fraction)), len(words) - 1)
+        out.append((" ".join(words[:k]), " " + " ".join(words[k:])))
+    return out
+
+
+def passage_room(max_length: int) -> int:
+    """Tokens a passage piece may have so that prompt, completion and EOS fit a window of ``max_length``
+    (the words' separate tokenisation and the EOS take a few more)."""
+    return max(1, max_length - 4)
+
+
+def stream_pairs(tokenizer: PreTrainedTokenizerBase, template: str, texts: Sequence[str], labels: Sequence[str],
+                 max_length: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """What a wake learns from a period's train rows, in row order: a labelled row is its template's
+    (prompt, label) pair (:func:`model.wake.split_template`); a passage row (label :data:`PASSAGE_LABEL`) is
+    its pieces (:func:`passage_pairs`). Returns the pairs and, for each, the index of its row."""
+    pairs: list[tuple[str, str]] = []
+    origin: list[int] = []
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        more = (passage_pairs(tokenizer, text, passage_room(max_length)) if label == PASSAGE_LABEL
+                else [split_template(template, text, label)])
+        pairs += more
+        origin += [i] * len(more)
+    return pairs, origin
+
+
+def passage_recall(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 256,
+) -> float | None:
+    """How well the model recalls plain passages: mean log p per token of each piece's rest given its
+    beginning, the pieces a wake of window ``max_length`` learns (:func:`passage_pairs`, :func:`pairs_loglik`);
+    None when no passage has two words."""
+    pairs = [pair for text in texts for pair in passage_pairs(tokenizer, text, passage_room(max_length))]
+    if not pairs:
+        return None
+    return pairs_loglik(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size, max_length,
+                        "passage pieces")
 
 
 def answer_questions(

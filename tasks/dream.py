@@ -28,17 +28,19 @@ from model.knowledge import load_passages
 from model.rewards import SemanticJudge
 from model.wake import split_template
 from tasks.dream_gate import gate_dream_table
-from model.data import PLAN_FILE, task_file
+from model.data import PASSAGE_LABEL, PLAN_FILE, task_file
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.trials import trial_step
 from tasks.wake import TIMING, consolidated_state_dir, sleep_state_dir
 
 
 def _stream_picks(params: Params, stream: pd.DataFrame, period: int) -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]]]:
-    """The period's train (text, label) pairs, and the seeded pick of each stream dream task (C first, then tau's)."""
+    """The period's labelled train (text, label) pairs, and the seeded pick of each stream dream task (C first,
+    then tau's)."""
     cfg = params.dream
     rng = random.Random(params.seed * 7_907 + period)
-    rows = stream[(stream["task"] == period) & (stream["split"] == "train")].sort_values("row_id")
+    labelled = (stream["task"] == period) & (stream["split"] == "train") & (stream["label"] != PASSAGE_LABEL)
+    rows = stream[labelled].sort_values("row_id")
     pairs = list(zip(rows["text"], rows["label"]))
     need = cfg.context_examples + cfg.tau_examples
     if len(pairs) < need:
@@ -125,9 +127,13 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     cfg = params.dream
     src = consolidated_state_dir(params, root, period)
     out = sleep_state_dir(params, root, period)
-    if not cfg.enabled:
+    passages_only = cfg.task_source == "stream" and not plan.get(period)
+    if not cfg.enabled or passages_only:  # a period of plain passages: wake and consolidation learn them
         with writing_outputs(out), atomic_dir(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if passages_only and cfg.enabled:
+            log.info(f"dream {period}: the period has passages only; no labelled examples to dream about")
+            return stamp_output({"period": period, "enabled": True, "skipped": "passages only", TIMING: {}}, out)
         return stamp_output({"period": period, "enabled": False, TIMING: {}}, out)
     torch.set_num_threads(params.wake.threads)
     meta = read_manifest(src)["metadata"]

@@ -14,6 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from model.checkpoint import load_state, open_memory_model
 from model.config import Params
 from model.continual import DIAGNOSTIC_STATES
+from model.data import PASSAGE_LABEL
+from model.knowledge import passage_recall
 from model.io import write_json, write_text
 from model.prototypes import routed_classify, view_class
 from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, wake_state_dir
@@ -21,15 +23,18 @@ from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, wak
 
 def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
                    ) -> tuple[dict[str, float], dict[str, float] | None]:
-    """Accuracy of the loaded model on the test rows of tasks 0..period, each among all seen labels, and
+    """Accuracy of the loaded model on the test rows of tasks 0..period (those that have test rows: not a period
+    of plain passages), each among all seen labels, and
     (with prototype routing, else None) the share of each task's texts routed to the task's own period (or one
     that sees the same experts, :func:`model.prototypes.view_class`).
 
     With prototype routing each text is answered by the experts of its routed period.
     """
-    seen = list(range(period + 1))
-    labels = list(dict.fromkeys(lab for t in seen for lab in plan[t]))  # a later period may bring a label back
-    test = stream[(stream["split"] == "test") & (stream["task"].isin(seen))].sort_values("row_id")
+    test = stream[(stream["split"] == "test") & (stream["task"] <= period)].sort_values("row_id")
+    seen = sorted(set(test["task"].tolist()))  # a period of plain passages has no test rows
+    if not seen:
+        return {}, None
+    labels = list(dict.fromkeys(lab for t in range(period + 1) for lab in plan[t]))  # a label may come back
     pred, routed = routed_classify(
         loaded.model, loaded.tokenizer, cms, params.wake.template, list(test["text"]), labels,
         params.wake.eval_batch_size, params.wake.max_length,
@@ -55,6 +60,32 @@ def evaluate_seen_tasks(
     torch.set_num_threads(params.wake.threads)
     loaded, cms, _ = open_memory_model(params, root, state_dir)
     return _seen_accuracy(params, loaded, cms, stream, plan, period)
+
+
+def recall_passages(params: Params, root: Path, stream: pd.DataFrame, period: int) -> dict | None:
+    """How well the sleep state of ``period`` recalls the plain passages of every period so far, and how well the
+    state before this period's wake (the last sleep's, or the base model) recalled this period's
+    (:func:`model.knowledge.passage_recall`, mean log p per token; higher is better). None without passages."""
+    rows = stream[(stream["label"] == PASSAGE_LABEL) & (stream["task"] <= period)].sort_values("row_id")
+    if rows.empty:
+        return None
+    torch.set_num_threads(params.wake.threads)
+    loaded, cms, _ = open_memory_model(params, root, None)
+    w = params.wake
+
+    def recall(texts) -> float | None:
+        return passage_recall(loaded.model, loaded.tokenizer, list(texts), w.eval_batch_size, w.max_length)
+
+    mine = rows[rows["task"] == period]["text"]
+    before = None
+    prev = sleep_state_dir(params, root, period - 1) if period > 0 else None
+    if len(mine) and (prev is None or prev.is_dir()):  # a state retention deleted is not measured
+        if prev is not None:
+            load_state(cms, prev)
+        before = recall(mine)
+    load_state(cms, sleep_state_dir(params, root, period))
+    after = {str(t): recall(g["text"]) for t, g in rows.groupby("task")}
+    return {"after_sleep": after, "before_wake": before}
 
 
 @task(cache_policy=NO_CACHE)
@@ -94,7 +125,11 @@ def write_accuracy_summary(path: Path, periods: list[dict]) -> Path:
     n = len(periods)
     matrix = [[periods[i]["accuracy"].get(str(j)) for j in range(n)] for i in range(n)]
     final = periods[-1]["accuracy"]
-    summary = {"periods": n, "accuracy_matrix": matrix, "final_mean_accuracy": sum(final.values()) / len(final)}
+    summary = {"periods": n, "accuracy_matrix": matrix,
+               "final_mean_accuracy": sum(final.values()) / len(final) if final else None}
+    passages = [j for j in range(n) if all(str(j) not in p["accuracy"] for p in periods)]
+    if passages:  # periods that read plain passages only: no accuracy of their own (docs/design.md §4)
+        summary["passage_tasks"] = passages
     write_json(path, summary)
     rows = [{"period": p["period"], "task": int(t), "accuracy": a} for p in periods for t, a in p["accuracy"].items()]
     write_text(path.with_name(f"{path.stem}_accuracy.csv"), pd.DataFrame(rows).to_csv(index=False))
@@ -113,7 +148,7 @@ def cycle_row(params: Params, root: Path, period: int, accuracy: dict[str, float
     return {
         "period": period,
         "accuracy": accuracy,
-        "mean_accuracy_seen": sum(accuracy.values()) / len(accuracy),
+        "mean_accuracy_seen": sum(accuracy.values()) / len(accuracy) if accuracy else None,
         "wake_loss_first": wake.get("loss_first"),
         "wake_loss_last": wake.get("loss_last"),
         "consolidations": [
@@ -139,6 +174,9 @@ def evaluate_cycle(params: Params, root: Path, period: int) -> dict:
         row["routing_accuracy"] = routes
     if diagnostics is not None:
         row["diagnostics"] = diagnostics
+    passages = recall_passages(params, root, stream, period)
+    if passages is not None:  # the inbox's plain passages: recalled after the sleep, and before this period
+        row["passage_recall"] = passages
     write_json(root / params.lifecycle.metrics_dir / f"period-{period}.json", row)
     return row
 

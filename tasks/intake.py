@@ -19,7 +19,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from model.config import IntakeConfig, Params
-from model.data import PLAN_FILE, STREAM_COLUMNS, DataError, load_stream
+from model.data import PASSAGE_LABEL, PLAN_FILE, STREAM_COLUMNS, DataError, load_stream
 from model.intake import (
     LEDGER_FILE,
     Ledger,
@@ -139,7 +139,7 @@ def ingest_file(params: Params, root: Path, src: str, fmt: str | None = None) ->
         good = rows[~bad].reset_index(drop=True)
         good = good.assign(split=split_batch(good, cfg.test_fraction, batch_id))
         if kind == "passages":
-            good = good.assign(label="")
+            good = good.assign(label=PASSAGE_LABEL)
         record = {"id": batch_id, "source": src, "kind": kind, "rows": int(len(rows)), "accepted": int(len(good)),
                   "quarantined": int(bad.sum()), "file": f"{BATCHES}/{batch_id}.parquet", "sha256": None,
                   "quarantine_file": f"{QUARANTINE}/{batch_id}.jsonl" if bad.any() else None}
@@ -198,7 +198,7 @@ def _materialise(params: Params, root: Path, ledger: Ledger, period: dict[str, A
 @task(cache_policy=NO_CACHE)
 def claim_period(params: Params, root: Path) -> dict[str, Any] | None:
     """The inbox period to work on: the unfinished one (after a crash), else a new one claiming every waiting
-    labelled batch; None when nothing waits. The claim is one atomic ledger write."""
+    batch, labelled or passages; None when nothing waits. The claim is one atomic ledger write."""
     log = get_run_logger()
     inbox = inbox_dir(params, root)
     with exclusive(inbox, "inbox"):
@@ -206,10 +206,7 @@ def claim_period(params: Params, root: Path) -> dict[str, Any] | None:
         period = ledger.open_period()
         stream, plan = _open_stream(params, root)
         if period is None:
-            waiting = ledger.waiting("labelled")
-            passages = ledger.waiting("passages")
-            if passages:
-                log.warning(f"{len(passages)} passage batch(es) wait: an inbox wake learns labelled batches only")
+            waiting = ledger.waiting()
             if not waiting:
                 return None
             period = {"period": max(plan) + 1 if plan else 0, "batches": [b["id"] for b in waiting],

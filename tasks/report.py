@@ -26,7 +26,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +161,7 @@ class Cycle:
 
     period: int
     accuracy: dict[int, float]
-    mean_accuracy_seen: float
+    mean_accuracy_seen: float | None  # None while every period so far read plain passages only
     wake_loss_first: float
     wake_loss_last: float
     consolidations: tuple[Consolidation, ...]
@@ -183,13 +183,15 @@ class LifecycleMetrics:
     """Everything the report shows, read from one lifecycle run.
 
     ``accuracy_matrix[i][j]`` is the accuracy on task ``j`` after the sleep of cycle ``i``
-    (shape ``(T, T)``, None above the diagonal); ``sources`` lists the files read.
+    (shape ``(T, T)``, None above the diagonal and in the column of a period that read plain
+    passages only: ``passage_tasks``); ``sources`` lists the files read.
     """
 
     cycles: tuple[Cycle, ...]
     accuracy_matrix: tuple[tuple[float | None, ...], ...]
     final_mean_accuracy: float
     sources: tuple[Path, ...] = field(default=())
+    passage_tasks: tuple[int, ...] = ()
 
     @property
     def n_tasks(self) -> int:
@@ -385,7 +387,7 @@ def _dreaming(
     return _funnel(dream_file, d["funnel"], "funnel"), "on"
 
 
-def _matrix(f: _File, n: int) -> tuple[tuple[float | None, ...], ...]:
+def _matrix(f: _File, n: int, passage_tasks: Collection[int] = ()) -> tuple[tuple[float | None, ...], ...]:
     body = f.mapping(f.data, "")
     raw = f.array(f.get(body, "accuracy_matrix", ""), "accuracy_matrix")
     if len(raw) != n:
@@ -401,6 +403,10 @@ def _matrix(f: _File, n: int) -> tuple[tuple[float | None, ...], ...]:
             if j > i:
                 if v is not None:
                     raise f.error(w, f"task {j} is not learned before cycle {j}: expected null, got {_brief(v)}")
+                row.append(None)
+            elif j in passage_tasks:
+                if v is not None:
+                    raise f.error(w, f"task {j} read plain passages only (passage_tasks): expected null, got {_brief(v)}")
                 row.append(None)
             else:
                 row.append(f.number(v, w, unit=True))
@@ -424,7 +430,11 @@ def load_lifecycle_metrics(root: str | Path, params: Params) -> LifecycleMetrics
     n = summary.integer(summary.get(body, "periods", ""), "periods")
     if n < 1:
         raise summary.error("periods", "expected at least one cycle, got 0")
-    matrix = _matrix(summary, n)
+    raw_passages = summary.array(body.get("passage_tasks", []), "passage_tasks")
+    passage_tasks = tuple(summary.integer(j, f"passage_tasks[{k}]") for k, j in enumerate(raw_passages))
+    if set(range(n)) <= set(passage_tasks):
+        raise summary.error("passage_tasks", "every period read plain passages only: no accuracy to report")
+    matrix = _matrix(summary, n, passage_tasks)
     final = summary.number(summary.get(body, "final_mean_accuracy", ""), "final_mean_accuracy", unit=True)
     sources = [summary_path]
 
@@ -443,9 +453,10 @@ def load_lifecycle_metrics(root: str | Path, params: Params) -> LifecycleMetrics
             if not (isinstance(key, str) and key.isdigit()):
                 raise row.error(f"accuracy.{key}", "task ids must be non-negative integers")
             accuracy[int(key)] = row.number(value, f"accuracy.{key}", unit=True)
-        if sorted(accuracy) != list(range(p + 1)):
-            raise row.error("accuracy", f"has tasks {sorted(accuracy)}, expected tasks 0..{p} after cycle {p}")
-        for j in range(p + 1):
+        expected = [j for j in range(p + 1) if j not in passage_tasks]
+        if sorted(accuracy) != expected:
+            raise row.error("accuracy", f"has tasks {sorted(accuracy)}, expected tasks {expected} after cycle {p}")
+        for j in expected:
             if not math.isclose(matrix[p][j], accuracy[j], abs_tol=1e-12):
                 raise summary.error(
                     f"accuracy_matrix[{p}][{j}]",
@@ -460,7 +471,8 @@ def load_lifecycle_metrics(root: str | Path, params: Params) -> LifecycleMetrics
         cycles.append(Cycle(
             period=p,
             accuracy=dict(sorted(accuracy.items())),
-            mean_accuracy_seen=row.number(row.get(rb, "mean_accuracy_seen", ""), "mean_accuracy_seen", unit=True),
+            mean_accuracy_seen=(row.number(row.get(rb, "mean_accuracy_seen", ""), "mean_accuracy_seen", unit=True)
+                                if accuracy else None),
             wake_loss_first=row.number(row.get(rb, "wake_loss_first", ""), "wake_loss_first"),
             wake_loss_last=row.number(row.get(rb, "wake_loss_last", ""), "wake_loss_last"),
             consolidations=_consolidations(
@@ -472,7 +484,7 @@ def load_lifecycle_metrics(root: str | Path, params: Params) -> LifecycleMetrics
             diagnostics=_diagnostics(row, row.get(rb, "diagnostics", "", required=False)),
             routing=_routing(row, row.get(rb, "routing_accuracy", "", required=False)),
         ))
-    return LifecycleMetrics(tuple(cycles), matrix, final, tuple(sources))
+    return LifecycleMetrics(tuple(cycles), matrix, final, tuple(sources), passage_tasks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,26 +531,33 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-def continual_learning_metrics(matrix: Sequence[Sequence[float | None]]) -> CLMetrics:
+def continual_learning_metrics(matrix: Sequence[Sequence[float | None]], passage_tasks: Collection[int] = ()
+                               ) -> CLMetrics:
     """Final average accuracy, average incremental accuracy, forgetting and backward transfer of ``R``.
 
     ``matrix`` is square ``(T, T)`` with numbers on and below the diagonal (entries above it
-    are ignored). See :class:`CLMetrics` for the definitions.
+    are ignored). See :class:`CLMetrics` for the definitions. ``passage_tasks`` are periods
+    that read plain passages only: they have no accuracy (their column is None) and the means
+    run over the other tasks; every period stays a row.
     """
     t = len(matrix)
     if t == 0 or any(len(row) != t for row in matrix):
         raise ValueError(f"the accuracy matrix must be square and non-empty, got {[len(r) for r in matrix]} rows")
+    tasks = [j for j in range(t) if j not in set(passage_tasks)]
+    if not tasks:
+        raise ValueError("no task with an accuracy: every period read plain passages only")
     for i, row in enumerate(matrix):
         for j in range(i + 1):
-            if row[j] is None:
-                raise ValueError(f"accuracy_matrix[{i}][{j}] is None: every task seen after cycle {i} needs a value")
-    r: list[list[float]] = [[float(matrix[i][j]) for j in range(i + 1)] for i in range(t)]  # type: ignore[arg-type]
+            if (row[j] is None) != (j in set(passage_tasks)):
+                raise ValueError(f"accuracy_matrix[{i}][{j}] is {row[j]!r}: every labelled task seen after cycle {i} "
+                                 "needs a value, and a task of passages only has none")
+    r: list[dict[int, float]] = [{j: float(matrix[i][j]) for j in tasks if j <= i} for i in range(t)]  # type: ignore[arg-type]
     last = r[t - 1]
-    forgetting = {j: max(r[i][j] for i in range(j, t - 1)) - last[j] for j in range(t - 1)}
-    bwt = {j: last[j] - r[j][j] for j in range(t - 1)}
+    forgetting = {j: max(r[i][j] for i in range(j, t - 1)) - last[j] for j in tasks if j < t - 1}
+    bwt = {j: last[j] - r[j][j] for j in tasks if j < t - 1}
     return CLMetrics(
-        final_average_accuracy=_mean(last),
-        average_incremental_accuracy=_mean([_mean(row) for row in r]),
+        final_average_accuracy=_mean(list(last.values())),
+        average_incremental_accuracy=_mean([_mean(list(row.values())) for row in r if row]),
         forgetting=_mean(list(forgetting.values())) if forgetting else None,
         backward_transfer=_mean(list(bwt.values())) if bwt else None,
         forgetting_per_task=forgetting,
@@ -589,10 +608,10 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def plot_accuracy_matrix(matrix: Sequence[Sequence[float | None]]) -> Figure:
+def plot_accuracy_matrix(matrix: Sequence[Sequence[float | None]], passage_tasks: Collection[int] = ()) -> Figure:
     """Heatmap of ``R[i][j]`` (rows: after cycle i, columns: task j), each cell annotated."""
     t = len(matrix)
-    cl = continual_learning_metrics(matrix)
+    cl = continual_learning_metrics(matrix, passage_tasks)
     with figure_style():
         fig = _figure()
         ax = fig.add_subplot()
@@ -634,11 +653,13 @@ def plot_task_accuracy(matrix: Sequence[Sequence[float | None]]) -> Figure:
         cycles = list(range(t))
         for j in range(t):
             xs = [i for i in range(j, t) if matrix[i][j] is not None]
-            ax.plot(xs, [matrix[i][j] for i in xs], marker="o", color=COLORS[j % len(COLORS)],
-                    label=f"task {j}", linewidth=1.6)
-        means = [_mean([float(matrix[i][j]) for j in range(i + 1) if matrix[i][j] is not None]) for i in cycles]
-        ax.plot(cycles, means, linestyle="--", color="black", marker="s", markersize=4, linewidth=1.2,
-                label="mean on seen tasks")
+            if xs:  # a period of plain passages only has no accuracy to draw
+                ax.plot(xs, [matrix[i][j] for i in xs], marker="o", color=COLORS[j % len(COLORS)],
+                        label=f"task {j}", linewidth=1.6)
+        seen = {i: [float(v) for v in matrix[i][: i + 1] if v is not None] for i in cycles}
+        xs = [i for i in cycles if seen[i]]
+        ax.plot(xs, [_mean(seen[i]) for i in xs], linestyle="--", color="black", marker="s", markersize=4,
+                linewidth=1.2, label="mean on seen tasks")
         ax.set_xticks(cycles)
         ax.set_xlim(-0.25, max(t - 1, 1) + 0.25)
         ax.set_ylim(-0.03, 1.05)
@@ -732,7 +753,7 @@ def plot_diagnostics(cycles: Sequence["Cycle"]) -> Figure:
 
 def summarize(metrics: LifecycleMetrics) -> dict[str, Any]:
     """A JSON-serialisable summary: one row per cycle plus the continual-learning metrics."""
-    cl = continual_learning_metrics(metrics.accuracy_matrix)
+    cl = continual_learning_metrics(metrics.accuracy_matrix, metrics.passage_tasks)
     cycles = []
     for c in metrics.cycles:
         cycles.append({
@@ -792,7 +813,7 @@ def render_markdown(
     metrics: LifecycleMetrics, out_dir: str | Path | None = None, root: str | Path | None = None
 ) -> str:
     """The report as markdown; links (figures, gate reports) are relative to ``out_dir``."""
-    cl = continual_learning_metrics(metrics.accuracy_matrix)
+    cl = continual_learning_metrics(metrics.accuracy_matrix, metrics.passage_tasks)
     t = metrics.n_tasks
     tasks = range(t)
     out = Path(out_dir) if out_dir is not None else None
@@ -850,7 +871,7 @@ def render_markdown(
                          "forgetting", "backward transfer"], [
             [str(j), _acc(r[j][j]), _acc(max(r[i][j] for i in range(j, t - 1))), _acc(r[t - 1][j]),  # type: ignore[type-var]
              f"{cl.forgetting_per_task[j]:.3f}", f"{cl.backward_transfer_per_task[j]:.3f}"]
-            for j in range(t - 1)
+            for j in cl.forgetting_per_task
         ])
     lines += ["", f"![Accuracy of each task over the cycles]({FIGURES['task_accuracy']})", ""]
 
@@ -975,7 +996,7 @@ def write_report(
     metrics = load_lifecycle_metrics(root, params)
     summary = summarize(metrics)
     figures = {
-        "accuracy_matrix": plot_accuracy_matrix(metrics.accuracy_matrix),
+        "accuracy_matrix": plot_accuracy_matrix(metrics.accuracy_matrix, metrics.passage_tasks),
         "task_accuracy": plot_task_accuracy(metrics.accuracy_matrix),
         "dream_funnel": plot_dream_funnel([c.dream_funnel for c in metrics.cycles]),
         "diagnostics": plot_diagnostics(metrics.cycles),
@@ -1013,7 +1034,7 @@ def print_summary_table(summary: dict[str, Any], console: Console | None = None)
         dreams = f"{funnel['promoted']} of {funnel['generated']}" if funnel else (
             f"{NONE} (off)" if c.get("dreaming") == "off" else NONE)
         table.add_row(str(c["cycle"]), *(f"{acc[str(j)]:.2f}" if str(j) in acc else "–" for j in range(n)),
-                      f"{c['mean_accuracy_seen']:.2f}", cons, dreams)
+                      _fmt(c["mean_accuracy_seen"]), cons, dreams)
     cl = summary["continual_learning"]
     console.print(table)
     console.print(f"final average accuracy {cl['final_average_accuracy']:.3f} · forgetting "

@@ -49,7 +49,9 @@ def consolidate_due_levels(params: Params, root: Path, plan: dict[int, list[str]
     loaded, cms, optimizer = open_memory_model(params, root, src_dir, with_optimizer=True)
     judge = SemanticJudge.load(cfg.semantic_threshold) if pairs and cfg.alpha < 1 and cfg.gamma > 0 else None
     reports, samples, timings = [], [], []
-    old_labels = {t: plan[t] for t in sorted(plan) if t < period}
+    # A period of passages only has no labels to dream about; any other task without label names is an error.
+    passages_only = {t for t in meta.get("passage_periods", []) if not plan.get(t)}
+    old_labels = {t: plan[t] for t in sorted(plan) if t < period and t not in passages_only}
     dreamed_inputs: list[dict] = []
     shots = [tuple(x) for x in meta.get("buffer_examples", [])]  # this period's (text, label): the dreams' style
     for src, dst in pairs:
@@ -61,7 +63,7 @@ def consolidate_due_levels(params: Params, root: Path, plan: dict[int, list[str]
             if old_labels:  # earlier tasks: the old experts dream them, the fast level masked
                 dreams = dream_task_inputs(loaded.model, loaded.tokenizer, cms, old_labels, [src], cfg.rehearsal,
                                            seed=seed * 7 + 1, sampling=params.sampling, examples=shots)
-            if params.cms.routing.enabled:  # this period's task, dreamed by the whole model: the next wake's negatives
+            if params.cms.routing.enabled and period not in passages_only:  # this period's task, dreamed by the whole model: the next wake's negatives
                 current = dream_task_inputs(loaded.model, loaded.tokenizer, cms, {period: plan[period]}, [],
                                             cfg.rehearsal, seed=seed * 7 + 2, sampling=params.sampling, examples=shots)
             samples += [{"kind": "rehearsal" if d.task < period else "current_dream",

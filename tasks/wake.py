@@ -14,11 +14,12 @@ from tqdm.auto import tqdm
 
 from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
-from model.data import STREAM_FILE, load_plan, load_stream, task_file
+from model.data import PASSAGE_LABEL, STREAM_FILE, load_plan, load_stream, task_file
 from model.io import write_json
 from tasks.caching import OUTPUT_STATE, cache_options, stamp_output
 from model.prototypes import learn_prototypes
-from model.wake import NonFiniteLossError, StepLog, ensure_writable, split_template, train_period
+from model.knowledge import stream_pairs
+from model.wake import NonFiniteLossError, StepLog, ensure_writable, train_period
 
 
 TIMING = "timing"  # the key of a task result's wall-clock measures (written apart from the metrics)
@@ -74,12 +75,18 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
     if prev is not None and not prev.is_dir():
         raise StreamError(f"{prev}: missing; wake period {period} starts from the sleep after period {period - 1}")
     loaded, cms, optimizer = open_memory_model(params, root, prev, with_optimizer=True)
+    prev_meta = read_manifest(prev)["metadata"] if prev else {}
     # Routing negatives: the inputs the last sleep dreamed about every task so far (model-written, no examples).
-    negatives = [d["text"] for d in read_manifest(prev)["metadata"].get("dreamed_inputs", [])] if prev else []
+    negatives = [d["text"] for d in prev_meta.get("dreamed_inputs", [])]
     step_before = cms.step
     cms.begin_period(period)  # experts that learn now belong to this period (prototype routing)
     ensure_writable(cms, params.cms.levels, origin=f"wake:period-{period}")
-    pairs = [split_template(params.wake.template, t, lab) for t, lab in zip(rows["text"], rows["label"])]
+    texts, labels = list(rows["text"]), list(rows["label"])
+    # Labelled rows as template pairs, plain passages (the inbox's) as pieces to continue from their beginning.
+    pairs, origin = stream_pairs(loaded.tokenizer, params.wake.template, texts, labels, params.wake.max_length)
+    if not pairs:
+        raise StreamError(f"period {period}: nothing to learn (every passage of its train rows has fewer than two words)")
+    pieces = sum(labels[i] == PASSAGE_LABEL for i in origin)
     n_steps = params.wake.epochs * -(-len(pairs) // params.wake.batch_size)
     bar = tqdm(total=n_steps, desc=f"wake period {period}", unit="step", leave=False)
 
@@ -120,10 +127,13 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
     out = wake_state_dir(params, root, period)
     picks = random.Random(params.seed * 7_919 + period).sample(range(len(pairs)), min(len(pairs), params.consolidation.prompt_buffer_size))
     buffer = [pairs[i][0] for i in picks]
-    # The same examples as (text, label): the sleep writes its dreams in their style (rehearsal.shots).
-    examples = [[str(rows["text"].iloc[i]), str(rows["label"].iloc[i])] for i in picks]
+    # The labelled ones as (text, label): the sleep writes its dreams in their style (rehearsal.shots).
+    examples = [[str(texts[origin[i]]), str(labels[origin[i]])] for i in picks if labels[origin[i]] != PASSAGE_LABEL]
     metadata = {"period": period, "task": period, "model": loaded.name, "step_before": step_before,
                 "prompt_buffer": buffer, "buffer_examples": examples}
+    passage_periods = prev_meta.get("passage_periods", []) + ([period] if pieces else [])
+    if passage_periods:  # the periods that read passages (a sleep does not rehearse a period of passages only)
+        metadata["passage_periods"] = passage_periods
     save_state(cms, out, optimizer, metadata=metadata)
     updates = {lvl.name: sum(li in s.updated_levels for s in logs) for li, lvl in enumerate(params.cms.levels)}
     log.info(f"period {period}: {len(logs)} steps, loss {logs[0].loss:.3f} -> {logs[-1].loss:.3f}, "
@@ -138,6 +148,7 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
         "losses": [round(s.loss, 5) for s in logs],
         "level_updates": updates,
         "routing_negatives": len(negatives),
+        **({"passage_pieces": pieces} if pieces else {}),
         "state_dir": str(out.relative_to(root)),
         TIMING: {"train_seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1)},
     }, out)

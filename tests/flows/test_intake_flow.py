@@ -112,6 +112,73 @@ def test_each_batch_is_consumed_once_in_order_and_a_crash_resumes_the_same_perio
     assert (tmp_path / "artifacts/.outbox/pending.json").is_file()
 
 
+NOTES = [
+    "The harbour of Vessa freezes every winter. Its fishermen then walk to the islands on the ice and mend their nets there.",
+    "Old Tamsin keeps forty goats above the village. Each goat has the name of a star and answers to a copper bell.",
+]
+MORE_NOTES = ["The Vessa lighthouse was built from the stones of a ruined mill. Its lamp burns seal oil and turns once a minute."]
+
+
+def _notes(tmp_path: Path, name: str, texts: list[str]) -> str:
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    return str(path)
+
+
+def test_plain_passages_are_learned_a_period_of_passages_only_sleeps_and_later_sleeps_skip_it(tmp_path,
+                                                                                             prefect_harness):
+    from flows.intake import cycle, ingest
+
+    params = str(_project(tmp_path))
+    raw = yaml.safe_load(Path(params).read_text())
+    raw["cms"]["levels"][1]["chunk_size"] = 2  # every period consolidates (each wake takes at least 2 steps)
+    Path(params).write_text(yaml.safe_dump(raw))
+    inbox = tmp_path / "state" / "inbox"
+    a = ingest(_batch(tmp_path, "a", ["alarm", "balance"]), params)
+    n = ingest(_notes(tmp_path, "notes", NOTES), params)
+
+    # A period of labelled rows and passages: the wake learns both, the passages as pieces to continue.
+    first = cycle(params)
+    assert first["wake"]["batches"] == [a["id"], n["id"]]
+    assert first["wake"]["wake"]["passage_pieces"] >= len(NOTES)
+    recall = first["sleep"]["evaluate"]["passage_recall"]
+    assert recall["after_sleep"]["0"] > recall["before_wake"]  # what the passages say, the slept model recalls better
+    assert set(first["sleep"]["evaluate"]["accuracy"]) == {"0"}
+
+    # A period of passages only: no labels, no test rows, no dreams; consolidation still learns the passages.
+    m = ingest(_notes(tmp_path, "more", MORE_NOTES), params)
+    second = cycle(params)
+    assert second["wake"]["batches"] == [m["id"]]
+    _, plan = load_stream(inbox / "stream")
+    assert plan == {0: ["alarm", "balance"], 1: []}
+    assert set(second["sleep"]["evaluate"]["accuracy"]) == {"0"}
+    recall = second["sleep"]["evaluate"]["passage_recall"]
+    assert set(recall["after_sleep"]) == {"0", "1"} and recall["after_sleep"]["1"] > recall["before_wake"]
+    dream = json.loads((tmp_path / "metrics/dreaming/period-1.json").read_text())
+    assert dream["skipped"] == "passages only" and "funnel" not in dream
+    sleep = json.loads((tmp_path / "metrics/consolidation/period-1.json").read_text())
+    assert sleep["consolidations"] and all(c["rehearsal"]["tasks"] == [0] for c in sleep["consolidations"])
+
+    # A labelled period after it: the sleep rehearses task 0 and passes over task 1, which has no labels.
+    c = ingest(_batch(tmp_path, "c", ["weather", "music"]), params)
+    third = cycle(params)
+    assert set(third["sleep"]["evaluate"]["accuracy"]) == {"0", "2"}
+    sleep = json.loads((tmp_path / "metrics/consolidation/period-2.json").read_text())
+    assert sleep["consolidations"] and all(c["rehearsal"]["tasks"] == [0] for c in sleep["consolidations"])
+    ledger = read_ledger(inbox / LEDGER_FILE)
+    assert [p["batches"] for p in ledger.periods] == [[a["id"], n["id"]], [m["id"]], [c["id"]]]
+    assert all(p["status"] == "done" for p in ledger.periods)
+
+    # The lifecycle report covers the period of passages: a row of the matrix, no column of its own.
+    from flows.report import report
+
+    acc = third["sleep"]["evaluate"]["accuracy"]
+    summary = report(params)
+    assert summary["accuracy_matrix"][2] == [acc["0"], None, acc["2"]]
+    assert set(summary["continual_learning"]["forgetting_per_task"]) == {"0"}
+    assert (tmp_path / "reports/lifecycle/report.md").is_file()
+
+
 def test_the_inbox_continues_the_prepared_stream(tmp_path, prefect_harness):
     from flows.intake import ingest, wake_inbox
     from flows.prepare import prepare

@@ -23,7 +23,7 @@ from model.knowledge import (
 )
 from model.loading import LoadedModel, tiny_model
 from model.sampling import Sample
-from model.wake import encode, sft_loss
+from model.wake import encode, sft_loss, split_template
 
 SQUAD = Path(__file__).resolve().parents[2] / "data" / "raw" / "squad"
 GOOD = {"title": "T", "context": "Some passage.", "questions": [{"question": "Q?", "answer": "A"}]}
@@ -254,3 +254,55 @@ def test_select_passages_takes_a_range_and_refuses_one_beyond_the_file(tmp_path:
         knowledge.select_passages(path, 3, offset=1, field="cmp.knowledge")
     with pytest.raises(DataError, match="passages file not found"):
         knowledge.select_passages(tmp_path / "nope.json", 1)
+
+
+# plain passages of the inbox: pieces to continue, and how well they are recalled
+
+
+def test_passage_pairs_cut_each_piece_after_its_beginning_and_lose_no_word(lm: LoadedModel) -> None:
+    from model.knowledge import passage_pairs
+
+    text = " ".join(f"Sentence number {i} says something about topic {i}." for i in range(12))
+    pairs = passage_pairs(lm.tokenizer, text, 60)
+    assert len(pairs) > 1
+    assert all(p.split() and c.startswith(" ") and c.split() for p, c in pairs)
+    assert " ".join(p + c for p, c in pairs).split() == text.split()  # every word, in order
+    for p, c in pairs:  # the prompt is the piece's first quarter of words
+        n = len((p + c).split())
+        assert len(p.split()) == min(max(1, round(n * 0.25)), n - 1)
+    assert passage_pairs(lm.tokenizer, "Alone.", 60) == []  # one word: nothing to continue
+    with pytest.raises(ValueError, match="prefix_fraction"):
+        passage_pairs(lm.tokenizer, text, 60, prefix_fraction=1.0)
+
+
+def test_stream_pairs_keep_labelled_rows_as_template_pairs_and_cut_passages(lm: LoadedModel) -> None:
+    from model.knowledge import stream_pairs
+
+    texts = ["wake me at six", "The mill burned in 1820. Its stones built the lighthouse on the cape.", "play a song"]
+    labels = ["alarm", "", "music"]
+    template = "Text: {text}\nIntent: {label}"
+    pairs, origin = stream_pairs(lm.tokenizer, template, texts, labels, 64)
+    assert pairs[0] == split_template(template, texts[0], "alarm") and pairs[-1] == split_template(template, texts[2], "music")
+    assert origin[0] == 0 and origin[-1] == 2 and set(origin[1:-1]) == {1} and len(pairs) > 2
+    assert " ".join(p + c for p, c in pairs[1:-1]).split() == texts[1].split()
+
+
+def test_passage_recall_rises_when_the_passage_is_trained_and_is_none_without_words() -> None:
+    from model.knowledge import passage_pairs, passage_recall
+
+    trained = tiny_model(seed=0)
+    model, tok = trained.model, trained.tokenizer
+    text = "The harbour of Vessa freezes every winter. Its fishermen then walk to the islands on the ice."
+    before = passage_recall(model, tok, [text], max_length=64)
+    pairs = passage_pairs(tok, text, 60)
+    batch = encode(tok, [p for p, _ in pairs], [c for _, c in pairs], 64)
+    model.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(4):
+        opt.zero_grad()
+        sft_loss(model, batch).backward()
+        opt.step()
+    model.eval()
+    assert passage_recall(model, tok, [text], max_length=64) > before + 0.5
+    assert passage_recall(model, tok, ["Alone."], max_length=64) is None

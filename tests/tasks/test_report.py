@@ -123,6 +123,19 @@ def test_cl_metrics_one_task_and_a_task_that_improves():
     assert better.forgetting == -0.25 and better.backward_transfer == 0.25  # positive transfer, negative forgetting
 
 
+def test_cl_metrics_pass_over_a_period_of_passages_only_and_keep_its_row():
+    # cycle 1 read plain passages only: no column of its own; its row still counts for task 0's best
+    matrix = [[0.5, None, None], [1.0, None, None], [0.5, None, 0.75]]
+    cl = continual_learning_metrics(matrix, passage_tasks=[1])
+    assert cl.final_average_accuracy == 0.625
+    assert cl.forgetting_per_task == {0: 0.5} and cl.backward_transfer_per_task == {0: 0.0}
+    assert cl.average_incremental_accuracy == (0.5 + 1.0 + 0.625) / 3
+    with pytest.raises(ValueError, match=r"accuracy_matrix\[2\]\[1\]"):  # a passage task with a value
+        continual_learning_metrics([[0.5, None, None], [1.0, None, None], [0.5, 0.5, 0.75]], passage_tasks=[1])
+    with pytest.raises(ValueError, match="plain passages only"):
+        continual_learning_metrics([[None]], passage_tasks=[0])
+
+
 def test_cl_metrics_reject_a_matrix_with_a_hole():
     with pytest.raises(ValueError, match=r"accuracy_matrix\[1\]\[0\]"):
         continual_learning_metrics([[0.5, None], [None, 0.5]])
