@@ -252,6 +252,30 @@ class ContinuumMemory(nn.Module):
         self.refresh_routing(level)
         return slot
 
+    def copy_expert(self, src: tuple[int, int], dst: tuple[int, int]) -> bool:
+        """Set expert ``dst`` = (level, slot) to expert ``src``'s weights and router, in every CMS layer.
+
+        Exact when the destination's rank is at least the source's: the extra rank dimensions
+        get A = 0 and B = 0, and the activation maps 0 to 0, so they add nothing. With a smaller
+        rank the leading dimensions are kept (an approximation). Returns whether the copy is exact.
+        Both experts must be active; the destination's record is left as it is (its origin).
+        """
+        for level, slot in (src, dst):
+            self._check_level(level)
+            if slot not in self.active_slots(level):
+                raise CMSError(f"cannot copy: level {level} slot {slot} is not active")
+        r_src, r_dst = self.cfg.levels[src[0]].d_low, self.cfg.levels[dst[0]].d_low
+        r = min(r_src, r_dst)
+        with torch.no_grad():
+            for bank_s, bank_d in zip(self.banks(src[0]), self.banks(dst[0])):
+                bank_d.A[dst[1]].zero_()
+                bank_d.B[dst[1]].zero_()
+                bank_d.A[dst[1]][:, :r].copy_(bank_s.A[src[1]][:, :r])
+                bank_d.B[dst[1]][:r].copy_(bank_s.B[src[1]][:r])
+                bank_d.router[dst[1]].copy_(bank_s.router[src[1]])
+        self.experts[dst[0]][dst[1]].history.append(f"copied@{self.step}:level-{src[0]}/slot-{src[1]}")
+        return r_dst >= r_src
+
     def reset_level(self, level: int, reason: str = "reset") -> list[nn.Parameter]:
         """Synaptic pruning: zero and mask every expert of a level. Returns the freed parameters
         (so a caller can drop their optimiser state)."""

@@ -237,6 +237,11 @@ class ConsolidationConfig(_Strict):
         True, description="Parameter expansion: consolidate into a newly unlocked expert of the slower level "
         "(false: train the slower level's newest existing expert in place, the 'no expansion' ablation).",
     )
+    init: Literal["zero", "copy"] = Field(
+        "zero", description="How the new expert starts: zero (B = 0, the paper's expansion: the model is unchanged) "
+        "or copy (as the faster level's expert that learned most, model.consolidation.seed_expert; distillation "
+        "then corrects it).",
+    )
     prompt_buffer_size: int = Field(64, ge=1, description="Wake prompts kept for sleep (seeded sample).")
     samples_per_prompt: int = Field(1, ge=1, description="Teacher samples per buffered prompt (the data D).")
     steps: int = Field(40, ge=1, description="Optimiser steps on the new expert.")

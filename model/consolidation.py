@@ -96,6 +96,7 @@ class ConsolidationResult:
     dst: int
     slot: int
     merged: MergeRecord | None = None  # the merge that freed a slot of a full level first
+    seeded_from: int | None = None  # cfg.init 'copy': the slot of level src the new expert started as
     steps: list[StepRecord] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)  # the sleep's dreams table rows
 
@@ -105,6 +106,24 @@ def _cut(tokenizer: PreTrainedTokenizerBase, prompt: str, text: str, rng: random
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     k = rng.randrange(len(ids)) if ids else 0
     return prompt + tokenizer.decode(ids[:k]), tokenizer.decode(ids[k:])
+
+
+def seed_expert(cms: ContinuumMemory, src: int, dst: int, slot: int) -> int | None:
+    """``consolidation.init: copy``: start the new expert ``slot`` of level ``dst`` as level ``src``'s expert
+    that learned most (the largest sum over layers of ||B||_F; with one active expert, that one). Returns its
+    slot, or None when level ``src`` has no active expert (the new expert keeps B = 0).
+
+    Level ``src`` is masked in the student, and it fed level ``dst`` in the chain (eq. 1), so the copy sees
+    the inputs its source saw: the student starts close to the teacher on this period's inputs, and
+    distillation, with rehearsal, has only to correct it, not to learn the period again from nothing.
+    """
+    slots = cms.active_slots(src)
+    if not slots:
+        return None
+    norms = {e: sum(float(bank.B[e].norm()) for bank in cms.banks(src)) for e in slots}
+    best = max(slots, key=lambda e: (norms[e], -e))
+    cms.copy_expert((src, best), (dst, slot))
+    return best
 
 
 def consolidate(
@@ -163,8 +182,11 @@ def consolidate(
         with cms.levels_masked([src]):  # the slow level's inputs as the student will see them
             merged = merge_oldest(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
                                   max_length, cfg.merge_steps, cfg.lr, seed)
+    seeded_from = None
     if expand or not existing:
         slot = cms.unlock(dst, origin=origin)
+        if cfg.init == "copy":
+            seeded_from = seed_expert(cms, src, dst, slot)
         new_params = cms.level_parameters(dst, [slot])
         teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
         old_teacher = lambda: cms.levels_masked([src], hidden={dst: [slot]})  # noqa: E731
@@ -178,7 +200,7 @@ def consolidate(
         def old_teacher() -> Iterator[None]:
             with _weights_swapped(new_params, frozen), cms.levels_masked([src]):
                 yield
-    result = ConsolidationResult(src=src, dst=dst, slot=slot, merged=merged)
+    result = ConsolidationResult(src=src, dst=dst, slot=slot, merged=merged, seeded_from=seeded_from)
     student = lambda: cms.levels_masked([src])  # noqa: E731
     optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     split = SplitForward(model, cms)

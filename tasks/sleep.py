@@ -105,6 +105,7 @@ def consolidate_due_levels(params: Params, root: Path, plan: dict[int, list[str]
                           "current_task_dreams": len(current),
                           "current_task_passed": sum(d.passed for d in current)},
             "merged": None if res.merged is None else asdict(res.merged),
+            **({"seeded_from": res.seeded_from} if res.seeded_from is not None else {}),
             "distillation": [round(r.distillation, 5) for r in res.steps],
             "reward": [None if r.reward != r.reward else round(r.reward, 4) for r in res.steps],
             "loss": [round(r.loss, 5) for r in res.steps],

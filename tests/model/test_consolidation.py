@@ -244,3 +244,45 @@ def test_training_in_place_needs_an_active_slot():
     with pytest.raises(CMSError, match=f"slot {free}.*not active"):
         consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=1), 32, None, seed=0,
                     origin="consolidation:test", into=free)
+
+
+def test_copy_expert_is_exact_with_a_rank_as_large_and_keeps_the_leading_dims_with_a_smaller_one():
+    from model.cms import attach_cms
+    from model.config import CMSConfig
+    from model.loading import tiny_model
+
+    lm = tiny_model(seed=0)
+    levels = [LevelConfig(name="fast", chunk_size=1, lr=1e-2, n_experts=2, d_low=4, top_k=2),
+              LevelConfig(name="slow", chunk_size=4, lr=1e-2, n_experts=3, d_low=8, top_k=3),
+              LevelConfig(name="slower", chunk_size=8, lr=1e-2, n_experts=2, d_low=2, top_k=2)]
+    cms = attach_cms(lm.model, CMSConfig(top_layers=2, levels=levels), seed=0)
+    make_nonzero(cms, 0)
+    batch = toy_batch(lm)
+    with cms.levels_masked([1, 2]):
+        fast_only = logits(lm, batch)
+    slot = cms.unlock(1, "test")
+    assert cms.copy_expert((0, 0), (1, slot))  # rank 4 into rank 8: exact
+    with cms.levels_masked([0, 2], hidden={1: [0]}):  # the copy alone where the source was
+        torch.testing.assert_close(logits(lm, batch), fast_only, rtol=0, atol=1e-5)
+    assert cms.experts[1][slot].history[-1].startswith("copied@")
+    low = cms.unlock(2, "test")
+    assert not cms.copy_expert((0, 0), (2, low))  # rank 4 into rank 2: the leading dimensions
+    for bs, bd in zip(cms.banks(0), cms.banks(2)):
+        assert torch.equal(bd.A[low], bs.A[0][:, :2]) and torch.equal(bd.B[low], bs.B[0][:2])
+    with pytest.raises(CMSError, match="not active"):
+        cms.copy_expert((0, 1), (1, slot))
+
+
+def test_init_copy_starts_the_new_expert_as_the_fast_one_so_the_student_starts_at_the_teacher():
+    lm, cms, probe, _, _ = _fast_level_with_knowledge()
+    with torch.no_grad():
+        for bank in cms.banks(1):
+            bank.B[0].zero_()  # the slow level adds nothing yet: the copy alone must stand in for the fast level
+    teacher = _completion_logits(lm, probe)
+    with cms.levels_masked([0]):
+        gap_reset = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(init="copy", steps=1, lr=1e-6), 32, None,
+                      seed=0, origin="consolidation:test")
+    assert res.seeded_from == 0 and cms.active_slots(0) == []
+    gap = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    assert gap < 1e-3 * gap_reset, (gap_reset, gap)  # zero init would leave the whole gap for distillation
