@@ -51,6 +51,24 @@ def _stream_picks(params: Params, stream: pd.DataFrame, period: int) -> tuple[li
     return pairs, [rng.sample(pairs, need) for _ in range(cfg.passages_per_sleep)]
 
 
+def dream_skip(params: Params, stream: pd.DataFrame, plan: dict[int, list[str]], period: int) -> str | None:
+    """Why a stream sleep cannot dream about ``period`` (None when it can): the period read plain passages only,
+    or it has fewer labelled train examples than one dream task takes (an inbox batch may be small). Wake and
+    consolidation have learned the period all the same; a prepared stream always has enough (data checks)."""
+    cfg = params.dream
+    if cfg.task_source != "stream":
+        return None
+    if not plan.get(period):
+        return "the period has plain passages only, no labelled examples to dream about"
+    labelled = (stream["task"] == period) & (stream["split"] == "train") & (stream["label"] != PASSAGE_LABEL)
+    need = cfg.context_examples + cfg.tau_examples
+    n = int(labelled.sum())
+    if n < need:
+        return (f"the period has {n} labelled train examples, fewer than dream.context_examples + "
+                f"dream.tau_examples = {need}")
+    return None
+
+
 def dream_tasks(params: Params, root: Path, stream: pd.DataFrame, period: int) -> list[DreamTask]:
     """The (C, tau) tasks of one sleep, drawn (seeded) from the period's wake data or from passages."""
     cfg = params.dream
@@ -127,13 +145,13 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     cfg = params.dream
     src = consolidated_state_dir(params, root, period)
     out = sleep_state_dir(params, root, period)
-    passages_only = cfg.task_source == "stream" and not plan.get(period)
-    if not cfg.enabled or passages_only:  # a period of plain passages: wake and consolidation learn them
+    skipped = dream_skip(params, stream, plan, period) if cfg.enabled else None
+    if not cfg.enabled or skipped:  # the sleep's state is the consolidated one
         with writing_outputs(out), atomic_dir(out) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if passages_only and cfg.enabled:
-            log.info(f"dream {period}: the period has passages only; no labelled examples to dream about")
-            return stamp_output({"period": period, "enabled": True, "skipped": "passages only", TIMING: {}}, out)
+        if skipped:
+            log.warning(f"dream {period}: not dreaming: {skipped}")
+            return stamp_output({"period": period, "enabled": True, "skipped": skipped, TIMING: {}}, out)
         return stamp_output({"period": period, "enabled": False, TIMING: {}}, out)
     torch.set_num_threads(params.wake.threads)
     meta = read_manifest(src)["metadata"]

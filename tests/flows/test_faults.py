@@ -326,18 +326,20 @@ def test_a_failed_dream_rolls_the_sleep_back_to_the_wake_state(prepared, referen
     with private_storage(tmp_path):
         wake(0, str(params))
         wake_digest = state_digest(wake_dir)
-        # Before dreaming writes anything: more context examples than the period has train rows
-        # (dream_tasks raises), once the consolidation (whose inputs are unchanged) has written its state.
-        good = edit_params(params, "dream", context_examples=20)
-        with pytest.raises(ValueError, match=r"dream: period 0 has 16 train examples, fewer than "
-                                             r"dream.context_examples \+ dream.tau_examples = 23"):
+        # Before dreaming writes anything (its tasks fail to build), once the consolidation (whose inputs
+        # are unchanged) has written its state.
+        def no_tasks(*args, **kwargs):
+            raise ValueError("dream: the tasks could not be built")
+
+        monkeypatch.setattr(tasks.dream, "dream_tasks", no_tasks)
+        with pytest.raises(ValueError, match="dream: the tasks could not be built"):
             sleep(0, str(params))
+        monkeypatch.undo()
         assert [p for p in sleep_outputs if p.exists()] == []
         assert outputs_intact(wake_dir) and state_digest(wake_dir) == wake_digest
         assert partial_files(root) == []
 
         # Half-way through dreaming's writes: the gate report and dream tables are out, the state is not.
-        params.write_text(good)
         monkeypatch.setattr(tasks.dream, "save_state", disk_full)
         with pytest.raises(OSError, match="No space left on device"):
             sleep(0, str(params))
