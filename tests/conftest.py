@@ -25,3 +25,21 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _prefect_logs_to_an_open_stream() -> Iterator[None]:
+    """Prefect's console handlers keep the sys.stderr of the moment logging was set up. When that happened under
+    an earlier test's ``capsys`` (building an API app sets logging up again), the stream is closed by now and
+    every log line would fail (seen with `-k` selections). Before each test, set them up again if so."""
+    import logging
+    import sys
+
+    if "prefect.logging.configuration" in sys.modules:
+        handlers = [h for name in (None, "prefect._internal", "uvicorn", "fastapi")
+                    for h in logging.getLogger(name).handlers]
+        if any(getattr(getattr(h, "stream", None), "closed", False) for h in handlers):
+            from prefect.logging.configuration import setup_logging
+
+            setup_logging(incremental=False)  # new handlers (an incremental setup keeps the old)
+    yield
