@@ -39,14 +39,23 @@ TIMINGS = Path("metrics/timings/orchestration.json")
 
 
 def _task_seconds(since: dt.datetime) -> tuple[float, int]:
-    """Total duration of the Prefect task runs that started after ``since`` (and their number)."""
+    """Total duration of the Prefect task runs that started after ``since`` (and their number).
+
+    A subflow called from a flow has a task run of its own in the parent, which lasts as long as the
+    subflow and its tasks: it is left out, or the subflow's tasks would count twice."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter,
+                                                TaskRunFilterStartTime)
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)))
-    total = sum(r.total_run_time.total_seconds() for r in runs if r.total_run_time)
-    return total, len(runs)
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)),
+                                     limit=None)
+        flows_ = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
+                                       limit=None)
+    wrappers = {f.parent_task_run_id for f in flows_ if f.parent_task_run_id is not None}
+    tasks_ = [r for r in runs if r.id not in wrappers]
+    total = sum(r.total_run_time.total_seconds() for r in tasks_ if r.total_run_time)
+    return total, len(tasks_)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -207,3 +207,32 @@ def test_the_cli_reports_a_bad_state_in_one_line(tmp_path, prefect_harness, caps
     assert main(["wake", "--params", str(params_path), "--period", "1"]) == 1
     err = capsys.readouterr().err
     assert "lm-sleep wake:" in err and "sleep/period-0: missing" in err and "Traceback" not in err
+
+
+def test_the_main_jobs_task_time_counts_a_subflows_tasks_once(prefect_harness):
+    import datetime as dt
+    import time
+
+    from prefect import flow, task
+
+    from flows.cli import _task_seconds
+
+    @task
+    def nap() -> None:
+        time.sleep(0.3)
+
+    @flow
+    def child() -> None:
+        nap()
+
+    @flow
+    def parent() -> None:
+        nap()
+        child()  # a subflow: the parent records a task run for it as well, which lasts as long as the child
+
+    since = dt.datetime.now(dt.timezone.utc)
+    start = time.perf_counter()
+    parent()
+    wall = time.perf_counter() - start
+    seconds, n = _task_seconds(since)
+    assert n == 2 and 0.6 <= seconds < wall
