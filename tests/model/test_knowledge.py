@@ -157,20 +157,25 @@ def test_answer_loglik_is_a_deterministic_mean(lm: LoadedModel, passage: Passage
     assert answer_loglik(lm.model, lm.tokenizer, passage, batch_size=16) == pytest.approx(value, abs=1e-5)
 
 
+def _train(model, batch, steps: int = 4) -> None:
+    """A few plain SGD steps of SFT on ``batch`` (every weight of the tiny model)."""
+    model.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        sft_loss(model, batch).backward()
+        opt.step()
+    model.eval()
+
+
 def test_answer_loglik_rises_when_the_answers_are_trained(passage: Passage) -> None:
     trained = tiny_model(seed=0)
     model, tok = trained.model, trained.tokenizer
     before = answer_loglik(model, tok, passage)
     prompts = [qa_prompt(qa.question) for qa in passage.questions]
     batch = encode(tok, prompts, [answer_completion(qa.answer) for qa in passage.questions], 256)
-    model.requires_grad_(True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(4):
-        opt.zero_grad()
-        sft_loss(model, batch).backward()
-        opt.step()
-    model.eval()
+    _train(model, batch)
     after = answer_loglik(model, tok, passage)
     assert after > before + 1.0
 
@@ -296,13 +301,6 @@ def test_passage_recall_rises_when_the_passage_is_trained_and_is_none_without_wo
     before = passage_recall(model, tok, [text], max_length=64)
     pairs = passage_pairs(tok, text, 60)
     batch = encode(tok, [p for p, _ in pairs], [c for _, c in pairs], 64)
-    model.requires_grad_(True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(4):
-        opt.zero_grad()
-        sft_loss(model, batch).backward()
-        opt.step()
-    model.eval()
+    _train(model, batch)
     assert passage_recall(model, tok, [text], max_length=64) > before + 0.5
     assert passage_recall(model, tok, ["Alone."], max_length=64) is None
