@@ -69,6 +69,8 @@ def row_checks(cfg: IntakeConfig, kind: str) -> list[tuple[str, Any]]:
             ("label_length", ex.ExpectColumnValueLengthsToBeBetween(column="label", min_value=1,
                                                                     max_value=cfg.max_label_chars)),
         ]
+    else:  # a passage is learned by continuing it from its beginning (model.knowledge.passage_pairs)
+        checks += [("passage_has_two_words", ex.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S\s+\S"))]
     return checks
 
 

@@ -56,9 +56,12 @@ def test_ingest_accepts_good_rows_quarantines_bad_ones_and_is_idempotent(tmp_pat
     assert _snapshot(inbox) == before  # the same file twice: nothing changes
 
     passages = tmp_path / "notes.jsonl"
-    passages.write_text("\n".join(json.dumps({"text": t}) for t in ("The sky is blue.", "Water boils at 100 C.")))
+    passages.write_text("\n".join(json.dumps({"text": t}) for t in ("The sky is blue.", "Water boils at 100 C.",
+                                                                     "Alone.")))
     rec = ingest_file(params, root, str(passages))
-    assert rec["kind"] == "passages" and rec["accepted"] == 2
+    assert rec["kind"] == "passages" and rec["accepted"] == 2 and rec["quarantined"] == 1
+    (bad,) = [json.loads(x) for x in (inbox / rec["quarantine_file"]).read_text().splitlines()]
+    assert bad["text"] == "Alone." and bad["failed"] == ["passage_has_two_words"]  # nothing to continue
     assert len(read_ledger(inbox / LEDGER_FILE).batches) == 2
 
 
