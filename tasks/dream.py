@@ -34,12 +34,17 @@ from tasks.trials import trial_step
 from tasks.wake import TIMING, consolidated_state_dir, sleep_state_dir
 
 
+def _labelled_train(stream: pd.DataFrame, period: int) -> pd.Series:
+    """The mask of ``period``'s labelled train rows (not its plain passages)."""
+    return (stream["task"] == period) & (stream["split"] == "train") & (stream["label"] != PASSAGE_LABEL)
+
+
 def _stream_picks(params: Params, stream: pd.DataFrame, period: int) -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]]]:
     """The period's labelled train (text, label) pairs, and the seeded pick of each stream dream task (C first,
     then tau's)."""
     cfg = params.dream
     rng = random.Random(params.seed * 7_907 + period)
-    labelled = (stream["task"] == period) & (stream["split"] == "train") & (stream["label"] != PASSAGE_LABEL)
+    labelled = _labelled_train(stream, period)
     rows = stream[labelled].sort_values("row_id")
     pairs = list(zip(rows["text"], rows["label"]))
     need = cfg.context_examples + cfg.tau_examples
@@ -60,7 +65,7 @@ def dream_skip(params: Params, stream: pd.DataFrame, plan: dict[int, list[str]],
         return None
     if not plan.get(period):
         return "the period has plain passages only, no labelled examples to dream about"
-    labelled = (stream["task"] == period) & (stream["split"] == "train") & (stream["label"] != PASSAGE_LABEL)
+    labelled = _labelled_train(stream, period)
     need = cfg.context_examples + cfg.tau_examples
     n = int(labelled.sum())
     if n < need:
