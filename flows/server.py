@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from flows.tether import tethered
+
 
 class ServerStartError(RuntimeError):
     """The local Prefect server did not become healthy; the message holds the end of its log."""
@@ -51,12 +53,10 @@ def local_server(log_path: Path, timeout: float = 90.0) -> Iterator[str]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false")}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-    try:
+    with open(log_path, "w") as log, tethered(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    ) as proc:  # a session of its own, stopped with this process even by kill -9 (flows/tether.py)
         deadline = time.monotonic() + timeout
         while not healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -64,10 +64,3 @@ def local_server(log_path: Path, timeout: float = 90.0) -> Iterator[str]:
                 raise ServerStartError(f"prefect server on 127.0.0.1:{port} did not start (log {log_path}):\n{tail}")
             time.sleep(0.3)
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -181,24 +181,16 @@ def stage_server(env: dict[str, str] | None = None) -> Iterator[str]:
     import subprocess
     import tempfile
 
+    from flows.tether import tethered
+
     path = str(Path(tempfile.mkdtemp(prefix="lm-sleep-")) / "stage.sock")  # 0700 directory, short path
-    proc = subprocess.Popen([sys.executable, "-m", "flows.stage", "--serve", path], stdout=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env, cwd=Path(__file__).resolve().parents[1])
-    try:
+    # A session of its own, stopped (socket directory included) with this process even by kill -9.
+    with tethered([sys.executable, "-m", "flows.stage", "--serve", path], remove=[os.path.dirname(path)],
+                  stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1]) as proc:
         line = proc.stdout.readline() if proc.stdout else ""
         if line.strip() != "ready":
             raise RuntimeError(f"stage server did not start (exit {proc.poll()})")
         yield path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(path))
 
 
 if __name__ == "__main__":

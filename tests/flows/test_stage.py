@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,3 +95,55 @@ def test_killing_the_client_kills_its_stage(servers, tmp_path):
     child.wait(timeout=20)  # gone with its client
     assert not (tmp_path / "state/wake/period-0").exists()  # nothing half-written
     assert stage(["prepare", "--params", str(params)], servers).returncode == 0  # the server still serves
+
+
+STARTER = """
+import sys, time
+from pathlib import Path
+from flows.server import local_server
+from flows.stage import stage_server
+with local_server(Path(sys.argv[1]) / "server.log") as url, stage_server() as path:
+    print(path, flush=True)
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead process its parent has not reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("how", ["kill -9 of the process group", "normal exit"])
+def test_no_server_process_outlives_its_starter(how, tmp_path):
+    """The Prefect server and the stage server run in sessions of their own (Ctrl-C reaches the run first),
+    yet kill -9 of the starter's whole process group leaves none of their processes (checked by pid) and
+    no socket directory: their tethers stop them (flows/tether.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", ENV)} | {"PREFECT_HOME": str(tmp_path)}
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        socket_path = starter.stdout.readline().strip()
+        assert socket_path.endswith("stage.sock") and os.path.exists(socket_path), socket_path
+        family = psutil.Process(starter.pid).children(recursive=True)
+        pids = [p.pid for p in family]
+        sessions = {os.getsid(pid) for pid in pids}
+        assert len(pids) >= 2 and len(sessions) >= 2, [(p.pid, p.cmdline()[:4]) for p in family]
+        if how == "normal exit":
+            starter.send_signal(signal.SIGINT)  # KeyboardInterrupt: the context managers stop the servers
+            assert starter.wait(timeout=60) != 0
+        else:
+            os.killpg(starter.pid, signal.SIGKILL)
+            starter.wait()
+        deadline = time.monotonic() + 40
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [(pid, psutil.Process(pid).cmdline()[:5]) for pid in pids if alive(pid)]
+        assert left == [], left
+        assert not os.path.exists(os.path.dirname(socket_path))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(starter.pid, signal.SIGKILL)
+        starter.wait()
