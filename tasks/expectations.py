@@ -95,9 +95,16 @@ class StreamValidationError(ValueError):
         super().__init__("\n".join(parts))
 
 
+# Dataset and dream text in a Markdown report must stay text in any renderer (some pass raw HTML through):
+# no tag (`<`, `>`, `&` as entities), no link syntax (`[`, `]`, and the backslash, so an escape cannot be undone),
+# no cell or line break.
+_MD_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", "[": "\\[", "]": "\\]", "&": "&amp;", "<": "&lt;", ">": "&gt;",
+                             "\n": " ", "\r": " "})
+
+
 def _md(text: str) -> str:
-    """Escape table pipes and newlines for Markdown."""
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text for one line (or table cell) of a Markdown report: inert in any renderer (see _MD_ESCAPES)."""
+    return text.translate(_MD_ESCAPES)
 
 
 def _json_value(value: Any) -> Any:

@@ -42,6 +42,7 @@ from rich.table import Table
 from model.config import Params
 from model.continual import DIAGNOSTIC_STATES
 from model.io import atomic_dir, atomic_path, write_json, write_text
+from tasks.expectations import _md  # text inert in any Markdown renderer
 
 REPORT_DIR = Path("reports/lifecycle")
 PLOTS_DIR = Path("metrics/plots")
@@ -779,10 +780,6 @@ def summarize(metrics: LifecycleMetrics) -> dict[str, Any]:
         "continual_learning": cl.to_json(),
         "cycles": cycles,
     }
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _acc(x: float | None) -> str:
