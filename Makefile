@@ -15,7 +15,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install install-browser run test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# Headless Chromium for the security tests (tests/tasks/test_security.py skip without it); Debian, as root.
+install-browser:
+	apt-get install -y --no-install-recommends chromium-headless-shell
 
 run: install
 	lm-sleep run
