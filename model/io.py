@@ -11,6 +11,7 @@ temporary is never touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -57,6 +58,35 @@ def remove_stale_temporaries(dest: str | Path) -> list[Path]:
     return removed
 
 
+class DiskFullError(OSError):
+    """A write ran out of space (ENOSPC, EDQUOT); the message names the file (``path``). The previous file is kept."""
+
+    path: Path | None = None
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded", "StorageFull")  # also as libraries wrap it
+
+
+def disk_full_error(exc: BaseException, dest: str | Path) -> DiskFullError | None:
+    """A one-line :class:`DiskFullError` naming ``dest`` when ``exc`` is the file system running out of space
+    (an OSError's errno, or a library's wrapped I/O error such as safetensors' "os error 28"), else None."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    if not ((isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+            or any(text in str(exc) for text in _NO_SPACE)):
+        return None
+    dest = Path(dest)
+    try:
+        free = f"{shutil.disk_usage(dest.parent).free} bytes free"
+    except OSError:
+        free = "free space unknown"
+    err = DiskFullError(f"{dest}: no space left on device ({free} in {dest.parent}); the previous {dest.name}, if "
+                        "any, is kept as it was and no partial file is left; free some space and run again")
+    err.errno = errno.ENOSPC  # (not .filename: OSError's str() would then drop the message)
+    err.path = dest
+    return err
+
+
 def _temp_prefix(dest: Path) -> str:
     return f".{dest.name}.{os.getpid()}."
 
@@ -79,8 +109,10 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if (full := disk_full_error(exc, dest)) is not None and full is not exc:
+            raise full from exc
         raise
 
 
@@ -119,8 +151,10 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         os.replace(tmp, dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (full := disk_full_error(exc, dest)) is not None and full is not exc:
+            raise full from exc
         raise
 
 

@@ -43,6 +43,7 @@ import mimetypes
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -53,7 +54,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.io import atomic_path, write_json
+from model.io import DiskFullError, atomic_path, disk_full_error, write_json
 
 T = TypeVar("T")
 
@@ -94,6 +95,28 @@ class NotFoundError(StoreError):
 
 class IntegrityError(StoreError):
     """Stored bytes differ from their recorded SHA-256 (or carry none)."""
+
+
+class OutOfSpaceError(StoreError, DiskFullError):
+    """The local disk filled up while writing the outbox, the local store or a download (ENOSPC).
+
+    Also a ``model.io.DiskFullError`` (an OSError): the message names the file; what was there
+    before (the outbox's list, a stored object) is kept as it was.
+    """
+
+
+@contextlib.contextmanager
+def _local_space() -> Iterator[None]:
+    """Turn the local disk running out of space into an :class:`OutOfSpaceError` (a StoreError the CLI reports)."""
+    try:
+        yield
+    except OutOfSpaceError:
+        raise
+    except Exception as exc:
+        full = disk_full_error(exc, getattr(exc, "filename", None) or "(unknown file)")
+        if full is None:
+            raise
+        raise OutOfSpaceError(str(full)) from exc
 
 
 # ---------------------------------------------------------------------------- validation
@@ -211,7 +234,7 @@ def _sweep_partials(dest: Path) -> None:
 def write_verified(src: IO[bytes], dest: Path, expected_sha256: str, where: str) -> Digest:
     """Copy ``src`` into ``dest`` atomically, refusing (and leaving nothing) if the SHA-256 differs."""
     _sweep_partials(dest)
-    with atomic_path(dest) as tmp:
+    with _local_space(), atomic_path(dest) as tmp:
         with open(tmp, "wb") as out:
             got = copy_hashed(src, out)
         if got.sha256 != expected_sha256:
@@ -367,7 +390,7 @@ class LocalStore(ArtifactStore):
         with open(local_path, "rb") as src:
             write_verified(src, dest, digest.sha256, f"{local_path} (changed while copying to {key})")
         _sweep_partials(sidecar)
-        with atomic_path(sidecar) as tmp:
+        with _local_space(), atomic_path(sidecar) as tmp:
             tmp.write_text(digest.sha256 + "\n")
         return True
 
@@ -496,7 +519,10 @@ class S3Store(ArtifactStore):
                     f"{detail}; check the credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID) and the bucket policy"
                 )
             if code == "NoSuchBucket":
-                return NotFoundError(f"bucket '{self.bucket}' does not exist at {self.endpoint} ({op} key '{name}')")
+                return NotFoundError(
+                    f"bucket '{self.bucket}' does not exist at {self.endpoint} ({op} key '{name}'): create it "
+                    f"(aws s3 mb s3://{self.bucket}) or set LM_SLEEP_S3_BUCKET to an existing one"
+                )
             if code in ("NoSuchKey", "404") or status == 404:
                 return NotFoundError(f"no object {where} at {self.endpoint} ({op})")
             if code in _TRANSIENT_CODES or status >= 500:
@@ -912,7 +938,8 @@ class Outbox:
 
     def save(self, state: Mapping[str, list[dict[str, Any]]]) -> None:
         """Rewrite ``pending.json`` atomically and drop blobs nothing refers to any more."""
-        write_json(self.path, {"version": 1, **state})
+        with _local_space():
+            write_json(self.path, {"version": 1, **state})
         self._drop_unreferenced(state)
 
     def _drop_unreferenced(self, state: Mapping[str, list[dict[str, Any]]]) -> None:
@@ -940,8 +967,15 @@ class Outbox:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.blob(digest.sha256))
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if disk_full_error(exc, self.blobs) is not None:
+                what = getattr(src, "name", "an artifact")
+                raise OutOfSpaceError(
+                    f"{self.blobs}: no space left on device to queue {what} in the outbox "
+                    f"({shutil.disk_usage(self.blobs).free} bytes free); the outbox's list is kept as it was and no "
+                    "partial copy is left; free some space and run again"
+                ) from exc
             raise
         return digest
 
@@ -973,9 +1007,14 @@ def _expand(files: Mapping[str, str | Path]) -> dict[str, Path]:
     return out
 
 
-def _send(store: ArtifactStore, outbox: Outbox, state: dict[str, list[dict[str, Any]]]) -> PublishResult:
-    """Send ``store``'s queued uploads in order, then rebuild its queued index pages (lock held)."""
-    result = PublishResult(store.uri)
+def _send(
+    store: ArtifactStore, outbox: Outbox, state: dict[str, list[dict[str, Any]]], result: PublishResult
+) -> None:
+    """Send ``store``'s queued uploads in order into ``result``, then rebuild its queued index pages (lock held).
+
+    Each upload leaves the list only once its object is verified, so a failure at any point
+    leaves exactly the unverified ones queued.
+    """
     for entry in [u for u in state["uploads"] if u["store"] == store.uri]:
         blob = outbox.blob(entry["sha256"])
         digest = file_digest(blob) if blob.is_file() else None
@@ -994,19 +1033,21 @@ def _send(store: ArtifactStore, outbox: Outbox, state: dict[str, list[dict[str, 
         result.indexes += write_indexes(store, entry["run_id"])
         state["indexes"].remove(entry)
         outbox.save(state)
-    return result
 
 
 def _flush(store: ArtifactStore, outbox: Outbox, state: dict[str, list[dict[str, Any]]]) -> PublishResult:
-    """:func:`_send`; a failure's message adds what stays queued and how it gets sent."""
+    """:func:`_send`; a failure's message adds what was sent, what stays queued and how it gets sent."""
+    result = PublishResult(store.uri)
     try:
-        return _send(store, outbox, state)
+        _send(store, outbox, state, result)
     except StoreError as err:
-        n = len(outbox.pending(store))
+        queued = outbox.pending(store)  # what the list on disk says (a failed rewrite of it keeps the old list)
+        sent = len(result.uploaded) + len(result.unchanged)
         raise type(err)(
-            f"{err}. {n} upload(s) stay queued in {outbox.dir} (local files untouched); the next publish or "
-            "`lm-sleep artifacts flush` sends them"
+            f"{err}. {sent} upload(s) sent and verified, {len(queued)} stay queued in {outbox.dir} (local files "
+            "untouched); the next publish or `lm-sleep artifacts flush` sends them"
         ) from err
+    return result
 
 
 def flush_outbox(store: ArtifactStore, outbox: Outbox) -> PublishResult:
