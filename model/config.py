@@ -779,6 +779,64 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return f"{path}: invalid parameters:\n" + "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- paths stay in the project
+
+# The params that name where lm-sleep writes (and retention deletes), relative to the project root: the
+# directory of the params file, as every flow takes it. None may leave the root (issue #17).
+OUTPUT_PATHS = (
+    "data.out_dir", "wake.state_dir", "wake.metrics_dir", "consolidation.state_dir", "consolidation.dreams_dir",
+    "consolidation.metrics_dir", "dream.state_dir", "dream.dreams_dir", "dream.reports_dir", "dream.metrics_dir",
+    "lifecycle.metrics_dir", "lifecycle.summary_path", "lifecycle.timings_dir", "lifecycle.state_root",
+    "intake.inbox", "evaluation.work_dir", "evaluation.reports_dir",
+)
+PREPARED_STREAM_MARK = "tasks.json"  # the stream plan a prepared data.out_dir holds
+
+
+def _dotted(obj: Any, field: str) -> Any:
+    """The value at a dotted field of a model or a nested dict (None where a part is missing)."""
+    for part in field.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+    return obj
+
+
+def check_project_paths(params: Params, root: Path, where: str | Path) -> None:
+    """Refuse an output path of ``params`` that leaves ``root``: absolute, with '..', or through a symlink.
+
+    Raises ConfigError naming ``where`` and every offending field. The one absolute path allowed is a
+    ``data.out_dir`` that already holds a prepared stream (``tasks.json``), read by the runs of
+    ``lm-sleep compare`` from their seed's shared directory. Comparison overrides are checked as written
+    (no '..', not absolute); their runs resolve them under the run's own directory.
+    """
+    root = root.resolve()
+    errors: list[str] = []
+
+    def check(field: str, value: Any, base: Path | None) -> None:
+        if not isinstance(value, str):
+            return
+        path = Path(value)
+        if ".." in path.parts:
+            errors.append(f"  {field}: {value!r} leaves the project directory ('..'); use a path inside it")
+        elif path.is_absolute():
+            if not (field == "data.out_dir" and (path / PREPARED_STREAM_MARK).is_file()):
+                errors.append(f"  {field}: {value!r} is an absolute path; use a path relative to the project "
+                              f"directory {root}")
+        elif base is not None and not (real := (base / path).resolve()).is_relative_to(root):
+            errors.append(f"  {field}: {value!r} resolves to {real}, outside the project directory {root} "
+                          "(through a symbolic link)")
+
+    for field in OUTPUT_PATHS:
+        if field == "intake.inbox":  # under lifecycle.state_root (checked before it): once that is refused, as written
+            refused = any(e.startswith("  lifecycle.state_root:") for e in errors)
+            check(field, params.intake.inbox, None if refused else root / params.lifecycle.state_root)
+        else:
+            check(field, _dotted(params, field), root)
+    for name, comp in params.evaluation.comparisons.items():
+        for field in OUTPUT_PATHS:
+            check(f"evaluation.comparisons.{name}.overrides.{field}", _dotted(comp.overrides, field), None)
+    if errors:
+        raise ConfigError(f"{where}: invalid parameters:\n" + "\n".join(errors))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; raise ConfigError naming the file and field."""
     path = Path(path)
@@ -793,6 +851,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(path, e)) from None
+    check_project_paths(params, path.resolve().parent, path)
+    return params

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.config import ConfigError, load_params
+from model.config import OUTPUT_PATHS, ConfigError, load_params
 from tasks.dream_gate import DreamValidation
 from tasks.expectations import StreamValidation
 from tasks.store import InvalidKeyError, LocalStore, Outbox, publish_cycle, validate_run_id
@@ -176,3 +176,77 @@ def test_run_ids_that_could_carry_markup_are_refused_everywhere(bad: str, tmp_pa
     params.write_text(yaml.safe_dump({"lifecycle": {"run_id": bad}}))
     with pytest.raises(ConfigError, match="lifecycle.run_id"):
         load_params(params)
+
+
+# ---------------------------------------------------------------------------- b: paths stay in the project
+
+
+def _params(tmp_path: Path, **sections: dict) -> Path:
+    path = tmp_path / "project" / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+@pytest.mark.parametrize("field", OUTPUT_PATHS)
+@pytest.mark.parametrize("value", ["../../etc", "/etc", "state/../../x"])
+def test_an_output_path_that_leaves_the_project_is_refused_naming_the_field(field: str, value: str,
+                                                                           tmp_path: Path) -> None:
+    section, key = field.split(".")
+    with pytest.raises(ConfigError) as err:
+        load_params(_params(tmp_path, **{section: {key: value}}))
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'project' / 'params.yaml'}: invalid parameters:") and f"  {field}: " in msg
+    assert ("absolute" if value.startswith("/") else "'..'") in msg and len(msg.splitlines()) == 2
+
+
+def test_an_output_path_through_a_symlink_out_of_the_project_is_refused(tmp_path: Path) -> None:
+    params = _params(tmp_path, lifecycle={"state_root": "state"}, intake={"inbox": "inbox"})
+    load_params(params)  # nothing there yet: fine
+    (tmp_path / "elsewhere").mkdir()
+    (params.parent / "state").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError) as err:
+        load_params(params)
+    msg = str(err.value)
+    fields = [line.split(":")[0].strip() for line in msg.splitlines()[1:]]
+    # every path under state/ is refused (the states, comparisons' work; the inbox lies under state_root), nothing else
+    assert sorted(fields) == ["consolidation.state_dir", "dream.state_dir", "evaluation.work_dir",
+                              "lifecycle.state_root", "wake.state_dir"]
+    assert f"outside the project directory {(tmp_path / 'project').resolve()}" in msg and "symbolic link" in msg
+    # a symlink that stays inside the project is fine
+    (params.parent / "state").unlink()
+    (params.parent / "disk").mkdir()
+    (params.parent / "state").symlink_to(params.parent / "disk")
+    load_params(params)
+
+
+def test_comparison_overrides_may_not_leave_the_run_directory(tmp_path: Path) -> None:
+    comp = {"methods": ["sleep"], "overrides": {"lifecycle": {"state_root": "../../../x"}}}
+    with pytest.raises(ConfigError, match=r"evaluation\.comparisons\.c\.overrides\.lifecycle\.state_root: '\.\./"):
+        load_params(_params(tmp_path, evaluation={"comparisons": {"c": comp}}))
+
+
+def test_an_absolute_data_dir_is_allowed_only_over_a_prepared_stream(tmp_path: Path) -> None:
+    """As in the params `lm-sleep compare` writes for its runs: the seed's shared stream, read-only."""
+    stream = tmp_path / "shared" / "processed"
+    params = _params(tmp_path, data={"out_dir": str(stream)})
+    with pytest.raises(ConfigError, match="data.out_dir: .* is an absolute path"):
+        load_params(params)
+    stream.mkdir(parents=True)
+    (stream / "tasks.json").write_text("{}")
+    assert load_params(params).data.out_dir == str(stream)
+
+
+def test_every_directory_field_of_params_is_checked() -> None:
+    """A new *_dir / *_root / *_path output field must join OUTPUT_PATHS (inputs: the model, data and passages)."""
+    from pydantic import BaseModel
+
+    from model.config import Params
+
+    inputs = {"model.path", "data.source.path", "dream.passages"}
+    found = set()
+    for section, info in Params.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            found |= {f"{section}.{k}" for k in info.annotation.model_fields
+                      if k.endswith(("_dir", "_root", "_path")) or k in ("inbox", "path", "passages")}
+    assert found - inputs == set(OUTPUT_PATHS)
