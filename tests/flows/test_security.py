@@ -12,6 +12,7 @@ import base64
 import datetime
 import io
 import logging
+import os
 import secrets
 import string
 import uuid
@@ -131,3 +132,64 @@ def test_no_secret_lands_in_a_file_an_upload_or_a_log(tmp_path, monkeypatch, mot
     assert logs, "the run logged nothing to Prefect's API"
     found += leaks("Prefect API logs", "\n".join(log.message for log in logs).encode())
     assert found == []
+
+
+# ---------------------------------------------------------------------------- d: servers listen on loopback
+
+
+def _listening(pids: set[int] | None = None, port: int | None = None) -> list[tuple[str, int, int | None]]:
+    """(address, port, pid) of every listening TCP socket of ``pids`` or on ``port``."""
+    import psutil
+
+    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and (pids is None or c.pid in pids) and (port is None or c.laddr.port == port)]
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(address).is_loopback
+
+
+def test_the_local_prefect_server_and_lm_sleep_serve_listen_on_loopback_only(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from flows.server import free_port, local_server
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with local_server(tmp_path / "server.log") as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        (server,) = {pid for _, _, pid in _listening(port=port)}
+        tree = {server, *(p.pid for p in psutil.Process(server).children(recursive=True))}
+        sockets = _listening(tree)
+        assert sockets and all(_loopback(ip) for ip, _, _ in sockets), sockets
+
+        # lm-sleep serve is a client of that server; its runner's webserver, when enabled, is on localhost too.
+        runner_port = free_port()
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+               "PREFECT_API_URL": url, "PREFECT_RUNNER_SERVER_ENABLE": "true",
+               "PREFECT_RUNNER_SERVER_PORT": str(runner_port), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+        with open(tmp_path / "serve.log", "w") as log:
+            serve = subprocess.Popen([sys.executable, "-m", "flows.deployments", "--params", "params.yaml"],
+                                     cwd=Path(__file__).resolve().parents[2], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not _listening(port=runner_port):
+                assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "lm-sleep serve's runner never listened"
+                time.sleep(0.5)
+            tree = {serve.pid, *(p.pid for p in psutil.Process(serve.pid).children(recursive=True))}
+            sockets = _listening(tree)
+            assert sockets and all(_loopback(ip) for ip, _, _ in sockets), sockets
+        finally:
+            serve.terminate()
+            try:
+                serve.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                serve.wait()
