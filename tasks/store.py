@@ -1078,19 +1078,24 @@ def publish_cycle(
     summary_key = f"{run_prefix(run_id)}cycle-{cycle}/summary.json"
     with outbox.locked() as state:
         queued, artifacts = [], []
-        for suffix, path in sorted(paths.items()):
-            with open(path, "rb") as src:
-                digest = outbox.add(src)
-            queued.append({"store": store.uri, "key": keys[suffix], "sha256": digest.sha256, "size": digest.size})
-            artifacts.append({"key": suffix, "sha256": digest.sha256, "size": digest.size})
-        body = json.dumps({**doc, "artifacts": artifacts}, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        digest = outbox.add(io.BytesIO(body.encode()))
-        queued.append({"store": store.uri, "key": summary_key, "sha256": digest.sha256, "size": digest.size})
-        new = {q["key"] for q in queued}
-        state["uploads"] = [u for u in state["uploads"] if not (u["store"] == store.uri and u["key"] in new)] + queued
-        index = {"store": store.uri, "run_id": run_id}
-        state["indexes"] = [i for i in state["indexes"] if i != index] + [index]
-        outbox.save(state)
+        try:
+            for suffix, path in sorted(paths.items()):
+                with open(path, "rb") as src:
+                    digest = outbox.add(src)
+                queued.append({"store": store.uri, "key": keys[suffix], "sha256": digest.sha256, "size": digest.size})
+                artifacts.append({"key": suffix, "sha256": digest.sha256, "size": digest.size})
+            body = json.dumps({**doc, "artifacts": artifacts}, indent=2, sort_keys=True, allow_nan=False) + "\n"
+            digest = outbox.add(io.BytesIO(body.encode()))
+            queued.append({"store": store.uri, "key": summary_key, "sha256": digest.sha256, "size": digest.size})
+            new = {q["key"] for q in queued}
+            uploads = [u for u in state["uploads"] if not (u["store"] == store.uri and u["key"] in new)] + queued
+            index = {"store": store.uri, "run_id": run_id}
+            indexes = [i for i in state["indexes"] if i != index] + [index]
+            outbox.save({"uploads": uploads, "indexes": indexes})
+        except BaseException:
+            outbox._drop_unreferenced(outbox.read())  # copies queued before the failure (a full disk keeps no space)
+            raise
+        state["uploads"], state["indexes"] = uploads, indexes
         return _flush(store, outbox, state)
 
 
