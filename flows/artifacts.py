@@ -135,6 +135,15 @@ def _run(args: argparse.Namespace) -> Any:
     return cmd_dvc_remote(args.repo, args.name)
 
 
+def _command(args: argparse.Namespace) -> int:
+    """The parser's ``func``: run the command; its exit status is 0 (a failure raises a StoreError).
+
+    ``lm-sleep`` turns ``func``'s return value into the exit status, so the command's own result
+    (a list of lines, a PublishResult) must not be that value."""
+    _run(args)
+    return 0
+
+
 def add_artifacts_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``artifacts {list,fetch,open,flush,dvc-remote}`` to an argparse subparsers object."""
     ap = subparsers.add_parser("artifacts", help="list, fetch and open runs in the artifact store")
@@ -154,7 +163,7 @@ def add_artifacts_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("dvc-remote", help="make the artifact bucket DVC's default remote (.dvc/config.local)")
     p.add_argument("--repo", type=Path, default=Path("."))
     p.add_argument("--name", default=DVC_REMOTE)
-    ap.set_defaults(func=_run)
+    ap.set_defaults(func=_command)
     return ap
 
 

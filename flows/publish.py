@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow
 
 from model.config import load_params
-from tasks.publish import default_run_id, publish_cycle_artifacts
+from tasks.publish import default_run_id, last_evaluated, publish_cycle_artifacts
 
 
 @flow(name="publish", log_prints=True)
@@ -22,23 +22,27 @@ def publish(params_path: str = "params.yaml", run_id: str | None = None) -> list
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
     run_id = run_id or default_run_id(params)
-    out = []
-    for period in range(params.data.n_tasks):
-        if not (root / params.lifecycle.metrics_dir / f"period-{period}.json").is_file():
-            break
-        out.append(publish_cycle_artifacts(params, root, period, run_id))
-    print(f"run {run_id}: published {len(out)} cycle(s)")
+    last = last_evaluated(params, root)
+    out = [publish_cycle_artifacts(params, root, period, run_id) for period in range(0 if last is None else last + 1)]
+    message = queued_message(out)
+    where = out[-1]["store"] if out else "the store"
+    print(f"run {run_id}: {len(out)} cycle(s) published to {where}" if message is None
+          else f"run {run_id}: {len(out)} cycle(s) queued, not all sent to {where}")
     return out
 
 
 def queued_message(results: list[dict]) -> str | None:
-    """One line saying what did not reach the store, or None when everything did."""
-    pending = sorted({k for r in results for k in r.get("pending") or []})
-    errors = [r["error"] for r in results if r.get("error")]
-    if not pending and not errors:
+    """One line saying what did not reach the store, or None when everything did.
+
+    Each cycle's publish sends the whole outbox, so what the last one left queued is what stays;
+    an earlier cycle's failure whose uploads went out with a later cycle is not reported.
+    """
+    pending = (results[-1].get("pending") or []) if results else []
+    if not pending:
         return None
-    return (f"{len(pending)} upload(s) stay queued in artifacts/.outbox ({errors[-1] if errors else 'not sent'}); "
-            "`lm-sleep artifacts flush` sends them when the store answers")
+    error = next((r["error"] for r in reversed(results) if r.get("error")), None)
+    return error or (f"{len(pending)} upload(s) stay queued in the outbox; `lm-sleep artifacts flush` sends them "
+                     "when the store answers")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ What a cycle publishes, under ``runs/<RUN_ID>/cycle-<N>/``:
     dreams/dreams.parquet, dreams/promoted.parquet        every dream (scores, reward, gate) and the promoted ones
     reports/gate/...                                      the Great Expectations gate report of the dreams
     reports/metrics/{wake,consolidation,dreaming,cycle}.json
-    reports/lifecycle/...                                 the lifecycle report and plots (as of this cycle)
+    reports/lifecycle/...                                 the lifecycle report and plots: with the last
+                                                          evaluated cycle only (see :func:`cycle_files`)
 """
 
 from __future__ import annotations
@@ -44,8 +45,24 @@ def default_run_id(params: Params) -> str:
     return f"lifecycle-{digest[:10]}"
 
 
+def last_evaluated(params: Params, root: Path) -> int | None:
+    """The last period of the prepared stream with an evaluated cycle (the run's ``period-N.json``), or None."""
+    last = None
+    for period in range(params.data.n_tasks):
+        if not (root / params.lifecycle.metrics_dir / f"period-{period}.json").is_file():
+            break
+        last = period
+    return last
+
+
 def cycle_files(params: Params, root: Path, period: int) -> dict[str, Path]:
-    """Key suffix -> local file or directory, for the artifacts of ``period`` that exist."""
+    """Key suffix -> local file or directory, for the artifacts of ``period`` that exist.
+
+    ``reports/lifecycle`` holds one report, rewritten over the whole run, so it goes only with
+    the last evaluated cycle: publishing an earlier cycle again (a rerun of a finished
+    lifecycle, ``lm-sleep publish``) then sends the same objects as its first publish, not
+    the final report under that cycle.
+    """
     state = sleep_state_dir(params, root, period)
     candidates = {
         "experts/manifest.json": state / MANIFEST_FILE,
@@ -60,6 +77,8 @@ def cycle_files(params: Params, root: Path, period: int) -> dict[str, Path]:
         "reports/metrics/cycle.json": root / params.lifecycle.metrics_dir / f"period-{period}.json",
         "reports/lifecycle": root / REPORT_DIR,
     }
+    if period != last_evaluated(params, root):
+        del candidates["reports/lifecycle"]
     return {k: p for k, p in candidates.items() if p.exists()}
 
 
