@@ -10,7 +10,6 @@ port, or answers some requests with errors); the full disk is a small tmpfs the 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,9 +22,7 @@ import yaml
 from flows.artifacts import main as artifacts_main
 from model.io import DiskFullError, sha256_file, write_json
 from tasks.store import (
-    AccessDeniedError,
     LocalStore,
-    NotFoundError,
     Outbox,
     OutOfSpaceError,
     S3Store,
@@ -36,7 +33,7 @@ from tasks.store import (
     publish_cycle,
 )
 from tests.tasks.faultproxy import FaultProxy
-from tests.tasks.test_store import FAST, RUN, cycle_files, cycle_keys, moto_auth, no_partials, summary  # noqa: F401
+from tests.tasks.test_store import FAST, RUN, cycle_files, cycle_keys, no_partials, summary
 
 ENV = {"LM_SLEEP_S3_PREFIX": "lm-sleep"}
 
@@ -98,6 +95,7 @@ def test_an_outage_mid_publish_leaves_exactly_the_unsent_keys_queued_and_flush_s
         landed = direct.list(f"runs/{RUN}/")
         assert landed == sorted(sent_order(0)[:3])
         assert sorted(outbox.pending(store)) == sorted(set(cycle_keys(0)) - set(landed))  # exactly the unsent ones
+        assert outbox.read()["indexes"] == [{"store": store.uri, "run_id": RUN}]  # and the index pages
         assert_verified(direct, landed, files, tmp_path)
 
         # While it is down, a flush fails the same way: exit 1, one line naming the endpoint, nothing lost.
@@ -125,7 +123,8 @@ def test_an_outage_mid_publish_leaves_exactly_the_unsent_keys_queued_and_flush_s
 
 
 @pytest.mark.slow
-def test_failing_requests_are_retried_and_the_publish_completes(moto_endpoint: str, bucket: str, tmp_path: Path) -> None:
+def test_failing_requests_are_retried_and_the_publish_completes(moto_endpoint: str, bucket: str,
+                                                                 tmp_path: Path) -> None:
     # The first request of each kind to each object fails: a PUT answered 503 SlowDown (nothing stored) or cut
     # after the object was stored (the answer never arrives), a HEAD or GET answered 500. The retries go through.
     paths: dict[str, int] = {}
