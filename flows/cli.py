@@ -68,7 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     since = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     with local_server(root / ".prefect-server.log") as url, contextlib.ExitStack() as stack:
-        os.environ["PREFECT_API_URL"] = url
+        os.environ["PREFECT_API_URL"] = url  # for the processes this one starts (DVC, the stage server)
+        # and for this process: Prefect read its settings when it was imported (the error classes import
+        # it), so without this `--no-dvc` would start a temporary API of its own beside the server
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
         if not args.no_dvc:  # one process imports torch & co. once; each DVC stage forks from it
             os.environ[STAGE_SERVER_ENV] = stack.enter_context(stage_server())
         t_server = time.perf_counter() - t0
