@@ -142,6 +142,8 @@ DELEGATED = {
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lm-sleep", description="Continual learning with wake/sleep cycles.")
+    ap.add_argument("--debug", action="store_true", help="before the command (lm-sleep --debug wake ...): an "
+                    "error in the input prints its traceback instead of one line (also LM_SLEEP_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="the main job (dvc repro of the whole lifecycle)")
     p.add_argument("--params", default="params.yaml")
@@ -178,34 +180,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.checkpoint import CheckpointError
-    from model.cms import CMSError
-    from model.config import ConfigError
-    from model.consolidation import EmptyPromptBufferError
-    from model.data import DataError
-    from model.io import BusyError
-    from model.rehearsal import RehearsalError
-    from tasks.store import StoreError
-    from tasks.wake import StreamError
+    """Run one command. Bad input (a params, data or state file, an argument; flows/errors.py) is one line
+    naming the file and the field on stderr and exit 1; ``--debug`` first shows the traceback instead."""
+    from flows.errors import DEBUG_ENV, debugging, expected, report
+    from model.config import load_params, run_id_problem
+    from model.errors import ArgumentError
 
-    # Bad input and bad states: one line naming the file and field, exit 1 (no traceback).
-    expected = (ConfigError, BusyError, StoreError, CheckpointError, CMSError, DataError, RehearsalError, StreamError,
-                EmptyPromptBufferError)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:  # `lm-sleep compare -h` is compare's own help
-        module_name, _, func = DELEGATED[argv[0]][0].partition(":")
-        entry = getattr(__import__(module_name, fromlist=["main"]), func or "main")
-        try:
-            return int(entry(argv[1:]) or 0)
-        except expected as err:
-            print(f"lm-sleep {argv[0]}: {err}", file=sys.stderr)
-            return 1
-    args = build_parser().parse_args(argv)
+    while argv and argv[0] == "--debug":  # a global option, before the command
+        argv.pop(0)
+        os.environ[DEBUG_ENV] = "1"  # the stages a run starts inherit it
+    command = argv[0] if argv else ""
     try:
+        if command in DELEGATED:  # `lm-sleep compare -h` is compare's own help
+            module_name, _, func = DELEGATED[command][0].partition(":")
+            entry = getattr(__import__(module_name, fromlist=["main"]), func or "main")
+            return int(entry(argv[1:]) or 0)
+        args = build_parser().parse_args(argv)
+        command = args.command
+        if getattr(args, "run_id", None) and (why := run_id_problem(args.run_id)):  # before any upload starts
+            raise ArgumentError(f"{'--run-id' if command == 'publish' else 'RUN_ID'}: {why}")
+        if getattr(args, "params", None):  # bad params stop every stage before a server or a flow run starts
+            load_params(args.params)
         return int(args.func(args) or 0)
-    except expected as err:
-        print(f"lm-sleep {args.command}: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        if debugging() or not expected(err):
+            raise
+        return report(f"lm-sleep {command}", err)
 
 
 if __name__ == "__main__":

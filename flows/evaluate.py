@@ -8,10 +8,14 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.errors import reporting_errors
 from flows.locked import run_locked
+from model.checkpoint import check_state
 from model.config import Params, load_params
+from model.data import check_period
 from model.io import exclusive
 from tasks.evaluate import evaluate_cycle, summarise_cycles
+from tasks.wake import sleep_state_dir
 
 
 @flow(name="evaluate", log_prints=True)
@@ -34,6 +38,17 @@ def run_evaluate(params: Params, root: Path, period: int, summary: bool = True) 
     return row
 
 
+def check_evaluate(params_path: str, period: int) -> None:
+    """What the evaluation of ``period`` reads, checked before its flow starts: the period is a task of the
+    prepared stream, and the state after its sleep opens (a DataError or CheckpointError naming the file)."""
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    check_period(root / params.data.out_dir, period)
+    check_state(params, root, sleep_state_dir(params, root, period),
+                f"the evaluation of period {period} reads the state after its sleep; run sleep --period {period} first")
+
+
+@reporting_errors("lm-sleep evaluate")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Evaluate the model after one cycle's sleep.")
     ap.add_argument("--params", default="params.yaml")
@@ -41,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-summary", dest="summary", action="store_false",
                     help="only this cycle's JSON (under DVC the report stage writes the summary)")
     args = ap.parse_args(argv)
+    check_evaluate(args.params, args.period)
     return run_locked("evaluate", args.params, evaluate, args.period, args.params, args.summary)
 
 

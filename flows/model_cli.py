@@ -12,23 +12,16 @@ import json
 import sys
 from pathlib import Path
 
-from model.checkpoint import CheckpointError
-from model.cms import CMSError
-from model.config import ConfigError
-from model.data import DataError
+from flows.errors import debugging, expected, report
+from model.errors import UserError
 from model.export import ExportError, export_model
-from model.loading import ModelNotFoundError
-from model.serving import ServingError, load_state
+from model.serving import load_state
 
 STDIN = "-"
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Input texts that cannot be read; the message names the file (and line)."""
-
-
-# Everything a user can get wrong, reported in one line (no traceback).
-EXPECTED = (InputError, ServingError, ExportError, CheckpointError, CMSError, ConfigError, DataError, ModelNotFoundError)
 
 
 def state_arg(value: str) -> int | str:
@@ -85,11 +78,13 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
 
 
 def _run(command: str, body) -> int:
+    """``body()``; everything a user can get wrong (flows/errors.py) is one line and exit 1, no traceback."""
     try:
         body()
-    except EXPECTED as e:
-        print(f"lm-sleep {command}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        if debugging() or not expected(e):
+            raise
+        return report(f"lm-sleep {command}", e)
     return 0
 
 

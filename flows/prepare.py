@@ -12,8 +12,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from model.config import ConfigError, load_params
-from model.data import DataError
+from flows.errors import debugging, report, reporting_errors
+from model.config import load_params
+from model.data import build_stream, load_source
 from tasks.prepare import (
     StreamValidationError,
     build_class_stream,
@@ -41,18 +42,29 @@ def prepare(params_path: str = "params.yaml") -> str:
     return str(path)
 
 
+def check_source(params_path: str) -> None:
+    """The source read and the stream built (not written) before the flow starts, so bad params or data are one
+    line naming the file and the field or row (a ConfigError or DataError), not a failed flow run."""
+    params_file = Path(params_path).resolve()
+    cfg = load_params(params_file).data
+    build_stream(load_source(cfg.source, params_file.parent), cfg)
+
+
+@reporting_errors("lm-sleep prepare")
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns a non-zero exit code with a one-paragraph error."""
+    """Command-line entry point; bad input is one line on stderr and exit code 1 (flows/errors.py)."""
     parser = argparse.ArgumentParser(
         prog="python -m flows.prepare", description="Build and validate the class-incremental stream."
     )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    check_source(args.params)
     try:
         prepare(args.params)
-    except (ConfigError, DataError, StreamValidationError) as e:
-        print(f"prepare failed: {e}", file=sys.stderr)
-        return 1
+    except StreamValidationError as e:  # the report names the failed checks and rows
+        if debugging():
+            raise
+        return report("lm-sleep prepare", e)
     return 0
 
 

@@ -15,13 +15,17 @@ import pandas as pd
 from prefect import flow
 from prefect.transactions import transaction
 
+from flows.errors import reporting_errors
 from flows.locked import run_locked
+from model.checkpoint import check_state
 from model.config import Params, load_params
+from model.data import check_period
 from model.io import exclusive
 from tasks.caching import outputs_match
 from tasks.dream import dream_and_promote
 from tasks.sleep import consolidate_due_levels
-from tasks.wake import consolidated_state_dir, read_plan, read_stream, sleep_state_dir, timings_path, write_metrics
+from tasks.wake import (consolidated_state_dir, read_plan, read_stream, sleep_state_dir, timings_path, wake_state_dir,
+                        write_metrics)
 
 
 def _setup(params_path: str) -> tuple[Params, Path]:
@@ -101,6 +105,20 @@ def run_sleep(params: Params, root: Path, period: int) -> dict:
     return {"consolidation": consolidation, "dream": dreaming}
 
 
+def check_sleep(params_path: str, period: int, stage: str) -> None:
+    """What the sleep after ``period`` reads, checked before its flow starts (a DataError or CheckpointError
+    naming the file): the period is a task of the prepared stream, and the state the stage starts from opens."""
+    params, root = _setup(params_path)
+    check_period(root / params.data.out_dir, period)
+    if stage == "dream":
+        check_state(params, root, consolidated_state_dir(params, root, period),
+                    f"dreaming after period {period} starts from its consolidation; run sleep --stage consolidate first")
+    else:
+        check_state(params, root, wake_state_dir(params, root, period),
+                    f"the sleep after period {period} starts from its wake; run wake --period {period} first")
+
+
+@reporting_errors("lm-sleep sleep")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the sleep after one wake period (or one of its two stages).")
     ap.add_argument("--params", default="params.yaml")
@@ -108,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", choices=["all", "consolidate", "dream"], default="all",
                     help="all: consolidation then dreaming in one transaction (default)")
     args = ap.parse_args(argv)
+    check_sleep(args.params, args.period, args.stage)
     flow = {"all": sleep, "consolidate": consolidate, "dream": dream}[args.stage]
     return run_locked(f"sleep --stage {args.stage}", args.params, flow, args.period, args.params)
 

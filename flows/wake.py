@@ -8,11 +8,14 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.errors import reporting_errors
 from flows.locked import run_locked
+from model.checkpoint import check_state
 from model.config import Params, load_params
+from model.data import check_period
 from model.io import exclusive
 from tasks.caching import outputs_match
-from tasks.wake import read_stream, timings_path, train_wake_period, wake_state_dir, write_metrics
+from tasks.wake import read_stream, sleep_state_dir, timings_path, train_wake_period, wake_state_dir, write_metrics
 
 
 def run_wake(params: Params, root: Path, period: int) -> dict:
@@ -36,11 +39,24 @@ def wake(period: int, params_path: str = "params.yaml") -> dict:
     return metrics
 
 
+def check_wake(params_path: str, period: int) -> None:
+    """What wake period ``period`` reads, checked before its flow starts (a DataError or CheckpointError naming
+    the file): the period is a task of the prepared stream, and the state it starts from opens."""
+    params = load_params(params_path)
+    root = Path(params_path).resolve().parent
+    check_period(root / params.data.out_dir, period)
+    if period > 0:
+        check_state(params, root, sleep_state_dir(params, root, period - 1),
+                    f"wake period {period} starts from the sleep after period {period - 1}; run that sleep first")
+
+
+@reporting_errors("lm-sleep wake")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run one wake period of the continuum-memory model.")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--period", type=int, required=True)
     args = ap.parse_args(argv)
+    check_wake(args.params, args.period)
     return run_locked("wake", args.params, wake, args.period, args.params)
 
 

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.cms import ChunkedOptimizer, CMSError, ContinuumMemory, ExpertInfo, attach_cms
+from model.errors import UserError
 from model.io import atomic_dir, sha256_bytes, sha256_file
 from model.prototypes import PROTOTYPE_KEYS, Prototypes
 
@@ -37,7 +38,7 @@ TRAIN_FILE = "train.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A state directory that cannot be loaded; the message names the file and the field."""
 
 
@@ -132,6 +133,20 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
 
 
+def _check_train_tensors(path: Path, train: dict[str, torch.Tensor], own: dict[str, torch.nn.Parameter]) -> None:
+    """Optimiser tensors are ``grad/<param>`` or ``opt/<stat>/<param>`` of a memory parameter, shaped like it (the
+    ``step`` counters are scalars): anything else is a CheckpointError naming the file and the tensor."""
+    for key, t in train.items():
+        kind, _, rest = key.partition("/")
+        name = rest if kind == "grad" else rest.partition("/")[2]
+        stat = None if kind == "grad" else rest.partition("/")[0]
+        if kind not in ("grad", "opt") or name not in own:
+            raise CheckpointError(f"{path}: tensor '{key}' is not of a memory parameter of this model")
+        want = () if stat == "step" else tuple(own[name].shape)
+        if tuple(t.shape) != want and not (stat == "step" and t.numel() == 1):
+            raise CheckpointError(f"{path}: tensor '{key}' has shape {tuple(t.shape)}, expected {want}")
+
+
 def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimizer | None = None) -> dict[str, Any]:
     """Load a state directory into ``cms`` (and ``optimizer``) after verifying every checksum.
 
@@ -178,6 +193,8 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
         if t.shape != own[name].shape:
             raise CheckpointError(f"{src / EXPERTS_FILE}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
     train = _load_tensors(src / TRAIN_FILE) if optimizer is not None and TRAIN_FILE in manifest["files"] else None
+    if train is not None:
+        _check_train_tensors(src / TRAIN_FILE, train, own)
 
     backup = {name: p.detach().clone() for name, p in own.items()}
     with torch.no_grad():
@@ -233,5 +250,29 @@ def open_memory_model(
     loaded.model.to(resolve_device(params.model.device))
     optimizer = ChunkedOptimizer(cms, grad_clip=params.wake.grad_clip) if with_optimizer else None
     if state is not None:
+        state = Path(state)
+        made_with = read_manifest(state).get("metadata", {}).get("model")
+        if made_with is not None and made_with != loaded.name:  # its experts are deltas of another model's weights
+            raise CheckpointError(f"{state / MANIFEST_FILE}: field 'metadata.model' is {made_with!r}, but this "
+                                  f"project's base model is {loaded.name!r} (model.source {params.model.source!r}): "
+                                  "a state of another base model")
         load_state(cms, state, optimizer)
     return loaded, cms, optimizer
+
+
+def check_state(params: "Params", root: Path, state: str | Path, needed_by: str) -> dict[str, Any]:
+    """Open ``state`` exactly as a stage will (base model, memory levels, optimiser, every check of
+    :func:`load_state`) and let it go; return its manifest.
+
+    A stage calls this before it starts its flow, so a missing, damaged or foreign state is one
+    CheckpointError naming the file and the field, not a failure in the middle of a run. ``needed_by``
+    says which stage needs it (for the message of a missing state).
+    """
+    import gc
+
+    state = Path(state)
+    if not state.is_dir():
+        raise CheckpointError(f"{state}: missing; {needed_by}")
+    open_memory_model(params, root, state, with_optimizer=True)
+    gc.collect()  # the model's reference cycles: free it before the stage loads its own
+    return read_manifest(state)

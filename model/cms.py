@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import CMSConfig, LevelConfig
+from model.errors import UserError
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
-class CMSError(ValueError):
+class CMSError(UserError, ValueError):
     """An invalid operation on the memory levels (bad level index, no free slot, ...)."""
 
 

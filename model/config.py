@@ -8,15 +8,33 @@ tasks or flows. Secrets never live in params: they come from the environment.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A params file that cannot be used; the message names the file and the field."""
+
+
+#: The run id rule (the artifact store's too): one safe path segment, so a run id can never leave its
+#: store root (``runs/<RUN_ID>/``). Checked when the params are loaded, not at the first upload.
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RUN_ID_ENV = "LM_SLEEP_RUN_ID"
+
+
+def run_id_problem(run_id: object) -> str | None:
+    """Why ``run_id`` is not a valid run id, or None when it is (letters, digits, ``._-``, no ``..``)."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
+        return (f"invalid run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit, without '..'")
+    return None
 
 
 class _Strict(BaseModel):
@@ -151,6 +169,10 @@ class SourceConfig(_Strict):
         None, description="Column naming each row's split (train/test); null = split by seed."
     )
     exclude_labels: list[str] = Field(default_factory=lambda: ["oos"])
+    max_text_chars: int = Field(
+        20_000, ge=16, le=10_000_000, description="A row whose text is longer is an error naming the file and row "
+        "(an enormous row would be tokenised, batched and dreamt about: memory, not learning).",
+    )
 
 
 class DataConfig(_Strict):
@@ -453,9 +475,16 @@ class LifecycleConfig(_Strict):
         "the wake of cycle i starts from}; must match data.n_tasks (checked with the whole params).",
     )
     run_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-        description="Run id in the artifact store; default 'lifecycle-<digest of params>' (reruns overwrite it).",
+        None, description="Run id in the artifact store; default 'lifecycle-<digest of params>' (reruns overwrite it). "
+        "$LM_SLEEP_RUN_ID overrides it (checked with the params).",
     )
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str | None) -> str | None:
+        if v is not None and (why := run_id_problem(v)):
+            raise ValueError(why)
+        return v
 
 
 METHODS: dict[str, str] = {
@@ -762,9 +791,9 @@ class Params(_Strict):
     def _cycles_match_tasks(self) -> "Params":
         got = [c.model_dump() for c in self.lifecycle.cycles]
         if got and got != self.expected_cycles():
-            want = "\n".join(f"    - {{period: {c['period']}, after: {c['after']}}}" for c in self.expected_cycles())
+            want = ", ".join(f"{{period: {c['period']}, after: {c['after']}}}" for c in self.expected_cycles())
             raise ValueError(f"lifecycle.cycles must list one cycle per task of data.n_tasks "
-                             f"({self.data.n_tasks}); write:\n  cycles:\n{want}")
+                             f"({self.data.n_tasks}); write cycles: [{want}]")
         return self
 
 
@@ -772,7 +801,7 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a known parameter; check the spelling)"
         lines.append(f"  {field}: {msg}")
@@ -845,9 +874,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if raw is None:
         raw = {}
+    env_run_id = os.environ.get(RUN_ID_ENV)
+    if env_run_id and (why := run_id_problem(env_run_id)):  # it overrides lifecycle.run_id: refused as early
+        raise ConfigError(f"{path}: invalid parameters:\n  lifecycle.run_id (from ${RUN_ID_ENV}): {why}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     try:

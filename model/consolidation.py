@@ -38,6 +38,7 @@ from model.cms import CMSError, ContinuumMemory
 from model.config import ConsolidationConfig, LevelConfig, SamplingConfig
 from model.forward import Batch, completion_logits, prefix_hidden, suffix_hidden
 from model.losses import distillation_loss
+from model.errors import UserError
 from model.merging import MergeRecord, merge_oldest
 from model.routing import captured_inputs, router_logits, routing_loss
 from model.rewards import SemanticJudge, group_advantages, imitation_reward
@@ -45,7 +46,7 @@ from model.sampling import sample_continuations
 from model.wake import NonFiniteLossError, completion_logprobs, encode
 
 
-class EmptyPromptBufferError(ValueError):
+class EmptyPromptBufferError(UserError, ValueError):
     """Sleep has nothing to replay: the prompt buffer is empty."""
 
 

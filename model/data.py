@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from model.config import DataConfig, SourceConfig
+from model.errors import UserError
 
 STREAM_FILE = "stream.parquet"
 PLAN_FILE = "tasks.json"
@@ -30,7 +31,7 @@ PASSAGE_LABEL = ""
 CLINC150_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset or stream request that cannot be used; the message names the file and field."""
 
 
@@ -63,6 +64,9 @@ def load_source(cfg: SourceConfig, root: Path = Path(".")) -> pd.DataFrame:
         text = text.strip()
         if not text:
             raise DataError(f"{where}: field {text_field!r} is empty")
+        if len(text) > cfg.max_text_chars:
+            raise DataError(f"{where}: field {text_field!r} has {len(text)} characters, more than "
+                            f"data.source.max_text_chars ({cfg.max_text_chars})")
         label = rec.get(label_field)
         if not isinstance(label, str):
             raise DataError(f"{where}: field {label_field!r} must be a string, got {_describe(label)}")
@@ -136,7 +140,9 @@ def read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
             table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: CSV file is empty (no header row)") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        except pd.errors.ParserError as e:
             raise DataError(f"{path}: not a valid CSV file: {e}") from None
         return table.to_dict(orient="records")
     if fmt == "json":
@@ -203,7 +209,9 @@ def build_stream(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict[
     if df.empty:
         raise DataError(f"dataset is empty (source {cfg.source.path}); nothing to build a stream from")
 
+    rows_before = df["label"].value_counts()
     df = df.drop_duplicates(subset="text", keep="first").reset_index(drop=True)
+    dropped = (rows_before - df["label"].value_counts()).fillna(rows_before).astype(int)
     has_split = "split" in df.columns and bool(df["split"].notna().any())
     n_train, n_test = cfg.train_per_label, cfg.test_per_label
     if has_split:
@@ -229,20 +237,20 @@ def build_stream(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict[
         need = f"at least {n_train + n_test} rows (train_per_label {n_train} + test_per_label {n_test})"
         eligible = sorted(lbl for lbl, (n, _) in counts.items() if n >= n_train + n_test)
 
+    short = sorted(set(counts) - set(eligible))
+    if short:  # never left out without a word: the user decides (more rows, or data.source.exclude_labels)
+        raise DataError(
+            f"{cfg.source.path}: {len(short)} of {len(counts)} labels have too few rows for a task: "
+            + _describe_short(short, counts, dropped, has_split, test_name)
+            + f"; a label needs {need} after dropping duplicate texts. "
+            "Give them more rows or list them in data.source.exclude_labels."
+        )
     n_needed = cfg.n_tasks * cfg.labels_per_task
     if n_needed > len(eligible):
-        short = sorted(set(counts) - set(eligible))
-        if has_split:
-            shown = ", ".join(f"{lbl} ({counts[lbl][0]} train, {counts[lbl][1]} {test_name})" for lbl in short[:10])
-        else:
-            shown = ", ".join(f"{lbl} ({counts[lbl][0]} rows)" for lbl in short[:10])
-        more = f" and {len(short) - 10} more" if len(short) > 10 else ""
         raise DataError(
-            f"source {cfg.source.path}: need {n_needed} labels (data.n_tasks {cfg.n_tasks} x "
-            f"data.labels_per_task {cfg.labels_per_task}) but only {len(eligible)} of {len(counts)} labels "
-            f"are eligible; a label needs {need} after dropping duplicate texts"
-            + (f"; too few examples: {shown}{more}" if short else "")
-            + ". Lower n_tasks, labels_per_task, train_per_label or test_per_label."
+            f"{cfg.source.path}: need {n_needed} labels (data.n_tasks {cfg.n_tasks} x "
+            f"data.labels_per_task {cfg.labels_per_task}) but the source has {len(eligible)}. "
+            "Lower n_tasks or labels_per_task."
         )
 
     rng = np.random.default_rng(cfg.seed)
@@ -273,6 +281,18 @@ def build_stream(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict[
     return stream[STREAM_COLUMNS], plan
 
 
+def _describe_short(short: list[str], counts: dict[str, tuple[int, int]], dropped: pd.Series, has_split: bool,
+                    test_name: str) -> str:
+    """``rare (1 rows), copied (1 rows, 11 duplicate texts dropped), ...``: the first ten labels too short for a task."""
+    shown = []
+    for lbl in short[:10]:
+        n_tr, n_te = counts[lbl]
+        rows = f"{n_tr} train, {n_te} {test_name}" if has_split else f"{n_tr} rows"
+        dup = int(dropped.get(lbl, 0))
+        shown.append(f"{lbl} ({rows}" + (f", {dup} duplicate texts dropped)" if dup else ")"))
+    return ", ".join(shown) + (f" and {len(short) - 10} more" if len(short) > 10 else "")
+
+
 def _rows_by_label(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Positions of each label's rows, in the frame's order."""
     return {str(label): np.asarray(idx) for label, idx in df.groupby("label", sort=True).groups.items()}
@@ -288,8 +308,43 @@ def load_plan(out_dir: str | Path) -> dict[int, list[str]]:
     plan_path = Path(out_dir) / PLAN_FILE
     if not plan_path.is_file():
         raise DataError(f"{plan_path}: not found; run the prepare stage first")
-    raw = json.loads(plan_path.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(plan_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{plan_path}: not valid JSON ({e}); run the prepare stage again") from None
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, list) and all(isinstance(x, str) for x in v)
+            for k, v in raw.items()):
+        raise DataError(f"{plan_path}: not a task plan (an object of task number -> list of label names); "
+                        "run the prepare stage again")
     return {int(k): list(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+
+
+def check_period(out_dir: str | Path, period: int, option: str = "--period") -> dict[int, list[str]]:
+    """The plan, once ``period`` is known to be one of its tasks with a readable shard (else a DataError naming
+    the plan file and ``option``): a stage asked for a period that does not exist stops before it starts."""
+    plan = load_plan(out_dir)
+    if period not in plan:
+        raise DataError(f"{Path(out_dir) / PLAN_FILE}: {option} {period} is not a task of the prepared stream "
+                        f"(its tasks are {min(plan)}..{max(plan)})" if plan else
+                        f"{Path(out_dir) / PLAN_FILE}: the prepared stream has no tasks; run the prepare stage again")
+    _read_shard(task_file(out_dir, period))
+    return plan
+
+
+def _read_shard(path: Path) -> pd.DataFrame:
+    """A stream parquet file with the stream's columns; a missing or damaged one is a DataError naming it."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the prepare stage first")
+    try:
+        stream = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several kinds (ArrowInvalid, OSError) on a damaged file
+        reason = str(e).splitlines()[0].rsplit("': ", 1)[-1][:120]  # without pyarrow's repeat of the path
+        raise DataError(f"{path}: not a readable parquet file ({reason}); run the prepare stage again") from None
+    missing = [c for c in STREAM_COLUMNS if c not in stream.columns]
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} missing; run the prepare stage again")
+    return stream
 
 
 def load_stream(out_dir: str | Path, task: int | None = None) -> tuple[pd.DataFrame, dict[int, list[str]]]:
@@ -305,7 +360,4 @@ def load_stream(out_dir: str | Path, task: int | None = None) -> tuple[pd.DataFr
     for p in (stream_path, plan_path):
         if not p.is_file():
             raise DataError(f"{p}: not found; run the prepare stage first")
-    stream = pd.read_parquet(stream_path)
-    raw = json.loads(plan_path.read_text(encoding="utf-8"))
-    plan = {int(k): list(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
-    return stream, plan
+    return _read_shard(stream_path), load_plan(out_dir)

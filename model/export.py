@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
+from model.errors import UserError
 from model.io import atomic_dir, sha256_file
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ EXPORT_MANIFEST = "lm_sleep_export.json"
 FORMAT_VERSION = 1
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export that cannot be written where asked; the message names the directory."""
 
 

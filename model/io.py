@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from model.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -184,7 +186,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class BusyError(RuntimeError):
+class BusyError(UserError, RuntimeError):
     """Another process holds the lock on a directory (e.g. a second lifecycle run on the same state)."""
 
 

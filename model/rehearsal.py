@@ -30,11 +30,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import ContinuumMemory
 from model.config import RehearsalConfig, SamplingConfig
+from model.errors import UserError
 from model.sampling import sample_continuations
 from model.wake import label_text, split_template
 
 
-class RehearsalError(ValueError):
+class RehearsalError(UserError, ValueError):
     """Rehearsal cannot run: an earlier task has no label names to dream about."""
 
 

@@ -27,12 +27,13 @@ from model.checkpoint import CheckpointError, open_memory_model, read_manifest
 from model.cms import ContinuumMemory
 from model.config import Params, load_params
 from model.data import PLAN_FILE, load_plan
+from model.errors import UserError
 from model.loading import LoadedModel
 from model.prototypes import map_routed, routed_periods, routed_scores
 from model.sampling import sample_continuations
 
 
-class ServingError(ValueError):
+class ServingError(UserError, ValueError):
     """A request the model cannot answer (no candidate labels, bad arguments); the message says why."""
 
 

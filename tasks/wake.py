@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
 from model.data import PASSAGE_LABEL, STREAM_FILE, load_plan, load_stream, task_file
+from model.errors import UserError
 from model.io import write_json
 from tasks.caching import OUTPUT_STATE, cache_options, stamp_output
 from model.prototypes import learn_prototypes
@@ -25,7 +26,7 @@ from model.wake import NonFiniteLossError, StepLog, ensure_writable, train_perio
 TIMING = "timing"  # the key of a task result's wall-clock measures (written apart from the metrics)
 
 
-class StreamError(ValueError):
+class StreamError(UserError, ValueError):
     """The prepared stream is missing or does not fit the requested period."""
 
 

@@ -87,3 +87,39 @@ def test_bad_comparison_kind_knowledge_or_methods_name_the_field(tmp_path, comp,
     with pytest.raises(ConfigError) as e:
         load_params(path)
     assert str(path) in str(e.value) and message in str(e.value)
+
+
+@pytest.mark.parametrize("run_id", ["../x", "a/b", "a..b", ".hidden", "", "x" * 129])
+def test_a_run_id_that_could_leave_the_store_is_refused_with_the_params(tmp_path, run_id, monkeypatch):
+    monkeypatch.delenv("LM_SLEEP_RUN_ID", raising=False)
+    with pytest.raises(ConfigError, match="lifecycle.run_id: invalid run id"):
+        load_params(_write(tmp_path, {"lifecycle": {"run_id": run_id}}))
+    monkeypatch.setenv("LM_SLEEP_RUN_ID", run_id or "/")
+    with pytest.raises(ConfigError, match=r"lifecycle.run_id \(from \$LM_SLEEP_RUN_ID\): invalid run id"):
+        load_params(_write(tmp_path, {}))  # the environment's override is refused as early
+
+
+def test_a_good_run_id_passes_in_params_and_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LM_SLEEP_RUN_ID", "2025-01-01T12.00_a")
+    assert load_params(_write(tmp_path, {"lifecycle": {"run_id": "nightly-3"}})).lifecycle.run_id == "nightly-3"
+
+
+def test_max_text_chars_is_range_checked(tmp_path):
+    with pytest.raises(ConfigError, match="data.source.max_text_chars"):
+        load_params(_write(tmp_path, {"data": {"source": {"max_text_chars": 0}}}))
+    assert load_params(_write(tmp_path, {})).data.source.max_text_chars == 20_000
+
+
+def test_every_input_error_is_one_user_error():
+    """The command line catches one class (model/errors.py); each module's error is one, and still the builtin."""
+    from model.checkpoint import CheckpointError
+    from model.cms import CMSError
+    from model.consolidation import EmptyPromptBufferError
+    from model.data import DataError
+    from model.errors import UserError
+    from model.io import BusyError
+    from model.rehearsal import RehearsalError
+
+    for cls in (ConfigError, DataError, CheckpointError, CMSError, RehearsalError, EmptyPromptBufferError):
+        assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls
+    assert issubclass(BusyError, UserError) and issubclass(BusyError, RuntimeError)

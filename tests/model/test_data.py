@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -193,22 +194,45 @@ def test_stream_falls_back_to_val_without_test() -> None:
     assert stream.loc[stream["split"] == "train", "text"].str.startswith("train").all()
 
 
-def test_too_many_tasks_says_how_many_labels_are_eligible(clinc: pd.DataFrame) -> None:
+def test_too_many_tasks_says_how_many_labels_there_are(clinc: pd.DataFrame) -> None:
     with pytest.raises(DataError) as err:
         build_stream(clinc, _cfg(n_tasks=31, labels_per_task=5))
     msg = str(err.value)
     assert "need 155 labels" in msg and "n_tasks 31" in msg
-    assert "only 150 of 150 labels are eligible" in msg
+    assert "the source has 150" in msg
 
 
-def test_too_few_examples_names_the_short_labels() -> None:
+def test_a_label_too_short_for_a_task_is_an_error_not_left_out() -> None:
+    """Enough other labels do not make it silent: the user decides (more rows, or exclude_labels)."""
     rows = _rows(4, 6) + [{"utterance": "lonely", "intent": "rare"}]
     df = pd.DataFrame(rows).rename(columns={"utterance": "text", "intent": "label"})
     with pytest.raises(DataError) as err:
-        build_stream(df, _cfg(n_tasks=1, labels_per_task=5, train_per_label=4, test_per_label=2))
+        build_stream(df, _cfg(n_tasks=1, labels_per_task=2, train_per_label=4, test_per_label=2))
     msg = str(err.value)
-    assert "only 4 of 5 labels are eligible" in msg
+    assert "1 of 5 labels have too few rows" in msg and "exclude_labels" in msg
     assert "at least 6 rows" in msg and "rare (1 rows)" in msg
+    cfg = _cfg(n_tasks=1, labels_per_task=2, train_per_label=4, test_per_label=2)
+    cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"exclude_labels": ["rare"]})})
+    stream, plan = build_stream(df[df["label"] != "rare"], cfg)
+    assert "rare" not in stream["label"].values
+
+
+def test_a_label_of_duplicate_rows_says_how_many_were_dropped() -> None:
+    rows = _rows(4, 6)
+    df = pd.DataFrame(rows).rename(columns={"utterance": "text", "intent": "label"})
+    first = df["label"].iloc[0]
+    df.loc[df["label"] == first, "text"] = "same"
+    with pytest.raises(DataError, match=re.escape(f"{first} (1 rows, 5 duplicate texts dropped)")):
+        build_stream(df, _cfg(n_tasks=1, labels_per_task=2, train_per_label=4, test_per_label=2))
+
+
+def test_an_enormous_row_names_the_file_row_and_limit(tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    pd.DataFrame({"text": ["short", "x" * 50], "label": ["a", "b"]}).to_csv(path, index=False)
+    cfg = SourceConfig(path="big.csv", format="csv", exclude_labels=[], max_text_chars=20)
+    with pytest.raises(DataError, match=re.escape("big.csv: row 1: field 'text' has 50 characters, more than "
+                                                  "data.source.max_text_chars (20)")):
+        load_source(cfg, tmp_path)
 
 
 def test_empty_dataset_is_an_error() -> None:

@@ -332,4 +332,4 @@ def test_prepare_cli_exit_codes(prefect_harness: None, tmp_path: Path, capsys: p
     params.write_text(yaml.safe_dump({"data": {**SMALL, "n_tasks": 40}}), encoding="utf-8")
     assert main(["--params", str(params)]) == 1
     err = capsys.readouterr().err
-    assert "prepare failed:" in err and "need 160 labels" in err
+    assert err.startswith("lm-sleep prepare: ") and err.count("\n") == 1 and "need 160 labels" in err
