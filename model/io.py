@@ -60,8 +60,10 @@ def remove_stale_temporaries(dest: str | Path) -> list[Path]:
     return removed
 
 
-class DiskFullError(OSError):
-    """A write ran out of space (ENOSPC, EDQUOT); the message names the file (``path``). The previous file is kept."""
+class DiskFullError(UserError, OSError):
+    """A write ran out of space (ENOSPC, EDQUOT); the message names the file (``path``). The previous file is kept.
+
+    A UserError: the command line prints the message as one line and exits 1."""
 
     path: Path | None = None
 

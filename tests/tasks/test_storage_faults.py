@@ -414,6 +414,9 @@ def test_a_full_disk_stops_a_state_write_in_one_line_and_keeps_the_last_good_sta
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{state}: no space left on device")
     assert "free some space and run again" in message and err.value.errno == 28
+    from flows.errors import expected, one_line as cli_line
+
+    assert expected(err.value) and cli_line(err.value) == message  # `lm-sleep`: this line, exit 1, no traceback
     with pytest.raises(DiskFullError, match=rf"^{metrics}: no space left on device"):
         write_json(metrics, {"period": 0, "accuracy": {str(i): 0.5 for i in range(4000)}})
     filler.unlink()
