@@ -47,7 +47,9 @@ def stage(args: list[str], path: str | None, **kw) -> subprocess.CompletedProces
 
 
 def server_pid(path: str) -> int:
-    (proc,) = [p for p in psutil.process_iter(["cmdline"]) if path in (p.info["cmdline"] or [])]
+    """The stage server's pid (not its tether's, whose command line ends with the server's)."""
+    (proc,) = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:4] == ["-m", "flows.stage", "--serve"]
+               and path in p.info["cmdline"]]
     return proc.pid
 
 
