@@ -80,9 +80,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.no_dvc:
             from flows.lifecycle import lifecycle
             from flows.prepare import prepare
+            from flows.publish import main as publish_main
+            from model.config import load_params
 
             prepare(args.params)
             lifecycle(args.params)
+            # As the DVC pipeline's publish stage does: send what is still queued, and exit 1 (with the store's
+            # error) while anything stays queued, so a scheduler sees it. A finished run's objects are not re-sent.
+            if load_params(args.params).lifecycle.publish and (code := publish_main(["--params", args.params])):
+                return code
         else:
             cmd = ["dvc", "repro", *(["--force"] if args.force else []), "dvc.yaml"]  # not pipelines/inbox
             proc = subprocess.run(cmd, cwd=root, env=dict(os.environ))
