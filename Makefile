@@ -32,8 +32,8 @@ install-browser:
 run: install
 	lm-sleep run
 
-test: install
-	python -m pytest
+test: install  # two workers, one test file each at a time (module fixtures stay on one worker)
+	python -m pytest -n 2 --dist loadfile
 
 test-fast: install
 	python -m pytest -m "not slow"
