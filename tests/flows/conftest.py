@@ -66,6 +66,11 @@ def prefect_server(server_env, prefect_home) -> Iterator[str]:
     try:
         wait_for(healthy, 60, "prefect server /api/health", log)
         with temporary_settings(updates={PREFECT_API_URL: url}):
+            # Prefect keeps one events worker per process, whatever the API URL: one that an earlier module
+            # started (its own server, or the session's test harness) would send this module's task runs there.
+            # Drained, it goes; the next flow starts one for this server.
+            APILogWorker.drain_all(timeout=10, at_exit=False)
+            EventsWorker.drain_all(timeout=10, at_exit=False)
             yield url
             # Send what flows run in this process queued (logs, events) while the server still answers.
             APILogWorker.drain_all(timeout=10, at_exit=False)

@@ -100,7 +100,8 @@ def test_killing_the_client_kills_its_stage(servers, tmp_path):
 
 
 STARTER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where the parent ignores SIGINT (xdist)
 from pathlib import Path
 from flows.server import local_server
 from flows.stage import stage_server
