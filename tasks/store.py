@@ -54,6 +54,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model.config import run_id_problem
 from model.io import DiskFullError, atomic_path, disk_full_error, write_json
 
 T = TypeVar("T")
@@ -64,7 +65,6 @@ DEFAULT_LOCAL_DIR = "artifacts"
 OUTBOX_DIR = ".outbox"
 MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for one PUT; our artifacts are far below it
 
-_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]{0,254}")
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _CYCLE_DIR_RE = re.compile(r"cycle-(\d+)")
@@ -124,11 +124,8 @@ def _local_space() -> Iterator[None]:
 
 def validate_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is one safe path segment (letters, digits, ``._-``; no ``..``)."""
-    if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
-        raise InvalidKeyError(
-            f"invalid run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit, without '..'"
-        )
+    if (why := run_id_problem(run_id)) is not None:  # the one rule, also checked when params load
+        raise InvalidKeyError(why)
     return run_id
 
 
@@ -872,7 +869,7 @@ def list_runs(store: ArtifactStore) -> list[dict[str, Any]]:
     out = []
     for run_id in store.children("runs/"):
         key = f"runs/{run_id}/run.json"
-        if _RUN_ID_RE.fullmatch(run_id) and exists(store, key):
+        if run_id_problem(run_id) is None and exists(store, key):
             out.append(json.loads(get_bytes(store, key)))
     return out
 

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import secrets
+import signal
 import string
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.flows.helpers import stop
 from tests.flows.test_lifecycle_flow import toy_project
 from tests.tasks.conftest import moto_endpoint  # noqa: F401 (the fixture)
 
@@ -187,9 +189,4 @@ def test_the_local_prefect_server_and_lm_sleep_serve_listen_on_loopback_only(tmp
             sockets = _listening(tree)
             assert sockets and all(_loopback(ip) for ip, _, _ in sockets), sockets
         finally:
-            serve.terminate()
-            try:
-                serve.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
+            stop(serve, signal.SIGTERM)
