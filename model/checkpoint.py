@@ -182,7 +182,7 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
         prototypes = Prototypes.from_tensors(routing, str(src / EXPERTS_FILE)) if routing else None
     except CMSError as e:
         raise CheckpointError(str(e)) from None
-    if prototypes is not None and prototypes.mean.shape[0] != cms.d:
+    if prototypes is not None and prototypes.mean.shape[0] != cms.d:  # (the scatter's shape is checked against it)
         raise CheckpointError(f"{src / EXPERTS_FILE}: tensor 'routing.mean' has {prototypes.mean.shape[0]} features, "
                               f"the model's hidden size is {cms.d}")
     own = dict(cms.named_memory_parameters())
@@ -273,6 +273,12 @@ def check_state(params: "Params", root: Path, state: str | Path, needed_by: str)
     state = Path(state)
     if not state.is_dir():
         raise CheckpointError(f"{state}: missing; {needed_by}")
-    open_memory_model(params, root, state, with_optimizer=True)
+    _, cms, _ = open_memory_model(params, root, state, with_optimizer=True)
+    routing, protos = params.cms.routing, cms.prototypes
+    if routing.by_prototype and protos is not None and protos.metric != routing.metric:  # the next wake adds to them
+        raise CheckpointError(f"{state / EXPERTS_FILE}: its routing prototypes use the {protos.metric} metric, but "
+                              f"params' cms.routing.metric is {routing.metric}; a state keeps the metric it started "
+                              f"with (set cms.routing.metric: {protos.metric} to go on from it)")
+    del cms
     gc.collect()  # the model's reference cycles: free it before the stage loads its own
     return read_manifest(state)

@@ -111,7 +111,14 @@ class RoutingConfig(_Strict):
                                "nearest prototype's (false: every expert fires on every input).")
     feature_layer: int | None = Field(None, ge=0, description="Decoder layer whose input is the routing feature (at or "
                                       "below the first CMS layer); null = a quarter of the model's depth.")
-    prototypes_per_period: int = Field(16, ge=1, le=256, description="K: k-means prototypes of each period's inputs.")
+    prototypes_per_period: int = Field(16, ge=1, le=256, description="K: k-means prototypes of each period's inputs "
+                                       "(cosine), or of its unlabelled passages (mahalanobis).")
+    metric: Literal["cosine", "mahalanobis"] = Field(
+        "mahalanobis", description="mahalanobis: a prototype per label of each period and one covariance pooled over "
+        "every period, nearest in its metric; cosine: K spherical k-means prototypes per period, nearest by cosine "
+        "(the 'cosine_routing' ablation). A state keeps the metric it started with.")
+    shrinkage: float = Field(0.5, gt=0.0, le=1.0, description="Mahalanobis: the pooled covariance's weight on a multiple "
+                             "of the identity (model/prototypes.py shared_covariance); 1 = Euclidean distance.")
 
 
 class CMSConfig(_Strict):
@@ -497,6 +504,7 @@ METHODS: dict[str, str] = {
     "no_rehearsal": "full sleep without rehearsal: consolidation sees the current period's prompts only",
     "no_freezing": "full sleep, consolidated experts stay writable in wake (the slow level's eq.-2 step moves them)",
     "no_prototype_routing": "full sleep, every expert fires on every input (no period prototypes)",
+    "cosine_routing": "full sleep, prototypes by spherical k-means and cosine (no shared covariance)",
     "with_routing": "full sleep plus the routing loss (routers fire on this period's inputs, not on dreamed inputs "
     "of other tasks; off by default: it did not help on the development runs)",
     "cms": "the continuum memory system learning online, without sleep",
@@ -533,6 +541,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_freezing": {"cms": {"freeze_consolidated": False}},
     "with_routing": {"cms": {"routing": {"enabled": True}}},
     "no_prototype_routing": {"cms": {"routing": {"by_prototype": False}}},
+    "cosine_routing": {"cms": {"routing": {"metric": "cosine"}}},
 }
 
 
@@ -555,7 +564,7 @@ KNOWLEDGE_METHODS: dict[str, str] = {
 }
 MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
-    "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing",
+    "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing", "cosine_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
     "no_promotion_check", "dreams_into_slow", "fold_dreams", "base", "passage_finetune", "base_dreams",
 ]

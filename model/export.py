@@ -55,7 +55,8 @@ def memory_spec(trained: "TrainedModel") -> dict[str, Any]:
         levels.append({"name": lvl.name, "top_k": lvl.top_k, "d_low": lvl.d_low, "periods": periods})
     return {"format_version": FORMAT_VERSION, "layers": cms.layer_ids, "activation": cms.cfg.activation,
             "levels": levels, "prototype_layer": None if protos is None else protos.layer,
-            "n_prototypes": 0 if protos is None else int(protos.centroids.shape[0])}
+            "n_prototypes": 0 if protos is None else int(protos.centroids.shape[0]),
+            "prototype_metric": None if protos is None else protos.metric}
 
 
 def export_tensors(trained: "TrainedModel") -> dict[str, torch.Tensor]:
@@ -83,6 +84,8 @@ def export_tensors(trained: "TrainedModel") -> dict[str, torch.Tensor]:
         p = cms.prototypes
         out.update({"lm_sleep_router.mean": p.mean, "lm_sleep_router.scale": p.scale,
                     "lm_sleep_router.centroids": p.centroids, "lm_sleep_router.periods": p.periods.long()})
+        if p.metric == "mahalanobis":
+            out["lm_sleep_router.whiten"] = p.whiten()
     return {k: v.to("cpu").contiguous().clone() for k, v in out.items()}
 
 

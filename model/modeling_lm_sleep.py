@@ -15,8 +15,8 @@ into the base weights.
 
 Prototype routing (when the state had prototypes, ``config.lm_sleep["prototype_layer"]`` set): each
 sequence's mean residual stream entering decoder layer ``prototype_layer`` (over the tokens its
-attention mask marks) is standardised and matched to the nearest prototype (cosine), which names a
-period p; only experts of periods <= p fire for that sequence. The routing is decided at the first
+attention mask marks) is standardised and matched to the nearest prototype (by cosine, or, with
+``prototype_metric`` "mahalanobis", by distance after the ``whiten`` matrix), which names a period p; only experts of periods <= p fire for that sequence. The routing is decided at the first
 forward pass of a sequence (an empty cache: the prompt) and kept for the tokens generated after it.
 Set ``lm_sleep_routing="all"`` (e.g. as a ``from_pretrained`` keyword) to let every expert fire.
 """
@@ -99,14 +99,16 @@ class MemoryBlock(nn.Module):
 
 
 class PrototypeRouter(nn.Module):
-    """Prototypes of every period's inputs: mean, scale (d,); centroids (P, d) unit rows; periods (P,)."""
+    """Prototypes of every period's inputs: mean, scale (d,); centroids (P, d); periods (P,); for the
+    mahalanobis metric, whiten (d, d) (the shared covariance's inverse Cholesky factor)."""
 
-    def __init__(self, d: int, n_prototypes: int) -> None:
+    def __init__(self, d: int, n_prototypes: int, mahalanobis: bool = False) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(d))
         self.register_buffer("scale", torch.ones(d))
         self.register_buffer("centroids", torch.zeros(n_prototypes, d))
         self.register_buffer("periods", torch.zeros(n_prototypes, dtype=torch.long))
+        self.register_buffer("whiten", torch.zeros(d, d) if mahalanobis else None)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The period of each sequence's nearest prototype: hidden (B, T, d), mask (B, T) -> (B,)."""
@@ -114,7 +116,11 @@ class PrototypeRouter(nn.Module):
         real = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device, torch.float32)
         features = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1.0)  # (B, d)
         z = F.normalize((features - self.mean.float()) / self.scale.float(), dim=1)
-        return self.periods[(z @ self.centroids.float().T).argmax(dim=1)]
+        if self.whiten is None:  # cosine: the most similar unit centroid
+            return self.periods[(z @ self.centroids.float().T).argmax(dim=1)]
+        w = self.whiten.float()  # mahalanobis: the nearest centroid after whitening, argmax 2 y.c - |c|^2
+        y, c = z @ w.T, self.centroids.float() @ w.T
+        return self.periods[(2.0 * y @ c.T - (c * c).sum(dim=1)).argmax(dim=1)]
 
 
 class LMSleepForCausalLM(LlamaForCausalLM):
@@ -132,7 +138,8 @@ class LMSleepForCausalLM(LlamaForCausalLM):
                                         self.lm_sleep_state)
         self.lm_sleep_router = None
         if spec.get("prototype_layer") is not None:
-            self.lm_sleep_router = PrototypeRouter(config.hidden_size, spec["n_prototypes"])
+            self.lm_sleep_router = PrototypeRouter(config.hidden_size, spec["n_prototypes"],
+                                                   spec.get("prototype_metric") == "mahalanobis")
             self.model.register_forward_pre_hook(self._start_pass, with_kwargs=True)
             layers[spec["prototype_layer"]].register_forward_pre_hook(self._route, with_kwargs=True)
 

@@ -12,9 +12,14 @@ from model.checkpoint import CheckpointError, load_state, save_state
 from model.cms import CMSError
 from model.merging import merge_oldest
 from model.prototypes import (
+    MAHALANOBIS_KEYS,
     Prototypes,
     add_period,
     compact,
+    group_centroids,
+    kmeans,
+    shared_covariance,
+    whitening,
     feature_layer,
     learn_prototypes,
     period_view,
@@ -61,6 +66,89 @@ def test_route_names_the_period_of_the_nearest_prototype_and_a_period_can_be_rep
     assert again.periods.tolist() == [0, 0, 0, 1, 1] and torch.equal(route(again, x), truth)
     with pytest.raises(CMSError, match="feature_layer"):
         add_period(protos, x, period=2, k=2, layer=0)
+
+
+def _elongated(seed: int = 0, n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two periods whose inputs differ only along a quiet direction (feature 1, spread 0.1, means 0.6 apart),
+    while a loud direction every period shares (feature 0, spread 3) dominates the angle between them."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.05 * torch.randn(2 * n, 16, generator=g)
+    x[:, 0] += 3.0 * torch.randn(2 * n, generator=g)
+    x[:, 1] += 0.1 * torch.randn(2 * n, generator=g) + torch.tensor([-0.3] * n + [0.3] * n)
+    x[:, 2] += 2.0  # every input sits off the origin, as hidden states do
+    return x, torch.tensor([0] * n + [1] * n)
+
+
+def test_mahalanobis_routing_finds_the_period_that_a_quiet_direction_tells_apart_and_cosine_does_not():
+    x, truth = _elongated()
+    test, test_truth = _elongated(seed=1)
+    first, second = (truth == 0), (truth == 1)
+    scores = {}
+    for metric in ("cosine", "mahalanobis"):
+        protos = add_period(None, x[first], 0, k=3, layer=1, metric=metric, shrinkage=0.1)
+        protos = add_period(protos, x[second], 1, k=3, layer=1, metric=metric)
+        assert protos.metric == metric
+        scores[metric] = float((route(protos, test) == test_truth).float().mean())
+    assert scores["mahalanobis"] >= 0.95 and scores["cosine"] <= 0.8, scores
+
+
+def test_pooled_scatter_and_shrinkage_are_what_the_route_measures_with():
+    x, truth = _elongated()
+    groups = ["a" if i % 2 else "b" for i in range(20)]
+    protos = add_period(None, x[truth == 0][:20], 0, k=2, layer=1, metric="mahalanobis", shrinkage=0.3, groups=groups)
+    z = F.normalize((x[truth == 0][:20] - protos.mean) / protos.scale, dim=1)
+    cents, resid = group_centroids(z, groups, 2, seed=0)
+    assert protos.centroids.shape == (2, 16) and torch.allclose(protos.centroids, cents)  # one per label, in order
+    assert torch.allclose(cents[0], z[0::2].mean(0), atol=1e-6)  # "b" comes first
+    assert torch.allclose(resid[0::2].sum(0), torch.zeros(16), atol=1e-5)
+    assert protos.count == 20 and torch.allclose(protos.scatter, resid.double().T @ resid.double())
+    cov = shared_covariance(protos.scatter, protos.count, 0.3)
+    w = protos.whiten()
+    assert torch.allclose(w.double() @ cov @ w.double().T, torch.eye(16, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(shared_covariance(protos.scatter, protos.count, 1.0),
+                          (protos.scatter.trace() / 20 / 16) * torch.eye(16, dtype=torch.float64))
+    more = add_period(protos, x[truth == 1], 1, k=2, layer=1, metric="mahalanobis", groups=[None] * 40)
+    assert more.count == 60 and more.pooled_periods.tolist() == [0, 1] and more.centroids.shape == (4, 16)
+    assert more.shrinkage == 0.3  # the first period fixes it, as it fixes the standardisation
+    unlabelled = F.normalize((x[truth == 1] - protos.mean) / protos.scale, dim=1)
+    c, assign = kmeans(unlabelled, 2, seed=0)
+    assert torch.allclose(more.centroids[2:], c) and torch.allclose(
+        more.scatter - protos.scatter, (unlabelled - c[assign]).double().T @ (unlabelled - c[assign]).double(), atol=1e-8)
+    with pytest.raises(CMSError, match="period 1: its inputs are already in the routing covariance"):
+        add_period(more, x[truth == 1], 1, k=2, layer=1, metric="mahalanobis")
+    with pytest.raises(CMSError, match="cms.routing.metric is cosine but the state's prototypes were made with mahalanobis"):
+        add_period(more, x[truth == 1], 2, k=2, layer=1, metric="cosine")
+    with pytest.raises(ValueError, match="3 groups for 40 features"):
+        add_period(more, x[truth == 1], 2, k=2, layer=1, metric="mahalanobis", groups=["a"] * 3)
+    few = add_period(None, x[:6], 0, k=2, layer=1, metric="mahalanobis", shrinkage=0.3, groups=["a"] * 6)
+    with pytest.raises(torch.linalg.LinAlgError):  # no shrinkage and fewer inputs than features: singular
+        whitening(shared_covariance(few.scatter, few.count, 0.0))
+    assert torch.isfinite(few.whiten()).all()  # which is why params.yaml's shrinkage must be > 0
+
+
+def test_mahalanobis_prototypes_survive_a_checkpoint_and_an_incomplete_set_is_refused(tmp_path):
+    lm, cms = tiny_with_cms()
+    learn_prototypes(lm.model, lm.tokenizer, cms, ALARMS + MONEY, 0, None, 2, 4, 32, metric="mahalanobis",
+                     shrinkage=0.4, groups=["alarm"] * 4 + ["money"] * 4)
+    save_state(cms, tmp_path / "s")
+    _, fresh = tiny_with_cms()
+    load_state(fresh, tmp_path / "s")
+    p, q = cms.prototypes, fresh.prototypes
+    assert q.metric == "mahalanobis" and q.count == 8 and q.shrinkage == pytest.approx(0.4)
+    assert torch.equal(q.scatter, p.scatter) and torch.equal(q.pooled_periods, p.pooled_periods)
+    assert torch.equal(q.whiten(), p.whiten())
+
+    from safetensors.torch import load_file, save_file
+    from model.io import sha256_file
+
+    tensors = load_file(str(tmp_path / "s/experts.safetensors"))
+    del tensors[MAHALANOBIS_KEYS[1]]
+    save_file(tensors, str(tmp_path / "s/experts.safetensors"))
+    manifest = json.loads((tmp_path / "s/manifest.json").read_text())
+    manifest["files"]["experts.safetensors"] = sha256_file(tmp_path / "s/experts.safetensors")
+    (tmp_path / "s/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="experts.safetensors: routing tensors \\['routing.count'\\] missing"):
+        load_state(fresh, tmp_path / "s")
 
 
 def test_features_come_from_below_the_memory_so_experts_never_move_them():
@@ -200,3 +288,24 @@ def test_periods_that_see_the_same_experts_share_k_prototypes_and_route_alike():
     truth = [view_class(cms, p) for p in range(4) for _ in range(12)]
     assert after == truth  # every input still finds the experts its own period sees
     assert compact(small, cms, k=3) is small  # a compact set stays as it is
+
+
+def test_mahalanobis_compaction_keeps_the_pooled_covariance_and_k_centroids_per_view():
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=4, top_k=4))
+    g = torch.Generator().manual_seed(0)
+    feats = {p: 0.3 * torch.randn(12, 16, generator=g) + 5.0 * F.one_hot(torch.tensor(p), 16) for p in range(3)}
+    protos = None
+    for period in range(3):
+        cms.begin_period(period)
+        protos = add_period(protos, feats[period], period, k=2, layer=1, metric="mahalanobis",
+                            groups=[f"{period}-{i % 3}" for i in range(12)])  # three labels a period
+        cms.freeze(1, cms.unlock(1, origin=f"consolidation:test-{period}"), reason="test")
+    assert protos.centroids.shape == (9, 16)
+    for e in cms.experts[1]:  # periods 0 and 1 now share a view
+        if e.active and e.period == 1:
+            e.active = False
+    small = compact(protos, cms, k=2)
+    assert small.periods.tolist() == [1, 1, 2, 2, 2] and small.metric == "mahalanobis"
+    assert small.scatter is protos.scatter and small.count == protos.count == 36
+    x = torch.cat([feats[p] for p in range(3)])
+    assert [view_class(cms, int(r)) for r in route(small, x)] == [1] * 24 + [2] * 12

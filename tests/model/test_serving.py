@@ -43,25 +43,31 @@ def _perturb(cms, level: int, slots: list[int], gen: torch.Generator, scale_a: f
                 bank.A[s].mul_(scale_a)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """params.yaml, the stream plan and a two-period state with prototype routing (state/sleep/period-1):
-    period 0's experts learned alarms, period 1's strong new fast expert money."""
-    root = tmp_path_factory.mktemp("serving")
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+@pytest.fixture(scope="module", params=["cosine", "mahalanobis"])
+def project(tmp_path_factory, request) -> Path:
+    """params.yaml, the stream plan and a two-period state with prototype routing (state/sleep/period-1), by
+    each metric: period 0's experts learned alarms, period 1's strong new fast expert money."""
+    metric = request.param
+    root = tmp_path_factory.mktemp(f"serving-{metric}")
+    params = PARAMS | {"cms": PARAMS["cms"] | {"routing": {"metric": metric}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "data/processed").mkdir(parents=True)
     (root / "data/processed/tasks.json").write_text(json.dumps(PLAN))
     params = load_params(root / "params.yaml")
     lm, cms, _ = open_memory_model(params, root)
     gen = torch.Generator().manual_seed(1)
-    learn_prototypes(lm.model, lm.tokenizer, cms, [f"{t} ->" for t in ALARMS], 0, None, 2, 4, 32)
+    routing = params.cms.routing
+    learn_prototypes(lm.model, lm.tokenizer, cms, [f"{t} ->" for t in ALARMS], 0, None, 2, 4, 32,
+                     metric=routing.metric, shrinkage=routing.shrinkage, groups=["alarm", "wake_up"] * 2)
     for li in range(2):
         _perturb(cms, li, cms.active_slots(li), gen)
     cms.freeze(0, 0, reason="test")
     cms.begin_period(1)
     slot = cms.unlock(0, origin="test")
     _perturb(cms, 0, [slot], gen, scale_a=50.0)
-    learn_prototypes(lm.model, lm.tokenizer, cms, [f"{t} ->" for t in MONEY], 1, None, 2, 4, 32)
+    learn_prototypes(lm.model, lm.tokenizer, cms, [f"{t} ->" for t in MONEY], 1, None, 2, 4, 32,
+                     metric=routing.metric, shrinkage=routing.shrinkage, groups=["balance", "transfer"] * 2)
+    assert cms.prototypes.metric == metric
     save_state(cms, root / "state/sleep/period-1", metadata={"period": 1})
     return root
 
