@@ -1,12 +1,13 @@
 """How well prototype routing finds an input's period, on development streams disjoint from the evaluation.
 
-Chooses ``cms.routing.feature_layer`` and ``prototypes_per_period`` without touching an
-evaluation set. Development streams are built from the source's *train* rows of labels
+Chooses ``cms.routing.feature_layer``, ``metric``, ``shrinkage`` and ``prototypes_per_period``
+without touching an evaluation set. Development streams are built from the source's *train* rows of labels
 that no evaluation stream uses (every seed of every continual comparison of params.yaml
 is built and its labels excluded), split into train/test by the dev seed. For each
-(feature layer, K) the script learns each task's prototypes from its train prompts with
-``model.prototypes`` (the code the lifecycle runs) and reports the share of test prompts
-routed to their own task after the last task, mean over dev streams.
+setting (feature layer; cosine with K k-means prototypes a period, or mahalanobis with a
+prototype per label and shrinkage lambda) the script learns each task's prototypes from its
+train prompts with ``model.prototypes`` (the code the lifecycle runs) and reports the share
+of test prompts routed to their own task after the last task, mean over dev streams.
 
     python bench/routing_probe.py                       # embedded default, 3 dev streams of 3 and 5 tasks
     python bench/routing_probe.py --out docs/results/issue13/routing_probe.json
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, nargs="+", default=[3, 5])
     ap.add_argument("--layers", type=float, nargs="+", default=[0.125, 0.25, 0.375, 0.5],
                     help="feature layers as fractions of the depth")
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16], help="cosine: prototypes a period")
+    ap.add_argument("--shrinkage", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7],
+                    help="mahalanobis: the pooled covariance's weight on the identity")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -63,18 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.dev_seeds:
             cfg = params.data.model_copy(update={"seed": seed, "n_tasks": n_tasks, "exclude_labels": []})
             stream, plan = build_stream(df, cfg)
-            prompts = {(t, split): [split_template(params.wake.template, x, plan[t][0])[0]
-                                    for x in stream[(stream.task == t) & (stream.split == split)].text]
-                       for t in plan for split in ("train", "test")}
+            rows = {(t, split): stream[(stream.task == t) & (stream.split == split)] for t in plan
+                    for split in ("train", "test")}
+            prompts = {key: [split_template(params.wake.template, x, plan[key[0]][0])[0] for x in r.text]
+                       for key, r in rows.items()}
             for layer in layers:
                 feats = {key: sequence_features(lm.model, lm.tokenizer, v, layer, 64, params.wake.max_length)
                          for key, v in prompts.items()}
-                for k in args.k:
+                settings = [(f"cosine, K={k}", "cosine", k, 0.5) for k in args.k] + [
+                    (f"mahalanobis, shrinkage {lam}", "mahalanobis", 1, lam) for lam in args.shrinkage]
+                for name, metric, k, lam in settings:
                     protos: Prototypes | None = None
                     for t in plan:
-                        protos = add_period(protos, feats[(t, "train")], t, k, layer, seed=seed)
+                        protos = add_period(protos, feats[(t, "train")], t, k, layer, seed=seed, metric=metric,
+                                            shrinkage=lam, groups=list(rows[(t, "train")].label))
                     hits = [float((route(protos, feats[(t, "test")]) == t).float().mean()) for t in plan]
-                    table.setdefault(f"{n_tasks} tasks, layer {layer}, K={k}", []).append(statistics.mean(hits))
+                    table.setdefault(f"{n_tasks} tasks, layer {layer}, {name}", []).append(statistics.mean(hits))
             print(f"dev stream {n_tasks} tasks seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     rows = [{"setting": key, "routing_accuracy": round(statistics.mean(v), 4), "per_stream": [round(x, 4) for x in v]}
             for key, v in table.items()]
