@@ -56,8 +56,9 @@ RETAINED = ("state/wake", "state/consolidated", "state/sleep", "dreams", "report
 
 
 def prototype_bytes(root: Path) -> int:
-    """Bytes of the routing prototypes (centroids and their periods) in the retained states: they grow by K
-    centroids per period by design (routing remembers where every period's inputs lie), so they are apart."""
+    """Bytes of the routing prototypes (centroids and their periods) in the retained states: they grow by a
+    centroid per label (mahalanobis) or K centroids (cosine) a period by design (routing remembers where every
+    period's inputs lie), so they are apart. The pooled covariance is d x d whatever the age: in the states."""
     from safetensors import safe_open
 
     total = 0

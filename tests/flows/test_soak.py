@@ -20,10 +20,11 @@ def test_thirty_ingest_wake_sleep_cycles_keep_memory_and_disk_flat(tmp_path, pre
     # Retention bounds the periods' states and dreams: after the window they stop growing.
     states = [r["states_mb"] for r in records]
     assert max(states[KEEP + 2:]) <= 1.15 * min(states[KEEP + 2:]), states
-    # The routing prototypes (K centroids per period, measured apart) grow until the slow level is full; from then
-    # on its merges leave old periods sharing a view, whose prototypes are compacted to K (model/prototypes.py).
+    # The routing prototypes (measured apart: a centroid per label of each period, two labels a batch here) grow
+    # until the slow level is full and its merges leave old periods sharing a view; a view's centroids are compacted
+    # to K once they pass K (model/prototypes.py), so they level off (40 cycles: 0.051-0.053 MB from cycle 12 on).
     protos = [r["prototypes_mb"] for r in records]
-    assert protos[KEEP + 2] > protos[0] and max(protos[10:]) <= 1.10 * min(protos[10:]), protos
+    assert protos[KEEP + 2] > protos[0] and max(protos[CYCLES // 2:]) <= 1.10 * min(protos[CYCLES // 2:]), protos
     for period in range(CYCLES - KEEP):
         assert not (tmp_path / f"state/sleep/period-{period}").exists()
     for period in range(CYCLES - KEEP, CYCLES):
