@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -227,10 +228,12 @@ def add_period(protos: Prototypes | None, features: torch.Tensor, period: int, k
                        f"(set cms.routing.metric: {protos.metric} to go on from this state)")
     z = standardise(features, protos)
     keep = protos.periods != period
+    def with_period(cent: torch.Tensor, **pooled) -> Prototypes:
+        return dataclasses.replace(protos, centroids=torch.cat([protos.centroids[keep], cent]), periods=torch.cat(
+            [protos.periods[keep], torch.full((cent.shape[0],), period, dtype=torch.long)]), **pooled)
+
     if metric == "cosine":
-        cent = spherical_kmeans(z, k, seed=seed)
-        return Prototypes(layer, protos.mean, protos.scale, torch.cat([protos.centroids[keep], cent]),
-                          torch.cat([protos.periods[keep], torch.full((cent.shape[0],), period, dtype=torch.long)]))
+        return with_period(spherical_kmeans(z, k, seed=seed))
     assert protos.scatter is not None and protos.pooled_periods is not None
     if period in protos.pooled_periods.tolist():
         raise CMSError(f"period {period}: its inputs are already in the routing covariance; a period's prototypes "
@@ -238,12 +241,8 @@ def add_period(protos: Prototypes | None, features: torch.Tensor, period: int, k
     if groups is not None and len(groups) != z.shape[0]:
         raise ValueError(f"add_period: {len(groups)} groups for {z.shape[0]} features")
     cent, resid = group_centroids(z, groups, k, seed)
-    out = Prototypes(layer, protos.mean, protos.scale, torch.cat([protos.centroids[keep], cent]),
-                     torch.cat([protos.periods[keep], torch.full((cent.shape[0],), period, dtype=torch.long)]))
-    out.scatter = protos.scatter + resid.double().T @ resid.double()
-    out.count, out.shrinkage = protos.count + z.shape[0], protos.shrinkage
-    out.pooled_periods = torch.cat([protos.pooled_periods, torch.tensor([period])])
-    return out
+    return with_period(cent, scatter=protos.scatter + resid.double().T @ resid.double(), count=protos.count + z.shape[0],
+                       pooled_periods=torch.cat([protos.pooled_periods, torch.tensor([period])]), _whiten=None)
 
 
 def group_centroids(z: torch.Tensor, groups: Sequence[Hashable | None] | None, k: int, seed: int
@@ -299,10 +298,7 @@ def compact(protos: Prototypes, cms: ContinuumMemory, k: int, seed: int = 0) -> 
                 group = kmeans(group @ w.T, k, seed=seed * 1_009 + rep)[0] @ torch.linalg.inv(w.double()).float().T
         cents.append(group)
         pers.append(torch.full((group.shape[0],), rep, dtype=torch.long))
-    out = Prototypes(protos.layer, protos.mean, protos.scale, torch.cat(cents), torch.cat(pers))
-    out.scatter, out.count, out.shrinkage, out.pooled_periods = (protos.scatter, protos.count, protos.shrinkage,
-                                                                 protos.pooled_periods)
-    return out
+    return dataclasses.replace(protos, centroids=torch.cat(cents), periods=torch.cat(pers))  # the same covariance
 
 
 def cosine_route(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
