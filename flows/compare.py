@@ -18,6 +18,7 @@ its passages are checked before anything trains, and a run resumes mid-way.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import replace
@@ -50,20 +51,26 @@ from tasks.compare import (
 )
 from tasks.compare_report import write_comparison_report
 from tasks.expectations import StreamValidationError
-from tasks.knowledge import prepare_passages, run_knowledge_method
+from model.incorporation import TRAINED_POLICY_METHODS
+from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy
 from tasks.knowledge_report import write_knowledge_report
 
 
 @flow(name="compare", log_prints=True)
 def compare(name: str, params_path: str = "params.yaml", quick: bool = False, methods: list[str] | None = None,
-            report_only: bool = False, dev: bool = False, seeds: list[int] | None = None) -> dict:
+            report_only: bool = False, dev: bool = False, seeds: list[int] | None = None,
+            shard: tuple[int, int] | None = None, device: str | None = None) -> dict:
     """Run comparison ``name``: every method on every seed; then its report. Returns the report's summary.
 
     ``report_only``: run nothing; write the report over the runs that have finished (the rest are listed).
     ``dev``: the comparison on development tasks (``<name>-dev``, no evaluation label in its streams), where
-    choices are made. ``seeds``: only these seeds."""
+    choices are made. ``seeds``: only these seeds. ``shard`` = (i, n): a knowledge comparison (single mode)
+    runs only every n-th passage from the i-th, beside the other shards, and writes no report; a run without
+    ``shard`` afterwards reuses every passage the shards finished. ``device``: model.device for every run."""
     log = get_run_logger()
     params = load_params(params_path)
+    if device is not None:
+        params = params.for_run({"model": {"device": device}}, "--device")
     root = Path(params_path).resolve().parent
     comp = resolve_comparison(params, name, quick, methods)
     if seeds:
@@ -82,7 +89,10 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
         log.info(f"report: {summary['report']}")
         return summary
     if comp.kind == "knowledge":
-        return compare_knowledge(params, root, comp)
+        return compare_knowledge(params, root, comp, shard)
+    if shard is not None:
+        raise ConfigError(f"comparison {name!r}: --shard splits the passages of a knowledge comparison; this one is "
+                          f"kind '{comp.kind}'")
     with exclusive(comparison_dir(params, root, comp), "comparison run"):
         results = run_continual(params, root, comp)
         summary = write_comparison_report(params, root, comp, results)
@@ -125,22 +135,39 @@ def run_continual(params: Params, root: Path, comp: Comparison, baselines: Basel
     return results
 
 
-def compare_knowledge(params: Params, root: Path, comp: Comparison) -> dict:
-    """A knowledge-incorporation comparison: every method on every seed over the passages; then its report."""
+def compare_knowledge(params: Params, root: Path, comp: Comparison, shard: tuple[int, int] | None = None) -> dict:
+    """A knowledge-incorporation comparison: every method on every seed over the passages; then its report.
+
+    With ``shard`` = (i, n), the i-th of n processes: its share of the passages, no report (see :func:`compare`)."""
     log = get_run_logger()
     results = []
-    with exclusive(comparison_dir(params, root, comp), "comparison run"):
+    cdir = comparison_dir(params, root, comp)
+    if shard is not None and comp.knowledge.mode != "single":
+        raise ConfigError(f"comparison {comp.name!r}: --shard needs mode single (in continued mode one state learns "
+                          "the passages in turn)")
+    lock = cdir if shard is None else cdir / "shards" / f"{shard[0]}-of-{shard[1]}"
+    with exclusive(lock, "comparison run"):
         passages = prepare_passages(root, comp)  # a missing file or too few passages fails here, before training
         runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
         for i, (seed, method) in enumerate(runs, 1):
             p = run_params(params, root, comp, method, seed)
             rdir = run_dir(params, root, comp, method, seed)
+            digest = None
+            if method in TRAINED_POLICY_METHODS:  # ReST-EM over the training pool first (once per seed, resumable)
+                trained = train_dream_policy(p, root, policy_dir(comparison_dir(params, root, comp), seed),
+                                             comp.knowledge, passages)
+                p = p.for_run({"dream": {"policy": {"source": trained["policy"]}}}, f"{comp.name} ({method}, seed {seed})")
+                digest = trained["policy_sha256"]
             log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
             write_run_params(p, rdir / "params.yaml")
-            res = run_knowledge_method(p, root, rdir, method, comp.knowledge, passages)
-            tau = sum(r["tau"] for r in res["passages"]) / len(res["passages"])
-            log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: mean tau {tau:.3f} ({res['seconds']:.0f} s)")
+            res = run_knowledge_method(p, root, rdir, method, comp.knowledge, passages, digest, shard)
+            tau = sum(r["tau"] for r in res["passages"]) / max(1, len(res["passages"]))
+            log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: mean tau {tau:.3f} over {len(res['passages'])} passages "
+                     f"({res['seconds']:.0f} s)")
             results.append(res)
+        if shard is not None:
+            log.info(f"shard {shard[0]}/{shard[1]} done; `lm-sleep compare {comp.name}` without --shard assembles the runs")
+            return {"report": None, "shard": list(shard), "runs": results}
         summary = write_knowledge_report(params, root, comp, results)
     log.info(f"report: {summary['report']}")
     return summary
@@ -159,11 +186,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="on development tasks: streams drawn from labels no evaluation stream uses (NAME-dev); "
                     "make choices here, never on the evaluation streams")
     ap.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="only these seeds")
+    ap.add_argument("--shard", metavar="I/N", help="knowledge comparisons (single mode): run every N-th passage from "
+                    "the I-th (0 <= I < N) beside the other shards, e.g. one process per core or GPU; then run once "
+                    "without --shard to assemble the results and write the report")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], help="model.device for every run (e.g. cuda where "
+                    "a GPU is lent); results do not depend on it in their cache key")
     args = ap.parse_args(argv)
     if args.seeds and min(args.seeds) < 0:
         ap.error("--seeds: a seed is a non-negative integer")
+    shard = None
+    if args.shard is not None:
+        m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+        if not m or not 0 <= int(m[1]) < int(m[2]):
+            ap.error(f"--shard: {args.shard!r} is not I/N with 0 <= I < N (e.g. 0/4)")
+        shard = (int(m[1]), int(m[2]))
     try:
-        compare(args.name, args.params, args.quick, args.methods, args.report_only, args.dev, args.seeds)
+        compare(args.name, args.params, args.quick, args.methods, args.report_only, args.dev, args.seeds, shard,
+                args.device)
     except (ConfigError, DataError, StreamValidationError, BusyError) as e:
         print(f"compare {args.name} failed: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ A state directory holds::
     experts.safetensors   every memory-level parameter (the base model is not saved) and the
                           routing prototypes (``routing.*``, model/prototypes.py) when there are any
     train.safetensors     optimiser moments and mid-chunk gradients (exact resume of eq. 2)
+    dream_policy.*        the dream generator's own adapter (model/dream_policy.py) when the state has one
     manifest.json         levels, experts (slot, active, when/why unlocked, SHA-256 of the
                           expert's weights), step counter, file digests, free-form metadata
 
@@ -24,6 +25,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.cms import ChunkedOptimizer, CMSError, ContinuumMemory, ExpertInfo, attach_cms
+from model.dream_policy import (
+    POLICY_JSON,
+    POLICY_TENSORS,
+    DreamPolicy,
+    attach_policy,
+    check_policy_tensors,
+    copy_policy_tensors,
+    load_policy,
+    read_policy,
+    write_policy_files,
+)
 from model.errors import UserError
 from model.io import atomic_dir, sha256_bytes, sha256_file
 from model.prototypes import PROTOTYPE_KEYS, Prototypes
@@ -74,6 +86,10 @@ def save_state(
         if optimizer is not None:
             save_file({k: v.cpu() for k, v in optimizer.state_tensors().items()}, str(tmp / TRAIN_FILE))
             files[TRAIN_FILE] = sha256_file(tmp / TRAIN_FILE)
+        policy: DreamPolicy | None = getattr(cms, "dream_policy", None)
+        if policy is not None:  # the dream generator's adapter travels with the memory it dreams for
+            files.update(write_policy_files(policy, tmp))
+            manifest["dream_policy"] = {"rounds": policy.rounds, "sha256": policy.digest()}
         manifest["files"] = files
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return dest
@@ -195,6 +211,11 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
     train = _load_tensors(src / TRAIN_FILE) if optimizer is not None and TRAIN_FILE in manifest["files"] else None
     if train is not None:
         _check_train_tensors(src / TRAIN_FILE, train, own)
+    policy: DreamPolicy | None = getattr(cms, "dream_policy", None)
+    policy_read = None
+    if policy is not None and POLICY_JSON in manifest["files"]:  # checked in full before anything changes
+        policy_read = read_policy(src, policy.base_model, policy.cfg)
+        check_policy_tensors(policy, *policy_read, src / POLICY_TENSORS)
 
     backup = {name: p.detach().clone() for name, p in own.items()}
     with torch.no_grad():
@@ -229,6 +250,8 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
     cms.step = int(manifest["step"])
     cms.period = int(manifest.get("period", 0))
     cms.prototypes = prototypes
+    if policy_read is not None:
+        copy_policy_tensors(policy, *policy_read)
     for p in own.values():
         p.grad = None
     if train is not None:
@@ -241,7 +264,9 @@ def open_memory_model(
 ) -> tuple["LoadedModel", ContinuumMemory, ChunkedOptimizer | None]:
     """The base model from params, with its memory levels attached and ``state`` loaded.
 
-    With ``state=None`` the levels are fresh (``initial_experts`` unlocked per level).
+    With ``state=None`` the levels are fresh (``initial_experts`` unlocked per level). The dream policy
+    (model/dream_policy.py) is attached when ``dream.policy.enabled`` or the state carries one (so it is
+    carried on): the state's, else ``dream.policy.source`` for a fresh state, else a fresh one.
     """
     from model.loading import load_base_model, resolve_device
 
@@ -249,6 +274,13 @@ def open_memory_model(
     cms = attach_cms(loaded.model, params.cms, seed=params.seed)
     loaded.model.to(resolve_device(params.model.device))
     optimizer = ChunkedOptimizer(cms, grad_clip=params.wake.grad_clip) if with_optimizer else None
+    pcfg = params.dream.policy
+    has_policy = state is not None and POLICY_JSON in read_manifest(state).get("files", {})
+    if pcfg.enabled or has_policy:
+        cms.dream_policy = attach_policy(loaded.model, pcfg, loaded.name, seed=params.seed)
+        if state is None and pcfg.source is not None:
+            src = Path(pcfg.source)
+            load_policy(cms.dream_policy, src if src.is_absolute() else root / src)
     if state is not None:
         state = Path(state)
         made_with = read_manifest(state).get("metadata", {}).get("model")

@@ -173,6 +173,7 @@ class ContinuumMemory(nn.Module):
         self.step = 0  # wake steps taken so far (drives eq. 2 and the sleep schedule)
         self.period = 0  # the wake period being learned (or slept on): the period new experts belong to
         self.prototypes = None  # model.prototypes.Prototypes: where each period's inputs lie (None: no routing)
+        self.dream_policy = None  # model.dream_policy.DreamPolicy: the dream generator's adapter, kept with the state
         self._gen = torch.Generator().manual_seed(seed)
         self.base_model = [model]  # a list, so the base is not registered as a submodule
         for li, lvl in enumerate(cfg.levels):

@@ -327,6 +327,46 @@ class DreamGateConfig(_Strict):
         return self
 
 
+class DreamPolicyConfig(_Strict):
+    """The dream policy (issue #14; docs/design.md §3): the generator's own LoRA adapter on the base model.
+
+    It is on only while dreams are sampled and while ReST-EM trains it; the memory levels that
+    answer questions never see it. It is part of the state (``dream_policy.*``, model/dream_policy.py),
+    carried from sleep to sleep, so what ReST-EM taught the generator in one sleep writes the next
+    sleep's dreams. A fresh policy (B = 0) samples exactly as the model without it.
+    """
+
+    enabled: bool = Field(True, description="Dreams come from the policy and ReST-EM trains it (false: dreams come "
+                          "from the memory model and ReST-EM trains where dream.train_into says, the method "
+                          "no_dream_policy).")
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+                               description="Linear layers of every decoder layer that carry the adapter.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of a ReST-EM update of the policy.")
+    source: str | None = Field(None, description="A trained policy directory (dream_policy.json + "
+                               "dream_policy.safetensors) a fresh state starts from; null: a fresh policy.")
+
+
+class PolicyTrainingConfig(_Strict):
+    """Training the dream policy by ReST-EM over rounds on a pool of passages (issue #14, as SEAL does).
+
+    Each round the current policy dreams about every training passage, every dream is tried in
+    isolation (reward 1 if it raises the passage's tau), and the policy is fine-tuned on the rewarded
+    (prompt -> dream) pairs of the round. The pool must not share a passage with the evaluation.
+    """
+
+    passages: str = Field("data/raw/squad/squad_train_seal100.json", description="SQuAD-format training "
+                          "passages, relative to the project root (never the evaluation passages).")
+    n_passages: int = Field(12, ge=1, description="Passages of the pool, from offset on.")
+    offset: int = Field(0, ge=0)
+    rounds: int = Field(3, ge=1, description="ReST-EM rounds (dream, try, fine-tune the policy).")
+    steps: int = Field(8, ge=1, description="Policy SFT steps per round on the round's rewarded pairs.")
+    eval_passages: int = Field(4, ge=0, description="Evaluation passages (the comparison's first ones) whose "
+                               "dreams are tried after every round, with the policy frozen, to see whether the "
+                               "share of rewarded dreams holds on passages the policy never trained on.")
+
+
 EXAMPLES_PROMPT = "Examples of requests and their intents, one per line:\n{context}\n"  # the model continues the list
 
 
@@ -399,6 +439,7 @@ class DreamConfig(_Strict):
     lr: float = Field(1e-3, gt=0, le=1.0, description="Learning rate of ReST-EM and promotion (fast level).")
     max_length: int = Field(512, ge=16)
     gate: DreamGateConfig = Field(default_factory=DreamGateConfig)
+    policy: DreamPolicyConfig = Field(default_factory=DreamPolicyConfig)
     enabled: bool = Field(True, description="Dream in every sleep (false: the sleep is consolidation only).")
     state_dir: str = Field("state/sleep", description="Model state after the whole sleep (input of the next wake).")
     dreams_dir: str = "dreams/dreaming"
@@ -520,6 +561,8 @@ METHODS: dict[str, str] = {
     "dreams_into_slow": "full sleep, dreams trained into the slow expert the sleep consolidated instead of the fast level",
     "fold_dreams": "full sleep, dreams trained into the fast level, then distilled into the slow expert the sleep "
     "consolidated, and the fast level freed",
+    "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "
+    "(no dream policy of its own)",
 }
 #: Methods that keep raw examples of past tasks (the target compares sleep with the others).
 STORES_RAW_DATA = frozenset({"icl", "replay", "joint"})
@@ -537,6 +580,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_promotion_check": {"dream": {"promotion_check": False}},
     "dreams_into_slow": {"dream": {"train_into": "consolidated"}},
     "fold_dreams": {"dream": {"fold_into_slow": True}},
+    "no_dream_policy": {"dream": {"policy": {"enabled": False}}},
     "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
     "no_freezing": {"cms": {"freeze_consolidated": False}},
     "with_routing": {"cms": {"routing": {"enabled": True}}},
@@ -561,12 +605,18 @@ KNOWLEDGE_METHODS: dict[str, str] = {
     "all trained into the fast level for promote_steps steps (SEAL without its RL loop)",
     "sleep": "the full dream stage: dream mode, gradient selection, isolated trials, ReST-EM, the Great "
     "Expectations gate, promotion",
+    "passage_dreams": "passage_finetune (the wake), then every dream of the untrained policy trained in on top "
+    "(no selection, trials or gate)",
+    "passage_sleep": "passage_finetune (the wake), then the full dream stage on top, dreams from the untrained policy",
+    "passage_sleep_trained": "passage_sleep with the dream policy trained by ReST-EM on the training pool "
+    "(knowledge.policy_training), frozen while the evaluation passages are learned",
 }
 MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing", "cosine_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
-    "no_promotion_check", "dreams_into_slow", "fold_dreams", "base", "passage_finetune", "base_dreams",
+    "no_promotion_check", "dreams_into_slow", "fold_dreams", "no_dream_policy", "base", "passage_finetune",
+    "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained",
 ]
 
 
@@ -606,6 +656,9 @@ class KnowledgeConfig(_Strict):
     mode: Literal["single", "continued"] = "single"
     tau_every: int = Field(0, ge=0, description="continued: also measure tau over the passages learned so far "
                            "after every k passages (0: only at the end).")
+    policy_training: PolicyTrainingConfig = Field(
+        default_factory=PolicyTrainingConfig, description="How the trained dream policy of method "
+        "passage_sleep_trained is trained (before it runs, once per seed).")
 
 
 class ComparisonConfig(_Strict):

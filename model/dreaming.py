@@ -19,7 +19,10 @@ class-incremental stream) -- one ReST-EM round is:
    copy of the model state (``tasks/trials.py``, ``dream.trial_workers``).
 5. *ReST-EM*: fine-tune the dream generator on (prompt -> rewarded dream).
 
-The generator and the place dreams are trained into are the same: the fast CMS level
+The generator is the dream policy (``dream.policy``, model/dream_policy.py): an adapter of its
+own, on only while dreams are sampled, kept in the state from sleep to sleep, so ReST-EM's
+updates carry to the next sleep and never touch the memory that answers. Without one
+(``no_dream_policy``) the generator is the memory model and ReST-EM trains the fast level
 (a fresh fast expert is unlocked if the last consolidation freed the level). After the
 rounds, the dream table goes through the data gate (``tasks/dream_gate.py``); dreams
 that pass every check *and* were rewarded are promoted and trained into the fast level
@@ -46,6 +49,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.cms import ContinuumMemory
 from model.config import DreamConfig, SamplingConfig
+from model.dream_policy import DreamPolicy, rest_em_update
 from model.knowledge import Passage, answer_completion, qa_prompt
 from model.sampling import sample_continuations
 from model.trials import AnswerLoglik, TrialResult, run_trials
@@ -138,6 +142,11 @@ def dream_parameters(cms: ContinuumMemory, cfg: DreamConfig, period: int, origin
     return fast_parameters(cms, origin)
 
 
+def dream_policy(cms: ContinuumMemory, cfg: DreamConfig) -> "DreamPolicy | None":
+    """The policy that writes this sleep's dreams (``dream.policy.enabled`` and the state carries one), else None."""
+    return cms.dream_policy if cfg.policy.enabled else None
+
+
 def generate_dreams(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -147,11 +156,13 @@ def generate_dreams(
     seed: int,
     sampling: SamplingConfig | None = None,
 ) -> tuple[str, list[str]]:
-    """Sample m dreams about ``task``'s context (random-expert routing in dream mode). Returns (prompt, dreams)."""
+    """Sample m dreams about ``task``'s context (random-expert routing in dream mode, the dream policy on when
+    there is one: :func:`dream_policy`). Returns (prompt, dreams)."""
     sampling = sampling or SamplingConfig()
     prompt = dream_prompt(tokenizer, task, cfg)
     routing = cms.random_expert_routing(seed) if cfg.random_expert else contextlib.nullcontext()
-    with routing:
+    policy = dream_policy(cms, cfg)
+    with routing, (policy.active() if policy is not None else contextlib.nullcontext()):
         samples = sample_continuations(
             model, tokenizer, [prompt], cfg.dreams_per_context, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
             batch_size=sampling.batch_size, min_new_tokens=cfg.min_new_tokens, dtype=sampling.compute_dtype,
@@ -378,7 +389,13 @@ def dream_about(
             )
         rewarded = [dreams[i] for i, r in results.items() if r.reward == 1]
         if rewarded and cfg.rest_steps:  # ReST-EM: the generator imitates its rewarded dreams
-            train_on_pairs(model, tokenizer, params, [prompt] * len(rewarded), rewarded, cfg.rest_steps, cfg.lr, cfg.max_length)
+            policy = dream_policy(cms, cfg)
+            if policy is not None:  # the generator's own adapter, carried to the next sleep
+                rest_em_update(model, tokenizer, policy, [prompt] * len(rewarded), rewarded, cfg.rest_steps,
+                               cfg.max_length, origin=f"period {period}, {task.context_id}, round {rnd}")
+            else:  # no policy of its own: the memory level that answers is the generator too
+                train_on_pairs(model, tokenizer, params, [prompt] * len(rewarded), rewarded, cfg.rest_steps, cfg.lr,
+                               cfg.max_length)
     return rows
 
 

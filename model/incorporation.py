@@ -15,6 +15,14 @@ into the fast CMS level (the same parameters, the same promotion budget):
   fast level), the gate, then promotion. The gate is a Great Expectations suite, which
   ``model/`` does not import: the caller passes it in (:class:`GateFn`).
 
+Issue #14's methods put dreams on top of the wake that read the passage (a sleep follows a wake):
+
+* :func:`learn_passage_dreams` (``passage_dreams``): passage fine-tuning, then every dream of the
+  dream policy trained in (SEAL's "passage + synthetic data", no selection, trials or gate).
+* :func:`learn_passage_sleep` (``passage_sleep``, ``passage_sleep_trained``): passage fine-tuning,
+  then the full dream stage; the policy is the state's, untrained or trained beforehand
+  (model/policy_training.py), the same for every passage (:class:`MemorySnapshot` restores it).
+
 Two modes (:func:`run_single`, :func:`run_continued`): *single* (n=1) learns every
 passage from the same fresh state (:class:`MemorySnapshot`) and answers its questions
 right after; *continued* (continued pretraining) lets one state learn the passages one
@@ -52,7 +60,9 @@ from model.grading import exact_match, token_f1
 from model.knowledge import Passage, answer_questions, passage_chunks
 from model.trials import AnswerLoglik
 
-METHODS = ("base", "passage_finetune", "base_dreams", "sleep")
+METHODS = ("base", "passage_finetune", "base_dreams", "sleep", "passage_dreams", "passage_sleep", "passage_sleep_trained")
+#: Methods whose dreams come from a policy trained beforehand by ReST-EM (model/policy_training.py).
+TRAINED_POLICY_METHODS = frozenset({"passage_sleep_trained"})
 MEASURES = ("em", "f1", "tau")
 #: The gate of the sleep method: the dream table (with the check columns) -> the same rows with a
 #: boolean ``promoted`` column (and whatever else the gate adds: ``gate_passed``, ``failed_checks``).
@@ -68,15 +78,19 @@ class Learned:
     n_dreams: int = 0
     funnel: dict[str, int] | None = None
     dreams: pd.DataFrame | None = None  # the dream table (sleep: gated; base_dreams: text only)
+    dream_tokens: int = 0  # tokens of the dreams trained in (what "teaches per training token" divides by)
 
 
 class MemorySnapshot:
-    """A copy of every memory parameter and expert record, to start each passage from the same state."""
+    """A copy of every memory parameter and expert record (and of the dream policy), to start each passage from
+    the same state."""
 
     def __init__(self, cms: ContinuumMemory) -> None:
         self.tensors = {n: p.detach().clone() for n, p in cms.named_memory_parameters()}
         self.experts = copy.deepcopy(cms.experts)
         self.step = cms.step
+        policy = cms.dream_policy
+        self.policy = (policy.snapshot(), policy.rounds, list(policy.history)) if policy is not None else None
 
     def restore(self, cms: ContinuumMemory) -> None:
         """Put ``cms`` back into the snapshot's state (weights, active experts, routing, step)."""
@@ -88,6 +102,9 @@ class MemorySnapshot:
         for li in range(cms.n_levels):
             cms.refresh_routing(li)
         cms.step = self.step
+        if self.policy is not None:  # the same dream policy for every passage (frozen across passages)
+            cms.dream_policy.restore(self.policy[0])
+            cms.dream_policy.rounds, cms.dream_policy.history = self.policy[1], list(self.policy[2])
 
 
 def fresh_fast_expert(cms: ContinuumMemory, origin: str = "knowledge") -> int:
@@ -165,7 +182,55 @@ def learn_base_dreams(
     losses = promote(model, tokenizer, cms, {task.context_id: task}, [(task.context_id, d) for d in kept], cfg, 0)
     table = pd.DataFrame({"context_id": task.context_id, "text": dreams, "trained": [bool(d.strip()) for d in dreams]})
     return Learned(losses=losses, gradient_steps=len(losses), n_dreams=len(kept),
-                   funnel={"generated": len(dreams), "trained": len(kept)}, dreams=table)
+                   funnel={"generated": len(dreams), "trained": len(kept)}, dreams=table,
+                   dream_tokens=count_tokens(tokenizer, kept))
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> int:
+    """Tokens of ``texts`` (no special tokens): the training tokens dreams add."""
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def learn_passage_dreams(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    seed: int,
+    sampling: SamplingConfig | None = None,
+) -> Learned:
+    """``passage_dreams``: the wake (:func:`learn_passage_finetune`), then every non-empty dream of the dream
+    policy, sampled after the wake (memory on, dream mode as configured), trained in on top: SEAL's
+    "passage + synthetic data" without selection, trials or gate."""
+    wake = learn_passage_finetune(model, tokenizer, cms, task, cfg)
+    _, dreams = generate_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
+    kept = [d for d in dreams if d.strip()]
+    losses = promote(model, tokenizer, cms, {task.context_id: task}, [(task.context_id, d) for d in kept], cfg, 0)
+    table = pd.DataFrame({"context_id": task.context_id, "text": dreams, "trained": [bool(d.strip()) for d in dreams]})
+    return Learned(losses=wake.losses + losses, gradient_steps=wake.gradient_steps + len(losses), n_dreams=len(kept),
+                   funnel={"generated": len(dreams), "trained": len(kept)}, dreams=table,
+                   dream_tokens=count_tokens(tokenizer, kept))
+
+
+def learn_passage_sleep(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    seed: int,
+    gate: GateFn,
+    sampling: SamplingConfig | None = None,
+) -> Learned:
+    """``passage_sleep`` / ``passage_sleep_trained``: the wake (:func:`learn_passage_finetune`), then the full
+    dream stage (:func:`learn_sleep`) on top, as a sleep follows the wake that read the passage. Which policy
+    dreams (untrained or trained) is the state's (``dream.policy``)."""
+    wake = learn_passage_finetune(model, tokenizer, cms, task, cfg)
+    slept = learn_sleep(model, tokenizer, cms, task, cfg, seed, gate, sampling)
+    slept.losses = wake.losses + slept.losses
+    slept.gradient_steps += wake.gradient_steps
+    return slept
 
 
 def learn_sleep(
@@ -199,7 +264,7 @@ def learn_sleep(
         "promoted": int(len(promoted)),
     }
     return Learned(losses=losses, gradient_steps=rest + len(losses), n_dreams=int(len(promoted)), funnel=funnel,
-                   dreams=gated)
+                   dreams=gated, dream_tokens=count_tokens(tokenizer, list(promoted["text"])))
 
 
 def learn(
@@ -220,10 +285,13 @@ def learn(
         return learn_passage_finetune(model, tokenizer, cms, task, cfg)
     if method == "base_dreams":
         return learn_base_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
-    if method == "sleep":
+    if method == "passage_dreams":
+        return learn_passage_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
+    if method in ("sleep", "passage_sleep", "passage_sleep_trained"):
         if gate is None:
-            raise ValueError("the sleep method needs the dream gate (gate=...)")
-        return learn_sleep(model, tokenizer, cms, task, cfg, seed, gate, sampling)
+            raise ValueError(f"the {method} method needs the dream gate (gate=...)")
+        learner = learn_sleep if method == "sleep" else learn_passage_sleep
+        return learner(model, tokenizer, cms, task, cfg, seed, gate, sampling)
     raise ValueError(f"unknown knowledge method {method!r}; one of {', '.join(METHODS)}")
 
 
@@ -234,8 +302,8 @@ def passage_seed(seed: int, index: int) -> int:
 
 def _row(index: int, passage: Passage, learned: Learned, measured: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {"index": index, "title": passage.title, "n_questions": len(passage.questions), **measured,
-            "gradient_steps": learned.gradient_steps, "n_dreams": learned.n_dreams, "funnel": learned.funnel,
-            "losses": [round(x, 5) for x in learned.losses], "seconds": round(seconds, 2)}
+            "gradient_steps": learned.gradient_steps, "n_dreams": learned.n_dreams, "dream_tokens": learned.dream_tokens,
+            "funnel": learned.funnel, "losses": [round(x, 5) for x in learned.losses], "seconds": round(seconds, 2)}
 
 
 def run_single(

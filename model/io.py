@@ -196,11 +196,12 @@ _HELD: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): re-entrant w
 
 
 @contextlib.contextmanager
-def exclusive(directory: str | Path, what: str = "run") -> Iterator[Path]:
+def exclusive(directory: str | Path, what: str = "run", wait: bool = False) -> Iterator[Path]:
     """Hold an exclusive lock on ``directory`` (file ``.lock`` inside) for the block.
 
     A second process asking for the same lock fails at once with :class:`BusyError`
-    naming the holder's pid; nested use within one process is allowed. The lock
+    naming the holder's pid (``wait=True``: it waits until the holder is done instead);
+    nested use within one process is allowed. The lock
     is released by the OS if the holder dies (kill -9 included), so no stale lock
     survives a crash.
     """
@@ -221,7 +222,7 @@ def exclusive(directory: str | Path, what: str = "run") -> Iterator[Path]:
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)

@@ -20,8 +20,8 @@ from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
 from model.consolidation import fold_dreams
 from model.dreaming import (
-    DreamTask, HeldOutScore, answer_check, dream_about, held_out_check, promote, task_from_examples, task_from_passage,
-    training_helped,
+    DreamTask, HeldOutScore, answer_check, dream_about, dream_policy, held_out_check, promote, task_from_examples,
+    task_from_passage, training_helped,
 )
 from model.io import atomic_dir, atomic_path
 from model.knowledge import load_passages
@@ -185,7 +185,9 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
             list(zip(promoted["context_id"], promoted["text"])), cfg, period,
         )
         kept, fold = True, None
-        trained = (cfg.rest_steps > 0 and bool((gated["reward"] == 1.0).any())) or (cfg.promote_steps > 0 and len(promoted) > 0)
+        policy = dream_policy(cms, cfg)  # with a dream policy, ReST-EM trained the policy, not the memory
+        rest_trained = policy is None and cfg.rest_steps > 0 and bool((gated["reward"] == 1.0).any())
+        trained = rest_trained or (cfg.promote_steps > 0 and len(promoted) > 0)
         if cfg.fold_into_slow and trained and cfg.task_source == "stream":
             fold = fold_stage(params, loaded, cms, optimizer, stream, meta, period)
             if fold is not None:
@@ -199,6 +201,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 if trained:
                     log.info(f"dream {period}: check set {before} -> {after}; the dream training is not kept")
                 loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
+                if policy is not None:  # what ReST-EM taught the generator stands on its own trials' rewards
+                    cms.dream_policy.load_from(policy)
         seconds = time.perf_counter() - start
         for name, frame in (("dreams", gated), ("promoted", promoted)):
             with atomic_path(tables[name]) as tmp:

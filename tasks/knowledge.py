@@ -26,15 +26,22 @@ from prefect.cache_policies import NO_CACHE
 
 from model.checkpoint import CheckpointError, load_state, open_memory_model, read_manifest, save_state
 from model.config import DreamGateConfig, KnowledgeConfig, Params
-from model.incorporation import METHODS, GateFn, Learned, run_continued, run_single
-from model.io import atomic_path, write_json
+from model.data import DataError
+from model.dream_policy import POLICY_JSON, DreamPolicyError, load_policy, read_policy, save_policy
+from model.dreaming import task_from_passage
+from model.incorporation import METHODS, GateFn, Learned, fresh_fast_expert, run_continued, run_single
+from model.io import atomic_path, exclusive, write_json
 from model.knowledge import Passage, select_passages
+from model.policy_training import train_policy
 from tasks.compare import RESULT_FILE, Comparison, cached_result, run_key
 from tasks.dream_gate import gate_dreams, validate_dreams
 
 PROGRESS_FILE = "progress.jsonl"
 STATE_DIR = "state"
 DREAMS_DIR = "dreams"
+POLICY_DIR = "policy"  # a trained dream policy (model/dream_policy.py), in <work_dir>/<name>/policy/seed-<s>/
+ROUNDS_FILE = "rounds.jsonl"
+GATED_METHODS = frozenset({"sleep", "passage_sleep", "passage_sleep_trained"})  # their dreams pass the gate
 
 
 def passages_path(root: Path, knowledge: KnowledgeConfig) -> Path:
@@ -60,14 +67,19 @@ def prepare_passages(root: Path, comp: Comparison) -> list[tuple[int, Passage]]:
     return chosen
 
 
-def knowledge_run_key(p: Params, method: str, kc: KnowledgeConfig, path: Path) -> str:
-    """What a knowledge run's result depends on: its params, the knowledge settings, the code, the passages file."""
-    return run_key(p, method, data=path, extra={"knowledge": kc.model_dump(mode="json")})
+def knowledge_run_key(p: Params, method: str, kc: KnowledgeConfig, path: Path, policy_sha256: str | None = None) -> str:
+    """What a knowledge run's result depends on: its params, the knowledge settings, the code, the passages file
+    (and the trained dream policy's weights, for a method that dreams with one). Not the device it runs on, nor
+    where the trained policy lies: shards on a GPU and an assembling run on the CPU share their passages."""
+    extra: dict[str, Any] = {"knowledge": kc.model_dump(mode="json")}
+    if policy_sha256 is not None:
+        extra["policy_sha256"] = policy_sha256
+    neutral = p.for_run({"model": {"device": "cpu"}, "dream": {"policy": {"source": None}}}, "the run key")
+    return run_key(neutral, method, data=path, extra=extra)
 
 
-def _read_progress(rdir: Path, key: str) -> list[dict[str, Any]]:
-    """The progress lines written with ``key`` (a line cut by a crash is skipped; another key: none kept)."""
-    path = rdir / PROGRESS_FILE
+def _read_lines(path: Path, key: str) -> list[dict[str, Any]]:
+    """JSON lines written with ``key`` (a line cut by a crash is skipped; another key: none kept)."""
     if not path.is_file():
         return []
     rows = []
@@ -82,13 +94,13 @@ def _read_progress(rdir: Path, key: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_progress(rdir: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(rdir / PROGRESS_FILE) as tmp:
+def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def _append_progress(rdir: Path, row: dict[str, Any]) -> None:
-    with open(rdir / PROGRESS_FILE, "a", encoding="utf-8") as f:
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -107,43 +119,59 @@ def gate_function(cfg: DreamGateConfig) -> GateFn:
 
 @task(cache_policy=NO_CACHE)
 def run_knowledge_method(
-    p: Params, root: Path, rdir: Path, method: str, kc: KnowledgeConfig, passages: list[tuple[int, Passage]]
+    p: Params, root: Path, rdir: Path, method: str, kc: KnowledgeConfig, passages: list[tuple[int, Passage]],
+    policy_sha256: str | None = None, shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """One method on one seed over the passages (single or continued); writes result.json. Resumes mid-way."""
+    """One method on one seed over the passages (single or continued); writes result.json. Resumes mid-way.
+
+    A method that dreams with a trained policy gets it through ``p.dream.policy.source`` and its digest
+    ``policy_sha256`` (part of the run's key). ``shard`` = (i, n) (single mode): only the passages at
+    positions i, i + n, ... are run, their lines go to ``progress.shard-<i>-of-<n>.jsonl`` and no result.json
+    is written; a run without ``shard`` counts every shard's finished passages as done."""
     log = get_run_logger()
     if method not in METHODS:
         raise ValueError(f"{method} is not a knowledge method; one of {', '.join(METHODS)}")
-    key = knowledge_run_key(p, method, kc, passages_path(root, kc))
+    key = knowledge_run_key(p, method, kc, passages_path(root, kc), policy_sha256)
     hit = cached_result(rdir, key)
     if hit is not None:
         log.info(f"{method} seed {p.seed}: result on disk, not run again")
         return hit
     rdir.mkdir(parents=True, exist_ok=True)
-    progress = _read_progress(rdir, key)
+    progress_file = rdir / (PROGRESS_FILE if shard is None else f"progress.shard-{shard[0]}-of-{shard[1]}.jsonl")
+    progress = _read_lines(progress_file, key)
     torch.set_num_threads(p.wake.threads)
     lm, cms, _ = open_memory_model(p, root)
     cfg = p.dream
-    gate = gate_function(cfg.gate) if method == "sleep" else None
+    gate = gate_function(cfg.gate) if method in GATED_METHODS else None
     n = len(passages)
 
     if kc.mode == "single":
+        _write_lines(progress_file, progress)  # drops a line a crash cut short
+        if shard is None:  # what the shards finished counts as done
+            for other in sorted(rdir.glob("progress.shard-*.jsonl")):
+                known = {r["index"] for r in progress}
+                progress += [r for r in _read_lines(other, key) if r["index"] not in known]
+        mine = passages if shard is None else [ip for k, ip in enumerate(passages) if k % shard[1] == shard[0]]
         done = {r["index"] for r in progress}
-        _write_progress(rdir, progress)  # drops a line a crash cut short
-        if done:
-            log.info(f"{method} seed {p.seed}: {len(done)}/{n} passages on disk, resuming")
+        n = len(mine)
+        if done & {i for i, _ in mine}:
+            log.info(f"{method} seed {p.seed}: {len(done & {i for i, _ in mine})}/{n} passages on disk, resuming")
 
         def on_passage(row: dict[str, Any], learned: Learned) -> None:
             _save_dreams(rdir, row["index"], learned)
-            _append_progress(rdir, {"key": key, **row})
+            _append_line(progress_file, {"key": key, **row})
             progress.append({"key": key, **row})
-            log.info(f"{method} seed {p.seed} [{len(progress)}/{n}] passage {row['index']}: em {row['em']:.2f} "
-                     f"f1 {row['f1']:.2f} tau {row['tau']:.3f} ({row['seconds']:.0f} s)")
+            log.info(f"{method} seed {p.seed} [{len(progress)}/{len(passages)}] passage "
+                     f"{row['index']}: em {row['em']:.2f} f1 {row['f1']:.2f} tau {row['tau']:.3f} ({row['seconds']:.0f} s)")
 
-        run_single(method, lm.model, lm.tokenizer, cms, passages, cfg, p.seed, gate, done, on_passage,
+        run_single(method, lm.model, lm.tokenizer, cms, mine, cfg, p.seed, gate, done, on_passage,
                    sampling=p.sampling)
         by_index = {r["index"]: {k: v for k, v in r.items() if k != "key"} for r in progress}
-        rows = [by_index[i] for i, _ in passages]
+        rows = [by_index[i] for i, _ in mine]
         learning = rows
+        if shard is not None:  # a share of the passages: no result.json (the assembling run writes it)
+            return {"method": method, "seed": p.seed, "key": key, "kind": "knowledge", "mode": kc.mode,
+                    "passages": rows, "seconds": round(sum(float(r["seconds"]) for r in rows), 1), "shard": list(shard)}
     else:
         state = rdir / STATE_DIR
         start = 0
@@ -156,7 +184,7 @@ def run_knowledge_method(
             except (CheckpointError, KeyError, ValueError, OSError):
                 start = 0
         progress = [r for r in progress if r["learned"] <= start] if start else []
-        _write_progress(rdir, progress)
+        _write_lines(progress_file, progress)
         if start:
             log.info(f"{method} seed {p.seed}: {start}/{n} passages learned on disk, resuming")
         elif state.exists():
@@ -164,7 +192,7 @@ def run_knowledge_method(
 
         def on_learned(k: int, row: dict[str, Any], learned: Learned) -> None:
             _save_dreams(rdir, row["index"], learned)
-            _append_progress(rdir, {"key": key, **row})  # first the line, then the state that says k are learned
+            _append_line(progress_file, {"key": key, **row})  # first the line, then the state that says k are learned
             save_state(cms, state, metadata={"key": key, "learned": k})
             progress.append({"key": key, **row})
             extra = f" tau over learned {row['tau_learned']:.3f}" if "tau_learned" in row else ""
@@ -190,4 +218,100 @@ def run_knowledge_method(
     return result
 
 
-__all__ = ["PROGRESS_FILE", "gate_function", "knowledge_run_key", "prepare_passages", "run_knowledge_method"]
+def training_passages(root: Path, kc: KnowledgeConfig, evaluation: list[tuple[int, Passage]]) -> list[tuple[int, Passage]]:
+    """The policy's training pool (``knowledge.policy_training``), checked to share no passage with ``evaluation``.
+
+    A passage of the pool whose text is an evaluation passage's is a DataError naming both: the policy
+    must never train on what it is evaluated on.
+    """
+    pt = kc.policy_training
+    path = Path(pt.passages) if Path(pt.passages).is_absolute() else (root / pt.passages).resolve()
+    pool = select_passages(path, pt.n_passages, pt.offset, "knowledge.policy_training")
+    seen = {" ".join(p.context.split()): i for i, p in evaluation}
+    for i, p in pool:
+        j = seen.get(" ".join(p.context.split()))
+        if j is not None:
+            raise DataError(f"{path}: passage {i} ({p.title}) is evaluation passage {j} of "
+                            f"{passages_path(root, kc).name}: knowledge.policy_training must not train on the evaluation")
+    return pool
+
+
+def policy_dir(rdir_root: Path, seed: int) -> Path:
+    """Where the trained policy of ``seed`` lives: ``<comparison dir>/policy/seed-<s>/``."""
+    return rdir_root / POLICY_DIR / f"seed-{seed}"
+
+
+@task(cache_policy=NO_CACHE)
+def train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
+                       evaluation: list[tuple[int, Passage]]) -> dict[str, Any]:
+    """Train the dream policy by ReST-EM on the training pool (model/policy_training.py); resumable per round.
+
+    Writes ``pdir/policy/`` (the policy after the last update: dream_policy.json + .safetensors), ``rounds.jsonl``
+    (a line per measurement, train and eval split, with the run's key) and ``result.json``; the plot is the
+    report's (``policy_rounds.png``). The eval split is the first ``eval_passages`` evaluation passages, only
+    measured (the policy frozen), never trained on. Shards of a comparison that all need the policy wait for the
+    one that trains it (a lock on ``pdir``) and then read it from disk.
+    """
+    with exclusive(pdir, "dream policy training", wait=True):
+        return _train_dream_policy(p, root, pdir, kc, evaluation)
+
+
+def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
+                        evaluation: list[tuple[int, Passage]]) -> dict[str, Any]:
+    log = get_run_logger()
+    pt = kc.policy_training
+    pool = training_passages(root, kc, evaluation)
+    held = evaluation[: pt.eval_passages]
+    key = run_key(p, "policy_training", data=passages_path(root, kc.model_copy(update={"passages": pt.passages})),
+                  extra={"policy_training": pt.model_dump(mode="json"), "eval": [i for i, _ in held]})
+    hit = cached_result(pdir, key)
+    if hit is not None:
+        log.info(f"dream policy, seed {p.seed}: trained on disk ({hit['policy_rounds']} rounds), not run again")
+        return hit
+    pdir.mkdir(parents=True, exist_ok=True)
+    rounds = _read_lines(pdir / ROUNDS_FILE, key)
+    torch.set_num_threads(p.wake.threads)
+    lm, cms, _ = open_memory_model(p, root)
+    fresh_fast_expert(cms, origin="policy training")  # the trials' state: as every evaluation passage starts
+    done = {int(r["round"]) for r in rounds if r["split"] == "train"}
+    start = 0
+    if (pdir / POLICY_DIR / POLICY_JSON).is_file():
+        try:
+            meta, _ = read_policy(pdir / POLICY_DIR, cms.dream_policy.base_model, cms.dream_policy.cfg)
+            start = int(meta["rounds"])
+        except DreamPolicyError as e:
+            log.warning(f"dream policy, seed {p.seed}: {e}; training again from round 0")
+    if start and (not set(range(start)) <= done or start > pt.rounds):  # lines lost with a crash: start over
+        start = 0
+    if start:
+        load_policy(cms.dream_policy, pdir / POLICY_DIR)
+    rounds = [r for r in rounds if int(r["round"]) < start]
+    _write_lines(pdir / ROUNDS_FILE, rounds)
+    if start:
+        log.info(f"dream policy, seed {p.seed}: {start}/{pt.rounds} rounds on disk, resuming")
+    cfg = p.dream
+    train_tasks = [task_from_passage(q, f"train{i}", cfg) for i, q in pool]
+    eval_tasks = [task_from_passage(q, f"passage{i}", cfg) for i, q in held]
+
+    def on_round(r: int, measured: list) -> None:
+        if r < pt.rounds:  # first the policy this round made, then the lines that say the round is done
+            save_policy(cms.dream_policy, pdir / POLICY_DIR)
+        for st in measured:
+            line = {"key": key, **st.to_dict()}
+            _append_line(pdir / ROUNDS_FILE, line)
+            rounds.append(line)
+            log.info(f"dream policy, seed {p.seed}, round {st.round} ({st.split}): {st.rewarded}/{st.dreams} dreams "
+                     f"rewarded ({st.share_rewarded:.2f}), mean tau gain {st.mean_tau_gain:+.4f}, {st.tokens} tokens "
+                     f"({st.seconds:.0f} s)")
+
+    train_policy(lm.model, lm.tokenizer, cms, train_tasks, eval_tasks, cfg, pt, p.seed, start, on_round,
+                 sampling=p.sampling)
+    result = {"key": key, "seed": p.seed, "policy": str(pdir / POLICY_DIR), "policy_rounds": cms.dream_policy.rounds,
+              "policy_sha256": cms.dream_policy.digest(), "training_passages": [i for i, _ in pool],
+              "eval_passages": [i for i, _ in held],
+              "rounds": [{k: v for k, v in r.items() if k != "key"} for r in rounds]}
+    write_json(pdir / RESULT_FILE, result)
+    return result
+
+
+__all__ = ["POLICY_DIR", "PROGRESS_FILE", "policy_dir", "train_dream_policy", "training_passages", "gate_function", "knowledge_run_key", "prepare_passages", "run_knowledge_method"]

@@ -82,7 +82,7 @@ def summarise_knowledge(results: Sequence[dict], methods: Sequence[str], seeds: 
 
 
 def markdown(name: str, description: str, summary: dict[str, Any], knowledge: Any, seeds: Sequence[int],
-             results: Sequence[dict], params: Params) -> str:
+             results: Sequence[dict], params: Params, policies: Sequence[dict] = ()) -> str:
     """The report's README.md."""
     mode = knowledge.mode
     over = "passages (each passage's value averaged over seeds)" if mode == "single" else "seeds (each seed's mean over passages)"
@@ -114,6 +114,9 @@ def markdown(name: str, description: str, summary: dict[str, Any], knowledge: An
         for m, f in funnels.items():
             lines.append(f"- {m}: " + " / ".join(f"{k} {v}" for k, v in f.items()))
         lines.append("")
+    lines += checks_markdown(paired_checks(results, seeds) if mode == "single"
+                             else {"tau": early_checks(results, seeds), "per_token": None})
+    lines += policy_markdown(policy_rounds_frame(policies))
     lines += ["## Plots", "", "![measures per method](plots/measures.png)", "", "![gain over base](plots/gain.png)", ""]
     if any(r.get("tau_curve") for r in results):
         lines += ["![tau over passages learned](plots/tau_curve.png)", ""]
@@ -124,6 +127,142 @@ def markdown(name: str, description: str, summary: dict[str, Any], knowledge: An
         lines.append(f"- {r['method']}, seed {r['seed']}: {len(r['passages'])} passages, mean exact match {em:.3f}, "
                      f"tau {tau:.3f} · {r['gradient_steps']} steps · {r['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
+
+
+#: The paired checks of issue #14 (tau, single mode): (name, method a, method b), a - b above zero is the target.
+TAU_CHECKS = (("trained-policy sleep - passage fine-tuning", "passage_sleep_trained", "passage_finetune"),
+              ("trained-policy sleep - untrained-policy sleep", "passage_sleep_trained", "passage_sleep"),
+              ("untrained-policy sleep - passage fine-tuning", "passage_sleep", "passage_finetune"),
+              ("passage + all dreams - passage fine-tuning", "passage_dreams", "passage_finetune"))
+
+
+def _per_passage(results: Sequence[dict], method: str, seeds: Sequence[int], key: str) -> dict[int, float]:
+    """{passage index: ``key`` averaged over the method's seeds} (single mode)."""
+    runs = [r for r in results if r["method"] == method and r["seed"] in seeds]
+    out: dict[int, list[float]] = {}
+    for r in runs:
+        for row in r["passages"]:
+            out.setdefault(row["index"], []).append(float(row.get(key, 0) or 0))
+    return {i: float(np.mean(v)) for i, v in out.items()}
+
+
+#: Continued pretraining (issue #14): what the first EARLY passages keep once every passage is learned.
+EARLY = 10
+CPT_CHECKS = (("trained-policy sleep - passage fine-tuning, first passages", "passage_sleep_trained", "passage_finetune"),
+              ("untrained-policy sleep - passage fine-tuning, first passages", "passage_sleep", "passage_finetune"),
+              ("sleep - passage fine-tuning, first passages", "sleep", "passage_finetune"))
+
+
+def early_checks(results: Sequence[dict], seeds: Sequence[int], early: int = EARLY) -> dict[str, Any]:
+    """Continued mode: tau of the first ``early`` passages (in learning order) after all are learned, a - b per
+    CPT_CHECKS, paired over those passages (each averaged over seeds)."""
+    out: dict[str, Any] = {}
+    have = {r["method"] for r in results}
+    for name, a, b in CPT_CHECKS:
+        if a in have and b in have:
+            first = [row["index"] for row in next(r for r in results if r["method"] == a)["passages"]][:early]
+            ta, tb = _per_passage(results, a, seeds, "tau"), _per_passage(results, b, seeds, "tau")
+            idx = [i for i in first if i in ta and i in tb]
+            out[name] = {"a": a, "b": b, "n": len(idx), **_paired([ta[i] for i in idx], [tb[i] for i in idx])}
+    return out
+
+
+def paired_checks(results: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:
+    """Issue #14's paired checks over passages (single mode; the methods present only).
+
+    ``tau``: a - b per TAU_CHECKS. ``per_token``: what the dreams add over the wake (tau of the method
+    minus passage_finetune's) per 1000 dream tokens trained, promoted dreams (passage_sleep) against all
+    dreams (passage_dreams), paired over the passages where both trained at least one dream token.
+    """
+    out: dict[str, Any] = {"tau": {}, "per_token": None}
+    have = {r["method"] for r in results}
+    for name, a, b in TAU_CHECKS:
+        if a in have and b in have:
+            ta, tb = _per_passage(results, a, seeds, "tau"), _per_passage(results, b, seeds, "tau")
+            idx = sorted(set(ta) & set(tb))
+            out["tau"][name] = {"a": a, "b": b, "n": len(idx), **_paired([ta[i] for i in idx], [tb[i] for i in idx])}
+    if {"passage_sleep", "passage_dreams", "passage_finetune"} <= have:
+        ft = _per_passage(results, "passage_finetune", seeds, "tau")
+        eff = {}
+        for m in ("passage_sleep", "passage_dreams"):
+            tau, tok = _per_passage(results, m, seeds, "tau"), _per_passage(results, m, seeds, "dream_tokens")
+            eff[m] = {i: 1000 * (tau[i] - ft[i]) / tok[i] for i in tau if i in ft and tok.get(i, 0) > 0}
+        idx = sorted(set(eff["passage_sleep"]) & set(eff["passage_dreams"]))
+        out["per_token"] = {"n": len(idx), "promoted": ci_summary([eff["passage_sleep"][i] for i in idx]) if idx else None,
+                            "all": ci_summary([eff["passage_dreams"][i] for i in idx]) if idx else None,
+                            "difference": _paired([eff["passage_sleep"][i] for i in idx],
+                                                  [eff["passage_dreams"][i] for i in idx]) if len(idx) > 1 else None}
+    return out
+
+
+def checks_markdown(checks: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if checks["tau"]:
+        lines += ["## Paired checks (issue #14)", "", "| check | passages | tau difference [95% CI] | above zero |",
+                  "| --- | --- | --- | --- |"]
+        for name, c in checks["tau"].items():
+            above = "yes" if c["low"] is not None and c["low"] > 0 else "no"
+            lines.append(f"| {name} | {c['n']} | {format_ci(c)} | {above} |")
+        lines.append("")
+    pt = checks.get("per_token")
+    if pt and pt["difference"]:
+        d = pt["difference"]
+        lines += [f"Tau gain over the wake per 1000 dream tokens trained, over the {pt['n']} passages where both "
+                  f"trained a dream: promoted dreams {format_ci(pt['promoted'])}, all dreams {format_ci(pt['all'])}; "
+                  f"promoted - all {format_ci(d)} (above zero: {'yes' if d['low'] is not None and d['low'] > 0 else 'no'}).",
+                  ""]
+    return lines
+
+
+def policy_rounds_frame(policies: Sequence[dict]) -> pd.DataFrame:
+    """One row per seed, round and split of the dream policy's training (tasks/knowledge.py train_dream_policy)."""
+    return pd.DataFrame([{"seed": pr["seed"], **{k: v for k, v in r.items() if k != "update_loss"}}
+                         for pr in policies for r in pr["rounds"]])
+
+
+def policy_markdown(frame: pd.DataFrame) -> list[str]:
+    if frame.empty:
+        return []
+    lines = ["## The dream policy's training (ReST-EM rounds)", "",
+             "Round r is measured with the policy after r updates (round 0: untrained); train: the training pool, "
+             "eval: evaluation passages, policy frozen (never trained on). Means over seeds.", "",
+             "| round | split | dreams tried | share rewarded | mean tau gain of a trial | tokens generated |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    g = frame.groupby(["round", "split"], sort=True).agg(dreams=("dreams", "mean"), share=("share_rewarded", "mean"),
+                                                         gain=("mean_tau_gain", "mean"), tokens=("tokens", "mean"))
+    for (r, split), row in g.iterrows():
+        lines.append(f"| {r} | {split} | {row['dreams']:.0f} | {row['share']:.3f} | {row['gain']:+.4f} | {row['tokens']:.0f} |")
+    return lines + ["", "![the policy's rounds](plots/policy_rounds.png)", ""]
+
+
+def plot_policy_rounds(frame: pd.DataFrame) -> Figure:
+    """Per ReST-EM round: share of rewarded dreams, mean tau gain of a trial, tokens generated (train / eval)."""
+    with figure_style():
+        fig = Figure(figsize=(10.0, 3.2), layout="constrained")
+        for ax, (col, label) in zip(fig.subplots(1, 3), (("share_rewarded", "share of dreams rewarded"),
+                                                          ("mean_tau_gain", "mean tau gain of a trial"),
+                                                          ("tokens", "dream tokens generated"))):
+            for k, (split, part) in enumerate(frame.groupby("split")):
+                for seed, runs in part.groupby("seed"):
+                    ax.plot(runs["round"], runs[col], marker="o", markersize=3, color=COLORS[k % len(COLORS)],
+                            linestyle="-" if split == "train" else "--", label=f"{split}, seed {seed}")
+            ax.set_xlabel("ReST-EM updates of the policy")
+            ax.set_title(label, fontsize=9)
+        fig.axes[0].legend(loc="best", fontsize=7)
+        fig.suptitle("Training the dream policy")
+    return fig
+
+
+def read_policies(comparison_dir: Path, seeds: Sequence[int]) -> list[dict]:
+    """The finished policy trainings of the comparison (``policy/seed-<s>/result.json``)."""
+    import json
+
+    out = []
+    for s in seeds:
+        path = comparison_dir / "policy" / f"seed-{s}" / "result.json"
+        if path.is_file():
+            out.append(json.loads(path.read_text(encoding="utf-8")))
+    return out
 
 
 def _err(cs: Sequence[dict[str, float | None]]) -> list[list[float]]:
@@ -188,7 +327,15 @@ def plot_tau_curve(results: Sequence[dict], methods: Sequence[str]) -> Figure:
 
 @task(cache_policy=NO_CACHE)
 def write_knowledge_report(params: Params, root: Path, comp: Any, results: list[dict]) -> dict[str, Any]:
-    """Write ``reports/<name>/`` of a knowledge comparison as a whole, atomically; return the summary."""
+    """Write ``reports/<name>/`` of a knowledge comparison as a whole, atomically; return the summary.
+
+    The dream policy's training (method passage_sleep_trained) is read from the comparison's directory."""
+    from tasks.compare import comparison_dir
+
+    policies = read_policies(comparison_dir(params, root, comp), comp.seeds)
+    rounds = policy_rounds_frame(policies)
+    checks = (paired_checks(results, comp.seeds) if comp.knowledge.mode == "single"
+              else {"tau": early_checks(results, comp.seeds), "per_token": None})
     name = comp.name + ("-quick" if comp.quick else "")
     out = root / params.evaluation.reports_dir / name
     kc = comp.knowledge
@@ -209,9 +356,14 @@ def write_knowledge_report(params: Params, root: Path, comp: Any, results: list[
                                                  "gradient_steps_per_passage": s["gradient_steps_per_passage"],
                                                  "funnel": s["funnel"]} for m, s in summary.items()}
     with atomic_dir(out) as tmp:
-        write_text(tmp / "README.md", markdown(name, comp.description, summary, kc, comp.seeds, results, run_params))
+        write_text(tmp / "README.md", markdown(name, comp.description, summary, kc, comp.seeds, results, run_params,
+                                               policies))
         write_json(tmp / "metrics.json", {"comparison": name, "kind": "knowledge", "mode": kc.mode,
-                                          "n_passages": kc.n_passages, "seeds": list(comp.seeds), "methods": metrics})
+                                          "n_passages": kc.n_passages, "seeds": list(comp.seeds), "methods": metrics,
+                                          "checks": checks})
+        if not rounds.empty:
+            write_text(tmp / "policy_rounds.csv", rounds.to_csv(index=False))
+            save_png(plot_policy_rounds(rounds), tmp / "plots" / "policy_rounds.png")
         write_json(tmp / "results.json", {"comparison": name, "summary": summary, "runs": results})
         write_text(tmp / "runs.csv", runs.to_csv(index=False))
         write_text(tmp / "accuracy.csv", acc.to_csv(index=False))

@@ -130,6 +130,7 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("sleep", ("lifecycle", "diagnostics"), True), ("no_promotion_check", ("dream", "promotion_check"), False),
     ("sleep", ("dream", "promotion_check"), True), ("dreams_into_slow", ("dream", "train_into"), "consolidated"),
     ("sleep", ("dream", "train_into"), "fast"), ("fold_dreams", ("dream", "fold_into_slow"), True),
+    ("no_dream_policy", ("dream", "policy", "enabled"), False), ("sleep", ("dream", "policy", "enabled"), True),
 ])
 def test_each_method_sets_its_switch(tmp_path, method, field, value):
     params_path = _with_comparisons(toy_project(tmp_path), methods=[method])
@@ -343,3 +344,102 @@ def test_knowledge_bad_passages_fail_before_any_training(tmp_path, prefect_harne
     made = {p.name for p in (tmp_path / "state/compare/kn").iterdir()} - {".lock"}
     assert not made, made
     assert not (tmp_path / "reports" / "kn").exists()
+
+
+TRAIN_PASSAGES = [
+    {"title": "Orchard", "context": "The orchard of Pell grows blue apples. Farmers pick them in May.",
+     "questions": [{"question": "What grows in the orchard of Pell?", "answer": "blue apples"}]},
+    {"title": "Bridge", "context": "The bridge at Corran was painted red by the mayor Ines Dall.",
+     "questions": [{"question": "Who painted the bridge?", "answer": "Ines Dall"}]},
+]
+POLICY_METHODS = ["base", "passage_finetune", "passage_dreams", "passage_sleep", "passage_sleep_trained"]
+
+
+def _with_policy_training(tmp_path: Path, train=TRAIN_PASSAGES) -> Path:
+    params_path = _with_knowledge(tmp_path, methods=POLICY_METHODS)
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    raw = yaml.safe_load(params_path.read_text())
+    raw["evaluation"]["comparisons"]["kn"]["knowledge"]["policy_training"] = {
+        "passages": "train.json", "n_passages": 2, "rounds": 2, "steps": 2, "eval_passages": 1}
+    raw["evaluation"]["quick"]["knowledge"] = {"n_passages": 2}
+    raw["dream"] = {**raw.get("dream", {}), "policy": {"rank": 4, "alpha": 8.0, "lr": 5e-2}}
+    params_path.write_text(yaml.safe_dump(raw))
+    return params_path
+
+
+def test_knowledge_policy_comparison_trains_the_policy_then_dreams_with_it_frozen(tmp_path, prefect_harness):
+    from flows.compare import compare
+    from model.dream_policy import POLICY_JSON, POLICY_TENSORS
+
+    params_path = _with_policy_training(tmp_path)
+    compare("kn", str(params_path), quick=True)
+    cdir = tmp_path / "state/compare/kn-quick"
+    pdir = cdir / "policy/seed-0"
+    trained = json.loads((pdir / "result.json").read_text())
+    assert trained["policy_rounds"] == 2 and trained["training_passages"] == [0, 1] and trained["eval_passages"] == [0]
+    assert [(r["round"], r["split"]) for r in trained["rounds"]] == [(r, s) for r in range(3) for s in ("train", "eval")]
+    assert (pdir / "policy" / POLICY_JSON).is_file() and (pdir / "policy" / POLICY_TENSORS).is_file()
+    policy_meta = json.loads((pdir / "policy" / POLICY_JSON).read_text())
+    assert policy_meta["rounds"] == 2 and policy_meta["sha256"] == trained["policy_sha256"]
+    # Only the trained-policy method dreams with it; the others start from a fresh (untrained) policy.
+    run_p = yaml.safe_load((cdir / "passage_sleep_trained/seed-0/params.yaml").read_text())
+    assert run_p["dream"]["policy"]["source"] == str(pdir / "policy")
+    assert yaml.safe_load((cdir / "passage_sleep/seed-0/params.yaml").read_text())["dream"]["policy"]["source"] is None
+
+    report = tmp_path / "reports/kn-quick"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["methods"]) == set(POLICY_METHODS)
+    checks = metrics["checks"]["tau"]
+    assert set(checks) == {"trained-policy sleep - passage fine-tuning", "trained-policy sleep - untrained-policy sleep",
+                           "untrained-policy sleep - passage fine-tuning", "passage + all dreams - passage fine-tuning"}
+    assert all(c["n"] == 2 and c["low"] <= c["mean"] <= c["high"] for c in checks.values())
+    results = {r["method"]: r for r in json.loads((report / "results.json").read_text())["runs"]}
+    for m in ("passage_dreams", "passage_sleep", "passage_sleep_trained"):  # the wake's steps come first
+        assert results[m]["gradient_steps"] >= results["passage_finetune"]["gradient_steps"]
+    assert all(row["dream_tokens"] > 0 for row in results["passage_dreams"]["passages"])
+    rounds = pd.read_csv(report / "policy_rounds.csv")
+    assert len(rounds) == 6 and (report / "plots/policy_rounds.png").is_file()
+    md = (report / "README.md").read_text()
+    assert "## Paired checks (issue #14)" in md and "## The dream policy's training" in md
+
+    # A rerun trains nothing and runs nothing again.
+    stamps = {p: p.stat().st_mtime_ns for p in cdir.rglob("result.json")}
+    compare("kn", str(params_path), quick=True)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_a_policy_training_pool_that_holds_an_evaluation_passage_is_refused(tmp_path, prefect_harness, capsys):
+    from flows.compare import main
+
+    params_path = _with_policy_training(tmp_path, train=[TRAIN_PASSAGES[0], TOY_PASSAGES[1]])
+    assert main(["kn", "--params", str(params_path), "--quick", "--methods", "passage_sleep_trained"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"train.json: passage 1 \(Harbor\) is evaluation passage 1 of squad.json: "
+                     r"knowledge.policy_training must not train on the evaluation", err), err
+    assert not (tmp_path / "state/compare/kn-quick/policy/seed-0/result.json").exists()
+
+
+def test_knowledge_shards_split_the_passages_and_an_unsharded_run_assembles_them(tmp_path, prefect_harness, monkeypatch):
+    import model.incorporation as incorporation
+    from flows.compare import compare, main
+
+    params_path = _with_knowledge(tmp_path, methods=["base", "passage_finetune"])
+    for i in (0, 1):
+        out = compare("kn", str(params_path), shard=(i, 2))
+        assert out["report"] is None and [len(r["passages"]) for r in out["runs"]] == [2 - i, 2 - i]
+    rdir = tmp_path / "state/compare/kn/passage_finetune/seed-0"
+    assert not (rdir / "result.json").exists() and not (tmp_path / "reports/kn").exists()
+    assert [json.loads(l)["index"] for l in (rdir / "progress.shard-0-of-2.jsonl").read_text().splitlines()] == [0, 2]
+    assert [json.loads(l)["index"] for l in (rdir / "progress.shard-1-of-2.jsonl").read_text().splitlines()] == [1]
+
+    calls = []
+    real = incorporation.learn
+    monkeypatch.setattr(incorporation, "learn", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    compare("kn", str(params_path))  # every passage is on disk: nothing learns again
+    assert calls == []
+    result = json.loads((rdir / "result.json").read_text())
+    assert [row["index"] for row in result["passages"]] == [0, 1, 2]
+    assert (tmp_path / "reports/kn/README.md").is_file()
+
+    with pytest.raises(SystemExit):
+        main(["kn", "--params", str(params_path), "--shard", "2/2"])  # I must be below N

@@ -113,6 +113,13 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     assert check["before"]["n"] == 2 * 8 - 3  # the period's train examples less the 3 of C
     dreams = pd.read_parquet(tmp_path / "dreams/consolidation/period-0.parquet")
     assert {"teacher_data", "imitation"} <= set(dreams["kind"]) and len(dreams) > 6
+    # The dream policy travels with the state: fresh until the first sleep's ReST-EM (one update per round in which a
+    # dream was rewarded), then carried through the next wake unchanged and on to the next sleep.
+    assert m0["dream_policy"]["rounds"] == 0 and {"dream_policy.json", "dream_policy.safetensors"} <= set(m0["files"])
+    rewarded0 = int((table["reward"] == 1.0).any())
+    assert s0["dream_policy"]["rounds"] == rewarded0
+    wake1 = read_manifest(tmp_path / "state/wake/period-1")
+    assert wake1["dream_policy"] == s0["dream_policy"]
     # The next wake unlocked a fresh fast expert and consolidated again into a third slow slot.
     m1 = read_manifest(tmp_path / "state/sleep/period-1")
     assert m1["step"] == 48
@@ -149,13 +156,19 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     before, after = report["check"]["before"], report["check"]["after"]  # the rule of model/dreaming.training_helped:
     assert after["logprob"] <= before["logprob"] or after["accuracy"] < before["accuracy"]  # one of them got worse
     wrecked, consolidated = read_manifest(tmp_path / "state/sleep/period-0"), read_manifest(tmp_path / "state/consolidated/period-0")
-    assert wrecked["files"] == consolidated["files"] and wrecked["metadata"]["dream"]["kept"] is False
+
+    def memory_files(m: dict) -> dict:
+        return {k: v for k, v in m["files"].items() if not k.startswith("dream_policy")}
+
+    assert memory_files(wrecked) == memory_files(consolidated) and wrecked["metadata"]["dream"]["kept"] is False
+    # The memory went back; what ReST-EM taught the dream policy (rewarded by its own trials) stays.
+    assert wrecked["dream_policy"]["rounds"] == int(report["funnel"]["rewarded"] > 0)
     # No dream trained at all (no ReST-EM, no promotion steps): nothing to check, the consolidated state again.
     doc["dream"].update(rest_steps=0, promote_steps=0)
     params_path.write_text(yaml.safe_dump(doc))
     report = dream(0, str(params_path))
     assert report["check"]["trained"] is False and report["check"]["after"] == report["check"]["before"]
-    assert read_manifest(tmp_path / "state/sleep/period-0")["files"] == consolidated["files"]
+    assert read_manifest(tmp_path / "state/sleep/period-0")["files"] == consolidated["files"]  # the policy too
     # Back to the first params: their cached dream result is not used over a state that is not its own.
     params_path.write_text(yaml.safe_dump(original))
     report = dream(0, str(params_path))
