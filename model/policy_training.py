@@ -62,9 +62,11 @@ def measure_round(
     seed: int,
     sampling: SamplingConfig | None = None,
     trial_fn: TrialFn = try_dreams,
+    on_passage: Callable[[str, int, int], None] | None = None,
 ) -> tuple[RoundStats, list[tuple[str, str]]]:
     """The E-step: every task's dreams from the current policy, each tried; returns the stats and the rewarded
-    (prompt, dream) pairs. The sampling seeds depend on ``seed``, the round and the task, not on the split's size."""
+    (prompt, dream) pairs. The sampling seeds depend on ``seed``, the round and the task, not on the split's size.
+    ``on_passage(split, done, total)`` is called after each task (progress)."""
     start = time.perf_counter()
     n_dreams = n_rewarded = tokens = 0
     gains: list[float] = []
@@ -75,6 +77,8 @@ def measure_round(
         tokens += sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in dreams)
         tried = [d for d in dreams if d]
         if not tried:
+            if on_passage is not None:
+                on_passage(split, j + 1, len(tasks))
             continue
         results = trial_fn(model, tokenizer, cms, task, cfg, tried, [s * 31 + i for i in range(len(tried))])
         for d, res in zip(tried, results):
@@ -85,6 +89,8 @@ def measure_round(
             if res.reward == 1:
                 n_rewarded += 1
                 pairs.append((prompt, d))
+        if on_passage is not None:
+            on_passage(split, j + 1, len(tasks))
     stats = RoundStats(round_, split, len(tasks), n_dreams, n_rewarded,
                        n_rewarded / n_dreams if n_dreams else math.nan,
                        sum(gains) / len(gains) if gains else math.nan, tokens, round(time.perf_counter() - start, 2))
@@ -104,12 +110,14 @@ def train_policy(
     on_round: Callable[[int, list[RoundStats]], None] | None = None,
     sampling: SamplingConfig | None = None,
     trial_fn: TrialFn = try_dreams,
+    on_passage: Callable[[str, int, int], None] | None = None,
 ) -> list[RoundStats]:
     """R ReST-EM rounds on ``train_tasks`` (see the module docstring); returns the stats of the rounds run here.
 
     ``cms.dream_policy`` must be attached; it is the only thing trained. With ``start_round`` = k the
     policy must be the one after k updates (a resumed run). ``on_round(k, stats)`` is called after
-    measurement k (and, for k < R, the update that follows it), to persist the policy and the stats.
+    measurement k (and, for k < R, the update that follows it), to persist the policy and the stats;
+    ``on_passage`` after every passage dreamt about (progress, :func:`measure_round`).
     """
     policy: DreamPolicy | None = cms.dream_policy
     if policy is None:
@@ -120,10 +128,12 @@ def train_policy(
         raise ValueError("train_policy: no training passages")
     out: list[RoundStats] = []
     for r in range(start_round, training.rounds + 1):
-        stats, pairs = measure_round(model, tokenizer, cms, train_tasks, cfg, r, "train", seed, sampling, trial_fn)
+        stats, pairs = measure_round(model, tokenizer, cms, train_tasks, cfg, r, "train", seed, sampling, trial_fn,
+                                     on_passage)
         measured = [stats]
         if eval_tasks:
-            ev, _ = measure_round(model, tokenizer, cms, eval_tasks, cfg, r, "eval", seed + 1, sampling, trial_fn)
+            ev, _ = measure_round(model, tokenizer, cms, eval_tasks, cfg, r, "eval", seed + 1, sampling, trial_fn,
+                                  on_passage)
             measured.append(ev)
         if r < training.rounds:
             stats.update_loss = rest_em_update(model, tokenizer, policy, [p for p, _ in pairs], [d for _, d in pairs],

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from prefect import get_run_logger, task
+from tqdm.auto import tqdm
 from prefect.cache_policies import NO_CACHE
 
 from model.checkpoint import CheckpointError, load_state, open_memory_model, read_manifest, save_state
@@ -304,8 +305,13 @@ def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
                      f"rewarded ({st.share_rewarded:.2f}), mean tau gain {st.mean_tau_gain:+.4f}, {st.tokens} tokens "
                      f"({st.seconds:.0f} s)")
 
-    train_policy(lm.model, lm.tokenizer, cms, train_tasks, eval_tasks, cfg, pt, p.seed, start, on_round,
-                 sampling=p.sampling)
+    per_round = len(train_tasks) + len(eval_tasks)
+    bar = tqdm(total=(pt.rounds + 1 - start) * per_round, desc=f"dream policy, seed {p.seed}", unit="passage", leave=False)
+    try:
+        train_policy(lm.model, lm.tokenizer, cms, train_tasks, eval_tasks, cfg, pt, p.seed, start, on_round,
+                     sampling=p.sampling, on_passage=lambda split, done, total: bar.update(1))
+    finally:
+        bar.close()
     result = {"key": key, "seed": p.seed, "policy": str(pdir / POLICY_DIR), "policy_rounds": cms.dream_policy.rounds,
               "policy_sha256": cms.dream_policy.digest(), "training_passages": [i for i, _ in pool],
               "eval_passages": [i for i, _ in held],

@@ -207,10 +207,12 @@ def test_training_the_policy_over_rounds_measures_every_round_and_learns_only_th
     tasks = [task_from_passage(p, f"train{i}", cfg) for i, p in enumerate(PASSAGES)]
     held = [task_from_passage(PASSAGES[0], "passage0", cfg)]
     memory = {n: p.detach().clone() for n, p in cms.named_memory_parameters()}
-    seen = []
+    seen, ticks = [], []
     stats = train_policy(lm.model, lm.tokenizer, cms, tasks, held, cfg, PolicyTrainingConfig(rounds=2, steps=3), seed=0,
-                         on_round=lambda r, measured: seen.append((r, [m.split for m in measured])))
+                         on_round=lambda r, measured: seen.append((r, [m.split for m in measured])),
+                         on_passage=lambda split, done, total: ticks.append((split, done, total)))
     assert seen == [(0, ["train", "eval"]), (1, ["train", "eval"]), (2, ["train", "eval"])]
+    assert ticks == [("train", 1, 2), ("train", 2, 2), ("eval", 1, 1)] * 3
     assert [(s.round, s.split) for s in stats] == [(r, sp) for r in range(3) for sp in ("train", "eval")]
     for s in stats:
         assert s.passages == (2 if s.split == "train" else 1) and s.tokens > 0 and 0 <= s.dreams <= 3 * s.passages
