@@ -262,9 +262,22 @@ def learn_sleep(
         "rewarded": int((gated["reward"] == 1.0).sum()),
         "passed_gate": int(gated["gate_passed"].sum()) if "gate_passed" in gated else int(len(promoted)),
         "promoted": int(len(promoted)),
+        **rewarded_rejections(gated),
     }
     return Learned(losses=losses, gradient_steps=rest + len(losses), n_dreams=int(len(promoted)), funnel=funnel,
                    dreams=gated, dream_tokens=count_tokens(tokenizer, list(promoted["text"])))
+
+
+def rewarded_rejections(gated: pd.DataFrame) -> dict[str, int]:
+    """Useful dreams the gate turned away: ``rejected_rewarded:<check>`` = rewarded dreams (their trial raised
+    tau) that failed ``check`` (a dream can fail several)."""
+    if "failed_checks" not in gated:
+        return {}
+    out: dict[str, int] = {}
+    for checks in gated.loc[(gated["reward"] == 1.0) & ~gated["gate_passed"].astype(bool), "failed_checks"]:
+        for name in [c for c in str(checks).split(";") if c]:
+            out[f"rejected_rewarded:{name}"] = out.get(f"rejected_rewarded:{name}", 0) + 1
+    return out
 
 
 def learn(

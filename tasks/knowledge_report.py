@@ -112,7 +112,11 @@ def markdown(name: str, description: str, summary: dict[str, Any], knowledge: An
     if funnels:
         lines += ["## Dreams", "", "Summed over passages and seeds.", ""]
         for m, f in funnels.items():
-            lines.append(f"- {m}: " + " / ".join(f"{k} {v}" for k, v in f.items()))
+            lines.append(f"- {m}: " + " / ".join(f"{k} {v}" for k, v in f.items() if not k.startswith("rejected_rewarded:")))
+            turned = {k.split(":", 1)[1]: v for k, v in f.items() if k.startswith("rejected_rewarded:")}
+            if turned:
+                lines.append(f"  - rewarded dreams (their trial raised tau) the gate rejected, by check: "
+                             + ", ".join(f"{k} {v}" for k, v in sorted(turned.items())))
         lines.append("")
     lines += checks_markdown(paired_checks(results, seeds) if mode == "single"
                              else {"tau": early_checks(results, seeds), "per_token": None})

@@ -183,3 +183,15 @@ def test_continued_mode_keeps_training_one_state_and_resumes():
     run_continued("passage_finetune", lm2.model, lm2.tokenizer, cms2, PASSAGES[:1], cfg, 0)
     resumed = run_continued("passage_finetune", lm2.model, lm2.tokenizer, cms2, PASSAGES, cfg, 0, start=1)
     assert [r["tau"] for r in resumed] == pytest.approx([r["tau"] for r in rows], abs=1e-6)
+
+
+def test_the_funnel_counts_useful_dreams_the_gate_turned_away_by_check():
+    import pandas as pd
+
+    from model.incorporation import rewarded_rejections
+
+    gated = pd.DataFrame({"reward": [1.0, 1.0, 0.0, 1.0, float("nan")],
+                          "gate_passed": [False, True, False, False, False],
+                          "failed_checks": ["copy_of_context;too_short", "", "near_duplicate", "copy_of_context", "too_short"]})
+    assert rewarded_rejections(gated) == {"rejected_rewarded:copy_of_context": 2, "rejected_rewarded:too_short": 1}
+    assert rewarded_rejections(gated.drop(columns="failed_checks")) == {}
