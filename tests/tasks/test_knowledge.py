@@ -46,3 +46,34 @@ def test_sleep_gates_out_near_duplicates_promotes_rewarded_dreams_and_raises_tau
     f = slept["funnel"]
     assert f["generated"] == 4 and f["passed_gate"] == 3 and f["promoted"] == int(table["promoted"].sum()) >= 1
     assert slept["tau"] > base["tau"]
+
+
+def _run(method: str, seed: int, taus: list[float], tokens: list[int] | None = None) -> dict:
+    rows = [{"index": i, "tau": t, "em": 0.0, "f1": 0.0, "dream_tokens": (tokens or [0] * len(taus))[i]}
+            for i, t in enumerate(taus)]
+    return {"method": method, "seed": seed, "passages": rows}
+
+
+def test_issue_14_checks_pair_by_passage_and_divide_by_dream_tokens():
+    from tasks.knowledge_report import early_checks, paired_checks
+
+    ft = [-5.0, -4.0, -6.0, -5.5]
+    results = [_run("passage_finetune", 0, ft),
+               _run("passage_sleep", 0, [t + 0.2 for t in ft], [100, 200, 0, 50]),
+               _run("passage_dreams", 0, [t + 0.1 for t in ft], [400, 400, 400, 400]),
+               _run("passage_sleep_trained", 0, [t + d for t, d in zip(ft, (0.3, 0.5, 0.4, 0.6))])]
+    checks = paired_checks(results, [0])
+    c = checks["tau"]["trained-policy sleep - passage fine-tuning"]
+    assert c["n"] == 4 and c["mean"] == pytest.approx(0.45) and 0 < c["low"] < 0.45 < c["high"]
+    assert checks["tau"]["trained-policy sleep - untrained-policy sleep"]["mean"] == pytest.approx(0.25)
+    pt = checks["per_token"]
+    assert pt["n"] == 3  # passage 2 trained no promoted dream: nothing to divide by
+    # promoted: 0.2 per 100, 200 and 50 tokens; all dreams: 0.1 per 400 tokens (per 1000 tokens)
+    assert pt["promoted"]["mean"] == pytest.approx(1000 * (0.2 / 100 + 0.2 / 200 + 0.2 / 50) / 3)
+    assert pt["all"]["mean"] == pytest.approx(0.25) and pt["difference"]["mean"] > 0
+
+    cpt = [_run("passage_finetune", s, [-5.0 - k for k in range(12)]) for s in (0, 1)]
+    cpt += [_run("passage_sleep", s, [-5.0 - k + (0.1 if k < 10 else -3.0) for k in range(12)]) for s in (0, 1)]
+    early = early_checks(cpt, [0, 1], early=10)
+    c = early["untrained-policy sleep - passage fine-tuning, first passages"]
+    assert c["n"] == 10 and c["mean"] == pytest.approx(0.1)  # the last two passages are not the early ones
