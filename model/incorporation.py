@@ -178,9 +178,15 @@ def learn_base_dreams(
     plain = cfg.model_copy(update={"random_expert": False})
     with cms.levels_masked(list(range(cms.n_levels))):
         _, dreams = generate_dreams(model, tokenizer, cms, task, plain, seed, sampling)
+    return train_every_dream(model, tokenizer, cms, task, cfg, dreams)
+
+
+def train_every_dream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory,
+                      task: DreamTask, cfg: DreamConfig, dreams: Sequence[str]) -> Learned:
+    """Every non-empty dream trained into the fast level (:func:`model.dreaming.promote`): no selection, trials or gate."""
     kept = [d for d in dreams if d.strip()]
     losses = promote(model, tokenizer, cms, {task.context_id: task}, [(task.context_id, d) for d in kept], cfg, 0)
-    table = pd.DataFrame({"context_id": task.context_id, "text": dreams, "trained": [bool(d.strip()) for d in dreams]})
+    table = pd.DataFrame({"context_id": task.context_id, "text": list(dreams), "trained": [bool(d.strip()) for d in dreams]})
     return Learned(losses=losses, gradient_steps=len(losses), n_dreams=len(kept),
                    funnel={"generated": len(dreams), "trained": len(kept)}, dreams=table,
                    dream_tokens=count_tokens(tokenizer, kept))
@@ -205,12 +211,10 @@ def learn_passage_dreams(
     "passage + synthetic data" without selection, trials or gate."""
     wake = learn_passage_finetune(model, tokenizer, cms, task, cfg)
     _, dreams = generate_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
-    kept = [d for d in dreams if d.strip()]
-    losses = promote(model, tokenizer, cms, {task.context_id: task}, [(task.context_id, d) for d in kept], cfg, 0)
-    table = pd.DataFrame({"context_id": task.context_id, "text": dreams, "trained": [bool(d.strip()) for d in dreams]})
-    return Learned(losses=wake.losses + losses, gradient_steps=wake.gradient_steps + len(losses), n_dreams=len(kept),
-                   funnel={"generated": len(dreams), "trained": len(kept)}, dreams=table,
-                   dream_tokens=count_tokens(tokenizer, kept))
+    learned = train_every_dream(model, tokenizer, cms, task, cfg, dreams)
+    learned.losses = wake.losses + learned.losses
+    learned.gradient_steps += wake.gradient_steps
+    return learned
 
 
 def learn_passage_sleep(
