@@ -362,6 +362,8 @@ class PolicyTrainingConfig(_Strict):
     offset: int = Field(0, ge=0)
     rounds: int = Field(3, ge=1, description="ReST-EM rounds (dream, try, fine-tune the policy).")
     steps: int = Field(8, ge=1, description="Policy SFT steps per round on the round's rewarded pairs.")
+    batch_size: int = Field(4, ge=1, le=64, description="Rewarded pairs per SFT step (minibatches in a shuffled "
+                            "order; all of a round's pairs in one batch would not fit in memory).")
     eval_passages: int = Field(4, ge=0, description="Evaluation passages (the comparison's first ones) whose "
                                "dreams are tried after every round, with the policy frozen, to see whether the "
                                "share of rewarded dreams holds on passages the policy never trained on.")

@@ -260,18 +260,29 @@ def rest_em_update(
     steps: int,
     max_length: int,
     origin: str,
+    batch_size: int | None = None,
+    seed: int = 0,
 ) -> list[float]:
     """ReST-EM's M-step on the policy: SFT of the adapter on (dream prompt -> rewarded dream), adapter on.
 
     Only the policy's tensors move (the model's own and the memory levels' are frozen for the
-    update). ``origin`` joins the policy's history; returns the losses.
+    update). With ``batch_size`` each step trains on a minibatch of that many pairs, in an order
+    shuffled by ``seed`` (a round's rewarded dreams can be many; one batch of them all does not fit in
+    memory). ``origin`` joins the policy's history; returns the losses.
     """
+    import random
+
     from model.dreaming import train_on_pairs
 
     if not prompts or steps == 0:
         return []
+    order = list(range(len(prompts)))
+    if batch_size is not None:
+        random.Random(seed).shuffle(order)
+    prompts, dreams = [prompts[i] for i in order], [dreams[i] for i in order]
     with policy.active():
-        losses = train_on_pairs(model, tokenizer, policy.parameters(), prompts, dreams, steps, policy.cfg.lr, max_length)
+        losses = train_on_pairs(model, tokenizer, policy.parameters(), prompts, dreams, steps, policy.cfg.lr, max_length,
+                                batch_size)
     for p in policy.parameters():
         p.grad = None
     policy.rounds += 1

@@ -279,13 +279,21 @@ def train_on_pairs(
     steps: int,
     lr: float,
     max_length: int,
+    batch_size: int | None = None,
 ) -> list[float]:
-    """SFT of ``params`` on all pairs at once (one packed batch per step); returns the losses."""
+    """SFT of ``params`` on the pairs; returns the losses.
+
+    ``batch_size=None``: all pairs in one packed batch every step. Otherwise step k trains on the k-th
+    minibatch of ``batch_size`` pairs, cycling through them in order (the memory of one step stays that of
+    ``batch_size`` pairs however many there are).
+    """
     if not prompts or steps == 0:
         return []
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    batch = encode(tokenizer, prompts, completions, max_length)
+    size = len(prompts) if batch_size is None else batch_size
+    batches = [encode(tokenizer, prompts[i : i + size], completions[i : i + size], max_length)
+               for i in range(0, len(prompts), size)]
     keep = {id(p) for p in params}
     saved = [(p, p.requires_grad) for p in model.parameters()]
     losses = []
@@ -293,8 +301,8 @@ def train_on_pairs(
     try:
         for p, _ in saved:
             p.requires_grad_(id(p) in keep)
-        for _ in range(steps):
-            loss = sft_loss(model, batch)
+        for step in range(steps):
+            loss = sft_loss(model, batches[step % len(batches)])
             if not math.isfinite(loss.item()):
                 raise NonFiniteLossError(f"non-finite dream SFT loss {loss.item()}")
             opt.zero_grad(set_to_none=True)

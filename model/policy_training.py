@@ -7,7 +7,7 @@ SEAL's outer loop, on the policy of model/dream_policy.py. One round r = 0..R-1 
    dream alone, :func:`model.dreaming.try_dreams`) and rewarded 1 if it raised the
    passage's tau (mean gold-answer log-likelihood per token, questions asked without C).
 2. *M-step*: the policy is fine-tuned on the round's rewarded (dream prompt -> dream) pairs
-   (:func:`model.dream_policy.rest_em_update`, ``steps`` steps).
+   (:func:`model.dream_policy.rest_em_update`, ``steps`` steps on minibatches of ``batch_size``).
 
 Every round is measured before its update (round 0 is the untrained policy) and once more
 after the last update, so R rounds give R + 1 measurements; with ``eval_tasks`` the same
@@ -137,7 +137,8 @@ def train_policy(
             measured.append(ev)
         if r < training.rounds:
             stats.update_loss = rest_em_update(model, tokenizer, policy, [p for p, _ in pairs], [d for _, d in pairs],
-                                               training.steps, cfg.max_length, origin=f"policy training round {r}")
+                                               training.steps, cfg.max_length, origin=f"policy training round {r}",
+                                               batch_size=training.batch_size, seed=seed * 31 + r)
             if not pairs:  # nothing rewarded: the policy is as it was, but the round counts
                 policy.rounds += 1
                 policy.history.append(f"policy training round {r}: no rewarded dream")

@@ -227,3 +227,23 @@ def test_training_the_policy_over_rounds_measures_every_round_and_learns_only_th
     with pytest.raises(ValueError, match="dream.policy.enabled must be true"):
         train_policy(lm.model, lm.tokenizer, cms, tasks, [], _cfg(policy=PCFG.model_copy(update={"enabled": False})),
                      PolicyTrainingConfig(rounds=1), seed=0)
+
+
+def test_a_large_rest_em_update_trains_on_minibatches():
+    from model.dreaming import train_on_pairs
+    from model.wake import encode, sft_loss
+
+    lm, cms = _with_policy()
+    prompts = [f"Passage {i}.\nImplications:\n" for i in range(5)]
+    dreams = [f" fact number {i} holds." for i in range(5)]
+    params = cms.dream_policy.parameters()
+    with cms.dream_policy.active(), torch.no_grad():
+        first = float(sft_loss(lm.model, encode(lm.tokenizer, prompts[:2], dreams[:2], 96)))
+        whole = float(sft_loss(lm.model, encode(lm.tokenizer, prompts, dreams, 96)))
+    with cms.dream_policy.active():
+        losses = train_on_pairs(lm.model, lm.tokenizer, params, prompts, dreams, 3, 1e-3, 96, batch_size=2)
+    assert len(losses) == 3 and losses[0] == pytest.approx(first, rel=1e-5) and losses[0] != pytest.approx(whole)
+    assert not cms.dream_policy.is_fresh()
+    lm, cms = _with_policy()
+    rest_em_update(lm.model, lm.tokenizer, cms.dream_policy, prompts, dreams, 4, 96, "round 0", batch_size=2, seed=1)
+    assert cms.dream_policy.rounds == 1 and not cms.dream_policy.is_fresh()
