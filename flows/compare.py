@@ -85,7 +85,8 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
             log.warning(f"{name}: report over the finished runs; not run yet: "
                         + ", ".join(f"{m} (seed {s})" for m, s in missing))
         seeds = tuple(s for s in comp.seeds if any(r["seed"] == s for r in results))
-        summary = write_comparison_report(params, root, replace(comp, seeds=seeds), results)
+        write = write_knowledge_report if comp.kind == "knowledge" else write_comparison_report
+        summary = write(params, root, replace(comp, seeds=seeds), results)
         log.info(f"report: {summary['report']}")
         return summary
     if comp.kind == "knowledge":

@@ -56,6 +56,14 @@ def units(results: Sequence[dict], method: str, seeds: Sequence[int], mode: str)
     return {k: [float(np.mean([row[k] for row in r["passages"]])) for r in runs] for k in MEASURES}
 
 
+FUNNEL = ("generated", "selected", "rewarded", "passed_gate", "promoted", "trained")
+
+
+def _funnel_order(key: str) -> tuple[int, str]:
+    """The dream funnel's stages in the order dreams pass them; anything else after them, by name."""
+    return (FUNNEL.index(key), "") if key in FUNNEL else (len(FUNNEL), key)
+
+
 def summarise_knowledge(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[int], mode: str) -> dict[str, Any]:
     """Per method: each measure's mean and 95% CI, the gain over base (paired CI), steps, seconds, funnel."""
     out: dict[str, Any] = {}
@@ -67,6 +75,7 @@ def summarise_knowledge(results: Sequence[dict], methods: Sequence[str], seeds: 
         for r in runs:
             for k, v in (r.get("funnel") or {}).items():
                 funnel[k] = funnel.get(k, 0) + int(v)
+        funnel = {k: funnel[k] for k in sorted(funnel, key=_funnel_order)}  # the same order from a result.json
         out[m] = {
             **{k: ci_summary(vals[k]) for k in MEASURES},
             "units": vals,

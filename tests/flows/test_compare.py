@@ -401,6 +401,9 @@ def test_knowledge_policy_comparison_trains_the_policy_then_dreams_with_it_froze
     assert len(rounds) == 6 and (report / "plots/policy_rounds.png").is_file()
     md = (report / "README.md").read_text()
     assert "## Paired checks (issue #14)" in md and "## The dream policy's training" in md
+    (report / "README.md").unlink()
+    compare("kn", str(params_path), quick=True, report_only=True)  # the knowledge report, from the runs on disk
+    assert (report / "README.md").read_text() == md
 
     # A rerun trains nothing and runs nothing again.
     stamps = {p: p.stat().st_mtime_ns for p in cdir.rglob("result.json")}
