@@ -259,6 +259,7 @@ def plot_policy_rounds(frame: pd.DataFrame) -> Figure:
                 for seed, runs in part.groupby("seed"):
                     ax.plot(runs["round"], runs[col], marker="o", markersize=3, color=COLORS[k % len(COLORS)],
                             linestyle="-" if split == "train" else "--", label=f"{split}, seed {seed}")
+            ax.set_xticks(sorted(frame["round"].unique()))
             ax.set_xlabel("ReST-EM updates of the policy")
             ax.set_title(label, fontsize=9)
         fig.axes[0].legend(loc="best", fontsize=7)
