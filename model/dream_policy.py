@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -270,16 +271,13 @@ def rest_em_update(
     shuffled by ``seed`` (a round's rewarded dreams can be many; one batch of them all does not fit in
     memory). ``origin`` joins the policy's history; returns the losses.
     """
-    import random
-
     from model.dreaming import train_on_pairs
 
     if not prompts or steps == 0:
         return []
-    order = list(range(len(prompts)))
-    if batch_size is not None:
-        random.Random(seed).shuffle(order)
-    prompts, dreams = [prompts[i] for i in order], [dreams[i] for i in order]
+    if batch_size is not None:  # minibatches in a seeded order, not the order the passages were dreamt in
+        order = random.Random(seed).sample(range(len(prompts)), len(prompts))
+        prompts, dreams = [prompts[i] for i in order], [dreams[i] for i in order]
     with policy.active():
         losses = train_on_pairs(model, tokenizer, policy.parameters(), prompts, dreams, steps, policy.cfg.lr, max_length,
                                 batch_size)

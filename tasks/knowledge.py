@@ -45,9 +45,10 @@ ROUNDS_FILE = "rounds.jsonl"
 GATED_METHODS = frozenset({"sleep", "passage_sleep", "passage_sleep_trained"})  # their dreams pass the gate
 
 
-def passages_path(root: Path, knowledge: KnowledgeConfig) -> Path:
-    """The passages file, absolute (relative paths are under the project root)."""
-    p = Path(knowledge.passages)
+def passages_path(root: Path, knowledge: KnowledgeConfig | str) -> Path:
+    """The passages file (of a knowledge config, or given as a path), absolute: relative paths are under the
+    project root."""
+    p = Path(knowledge if isinstance(knowledge, str) else knowledge.passages)
     return p if p.is_absolute() else (root / p).resolve()
 
 
@@ -226,7 +227,7 @@ def training_passages(root: Path, kc: KnowledgeConfig, evaluation: list[tuple[in
     must never train on what it is evaluated on.
     """
     pt = kc.policy_training
-    path = Path(pt.passages) if Path(pt.passages).is_absolute() else (root / pt.passages).resolve()
+    path = passages_path(root, pt.passages)
     pool = select_passages(path, pt.n_passages, pt.offset, "knowledge.policy_training")
     seen = {" ".join(p.context.split()): i for i, p in evaluation}
     for i, p in pool:
@@ -263,7 +264,7 @@ def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
     pt = kc.policy_training
     pool = training_passages(root, kc, evaluation)
     held = evaluation[: pt.eval_passages]
-    key = run_key(p, "policy_training", data=passages_path(root, kc.model_copy(update={"passages": pt.passages})),
+    key = run_key(p, "policy_training", data=passages_path(root, pt.passages),
                   extra={"policy_training": pt.model_dump(mode="json"), "eval": [i for i, _ in held]})
     hit = cached_result(pdir, key)
     if hit is not None:
