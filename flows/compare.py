@@ -54,6 +54,8 @@ from tasks.expectations import StreamValidationError
 from model.incorporation import TRAINED_POLICY_METHODS
 from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy
 from tasks.knowledge_report import write_knowledge_report
+from tasks.long_context import prepare_documents, run_long_context_method
+from tasks.long_context_report import write_long_context_report
 
 
 @flow(name="compare", log_prints=True)
@@ -85,12 +87,15 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
             log.warning(f"{name}: report over the finished runs; not run yet: "
                         + ", ".join(f"{m} (seed {s})" for m, s in missing))
         seeds = tuple(s for s in comp.seeds if any(r["seed"] == s for r in results))
-        write = write_knowledge_report if comp.kind == "knowledge" else write_comparison_report
+        write = {"knowledge": write_knowledge_report, "long_context": write_long_context_report}.get(
+            comp.kind, write_comparison_report)
         summary = write(params, root, replace(comp, seeds=seeds), results)
         log.info(f"report: {summary['report']}")
         return summary
     if comp.kind == "knowledge":
         return compare_knowledge(params, root, comp, shard)
+    if comp.kind == "long_context" and shard is None:
+        return compare_long_context(params, root, comp)
     if shard is not None:
         raise ConfigError(f"comparison {name!r}: --shard splits the passages of a knowledge comparison; this one is "
                           f"kind '{comp.kind}'")
@@ -170,6 +175,29 @@ def compare_knowledge(params: Params, root: Path, comp: Comparison, shard: tuple
             log.info(f"shard {shard[0]}/{shard[1]} done; `lm-sleep compare {comp.name}` without --shard assembles the runs")
             return {"report": None, "shard": list(shard), "runs": results}
         summary = write_knowledge_report(params, root, comp, results)
+    log.info(f"report: {summary['report']}")
+    return summary
+
+
+def compare_long_context(params: Params, root: Path, comp: Comparison) -> dict:
+    """A long-context comparison: the documents, every method on every seed over them; then its report."""
+    log = get_run_logger()
+    with exclusive(comparison_dir(params, root, comp), "comparison run"):
+        documents = prepare_documents(params, root, comp)  # bad data fails here, before any training
+        runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
+        results = []
+        for i, (seed, method) in enumerate(runs, 1):
+            p = run_params(params, root, comp, method, seed)
+            rdir = run_dir(params, root, comp, method, seed)
+            log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
+            write_run_params(p, rdir / "params.yaml")
+            res = run_long_context_method(p, root, rdir, method, comp.long_context, documents[seed],
+                                          method_baselines(params, method))
+            acc = sum(r["correct"] for r in res["documents"]) / max(1, len(res["documents"]))
+            log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: accuracy {acc:.2f} over {len(res['documents'])} "
+                     f"documents ({res['seconds']:.0f} s)")
+            results.append(res)
+        summary = write_long_context_report(params, root, comp, results)
     log.info(f"report: {summary['report']}")
     return summary
 

@@ -613,12 +613,23 @@ KNOWLEDGE_METHODS: dict[str, str] = {
     "passage_sleep_trained": "passage_sleep with the dream policy trained by ReST-EM on the training pool "
     "(knowledge.policy_training), frozen while the evaluation passages are learned",
 }
+#: The methods of a long-context comparison (``kind: long_context``; model/long_context_methods.py).
+LONG_CONTEXT_METHODS: dict[str, str] = {
+    "in_context": "no training: the question after as much of the document's end as fits the window",
+    "retrieval": "no training: the question after the window-sized piece closest to it by the MiniLM embedder",
+    "finetune": "LoRA adapters learn next-token prediction on the document's pieces, one step per piece",
+    "cms": "the continuum memory system reads the pieces as a wake does (eq. 2), no sleep",
+    "sleep_1": "the CMS wake with one slower level and sleeps (Knowledge Seeding) every sleep_every pieces",
+    "sleep_2": "sleep_1 with two slower levels (the second consolidated into every fourth sleep)",
+    "sleep_3": "sleep_1 with three slower levels (more consolidation stages)",
+}
 MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing", "cosine_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
     "no_promotion_check", "dreams_into_slow", "fold_dreams", "no_dream_policy", "base", "passage_finetune",
-    "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained",
+    "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "in_context", "retrieval",
+    "sleep_1", "sleep_2", "sleep_3",
 ]
 
 
@@ -663,6 +674,44 @@ class KnowledgeConfig(_Strict):
         "passage_sleep_trained is trained (before it runs, once per seed).")
 
 
+LONG_CONTEXT_TASKS = ("qa1", "qa2", "qa3", "needle")
+
+
+class LongContextConfig(_Strict):
+    """The documents of a long-context comparison: bAbI stories or needles hidden in distractor prose (issue #16).
+
+    Every document is read from the same fresh state by every method; its question is then asked
+    with no document in the prompt (in_context and retrieval: with their piece of it).
+    """
+
+    babi_dir: str = Field("data/raw/babi", description="Folder of the bAbI files (qaN_*_train.txt / _test.txt), "
+                          "relative to the project root.")
+    split: Literal["dev", "test"] = Field("test", description="test: the bAbI _test files (report); dev: the "
+                                          "_train files (make choices here, never on test).")
+    tasks: list[Literal["qa1", "qa2", "qa3", "needle"]] = Field(
+        default_factory=lambda: ["qa1", "qa2", "qa3", "needle"], min_length=1)
+    items_per_task: int = Field(4, ge=1, description="Stories (needle: items) per task and seed, a seeded draw.")
+    needle_keys: int = Field(4, ge=1, le=12, description="needle: key -> value facts per document (one asked).")
+    distractors: str = Field("data/raw/squad/squad_val_dev800.json", description="The haystack's prose: "
+                             "SQuAD-format passages (their contexts) or a .txt file, relative to the project root.")
+    lengths: list[int] = Field(default_factory=lambda: [1024, 4096, 16384, 65536], min_length=1,
+                               description="Document lengths in tokens of the model's tokenizer.")
+    window: int = Field(512, ge=32, le=32768, description="Tokens per piece a wake step reads, and the "
+                        "in-context / retrieval window.")
+    sleep_every: int = Field(8, ge=1, description="Pieces per wake period: a sleep after each (sleep methods).")
+    epochs: int = Field(1, ge=1, le=16, description="Passes over the document's pieces (every reading method).")
+    prompt_tokens: int = Field(64, ge=4, description="Tokens of each consolidation prompt (a sentence end's past).")
+
+    @field_validator("lengths", "tasks")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"listed twice: {sorted({str(x) for x in v if v.count(x) > 1})}")
+        if v and isinstance(v[0], int) and min(v) < 64:
+            raise ValueError(f"lengths must be at least 64 tokens, got {min(v)}")
+        return v
+
+
 class ComparisonConfig(_Strict):
     """A named comparison: methods x seeds on the same data and budget (``lm-sleep compare NAME``).
 
@@ -670,9 +719,11 @@ class ComparisonConfig(_Strict):
     (SQuAD passages answered without context, KNOWLEDGE_METHODS; needs ``knowledge``).
     """
 
-    kind: Literal["continual", "knowledge"] = Field("continual", description="What is compared: continual "
-                                                    "learning over the stream, or knowledge incorporation.")
+    kind: Literal["continual", "knowledge", "long_context"] = Field(
+        "continual", description="What is compared: continual learning over the stream, knowledge incorporation, "
+        "or long documents read into memory (long_context).")
     knowledge: KnowledgeConfig | None = Field(None, description="kind knowledge: the passages and the mode.")
+    long_context: LongContextConfig | None = Field(None, description="kind long_context: the documents.")
     methods: list[MethodName] = Field(..., min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="Each seed sets params.seed and data.seed (another draw of the tasks).")
@@ -684,7 +735,15 @@ class ComparisonConfig(_Strict):
 
     @model_validator(mode="after")
     def _kind(self) -> "ComparisonConfig":
-        if self.kind == "knowledge":
+        if self.kind != "long_context" and self.long_context is not None:
+            raise ValueError(f"long_context: only for kind 'long_context' (this comparison is kind '{self.kind}')")
+        if self.kind == "long_context":
+            if self.long_context is None:
+                raise ValueError("long_context: required when kind is 'long_context' ({tasks, lengths, window, ...})")
+            if self.knowledge is not None:
+                raise ValueError("knowledge: only for kind 'knowledge' (this comparison is kind 'long_context')")
+            allowed = LONG_CONTEXT_METHODS
+        elif self.kind == "knowledge":
             if self.knowledge is None:
                 raise ValueError("knowledge: required when kind is 'knowledge' ({passages, n_passages, offset, mode})")
             allowed = KNOWLEDGE_METHODS
@@ -789,7 +848,7 @@ class EvaluationConfig(_Strict):
 
 
 #: Keys of evaluation.quick that are not params overrides.
-QUICK_KEYS = frozenset({"seeds", "knowledge"})
+QUICK_KEYS = frozenset({"seeds", "knowledge", "long_context"})
 
 
 def quick_knowledge(knowledge: KnowledgeConfig, quick: dict[str, Any], where: str) -> KnowledgeConfig:
@@ -799,6 +858,17 @@ def quick_knowledge(knowledge: KnowledgeConfig, quick: dict[str, Any], where: st
         raise ConfigError(f"{where}: must be a mapping such as {{n_passages: 2}}, got {extra!r}")
     try:
         return KnowledgeConfig.model_validate(merge_overrides(knowledge.model_dump(), extra))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(Path(where), e)) from None
+
+
+def quick_long_context(lc: LongContextConfig, quick: dict[str, Any], where: str) -> LongContextConfig:
+    """``lc`` with ``quick['long_context']`` merged in and checked; a ConfigError names ``where``."""
+    extra = quick.get("long_context") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}: must be a mapping such as {{lengths: [256]}}, got {extra!r}")
+    try:
+        return LongContextConfig.model_validate(merge_overrides(lc.model_dump(), extra))
     except ValidationError as e:
         raise ConfigError(_format_errors(Path(where), e)) from None
 
@@ -849,6 +919,8 @@ class Params(_Strict):
                 self.for_run(merge_overrides(comp.overrides, quick), f"evaluation.comparisons.{name}.overrides")
             if comp.knowledge is not None:
                 quick_knowledge(comp.knowledge, self.evaluation.quick, f"evaluation.quick.knowledge ({name})")
+            if comp.long_context is not None:
+                quick_long_context(comp.long_context, self.evaluation.quick, f"evaluation.quick.long_context ({name})")
         return self
 
     @model_validator(mode="after")

@@ -238,3 +238,33 @@ def exclusive(directory: str | Path, what: str = "run", wait: bool = False) -> I
     finally:
         del _HELD[key]
         os.close(fd)  # closing releases the flock
+
+
+def read_keyed_lines(path: Path, key: str) -> list[dict[str, Any]]:
+    """JSON lines written with ``key`` (a line cut by a crash is skipped; another key: none kept)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("key") != key:
+            return []
+        rows.append(row)
+    return rows
+
+
+def write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as JSON lines, atomically (a line a crash cut short is gone after a rewrite)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def append_line(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and make it durable (fsync): a progress line survives a crash right after."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

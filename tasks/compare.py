@@ -28,10 +28,12 @@ from model.config import (
     BaselinesConfig,
     ConfigError,
     KnowledgeConfig,
+    LongContextConfig,
     Params,
     cms_lr_overrides,
     merge_overrides,
     quick_knowledge,
+    quick_long_context,
 )
 from model.data import STREAM_FILE, DataError, build_stream, load_source, load_stream, task_file
 from model.io import sha256_file, write_json, write_text
@@ -54,6 +56,7 @@ class Comparison:
     description: str = ""
     kind: str = "continual"
     knowledge: KnowledgeConfig | None = None  # kind knowledge: the passages (evaluation.quick's merged in)
+    long_context: LongContextConfig | None = None  # kind long_context: the documents (evaluation.quick's merged in)
 
 
 def resolve_comparison(params: Params, name: str, quick: bool = False, methods: list[str] | None = None) -> Comparison:
@@ -64,13 +67,16 @@ def resolve_comparison(params: Params, name: str, quick: bool = False, methods: 
                           f"defined: {', '.join(sorted(known)) or 'none'}")
     comp = known[name]
     seeds, overrides = list(comp.seeds), dict(comp.overrides)
-    knowledge = comp.knowledge
+    knowledge, long_context = comp.knowledge, comp.long_context
     if quick:
         extra = dict(params.evaluation.quick)
         seeds = list(extra.pop("seeds", seeds))
         if knowledge is not None:
             knowledge = quick_knowledge(knowledge, extra, f"evaluation.quick.knowledge ({name})")
+        if long_context is not None:
+            long_context = quick_long_context(long_context, extra, f"evaluation.quick.long_context ({name})")
         extra.pop("knowledge", None)
+        extra.pop("long_context", None)
         overrides = merge_overrides(overrides, extra)
     chosen = list(comp.methods)
     if methods:
@@ -78,7 +84,8 @@ def resolve_comparison(params: Params, name: str, quick: bool = False, methods: 
         if unknown:
             raise ConfigError(f"comparison {name!r} has no method(s) {unknown}; its methods: {list(comp.methods)}")
         chosen = [m for m in comp.methods if m in methods]
-    return Comparison(name, tuple(chosen), tuple(seeds), overrides, quick, comp.description, comp.kind, knowledge)
+    return Comparison(name, tuple(chosen), tuple(seeds), overrides, quick, comp.description, comp.kind, knowledge,
+                      long_context)
 
 
 def development_overrides(params: Params, root: Path, comp: Comparison) -> tuple[dict, int]:

@@ -31,7 +31,7 @@ from model.data import DataError
 from model.dream_policy import POLICY_JSON, DreamPolicyError, load_policy, read_policy, save_policy
 from model.dreaming import task_from_passage
 from model.incorporation import METHODS, GateFn, Learned, fresh_fast_expert, run_continued, run_single
-from model.io import atomic_path, exclusive, write_json
+from model.io import append_line, atomic_path, exclusive, read_keyed_lines, write_json, write_lines
 from model.knowledge import Passage, select_passages
 from model.policy_training import train_policy
 from tasks.compare import RESULT_FILE, Comparison, cached_result, run_key
@@ -80,34 +80,6 @@ def knowledge_run_key(p: Params, method: str, kc: KnowledgeConfig, path: Path, p
     return run_key(neutral, method, data=path, extra=extra)
 
 
-def _read_lines(path: Path, key: str) -> list[dict[str, Any]]:
-    """JSON lines written with ``key`` (a line cut by a crash is skipped; another key: none kept)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("key") != key:
-            return []
-        rows.append(row)
-    return rows
-
-
-def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
-def _append_line(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _save_dreams(rdir: Path, index: int, learned: Learned) -> None:
     if learned.dreams is not None:
         with atomic_path(rdir / DREAMS_DIR / f"passage-{index}.parquet") as tmp:
@@ -140,7 +112,7 @@ def run_knowledge_method(
         return hit
     rdir.mkdir(parents=True, exist_ok=True)
     progress_file = rdir / (PROGRESS_FILE if shard is None else f"progress.shard-{shard[0]}-of-{shard[1]}.jsonl")
-    progress = _read_lines(progress_file, key)
+    progress = read_keyed_lines(progress_file, key)
     torch.set_num_threads(p.wake.threads)
     lm, cms, _ = open_memory_model(p, root)
     cfg = p.dream
@@ -148,11 +120,11 @@ def run_knowledge_method(
     n = len(passages)
 
     if kc.mode == "single":
-        _write_lines(progress_file, progress)  # drops a line a crash cut short
+        write_lines(progress_file, progress)  # drops a line a crash cut short
         if shard is None:  # what the shards finished counts as done
             for other in sorted(rdir.glob("progress.shard-*.jsonl")):
                 known = {r["index"] for r in progress}
-                progress += [r for r in _read_lines(other, key) if r["index"] not in known]
+                progress += [r for r in read_keyed_lines(other, key) if r["index"] not in known]
         mine = passages if shard is None else [ip for k, ip in enumerate(passages) if k % shard[1] == shard[0]]
         done = {r["index"] for r in progress}
         n = len(mine)
@@ -161,7 +133,7 @@ def run_knowledge_method(
 
         def on_passage(row: dict[str, Any], learned: Learned) -> None:
             _save_dreams(rdir, row["index"], learned)
-            _append_line(progress_file, {"key": key, **row})
+            append_line(progress_file, {"key": key, **row})
             progress.append({"key": key, **row})
             log.info(f"{method} seed {p.seed} [{len(progress)}/{len(passages)}] passage "
                      f"{row['index']}: em {row['em']:.2f} f1 {row['f1']:.2f} tau {row['tau']:.3f} ({row['seconds']:.0f} s)")
@@ -186,7 +158,7 @@ def run_knowledge_method(
             except (CheckpointError, KeyError, ValueError, OSError):
                 start = 0
         progress = [r for r in progress if r["learned"] <= start] if start else []
-        _write_lines(progress_file, progress)
+        write_lines(progress_file, progress)
         if start:
             log.info(f"{method} seed {p.seed}: {start}/{n} passages learned on disk, resuming")
         elif state.exists():
@@ -194,7 +166,7 @@ def run_knowledge_method(
 
         def on_learned(k: int, row: dict[str, Any], learned: Learned) -> None:
             _save_dreams(rdir, row["index"], learned)
-            _append_line(progress_file, {"key": key, **row})  # first the line, then the state that says k are learned
+            append_line(progress_file, {"key": key, **row})  # first the line, then the state that says k are learned
             save_state(cms, state, metadata={"key": key, "learned": k})
             progress.append({"key": key, **row})
             extra = f" tau over learned {row['tau_learned']:.3f}" if "tau_learned" in row else ""
@@ -271,7 +243,7 @@ def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
         log.info(f"dream policy, seed {p.seed}: trained on disk ({hit['policy_rounds']} rounds), not run again")
         return hit
     pdir.mkdir(parents=True, exist_ok=True)
-    rounds = _read_lines(pdir / ROUNDS_FILE, key)
+    rounds = read_keyed_lines(pdir / ROUNDS_FILE, key)
     torch.set_num_threads(p.wake.threads)
     lm, cms, _ = open_memory_model(p, root)
     fresh_fast_expert(cms, origin="policy training")  # the trials' state: as every evaluation passage starts
@@ -288,7 +260,7 @@ def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
     if start:
         load_policy(cms.dream_policy, pdir / POLICY_DIR)
     rounds = [r for r in rounds if int(r["round"]) < start]
-    _write_lines(pdir / ROUNDS_FILE, rounds)
+    write_lines(pdir / ROUNDS_FILE, rounds)
     if start:
         log.info(f"dream policy, seed {p.seed}: {start}/{pt.rounds} rounds on disk, resuming")
     cfg = p.dream
@@ -300,7 +272,7 @@ def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
             save_policy(cms.dream_policy, pdir / POLICY_DIR)
         for st in measured:
             line = {"key": key, **st.to_dict()}
-            _append_line(pdir / ROUNDS_FILE, line)
+            append_line(pdir / ROUNDS_FILE, line)
             rounds.append(line)
             log.info(f"dream policy, seed {p.seed}, round {st.round} ({st.split}): {st.rewarded}/{st.dreams} dreams "
                      f"rewarded ({st.share_rewarded:.2f}), mean tau gain {st.mean_tau_gain:+.4f}, {st.tokens} tokens "

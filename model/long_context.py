@@ -1,0 +1,223 @@
+"""Long context into memory: facts hidden in a document far longer than the window (BABILong-style, issue #16).
+
+The paper's third family of results (docs/design.md §6): a model reads a long document in
+wake, window by window, consolidates in sleep, and then answers questions about it with
+no document in the prompt. This module builds the documents and asks the questions:
+
+* :func:`load_babi` reads bAbI stories (qa1-qa3); each story gives one :class:`Item`: its
+  last question, the story's sentences before it as the facts, and the task's answer
+  vocabulary (every place the file answers) as the candidates.
+* :func:`needle_items` makes multi-key needle-in-a-haystack items: several "key -> value"
+  facts, one of them asked, the document's values as the candidates.
+* :func:`load_distractors` reads the haystack's prose (SQuAD-format passages: their
+  contexts, cut into sentences); :func:`build_document` fills a document of a requested
+  length (tokens of the model's tokenizer) with it and hides the facts, in their order, at
+  seeded sentence boundaries.
+* :func:`answer` scores every candidate by log-likelihood after the question (with or
+  without a context) and takes the best: a 135M model is measured fairly, with no
+  generation to grade.
+
+The methods that read a document (in-context, retrieval, LoRA, CMS, sleep) are in
+:mod:`model.long_context_methods`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.data import DataError
+from model.wake import score_candidates
+
+#: The question prompt; ``context`` is empty (no document) or text followed by a blank line.
+QUESTION_TEMPLATE = "{context}Question: {question}\nAnswer:"
+#: Needle facts and questions (multi-key needle-in-a-haystack).
+NEEDLE_FACT = "The secret number of the {key} is {value}."
+NEEDLE_QUESTION = "What is the secret number of the {key}?"
+NEEDLE_KEYS = ("red fox", "blue whale", "green parrot", "silver wolf", "golden eagle", "black bear", "white owl",
+               "brown horse", "grey heron", "orange tiger", "purple crab", "yellow bee")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question about facts that a document hides: ``answer`` is one of ``candidates``."""
+
+    task: str  # qa1, qa2, qa3 or needle
+    item_id: str  # stable name: "<file>:<first line>" or "needle:<seed>:<i>"
+    facts: tuple[str, ...]
+    question: str
+    answer: str
+    candidates: tuple[str, ...]
+
+
+@dataclass
+class Document:
+    """A document of ``length`` tokens (about) that hides ``item``'s facts in distractor prose."""
+
+    item: Item
+    text: str
+    length: int  # requested tokens
+    n_tokens: int  # tokens of ``text``
+    fact_tokens: list[int] = field(default_factory=list)  # token offset where each fact starts
+
+
+def load_babi(path: str | Path, task: str | None = None) -> list[Item]:
+    """One item per bAbI story in ``path``: its last question, every statement before it, the file's answers.
+
+    A story with no question, a malformed line or a file with no stories is a DataError naming the file
+    and line.
+    """
+    path = Path(path)
+    task = task or path.name.split("_")[0]
+    if not path.is_file():
+        raise DataError(f"{path}: no such bAbI file")
+    stories: list[tuple[int, list[str], list[tuple[str, str]]]] = []  # (first line, statements, questions)
+    last_id = 0
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not raw.strip():
+            continue
+        head, _, rest = raw.partition(" ")
+        if not head.isdigit() or not rest:
+            raise DataError(f"{path}: line {lineno}: expected 'ID text', got {raw[:60]!r}")
+        sid = int(head)
+        if sid <= last_id or not stories:
+            if stories and not stories[-1][2]:
+                raise DataError(f"{path}: the story starting at line {stories[-1][0]} has no question")
+            stories.append((lineno, [], []))
+        last_id = sid
+        if "\t" in rest or rest.strip().endswith("?"):
+            parts = rest.split("\t")
+            if len(parts) < 2 or not parts[1].strip():
+                raise DataError(f"{path}: line {lineno}: a question line needs 'question<TAB>answer'")
+            stories[-1][2].append((parts[0].strip(), parts[1].strip()))
+            stories[-1][1].append(f"\t{len(stories[-1][2]) - 1}")  # where the question was asked
+        else:
+            stories[-1][1].append(rest.strip())
+    if not stories:
+        raise DataError(f"{path}: no stories")
+    if not stories[-1][2]:
+        raise DataError(f"{path}: the story starting at line {stories[-1][0]} has no question")
+    vocabulary = tuple(sorted({a for _, _, qs in stories for _, a in qs}))
+    items = []
+    for first, lines, questions in stories:
+        asked = lines.index(f"\t{len(questions) - 1}")
+        facts = tuple(s for s in lines[:asked] if not s.startswith("\t"))
+        question, answer = questions[-1]
+        items.append(Item(task, f"{path.name}:{first}", facts, question, answer, vocabulary))
+    return items
+
+
+def needle_items(n: int, n_keys: int, seed: int) -> list[Item]:
+    """``n`` multi-key needle items: ``n_keys`` facts "the secret number of the <key> is <4 digits>", one asked."""
+    if not 1 <= n_keys <= len(NEEDLE_KEYS):
+        raise ValueError(f"n_keys must be in [1, {len(NEEDLE_KEYS)}], got {n_keys}")
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        keys = rng.sample(NEEDLE_KEYS, n_keys)
+        values = [str(v) for v in rng.sample(range(1000, 10000), n_keys)]
+        asked = rng.randrange(n_keys)
+        facts = tuple(NEEDLE_FACT.format(key=k, value=v) for k, v in zip(keys, values))
+        items.append(Item("needle", f"needle:{seed}:{i}", facts, NEEDLE_QUESTION.format(key=keys[asked]),
+                          values[asked], tuple(values)))
+    return items
+
+
+def load_distractors(path: str | Path) -> list[str]:
+    """Sentences of the passages' contexts in a SQuAD-format file (``model.knowledge.load_passages``'s format),
+    in file order. An empty source (no passage, or only empty contexts) is a DataError naming the file."""
+    from model.knowledge import load_passages
+
+    path = Path(path)
+    sentences = [s for p in load_passages(path) for s in SENTENCE_END.split(p.context.strip()) if s.strip()]
+    if not sentences:
+        raise DataError(f"{path}: the distractor source has no text (field 'context' of every passage is empty)")
+    return sentences
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_document(
+    tokenizer: PreTrainedTokenizerBase, item: Item, distractors: Sequence[str], length: int, seed: int,
+    where: str = "long_context",
+) -> Document:
+    """A document of about ``length`` tokens: distractor sentences from a seeded start (cycling through
+    ``distractors``), with ``item``'s facts, in order, at seeded sentence boundaries.
+
+    The prose stops at the last sentence that fits, so the document has at most ``length`` tokens and
+    at least ``length`` minus one distractor sentence. A length the facts do not fit in is a DataError.
+    """
+    if not distractors:
+        raise DataError(f"{where}: the distractor source is empty")
+    fact_lens = [count_tokens(tokenizer, " " + f) for f in item.facts]
+    need = sum(fact_lens)
+    if need >= length:
+        raise DataError(f"{where}: length {length} tokens is shorter than the facts of {item.item_id} "
+                        f"({need} tokens): ask for a longer document or a shorter story")
+    rng = random.Random(f"{seed}:{item.item_id}:{length}")
+    start = rng.randrange(len(distractors))
+    prose: list[str] = []
+    budget = length - need
+    i = start
+    while True:  # every sentence has a token, so the budget runs out
+        s = distractors[i % len(distractors)]
+        n = count_tokens(tokenizer, " " + s)
+        if n > budget:
+            break
+        prose.append(s)
+        budget -= n
+        i += 1
+    slots = sorted(rng.choices(range(len(prose) + 1), k=len(item.facts)))  # boundaries, facts in order
+    parts: list[str] = []
+    fact_at: list[int] = []
+    k = 0
+    for b in range(len(prose) + 1):
+        while k < len(slots) and slots[k] == b:
+            fact_at.append(len(parts))
+            parts.append(item.facts[k])
+            k += 1
+        if b < len(prose):
+            parts.append(prose[b])
+    text = " ".join(parts)
+    offsets, pos = [], 0
+    for j, part in enumerate(parts):  # token offset of each part (joined with single spaces)
+        if j in fact_at:
+            offsets.append(pos)
+        pos += count_tokens(tokenizer, (" " if j else "") + part)
+    return Document(item, text, length, count_tokens(tokenizer, text), offsets)
+
+
+def question_prompt(question: str, context: str = "") -> str:
+    """The prompt a question is asked with: after ``context`` (and a blank line) when there is one."""
+    return QUESTION_TEMPLATE.format(context=f"{context.strip()}\n\n" if context.strip() else "", question=question)
+
+
+def answer(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], candidates: Sequence[str],
+    max_length: int, batch_size: int = 16,
+) -> list[int]:
+    """Index of the most likely candidate (" <candidate>" + EOS, summed log-likelihood) after each prompt."""
+    scores = score_candidates(model, tokenizer, prompts, [" " + c for c in candidates], batch_size, max_length)
+    return scores.argmax(dim=1).tolist()
+
+
+def tail_context(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -> str:
+    """The last ``n_tokens`` tokens of ``text`` (from a sentence start where one is in them)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= n_tokens:
+        return text
+    tail = tokenizer.decode(ids[-n_tokens:])
+    cut = SENTENCE_END.search(tail)
+    return tail[cut.end():] if cut and cut.end() < len(tail) else tail
+
+
+__all__ = ["Document", "Item", "NEEDLE_KEYS", "QUESTION_TEMPLATE", "answer", "build_document", "count_tokens",
+           "load_babi", "load_distractors", "needle_items", "question_prompt", "tail_context"]
