@@ -106,6 +106,14 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
     return summary
 
 
+def each_run(params: Params, root: Path, comp: Comparison):
+    """(i, n, seed, method, the run's params, its directory) for every method on every seed, seeds outermost."""
+    runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
+    for i, (seed, method) in enumerate(runs, 1):
+        p = run_params(params, root, comp, method, seed)
+        yield i, len(runs), seed, method, p, run_dir(params, root, comp, method, seed)
+
+
 def run_continual(params: Params, root: Path, comp: Comparison, baselines: BaselinesConfig | None = None) -> list[dict]:
     """Every method of a continual comparison on every seed (finished runs are read back); their results.
 
@@ -113,12 +121,9 @@ def run_continual(params: Params, root: Path, comp: Comparison, baselines: Basel
     own learning rate from ``evaluation.lrs``). The caller holds the comparison directory's lock."""
     log = get_run_logger()
     streams = prepare_streams(params, root, comp)  # bad data fails here, before any training
-    runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
     results = []
-    for i, (seed, method) in enumerate(runs, 1):
-        p = run_params(params, root, comp, method, seed)
-        rdir = run_dir(params, root, comp, method, seed)
-        log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
+    for i, n, seed, method, p, rdir in each_run(params, root, comp):
+        log.info(f"[{i}/{n}] {method}, seed {seed} ({rdir.relative_to(root)})")
         stream, plan = streams[seed]
         if method in BASELINES:
             settings = baselines if baselines is not None else method_baselines(params, method)
@@ -135,7 +140,7 @@ def run_continual(params: Params, root: Path, comp: Comparison, baselines: Basel
                     rows.append(evaluate(period, params_file, summary=False))
                 res = collect_cms_result(p, rdir, method, rows, time.perf_counter() - start)
         final = res["accuracy"][-1]
-        log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: final accuracy "
+        log.info(f"[{i}/{n}] {method}, seed {seed}: final accuracy "
                  + " ".join(f"{a:.2f}" for a in final.values()) + f" ({res['seconds']:.0f} s)")
         results.append(res)
     return results
@@ -154,21 +159,18 @@ def compare_knowledge(params: Params, root: Path, comp: Comparison, shard: tuple
     lock = cdir if shard is None else cdir / "shards" / f"{shard[0]}-of-{shard[1]}"
     with exclusive(lock, "comparison run"):
         passages = prepare_passages(root, comp)  # a missing file or too few passages fails here, before training
-        runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
-        for i, (seed, method) in enumerate(runs, 1):
-            p = run_params(params, root, comp, method, seed)
-            rdir = run_dir(params, root, comp, method, seed)
+        for i, n, seed, method, p, rdir in each_run(params, root, comp):
             digest = None
             if method in TRAINED_POLICY_METHODS:  # ReST-EM over the training pool first (once per seed, resumable)
                 trained = train_dream_policy(p, root, policy_dir(comparison_dir(params, root, comp), seed),
                                              comp.knowledge, passages)
                 p = p.for_run({"dream": {"policy": {"source": trained["policy"]}}}, f"{comp.name} ({method}, seed {seed})")
                 digest = trained["policy_sha256"]
-            log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
+            log.info(f"[{i}/{n}] {method}, seed {seed} ({rdir.relative_to(root)})")
             write_run_params(p, rdir / "params.yaml")
             res = run_knowledge_method(p, root, rdir, method, comp.knowledge, passages, digest, shard)
             tau = sum(r["tau"] for r in res["passages"]) / max(1, len(res["passages"]))
-            log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: mean tau {tau:.3f} over {len(res['passages'])} passages "
+            log.info(f"[{i}/{n}] {method}, seed {seed}: mean tau {tau:.3f} over {len(res['passages'])} passages "
                      f"({res['seconds']:.0f} s)")
             results.append(res)
         if shard is not None:
@@ -184,17 +186,14 @@ def compare_long_context(params: Params, root: Path, comp: Comparison) -> dict:
     log = get_run_logger()
     with exclusive(comparison_dir(params, root, comp), "comparison run"):
         documents = prepare_documents(params, root, comp)  # bad data fails here, before any training
-        runs = [(seed, m) for seed in comp.seeds for m in comp.methods]
         results = []
-        for i, (seed, method) in enumerate(runs, 1):
-            p = run_params(params, root, comp, method, seed)
-            rdir = run_dir(params, root, comp, method, seed)
-            log.info(f"[{i}/{len(runs)}] {method}, seed {seed} ({rdir.relative_to(root)})")
+        for i, n, seed, method, p, rdir in each_run(params, root, comp):
+            log.info(f"[{i}/{n}] {method}, seed {seed} ({rdir.relative_to(root)})")
             write_run_params(p, rdir / "params.yaml")
             res = run_long_context_method(p, root, rdir, method, comp.long_context, documents[seed],
                                           method_baselines(params, method))
             acc = sum(r["correct"] for r in res["documents"]) / max(1, len(res["documents"]))
-            log.info(f"[{i}/{len(runs)}] {method}, seed {seed}: accuracy {acc:.2f} over {len(res['documents'])} "
+            log.info(f"[{i}/{n}] {method}, seed {seed}: accuracy {acc:.2f} over {len(res['documents'])} "
                      f"documents ({res['seconds']:.0f} s)")
             results.append(res)
         summary = write_long_context_report(params, root, comp, results)

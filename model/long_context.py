@@ -1,6 +1,6 @@
 """Long context into memory: facts hidden in a document far longer than the window (BABILong-style, issue #16).
 
-The paper's third family of results (docs/design.md §6): a model reads a long document in
+The paper's third family of results (docs/design.md §5, "Long context into memory"): a model reads a long document in
 wake, window by window, consolidates in sleep, and then answers questions about it with
 no document in the prompt. This module builds the documents and asks the questions:
 
