@@ -94,6 +94,8 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
                            "highest_accuracy": best_acc == reference, "lowest_forgetting_ok": least_forget == reference,
                            "margins": {}, "gaps": {}}
     ok = out["lowest_forgetting_ok"]
+    if not ok:  # how far from the least-forgetting method, paired over seeds (the target itself stays "no")
+        out["forgetting_gap"] = _paired_gap(summary, reference, least_forget, "forgetting")
     for other in against:
         if other not in summary:
             continue
@@ -115,6 +117,18 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
         ok = ok and gap <= margin
     out["met"] = bool(ok and out["margins"])
     return out
+
+
+def _paired_gap(summary: dict[str, Any], a: str, b: str, metric: str) -> dict[str, Any] | None:
+    """``a`` - ``b`` in ``metric``, paired over the seeds both ran: mean, 95% CI, seeds (None: no common seed)."""
+    x = dict(zip(summary[a]["seeds"], summary[a]["per_seed"][metric]))
+    y = dict(zip(summary[b]["seeds"], summary[b]["per_seed"][metric]))
+    common = [s for s in x if s in y]
+    if not common:
+        return None
+    d, lo, hi = paired_difference_ci([x[s] for s in common], [y[s] for s in common])
+    return {"other": b, "mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi,
+            "seeds": common}
 
 
 def format_ci(c: dict[str, float | None], digits: int = 3) -> str:
@@ -154,6 +168,12 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
             f"- lowest forgetting among those that learn ({', '.join(target['learners'])}): "
             f"{target['lowest_forgetting']} (sleep: {yes(target['lowest_forgetting_ok'])})",
         ]
+        gap = target.get("forgetting_gap")
+        if gap is not None:
+            apart = gap["low"] is not None and (gap["low"] > 0 or gap["high"] < 0)
+            lines.append(f"- sleep - {gap['other']}, forgetting, paired over seeds {gap['seeds']}: {format_ci(gap)} ("
+                         + ("the interval excludes zero" if apart else "the interval holds zero: the two are not "
+                            "told apart on these seeds") + ")")
         for other, m in target["margins"].items():
             lines.append(f"- sleep - {other}, final accuracy, paired over seeds {m['seeds']}: {format_ci(m)} "
                          f"(interval above zero: {yes(m['above_zero'])})")

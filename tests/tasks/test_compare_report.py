@@ -1,0 +1,43 @@
+"""The class-incremental comparison's target check (tasks/compare_report.py), on hand-made summaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.compare_report import ci_summary, target_check
+
+
+def _summary(per_seed: dict[str, tuple[list[float], list[float]]]) -> dict:
+    """method -> (final accuracy per seed, forgetting per seed), seeds 0..n-1."""
+    out = {}
+    for m, (acc, forg) in per_seed.items():
+        out[m] = {"final_accuracy": ci_summary(acc), "forgetting": ci_summary(forg),
+                  "per_seed": {"final_accuracy": acc, "forgetting": forg}, "seeds": list(range(len(acc))),
+                  "stores_raw_data": m == "replay"}
+    return out
+
+
+def test_a_sleep_that_does_not_forget_least_gets_its_paired_gap_to_the_method_that_does():
+    summary = _summary({
+        "ewc": ([0.6, 0.7, 0.5], [0.3, 0.2, 0.4]),
+        "sleep_consolidation": ([0.85, 0.9, 0.8], [0.01, 0.01, 0.0]),
+        "sleep": ([0.9, 0.95, 0.85], [0.05, 0.0, 0.0]),
+        "replay": ([0.88, 0.9, 0.86], [0.1, 0.1, 0.1]),
+    })
+    t = target_check(summary, against=("ewc",))
+    assert t["lowest_forgetting"] == "sleep_consolidation" and not t["lowest_forgetting_ok"] and not t["met"]
+    gap = t["forgetting_gap"]
+    assert gap["other"] == "sleep_consolidation" and gap["seeds"] == [0, 1, 2]
+    assert gap["mean"] == pytest.approx((0.04 - 0.01 + 0.0) / 3)
+    assert gap["low"] < 0 < gap["high"]  # one seed's difference: not told apart
+    assert t["margins"]["ewc"]["mean"] == pytest.approx(0.9 - 0.6)
+
+
+def test_a_sleep_that_forgets_least_has_no_gap_and_can_meet_the_target():
+    summary = _summary({
+        "ewc": ([0.6, 0.7, 0.5], [0.3, 0.2, 0.4]),
+        "sleep": ([0.9, 0.95, 0.85], [0.0, 0.01, 0.0]),
+        "replay": ([0.88, 0.9, 0.86], [0.1, 0.1, 0.1]),
+    })
+    t = target_check(summary, against=("ewc",))
+    assert t["lowest_forgetting_ok"] and "forgetting_gap" not in t and t["met"]
