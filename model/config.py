@@ -701,6 +701,9 @@ class LongContextConfig(_Strict):
     sleep_every: int = Field(8, ge=1, description="Pieces per wake period: a sleep after each (sleep methods).")
     epochs: int = Field(1, ge=1, le=16, description="Passes over the document's pieces (every reading method).")
     prompt_tokens: int = Field(64, ge=4, description="Tokens of each consolidation prompt (a sentence end's past).")
+    scoring: Literal["pmi", "loglik"] = Field(
+        "pmi", description="How a candidate answer is chosen: pmi (its log-likelihood after the question minus "
+        "after a content-free prompt, so the model's standing favourite answer is not recall) or loglik.")
 
     @field_validator("lengths", "tasks")
     @classmethod

@@ -36,6 +36,8 @@ from model.wake import score_candidates
 
 #: The question prompt; ``context`` is empty (no document) or text followed by a blank line.
 QUESTION_TEMPLATE = "{context}Question: {question}\nAnswer:"
+#: The content-free prompt of PMI scoring: what a candidate's likelihood is measured against.
+NULL_PROMPT = "Answer:"
 #: Needle facts and questions (multi-key needle-in-a-haystack).
 NEEDLE_FACT = "The secret number of the {key} is {value}."
 NEEDLE_QUESTION = "What is the secret number of the {key}?"
@@ -202,10 +204,21 @@ def question_prompt(question: str, context: str = "") -> str:
 
 def answer(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], candidates: Sequence[str],
-    max_length: int, batch_size: int = 16,
+    max_length: int, scoring: str = "pmi", batch_size: int = 16,
 ) -> list[int]:
-    """Index of the most likely candidate (" <candidate>" + EOS, summed log-likelihood) after each prompt."""
-    scores = score_candidates(model, tokenizer, prompts, [" " + c for c in candidates], batch_size, max_length)
+    """Index of the best candidate (" <candidate>" + EOS) after each prompt.
+
+    ``loglik``: the highest summed log-likelihood. ``pmi`` (domain-conditional PMI): that log-likelihood
+    minus the candidate's after :data:`NULL_PROMPT` under the same model, so a model's standing preference
+    for one answer (SmolLM2-135M says "bathroom" to most bAbI questions) does not count as recall; only what
+    the question and context add does.
+    """
+    if scoring not in ("pmi", "loglik"):
+        raise ValueError(f"scoring must be 'pmi' or 'loglik', got {scoring!r}")
+    cands = [" " + c for c in candidates]
+    scores = score_candidates(model, tokenizer, prompts, cands, batch_size, max_length)  # (P, C)
+    if scoring == "pmi":
+        scores = scores - score_candidates(model, tokenizer, [NULL_PROMPT], cands, batch_size, max_length)
     return scores.argmax(dim=1).tolist()
 
 
@@ -219,5 +232,5 @@ def tail_context(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -
     return tail[cut.end():] if cut and cut.end() < len(tail) else tail
 
 
-__all__ = ["Document", "Item", "NEEDLE_KEYS", "QUESTION_TEMPLATE", "answer", "build_document", "count_tokens",
+__all__ = ["Document", "Item", "NEEDLE_KEYS", "NULL_PROMPT", "QUESTION_TEMPLATE", "answer", "build_document", "count_tokens",
            "load_babi", "load_distractors", "needle_items", "question_prompt", "tail_context"]

@@ -95,7 +95,7 @@ class Reading:
 
 
 def answer_in_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document,
-                      window: int) -> int:
+                      window: int, scoring: str = "pmi") -> int:
     """``in_context``: the question after the document's last tokens that fit ``window`` with it."""
     item = doc.item
     room = window - len(tokenizer(question_prompt(item.question))["input_ids"]) \
@@ -103,11 +103,12 @@ def answer_in_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if room < 1:
         raise ValueError(f"window {window} leaves no room for a context beside the question of {item.item_id}")
     prompt = question_prompt(item.question, tail_context(tokenizer, doc.text, room))
-    return answer(model, tokenizer, [prompt], item.candidates, window)[0]
+    return answer(model, tokenizer, [prompt], item.candidates, window, scoring)[0]
 
 
 def answer_retrieval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document, window: int,
-                     similarity: Callable[[Sequence[str], Sequence[str]], list[float]]) -> tuple[int, int]:
+                     similarity: Callable[[Sequence[str], Sequence[str]], list[float]],
+                     scoring: str = "pmi") -> tuple[int, int]:
     """``retrieval``: the question after the piece (of the window's room) most similar to it by
     ``similarity(questions, pieces)`` (the MiniLM cosine). Returns (chosen candidate, piece index)."""
     item = doc.item
@@ -116,13 +117,14 @@ def answer_retrieval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     pieces = passage_chunks(tokenizer, doc.text, room)
     scores = similarity([item.question] * len(pieces), pieces)
     best = max(range(len(pieces)), key=scores.__getitem__)
-    return answer(model, tokenizer, [question_prompt(item.question, pieces[best])], item.candidates, window)[0], best
+    prompt = question_prompt(item.question, pieces[best])
+    return answer(model, tokenizer, [prompt], item.candidates, window, scoring)[0], best
 
 
 def answer_from_memory(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document,
-                       max_length: int) -> int:
+                       max_length: int, scoring: str = "pmi") -> int:
     """The question with no document in the prompt (what every reading method is measured by)."""
-    return answer(model, tokenizer, [question_prompt(doc.item.question)], doc.item.candidates, max_length)[0]
+    return answer(model, tokenizer, [question_prompt(doc.item.question)], doc.item.candidates, max_length, scoring)[0]
 
 
 def read_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: Sequence[torch.nn.Parameter],

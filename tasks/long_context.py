@@ -171,9 +171,9 @@ class _Runner:
     def run(self, doc: Document, seed: int) -> tuple[int, Reading]:
         model, tok, lc = self.loaded.model, self.loaded.tokenizer, self.lc
         if self.method == "in_context":
-            return answer_in_context(model, tok, doc, lc.window), Reading()
+            return answer_in_context(model, tok, doc, lc.window, lc.scoring), Reading()
         if self.method == "retrieval":
-            return answer_retrieval(model, tok, doc, lc.window, self.judge.cosine)[0], Reading()
+            return answer_retrieval(model, tok, doc, lc.window, self.judge.cosine, lc.scoring)[0], Reading()
         pieces = document_pieces(tok, doc, lc.window)
         if self.method == "finetune":
             with torch.no_grad():
@@ -187,7 +187,7 @@ class _Runner:
             reading = read_cms(model, tok, self.cms, pieces, self.max_length, lc.epochs, lc.sleep_every, sleeps, seed,
                                lc.prompt_tokens, self.judge, self.p.sampling, self.p.wake.grad_clip)
         model.eval()
-        return answer_from_memory(model, tok, doc, self.max_length), reading
+        return answer_from_memory(model, tok, doc, self.max_length, lc.scoring), reading
 
 
 @task(cache_policy=NO_CACHE)

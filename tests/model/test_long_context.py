@@ -107,6 +107,22 @@ def test_tail_context_keeps_the_documents_end_within_the_budget():
     assert question_prompt("Where?") == "Question: Where?\nAnswer:"
 
 
+def test_pmi_scoring_subtracts_each_candidates_likelihood_after_the_content_free_prompt():
+    from model.long_context import NULL_PROMPT, answer
+    from model.wake import score_candidates
+
+    lm = tiny_model(seed=3)
+    prompts = ["Question: Where is Mary?\nAnswer:", "Question: Where is John?\nAnswer:"]
+    cands = ["garden", "office", "kitchen", "bedroom"]
+    raw = score_candidates(lm.model, lm.tokenizer, prompts, [" " + c for c in cands], 16, 64)
+    null = score_candidates(lm.model, lm.tokenizer, [NULL_PROMPT], [" " + c for c in cands], 16, 64)
+    assert answer(lm.model, lm.tokenizer, prompts, cands, 64, "loglik") == raw.argmax(1).tolist()
+    assert answer(lm.model, lm.tokenizer, prompts, cands, 64, "pmi") == (raw - null).argmax(1).tolist()
+    assert not torch.allclose(null, torch.zeros_like(null))
+    with pytest.raises(ValueError, match="scoring"):
+        answer(lm.model, lm.tokenizer, prompts, cands, 64, "exact")
+
+
 def test_retrieval_puts_the_most_similar_piece_in_the_prompt():
     lm = tiny_model()
     item = load_babi(QA1)[0]
