@@ -2,7 +2,8 @@
 
 A method reads a long document hiding a few facts, then answers a question about them with
 no document in the prompt (in_context and retrieval: with the document's tail or its nearest
-piece instead); the answer is the candidate of highest log-likelihood. A document is one
+piece instead); the answer is the best candidate by ``long_context.scoring`` (PMI by default,
+model/long_context.py ``answer``). A document is one
 (seed, task, item_id, length): the unit of every CI and of every pairing between methods.
 
 - ``README.md``: accuracy per method and context length, mean [95% CI] over documents pooled
@@ -242,7 +243,10 @@ def markdown(name: str, comp: Any, summary: dict[str, Any], targets: dict[str, A
         lines += [comp.description, ""]
     lines += [f"Seeds {list(comp.seeds)}; context lengths {list(lengths)} tokens; window {lc.window} tokens; model "
               f"`{params.model.source}`. Each method reads a document hiding a few facts and answers a question on "
-              "them; the answer is the candidate of highest log-likelihood. Chance (mean of 1 / candidates): "
+              "them; the answer is the best candidate by "
+              + ("PMI (log-likelihood after the question minus after a content-free prompt)"
+                 if getattr(lc, "scoring", "pmi") == "pmi" else "log-likelihood")
+              + ". Chance (mean of 1 / candidates): "
               + (f"{ch:.3f}." if ch is not None else "–.")
               + " Accuracy: mean over documents pooled over seeds, with a 95% Student-t CI.", "",
               "| method | " + " | ".join(f"{length_label(L)} ({L})" for L in lengths) + " | all lengths |",
