@@ -54,7 +54,7 @@ from tasks.expectations import StreamValidationError
 from model.incorporation import TRAINED_POLICY_METHODS
 from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy
 from tasks.knowledge_report import write_knowledge_report
-from tasks.long_context import prepare_documents, run_long_context_method
+from tasks.long_context import partial_result, prepare_documents, run_long_context_method
 from tasks.long_context_report import write_long_context_report
 
 
@@ -81,6 +81,10 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
         comp = development_comparison(params, root, comp)
     if report_only:
         results, missing = finished_results(params, root, comp)
+        if comp.kind == "long_context":  # an unfinished run counts with the documents it has read
+            partial = {(m, s): partial_result(run_dir(params, root, comp, m, s), m, s) for m, s in missing}
+            results += [r for r in partial.values() if r is not None]
+            missing = [k for k, r in partial.items() if r is None]
         if not results:
             raise ConfigError(f"comparison {name!r}: no finished run under {comparison_dir(params, root, comp)}")
         if missing:

@@ -142,6 +142,26 @@ def facts_in_window(doc: Document, window: int) -> bool:
     return bool(doc.fact_tokens) and min(doc.fact_tokens) >= doc.n_tokens - window
 
 
+def partial_result(rdir: Path, method: str, seed: int) -> dict[str, Any] | None:
+    """An unfinished run's documents so far (its progress lines of the latest key), marked ``partial``; None
+    without any. What ``compare --report-only`` shows of a run that has no result.json yet."""
+    path = rdir / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    lines = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue  # a line a crash cut short
+    if not lines:
+        return None
+    rows = [{k: v for k, v in r.items() if k != "key"} for r in lines if r.get("key") == lines[-1].get("key")]
+    return {"method": method, "seed": seed, "kind": "long_context", "partial": True, "documents": rows,
+            "gradient_steps": sum(int(r["gradient_steps"]) for r in rows),
+            "seconds": round(sum(float(r["seconds"]) for r in rows), 1)}
+
+
 class _Runner:
     """A method's model, loaded once, and how it reads and answers one document from the fresh state."""
 
@@ -241,5 +261,5 @@ def run_long_context_method(p: Params, root: Path, rdir: Path, method: str, lc: 
     return result
 
 
-__all__ = ["PROGRESS_FILE", "babi_file", "doc_id", "documents_digest", "draw_items", "facts_in_window",
+__all__ = ["PROGRESS_FILE", "babi_file", "doc_id", "documents_digest", "draw_items", "facts_in_window", "partial_result",
            "prepare_documents", "run_long_context_method"]

@@ -272,7 +272,8 @@ def markdown(name: str, comp: Any, summary: dict[str, Any], targets: dict[str, A
         docs = r["documents"]
         acc = f"{np.mean([bool(d['correct']) for d in docs]):.3f}" if docs else "–"
         lines.append(f"- {r['method']}, seed {r['seed']}: accuracy {acc}, {len(docs)} documents · "
-                     f"{r['gradient_steps']} steps · {r['seconds']:.0f} s")
+                     f"{r['gradient_steps']} steps · {r['seconds']:.0f} s"
+                     + (" · **unfinished**: the documents read so far (`--report-only`)" if r.get("partial") else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -78,6 +78,12 @@ def test_long_context_quick_runs_every_method_writes_the_report_and_resumes(tmp_
     lines = (rdir / "progress.jsonl").read_text().splitlines()
     (rdir / "result.json").unlink()
     (rdir / "progress.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][: len(lines[2]) // 2])
+    # A report over the runs so far shows the unfinished one with the documents it has read.
+    compare("lc", str(params_path), quick=True, report_only=True)
+    partial = {r["method"]: r for r in json.loads((report / "results.json").read_text())["runs"]}["sleep_1"]
+    assert partial["partial"] and [d["doc"] for d in partial["documents"]] == [json.loads(x)["doc"] for x in lines[:2]]
+    assert "- sleep_1, seed 0: accuracy" in (report / "README.md").read_text() and "**unfinished**" in (
+        report / "README.md").read_text()
     compare("lc", str(params_path), quick=True)
     again = (rdir / "progress.jsonl").read_text().splitlines()
     assert again[:2] == lines[:2] and len(again) == 4
