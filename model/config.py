@@ -854,24 +854,14 @@ class EvaluationConfig(_Strict):
 QUICK_KEYS = frozenset({"seeds", "knowledge", "long_context"})
 
 
-def quick_knowledge(knowledge: KnowledgeConfig, quick: dict[str, Any], where: str) -> KnowledgeConfig:
-    """``knowledge`` with ``quick['knowledge']`` merged in and checked; a ConfigError names ``where``."""
-    extra = quick.get("knowledge") or {}
+def quick_section(section: _Strict, quick: dict[str, Any], key: str, where: str) -> _Strict:
+    """A comparison's ``section`` (its ``knowledge`` or ``long_context``) with ``quick[key]`` merged in and
+    checked; a ConfigError names ``where``."""
+    extra = quick.get(key) or {}
     if not isinstance(extra, dict):
-        raise ConfigError(f"{where}: must be a mapping such as {{n_passages: 2}}, got {extra!r}")
+        raise ConfigError(f"{where}: must be a mapping of {type(section).__name__} fields, got {extra!r}")
     try:
-        return KnowledgeConfig.model_validate(merge_overrides(knowledge.model_dump(), extra))
-    except ValidationError as e:
-        raise ConfigError(_format_errors(Path(where), e)) from None
-
-
-def quick_long_context(lc: LongContextConfig, quick: dict[str, Any], where: str) -> LongContextConfig:
-    """``lc`` with ``quick['long_context']`` merged in and checked; a ConfigError names ``where``."""
-    extra = quick.get("long_context") or {}
-    if not isinstance(extra, dict):
-        raise ConfigError(f"{where}: must be a mapping such as {{lengths: [256]}}, got {extra!r}")
-    try:
-        return LongContextConfig.model_validate(merge_overrides(lc.model_dump(), extra))
+        return type(section).model_validate(merge_overrides(section.model_dump(), extra))
     except ValidationError as e:
         raise ConfigError(_format_errors(Path(where), e)) from None
 
@@ -921,9 +911,10 @@ class Params(_Strict):
                 quick = {k: v for k, v in extra.items() if k not in QUICK_KEYS}
                 self.for_run(merge_overrides(comp.overrides, quick), f"evaluation.comparisons.{name}.overrides")
             if comp.knowledge is not None:
-                quick_knowledge(comp.knowledge, self.evaluation.quick, f"evaluation.quick.knowledge ({name})")
+                quick_section(comp.knowledge, self.evaluation.quick, "knowledge", f"evaluation.quick.knowledge ({name})")
             if comp.long_context is not None:
-                quick_long_context(comp.long_context, self.evaluation.quick, f"evaluation.quick.long_context ({name})")
+                quick_section(comp.long_context, self.evaluation.quick, "long_context",
+                              f"evaluation.quick.long_context ({name})")
         return self
 
     @model_validator(mode="after")

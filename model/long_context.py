@@ -79,7 +79,8 @@ def load_babi(path: str | Path, task: str | None = None) -> list[Item]:
     task = task or path.name.split("_")[0]
     if not path.is_file():
         raise DataError(f"{path}: no such bAbI file")
-    stories: list[tuple[int, list[str], list[tuple[str, str]]]] = []  # (first line, statements, questions)
+    # (first line, statements, questions as (question, answer, statements before it))
+    stories: list[tuple[int, list[str], list[tuple[str, str, int]]]] = []
     last_id = 0
     for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not raw.strip():
@@ -97,21 +98,18 @@ def load_babi(path: str | Path, task: str | None = None) -> list[Item]:
             parts = rest.split("\t")
             if len(parts) < 2 or not parts[1].strip():
                 raise DataError(f"{path}: line {lineno}: a question line needs 'question<TAB>answer'")
-            stories[-1][2].append((parts[0].strip(), parts[1].strip()))
-            stories[-1][1].append(f"\t{len(stories[-1][2]) - 1}")  # where the question was asked
+            stories[-1][2].append((parts[0].strip(), parts[1].strip(), len(stories[-1][1])))
         else:
             stories[-1][1].append(rest.strip())
     if not stories:
         raise DataError(f"{path}: no stories")
     if not stories[-1][2]:
         raise DataError(f"{path}: the story starting at line {stories[-1][0]} has no question")
-    vocabulary = tuple(sorted({a for _, _, qs in stories for _, a in qs}))
+    vocabulary = tuple(sorted({a for _, _, qs in stories for _, a, _ in qs}))
     items = []
-    for first, lines, questions in stories:
-        asked = lines.index(f"\t{len(questions) - 1}")
-        facts = tuple(s for s in lines[:asked] if not s.startswith("\t"))
-        question, answer = questions[-1]
-        items.append(Item(task, f"{path.name}:{first}", facts, question, answer, vocabulary))
+    for first, statements, questions in stories:
+        question, answer, before = questions[-1]
+        items.append(Item(task, f"{path.name}:{first}", tuple(statements[:before]), question, answer, vocabulary))
     return items
 
 
@@ -132,14 +130,21 @@ def needle_items(n: int, n_keys: int, seed: int) -> list[Item]:
 
 
 def load_distractors(path: str | Path) -> list[str]:
-    """Sentences of the passages' contexts in a SQuAD-format file (``model.knowledge.load_passages``'s format),
-    in file order. An empty source (no passage, or only empty contexts) is a DataError naming the file."""
+    """Sentences of the distractor prose, in file order: a ``.txt`` file, or the passages' contexts of a
+    SQuAD-format file (``model.knowledge.load_passages``'s format). A missing file or one with no text is a
+    DataError naming the file."""
     from model.knowledge import load_passages
 
     path = Path(path)
-    sentences = [s for p in load_passages(path) for s in SENTENCE_END.split(p.context.strip()) if s.strip()]
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise DataError(f"{path}: distractor file not found")
+        texts = [path.read_text(encoding="utf-8")]
+    else:
+        texts = [p.context for p in load_passages(path)]
+    sentences = [s for t in texts for s in SENTENCE_END.split(t.strip()) if s.strip()]
     if not sentences:
-        raise DataError(f"{path}: the distractor source has no text (field 'context' of every passage is empty)")
+        raise DataError(f"{path}: the distractor source is empty")
     return sentences
 
 
@@ -166,7 +171,7 @@ def build_document(
                         f"({need} tokens): ask for a longer document or a shorter story")
     rng = random.Random(f"{seed}:{item.item_id}:{length}")
     start = rng.randrange(len(distractors))
-    prose: list[str] = []
+    prose: list[tuple[str, int]] = []  # (sentence, its tokens after a space)
     budget = length - need
     i = start
     while True:  # every sentence has a token, so the budget runs out
@@ -174,26 +179,23 @@ def build_document(
         n = count_tokens(tokenizer, " " + s)
         if n > budget:
             break
-        prose.append(s)
+        prose.append((s, n))
         budget -= n
         i += 1
     slots = sorted(rng.choices(range(len(prose) + 1), k=len(item.facts)))  # boundaries, facts in order
     parts: list[str] = []
-    fact_at: list[int] = []
-    k = 0
+    offsets: list[int] = []  # token offset of each fact (parts joined with single spaces, counted as above)
+    pos = k = 0
     for b in range(len(prose) + 1):
         while k < len(slots) and slots[k] == b:
-            fact_at.append(len(parts))
+            offsets.append(pos)
             parts.append(item.facts[k])
+            pos += fact_lens[k]
             k += 1
         if b < len(prose):
-            parts.append(prose[b])
+            parts.append(prose[b][0])
+            pos += prose[b][1]
     text = " ".join(parts)
-    offsets, pos = [], 0
-    for j, part in enumerate(parts):  # token offset of each part (joined with single spaces)
-        if j in fact_at:
-            offsets.append(pos)
-        pos += count_tokens(tokenizer, (" " if j else "") + part)
     return Document(item, text, length, count_tokens(tokenizer, text), offsets)
 
 

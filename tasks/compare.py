@@ -32,8 +32,7 @@ from model.config import (
     Params,
     cms_lr_overrides,
     merge_overrides,
-    quick_knowledge,
-    quick_long_context,
+    quick_section,
 )
 from model.data import STREAM_FILE, DataError, build_stream, load_source, load_stream, task_file
 from model.io import sha256_file, write_json, write_text
@@ -72,9 +71,10 @@ def resolve_comparison(params: Params, name: str, quick: bool = False, methods: 
         extra = dict(params.evaluation.quick)
         seeds = list(extra.pop("seeds", seeds))
         if knowledge is not None:
-            knowledge = quick_knowledge(knowledge, extra, f"evaluation.quick.knowledge ({name})")
+            knowledge = quick_section(knowledge, extra, "knowledge", f"evaluation.quick.knowledge ({name})")
         if long_context is not None:
-            long_context = quick_long_context(long_context, extra, f"evaluation.quick.long_context ({name})")
+            long_context = quick_section(long_context, extra, "long_context",
+                                         f"evaluation.quick.long_context ({name})")
         extra.pop("knowledge", None)
         extra.pop("long_context", None)
         overrides = merge_overrides(overrides, extra)

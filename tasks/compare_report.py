@@ -104,10 +104,9 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
         common = [s for s in ref if s in oth]  # paired over the seeds both ran
         if not common:
             continue
-        d, lo, hi = paired_difference_ci([ref[s] for s in common], [oth[s] for s in common])
-        above = bool(not math.isnan(lo) and lo > 0)
-        out["margins"][other] = {"mean": d, "low": None if math.isnan(lo) else lo,
-                                 "high": None if math.isnan(hi) else hi, "above_zero": above, "seeds": common}
+        c = paired_ci([ref[s] for s in common], [oth[s] for s in common])
+        above = bool(c["low"] is not None and c["low"] > 0)
+        out["margins"][other] = {**c, "above_zero": above, "seeds": common}
         ok = ok and above
     for other, margin in near:
         if other not in summary:
@@ -119,6 +118,18 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
     return out
 
 
+def paired_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
+    """a - b paired: {mean, low, high} with a 95% CI (low/high None where it is undefined, e.g. one pair)."""
+    d, lo, hi = paired_difference_ci(a, b)
+    return {"mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
+
+
+def error_bars(cs: Sequence[dict[str, float | None]]) -> list[list[float]]:
+    """Matplotlib's asymmetric error bars from {mean, low, high} (0 where the CI is undefined)."""
+    return [[0 if c["low"] is None else c["mean"] - c["low"] for c in cs],
+            [0 if c["high"] is None else c["high"] - c["mean"] for c in cs]]
+
+
 def _paired_gap(summary: dict[str, Any], a: str, b: str, metric: str) -> dict[str, Any] | None:
     """``a`` - ``b`` in ``metric``, paired over the seeds both ran: mean, 95% CI, seeds (None: no common seed)."""
     x = dict(zip(summary[a]["seeds"], summary[a]["per_seed"][metric]))
@@ -126,9 +137,7 @@ def _paired_gap(summary: dict[str, Any], a: str, b: str, metric: str) -> dict[st
     common = [s for s in x if s in y]
     if not common:
         return None
-    d, lo, hi = paired_difference_ci([x[s] for s in common], [y[s] for s in common])
-    return {"other": b, "mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi,
-            "seeds": common}
+    return {"other": b, **paired_ci([x[s] for s in common], [y[s] for s in common]), "seeds": common}
 
 
 def format_ci(c: dict[str, float | None], digits: int = 3) -> str:

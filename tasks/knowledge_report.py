@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,18 +29,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model.config import KNOWLEDGE_METHODS, Params
-from model.continual import paired_difference_ci
 from model.incorporation import MEASURES
 from model.io import atomic_dir, write_json, write_text
-from tasks.compare_report import ci_summary, format_ci
+from tasks.compare_report import ci_summary, error_bars, format_ci, paired_ci
 from tasks.report import COLORS, figure_style, save_png
 
 LABELS = {"em": "exact match", "f1": "token F1", "tau": "tau (answer log-lik / token)"}
-
-
-def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
-    d, lo, hi = paired_difference_ci(a, b)
-    return {"mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
 
 
 def units(results: Sequence[dict], method: str, seeds: Sequence[int], mode: str) -> dict[str, list[float]]:
@@ -79,7 +72,7 @@ def summarise_knowledge(results: Sequence[dict], methods: Sequence[str], seeds: 
         out[m] = {
             **{k: ci_summary(vals[k]) for k in MEASURES},
             "units": vals,
-            "gain_over_base": ({k: _paired(vals[k], values["base"][k]) for k in MEASURES}
+            "gain_over_base": ({k: paired_ci(vals[k], values["base"][k]) for k in MEASURES}
                                if "base" in values and m != "base" and len(vals["tau"]) == len(values["base"]["tau"])
                                else None),
             "gradient_steps_per_passage": sum(r["gradient_steps"] for r in runs) / n_passages,
@@ -176,7 +169,7 @@ def early_checks(results: Sequence[dict], seeds: Sequence[int], early: int = EAR
             first = [row["index"] for row in next(r for r in results if r["method"] == a)["passages"]][:early]
             ta, tb = _per_passage(results, a, seeds, "tau"), _per_passage(results, b, seeds, "tau")
             idx = [i for i in first if i in ta and i in tb]
-            out[name] = {"a": a, "b": b, "n": len(idx), **_paired([ta[i] for i in idx], [tb[i] for i in idx])}
+            out[name] = {"a": a, "b": b, "n": len(idx), **paired_ci([ta[i] for i in idx], [tb[i] for i in idx])}
     return out
 
 
@@ -193,7 +186,7 @@ def paired_checks(results: Sequence[dict], seeds: Sequence[int]) -> dict[str, An
         if a in have and b in have:
             ta, tb = _per_passage(results, a, seeds, "tau"), _per_passage(results, b, seeds, "tau")
             idx = sorted(set(ta) & set(tb))
-            out["tau"][name] = {"a": a, "b": b, "n": len(idx), **_paired([ta[i] for i in idx], [tb[i] for i in idx])}
+            out["tau"][name] = {"a": a, "b": b, "n": len(idx), **paired_ci([ta[i] for i in idx], [tb[i] for i in idx])}
     if {"passage_sleep", "passage_dreams", "passage_finetune"} <= have:
         ft = _per_passage(results, "passage_finetune", seeds, "tau")
         eff = {}
@@ -203,7 +196,7 @@ def paired_checks(results: Sequence[dict], seeds: Sequence[int]) -> dict[str, An
         idx = sorted(set(eff["passage_sleep"]) & set(eff["passage_dreams"]))
         out["per_token"] = {"n": len(idx), "promoted": ci_summary([eff["passage_sleep"][i] for i in idx]) if idx else None,
                             "all": ci_summary([eff["passage_dreams"][i] for i in idx]) if idx else None,
-                            "difference": _paired([eff["passage_sleep"][i] for i in idx],
+                            "difference": paired_ci([eff["passage_sleep"][i] for i in idx],
                                                   [eff["passage_dreams"][i] for i in idx]) if len(idx) > 1 else None}
     return out
 
@@ -279,11 +272,6 @@ def read_policies(comparison_dir: Path, seeds: Sequence[int]) -> list[dict]:
     return out
 
 
-def _err(cs: Sequence[dict[str, float | None]]) -> list[list[float]]:
-    return [[0 if c["low"] is None else c["mean"] - c["low"] for c in cs],
-            [0 if c["high"] is None else c["high"] - c["mean"] for c in cs]]
-
-
 def _color(m: str, k: int) -> str:
     return COLORS[3] if m == "sleep" else COLORS[k % len(COLORS)]
 
@@ -295,7 +283,7 @@ def plot_measures(summary: dict[str, Any]) -> Figure:
         fig = Figure(figsize=(max(7.5, 1.2 * len(methods) * 3), 3.4), layout="constrained")
         for ax, k in zip(fig.subplots(1, 3), MEASURES):
             cs = [summary[m][k] for m in methods]
-            ax.bar(range(len(methods)), [c["mean"] for c in cs], yerr=_err(cs), capsize=3,
+            ax.bar(range(len(methods)), [c["mean"] for c in cs], yerr=error_bars(cs), capsize=3,
                    color=[_color(m, i) for i, m in enumerate(methods)])
             ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
             ax.set_title(f"{LABELS[k]} (95% CI)", fontsize=9)
@@ -311,7 +299,7 @@ def plot_gain(summary: dict[str, Any]) -> Figure:
         fig = Figure(figsize=(max(7.5, 1.2 * max(1, len(methods)) * 3), 3.4), layout="constrained")
         for ax, k in zip(fig.subplots(1, 3), MEASURES):
             cs = [summary[m]["gain_over_base"][k] for m in methods]
-            ax.bar(range(len(methods)), [c["mean"] for c in cs], yerr=_err(cs), capsize=3,
+            ax.bar(range(len(methods)), [c["mean"] for c in cs], yerr=error_bars(cs), capsize=3,
                    color=[_color(m, i + 1) for i, m in enumerate(methods)])
             ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
             ax.set_title(f"{LABELS[k]}: gain over base", fontsize=9)

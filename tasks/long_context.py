@@ -92,7 +92,7 @@ def prepare_documents(params: Params, root: Path, comp: Comparison) -> dict[int,
         raise ValueError(f"comparison {comp.name!r} is not a long-context comparison")
     where = f"evaluation.comparisons.{comp.name}.long_context"
     source = _root_path(root, lc.distractors)
-    distractors = _distractor_sentences(source)
+    distractors = load_distractors(source)
     tokenizer = load_base_model(params.model, root=root).tokenizer
     out = {}
     for seed in comp.seeds:
@@ -109,19 +109,6 @@ def prepare_documents(params: Params, root: Path, comp: Comparison) -> dict[int,
     get_run_logger().info(f"{comp.name}: {len(out[comp.seeds[0]])} documents per seed ({len(lc.tasks)} tasks x "
                           f"{lc.items_per_task} items x lengths {lc.lengths}), distractors from {source.name}")
     return out
-
-
-def _distractor_sentences(path: Path) -> list[str]:
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise DataError(f"{path}: distractor file not found")
-        from model.long_context import SENTENCE_END
-
-        sentences = [s for s in SENTENCE_END.split(path.read_text(encoding="utf-8").strip()) if s.strip()]
-        if not sentences:
-            raise DataError(f"{path}: the distractor source is empty")
-        return sentences
-    return load_distractors(path)
 
 
 def documents_digest(docs: list[Document]) -> str:

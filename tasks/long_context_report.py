@@ -20,7 +20,6 @@ model/long_context.py ``answer``). A document is one
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model.config import LONG_CONTEXT_METHODS, Params
-from model.continual import paired_difference_ci
 from model.io import atomic_dir, write_json, write_text
-from tasks.compare_report import ci_summary, format_ci
+from tasks.compare_report import ci_summary, error_bars, format_ci, paired_ci
 from tasks.report import COLORS, figure_style, save_png
 
 #: The methods in report order (model/long_context_methods.py METHODS, not imported: it loads torch).
@@ -47,18 +45,6 @@ LONG, LONGEST = 4096, 65536
 MAX_DROP = 0.10
 
 Key = tuple[int, str, str, int]  # (seed, task, item_id, length)
-
-
-def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
-    """{mean, low, high} of a - b paired (as tasks/knowledge_report.py, which imports torch)."""
-    d, lo, hi = paired_difference_ci(a, b)
-    return {"mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
-
-
-def _err(cs: Sequence[dict[str, float | None]]) -> list[list[float]]:
-    """Matplotlib's asymmetric error bars from {mean, low, high} (0 where the CI is undefined)."""
-    return [[0 if c["low"] is None else c["mean"] - c["low"] for c in cs],
-            [0 if c["high"] is None else c["high"] - c["mean"] for c in cs]]
 
 
 def length_label(n: int) -> str:
@@ -118,7 +104,7 @@ def _pair(a: dict[Key, dict], b: dict[Key, dict], keys: set[Key] | None = None) 
     common = sorted(set(a) & set(b) & (keys if keys is not None else set(a)))
     if not common:
         return {"n": 0, "mean": None, "low": None, "high": None, "above_zero": False, "missing": "no document in common"}
-    c = _paired([float(bool(a[k]["correct"])) for k in common], [float(bool(b[k]["correct"])) for k in common])
+    c = paired_ci([float(bool(a[k]["correct"])) for k in common], [float(bool(b[k]["correct"])) for k in common])
     return {"n": len(common), **c, "above_zero": c["low"] is not None and c["low"] > 0, "missing": None}
 
 
@@ -290,7 +276,7 @@ def plot_accuracy_by_length(summary: dict[str, Any], lengths: Sequence[int], cha
                 continue
             cs = [s["by_length"][str(L)] for L in xs]
             shift = 2 ** (0.05 * (i - (n - 1) / 2))  # a small offset so the error bars do not overlap
-            ax.errorbar([x * shift for x in xs], [c["mean"] for c in cs], yerr=_err(cs), marker="o", markersize=4,
+            ax.errorbar([x * shift for x in xs], [c["mean"] for c in cs], yerr=error_bars(cs), marker="o", markersize=4,
                         capsize=3, color=COLORS[i % len(COLORS)], linestyle="--" if m in ("in_context", "retrieval")
                         else "-", label=m)
         if chance_level is not None:
