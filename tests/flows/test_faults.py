@@ -357,15 +357,17 @@ def test_a_failed_dream_rolls_the_sleep_back_to_the_wake_state(prepared, referen
 
 
 def task_states_of(flow_state, task: str, n: int) -> list[str]:
-    """State names of the runs of ``task`` in one flow run, in order (waits for ``n`` of them)."""
+    """Final state names of the runs of ``task`` in one flow run, in order (waits for ``n`` of them, each
+    in a final state: task runs reach the server as events, so a run can read "Pending" for a moment
+    before its "Cached" or "Completed" arrives)."""
     flow_run_id = flow_state.state_details.flow_run_id
 
     def read() -> list[str] | None:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         runs = sorted((r for r in runs if r.name.rsplit("-", 1)[0] == task), key=lambda r: r.expected_start_time)
-        names = [r.state_name for r in runs]
-        return names if len(names) == n and all(names) else None
+        final = len(runs) == n and all(r.state is not None and r.state.is_final() for r in runs)
+        return [r.state_name for r in runs] if final else None
 
     return wait_for(read, 120, f"{n} {task} runs of flow run {flow_run_id}")  # events lag on a busy machine
 
