@@ -70,11 +70,11 @@ def measure(run: Path, period: int, overrides: dict) -> dict:
         params = load_params(root / "params.yaml")
         src = wake_state_dir(params, run, period)
         shutil.copytree(src, wake_state_dir(params, root, period))
-        woke, _ = evaluate_seen_tasks.fn(params, root, stream, plan, period, wake_state_dir(params, root, period))
+        woke, _ = evaluate_seen_tasks(params, root, stream, plan, period, wake_state_dir(params, root, period))
         start = time.perf_counter()
         consolidate_due_levels.fn(params, root, plan, period)
         seconds = time.perf_counter() - start
-        slept, _ = evaluate_seen_tasks.fn(params, root, stream, plan, period, consolidated_state_dir(params, root, period))
+        slept, _ = evaluate_seen_tasks(params, root, stream, plan, period, consolidated_state_dir(params, root, period))
     return {"run": str(run), "period": period, "overrides": overrides, "seconds": round(seconds, 1),
             "after_wake": woke, "after_consolidation": slept,
             "current_drop": round(woke[str(period)] - slept[str(period)], 4),

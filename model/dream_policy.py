@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from model.config import DreamPolicyConfig
 from model.errors import UserError
 from model.io import atomic_dir, sha256_bytes, sha256_file
+from model.sft import train_on_pairs
 
 POLICY_FORMAT = 1
 POLICY_JSON = "dream_policy.json"
@@ -271,8 +272,6 @@ def rest_em_update(
     shuffled by ``seed`` (a round's rewarded dreams can be many; one batch of them all does not fit in
     memory). ``origin`` joins the policy's history; returns the losses.
     """
-    from model.dreaming import train_on_pairs
-
     if not prompts or steps == 0:
         return []
     if batch_size is not None:  # minibatches in a seeded order, not the order the passages were dreamt in

@@ -26,7 +26,7 @@ updates carry to the next sleep and never touch the memory that answers. Without
 (a fresh fast expert is unlocked if the last consolidation freed the level). After the
 rounds, the dream table goes through the data gate (``tasks/dream_gate.py``); dreams
 that pass every check *and* were rewarded are promoted and trained into the fast level
-by :func:`train_on_pairs`.
+by :func:`model.sft.train_on_pairs`.
 
 The stage keeps its training only if it measurably helps (``dream.promotion_check``):
 :func:`held_out_check` scores a check set of the period's examples that no dream saw in
@@ -54,7 +54,8 @@ from model.knowledge import Passage, answer_completion, qa_prompt
 from model.sampling import sample_continuations
 from model.trials import AnswerLoglik, TrialResult, run_trials
 from model.prototypes import routed_scores
-from model.wake import NonFiniteLossError, encode, label_text, sft_loss, split_template
+from model.sft import train_on_pairs
+from model.wake import encode, label_text, sft_loss, split_template
 
 
 @dataclass(frozen=True)
@@ -268,54 +269,6 @@ def try_dreams(
         r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, layers=cms.layer_ids,
         seeds=list(seeds), max_length=cfg.max_length, prompt=train_prompt(task, cfg),
     )
-
-
-def train_on_pairs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    params: Sequence[nn.Parameter],
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    steps: int,
-    lr: float,
-    max_length: int,
-    batch_size: int | None = None,
-) -> list[float]:
-    """SFT of ``params`` on the pairs; returns the losses.
-
-    ``batch_size=None``: all pairs in one packed batch every step. Otherwise step k trains on the k-th
-    minibatch of ``batch_size`` pairs, cycling through them in order (the memory of one step stays that of
-    ``batch_size`` pairs however many there are).
-    """
-    if not prompts or steps == 0:
-        return []
-    params = list(params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    size = len(prompts) if batch_size is None else batch_size
-    batches = [encode(tokenizer, prompts[i : i + size], completions[i : i + size], max_length)
-               for i in range(0, len(prompts), size)]
-    keep = {id(p) for p in params}
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    losses = []
-    model.train()
-    try:
-        for p, _ in saved:
-            p.requires_grad_(id(p) in keep)
-        for step in range(steps):
-            loss = sft_loss(model, batches[step % len(batches)])
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(f"non-finite dream SFT loss {loss.item()}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(float(loss.item()))
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-            p.grad = None
-        model.eval()
-    return losses
 
 
 @dataclass

@@ -58,6 +58,7 @@ from model.dreaming import (
 )
 from model.grading import exact_match, token_f1
 from model.knowledge import Passage, answer_questions, passage_chunks
+from model.sft import train_on_pairs
 from model.trials import AnswerLoglik
 
 METHODS = ("base", "passage_finetune", "base_dreams", "sleep", "passage_dreams", "passage_sleep", "passage_sleep_trained")

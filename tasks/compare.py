@@ -38,7 +38,7 @@ from model.data import STREAM_FILE, DataError, build_stream, load_source, load_s
 from model.io import sha256_file, write_json, write_text
 from model.loading import load_base_model, resolve_device
 from tasks.caching import code_digest
-from tasks.prepare import validate_class_stream, write_stream
+from tasks.prepare import check_and_report_stream, write_stream_files
 
 RESULT_FILE = "result.json"
 
@@ -188,7 +188,7 @@ def prepare_streams(params: Params, root: Path, comp: Comparison) -> dict[int, t
         stream, plan = build_stream(source, p.data)
         where = f"{p.data.source.path} (seed {seed})"
         check_stream(stream, plan, where)
-        validate_class_stream.fn(stream, plan, data_dir(params, root, comp, seed) / "validation")
+        check_and_report_stream(stream, plan, data_dir(params, root, comp, seed) / "validation")
         target = Path(p.data.out_dir)
         try:
             old_stream, old_plan = load_stream(target)
@@ -196,7 +196,7 @@ def prepare_streams(params: Params, root: Path, comp: Comparison) -> dict[int, t
         except (DataError, OSError, ValueError):  # missing or unreadable: write it
             same = False
         if not same:
-            write_stream.fn(stream, plan, target)
+            write_stream_files(stream, plan, target)
         log.info(f"{comp.name}: seed {seed}: {len(plan)} tasks {[len(v) for v in plan.values()]} labels, "
                  f"{int((stream['split'] == 'train').sum())} train / {int((stream['split'] == 'test').sum())} test rows")
         out[seed] = (stream, plan)

@@ -13,12 +13,11 @@ from prefect.cache_policies import NO_CACHE
 
 from model.checkpoint import load_state, open_memory_model
 from model.config import Params
-from model.continual import DIAGNOSTIC_STATES
-from model.data import PASSAGE_LABEL
+from model.data import PASSAGE_LABEL, load_stream
 from model.knowledge import passage_recall
 from model.io import write_json, write_text
 from model.prototypes import routed_classify, view_class
-from tasks.wake import consolidated_state_dir, read_stream, sleep_state_dir, wake_state_dir
+from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
 
 
 def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
@@ -48,7 +47,6 @@ def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict
     return accuracy, {str(t): float(own[test["task"] == t].mean()) for t in seen}
 
 
-@task(cache_policy=NO_CACHE)
 def evaluate_seen_tasks(
     params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int, state_dir: Path
 ) -> tuple[dict[str, float], dict[str, float] | None]:
@@ -88,7 +86,6 @@ def recall_passages(params: Params, root: Path, stream: pd.DataFrame, period: in
     return {"after_sleep": after, "before_wake": before}
 
 
-@task(cache_policy=NO_CACHE)
 def diagnose_states(
     params: Params, root: Path, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
@@ -119,7 +116,6 @@ def diagnose_states(
     return out, (routing if "after_dreaming" in out else None)
 
 
-@task(retries=2, retry_delay_seconds=1)
 def write_accuracy_summary(path: Path, periods: list[dict]) -> Path:
     """Write the accuracy matrix R[i][j] (task j after period i) and a long table for plots."""
     n = len(periods)
@@ -162,13 +158,13 @@ def cycle_row(params: Params, root: Path, period: int, accuracy: dict[str, float
 @task(cache_policy=NO_CACHE)
 def evaluate_cycle(params: Params, root: Path, period: int) -> dict:
     """Accuracy after the sleep of ``period`` on every seen task, with the cycle's other metrics; writes its JSON."""
-    stream, plan = read_stream.fn(root / params.data.out_dir)
-    diagnostics, routes = (diagnose_states.fn(params, root, stream, plan, period) if params.lifecycle.diagnostics
+    stream, plan = load_stream(root / params.data.out_dir)
+    diagnostics, routes = (diagnose_states(params, root, stream, plan, period) if params.lifecycle.diagnostics
                            else (None, None))
     if diagnostics is not None and "after_dreaming" in diagnostics:  # the sleep's state, already measured
         accuracy = diagnostics["after_dreaming"]
     else:
-        accuracy, routes = evaluate_seen_tasks.fn(params, root, stream, plan, period, sleep_state_dir(params, root, period))
+        accuracy, routes = evaluate_seen_tasks(params, root, stream, plan, period, sleep_state_dir(params, root, period))
     row = cycle_row(params, root, period, accuracy)
     if routes:  # prototype routing: the share of each task's test texts routed to the task's own period
         row["routing_accuracy"] = routes
@@ -198,5 +194,5 @@ def summarise_cycles(params: Params, root: Path) -> dict:
         periods.append(row)
     if not periods:
         raise FileNotFoundError(f"{root / params.lifecycle.metrics_dir}: no evaluated cycle (period-0.json missing)")
-    path = write_accuracy_summary.fn(root / params.lifecycle.summary_path, periods)
+    path = write_accuracy_summary(root / params.lifecycle.summary_path, periods)
     return json.loads(path.read_text())

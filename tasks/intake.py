@@ -32,7 +32,7 @@ from model.intake import (
 )
 from model.io import atomic_path, exclusive, sha256_file, write_json, write_text
 from tasks.expectations import failing_rows
-from tasks.prepare import write_stream
+from tasks.prepare import write_stream_files
 
 BATCHES, QUARANTINE, STREAM = "batches", "quarantine", "stream"
 
@@ -194,7 +194,7 @@ def _materialise(params: Params, root: Path, ledger: Ledger, period: dict[str, A
     inbox = inbox_dir(params, root)
     rows = pd.concat([_batch_rows(inbox, ledger.batch(b)) for b in period["batches"]], ignore_index=True)
     stream, plan = extend_stream(stream, plan, period["period"], rows)
-    write_stream.fn(stream, plan, out)
+    write_stream_files(stream, plan, out)
 
 
 @task(cache_policy=NO_CACHE)

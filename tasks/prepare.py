@@ -23,9 +23,11 @@ from tasks.expectations import StreamValidation, StreamValidationError, validate
 __all__ = [
     "StreamValidationError",
     "build_class_stream",
+    "check_and_report_stream",
     "load_dataset",
     "validate_class_stream",
     "write_stream",
+    "write_stream_files",
 ]
 
 
@@ -47,8 +49,7 @@ def build_class_stream(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame,
     return build_stream(df, cfg)
 
 
-@task(cache_policy=NO_CACHE)
-def validate_class_stream(df: pd.DataFrame, plan: dict[int, list[str]], report_dir: Path) -> StreamValidation:
+def check_and_report_stream(df: pd.DataFrame, plan: dict[int, list[str]], report_dir: Path) -> StreamValidation:
     """Run the GX suite, write validation.json/.md, and raise StreamValidationError on failure."""
     validation = validate_stream(df, plan)
     report_dir = Path(report_dir)
@@ -59,8 +60,13 @@ def validate_class_stream(df: pd.DataFrame, plan: dict[int, list[str]], report_d
     return validation
 
 
-@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_os_error, cache_policy=NO_CACHE)
-def write_stream(df: pd.DataFrame, plan: dict[int, list[str]], out_dir: Path) -> Path:
+@task(cache_policy=NO_CACHE)
+def validate_class_stream(df: pd.DataFrame, plan: dict[int, list[str]], report_dir: Path) -> StreamValidation:
+    """:func:`check_and_report_stream` as the prepare stage's task."""
+    return check_and_report_stream(df, plan, report_dir)
+
+
+def write_stream_files(df: pd.DataFrame, plan: dict[int, list[str]], out_dir: Path) -> Path:
     """Write stream.parquet, tasks.json and one shard per task (tasks/task-N.parquet) into ``out_dir``.
 
     They are renamed in only when all are complete.
@@ -76,3 +82,9 @@ def write_stream(df: pd.DataFrame, plan: dict[int, list[str]], out_dir: Path) ->
         for t, tmp in shards.items():
             df[df["task"] == t].to_parquet(tmp, index=False, engine="pyarrow")
     return stream_path
+
+
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_os_error, cache_policy=NO_CACHE)
+def write_stream(df: pd.DataFrame, plan: dict[int, list[str]], out_dir: Path) -> Path:
+    """:func:`write_stream_files` as a task, retried on transient filesystem errors."""
+    return write_stream_files(df, plan, out_dir)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from model.checkpoint import open_memory_model, read_manifest, save_state

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
-from model.data import PASSAGE_LABEL, STREAM_FILE, load_plan, load_stream, task_file
+from model.data import PASSAGE_LABEL, load_plan, load_stream, task_file
 from model.errors import UserError
 from model.io import write_json
 from tasks.caching import OUTPUT_STATE, cache_options, stamp_output

@@ -50,8 +50,7 @@ STAGE_OF_TASK = {
     "write_stream": "prepare", "ingest_file": "intake", "claim_period": "intake", "read_open_period": "intake",
     "stage_batches": "intake", "mark_period": "intake", "track_period": "intake", "apply_retention": "intake",
     "read_stream": "wake", "train_wake_period": "wake", "write_metrics": "wake",
-    "consolidate_due_levels": "consolidation", "dream_and_promote": "dreaming", "evaluate_seen_tasks": "evaluation",
-    "diagnose_states": "evaluation", "write_accuracy_summary": "evaluation", "evaluate_cycle": "evaluation",
+    "consolidate_due_levels": "consolidation", "dream_and_promote": "dreaming", "evaluate_cycle": "evaluation",
     "summarise_cycles": "evaluation", "report_task": "report", "publish_cycle_artifacts": "publish and upload",
 }
 

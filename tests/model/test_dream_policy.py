@@ -230,7 +230,7 @@ def test_training_the_policy_over_rounds_measures_every_round_and_learns_only_th
 
 
 def test_a_large_rest_em_update_trains_on_minibatches():
-    from model.dreaming import train_on_pairs
+    from model.sft import train_on_pairs
     from model.wake import encode, sft_loss
 
     lm, cms = _with_policy()

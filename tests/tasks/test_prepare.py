@@ -15,7 +15,7 @@ from model.config import DataConfig, SourceConfig
 from model.data import DataError, build_stream, load_source, load_stream
 from model.io import sha256_file
 from tasks.expectations import StreamValidation, StreamValidationError, validate_stream
-from tasks.prepare import validate_class_stream
+from tasks.prepare import check_and_report_stream
 
 REPO = Path(__file__).resolve().parents[2]
 CLINC = REPO / "data/raw/clinc150/data_full.json"
@@ -184,7 +184,7 @@ def test_validate_task_writes_report_and_raises_with_rows_and_texts(
     stream, plan = built
     bad = _set(_set(stream, 3, "text", "   "), 8, "split", "holdout")
     with pytest.raises(StreamValidationError) as err:
-        validate_class_stream.fn(bad, plan, tmp_path / "reports")
+        check_and_report_stream(bad, plan, tmp_path / "reports")
     msg = str(err.value)
     assert "text_not_blank" in msg and "split_in_set" in msg
     assert "row_id 3: '   '" in msg

@@ -354,7 +354,7 @@ def test_cli_on_the_lifecycle_writers_output(tmp_path, prefect_harness, capsys):
     run = write_fake_run(tmp_path)
     periods = [json.loads((run / f"metrics/lifecycle/period-{p}.json").read_text()) for p in range(3)]
     (run / "metrics/lifecycle.json").unlink()
-    write_accuracy_summary.fn(run / "metrics/lifecycle.json", periods)
+    write_accuracy_summary(run / "metrics/lifecycle.json", periods)
     (run / "params.yaml").write_text("seed: 0\n")
     assert main(["--params", str(run / "params.yaml")]) == 0
     assert "| forgetting | 0.375 |" in (run / "reports/lifecycle/report.md").read_text()
