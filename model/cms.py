@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.architecture import decoder_of
 from model.config import CMSConfig, LevelConfig
 from model.errors import UserError
 
@@ -130,15 +131,11 @@ class CMSBlock(nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Hugging Face causal LM (Llama family and alike)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(hasattr(l, "mlp") for l in layers):
-        raise CMSError(
-            f"{type(model).__name__}: cannot find decoder layers with an .mlp at model.model.layers "
-            "(supported: Llama-family causal LMs)"
-        )
-    return layers
+    """The decoder layers of a Hugging Face causal LM (Llama, Qwen2, Qwen3: :func:`model.architecture.decoder_of`).
+
+    Raises :class:`~model.architecture.UnsupportedArchitectureError` naming any other architecture.
+    """
+    return decoder_of(model).layers
 
 
 class ContinuumMemory(nn.Module):

@@ -1,10 +1,12 @@
-"""A Llama-family forward pass in pieces, for sharing work between passes, and its input.
+"""A decoder forward pass in pieces, for sharing work between passes, and its input.
 
 :class:`Batch` is what every training and scoring pass reads: examples packed into rows
 (built by :func:`model.wake.encode`). Consolidation (teacher and student) and isolated
 trials (k adapters) run the same frozen layers below their first trainable layer many
 times on the same input. These helpers run that prefix once (no gradient) and the rest
 per pass, and apply the LM head only at the positions that predict a completion token.
+The decoder's pieces (embedding, layers, final norm, mask, rotary) come from
+:func:`model.architecture.decoder_of` (Llama, Qwen2, Qwen3).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+
+from model.architecture import decoder_of
 
 
 @dataclass
@@ -51,33 +54,25 @@ def mask_and_rope(
     model: PreTrainedModel, h: torch.Tensor, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
     """The causal (block-diagonal when packed) mask and the rotary (cos, sin) for h (R, T, d)."""
-    dec = model.get_decoder()
-    mask = create_causal_mask(config=dec.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids)
-    return mask, dec.rotary_emb(h, position_ids=position_ids)
+    return decoder_of(model).mask_and_rope(h, position_ids)
 
 
 @torch.no_grad()
 def prefix_hidden(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor:
     """Hidden states (R, T, d) after decoder layers [0, start), without gradient."""
-    dec = model.get_decoder()
-    device = dec.embed_tokens.weight.device
+    dec = decoder_of(model)
+    device = dec.embed.weight.device
     input_ids, position_ids = input_ids.to(device), position_ids.to(device)
-    h = dec.embed_tokens(input_ids)
+    h = dec.embed(input_ids)
     if start > 0:
-        mask, pe = mask_and_rope(model, h, position_ids)
-        for layer in dec.layers[:start]:
-            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
+        h = dec.run_layers(h, position_ids, 0, start)
     return h
 
 
 def suffix_hidden(model: PreTrainedModel, hidden: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor:
     """Layers [start, L) and the final norm on ``hidden`` (R, T, d) -> (R, T, d)."""
-    dec = model.get_decoder()
-    mask, pe = mask_and_rope(model, hidden, position_ids)
-    h = hidden
-    for layer in dec.layers[start:]:
-        h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
-    return dec.norm(h)
+    dec = decoder_of(model)
+    return dec.norm(dec.run_layers(hidden, position_ids, start))
 
 
 def completion_logits(model: PreTrainedModel, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:

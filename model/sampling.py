@@ -6,7 +6,8 @@ student samples for distillation, Learning-to-Imitate continuations, and dreams.
 * **Static KV cache.** Each decoder layer gets a preallocated key/value buffer
   ``(rows, kv_heads, S, head_dim)``, written in place; a decode step calls the layer's
   own submodules (norms, q/k/v/o projections, the model's rotary embedding, ``mlp``,
-  which is a :class:`~model.cms.CMSBlock` where memory levels are attached) with SDPA
+  which is a :class:`~model.cms.CMSBlock` where memory levels are attached), found by
+  :func:`model.architecture.decoder_of` (Llama, Qwen2, Qwen3), with SDPA
   over the buffer. So whatever view the CMS is in -- levels masked, experts hidden,
   random-expert dream routing -- is the view that samples, and none of ``generate``'s
   per-step machinery (cache concatenation, mask building) runs.
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from model.architecture import decoder_of
 from model.cms import ExpertBank
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -157,18 +159,9 @@ def base_weights_as(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ the static-cache decoder
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (N, heads, hd) with cos/sin (N, 1, hd), as Llama's apply_rotary_pos_emb."""
-    return (x * cos) + (_rotate_half(x) * sin)
-
-
 class StaticKVDecoder:
-    """A Llama-family decoder run layer by layer over preallocated per-layer KV buffers.
+    """A decoder (Llama, Qwen2 or Qwen3: :func:`model.architecture.decoder_of`) run layer by layer over
+    preallocated per-layer KV buffers.
 
     Rows ``0..n-1`` of the buffers hold the live sequences, each from slot 0 (no padding
     inside a row); ``lengths[r]`` is how many of row r's tokens are cached. One
@@ -178,21 +171,14 @@ class StaticKVDecoder:
     """
 
     def __init__(self, model: PreTrainedModel, rows: int, max_len: int) -> None:
-        dec = model.get_decoder()
-        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if model.config.model_type != "llama" or not all(hasattr(dec, a) for a in needed):
-            raise NotImplementedError(
-                f"the sampler runs Llama-architecture decoders (model_type 'llama'), not {model.config.model_type!r}"
-            )
-        self.dec, self.head = dec, model.get_output_embeddings()
-        attn = dec.layers[0].self_attn
-        self.hd, self.scale = attn.head_dim, attn.scaling
-        self.n_heads, self.n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
-        dtype, self.device = dec.embed_tokens.weight.dtype, dec.embed_tokens.weight.device
-        shape = (rows, self.n_kv, max_len, self.hd)
+        self.arch = decoder_of(model)  # UnsupportedArchitectureError for a family it does not know
+        self.views = self.arch.views  # each reads its layer's modules when called (CMS blocks, adapters)
+        self.hd, self.scale = self.arch.head_dim, self.arch.scaling
+        dtype, self.device = self.arch.embed.weight.dtype, self.arch.embed.weight.device
+        shape = (rows, self.arch.n_kv_heads, max_len, self.hd)
         # Zeros, not empty: masked slots still enter the attention product (0 * NaN would be NaN).
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in dec.layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in dec.layers]
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.arch.layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.arch.layers]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
 
     def forward(self, tokens: torch.Tensor, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -209,8 +195,8 @@ class StaticKVDecoder:
         flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device)
         old = self.lengths[:n]  # slot each live row's token goes to = its position
         pos = torch.cat([old, *(torch.arange(k, device=self.device) for k in lens)])  # (N,)
-        h = self.dec.embed_tokens(torch.cat([tokens, flat]))[None]  # (1, N, d)
-        cos, sin = (c[0, :, None, :] for c in self.dec.rotary_emb(h, pos[None]))  # (N, 1, hd)
+        h = self.arch.embed(torch.cat([tokens, flat]))[None]  # (1, N, d)
+        cos, sin = self.arch.rotary_per_token(h, pos)  # (N, 1, hd)
         rows = torch.arange(n, device=self.device)
         span = int(old.max()) + 1 if n else 0
         visible = (torch.arange(span, device=self.device)[None, :] <= old[:, None])[:, None, None, :]  # (n,1,1,S)
@@ -219,12 +205,8 @@ class StaticKVDecoder:
             count = len(list(group))
             runs.append((start, row, count, k))
             start, row = start + count * k, row + count
-        for i, layer in enumerate(self.dec.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = _rope(attn.q_proj(x)[0].view(-1, self.n_heads, self.hd), cos, sin)  # (N, H, hd)
-            k = _rope(attn.k_proj(x)[0].view(-1, self.n_kv, self.hd), cos, sin)  # (N, KV, hd)
-            v = attn.v_proj(x)[0].view(-1, self.n_kv, self.hd)
+        for i, layer in enumerate(self.views):
+            q, k, v = layer.qkv(layer.attention_input(h), cos, sin)  # (N, H, hd), (N, KV, hd), (N, KV, hd)
             out = []
             if n:  # one new token per live row, attending over its cached slots
                 self.k[i][rows, :, old] = k[:n]
@@ -238,13 +220,13 @@ class StaticKVDecoder:
                 self.v[i][r0 : r0 + count, :, :t] = vp
                 o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
                 out.append(o.transpose(1, 2).reshape(count * t, -1))
-            h = h + attn.o_proj(torch.cat(out)[None] if len(out) > 1 else out[0][None])
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.attention_output(torch.cat(out)[None] if len(out) > 1 else out[0][None])
+            h = h + layer.feed_forward(h)
         self.lengths[:n] += 1
         self.lengths[n : n + g] = torch.tensor(lens, dtype=torch.long, device=self.device)
         ends = torch.tensor(lens, dtype=torch.long).cumsum(0) + n - 1
         last = torch.cat([rows, ends.to(self.device)])  # (n + g,)
-        return self.head(self.dec.norm(h[0, last])).float()
+        return self.arch.head(self.arch.norm(h[0, last])).float()
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy buffer rows ``src`` onto rows ``dst`` (compaction)."""
@@ -289,7 +271,8 @@ def sample_continuations(
     compute dtype. Seeded per row (see the module docstring). Returns prompt-major order.
 
     Raises ValueError on bad arguments or a prompt that encodes to no tokens,
-    NonFiniteLogitsError on NaN/+inf logits.
+    NonFiniteLogitsError on NaN/+inf logits, UnsupportedArchitectureError on a model
+    :func:`model.architecture.decoder_of` does not know.
     """
     if not prompts:
         raise ValueError("no prompts to sample from")
@@ -310,7 +293,7 @@ def sample_continuations(
     if empty:
         raise ValueError(f"prompt {empty[0]!r} encodes to no tokens")
     ids = [encoded[i // n_per_prompt] for i in range(len(expanded))]
-    compute = DTYPES[dtype] if dtype else model.get_decoder().embed_tokens.weight.dtype
+    compute = DTYPES[dtype] if dtype else decoder_of(model).embed.weight.dtype
     check_dtype_supported(compute, model.device)
     was_training = model.training
     model.eval()

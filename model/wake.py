@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from model.architecture import expand_cache
 from model.cms import ChunkedOptimizer, CMSError, ContinuumMemory
 from model.config import LevelConfig
 from model.forward import Batch, completion_logits, logprobs_by_example
@@ -289,12 +290,8 @@ def score_candidates(
             mask[r, 0, P:, P:] = block
             mask[r, 0, : P - n, : P - n] = torch.eye(P - n, dtype=torch.bool)  # padding sees itself only
             pred[r] = torch.where(offset == 0, P - 1, P + torch.arange(S) - 1)
-        cache = None
-        if prefix_cache is not None:  # one copy of the prefix's keys/values per row
-            cache = DynamicCache()
-            for li, layer in enumerate(prefix_cache.layers):
-                cache.update(layer.keys.expand(len(rows), -1, -1, -1).contiguous(),
-                             layer.values.expand(len(rows), -1, -1, -1).contiguous(), li)
+        # one copy of the prefix's keys/values per row
+        cache = expand_cache(prefix_cache, len(rows)) if prefix_cache is not None else None
         hidden = decoder(
             input_ids=ids.to(dev), position_ids=(pos + L).to(dev), attention_mask=full.to(dev),
             cache=cache, use_cache=cache is not None,
