@@ -29,15 +29,15 @@ from prefect import flow, get_run_logger
 from flows.evaluate import evaluate
 from flows.sleep import sleep
 from flows.wake import wake
-from model.comparison import BASELINES
 from model.config import BaselinesConfig, ConfigError, Params, load_params
 from model.data import DataError
-from model.io import BusyError, exclusive
+from model.io import BusyError
 from tasks.compare import (
     Comparison,
     cached_result,
     collect_cms_result,
     finished_results,
+    is_baseline,
     method_baselines,
     comparison_dir,
     development_comparison,
@@ -51,8 +51,8 @@ from tasks.compare import (
 )
 from tasks.compare_report import write_comparison_report
 from tasks.expectations import StreamValidationError
-from model.incorporation import TRAINED_POLICY_METHODS
-from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy
+from tasks.guards import locked
+from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy, trains_a_policy
 from tasks.knowledge_report import write_knowledge_report
 from tasks.long_context import partial_result, prepare_documents, run_long_context_method
 from tasks.long_context_report import write_long_context_report
@@ -103,7 +103,7 @@ def compare(name: str, params_path: str = "params.yaml", quick: bool = False, me
     if shard is not None:
         raise ConfigError(f"comparison {name!r}: --shard splits the passages of a knowledge comparison; this one is "
                           f"kind '{comp.kind}'")
-    with exclusive(comparison_dir(params, root, comp), "comparison run"):
+    with locked(comparison_dir(params, root, comp), "comparison run"):
         results = run_continual(params, root, comp)
         summary = write_comparison_report(params, root, comp, results)
     log.info(f"report: {summary['report']}")
@@ -129,7 +129,7 @@ def run_continual(params: Params, root: Path, comp: Comparison, baselines: Basel
     for i, n, seed, method, p, rdir in each_run(params, root, comp):
         log.info(f"[{i}/{n}] {method}, seed {seed} ({rdir.relative_to(root)})")
         stream, plan = streams[seed]
-        if method in BASELINES:
+        if is_baseline(method):
             settings = baselines if baselines is not None else method_baselines(params, method)
             res = run_baseline_method(p, settings, rdir, method, stream, plan)
         else:
@@ -161,11 +161,11 @@ def compare_knowledge(params: Params, root: Path, comp: Comparison, shard: tuple
         raise ConfigError(f"comparison {comp.name!r}: --shard needs mode single (in continued mode one state learns "
                           "the passages in turn)")
     lock = cdir if shard is None else cdir / "shards" / f"{shard[0]}-of-{shard[1]}"
-    with exclusive(lock, "comparison run"):
+    with locked(lock, "comparison run"):
         passages = prepare_passages(root, comp)  # a missing file or too few passages fails here, before training
         for i, n, seed, method, p, rdir in each_run(params, root, comp):
             digest = None
-            if method in TRAINED_POLICY_METHODS:  # ReST-EM over the training pool first (once per seed, resumable)
+            if trains_a_policy(method):  # ReST-EM over the training pool first (once per seed, resumable)
                 trained = train_dream_policy(p, root, policy_dir(comparison_dir(params, root, comp), seed),
                                              comp.knowledge, passages)
                 p = p.for_run({"dream": {"policy": {"source": trained["policy"]}}}, f"{comp.name} ({method}, seed {seed})")
@@ -188,7 +188,7 @@ def compare_knowledge(params: Params, root: Path, comp: Comparison, shard: tuple
 def compare_long_context(params: Params, root: Path, comp: Comparison) -> dict:
     """A long-context comparison: the documents, every method on every seed over them; then its report."""
     log = get_run_logger()
-    with exclusive(comparison_dir(params, root, comp), "comparison run"):
+    with locked(comparison_dir(params, root, comp), "comparison run"):
         documents = prepare_documents(params, root, comp)  # bad data fails here, before any training
         results = []
         for i, n, seed, method, p, rdir in each_run(params, root, comp):

@@ -10,12 +10,9 @@ from prefect import flow
 
 from flows.errors import reporting_errors
 from flows.locked import run_locked
-from model.checkpoint import check_state
 from model.config import Params, load_params
-from model.data import check_period
-from model.io import exclusive
 from tasks.evaluate import evaluate_cycle, summarise_cycles
-from tasks.wake import sleep_state_dir
+from tasks.guards import check_evaluate_inputs, lifecycle_lock
 
 
 @flow(name="evaluate", log_prints=True)
@@ -23,7 +20,7 @@ def evaluate(period: int, params_path: str = "params.yaml", summary: bool = True
     """Evaluate the state after the sleep of ``period``; with ``summary``, rewrite the matrix R[i][j] so far."""
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         row = run_evaluate(params, root, period, summary)
     acc = " ".join(f"{a:.2f}" for a in row["accuracy"].values())
     print(f"cycle {period}: accuracy on seen tasks after sleep: {acc}")
@@ -43,9 +40,7 @@ def check_evaluate(params_path: str, period: int) -> None:
     prepared stream, and the state after its sleep opens (a DataError or CheckpointError naming the file)."""
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    check_period(root / params.data.out_dir, period)
-    check_state(params, root, sleep_state_dir(params, root, period),
-                f"the evaluation of period {period} reads the state after its sleep; run sleep --period {period} first")
+    check_evaluate_inputs(params, root, period)
 
 
 @reporting_errors("lm-sleep evaluate")

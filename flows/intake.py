@@ -19,15 +19,14 @@ from flows.evaluate import run_evaluate
 from flows.sleep import run_sleep
 from flows.wake import run_wake
 from model.config import load_params
-from model.intake import LEDGER_FILE, read_ledger
-from model.io import exclusive
+from tasks.guards import lifecycle_lock
 from tasks.intake import (
     apply_retention,
     claim_period,
     finished_period,
-    inbox_dir,
     inbox_params,
     ingest_file,
+    last_ledger_period,
     mark_period,
     read_open_period,
     seed_rebuild,
@@ -51,7 +50,7 @@ def wake_inbox(params_path: str = "params.yaml") -> dict | None:
     log = get_run_logger()
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         period = claim_period(params, root)
         if period is None:
             log.info("inbox: no new batch; nothing to learn")
@@ -73,7 +72,7 @@ def sleep_inbox(params_path: str = "params.yaml") -> dict | None:
     log = get_run_logger()
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         period = read_open_period(params, root)
         if period is None or period["status"] != "woken":
             log.info("inbox: no period waits for its sleep" + ("" if period is None else
@@ -115,7 +114,7 @@ def rebuild(period: int, out: str, params_path: str = "params.yaml") -> dict:
         stage_batches(params, target, root, p["records"])
         wake_inbox(out_params)
         sleep_inbox(out_params)
-    rebuilt = read_ledger(inbox_dir(params, target) / LEDGER_FILE).periods[-1]
+    rebuilt = last_ledger_period(params, target)
     expected = periods[-1].get("states", {})
     same = {k: rebuilt["states"].get(k) == v for k, v in expected.items()}
     log.info(f"rebuilt period {period} in {target}: " + ", ".join(f"{k} {'identical' if ok else 'DIFFERENT'}"
@@ -131,7 +130,7 @@ def replay(period: int, params_path: str = "params.yaml") -> dict:
     log = get_run_logger()
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         entry = finished_period(params, root, period)
         p = inbox_params(params, root)
         metrics = run_wake(p, root, period)

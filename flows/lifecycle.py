@@ -24,7 +24,7 @@ from flows.report import report
 from flows.sleep import sleep
 from flows.wake import wake
 from model.config import load_params
-from model.io import exclusive
+from tasks.guards import lifecycle_lock
 from tasks.publish import default_run_id, publish_cycle_artifacts
 
 
@@ -60,7 +60,7 @@ def lifecycle(params_path: str = "params.yaml") -> list[dict]:
     root = Path(params_path).resolve().parent
     run_id = default_run_id(params)
     periods = []
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         for period in range(params.data.n_tasks):
             wake(period, params_path)
             sleep(period, params_path)

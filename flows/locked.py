@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from model.config import load_params
-from model.io import BusyError, exclusive
+from model.io import BusyError
+from tasks.guards import lifecycle_lock
 
 
 def run_locked(command: str, params_path: str, flow: Callable[..., Any], *args: Any) -> int:
     """Call ``flow(*args)`` holding the lock of the params' state directory; 1 with a message if it is taken."""
     params = load_params(params_path)
-    state_root = Path(params_path).resolve().parent / params.lifecycle.state_root
     try:
-        with exclusive(state_root, "lifecycle run"):
+        with lifecycle_lock(params, Path(params_path).resolve().parent):
             flow(*args)
     except BusyError as e:
         print(f"{command} refused: {e}", file=sys.stderr)

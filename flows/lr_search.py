@@ -17,8 +17,9 @@ from prefect import flow, get_run_logger
 from flows.compare import run_continual
 from model.config import ConfigError, load_params
 from model.data import DataError
-from model.io import BusyError, exclusive
+from model.io import BusyError
 from tasks.expectations import StreamValidationError
+from tasks.guards import locked
 from tasks.lr_search import NAME, search_comparisons, search_params, write_lr_search_report
 
 
@@ -31,7 +32,7 @@ def lr_search(params_path: str = "params.yaml", quick: bool = False) -> dict:
     n_excluded, grid = search_comparisons(params, root, quick)
     work = root / params.evaluation.work_dir / NAME
     grid_results = {}
-    with exclusive(work, "learning-rate search"):
+    with locked(work, "learning-rate search"):
         for lr, comp in grid:
             log.info(f"{NAME}: lr {lr:g}: {', '.join(comp.methods)} on seeds {list(comp.seeds)}")
             baselines = params.evaluation.baselines.model_copy(update={"lr": lr})

@@ -14,7 +14,7 @@ from prefect import flow
 
 from flows.errors import debugging, report, reporting_errors
 from model.config import load_params
-from model.data import build_stream, load_source
+from tasks.guards import check_prepare_inputs
 from tasks.prepare import (
     StreamValidationError,
     build_class_stream,
@@ -47,7 +47,7 @@ def check_source(params_path: str) -> None:
     line naming the file and the field or row (a ConfigError or DataError), not a failed flow run."""
     params_file = Path(params_path).resolve()
     cfg = load_params(params_file).data
-    build_stream(load_source(cfg.source, params_file.parent), cfg)
+    check_prepare_inputs(cfg, params_file.parent)
 
 
 @reporting_errors("lm-sleep prepare")

@@ -17,15 +17,12 @@ from prefect.transactions import transaction
 
 from flows.errors import reporting_errors
 from flows.locked import run_locked
-from model.checkpoint import check_state
 from model.config import Params, load_params
-from model.data import check_period
-from model.io import exclusive
 from tasks.caching import outputs_match
 from tasks.dream import dream_and_promote
+from tasks.guards import check_sleep_inputs, lifecycle_lock
 from tasks.sleep import consolidate_due_levels
-from tasks.wake import (consolidated_state_dir, read_plan, read_stream, sleep_state_dir, timings_path, wake_state_dir,
-                        write_metrics)
+from tasks.wake import consolidated_state_dir, read_plan, read_stream, sleep_state_dir, timings_path, write_metrics
 
 
 def _setup(params_path: str) -> tuple[Params, Path]:
@@ -63,7 +60,7 @@ def run_dreaming(params: Params, root: Path, period: int, stream: pd.DataFrame, 
 def consolidate(period: int, params_path: str = "params.yaml") -> dict:
     """Knowledge Seeding of every level pair due after wake period ``period``; writes the consolidated state."""
     params, root = _setup(params_path)
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         plan = read_plan(root / params.data.out_dir)
         report = run_consolidation(params, root, period, plan)
         _write_consolidation_metrics(params, root, period, report)
@@ -74,7 +71,7 @@ def consolidate(period: int, params_path: str = "params.yaml") -> dict:
 def dream(period: int, params_path: str = "params.yaml") -> dict:
     """Dream about the period's tasks, gate the dreams, promote the good ones; writes the sleep state."""
     params, root = _setup(params_path)
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         stream, plan = read_stream(root / params.data.out_dir, period)  # this period's rows and every label name
         report = run_dreaming(params, root, period, stream, plan)
         _write_dreaming_metrics(params, root, period, report)
@@ -90,7 +87,7 @@ def sleep(period: int, params_path: str = "params.yaml") -> dict:
     whole transaction back, so the stream (an I/O task with retries) is read before.
     """
     params, root = _setup(params_path)
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         return run_sleep(params, root, period)
 
 
@@ -109,13 +106,7 @@ def check_sleep(params_path: str, period: int, stage: str) -> None:
     """What the sleep after ``period`` reads, checked before its flow starts (a DataError or CheckpointError
     naming the file): the period is a task of the prepared stream, and the state the stage starts from opens."""
     params, root = _setup(params_path)
-    check_period(root / params.data.out_dir, period)
-    if stage == "dream":
-        check_state(params, root, consolidated_state_dir(params, root, period),
-                    f"dreaming after period {period} starts from its consolidation; run sleep --stage consolidate first")
-    else:
-        check_state(params, root, wake_state_dir(params, root, period),
-                    f"the sleep after period {period} starts from its wake; run wake --period {period} first")
+    check_sleep_inputs(params, root, period, stage)
 
 
 @reporting_errors("lm-sleep sleep")

@@ -10,12 +10,10 @@ from prefect import flow
 
 from flows.errors import reporting_errors
 from flows.locked import run_locked
-from model.checkpoint import check_state
 from model.config import Params, load_params
-from model.data import check_period
-from model.io import exclusive
 from tasks.caching import outputs_match
-from tasks.wake import read_stream, sleep_state_dir, timings_path, train_wake_period, wake_state_dir, write_metrics
+from tasks.guards import check_wake_inputs, lifecycle_lock
+from tasks.wake import read_stream, timings_path, train_wake_period, wake_state_dir, write_metrics
 
 
 def run_wake(params: Params, root: Path, period: int) -> dict:
@@ -32,7 +30,7 @@ def wake(period: int, params_path: str = "params.yaml") -> dict:
     """Train the memory levels on period ``period`` of the stream (from the previous sleep's state)."""
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    with exclusive(root / params.lifecycle.state_root, "lifecycle run"):
+    with lifecycle_lock(params, root):
         metrics = run_wake(params, root, period)
         write_metrics(root / params.wake.metrics_dir / f"period-{period}.json", metrics,
                       timings_path(params, root, "wake", period))
@@ -44,10 +42,7 @@ def check_wake(params_path: str, period: int) -> None:
     the file): the period is a task of the prepared stream, and the state it starts from opens."""
     params = load_params(params_path)
     root = Path(params_path).resolve().parent
-    check_period(root / params.data.out_dir, period)
-    if period > 0:
-        check_state(params, root, sleep_state_dir(params, root, period - 1),
-                    f"wake period {period} starts from the sleep after period {period - 1}; run that sleep first")
+    check_wake_inputs(params, root, period)
 
 
 @reporting_errors("lm-sleep wake")

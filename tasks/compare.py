@@ -58,6 +58,11 @@ class Comparison:
     long_context: LongContextConfig | None = None  # kind long_context: the documents (evaluation.quick's merged in)
 
 
+def is_baseline(method: str) -> bool:
+    """Whether ``method`` is one of the baselines (trained by ``model.comparison.run_baseline``, not a lifecycle)."""
+    return method in BASELINES
+
+
 def resolve_comparison(params: Params, name: str, quick: bool = False, methods: list[str] | None = None) -> Comparison:
     """The comparison ``name`` of params (with ``evaluation.quick`` applied when ``quick``)."""
     known = params.evaluation.comparisons

@@ -90,7 +90,7 @@ def _fetch(src: str, scratch: Path) -> Path:
 
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from tasks.store import S3Store, StoreError
+    from store import S3Store, StoreError
 
     bucket, _, key = src[len("s3://"):].partition("/")
     if not bucket or not key:
@@ -226,6 +226,11 @@ def read_open_period(params: Params, root: Path) -> dict[str, Any] | None:
     return read_ledger(inbox_dir(params, root) / LEDGER_FILE).open_period()
 
 
+def last_ledger_period(params: Params, root: Path) -> dict[str, Any]:
+    """The ledger's last period (its batches, records and state digests)."""
+    return read_ledger(inbox_dir(params, root) / LEDGER_FILE).periods[-1]
+
+
 def state_digests(params: Params, root: Path, period: int) -> dict[str, str]:
     """The digests of ``period``'s three states (the SHA-256 of each manifest, which lists its files' digests)."""
     from tasks.caching import state_digest
@@ -354,7 +359,7 @@ INBOX_CODE = (
     "flows/intake.py", "flows/wake.py", "flows/sleep.py", "flows/evaluate.py", "tasks/intake.py", "tasks/wake.py",
     "tasks/sleep.py", "tasks/dream.py", "tasks/dream_gate.py", "tasks/trials.py", "tasks/evaluate.py",
     "tasks/expectations.py", "tasks/caching.py", "tasks/prepare.py", "model/intake.py", "model/data.py",
-    "model/cms.py", "model/checkpoint.py", "model/prototypes.py", "model/config.py", "model/consolidation.py",
+    "model/cms.py", "model/checkpoint.py", "model/prototypes.py", "model/config", "model/consolidation.py",
     "model/dreaming.py", "model/dream_checks.py", "model/forward.py", "model/io.py", "model/knowledge.py",
     "model/loading.py", "model/losses.py", "model/merging.py", "model/rehearsal.py", "model/rewards.py",
     "model/routing.py", "model/sampling.py", "model/trials.py", "model/wake.py",

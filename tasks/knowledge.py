@@ -30,7 +30,7 @@ from model.config import DreamGateConfig, KnowledgeConfig, Params
 from model.data import DataError
 from model.dream_policy import POLICY_JSON, DreamPolicyError, load_policy, read_policy, save_policy
 from model.dreaming import task_from_passage
-from model.incorporation import METHODS, GateFn, Learned, fresh_fast_expert, run_continued, run_single
+from model.incorporation import METHODS, TRAINED_POLICY_METHODS, GateFn, Learned, fresh_fast_expert, run_continued, run_single
 from model.io import append_line, atomic_path, exclusive, read_keyed_lines, write_json, write_lines
 from model.knowledge import Passage, select_passages
 from model.policy_training import train_policy
@@ -293,4 +293,9 @@ def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
     return result
 
 
-__all__ = ["POLICY_DIR", "PROGRESS_FILE", "policy_dir", "train_dream_policy", "training_passages", "gate_function", "knowledge_run_key", "prepare_passages", "run_knowledge_method"]
+def trains_a_policy(method: str) -> bool:
+    """Whether ``method`` first trains a dream policy over the training pool (ReST-EM, once per seed)."""
+    return method in TRAINED_POLICY_METHODS
+
+
+__all__ = ["POLICY_DIR", "PROGRESS_FILE", "policy_dir", "train_dream_policy", "trains_a_policy", "training_passages", "gate_function", "knowledge_run_key", "prepare_passages", "run_knowledge_method"]

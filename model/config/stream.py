@@ -1,0 +1,61 @@
+"""The class-incremental stream (source and split) and the wake (paper eq. 2)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from model.config.base import Section
+
+
+class SourceConfig(Section):
+    """A labelled text dataset on disk: CLINC150's JSON or any CSV/JSON/JSONL table."""
+
+    path: str = "data/raw/clinc150/data_full.json"
+    format: Literal["clinc150", "csv", "json", "jsonl"] = "clinc150"
+    text_field: str = "text"
+    label_field: str = "label"
+    split_field: str | None = Field(
+        None, description="Column naming each row's split (train/test); null = split by seed."
+    )
+    exclude_labels: list[str] = Field(default_factory=lambda: ["oos"])
+    max_text_chars: int = Field(
+        20_000, ge=16, le=10_000_000, description="A row whose text is longer is an error naming the file and row "
+        "(an enormous row would be tokenised, batched and dreamt about: memory, not learning).",
+    )
+
+
+class DataConfig(Section):
+    """The class-incremental stream built by the ``prepare`` stage (docs/design.md §5)."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    n_tasks: int = Field(3, ge=1)
+    labels_per_task: int = Field(5, ge=1)
+    train_per_label: int = Field(20, ge=1)
+    test_per_label: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    out_dir: str = "data/processed"
+
+
+class WakeConfig(Section):
+    """Online learning of the CMS during a wake period."""
+
+    template: str = Field("{text} -> {label}", description="How an example is written; needs {text} and {label}.")
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_length: int = Field(64, ge=4)
+    eval_batch_size: int = Field(64, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    threads: int = Field(2, ge=1)
+    state_dir: str = "state/wake"
+    metrics_dir: str = Field("metrics/wake", description="Training metrics, one JSON per period.")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{text}" not in v or "{label}" not in v:
+            raise ValueError("template must contain {text} and {label}")
+        if not v.rstrip().endswith("{label}"):
+            raise ValueError("template must end with {label} (the label is the scored continuation)")
+        return v
