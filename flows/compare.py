@@ -49,13 +49,11 @@ from tasks.compare import (
     run_params,
     write_run_params,
 )
-from tasks.compare_report import write_comparison_report
+from tasks.report import write_comparison_report, write_knowledge_report, write_long_context_report
 from tasks.expectations import StreamValidationError
 from tasks.guards import locked
 from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy, trains_a_policy
-from tasks.knowledge_report import write_knowledge_report
 from tasks.long_context import partial_result, prepare_documents, run_long_context_method
-from tasks.long_context_report import write_long_context_report
 
 
 @flow(name="compare", log_prints=True)

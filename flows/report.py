@@ -15,7 +15,8 @@ from prefect import flow
 
 from model.config import ConfigError, load_params
 from tasks.evaluate import summarise_cycles
-from tasks.report import ReportError, print_summary_table, report_task
+from reporting import ReportError, print_summary_table
+from tasks.report import report_task
 
 
 @flow(name="report", log_prints=True)

@@ -34,12 +34,12 @@ from model.checkpoint import CheckpointError, MANIFEST_FILE, read_manifest
 from model.config import Params
 from model.io import sha256_file
 
-CODE_PACKAGES = ("model", "tasks")
+CODE_PACKAGES = ("model", "reporting", "tasks")
 
 
 @lru_cache(maxsize=1)
 def code_digest() -> str:
-    """SHA-256 over the source of every module in ``model/`` and ``tasks/`` (path and bytes)."""
+    """SHA-256 over the source of every module in ``model/``, ``reporting/`` and ``tasks/`` (path and bytes)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for pkg in CODE_PACKAGES:

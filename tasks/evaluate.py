@@ -188,7 +188,7 @@ def summarise_cycles(params: Params, root: Path) -> dict:
         if row is None:
             break
         if not isinstance(row, dict) or not isinstance(row.get("accuracy"), dict):
-            from tasks.report import ReportError  # noqa: PLC0415 (matplotlib only where a report is made)
+            from reporting import ReportError  # noqa: PLC0415 (matplotlib only where a report is made)
 
             raise ReportError(f"{path.relative_to(root)}: expected an object with an 'accuracy' mapping")
         periods.append(row)

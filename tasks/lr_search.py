@@ -26,7 +26,7 @@ from model.config import ConfigError, Params, cms_lr_overrides, merge_overrides
 from model.continual import accuracy_matrix, final_average_accuracy, forgetting
 from model.io import atomic_dir, write_json, write_text
 from tasks.compare import Comparison, development_overrides, resolve_comparison
-from tasks.report import COLORS, save_png
+from reporting import COLORS, save_png
 
 NAME = "lr-search"
 

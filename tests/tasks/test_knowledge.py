@@ -55,7 +55,7 @@ def _run(method: str, seed: int, taus: list[float], tokens: list[int] | None = N
 
 
 def test_issue_14_checks_pair_by_passage_and_divide_by_dream_tokens():
-    from tasks.knowledge_report import early_checks, paired_checks
+    from reporting.knowledge import early_checks, paired_checks
 
     ft = [-5.0, -4.0, -6.0, -5.5]
     results = [_run("passage_finetune", 0, ft),

@@ -26,13 +26,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from model.config import METHODS, STORES_RAW_DATA, Params
-from model.continual import DIAGNOSTIC_STATES, accuracy_matrix, backward_transfer, final_average_accuracy, forgetting, mean_ci, paired_difference_ci
+from model.continual import DIAGNOSTIC_STATES, accuracy_matrix, backward_transfer, final_average_accuracy, forgetting
 from model.io import atomic_dir, write_json, write_text
-from tasks.report import COLORS, figure_style, save_png
+from reporting.common import ci_summary, format_ci, paired_ci
+from reporting.figures import COLORS, figure_style, save_png
 
 METRICS = ("final_accuracy", "forgetting", "backward_transfer")
 
@@ -42,12 +41,6 @@ def run_metrics(result: dict, n_tasks: int) -> dict[str, Any]:
     R = accuracy_matrix(result["accuracy"], n_tasks)
     return {"matrix": R, "final_accuracy": final_average_accuracy(R), "forgetting": forgetting(R),
             "backward_transfer": backward_transfer(R)}
-
-
-def ci_summary(values: Sequence[float]) -> dict[str, float | None]:
-    """{mean, low, high}: the mean and its 95% Student-t CI (bounds None for a single value)."""
-    m, lo, hi = mean_ci(values)
-    return {"mean": m, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
 
 
 def summarise(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
@@ -118,18 +111,6 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
     return out
 
 
-def paired_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
-    """a - b paired: {mean, low, high} with a 95% CI (low/high None where it is undefined, e.g. one pair)."""
-    d, lo, hi = paired_difference_ci(a, b)
-    return {"mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
-
-
-def error_bars(cs: Sequence[dict[str, float | None]]) -> list[list[float]]:
-    """Matplotlib's asymmetric error bars from {mean, low, high} (0 where the CI is undefined)."""
-    return [[0 if c["low"] is None else c["mean"] - c["low"] for c in cs],
-            [0 if c["high"] is None else c["high"] - c["mean"] for c in cs]]
-
-
 def _paired_gap(summary: dict[str, Any], a: str, b: str, metric: str) -> dict[str, Any] | None:
     """``a`` - ``b`` in ``metric``, paired over the seeds both ran: mean, 95% CI, seeds (None: no common seed)."""
     x = dict(zip(summary[a]["seeds"], summary[a]["per_seed"][metric]))
@@ -138,13 +119,6 @@ def _paired_gap(summary: dict[str, Any], a: str, b: str, metric: str) -> dict[st
     if not common:
         return None
     return {"other": b, **paired_ci([x[s] for s in common], [y[s] for s in common]), "seeds": common}
-
-
-def format_ci(c: dict[str, float | None], digits: int = 3) -> str:
-    """``mean [low, high]`` (just the mean when the CI is undefined)."""
-    if c["low"] is None:
-        return f"{c['mean']:.{digits}f}"
-    return f"{c['mean']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
 
 
 def markdown(name: str, description: str, summary: dict[str, Any], target: dict[str, Any], seeds: Sequence[int],
@@ -361,7 +335,6 @@ def plot_task_accuracy(summary: dict[str, Any]) -> Figure:
     return fig
 
 
-@task(cache_policy=NO_CACHE)
 def write_comparison_report(params: Params, root: Path, comp: Any, results: list[dict]) -> dict[str, Any]:
     """Write ``reports/<name>/`` as a whole, atomically; return the summary."""
     name = comp.name + ("-quick" if comp.quick else "")

@@ -27,13 +27,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from model.config import LONG_CONTEXT_METHODS, Params
 from model.io import atomic_dir, write_json, write_text
-from tasks.compare_report import ci_summary, error_bars, format_ci, paired_ci
-from tasks.report import COLORS, figure_style, save_png
+from reporting.common import ci_summary, error_bars, format_ci, paired_ci
+from reporting.figures import COLORS, figure_style, save_png
 
 #: The methods in report order (model/long_context_methods.py METHODS, not imported: it loads torch).
 METHODS = ("in_context", "retrieval", "finetune", "cms", "sleep_1", "sleep_2", "sleep_3")
@@ -308,7 +306,6 @@ def frames(results: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, acc
 
 
-@task(cache_policy=NO_CACHE)
 def write_long_context_report(params: Params, root: Path, comp: Any, results: list[dict]) -> dict[str, Any]:
     """Write ``reports/<name>/`` of a long-context comparison as a whole, atomically; return the summary."""
     name = comp.name + ("-quick" if comp.quick else "")

@@ -1,4 +1,4 @@
-"""The long-context report (tasks/long_context_report.py): means, paired targets, files."""
+"""The long-context report (reporting/long_context.py): means, paired targets, files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 
 from model.config import load_params
-from tasks.long_context_report import (METHODS, summarise_long_context, target_checks,
-                                       write_long_context_report)
+from reporting.long_context import METHODS, summarise_long_context, target_checks, write_long_context_report
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [0, 1]
@@ -105,7 +104,7 @@ def test_report_files(tmp_path, capsys):
     comp = SimpleNamespace(name="babilong", quick=True, description="Facts hidden in long documents.",
                            methods=list(METHODS), seeds=SEEDS,
                            long_context=SimpleNamespace(lengths=LENGTHS, window=1024))
-    out = write_long_context_report.fn(params, tmp_path, comp, results)
+    out = write_long_context_report(params, tmp_path, comp, results)
     report = tmp_path / params.evaluation.reports_dir / "babilong-quick"
     assert out["report"] == str(report / "README.md")
     for f in ("README.md", "metrics.json", "results.json", "runs.csv", "accuracy.csv", "plots/accuracy_by_length.png"):

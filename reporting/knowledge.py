@@ -25,14 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from model.config import KNOWLEDGE_METHODS, Params
 from model.incorporation import MEASURES
 from model.io import atomic_dir, write_json, write_text
-from tasks.compare_report import ci_summary, error_bars, format_ci, paired_ci
-from tasks.report import COLORS, figure_style, save_png
+from reporting.common import ci_summary, error_bars, format_ci, paired_ci
+from reporting.figures import COLORS, figure_style, save_png
 
 LABELS = {"em": "exact match", "f1": "token F1", "tau": "tau (answer log-lik / token)"}
 
@@ -327,14 +325,13 @@ def plot_tau_curve(results: Sequence[dict], methods: Sequence[str]) -> Figure:
     return fig
 
 
-@task(cache_policy=NO_CACHE)
-def write_knowledge_report(params: Params, root: Path, comp: Any, results: list[dict]) -> dict[str, Any]:
+def write_knowledge_report(params: Params, root: Path, comp: Any, results: list[dict],
+                           comparison_dir: Path) -> dict[str, Any]:
     """Write ``reports/<name>/`` of a knowledge comparison as a whole, atomically; return the summary.
 
-    The dream policy's training (method passage_sleep_trained) is read from the comparison's directory."""
-    from tasks.compare import comparison_dir
-
-    policies = read_policies(comparison_dir(params, root, comp), comp.seeds)
+    The dream policy's training (method passage_sleep_trained) is read from ``comparison_dir``, the
+    comparison's directory (its runs)."""
+    policies = read_policies(comparison_dir, comp.seeds)
     rounds = policy_rounds_frame(policies)
     checks = (paired_checks(results, comp.seeds) if comp.knowledge.mode == "single"
               else {"tau": early_checks(results, comp.seeds), "per_token": None})

@@ -1,10 +1,11 @@
-"""The class-incremental comparison's target check (tasks/compare_report.py), on hand-made summaries."""
+"""The class-incremental comparison's target check (reporting/comparison.py), on hand-made summaries."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.compare_report import ci_summary, target_check
+from reporting.common import ci_summary
+from reporting.comparison import target_check
 
 
 def _summary(per_seed: dict[str, tuple[list[float], list[float]]]) -> dict:
