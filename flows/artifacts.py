@@ -1,6 +1,6 @@
 """``lm-sleep artifacts``: list, fetch and open runs in the artifact store; DVC's remote on its bucket.
 
-The store is the one ``tasks.store.store_from_env`` picks (S3 when ``LM_SLEEP_S3_BUCKET``
+The store is the one ``store.store_from_env`` picks (S3 when ``LM_SLEEP_S3_BUCKET``
 is set, else ``artifacts/``). Mount the commands with :func:`add_artifacts_parser`, or run
 ``python -m flows.artifacts {list,fetch,open,flush,dvc-remote} ...``.
 """
@@ -13,7 +13,7 @@ import webbrowser
 from pathlib import Path
 from typing import Any
 
-from tasks.store import (
+from store import (
     ArtifactStore,
     PublishResult,
     S3Store,

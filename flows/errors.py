@@ -28,12 +28,12 @@ def debugging() -> bool:
 def expected(err: BaseException) -> bool:
     """A failure whose message is complete: a UserError, or an artifact-store error.
 
-    ``tasks.store`` imports Prefect, so it is looked up only if something already imported it
-    (otherwise the error cannot be one of its classes).
+    ``store.errors`` is looked up only if something already imported it (otherwise the error
+    cannot be one of its classes), so the command line does not import the store to check.
     """
     if isinstance(err, UserError):
         return True
-    store = sys.modules.get("tasks.store")
+    store = sys.modules.get("store.errors")
     return store is not None and isinstance(err, store.StoreError)
 
 

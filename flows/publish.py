@@ -1,7 +1,7 @@
 """The publish flow: every evaluated cycle of a lifecycle run to the artifact store, with the report.
 
 The store is the local ``artifacts/`` directory unless ``LM_SLEEP_S3_BUCKET`` is set (see
-``tasks/store.py``). Uploads that fail stay queued and go out with the next publish.
+the ``store`` package). Uploads that fail stay queued and go out with the next publish.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prefect task that publishes a cycle to the artifact store (thin: the store is ``tasks/store.py``).
+"""Prefect task that publishes a cycle to the artifact store (thin: the store is the ``store`` package).
 
 What a cycle publishes, under ``runs/<RUN_ID>/cycle-<N>/``:
 
@@ -24,8 +24,9 @@ from prefect.cache_policies import NO_CACHE
 
 from model.checkpoint import EXPERTS_FILE, MANIFEST_FILE, read_manifest
 from model.config import Params
+from store import experts_from_manifest, publish_cycle_from_env
 from tasks.report import REPORT_DIR
-from tasks.store import experts_from_manifest, upload_cycle_artifacts
+from tasks.store import run_logger
 from tasks.wake import sleep_state_dir
 
 RUN_ID_ENV = "LM_SLEEP_RUN_ID"
@@ -91,5 +92,5 @@ def cycle_summary(params: Params, root: Path, period: int) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def publish_cycle_artifacts(params: Params, root: Path, period: int, run_id: str) -> dict[str, Any]:
     """Publish one evaluated cycle; a store failure is logged and the files stay queued for the next run."""
-    return upload_cycle_artifacts.fn(root, run_id, period, cycle_files(params, root, period),
-                                     cycle_summary(params, root, period))
+    return publish_cycle_from_env(root, run_id, period, cycle_files(params, root, period),
+                                  cycle_summary(params, root, period), log=run_logger())

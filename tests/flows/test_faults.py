@@ -58,7 +58,7 @@ def prepared(tmp_path_factory, prefect_server) -> Path:
     root = tmp_path_factory.mktemp("prepared")
     params = toy_project(root)
     edit_params(params, "consolidation", steps=10)
-    edit_params(params, "lifecycle", publish=False)  # uploads killed mid-way: tests/tasks/test_store.py
+    edit_params(params, "lifecycle", publish=False)  # uploads killed mid-way: tests/store/test_store.py
     prepare(str(params))
     return root
 

@@ -26,7 +26,7 @@ import yaml
 
 from tests.flows.helpers import stop
 from tests.flows.test_lifecycle_flow import toy_project
-from tests.tasks.conftest import moto_endpoint  # noqa: F401 (the fixture)
+from tests.store.conftest import moto_endpoint  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
 

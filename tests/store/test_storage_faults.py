@@ -4,7 +4,7 @@ a full disk, and a rerun that must not publish anything new.
 Each case ends with every artifact either uploaded and verified (its bytes fetched back against
 the recorded SHA-256) or waiting in the outbox, a one-line message, and `lm-sleep artifacts flush`
 finishing the job once the fault is gone. S3 is a real moto server on 127.0.0.1 behind
-:class:`tests.tasks.faultproxy.FaultProxy` (an endpoint that goes away and comes back on the same
+:class:`tests.store.faultproxy.FaultProxy` (an endpoint that goes away and comes back on the same
 port, or answers some requests with errors); the full disk is a small tmpfs the test mounts.
 """
 
@@ -21,7 +21,7 @@ import yaml
 
 from flows.artifacts import main as artifacts_main
 from model.io import DiskFullError, sha256_file, write_json
-from tasks.store import (
+from store import (
     LocalStore,
     Outbox,
     OutOfSpaceError,
@@ -32,8 +32,8 @@ from tasks.store import (
     outbox_for,
     publish_cycle,
 )
-from tests.tasks.faultproxy import FaultProxy
-from tests.tasks.test_store import FAST, RUN, cycle_files, cycle_keys, no_partials, summary
+from tests.store.faultproxy import FaultProxy
+from tests.store.test_store import FAST, RUN, cycle_files, cycle_keys, no_partials, summary
 
 ENV = {"LM_SLEEP_S3_PREFIX": "lm-sleep"}
 
@@ -187,7 +187,7 @@ def plant_cycle(params_path: Path, period: int) -> None:
     from model.checkpoint import FORMAT_VERSION
     from model.config import load_params
     from tasks.wake import sleep_state_dir
-    from tests.tasks.test_store import MANIFEST
+    from tests.store.test_store import MANIFEST
 
     root, params = params_path.parent, load_params(params_path)
     state = sleep_state_dir(params, root, period)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from flows.artifacts import cmd_dvc_remote, cmd_fetch, cmd_list, cmd_open, main
 from model.io import sha256_file
-from tasks.store import (
+from store import (
     AccessDeniedError,
     ArtifactStore,
     IntegrityError,
@@ -35,15 +35,14 @@ from tasks.store import (
     experts_from_manifest,
     get_bytes,
     publish_cycle,
-    render_run_index,
-    render_runs_index,
     store_from_env,
-    upload_cycle_artifacts,
     validate_key,
     validate_run_id,
-    with_retries,
 )
-from tests.tasks.conftest import free_port
+from store.index import render_run_index, render_runs_index
+from store.retry import with_retries
+from tasks.store import upload_cycle_artifacts
+from tests.store.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
@@ -223,9 +222,9 @@ def test_retries_back_off_then_give_up_with_the_last_error() -> None:
         return "ok"
 
     def translate(e: Exception) -> Exception:
-        from tasks.store import _Transient
+        from store.retry import Transient
 
-        return _Transient(UnreachableError(f"cannot reach: {e}"))
+        return Transient(UnreachableError(f"cannot reach: {e}"))
 
     assert with_retries(flaky, FAST, translate) == "ok" and len(calls) == 3
     with pytest.raises(UnreachableError, match="after 2 attempts"):
@@ -472,7 +471,7 @@ def test_kill_9_during_an_upload_then_a_rerun_ends_in_the_same_state(
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"files": {k: str(v) for k, v in files.items()}, "summary": summary(0)}))
     script = (
-        "import json, sys; from tasks.store import *; s = json.load(open(sys.argv[1])); "
+        "import json, sys; from store import *; s = json.load(open(sys.argv[1])); "
         f"publish_cycle(S3Store({bucket!r}, 'lm-sleep', endpoint_url={proxy.url!r}), {RUN!r}, 0, s['files'], "
         f"s['summary'], Outbox({str(outbox_dir)!r}))"
     )
