@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from checks import gate_dreams, validate_dreams  # noqa: E402
 from model.checkpoint import open_memory_model  # noqa: E402
 from model.cms import ExpertInfo  # noqa: E402
 from model.config import load_params  # noqa: E402
@@ -54,7 +55,6 @@ from model.dreaming import dream_about, promote, task_from_passage  # noqa: E402
 from model.grading import mean_ci95  # noqa: E402
 from model.incorporation import evaluate_passage, learn_passage_finetune  # noqa: E402
 from model.knowledge import load_passages  # noqa: E402
-from tasks.dream_gate import gate_dreams, validate_dreams  # noqa: E402
 
 CONDITIONS = ("base", "passage_ft", "promoted_dreams", "all_dreams")
 

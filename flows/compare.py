@@ -26,6 +26,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from checks import StreamValidationError
 from flows.evaluate import evaluate
 from flows.sleep import sleep
 from flows.wake import wake
@@ -50,7 +51,6 @@ from tasks.compare import (
     write_run_params,
 )
 from tasks.report import write_comparison_report, write_knowledge_report, write_long_context_report
-from tasks.expectations import StreamValidationError
 from tasks.guards import locked
 from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy, trains_a_policy
 from tasks.long_context import partial_result, prepare_documents, run_long_context_method

@@ -1,7 +1,7 @@
 """Derived columns the dream gate checks (docs/design.md §3 step 5), computed with rapidfuzz.
 
 Pure pandas: the Great Expectations suite that reads these columns lives in
-``tasks/dream_gate.py``. Scores are rapidfuzz similarities in [0, 100]:
+``checks/dreams.py``. Scores are rapidfuzz similarities in [0, 100]:
 
 ``dup_score``
     For each dream, the highest ``rapidfuzz.fuzz.ratio`` (normalised Indel

@@ -24,7 +24,7 @@ own, on only while dreams are sampled, kept in the state from sleep to sleep, so
 updates carry to the next sleep and never touch the memory that answers. Without one
 (``no_dream_policy``) the generator is the memory model and ReST-EM trains the fast level
 (a fresh fast expert is unlocked if the last consolidation freed the level). After the
-rounds, the dream table goes through the data gate (``tasks/dream_gate.py``); dreams
+rounds, the dream table goes through the data gate (``checks/dreams.py``); dreams
 that pass every check *and* were rewarded are promoted and trained into the fast level
 by :func:`model.sft.train_on_pairs`.
 
@@ -273,7 +273,7 @@ def try_dreams(
 
 @dataclass
 class DreamRow:
-    """One dream of the dream table (see tasks/dream_gate.py for the checks)."""
+    """One dream of the dream table (see checks/dreams.py for the checks)."""
 
     dream_id: str
     period: int

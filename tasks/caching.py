@@ -34,7 +34,7 @@ from model.checkpoint import CheckpointError, MANIFEST_FILE, read_manifest
 from model.config import Params
 from model.io import sha256_file
 
-CODE_PACKAGES = ("model", "reporting", "tasks")
+CODE_PACKAGES = ("checks", "model", "reporting", "tasks")
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from prefect import get_run_logger, task
 
+from checks import gate_dream_table
 from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
 from model.consolidation import fold_dreams
@@ -27,7 +28,6 @@ from model.io import atomic_dir, atomic_path
 from model.knowledge import load_passages
 from model.rewards import SemanticJudge
 from model.wake import split_template
-from tasks.dream_gate import gate_dream_table
 from model.data import PASSAGE_LABEL, PLAN_FILE, task_file
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.trials import trial_step
@@ -178,7 +178,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     report_dir = root / cfg.reports_dir / f"period-{period}"
     tables = {name: root / cfg.dreams_dir / f"period-{period}-{name}.parquet" for name in ("dreams", "promoted")}
     with writing_outputs(report_dir, *tables.values(), out):
-        gated = gate_dream_table.fn(pd.DataFrame([asdict(r) for r in rows]), cfg.gate, report_dir)
+        gated = gate_dream_table(pd.DataFrame([asdict(r) for r in rows]), cfg.gate, report_dir)
         promoted = gated[gated["promoted"]]
         losses = promote(
             loaded.model, loaded.tokenizer, cms, {t.context_id: t for t in tasks},

@@ -18,6 +18,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from checks import failing_rows
 from model.config import IntakeConfig, Params
 from model.data import PASSAGE_LABEL, PLAN_FILE, STREAM_COLUMNS, DataError, load_stream
 from model.intake import (
@@ -31,7 +32,6 @@ from model.intake import (
     split_batch,
 )
 from model.io import atomic_path, exclusive, sha256_file, write_json, write_text
-from tasks.expectations import failing_rows
 from tasks.prepare import write_stream_files
 
 BATCHES, QUARANTINE, STREAM = "batches", "quarantine", "stream"
@@ -357,8 +357,8 @@ INBOX_PIPELINE = Path("pipelines/inbox/dvc.yaml")
 #: The code an inbox period runs: a change to it makes every period's stage stale, as in dvc.yaml.
 INBOX_CODE = (
     "flows/intake.py", "flows/wake.py", "flows/sleep.py", "flows/evaluate.py", "tasks/intake.py", "tasks/wake.py",
-    "tasks/sleep.py", "tasks/dream.py", "tasks/dream_gate.py", "tasks/trials.py", "tasks/evaluate.py",
-    "tasks/expectations.py", "tasks/caching.py", "tasks/prepare.py", "model/intake.py", "model/data.py",
+    "tasks/sleep.py", "tasks/dream.py", "checks", "tasks/trials.py", "tasks/evaluate.py",
+    "tasks/caching.py", "tasks/prepare.py", "model/intake.py", "model/data.py",
     "model/cms.py", "model/checkpoint.py", "model/prototypes.py", "model/config", "model/consolidation.py",
     "model/dreaming.py", "model/dream_checks.py", "model/forward.py", "model/io.py", "model/knowledge.py",
     "model/loading.py", "model/losses.py", "model/merging.py", "model/rehearsal.py", "model/rewards.py",

@@ -9,7 +9,7 @@ the passage it was on. A continued run also saves its memory state after every
 passage (``state/``, its manifest records how many passages it has learned). The
 dream tables of ``sleep`` and ``base_dreams`` go to ``dreams/passage-<i>.parquet``.
 The ML is ``model/incorporation.py``; the dream gate (Great Expectations) is
-``tasks/dream_gate.py``, passed in as a function.
+``checks/dreams.py``, passed in as a function.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 from prefect.cache_policies import NO_CACHE
 
+from checks import gate_dreams, validate_dreams
 from model.checkpoint import CheckpointError, load_state, open_memory_model, read_manifest, save_state
 from model.config import DreamGateConfig, KnowledgeConfig, Params
 from model.data import DataError
@@ -35,7 +36,6 @@ from model.io import append_line, atomic_path, exclusive, read_keyed_lines, writ
 from model.knowledge import Passage, select_passages
 from model.policy_training import train_policy
 from tasks.compare import RESULT_FILE, Comparison, cached_result, run_key
-from tasks.dream_gate import gate_dreams, validate_dreams
 
 PROGRESS_FILE = "progress.jsonl"
 STATE_DIR = "state"
@@ -87,7 +87,7 @@ def _save_dreams(rdir: Path, index: int, learned: Learned) -> None:
 
 
 def gate_function(cfg: DreamGateConfig) -> GateFn:
-    """The sleep method's gate: the dream gate's Great Expectations suite (tasks/dream_gate.py)."""
+    """The sleep method's gate: the dream gate's Great Expectations suite (checks/dreams.py)."""
     return lambda table: gate_dreams(table, validate_dreams(table, cfg))
 
 

@@ -1,6 +1,6 @@
 """Prefect tasks of the ``prepare`` stage: load, build, validate and write the stream.
 
-The work is done by ``model.data`` and ``tasks.expectations``; these wrappers
+The work is done by ``model.data`` and ``checks``; these wrappers
 add retries (for file I/O only) and write the validation report and the stream files.
 """
 
@@ -15,10 +15,10 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
+from checks import StreamValidation, StreamValidationError, validate_stream
 from model.config import DataConfig, SourceConfig
 from model.data import PLAN_FILE, STREAM_FILE, build_stream, load_source, task_file
 from model.io import atomic_path, write_json, write_text
-from tasks.expectations import StreamValidation, StreamValidationError, validate_stream
 
 __all__ = [
     "StreamValidationError",

@@ -390,14 +390,14 @@ DREAM_CASES = {"dream-nan-importance": ("importance", float("nan"), "importance_
 def test_a_bad_dream_is_rejected_by_the_gate_naming_the_check(case: str, tmp_path) -> None:
     """A dream with a NaN importance or an empty text is not an error of the run: the gate rejects that dream,
     its report names the dream and the check, and the other dreams go on."""
-    from tasks.dream_gate import gate_dream_table
+    from checks import gate_dream_table
     from tests.tasks.test_dream_gate import GATE, _table
 
     column, value, check = DREAM_CASES[case]
     dreams = _table()
     bad_id = dreams["dream_id"].iloc[0]  # a rewarded dream: it would have been promoted
     dreams.loc[dreams["dream_id"] == bad_id, column] = value
-    gated = gate_dream_table.fn(dreams, GATE, tmp_path)
+    gated = gate_dream_table(dreams, GATE, tmp_path)
     row = gated.set_index("dream_id").loc[bad_id]
     assert not row["gate_passed"] and row["failed_checks"] == check and not row["promoted"]
     assert gated.loc[gated["dream_id"] != bad_id, "gate_passed"].all()

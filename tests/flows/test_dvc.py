@@ -44,7 +44,7 @@ SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping", re.M)
 def make_project(root: Path) -> Path:
     """A git + DVC repository holding this checkout's pipeline (code, dvc.yaml, DVC config and plot
     templates) and the toy project's params and data, committed; returns ``root``."""
-    for name in ("model", "store", "reporting", "tasks", "flows"):
+    for name in ("model", "checks", "store", "reporting", "tasks", "flows"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root)
     params_path = toy_project(root, "data/raw/toy.csv")  # data/raw: a dependency of prepare and dream

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from checks import StreamValidation, StreamValidationError, validate_stream
 from model.config import DataConfig, SourceConfig
 from model.data import DataError, build_stream, load_source, load_stream
 from model.io import sha256_file
-from tasks.expectations import StreamValidation, StreamValidationError, validate_stream
 from tasks.prepare import check_and_report_stream
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from checks import DreamValidation, StreamValidation
 from model.config import OUTPUT_PATHS, ConfigError, load_params
-from tasks.dream_gate import DreamValidation
-from tasks.expectations import StreamValidation
 from store import InvalidKeyError, LocalStore, Outbox, publish_cycle, validate_run_id
 
 # Each would set body[data-pwned] if a browser ran it; `"` and `'` try to leave an attribute, `javascript:` a link.

@@ -11,17 +11,10 @@ import pandas as pd
 import pytest
 from rapidfuzz import fuzz
 
-import tasks.dream_gate
+import checks.dreams
+from checks import CHECKS, DreamGateError, DreamValidation, gate_dream_table, gate_dreams, validate_dreams
 from model.config import DreamGateConfig
 from model.dream_checks import CHECK_COLUMNS, DREAM_COLUMNS, add_check_columns, dup_scores
-from tasks.dream_gate import (
-    CHECKS,
-    DreamGateError,
-    DreamValidation,
-    gate_dream_table,
-    gate_dreams,
-    validate_dreams,
-)
 
 GATE = DreamGateConfig()  # tokens in [8, 512], near-duplicate at 90, copy at 95
 
@@ -327,7 +320,7 @@ def test_missing_text_column_is_reported_not_raised() -> None:
 
 def test_every_dream_rejected_is_a_normal_outcome(tmp_path: Path) -> None:
     df = _table().assign(n_tokens=1)
-    gated = gate_dream_table.fn(df, GATE, tmp_path)
+    gated = gate_dream_table(df, GATE, tmp_path)
     assert not gated["gate_passed"].any() and not gated["promoted"].any()
     assert (gated["failed_checks"] == "length_bounds").all()
     report = json.loads((tmp_path / "gate.json").read_text(encoding="utf-8"))
@@ -341,13 +334,13 @@ def test_every_dream_rejected_is_a_normal_outcome(tmp_path: Path) -> None:
 def test_an_expectation_that_raises_is_a_gate_error_naming_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
     import great_expectations as gx
 
-    real = tasks.dream_gate._expectations
+    real = checks.dreams._expectations
 
     def with_broken(gate: DreamGateConfig) -> list[tuple[str, object]]:
         broken = gx.expectations.ExpectColumnValuesToBeBetween(column="no_such_column", min_value=0, max_value=1)
         return [*real(gate), ("reward_valid", broken)]
 
-    monkeypatch.setattr(tasks.dream_gate, "_expectations", with_broken)
+    monkeypatch.setattr(checks.dreams, "_expectations", with_broken)
     df = add_check_columns(_table(), GATE)
     with pytest.raises(DreamGateError, match="'reward_valid'") as err:
         validate_dreams(df, GATE)
@@ -361,7 +354,7 @@ def test_gate_task_writes_reports_listing_rejected_dreams(tmp_path: Path) -> Non
     long_text = "Engineers " + "x" * 200
     df = _set(df, "p0-ctx-steam-1", "text", long_text)
     report_dir = tmp_path / "reports" / "dreams"
-    gated = gate_dream_table.fn(df, GATE, report_dir)
+    gated = gate_dream_table(df, GATE, report_dir)
 
     assert sorted(p.name for p in report_dir.iterdir()) == ["gate.json", "gate.md"]
     row = gated.set_index("dream_id")

@@ -30,7 +30,6 @@ as failed for every dream with its error message, and the report is still writte
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
+from checks.suite import complete_results, exception_message, failing_ids, gx_source, json_value, run_suite
 from model.config import DreamGateConfig
 from model.dream_checks import (
     CHECK_COLUMNS,
@@ -51,17 +49,8 @@ from model.dream_checks import (
     add_check_columns,
 )
 from model.io import write_json, write_text
-from tasks.expectations import (
-    _exception_message,
-    _failing_ids,
-    _gx_source,
-    _json_value,
-    _md,
-    _result_format,
-    _run_suite,
-)
+from reporting import escape_md as _md  # text inert in any Markdown renderer
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 CHECKS: tuple[str, ...] = (
     "schema",
@@ -203,7 +192,7 @@ class DreamValidation:
 
 def _preview(text: Any) -> Any:
     """The first PREVIEW_CHARS characters of a text (non-strings as JSON values)."""
-    return text[:PREVIEW_CHARS] if isinstance(text, str) else _json_value(text)
+    return text[:PREVIEW_CHARS] if isinstance(text, str) else json_value(text)
 
 
 def _preview_md(text: Any) -> str:
@@ -270,10 +259,10 @@ def validate_dreams(df: pd.DataFrame, gate: DreamGateConfig) -> DreamValidation:
         df = add_check_columns(df, gate)
     id_column = ID_COLUMN if ID_COLUMN in df.columns else None
     keys = df[id_column] if id_column else df.index.to_series()
-    all_ids = [_json_value(k) for k in keys]
+    all_ids = [json_value(k) for k in keys]
     entries = _expectations(gate)
-    results = _run_suite(
-        _gx_source("dream_gate"), "dreams", df, entries, _result_format(id_column), suite_name="dream_gate"
+    results = run_suite(
+        gx_source("dream_gate"), "dreams", df, entries, complete_results(id_column), suite_name="dream_gate"
     )
 
     details: list[dict[str, Any]] = []
@@ -286,8 +275,8 @@ def validate_dreams(df: pd.DataFrame, gate: DreamGateConfig) -> DreamValidation:
             "expectation": config.type,
             "column": config.kwargs.get("column"),
             "success": bool(r.success),
-            "error": _exception_message(r.exception_info),
-            "failing_dream_ids": _failing_ids(r, id_column),
+            "error": exception_message(r.exception_info),
+            "failing_dream_ids": failing_ids(r, id_column),
             "observed": json.loads(json.dumps(observed, default=str)) if observed is not None else None,
             "table_level": False,
         })
@@ -323,8 +312,8 @@ def validate_dreams(df: pd.DataFrame, gate: DreamGateConfig) -> DreamValidation:
     dreams = [
         {
             "dream_id": i,
-            "text": _json_value(t),
-            "reward": _json_value(float(rw)),
+            "text": json_value(t),
+            "reward": json_value(float(rw)),
             "failed_checks": [name for name in CHECKS if i in failing_sets[name]],
         }
         for i, t, rw in zip(all_ids, texts, rewards, strict=True)
@@ -353,7 +342,7 @@ def gate_dreams(df: pd.DataFrame, validation: DreamValidation) -> pd.DataFrame:
     keys = df[validation.id_column] if validation.id_column else df.index.to_series()
     failed: list[list[str]] = []
     for k in keys:
-        key = _json_value(k)
+        key = json_value(k)
         if key not in by_id:
             raise ValueError(f"dream {key!r} is not in this validation: gate the table it was validated on")
         failed.append(by_id[key])
@@ -368,7 +357,6 @@ def gate_dreams(df: pd.DataFrame, validation: DreamValidation) -> pd.DataFrame:
     return out
 
 
-@task(cache_policy=NO_CACHE)
 def gate_dream_table(df: pd.DataFrame, gate: DreamGateConfig, report_dir: Path) -> pd.DataFrame:
     """Score, validate and gate the dream table; write ``gate.json`` and ``gate.md``; return the gated table.
 
