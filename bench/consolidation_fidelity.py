@@ -5,7 +5,7 @@ task drops 4-8 points from "after wake" to "after consolidation"), this replays 
 finished comparison run given (its params.yaml and its saved wake states; use development runs, e.g.
 ``state/compare/ablations-dev/no_dreaming/seed-0``), each period and each variant, it consolidates the
 saved wake state in a scratch project with the variant's settings (the code the lifecycle runs:
-``tasks/sleep.py``) and scores every seen task among every seen label, as evaluation does.
+``model/night.py``) and scores every seen task among every seen label, as evaluation does.
 
     python bench/consolidation_fidelity.py --runs state/compare/ablations-dev/no_dreaming/seed-0 \\
         --variants base 'steps=32' 'lr=0.01' 'alpha=1.0' --out docs/results/issue13/consolidation_fidelity.json
@@ -24,11 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
+from model.checkpoint import open_memory_model, read_manifest
 from model.config import load_params
 from model.data import load_stream
 from model.io import write_json
+from model.night import consolidate_due_levels
+from model.seen import seen_accuracy
 
 
 def _variant(spec: str) -> dict:
@@ -54,11 +58,13 @@ def _data_dir(run: Path, raw: dict) -> Path:
     raise SystemExit(f"{run / 'params.yaml'}: data.out_dir {given} is missing, and so is {local}")
 
 
-def measure(run: Path, period: int, overrides: dict) -> dict:
-    from tasks.evaluate import evaluate_seen_tasks
-    from tasks.sleep import consolidate_due_levels
-    from tasks.wake import consolidated_state_dir, wake_state_dir
+def _state_accuracy(params, root: Path, state: Path, stream, plan, period: int) -> dict[str, float]:
+    """Every seen task's accuracy among every seen label in the state ``state`` (as the evaluate stage scores)."""
+    loaded, cms, _ = open_memory_model(params, root, state)
+    return seen_accuracy(params, loaded, cms, stream, plan, period)[0]
 
+
+def measure(run: Path, period: int, overrides: dict) -> dict:
     raw = yaml.safe_load((run / "params.yaml").read_text())
     data = _data_dir(run, raw)
     stream, plan = load_stream(data)
@@ -68,13 +74,16 @@ def measure(run: Path, period: int, overrides: dict) -> dict:
                "consolidation": {**raw["consolidation"], **overrides}}
         (root / "params.yaml").write_text(yaml.safe_dump(raw))
         params = load_params(root / "params.yaml")
-        src = wake_state_dir(params, run, period)
-        shutil.copytree(src, wake_state_dir(params, root, period))
-        woke, _ = evaluate_seen_tasks(params, root, stream, plan, period, wake_state_dir(params, root, period))
+        woke_dir = root / params.wake.state_dir / f"period-{period}"
+        shutil.copytree(run / params.wake.state_dir / f"period-{period}", woke_dir)
+        torch.set_num_threads(params.wake.threads)
+        woke = _state_accuracy(params, root, woke_dir, stream, plan, period)
+        manifest = read_manifest(woke_dir)
+        loaded, cms, optimizer = open_memory_model(params, root, woke_dir, with_optimizer=True)
         start = time.perf_counter()
-        consolidate_due_levels.fn(params, root, plan, period)
+        consolidate_due_levels(loaded, cms, optimizer, params, plan, period, manifest["metadata"], manifest["step"])
         seconds = time.perf_counter() - start
-        slept, _ = evaluate_seen_tasks(params, root, stream, plan, period, consolidated_state_dir(params, root, period))
+        slept = seen_accuracy(params, loaded, cms, stream, plan, period)[0]
     return {"run": str(run), "period": period, "overrides": overrides, "seconds": round(seconds, 1),
             "after_wake": woke, "after_consolidation": slept,
             "current_drop": round(woke[str(period)] - slept[str(period)], 4),
@@ -83,8 +92,6 @@ def measure(run: Path, period: int, overrides: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefect import flow
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="finished comparison run directories")
     ap.add_argument("--periods", type=int, nargs="+", default=[0, 1])
@@ -92,20 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="a JSON file for the rows")
     args = ap.parse_args(argv)
     rows = []
-
-    @flow(name="consolidation-fidelity")
-    def fidelity() -> None:  # the tasks' loggers need a run context
-        for variant in args.variants:
-            for run in map(Path, args.runs):
-                for period in args.periods:
-                    row = measure(run, period, _variant(variant)) | {"variant": variant}
-                    rows.append(row)
-                    print(json.dumps({k: row[k] for k in ("variant", "run", "period", "current_drop",
-                                                          "earlier_after_consolidation", "seconds")}), flush=True)
-                    if args.out:
-                        write_json(args.out, {"rows": rows})
-
-    fidelity()
+    for variant in args.variants:
+        for run in map(Path, args.runs):
+            for period in args.periods:
+                row = measure(run, period, _variant(variant)) | {"variant": variant}
+                rows.append(row)
+                print(json.dumps({k: row[k] for k in ("variant", "run", "period", "current_drop",
+                                                      "earlier_after_consolidation", "seconds")}), flush=True)
+                if args.out:
+                    write_json(args.out, {"rows": rows})
     print("| variant | mean drop of the current task (wake -> consolidation) | earlier tasks after | seconds |")
     print("| --- | --- | --- | --- |")
     for variant in args.variants:

@@ -16,35 +16,8 @@ from model.config import Params
 from model.data import PASSAGE_LABEL, load_stream
 from model.knowledge import passage_recall
 from model.io import write_json, write_text
-from model.prototypes import routed_classify, view_class
+from model.seen import seen_accuracy
 from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
-
-
-def _seen_accuracy(params: Params, loaded, cms, stream: pd.DataFrame, plan: dict[int, list[str]], period: int
-                   ) -> tuple[dict[str, float], dict[str, float] | None]:
-    """Accuracy of the loaded model on the test rows of tasks 0..period (those that have test rows: not a period
-    of plain passages), each among all seen labels, and
-    (with prototype routing, else None) the share of each task's texts routed to the task's own period (or one
-    that sees the same experts, :func:`model.prototypes.view_class`).
-
-    With prototype routing each text is answered by the experts of its routed period.
-    """
-    test = stream[(stream["split"] == "test") & (stream["task"] <= period)].sort_values("row_id")
-    seen = sorted(set(test["task"].tolist()))  # a period of plain passages has no test rows
-    if not seen:
-        return {}, None
-    labels = list(dict.fromkeys(lab for t in range(period + 1) for lab in plan[t]))  # a label may come back
-    pred, routed = routed_classify(
-        loaded.model, loaded.tokenizer, cms, params.wake.template, list(test["text"]), labels,
-        params.wake.eval_batch_size, params.wake.max_length,
-    )
-    correct = pd.Series([p == g for p, g in zip(pred, test["label"])], index=test.index)
-    accuracy = {str(t): float(correct[test["task"] == t].mean()) for t in seen}
-    if routed is None:
-        return accuracy, None
-    view = {p: view_class(cms, p) for p in {*routed, *test["task"].tolist()}}
-    own = pd.Series([view[r] == view[t] for r, t in zip(routed, test["task"])], index=test.index)
-    return accuracy, {str(t): float(own[test["task"] == t].mean()) for t in seen}
 
 
 def evaluate_seen_tasks(
@@ -57,7 +30,7 @@ def evaluate_seen_tasks(
     """
     torch.set_num_threads(params.wake.threads)
     loaded, cms, _ = open_memory_model(params, root, state_dir)
-    return _seen_accuracy(params, loaded, cms, stream, plan, period)
+    return seen_accuracy(params, loaded, cms, stream, plan, period)
 
 
 def recall_passages(params: Params, root: Path, stream: pd.DataFrame, period: int) -> dict | None:
@@ -112,7 +85,7 @@ def diagnose_states(
             continue
         load_state(cms, state)
         with cms.levels_masked(masked):
-            out[name], routing = _seen_accuracy(params, loaded, cms, stream, plan, period)
+            out[name], routing = seen_accuracy(params, loaded, cms, stream, plan, period)
     return out, (routing if "after_dreaming" in out else None)
 
 
