@@ -5,7 +5,7 @@ task drops 4-8 points from "after wake" to "after consolidation"), this replays 
 finished comparison run given (its params.yaml and its saved wake states; use development runs, e.g.
 ``state/compare/ablations-dev/no_dreaming/seed-0``), each period and each variant, it consolidates the
 saved wake state in a scratch project with the variant's settings (the code the lifecycle runs:
-``model/night.py``) and scores every seen task among every seen label, as evaluation does.
+``model/sleep/stage.py``) and scores every seen task among every seen label, as evaluation does.
 
     python bench/consolidation_fidelity.py --runs state/compare/ablations-dev/no_dreaming/seed-0 \\
         --variants base 'steps=32' 'lr=0.01' 'alpha=1.0' --out docs/results/issue13/consolidation_fidelity.json
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from model.checkpoint import open_memory_model, read_manifest
 from model.config import load_params
-from model.data import load_stream
+from model.data.stream import load_stream
+from model.evaluation.seen import seen_accuracy
 from model.io import write_json
-from model.night import consolidate_due_levels
-from model.seen import seen_accuracy
+from model.memory.checkpoint import open_memory_model, read_manifest
+from model.sleep.stage import consolidate_due_levels
 
 
 def _variant(spec: str) -> dict:

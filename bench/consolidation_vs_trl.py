@@ -1,13 +1,13 @@
 """One consolidation (distillation) step of ours against TRL's GKD trainer, same run, same work.
 
 Both sides distil the same teacher into the same student on the embedded default model
-(``model.loading.load_base_model(params.model)``) with our CMS attached:
+(``model.decoding.loading.load_base_model(params.model)``) with our CMS attached:
 
 * teacher = the model with every memory level on (the fast level holds what "wake"
   learned, see ``simulate_wake``); student = the fast level masked plus one newly
   unlocked expert of the slow level, which is the only thing trained (A, B and its
   router row in every CMS layer; AdamW, lr and grad clip from params.consolidation);
-* the batch: ``--batch`` CLINC prompts ``"{text} -> "`` built from ``model.data`` as in
+* the batch: ``--batch`` CLINC prompts ``"{text} -> "`` built from ``model.data.stream`` as in
   bench/wake_throughput.py; the off-policy data D are the teacher's own samples of
   those prompts (``sample_continuations`` under the teacher view, seed params.seed,
   identical on both sides; the parent checks they are the same texts);
@@ -24,7 +24,7 @@ Both sides distil the same teacher into the same student on the embedded default
 
 What one timed step is:
 
-* **ours**: the real ``model.consolidation.consolidate`` loop, timed between two
+* **ours**: the real ``model.sleep.consolidation.consolidate`` loop, timed between two
   consecutive ``on_step`` callbacks: pick the batch, (if on-policy) sample under the
   student view, ``encode`` (packed rows), shared prefix below the first CMS layer
   (no grad), teacher suffix (no grad), student suffix, LM head at completion
@@ -75,12 +75,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.cms import ContinuumMemory, attach_cms  # noqa: E402
 from model.config import ConsolidationConfig, Params, load_params  # noqa: E402
-from model.data import build_stream, load_source  # noqa: E402
-from model.loading import load_base_model  # noqa: E402
-from model.sampling import sample_continuations  # noqa: E402
-from model.wake import encode, split_template  # noqa: E402
+from model.data.stream import build_stream, load_source  # noqa: E402
+from model.decoding.loading import load_base_model  # noqa: E402
+from model.decoding.sampling import sample_continuations  # noqa: E402
+from model.memory.cms import ContinuumMemory, attach_cms  # noqa: E402
+from model.memory.wake import encode, split_template  # noqa: E402
 
 TARGET_SPEEDUP = 1.5  # ours/trl steps/s, from the issue
 TARGET_MEMORY = 0.7  # ours/trl peak RSS, from the issue
@@ -162,7 +162,7 @@ def summary(times: list[float]) -> dict:
 
 # ----------------------------------------------------------------------------- ours
 def run_ours(args: argparse.Namespace) -> dict:
-    from model.consolidation import consolidate
+    from model.sleep.consolidation import consolidate
 
     params = load_params(ROOT / "params.yaml")
     prompts = bench_prompts(params, args.batch)
@@ -234,7 +234,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         teacher, tok, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, params.seed
     )
     rows = []
-    for s in data:  # the same tokens as model.wake.encode: prompt with special tokens, completion + EOS
+    for s in data:  # the same tokens as model.memory.wake.encode: prompt with special tokens, completion + EOS
         p = tok(s.prompt, add_special_tokens=True)["input_ids"]
         c = tok(s.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append({"prompt": s.prompt, "input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)})
@@ -434,7 +434,7 @@ def main() -> None:
         "trl": first[args.trl_variants[0]]["trl"],
         "trl_variants": {v: {"gradient_checkpointing": TRL_VARIANTS[v]} for v in args.trl_variants},
         "timed": {
-            "ours": "model.consolidation.consolidate loop, between consecutive on_step callbacks",
+            "ours": "model.sleep.consolidation.consolidate loop, between consecutive on_step callbacks",
             "trl": "GKDTrainer.train() loop, between consecutive on_step_end callbacks",
         },
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},  # others share the machine

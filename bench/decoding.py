@@ -2,7 +2,7 @@
 
 Measures in one run, at the same thread count and dtype:
   (a) Hugging Face ``generate`` (sampling, batch 8, KV cache) over the prompts;
-  (b) :func:`model.sampling.sample_continuations` over the same prompts at each of
+  (b) :func:`model.decoding.sampling.sample_continuations` over the same prompts at each of
       ``--batch-sizes`` (continuous batching, static KV cache);
   (c) the ceiling: a plain forward pass of ``--ceiling-batch`` x ``--ceiling-len`` tokens
       (no cache, logits everywhere), median of three after a warm-up, measured before
@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig  # noqa: E402
-from model.loading import load_base_model  # noqa: E402
-from model.sampling import DTYPES, base_weights_as, sample_continuations  # noqa: E402
+from model.decoding.loading import load_base_model  # noqa: E402
+from model.decoding.sampling import DTYPES, base_weights_as, sample_continuations  # noqa: E402
 
 CLINC = ROOT / "data/raw/clinc150/data_full.json"
 

@@ -4,11 +4,11 @@ Each trial: a fresh LoRA (q_proj, v_proj), ``--steps`` SFT steps on a ~150-token
 then tau = mean log-likelihood of the gold answers to 5 questions (before: base; after:
 with the adapter). Measured in the same process, at the same thread count:
 
-  * t(1): :func:`model.trials.run_trials` with 1 dream; t(8): with 8 dreams (batched);
+  * t(1): :func:`model.sleep.trials.run_trials` with 1 dream; t(8): with 8 dreams (batched);
     median of ``--repeats`` interleaved runs after one warm-up of each;
   * the FLOPs of one run of each (torch's FlopCounterMode), to separate "more work"
     from "less efficient work";
-  * the sequential baseline: 8 x :func:`model.trials.run_trial_peft` (one run).
+  * the sequential baseline: 8 x :func:`model.sleep.trials.run_trial_peft` (one run).
 
 Dreams are SQuAD passages (data/raw/squad) cut to ``--dream-tokens`` tokens, standing in
 for dreams; the questions are those of the first passage. Both layer choices are
@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig  # noqa: E402
-from model.loading import load_base_model, resolve_device  # noqa: E402
-from model.trials import AnswerLoglik, run_trial_peft, run_trials  # noqa: E402
+from model.decoding.loading import load_base_model, resolve_device  # noqa: E402
+from model.sleep.trials import AnswerLoglik, run_trial_peft, run_trials  # noqa: E402
 
 SQUAD = ROOT / "data/raw/squad/squad_train_seal100.json"
 FALLBACK = (

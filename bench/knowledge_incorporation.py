@@ -10,11 +10,11 @@ passage's questions is measured for four conditions:
   (d) all dreams      the same generated dreams, trained in without selection or gate
 
 (b), (c) and (d) train the same parameters (one fast expert) for the same number of
-steps. Metrics per passage: exact match and token F1 of greedy answers (model.grading),
+steps. Metrics per passage: exact match and token F1 of greedy answers (model.evaluation.grading),
 and tau = mean log-likelihood per token of the gold answers. Results are appended to a
 JSONL file one passage at a time (a rerun resumes), and summarised with 95% CIs.
 
-The measures and the passage fine-tuning are model/incorporation.py's, which
+The measures and the passage fine-tuning are model/evaluation/incorporation.py's, which
 ``lm-sleep compare knowledge`` also runs; (c) here resets the ReST-EM updates before
 promotion and (d) trains the same dreams, where the comparison's ``sleep`` keeps ReST-EM
 as the lifecycle does and ``base_dreams`` samples its own dreams from the base model.
@@ -47,14 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from checks import gate_dreams, validate_dreams  # noqa: E402
-from model.checkpoint import open_memory_model  # noqa: E402
-from model.cms import ExpertInfo  # noqa: E402
 from model.config import load_params  # noqa: E402
-from model.dream_checks import add_check_columns  # noqa: E402
-from model.dreaming import dream_about, promote, task_from_passage  # noqa: E402
-from model.grading import mean_ci95  # noqa: E402
-from model.incorporation import evaluate_passage, learn_passage_finetune  # noqa: E402
-from model.knowledge import load_passages  # noqa: E402
+from model.evaluation.grading import mean_ci95  # noqa: E402
+from model.evaluation.incorporation import evaluate_passage, learn_passage_finetune  # noqa: E402
+from model.evaluation.knowledge import load_passages  # noqa: E402
+from model.memory.checkpoint import open_memory_model  # noqa: E402
+from model.memory.cms import ExpertInfo  # noqa: E402
+from model.sleep.dream_checks import add_check_columns  # noqa: E402
+from model.sleep.dreaming import dream_about, promote, task_from_passage  # noqa: E402
 
 CONDITIONS = ("base", "passage_ft", "promoted_dreams", "all_dreams")
 

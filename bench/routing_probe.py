@@ -6,7 +6,7 @@ that no evaluation stream uses (every seed of every continual comparison of para
 is built and its labels excluded), split into train/test by the dev seed. For each
 setting (feature layer; cosine with K k-means prototypes a period, or mahalanobis with a
 prototype per label and shrinkage lambda) the script learns each task's prototypes from its
-train prompts with ``model.prototypes`` (the code the lifecycle runs) and reports the share
+train prompts with ``model.memory.prototypes`` (the code the lifecycle runs) and reports the share
 of test prompts routed to their own task after the last task, mean over dev streams.
 
     python bench/routing_probe.py                       # embedded default, 3 dev streams of 3 and 5 tasks
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from model.cms import attach_cms
 from model.config import load_params
-from model.comparison import evaluation_labels
-from model.data import build_stream, load_source
+from model.data.stream import build_stream, load_source
+from model.decoding.loading import load_base_model
+from model.evaluation.comparison import evaluation_labels
 from model.io import write_json
-from model.loading import load_base_model
-from model.prototypes import Prototypes, add_period, route, sequence_features
-from model.wake import split_template
+from model.memory.cms import attach_cms
+from model.memory.prototypes import Prototypes, add_period, route, sequence_features
+from model.memory.wake import split_template
 
 
 def main(argv: list[str] | None = None) -> int:

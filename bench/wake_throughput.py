@@ -33,12 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.cms import ChunkedOptimizer, attach_cms  # noqa: E402
 from model.config import load_params  # noqa: E402
-from model.data import build_stream, load_source  # noqa: E402
-from model.forward import Batch  # noqa: E402
-from model.loading import load_base_model  # noqa: E402
-from model.wake import encode, sft_loss, split_template  # noqa: E402
+from model.data.stream import build_stream, load_source  # noqa: E402
+from model.decoding.forward import Batch  # noqa: E402
+from model.decoding.loading import load_base_model  # noqa: E402
+from model.memory.cms import ChunkedOptimizer, attach_cms  # noqa: E402
+from model.memory.wake import encode, sft_loss, split_template  # noqa: E402
 
 
 def gemm_peak(dtype: torch.dtype, n: int = 1536, reps: int = 5) -> float:

@@ -1,7 +1,7 @@
 """The dream gate (docs/design.md §3 step 5): a Great Expectations suite decides which dreams are promoted.
 
 The suite runs on the dream table plus the derived columns of
-:func:`model.dream_checks.add_check_columns` (one ephemeral GX context, one
+:func:`model.sleep.dream_checks.add_check_columns` (one ephemeral GX context, one
 whole-dataframe batch, ``COMPLETE`` results, failing rows named by ``dream_id``).
 There is one named check per rule, each made of one or more expectations:
 
@@ -40,7 +40,8 @@ import pandas as pd
 
 from checks.suite import complete_results, exception_message, failing_ids, gx_source, json_value, run_suite
 from model.config import DreamGateConfig
-from model.dream_checks import (
+from model.io import write_json, write_text
+from model.sleep.dream_checks import (
     CHECK_COLUMNS,
     CHECK_DTYPES,
     DREAM_COLUMNS,
@@ -48,7 +49,6 @@ from model.dream_checks import (
     SELECTIONS,
     add_check_columns,
 )
-from model.io import write_json, write_text
 from reporting import escape_md as _md  # text inert in any Markdown renderer
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from checks.suite import check_entry, complete_results, gx_source, run_suite, texts_by_row_id
-from model.data import STREAM_COLUMNS
+from model.data.stream import STREAM_COLUMNS
 from reporting import escape_md as _md  # text inert in any Markdown renderer
 
 STREAM_DTYPES = {"row_id": "int64", "task": "int64", "split": "str", "text": "str", "label": "str"}

@@ -6,12 +6,12 @@ writes ``reports/NAME/``: a markdown table (mean and 95% CI over seeds), plots a
 metrics. Every seed's stream is built and checked before anything trains. The CMS
 methods (cms, sleep and its ablations) run the lifecycle's own wake, sleep and evaluate
 flows in a directory of their own, with the method's switches in its params.yaml; the
-baselines run ``model/comparison.py``. Finished runs are kept, so a rerun after a crash
+baselines run ``model/evaluation/comparison.py``. Finished runs are kept, so a rerun after a crash
 resumes; ``--quick`` applies ``evaluation.quick`` (a smoke run, for tests).
 
 A comparison of ``kind: knowledge`` instead learns SQuAD passages (single passage or
 continued pretraining) with base / passage_finetune / base_dreams / sleep and answers
-their questions without context (``tasks/knowledge.py``, ``model/incorporation.py``);
+their questions without context (``tasks/knowledge.py``, ``model/evaluation/incorporation.py``);
 its passages are checked before anything trains, and a run resumes mid-way.
 """
 
@@ -31,7 +31,7 @@ from flows.evaluate import evaluate
 from flows.sleep import sleep
 from flows.wake import wake
 from model.config import BaselinesConfig, ConfigError, Params, load_params
-from model.data import DataError
+from model.data.stream import DataError
 from model.io import BusyError
 from tasks.compare import (
     Comparison,
@@ -50,10 +50,10 @@ from tasks.compare import (
     run_params,
     write_run_params,
 )
-from tasks.report import write_comparison_report, write_knowledge_report, write_long_context_report
 from tasks.guards import locked
 from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy, trains_a_policy
 from tasks.long_context import partial_result, prepare_documents, run_long_context_method
+from tasks.report import write_comparison_report, write_knowledge_report, write_long_context_report
 
 
 @flow(name="compare", log_prints=True)

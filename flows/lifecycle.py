@@ -18,8 +18,8 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.locked import run_locked
 from flows.evaluate import evaluate
+from flows.locked import run_locked
 from flows.report import report
 from flows.sleep import sleep
 from flows.wake import wake

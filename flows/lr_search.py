@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from checks import StreamValidationError
 from flows.compare import run_continual
 from model.config import ConfigError, load_params
-from model.data import DataError
+from model.data.stream import DataError
 from model.io import BusyError
 from tasks.guards import locked
 from tasks.lr_search import NAME, search_comparisons, search_params, write_lr_search_report

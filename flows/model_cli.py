@@ -1,6 +1,6 @@
 """The commands that use a trained model: ``lm-sleep predict``, ``generate`` and ``export``.
 
-Argument parsing and input/output only; the model work is model/serving.py and model/export.py.
+Argument parsing and input/output only; the model work is model/serving/serving.py and model/serving/export.py.
 Bad input (a missing or corrupt state, an unreadable, empty or non-UTF-8 file) is one line on
 stderr naming the file, exit code 1.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flows.errors import debugging, expected, report
 from model.errors import UserError
-from model.export import ExportError, export_model
-from model.serving import load_state
+from model.serving.export import ExportError, export_model
+from model.serving.serving import load_state
 
 STDIN = "-"
 

@@ -14,8 +14,8 @@ from typing import Any
 from prefect import flow
 
 from model.config import ConfigError, load_params
-from tasks.evaluate import summarise_cycles
 from reporting import ReportError, print_summary_table
+from tasks.evaluate import summarise_cycles
 from tasks.report import report_task
 
 

@@ -10,7 +10,7 @@ wraps the writers in tasks).
 - ``reporting.figures``: the figures' style and palette; PNGs with identical bytes on a rerun.
 
 The names below load their module on first use, so ``from reporting import escape_md`` does not
-import matplotlib (or torch, which ``reporting.knowledge`` needs through model.incorporation).
+import matplotlib (or torch, which ``reporting.knowledge`` needs through model.evaluation.incorporation).
 """
 
 from __future__ import annotations

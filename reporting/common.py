@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from model.continual import mean_ci, paired_difference_ci
+from model.evaluation.continual import mean_ci, paired_difference_ci
 
 
 def ci_summary(values: Sequence[float]) -> dict[str, float | None]:

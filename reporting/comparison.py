@@ -10,7 +10,7 @@
 - ``plots/``: accuracy matrix per method (mean over seeds), final accuracy and
   forgetting per method with error bars, accuracy of each task over time.
 
-Definitions (``model/continual.py``): R[i][j] is the accuracy on task j after task i;
+Definitions (``model/evaluation/continual.py``): R[i][j] is the accuracy on task j after task i;
 final average accuracy = mean_j R[T-1][j]; forgetting = mean over j < T-1 of
 max_{j <= i <= T-2} R[i][j] - R[T-1][j] (Chaudhry et al. 2018); backward transfer =
 mean over j < T-1 of R[T-1][j] - R[j][j] (Lopez-Paz & Ranzato 2017).
@@ -28,7 +28,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from model.config import METHODS, STORES_RAW_DATA, Params
-from model.continual import DIAGNOSTIC_STATES, accuracy_matrix, backward_transfer, final_average_accuracy, forgetting
+from model.evaluation.continual import DIAGNOSTIC_STATES, accuracy_matrix, backward_transfer, final_average_accuracy, forgetting
 from model.io import atomic_dir, write_json, write_text
 from reporting.common import ci_summary, format_ci, paired_ci
 from reporting.figures import COLORS, figure_style, save_png

@@ -27,7 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from model.config import KNOWLEDGE_METHODS, Params
-from model.incorporation import MEASURES
+from model.evaluation.incorporation import MEASURES
 from model.io import atomic_dir, write_json, write_text
 from reporting.common import ci_summary, error_bars, format_ci, paired_ci
 from reporting.figures import COLORS, figure_style, save_png
@@ -95,7 +95,7 @@ def markdown(name: str, description: str, summary: dict[str, Any], knowledge: An
            if mode == "single" else "one state learns them one after the other (continued pretraining) and answers "
            "every passage's questions at the end")
         + f"; seeds {list(seeds)}; model `{params.model.source}`. Questions are answered without the passage: "
-        "greedy exact match and token F1 (model/grading.py), and tau = mean log-likelihood per gold-answer token. "
+        "greedy exact match and token F1 (model/evaluation/grading.py), and tau = mean log-likelihood per gold-answer token. "
         f"Mean over {over} with a 95% Student-t CI.",
         "",
         "| method | exact match | token F1 | tau | tau gain over base (paired) | F1 gain over base (paired) | "

@@ -3,7 +3,7 @@
 A method reads a long document hiding a few facts, then answers a question about them with
 no document in the prompt (in_context and retrieval: with the document's tail or its nearest
 piece instead); the answer is the best candidate by ``long_context.scoring`` (PMI by default,
-model/long_context.py ``answer``). A document is one
+model/evaluation/long_context.py ``answer``). A document is one
 (seed, task, item_id, length): the unit of every CI and of every pairing between methods.
 
 - ``README.md``: accuracy per method and context length, mean [95% CI] over documents pooled
@@ -33,7 +33,7 @@ from model.io import atomic_dir, write_json, write_text
 from reporting.common import ci_summary, error_bars, format_ci, paired_ci
 from reporting.figures import COLORS, figure_style, save_png
 
-#: The methods in report order (model/long_context_methods.py METHODS, not imported: it loads torch).
+#: The methods in report order (model/evaluation/long_context_methods.py METHODS, not imported: it loads torch).
 METHODS = ("in_context", "retrieval", "finetune", "cms", "sleep_1", "sleep_2", "sleep_3")
 #: The methods that train on the document and answer with no document in the prompt.
 READING_METHODS = ("finetune", "cms", "sleep_1", "sleep_2", "sleep_3")

@@ -69,7 +69,7 @@ class CycleSummary(BaseModel):
 
 
 def experts_from_manifest(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every expert that was ever unlocked, from a ``model.checkpoint.read_manifest`` dict."""
+    """Every expert that was ever unlocked, from a ``model.memory.checkpoint.read_manifest`` dict."""
     out = []
     for li, level in enumerate(manifest.get("levels", [])):
         for e in level.get("experts", []):

@@ -30,9 +30,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import CheckpointError, MANIFEST_FILE, read_manifest
 from model.config import Params
 from model.io import sha256_file
+from model.memory.checkpoint import CheckpointError, MANIFEST_FILE, read_manifest
 
 CODE_PACKAGES = ("checks", "model", "reporting", "tasks")
 

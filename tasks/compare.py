@@ -22,7 +22,6 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from model.comparison import BASELINES, check_stream, evaluation_labels, run_baseline
 from model.config import (
     METHOD_OVERRIDES,
     BaselinesConfig,
@@ -34,9 +33,10 @@ from model.config import (
     merge_overrides,
     quick_section,
 )
-from model.data import STREAM_FILE, DataError, build_stream, load_source, load_stream, task_file
+from model.data.stream import STREAM_FILE, DataError, build_stream, load_source, load_stream, task_file
+from model.decoding.loading import load_base_model, resolve_device
+from model.evaluation.comparison import BASELINES, check_stream, evaluation_labels, run_baseline
 from model.io import sha256_file, write_json, write_text
-from model.loading import load_base_model, resolve_device
 from tasks.caching import code_digest
 from tasks.prepare import check_and_report_stream, write_stream_files
 
@@ -59,7 +59,7 @@ class Comparison:
 
 
 def is_baseline(method: str) -> bool:
-    """Whether ``method`` is one of the baselines (trained by ``model.comparison.run_baseline``, not a lifecycle)."""
+    """Whether ``method`` is one of the baselines (trained by ``model.evaluation.comparison.run_baseline``, not a lifecycle)."""
     return method in BASELINES
 
 
@@ -238,8 +238,8 @@ def cached_result(rdir: Path, key: str) -> dict | None:
 
 #: What a baseline's result depends on: the params sections it reads and the modules whose code it runs.
 BASELINE_SECTIONS = ("seed", "model", "data", "wake")
-BASELINE_CODE = ("model/baselines.py", "model/comparison.py", "model/wake.py", "model/forward.py",
-                 "model/loading.py", "model/data.py")
+BASELINE_CODE = ("model/evaluation/baselines.py", "model/evaluation/comparison.py", "model/memory/wake.py", "model/decoding/forward.py",
+                 "model/decoding/loading.py", "model/data/stream.py")
 
 
 def baseline_key(p: Params, method: str, baselines: BaselinesConfig) -> str:

@@ -17,18 +17,18 @@ import torch
 from prefect import get_run_logger, task
 
 from checks import gate_dream_table
-from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
-from model.consolidation import fold_dreams
-from model.dreaming import (
+from model.data.stream import PASSAGE_LABEL, PLAN_FILE, task_file
+from model.evaluation.knowledge import load_passages
+from model.io import atomic_dir, atomic_path
+from model.memory.checkpoint import open_memory_model, read_manifest, save_state
+from model.memory.wake import split_template
+from model.sleep.consolidation import fold_dreams
+from model.sleep.dreaming import (
     DreamTask, HeldOutScore, answer_check, dream_about, dream_policy, held_out_check, promote, task_from_examples,
     task_from_passage, training_helped,
 )
-from model.io import atomic_dir, atomic_path
-from model.knowledge import load_passages
-from model.rewards import SemanticJudge
-from model.wake import split_template
-from model.data import PASSAGE_LABEL, PLAN_FILE, task_file
+from model.sleep.rewards import SemanticJudge
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.trials import trial_step
 from tasks.wake import TIMING, consolidated_state_dir, sleep_state_dir
@@ -143,7 +143,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     Every dream rejected is a normal outcome: the sleep completes and says so. A failure
     once the gate has started removes whatever of these the task had written. With
     ``dream.promotion_check`` the stage's training is kept only if it helped the check set
-    (:func:`model.dreaming.training_helped`); otherwise the sleep state is the consolidated
+    (:func:`model.sleep.dreaming.training_helped`); otherwise the sleep state is the consolidated
     one, and the report says so. ``plan`` gives the label names seen so far (the candidates).
     """
     log = get_run_logger()

@@ -11,12 +11,12 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model.checkpoint import load_state, open_memory_model
 from model.config import Params
-from model.data import PASSAGE_LABEL, load_stream
-from model.knowledge import passage_recall
+from model.data.stream import PASSAGE_LABEL, load_stream
+from model.evaluation.knowledge import passage_recall
+from model.evaluation.seen import seen_accuracy
 from model.io import write_json, write_text
-from model.seen import seen_accuracy
+from model.memory.checkpoint import load_state, open_memory_model
 from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
 
 
@@ -36,7 +36,7 @@ def evaluate_seen_tasks(
 def recall_passages(params: Params, root: Path, stream: pd.DataFrame, period: int) -> dict | None:
     """How well the sleep state of ``period`` recalls the plain passages of every period so far, and how well the
     state before this period's wake (the last sleep's, or the base model) recalled this period's
-    (:func:`model.knowledge.passage_recall`, mean log p per token; higher is better). None without passages."""
+    (:func:`model.evaluation.knowledge.passage_recall`, mean log p per token; higher is better). None without passages."""
     rows = stream[(stream["label"] == PASSAGE_LABEL) & (stream["task"] <= period)].sort_values("row_id")
     if rows.empty:
         return None

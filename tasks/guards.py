@@ -10,10 +10,10 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from model.checkpoint import check_state
 from model.config import DataConfig, Params
-from model.data import build_stream, check_period, load_source
+from model.data.stream import build_stream, check_period, load_source
 from model.io import exclusive
+from model.memory.checkpoint import check_state
 from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
 
 

@@ -1,4 +1,4 @@
-"""Prefect tasks of the inbox (``model/intake.py``): ingest a file as a batch; claim the waiting batches for
+"""Prefect tasks of the inbox (``model/data/intake.py``): ingest a file as a batch; claim the waiting batches for
 an inbox period and write them into the open stream; mark how far a period got.
 
 Layout under ``<lifecycle.state_root>/<intake.inbox>/``: ``batches/<id>.parquet`` (accepted rows, with their
@@ -20,8 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from checks import failing_rows
 from model.config import IntakeConfig, Params
-from model.data import PASSAGE_LABEL, PLAN_FILE, STREAM_COLUMNS, DataError, load_stream
-from model.intake import (
+from model.data.intake import (
     LEDGER_FILE,
     Ledger,
     content_id,
@@ -31,6 +30,7 @@ from model.intake import (
     read_ledger,
     split_batch,
 )
+from model.data.stream import PASSAGE_LABEL, PLAN_FILE, STREAM_COLUMNS, DataError, load_stream
 from model.io import atomic_path, exclusive, sha256_file, write_json, write_text
 from tasks.prepare import write_stream_files
 
@@ -69,7 +69,7 @@ def row_checks(cfg: IntakeConfig, kind: str) -> list[tuple[str, Any]]:
             ("label_length", ex.ExpectColumnValueLengthsToBeBetween(column="label", min_value=1,
                                                                     max_value=cfg.max_label_chars)),
         ]
-    else:  # a passage is learned by continuing it from its beginning (model.knowledge.passage_pairs)
+    else:  # a passage is learned by continuing it from its beginning (model.evaluation.knowledge.passage_pairs)
         checks += [("passage_has_two_words", ex.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S\s+\S"))]
     return checks
 
@@ -357,12 +357,9 @@ INBOX_PIPELINE = Path("pipelines/inbox/dvc.yaml")
 #: The code an inbox period runs: a change to it makes every period's stage stale, as in dvc.yaml.
 INBOX_CODE = (
     "flows/intake.py", "flows/wake.py", "flows/sleep.py", "flows/evaluate.py", "tasks/intake.py", "tasks/wake.py",
-    "tasks/sleep.py", "tasks/dream.py", "checks", "tasks/trials.py", "tasks/evaluate.py",
-    "tasks/caching.py", "tasks/prepare.py", "model/intake.py", "model/data.py",
-    "model/cms.py", "model/checkpoint.py", "model/prototypes.py", "model/config", "model/consolidation.py",
-    "model/dreaming.py", "model/dream_checks.py", "model/forward.py", "model/io.py", "model/knowledge.py",
-    "model/loading.py", "model/losses.py", "model/merging.py", "model/rehearsal.py", "model/rewards.py",
-    "model/routing.py", "model/sampling.py", "model/trials.py", "model/wake.py",
+    "tasks/sleep.py", "tasks/dream.py", "tasks/guards.py", "tasks/trials.py", "tasks/evaluate.py", "tasks/caching.py",
+    "tasks/prepare.py", "checks", "reporting/common.py", "model/config", "model/data", "model/memory", "model/sleep",
+    "model/decoding", "model/evaluation", "model/io.py",
 )
 #: The params sections an inbox period reads.
 INBOX_PARAMS = ("seed", "model", "cms", "wake", "sampling", "consolidation", "dream", "lifecycle", "intake")

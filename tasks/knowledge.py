@@ -8,7 +8,7 @@ learned (continued mode), each with the run's key, so an interrupted run resumes
 the passage it was on. A continued run also saves its memory state after every
 passage (``state/``, its manifest records how many passages it has learned). The
 dream tables of ``sleep`` and ``base_dreams`` go to ``dreams/passage-<i>.parquet``.
-The ML is ``model/incorporation.py``; the dream gate (Great Expectations) is
+The ML is ``model/evaluation/incorporation.py``; the dream gate (Great Expectations) is
 ``checks/dreams.py``, passed in as a function.
 """
 
@@ -26,21 +26,21 @@ from tqdm.auto import tqdm
 from prefect.cache_policies import NO_CACHE
 
 from checks import gate_dreams, validate_dreams
-from model.checkpoint import CheckpointError, load_state, open_memory_model, read_manifest, save_state
 from model.config import DreamGateConfig, KnowledgeConfig, Params
-from model.data import DataError
-from model.dream_policy import POLICY_JSON, DreamPolicyError, load_policy, read_policy, save_policy
-from model.dreaming import task_from_passage
-from model.incorporation import METHODS, TRAINED_POLICY_METHODS, GateFn, Learned, fresh_fast_expert, run_continued, run_single
+from model.data.stream import DataError
+from model.evaluation.incorporation import METHODS, TRAINED_POLICY_METHODS, GateFn, Learned, fresh_fast_expert, run_continued, run_single
+from model.evaluation.knowledge import Passage, select_passages
 from model.io import append_line, atomic_path, exclusive, read_keyed_lines, write_json, write_lines
-from model.knowledge import Passage, select_passages
-from model.policy_training import train_policy
+from model.memory.checkpoint import CheckpointError, load_state, open_memory_model, read_manifest, save_state
+from model.sleep.dream_policy import POLICY_JSON, DreamPolicyError, load_policy, read_policy, save_policy
+from model.sleep.dreaming import task_from_passage
+from model.sleep.policy_training import train_policy
 from tasks.compare import RESULT_FILE, Comparison, cached_result, run_key
 
 PROGRESS_FILE = "progress.jsonl"
 STATE_DIR = "state"
 DREAMS_DIR = "dreams"
-POLICY_DIR = "policy"  # a trained dream policy (model/dream_policy.py), in <work_dir>/<name>/policy/seed-<s>/
+POLICY_DIR = "policy"  # a trained dream policy (model/sleep/dream_policy.py), in <work_dir>/<name>/policy/seed-<s>/
 ROUNDS_FILE = "rounds.jsonl"
 GATED_METHODS = frozenset({"sleep", "passage_sleep", "passage_sleep_trained"})  # their dreams pass the gate
 
@@ -218,7 +218,7 @@ def policy_dir(rdir_root: Path, seed: int) -> Path:
 @task(cache_policy=NO_CACHE)
 def train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
                        evaluation: list[tuple[int, Passage]]) -> dict[str, Any]:
-    """Train the dream policy by ReST-EM on the training pool (model/policy_training.py); resumable per round.
+    """Train the dream policy by ReST-EM on the training pool (model/sleep/policy_training.py); resumable per round.
 
     Writes ``pdir/policy/`` (the policy after the last update: dream_policy.json + .safetensors), ``rounds.jsonl``
     (a line per measurement, train and eval split, with the run's key) and ``result.json``; the plot is the

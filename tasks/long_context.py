@@ -1,8 +1,8 @@
 """Prefect tasks of a long-context comparison (issue #16): build the documents, run one method on one seed.
 
-The documents (model/long_context.py) are built once per seed from the bAbI files, the needles
+The documents (model/evaluation/long_context.py) are built once per seed from the bAbI files, the needles
 and the distractor prose, checked before anything trains; every method then reads each document
-from the same fresh state and answers its question (model/long_context_methods.py). A run writes
+from the same fresh state and answers its question (model/evaluation/long_context_methods.py). A run writes
 one progress line per document, so an interrupted run resumes at the next document.
 """
 
@@ -20,15 +20,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from model.baselines import attach_lora
-from model.checkpoint import open_memory_model
 from model.config import BaselinesConfig, LongContextConfig, Params
-from model.data import DataError
-from model.incorporation import MemorySnapshot
-from model.io import append_line, read_keyed_lines, write_json, write_lines
-from model.loading import load_base_model, resolve_device
-from model.long_context import Document, Item, build_document, load_babi, load_distractors, needle_items
-from model.long_context_methods import (
+from model.data.stream import DataError
+from model.decoding.loading import load_base_model, resolve_device
+from model.evaluation.baselines import attach_lora
+from model.evaluation.incorporation import MemorySnapshot
+from model.evaluation.long_context import Document, Item, build_document, load_babi, load_distractors, needle_items
+from model.evaluation.long_context_methods import (
     METHODS,
     Reading,
     answer_from_memory,
@@ -40,7 +38,9 @@ from model.long_context_methods import (
     sleep_levels,
     slow_levels,
 )
-from model.rewards import SemanticJudge
+from model.io import append_line, read_keyed_lines, write_json, write_lines
+from model.memory.checkpoint import open_memory_model
+from model.sleep.rewards import SemanticJudge
 from tasks.compare import RESULT_FILE, Comparison, cached_result, run_key
 
 PROGRESS_FILE = "progress.jsonl"

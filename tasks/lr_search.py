@@ -21,12 +21,12 @@ from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model.comparison import BASELINES
 from model.config import ConfigError, Params, cms_lr_overrides, merge_overrides
-from model.continual import accuracy_matrix, final_average_accuracy, forgetting
+from model.evaluation.comparison import BASELINES
+from model.evaluation.continual import accuracy_matrix, final_average_accuracy, forgetting
 from model.io import atomic_dir, write_json, write_text
-from tasks.compare import Comparison, development_overrides, resolve_comparison
 from reporting import COLORS, save_png
+from tasks.compare import Comparison, development_overrides, resolve_comparison
 
 NAME = "lr-search"
 

@@ -1,6 +1,6 @@
 """Prefect tasks of the ``prepare`` stage: load, build, validate and write the stream.
 
-The work is done by ``model.data`` and ``checks``; these wrappers
+The work is done by ``model.data.stream`` and ``checks``; these wrappers
 add retries (for file I/O only) and write the validation report and the stream files.
 """
 
@@ -17,7 +17,7 @@ from prefect.client.schemas.objects import State, TaskRun
 
 from checks import StreamValidation, StreamValidationError, validate_stream
 from model.config import DataConfig, SourceConfig
-from model.data import PLAN_FILE, STREAM_FILE, build_stream, load_source, task_file
+from model.data.stream import PLAN_FILE, STREAM_FILE, build_stream, load_source, task_file
 from model.io import atomic_path, write_json, write_text
 
 __all__ = [

@@ -22,10 +22,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model.checkpoint import EXPERTS_FILE, MANIFEST_FILE, read_manifest
 from model.config import Params
+from model.memory.checkpoint import EXPERTS_FILE, MANIFEST_FILE, read_manifest
+from reporting import REPORT_DIR
 from store import experts_from_manifest, publish_cycle_from_env
-from tasks.report import REPORT_DIR
 from tasks.store import run_logger
 from tasks.wake import sleep_state_dir
 

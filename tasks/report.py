@@ -10,9 +10,8 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
-import reporting
 from model.config import Params
-from reporting import REPORT_DIR  # noqa: F401 (tasks/publish.py reads it from here)
+import reporting
 
 __all__ = ["report_task", "write_comparison_report", "write_knowledge_report", "write_long_context_report"]
 

@@ -9,10 +9,10 @@ import torch
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
-from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
 from model.io import atomic_path
-from model.night import consolidate_due_levels as consolidate_levels
+from model.memory.checkpoint import open_memory_model, read_manifest, save_state
+from model.sleep.stage import consolidate_due_levels as consolidate_levels
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.wake import TIMING, consolidated_state_dir, wake_state_dir
 

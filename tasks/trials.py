@@ -2,13 +2,13 @@
 
 Trials are independent and leave the model as it was, so a round's k trials can be
 split into groups tried anywhere, given the model state at that point of
-:func:`model.dreaming.dream_about` (the fast expert unlocked for the dreams, the
+:func:`model.sleep.dreaming.dream_about` (the fast expert unlocked for the dreams, the
 generator as earlier ReST-EM rounds left it). With ``dream.trial_workers`` N > 1 the
 dream stage opens the task runner ``dream.trial_runner`` (by default a local Dask
 cluster of N single-threaded worker processes) for its whole duration; every round
 sends its trials there as up to N :func:`run_trial_group` tasks. Each group gets the
 CMS state as the bytes of a state directory, loads the base model from params,
-verifies the checksums and runs :func:`model.dreaming.try_dreams` on its dreams, so a
+verifies the checksums and runs :func:`model.sleep.dreaming.try_dreams` on its dreams, so a
 worker needs the project and the base model but no shared filesystem. The results
 equal the in-process batched pass up to float rounding (tau to ~1e-5).
 """
@@ -27,15 +27,15 @@ from prefect.task_runners import TaskRunner
 from prefect.utilities.importtools import from_qualified_name
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from model.checkpoint import open_memory_model, save_state
-from model.cms import ContinuumMemory
 from model.config import DreamConfig, Params
-from model.dreaming import DreamTask, TrialFn, try_dreams
-from model.trials import TrialResult
+from model.memory.checkpoint import open_memory_model, save_state
+from model.memory.cms import ContinuumMemory
+from model.sleep.dreaming import DreamTask, TrialFn, try_dreams
+from model.sleep.trials import TrialResult
 
 
 def state_files(cms: ContinuumMemory) -> dict[str, bytes]:
-    """The CMS state as the files of a state directory ({name: bytes}; see model.checkpoint)."""
+    """The CMS state as the files of a state directory ({name: bytes}; see model.memory.checkpoint)."""
     with tempfile.TemporaryDirectory(prefix="lm-sleep-state-") as tmp:
         dest = save_state(cms, Path(tmp) / "state")
         return {p.name: p.read_bytes() for p in sorted(dest.iterdir())}
@@ -78,11 +78,11 @@ def split_groups(n: int, groups: int) -> list[range]:
 
 @dataclass
 class GroupedTrials:
-    """A :class:`model.dreaming.TrialFn` that runs the trials as :func:`run_trial_group` tasks on ``runner``.
+    """A :class:`model.sleep.dreaming.TrialFn` that runs the trials as :func:`run_trial_group` tasks on ``runner``.
 
     The dreams are split into at most ``groups`` groups; every group starts from a copy
     of the model state at the call (the CMS state; the base weights are frozen and
-    loaded from ``params``), so the results equal :func:`model.dreaming.try_dreams`'s up
+    loaded from ``params``), so the results equal :func:`model.sleep.dreaming.try_dreams`'s up
     to float rounding.
     """
 

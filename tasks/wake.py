@@ -12,15 +12,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from model.checkpoint import open_memory_model, read_manifest, save_state
 from model.config import Params
-from model.data import PASSAGE_LABEL, load_plan, load_stream, task_file
+from model.data.stream import PASSAGE_LABEL, load_plan, load_stream, task_file
 from model.errors import UserError
+from model.evaluation.knowledge import stream_pairs
 from model.io import write_json
+from model.memory.checkpoint import open_memory_model, read_manifest, save_state
+from model.memory.prototypes import learn_prototypes
+from model.memory.wake import NonFiniteLossError, StepLog, ensure_writable, train_period
 from tasks.caching import OUTPUT_STATE, cache_options, stamp_output
-from model.prototypes import learn_prototypes
-from model.knowledge import stream_pairs
-from model.wake import NonFiniteLossError, StepLog, ensure_writable, train_period
 
 
 TIMING = "timing"  # the key of a task result's wall-clock measures (written apart from the metrics)

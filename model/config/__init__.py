@@ -20,36 +20,6 @@ from model.config.base import (  # noqa: F401
     format_errors,
     run_id_problem,
 )
-from model.config.memory import (  # noqa: F401
-    CMSConfig,
-    LevelConfig,
-    ModelConfig,
-    RoutingConfig,
-    SamplingConfig,
-)
-from model.config.stream import (  # noqa: F401
-    DataConfig,
-    SourceConfig,
-    WakeConfig,
-)
-from model.config.sleep import (  # noqa: F401
-    ConsolidationConfig,
-    DreamConfig,
-    DreamGateConfig,
-    DreamPolicyConfig,
-    EXAMPLES_PROMPT,
-    PolicyTrainingConfig,
-    REHEARSAL_PROMPT,
-    REHEARSAL_SHOT,
-    RehearsalConfig,
-    SEAL_IMPLICATIONS,
-)
-from model.config.lifecycle import (  # noqa: F401
-    CycleSpec,
-    IntakeConfig,
-    LifecycleConfig,
-    METHODS,
-)
 from model.config.evaluation import (  # noqa: F401
     BaselinesConfig,
     ComparisonConfig,
@@ -69,12 +39,42 @@ from model.config.evaluation import (  # noqa: F401
     merge_overrides,
     quick_section,
 )
+from model.config.lifecycle import (  # noqa: F401
+    CycleSpec,
+    IntakeConfig,
+    LifecycleConfig,
+    METHODS,
+)
+from model.config.memory import (  # noqa: F401
+    CMSConfig,
+    LevelConfig,
+    ModelConfig,
+    RoutingConfig,
+    SamplingConfig,
+)
 from model.config.params import (  # noqa: F401
     OUTPUT_PATHS,
     PREPARED_STREAM_MARK,
     Params,
     check_project_paths,
     load_params,
+)
+from model.config.sleep import (  # noqa: F401
+    ConsolidationConfig,
+    DreamConfig,
+    DreamGateConfig,
+    DreamPolicyConfig,
+    EXAMPLES_PROMPT,
+    PolicyTrainingConfig,
+    REHEARSAL_PROMPT,
+    REHEARSAL_SHOT,
+    RehearsalConfig,
+    SEAL_IMPLICATIONS,
+)
+from model.config.stream import (  # noqa: F401
+    DataConfig,
+    SourceConfig,
+    WakeConfig,
 )
 
 __all__ = [

@@ -48,7 +48,7 @@ def cms_lr_overrides(cms: "CMSConfig", lr: float) -> dict[str, Any]:
     return {"cms": {"levels": levels}}
 
 
-#: The methods of a knowledge-incorporation comparison (``kind: knowledge``; model/incorporation.py).
+#: The methods of a knowledge-incorporation comparison (``kind: knowledge``; model/evaluation/incorporation.py).
 KNOWLEDGE_METHODS: dict[str, str] = {
     "base": "the base model, nothing trained",
     "passage_finetune": "the fast level fine-tuned on the passage text (in pieces), promote_steps steps",
@@ -62,7 +62,7 @@ KNOWLEDGE_METHODS: dict[str, str] = {
     "passage_sleep_trained": "passage_sleep with the dream policy trained by ReST-EM on the training pool "
     "(knowledge.policy_training), frozen while the evaluation passages are learned",
 }
-#: The methods of a long-context comparison (``kind: long_context``; model/long_context_methods.py).
+#: The methods of a long-context comparison (``kind: long_context``; model/evaluation/long_context_methods.py).
 LONG_CONTEXT_METHODS: dict[str, str] = {
     "in_context": "no training: the question after as much of the document's end as fits the window",
     "retrieval": "no training: the question after the window-sized piece closest to it by the MiniLM embedder",
@@ -111,7 +111,7 @@ class KnowledgeConfig(Section):
     """
 
     passages: str = Field("data/raw/squad/squad_val_seal_eval200.json", description="SQuAD-format passages "
-                          "(model.knowledge.load_passages), relative to the project root.")
+                          "(model.evaluation.knowledge.load_passages), relative to the project root.")
     n_passages: int = Field(200, ge=1, description="Passages used, from offset on; more than the file holds "
                             "is an error before anything trains.")
     offset: int = Field(0, ge=0, description="Index of the first passage used.")

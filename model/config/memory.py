@@ -31,7 +31,7 @@ class ModelConfig(Section):
 
 
 class SamplingConfig(Section):
-    """The sleep's decoder (model/sampling.py): teacher, on-policy, imitation and dream samples."""
+    """The sleep's decoder (model/decoding/sampling.py): teacher, on-policy, imitation and dream samples."""
 
     batch_size: int = Field(64, ge=1, le=1024, description="Most sequences decoded at once (continuous batching).")
     dtype: Literal["model", "float32", "bfloat16"] = Field(
@@ -68,13 +68,13 @@ class LevelConfig(Section):
 
 
 class RoutingConfig(Section):
-    """Routers trained to separate inputs (model/routing.py)."""
+    """Routers trained to separate inputs (model/memory/routing.py)."""
 
     enabled: bool = Field(False, description="Routing loss: the learning experts' routers fire on the current period's "
                           "inputs and not on dreamed inputs of other tasks (false: routers learn only from the LM loss).")
     weight: float = Field(1.0, ge=0, le=100.0, description="Weight of L_route beside the wake / consolidation loss.")
     negatives_per_step: int = Field(8, ge=1, description="Dreamed other-task inputs per wake step.")
-    by_prototype: bool = Field(True, description="Prototype routing (model/prototypes.py): each wake period leaves "
+    by_prototype: bool = Field(True, description="Prototype routing (model/memory/prototypes.py): each wake period leaves "
                                "prototypes of its inputs; an input is answered by the experts of periods up to its "
                                "nearest prototype's (false: every expert fires on every input).")
     feature_layer: int | None = Field(None, ge=0, description="Decoder layer whose input is the routing feature (at or "
@@ -86,7 +86,7 @@ class RoutingConfig(Section):
         "every period, nearest in its metric; cosine: K spherical k-means prototypes per period, nearest by cosine "
         "(the 'cosine_routing' ablation). A state keeps the metric it started with.")
     shrinkage: float = Field(0.5, gt=0.0, le=1.0, description="Mahalanobis: the pooled covariance's weight on a multiple "
-                             "of the identity (model/prototypes.py shared_covariance); 1 = Euclidean distance.")
+                             "of the identity (model/memory/prototypes.py shared_covariance); 1 = Euclidean distance.")
 
 
 class CMSConfig(Section):

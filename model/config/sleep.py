@@ -17,7 +17,7 @@ REHEARSAL_SHOT = 'Example of "{label}": {text}\n'  # rehearsal.shots > 0: curren
 
 
 class RehearsalConfig(Section):
-    """Rehearsal inside sleep: dreamed inputs of every earlier task join consolidation's data D (model/rehearsal.py)."""
+    """Rehearsal inside sleep: dreamed inputs of every earlier task join consolidation's data D (model/sleep/rehearsal.py)."""
 
     enabled: bool = Field(True, description="Dream about every earlier task and distil the old model's answers on "
                           "those dreams into the new expert (false: consolidation sees the current period only).")
@@ -60,7 +60,7 @@ class ConsolidationConfig(Section):
     )
     init: Literal["zero", "copy"] = Field(
         "zero", description="How the new expert starts: zero (B = 0, the paper's expansion: the model is unchanged) "
-        "or copy (as the faster level's expert that learned most, model.consolidation.seed_expert; distillation "
+        "or copy (as the faster level's expert that learned most, model.sleep.consolidation.seed_expert; distillation "
         "then corrects it).",
     )
     prompt_buffer_size: int = Field(64, ge=1, description="Wake prompts kept for sleep (seeded sample).")
@@ -123,7 +123,7 @@ class DreamPolicyConfig(Section):
     """The dream policy (issue #14; docs/design.md §3): the generator's own LoRA adapter on the base model.
 
     It is on only while dreams are sampled and while ReST-EM trains it; the memory levels that
-    answer questions never see it. It is part of the state (``dream_policy.*``, model/dream_policy.py),
+    answer questions never see it. It is part of the state (``dream_policy.*``, model/sleep/dream_policy.py),
     carried from sleep to sleep, so what ReST-EM taught the generator in one sleep writes the next
     sleep's dreams. A fresh policy (B = 0) samples exactly as the model without it.
     """

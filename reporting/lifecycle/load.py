@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import Params
-from model.continual import DIAGNOSTIC_STATES
+from model.evaluation.continual import DIAGNOSTIC_STATES
 from reporting.lifecycle.records import (
     FUNNEL_REQUIRED,
     NONE,

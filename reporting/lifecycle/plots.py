@@ -8,7 +8,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from model.continual import DIAGNOSTIC_STATES
+from model.evaluation.continual import DIAGNOSTIC_STATES
 from reporting.common import fmt
 from reporting.figures import COLORS, DPI, FIGSIZE, figure_style
 from reporting.lifecycle.metrics import continual_learning_metrics, fsum_mean

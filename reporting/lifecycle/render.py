@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from model.continual import DIAGNOSTIC_STATES
+from model.evaluation.continual import DIAGNOSTIC_STATES
 from reporting.common import escape_md, fmt
 from reporting.lifecycle.load import show_path
 from reporting.lifecycle.metrics import continual_learning_metrics

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import Params
-from model.continual import DIAGNOSTIC_STATES
+from model.evaluation.continual import DIAGNOSTIC_STATES
 from model.io import atomic_dir, write_json, write_text
 from reporting.figures import save_png
 from reporting.lifecycle.load import load_lifecycle_metrics, show_path

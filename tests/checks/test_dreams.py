@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from rapidfuzz import fuzz
 
-import checks.dreams
 from checks import CHECKS, DreamGateError, DreamValidation, gate_dream_table, gate_dreams, validate_dreams
+import checks.dreams
 from model.config import DreamGateConfig
-from model.dream_checks import CHECK_COLUMNS, DREAM_COLUMNS, add_check_columns, dup_scores
+from model.sleep.dream_checks import CHECK_COLUMNS, DREAM_COLUMNS, add_check_columns, dup_scores
 
 GATE = DreamGateConfig()  # tokens in [8, 512], near-duplicate at 90, copy at 95
 

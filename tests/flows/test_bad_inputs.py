@@ -30,11 +30,11 @@ from safetensors.torch import load_file, save_file
 
 from flows.cli import main
 from flows.errors import DEBUG_ENV
-from model.checkpoint import EXPERTS_FILE, MANIFEST_FILE, TRAIN_FILE, save_state
-from model.cms import attach_cms
 from model.config import RUN_ID_ENV, load_params
-from model.data import DataError
-from model.loading import tiny_model
+from model.data.stream import DataError
+from model.decoding.loading import tiny_model
+from model.memory.checkpoint import EXPERTS_FILE, MANIFEST_FILE, TRAIN_FILE, save_state
+from model.memory.cms import attach_cms
 from tests.flows.test_lifecycle_flow import toy_project
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from model.checkpoint import read_manifest
 from model.config import ConfigError, load_params
+from model.memory.checkpoint import read_manifest
 from tasks.compare import resolve_comparison, run_dir, run_params
 from tests.flows.test_lifecycle_flow import toy_project
 
@@ -198,7 +198,7 @@ def test_bad_data_fails_before_any_training(tmp_path, prefect_harness, data, mes
 
 
 def test_an_empty_task_is_refused_before_training():
-    from model.comparison import check_stream
+    from model.evaluation.comparison import check_stream
 
     stream = pd.DataFrame({"row_id": [0, 1], "task": [0, 0], "split": ["train", "test"], "text": ["a", "b"],
                            "label": ["x", "x"]})
@@ -285,7 +285,7 @@ def test_knowledge_comparison_quick_writes_the_report_and_resumes_mid_way(tmp_pa
 
 
 def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path, prefect_harness, monkeypatch):
-    import model.incorporation as incorporation
+    import model.evaluation.incorporation as incorporation
     from flows.compare import compare
 
     methods = ["base", "passage_finetune"]
@@ -369,7 +369,7 @@ def _with_policy_training(tmp_path: Path, train=TRAIN_PASSAGES) -> Path:
 
 def test_knowledge_policy_comparison_trains_the_policy_then_dreams_with_it_frozen(tmp_path, prefect_harness):
     from flows.compare import compare
-    from model.dream_policy import POLICY_JSON, POLICY_TENSORS
+    from model.sleep.dream_policy import POLICY_JSON, POLICY_TENSORS
 
     params_path = _with_policy_training(tmp_path)
     compare("kn", str(params_path), quick=True)
@@ -423,7 +423,7 @@ def test_a_policy_training_pool_that_holds_an_evaluation_passage_is_refused(tmp_
 
 
 def test_knowledge_shards_split_the_passages_and_an_unsharded_run_assembles_them(tmp_path, prefect_harness, monkeypatch):
-    import model.incorporation as incorporation
+    import model.evaluation.incorporation as incorporation
     from flows.compare import compare, main
 
     params_path = _with_knowledge(tmp_path, methods=["base", "passage_finetune"])

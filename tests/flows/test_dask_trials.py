@@ -11,7 +11,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from model.checkpoint import EXPERTS_FILE, read_manifest
+from model.memory.checkpoint import EXPERTS_FILE, read_manifest
 from tests.flows.test_lifecycle_flow import toy_project
 
 pytestmark = pytest.mark.slow

@@ -161,7 +161,7 @@ def test_a_completed_wake_run_starts_a_sleep_for_the_same_period(registered, toy
 def test_served_prepare_and_inbox_runs_complete(registered, toy_params, prefect_server, server_env, prefect_home,
                                                 tmp_path):
     from flows.intake import ingest
-    from model.intake import LEDGER_FILE, read_ledger
+    from model.data.intake import LEDGER_FILE, read_ledger
     from tests.flows.test_intake_flow import _batch as new_batch
     from tests.flows.test_intake_flow import _project as inbox_project
 

@@ -35,7 +35,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-from model.checkpoint import read_manifest
+from model.memory.checkpoint import read_manifest
 from tasks.caching import outputs_intact, state_digest
 from tests.flows.helpers import wait_for
 from tests.flows.test_lifecycle_flow import toy_project

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.intake import LEDGER_FILE, read_ledger
+from model.data.intake import LEDGER_FILE, read_ledger
 from tests.flows.test_dvc import RAN, dvc, dvc_env, make_project  # noqa: F401 (dvc_env: a fixture)
 from tests.flows.test_intake_flow import _batch
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from model.intake import LEDGER_FILE, read_ledger
-from model.data import load_stream
+from model.data.intake import LEDGER_FILE, read_ledger
+from model.data.stream import load_stream
 from tests.flows.test_lifecycle_flow import toy_project
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_each_batch_is_consumed_once_in_order_and_a_crash_resumes_the_same_perio
         assert json.loads((tmp_path / f"metrics/lifecycle/period-{period}.json").read_text())["period"] == period
 
     # The new state answers: predict over every label it has seen (the inbox's open stream).
-    from model.serving import load_state
+    from model.serving.serving import load_state
 
     trained = load_state(1, params)
     assert set(trained.labels) == {"alarm", "balance", "weather", "music", "timer"}

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from model.checkpoint import read_manifest
-from model.loading import tiny_model
-from model.wake import classify
+from model.decoding.loading import tiny_model
+from model.memory.checkpoint import read_manifest
+from model.memory.wake import classify
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from model.comparison import evaluation_labels
 from model.config import ConfigError, load_params
+from model.evaluation.comparison import evaluation_labels
 from tasks.compare import method_baselines, resolve_comparison, run_params
 from tasks.lr_search import choose, search_comparisons, search_params
 from tests.flows.test_compare import _with_comparisons
@@ -144,7 +144,7 @@ def test_every_subcommand_answers_help_with_its_own_options(capsys):
 
 
 def test_a_comparison_on_development_tasks_never_sees_an_evaluation_label(tmp_path):
-    from model.data import build_stream, load_source
+    from model.data.stream import build_stream, load_source
     from tasks.compare import development_comparison, seed_params
 
     params_path = _dev_project(tmp_path)

@@ -35,7 +35,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from model.intake import LEDGER_FILE, read_ledger
+from model.data.intake import LEDGER_FILE, read_ledger
 from tests.flows.test_faults import (copy_project, edit_params, final_state, partial_files, project_env,
                                      without_timings)
 from tests.flows.test_lifecycle_flow import toy_project

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, dynamic_module_uti
 from flows.cli import main
 from flows.lifecycle import lifecycle
 from flows.prepare import prepare
-from model.export import verify_export
-from model.serving import load_state
+from model.serving.export import verify_export
+from model.serving.serving import load_state
 from tests.flows.test_lifecycle_flow import toy_project
 
 SUBCOMMANDS = {"predict": ["--labels", "--top-k", "INPUT"], "generate": ["--max-new-tokens", "--temperature", "PROMPT"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.soak import soak
-from model.intake import LEDGER_FILE, read_ledger
+from model.data.intake import LEDGER_FILE, read_ledger
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_thirty_ingest_wake_sleep_cycles_keep_memory_and_disk_flat(tmp_path, pre
     assert max(states[KEEP + 2:]) <= 1.15 * min(states[KEEP + 2:]), states
     # The routing prototypes (measured apart: a centroid per label of each period, two labels a batch here) grow
     # until the slow level is full and its merges leave old periods sharing a view; a view's centroids are compacted
-    # to K once they pass K (model/prototypes.py), so they level off (40 cycles: 0.051-0.053 MB from cycle 12 on).
+    # to K once they pass K (model/memory/prototypes.py), so they level off (40 cycles: 0.051-0.053 MB from cycle 12 on).
     protos = [r["prototypes_mb"] for r in records]
     assert protos[KEEP + 2] > protos[0] and max(protos[CYCLES // 2:]) <= 1.10 * min(protos[CYCLES // 2:]), protos
     for period in range(CYCLES - KEEP):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from model.cms import ContinuumMemory, attach_cms
 from model.config import CMSConfig, LevelConfig
-from model.forward import Batch
-from model.loading import LoadedModel, tiny_model
-from model.wake import encode
+from model.decoding.forward import Batch
+from model.decoding.loading import LoadedModel, tiny_model
+from model.memory.cms import ContinuumMemory, attach_cms
+from model.memory.wake import encode
 
 
 def tiny_cms_config(**level_overrides) -> CMSConfig:

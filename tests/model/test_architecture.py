@@ -15,13 +15,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from model.architecture import Decoder, UnsupportedArchitectureError, decoder_of
-from model.cms import CMSBlock, attach_cms
+from model.decoding.architecture import Decoder, UnsupportedArchitectureError, decoder_of
+from model.decoding.forward import prefix_hidden, suffix_hidden, suffix_logprobs
+from model.decoding.loading import LoadedModel, tiny_model, tiny_tokenizer
+from model.decoding.sampling import StaticKVDecoder, sample_continuations
 from model.errors import UserError
-from model.forward import prefix_hidden, suffix_hidden, suffix_logprobs
-from model.loading import LoadedModel, tiny_model, tiny_tokenizer
-from model.sampling import StaticKVDecoder, sample_continuations
-from model.wake import completion_logprobs, score_candidates
+from model.memory.cms import CMSBlock, attach_cms
+from model.memory.wake import completion_logprobs, score_candidates
 from tests.model.helpers import logits, make_nonzero, tiny_cms_config, toy_batch
 
 FAMILIES = ["llama", "qwen2", "qwen3"]

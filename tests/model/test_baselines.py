@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from model.baselines import (
+from model.decoding.loading import LoadedModel, tiny_model
+from model.evaluation.baselines import (
     EWC,
     ReplayBuffer,
     SequentialStep,
@@ -18,8 +19,7 @@ from model.baselines import (
     icl_prompt_prefix,
     train_sequential,
 )
-from model.loading import LoadedModel, tiny_model
-from model.wake import classify, completion_logprobs, encode, sft_loss, split_template
+from model.memory.wake import classify, completion_logprobs, encode, sft_loss, split_template
 from tests.model.helpers import logits, toy_batch
 
 TEMPLATE = "{text} -> {label}"

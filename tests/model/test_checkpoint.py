@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from model.checkpoint import EXPERTS_FILE, MANIFEST_FILE, CheckpointError, load_state, save_state
-from model.cms import ChunkedOptimizer
-from model.wake import sft_loss
+from model.memory.checkpoint import EXPERTS_FILE, MANIFEST_FILE, CheckpointError, load_state, save_state
+from model.memory.cms import ChunkedOptimizer
+from model.memory.wake import sft_loss
 from tests.model.helpers import logits, tiny_cms_config, tiny_with_cms, toy_batch
 
 
@@ -98,7 +98,7 @@ def test_layout_mismatch_and_missing_files(tmp_path):
 def test_failed_save_keeps_the_previous_state(tmp_path, monkeypatch):
     _, cms, opt, _ = _trained()
     save_state(cms, tmp_path / "s", opt, metadata={"v": 1})
-    import model.checkpoint as ck
+    import model.memory.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

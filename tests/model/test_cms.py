@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.cms import CMSBlock, CMSError, ChunkedOptimizer, NoFreeSlotError
-from model.wake import sft_loss
+from model.memory.cms import CMSBlock, CMSError, ChunkedOptimizer, NoFreeSlotError
+from model.memory.wake import sft_loss
 from tests.model.helpers import logits, make_nonzero, tiny_cms_config, tiny_with_cms, toy_batch
 
 
@@ -23,7 +23,7 @@ def test_attach_wraps_selected_layers_and_freezes_base():
 def test_fresh_levels_do_not_change_the_base_model():
     lm, _ = tiny_with_cms()
     batch = toy_batch(lm)
-    plain = __import__("model.loading", fromlist=["tiny_model"]).tiny_model(seed=0)
+    plain = __import__("model.decoding.loading", fromlist=["tiny_model"]).tiny_model(seed=0)
     torch.testing.assert_close(logits(lm, batch), logits(plain, batch), rtol=0, atol=0)
 
 
@@ -100,9 +100,9 @@ def test_level_index_out_of_range():
 
 
 def test_layer_index_out_of_range():
-    from model.cms import attach_cms
+    from model.memory.cms import attach_cms
     from model.config import CMSConfig
-    from model.loading import tiny_model
+    from model.decoding.loading import tiny_model
 
     with pytest.raises(CMSError, match=r"\[9\] out of range"):
         attach_cms(tiny_model().model, CMSConfig(layers=[1, 9], levels=tiny_cms_config().levels))
@@ -224,8 +224,8 @@ def test_dream_mode_always_adds_an_expert_that_would_otherwise_be_off():
 
 
 def test_frozen_experts_do_not_move_in_wake_and_the_flag_survives_a_checkpoint(tmp_path):
-    from model.checkpoint import load_state, save_state
-    from model.wake import NoWritableExpertError, ensure_writable, train_period
+    from model.memory.checkpoint import load_state, save_state
+    from model.memory.wake import NoWritableExpertError, ensure_writable, train_period
 
     lm, cms = tiny_with_cms()
     slot = cms.unlock(1, "consolidation:a")

@@ -112,13 +112,13 @@ def test_max_text_chars_is_range_checked(tmp_path):
 
 def test_every_input_error_is_one_user_error():
     """The command line catches one class (model/errors.py); each module's error is one, and still the builtin."""
-    from model.checkpoint import CheckpointError
-    from model.cms import CMSError
-    from model.consolidation import EmptyPromptBufferError
-    from model.data import DataError
+    from model.memory.checkpoint import CheckpointError
+    from model.memory.cms import CMSError
+    from model.sleep.consolidation import EmptyPromptBufferError
+    from model.data.stream import DataError
     from model.errors import UserError
     from model.io import BusyError
-    from model.rehearsal import RehearsalError
+    from model.sleep.rehearsal import RehearsalError
 
     for cls in (ConfigError, DataError, CheckpointError, CMSError, RehearsalError, EmptyPromptBufferError):
         assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.cms import CMSError, NoFreeSlotError
 from model.config import ConsolidationConfig, LevelConfig
-from model.consolidation import EmptyPromptBufferError, consolidate, due_consolidations
-from model.losses import distillation_loss
-from model.sampling import NonFiniteLogitsError
-from model.wake import encode
+from model.decoding.sampling import NonFiniteLogitsError
+from model.memory.cms import CMSError, NoFreeSlotError
+from model.memory.wake import encode
+from model.sleep.consolidation import EmptyPromptBufferError, consolidate, due_consolidations
+from model.sleep.losses import distillation_loss
 from tests.model.helpers import logits, make_nonzero, tiny_with_cms, toy_batch
 
 PROMPTS = ["what is my balance -> ", "book a table for two -> ", "set an alarm for seven -> ", "how much money -> "]
@@ -155,7 +155,7 @@ def test_without_expansion_the_newest_slow_expert_learns_in_place_against_a_froz
 
 
 def test_weights_swapped_restores_the_live_tensors():
-    from model.consolidation import _weights_swapped
+    from model.sleep.consolidation import _weights_swapped
 
     p = torch.nn.Parameter(torch.ones(3))
     with _weights_swapped([p], [torch.zeros(3)]):
@@ -207,7 +207,7 @@ def test_fold_dreams_moves_the_fast_level_into_the_periods_expert_only():
     """A sleep's dreams, trained into the fast level, fold into the slow expert the same sleep consolidated:
     that expert (fast level masked) comes to answer as the dream-trained model did, no other expert moves,
     and the fast level is empty for the next wake."""
-    from model.consolidation import fold_dreams, period_expert
+    from model.sleep.consolidation import fold_dreams, period_expert
 
     lm, cms, _, _, _ = _fast_level_with_knowledge()
     cms.begin_period(2)
@@ -247,9 +247,9 @@ def test_training_in_place_needs_an_active_slot():
 
 
 def test_copy_expert_is_exact_with_a_rank_as_large_and_keeps_the_leading_dims_with_a_smaller_one():
-    from model.cms import attach_cms
+    from model.memory.cms import attach_cms
     from model.config import CMSConfig
-    from model.loading import tiny_model
+    from model.decoding.loading import tiny_model
 
     lm = tiny_model(seed=0)
     levels = [LevelConfig(name="fast", chunk_size=1, lr=1e-2, n_experts=2, d_low=4, top_k=2),

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model.continual import (
+from model.evaluation.continual import (
     accuracy_matrix,
     backward_transfer,
     final_average_accuracy,

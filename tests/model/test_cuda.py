@@ -11,12 +11,12 @@ import copy
 import pytest
 import torch
 
-from model.checkpoint import load_state, save_state
-from model.consolidation import consolidate
-from model.dreaming import dream_about
-from model.trials import AnswerLoglik, run_trials
-from model.wake import encode, score_candidates, sft_loss
-from model.sampling import sample_continuations
+from model.decoding.sampling import sample_continuations
+from model.memory.checkpoint import load_state, save_state
+from model.memory.wake import encode, score_candidates, sft_loss
+from model.sleep.consolidation import consolidate
+from model.sleep.dreaming import dream_about
+from model.sleep.trials import AnswerLoglik, run_trials
 from tests.model.helpers import make_nonzero, tiny_with_cms
 from tests.model.test_consolidation import PROMPTS
 from tests.model.test_consolidation import _cfg as consolidation_cfg

@@ -1,4 +1,4 @@
-"""Pure tests of model.data: source formats, error messages and the class-incremental stream."""
+"""Pure tests of model.data.stream: source formats, error messages and the class-incremental stream."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from model.config import DataConfig, SourceConfig
-from model.data import STREAM_COLUMNS, DataError, build_stream, load_source
+from model.data.stream import STREAM_COLUMNS, DataError, build_stream, load_source
 
 REPO = Path(__file__).resolve().parents[2]
 CLINC = "data/raw/clinc150/data_full.json"

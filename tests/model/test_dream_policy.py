@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, load_state, save_state
 from model.config import DreamConfig, DreamPolicyConfig, PolicyTrainingConfig
-from model.dream_policy import (
+from model.evaluation.knowledge import QA, Passage
+from model.memory.checkpoint import CheckpointError, load_state, save_state
+from model.sleep.dream_policy import (
     POLICY_JSON,
     POLICY_TENSORS,
     DreamPolicyError,
@@ -20,10 +21,9 @@ from model.dream_policy import (
     rest_em_update,
     save_policy,
 )
-from model.dreaming import dream_about, generate_dreams, task_from_passage
-from model.knowledge import QA, Passage
-from model.policy_training import train_policy
-from model.trials import TrialResult
+from model.sleep.dreaming import dream_about, generate_dreams, task_from_passage
+from model.sleep.policy_training import train_policy
+from model.sleep.trials import TrialResult
 from tests.model.helpers import logits, tiny_with_cms, toy_batch
 
 PCFG = DreamPolicyConfig(rank=4, alpha=8.0, lr=5e-2)
@@ -230,8 +230,8 @@ def test_training_the_policy_over_rounds_measures_every_round_and_learns_only_th
 
 
 def test_a_large_rest_em_update_trains_on_minibatches():
-    from model.sft import train_on_pairs
-    from model.wake import encode, sft_loss
+    from model.sleep.sft import train_on_pairs
+    from model.memory.wake import encode, sft_loss
 
     lm, cms = _with_policy()
     prompts = [f"Passage {i}.\nImplications:\n" for i in range(5)]

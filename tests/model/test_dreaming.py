@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from model.config import DreamConfig
-from model.dreaming import (
+from model.evaluation.knowledge import QA, Passage
+from model.memory.wake import label_scores
+from model.sleep.dreaming import (
     HeldOutScore,
     candidate_check,
     dream_about,
@@ -28,9 +30,7 @@ from model.dreaming import (
     training_helped,
     try_dreams,
 )
-from model.wake import label_scores
-from model.knowledge import QA, Passage
-from model.trials import AnswerLoglik
+from model.sleep.trials import AnswerLoglik
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
 PASSAGE_RAW = Passage(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from model.grading import (
+from model.evaluation.grading import (
     GradeResult,
     accuracy,
     bootstrap_ci95,
@@ -19,7 +19,7 @@ from model.grading import (
     normalize_answer,
     token_f1,
 )
-from model.rewards import SemanticJudge
+from model.sleep.rewards import SemanticJudge
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-import model.dreaming as dreaming
-import model.incorporation as incorporation
 from model.config import DreamConfig
-from model.incorporation import (
+import model.evaluation.incorporation as incorporation
+from model.evaluation.incorporation import (
     MemorySnapshot,
     evaluate_passage,
     learn,
@@ -17,8 +16,9 @@ from model.incorporation import (
     run_continued,
     run_single,
 )
-from model.dreaming import task_from_passage
-from model.knowledge import QA, Passage
+from model.evaluation.knowledge import QA, Passage
+import model.sleep.dreaming as dreaming
+from model.sleep.dreaming import task_from_passage
 from tests.model.helpers import tiny_with_cms
 
 PASSAGES = [
@@ -188,7 +188,7 @@ def test_continued_mode_keeps_training_one_state_and_resumes():
 def test_the_funnel_counts_useful_dreams_the_gate_turned_away_by_check():
     import pandas as pd
 
-    from model.incorporation import rewarded_rejections
+    from model.evaluation.incorporation import rewarded_rejections
 
     gated = pd.DataFrame({"reward": [1.0, 1.0, 0.0, 1.0, float("nan")],
                           "gate_passed": [False, True, False, False, False],

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-import model.knowledge as knowledge
-from model.data import DataError
-from model.knowledge import (
+from model.data.stream import DataError
+from model.decoding.loading import LoadedModel, tiny_model
+from model.decoding.sampling import Sample
+import model.evaluation.knowledge as knowledge
+from model.evaluation.knowledge import (
     QA,
     Passage,
     answer_completion,
@@ -21,9 +23,7 @@ from model.knowledge import (
     no_context_accuracy,
     qa_prompt,
 )
-from model.loading import LoadedModel, tiny_model
-from model.sampling import Sample
-from model.wake import encode, sft_loss, split_template
+from model.memory.wake import encode, sft_loss, split_template
 
 SQUAD = Path(__file__).resolve().parents[2] / "data" / "raw" / "squad"
 GOOD = {"title": "T", "context": "Some passage.", "questions": [{"question": "Q?", "answer": "A"}]}
@@ -234,8 +234,8 @@ def test_no_context_accuracy_rejects_bad_metrics(lm: LoadedModel, passage: Passa
 
 
 def test_passage_chunks_fit_the_window_and_keep_every_sentence():
-    from model.knowledge import passage_chunks
-    from model.loading import tiny_model
+    from model.evaluation.knowledge import passage_chunks
+    from model.decoding.loading import tiny_model
 
     tok = tiny_model().tokenizer
     text = " ".join(f"Sentence number {i} says something about topic {i}." for i in range(40))
@@ -265,7 +265,7 @@ def test_select_passages_takes_a_range_and_refuses_one_beyond_the_file(tmp_path:
 
 
 def test_passage_pairs_cut_each_piece_after_its_beginning_and_lose_no_word(lm: LoadedModel) -> None:
-    from model.knowledge import passage_pairs
+    from model.evaluation.knowledge import passage_pairs
 
     text = " ".join(f"Sentence number {i} says something about topic {i}." for i in range(12))
     pairs = passage_pairs(lm.tokenizer, text, 60)
@@ -281,7 +281,7 @@ def test_passage_pairs_cut_each_piece_after_its_beginning_and_lose_no_word(lm: L
 
 
 def test_stream_pairs_keep_labelled_rows_as_template_pairs_and_cut_passages(lm: LoadedModel) -> None:
-    from model.knowledge import stream_pairs
+    from model.evaluation.knowledge import stream_pairs
 
     texts = ["wake me at six", "The mill burned in 1820. Its stones built the lighthouse on the cape.", "play a song"]
     labels = ["alarm", "", "music"]
@@ -293,7 +293,7 @@ def test_stream_pairs_keep_labelled_rows_as_template_pairs_and_cut_passages(lm: 
 
 
 def test_passage_recall_rises_when_the_passage_is_trained_and_is_none_without_words() -> None:
-    from model.knowledge import passage_pairs, passage_recall
+    from model.evaluation.knowledge import passage_pairs, passage_recall
 
     trained = tiny_model(seed=0)
     model, tok = trained.model, trained.tokenizer

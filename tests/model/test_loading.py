@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.loading import ModelNotFoundError, find_embedded_gguf, load_base_model, tiny_model
+from model.decoding.loading import ModelNotFoundError, find_embedded_gguf, load_base_model, tiny_model
 
 
 def test_tiny_model_is_deterministic_and_frozen():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from model.config import CMSConfig, ConsolidationConfig, LevelConfig
-from model.data import DataError
-from model.loading import tiny_model, tiny_tokenizer
-from model.long_context import (
+from model.data.stream import DataError
+from model.decoding.loading import tiny_model, tiny_tokenizer
+from model.evaluation.long_context import (
     build_document,
     count_tokens,
     load_babi,
@@ -20,7 +20,7 @@ from model.long_context import (
     question_prompt,
     tail_context,
 )
-from model.long_context_methods import (
+from model.evaluation.long_context_methods import (
     answer_from_memory,
     answer_retrieval,
     boundary_prompts,
@@ -29,7 +29,7 @@ from model.long_context_methods import (
     sleep_levels,
     slow_levels,
 )
-from model.cms import attach_cms
+from model.memory.cms import attach_cms
 
 REPO = Path(__file__).resolve().parents[2]
 QA1 = REPO / "data/raw/babi/qa1_single-supporting-fact_test.txt"
@@ -108,8 +108,8 @@ def test_tail_context_keeps_the_documents_end_within_the_budget():
 
 
 def test_pmi_scoring_subtracts_each_candidates_likelihood_after_the_content_free_prompt():
-    from model.long_context import NULL_PROMPT, answer
-    from model.wake import score_candidates
+    from model.evaluation.long_context import NULL_PROMPT, answer
+    from model.memory.wake import score_candidates
 
     lm = tiny_model(seed=3)
     prompts = ["Question: Where is Mary?\nAnswer:", "Question: Where is John?\nAnswer:"]
@@ -134,7 +134,7 @@ def test_retrieval_puts_the_most_similar_piece_in_the_prompt():
     chosen, best = answer_retrieval(lm.model, lm.tokenizer, doc, 256, overlap)
     room = 256 - len(lm.tokenizer(question_prompt(item.question))["input_ids"]) - 4 \
         - max(count_tokens(lm.tokenizer, " " + c) for c in item.candidates)
-    from model.knowledge import passage_chunks
+    from model.evaluation.knowledge import passage_chunks
 
     assert "Sandra" in passage_chunks(lm.tokenizer, doc.text, room)[best]
     assert 0 <= chosen < len(item.candidates)

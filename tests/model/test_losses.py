@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.losses import distillation_loss, forward_kl, generalized_jsd, reverse_kl, token_divergence
+from model.sleep.losses import distillation_loss, forward_kl, generalized_jsd, reverse_kl, token_divergence
 
 
 def _pair(n: int = 6, v: int = 11, seed: int = 0, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:

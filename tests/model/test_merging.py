@@ -1,15 +1,15 @@
-"""Capacity: merging the two oldest experts of a full level (model/merging.py)."""
+"""Capacity: merging the two oldest experts of a full level (model/memory/merging.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.cms import CMSError
 from model.config import ConsolidationConfig
-from model.consolidation import consolidate
-from model.merging import gated_expert_output, level_inputs, merge_oldest, oldest_pair
-from model.wake import ensure_writable
+from model.memory.cms import CMSError
+from model.memory.merging import gated_expert_output, level_inputs, merge_oldest, oldest_pair
+from model.memory.wake import ensure_writable
+from model.sleep.consolidation import consolidate
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
 PROMPTS = ["what is my balance -> ", "book a table for two -> ", "set an alarm for seven -> "]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import CheckpointError, load_state, save_state
-from model.cms import CMSError
-from model.merging import merge_oldest
-from model.prototypes import (
+from model.memory.checkpoint import CheckpointError, load_state, save_state
+from model.memory.cms import CMSError
+from model.memory.merging import merge_oldest
+from model.memory.prototypes import (
     MAHALANOBIS_KEYS,
     Prototypes,
     add_period,
@@ -29,7 +29,7 @@ from model.prototypes import (
     spherical_kmeans,
     view_class,
 )
-from model.wake import classify
+from model.memory.wake import classify
 from tests.model.helpers import logits, make_nonzero, tiny_cms_config, tiny_with_cms, toy_batch
 
 ALARMS = ["please set an alarm now", "wake me up at seven", "alarm for six please", "set my alarm for nine"]

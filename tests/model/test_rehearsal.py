@@ -1,11 +1,11 @@
-"""Rehearsal inside sleep: dreamed inputs of earlier tasks from their label names (model/rehearsal.py)."""
+"""Rehearsal inside sleep: dreamed inputs of earlier tasks from their label names (model/sleep/rehearsal.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from model.config import RehearsalConfig
-from model.rehearsal import RehearsalError, check_rehearsal_dreams, dream_task_inputs, rehearsal_prompt
+from model.sleep.rehearsal import RehearsalError, check_rehearsal_dreams, dream_task_inputs, rehearsal_prompt
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from rapidfuzz.distance import Levenshtein
 
-import model.rewards as rewards
-from model.rewards import (
+import model.sleep.rewards as rewards
+from model.sleep.rewards import (
     MINILM_INSTALL,
     RewardModelNotFoundError,
     SemanticJudge,

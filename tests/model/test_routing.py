@@ -1,12 +1,12 @@
-"""Routing that separates inputs: L_route on the learning experts' routers (model/routing.py)."""
+"""Routing that separates inputs: L_route on the learning experts' routers (model/memory/routing.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from model.cms import ChunkedOptimizer
-from model.routing import captured_inputs, gate_means, routing_loss
-from model.wake import encode, train_period
+from model.memory.cms import ChunkedOptimizer
+from model.memory.routing import captured_inputs, gate_means, routing_loss
+from model.memory.wake import encode, train_period
 from tests.model.helpers import tiny_cms_config, tiny_with_cms
 
 CURRENT = ["please set an alarm now ->", "wake me up at seven ->", "alarm for six please ->"] * 4

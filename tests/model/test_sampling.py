@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model import sampling
-from model.loading import ModelNotFoundError, load_base_model
-from model.sampling import NonFiniteLogitsError, pick_tokens, sample_continuations
+from model.decoding import sampling
+from model.decoding.loading import ModelNotFoundError, load_base_model
+from model.decoding.sampling import NonFiniteLogitsError, pick_tokens, sample_continuations
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
 PROMPTS = ["what is my balance ->", "book a table for two please ->", "hi"]

@@ -11,13 +11,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, dynamic_module_utils
 
-from model.checkpoint import CheckpointError, open_memory_model, read_manifest, save_state
 from model.config import load_params
-from model.export import EXPORT_MANIFEST, ExportError, export_model, verify_export
-from model.prototypes import learn_prototypes, period_view, routed_classify, routed_periods
-from model.sampling import sample_continuations
-from model.serving import ServingError, TrainedModel, load_state, state_labels
-from model.wake import classify
+from model.decoding.sampling import sample_continuations
+from model.memory.checkpoint import CheckpointError, open_memory_model, read_manifest, save_state
+from model.memory.prototypes import learn_prototypes, period_view, routed_classify, routed_periods
+from model.memory.wake import classify
+from model.serving.export import EXPORT_MANIFEST, ExportError, export_model, verify_export
+from model.serving.serving import ServingError, TrainedModel, load_state, state_labels
 
 ALARMS = ["set an alarm for seven", "wake me up at six", "alarm at noon please", "set alarm tomorrow"]
 MONEY = ["what is my balance", "transfer money to savings", "how much money do i have", "send money to my account"]

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.loading import LoadedModel, tiny_model
-from model.trials import (
+from model.decoding.loading import LoadedModel, tiny_model
+from model.memory.wake import completion_logprobs
+from model.sleep.trials import (
     AnswerLoglik,
     MultiLoRALinear,
     attach_multi_lora,
@@ -20,7 +21,6 @@ from model.trials import (
     score_trials,
     train_trials,
 )
-from model.wake import completion_logprobs
 
 DREAMS = [
     "the bank opens at nine and closes at five on weekdays",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.cms import ChunkedOptimizer
-from model.wake import NonFiniteLossError, classify, completion_logprobs, encode, split_template, train_period
+from model.memory.cms import ChunkedOptimizer
+from model.memory.wake import NonFiniteLossError, classify, completion_logprobs, encode, split_template, train_period
 from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
 
 TEMPLATE = "{text} -> {label}"
@@ -112,7 +112,7 @@ def test_nan_loss_aborts_training():
 
 def test_prefix_shared_scores_equal_separate_forwards():
     """Parity: the tree-masked scorer equals scoring each (prompt, candidate) pair on its own."""
-    from model.wake import score_candidates
+    from model.memory.wake import score_candidates
 
     lm, cms = tiny_with_cms()
     make_nonzero(cms, 0)
@@ -125,8 +125,8 @@ def test_prefix_shared_scores_equal_separate_forwards():
 
 
 def test_a_shared_prefix_is_computed_once_and_scores_like_the_concatenated_prompt():
-    from model.loading import tiny_model
-    from model.wake import score_candidates
+    from model.decoding.loading import tiny_model
+    from model.memory.wake import score_candidates
 
     lm = tiny_model()
     prefix = "play some music -> music\nis it raining -> weather\n"

@@ -184,7 +184,7 @@ def test_a_request_that_keeps_failing_queues_the_rest_and_says_which(moto_endpoi
 
 def plant_cycle(params_path: Path, period: int) -> None:
     """What a cycle leaves for publishing (its state, metrics and a gate report), without training anything."""
-    from model.checkpoint import FORMAT_VERSION
+    from model.memory.checkpoint import FORMAT_VERSION
     from model.config import load_params
     from tasks.wake import sleep_state_dir
     from tests.store.test_store import MANIFEST
@@ -204,7 +204,7 @@ def plant_cycle(params_path: Path, period: int) -> None:
 
 
 def plant_report(root: Path) -> None:
-    from tasks.report import REPORT_DIR
+    from reporting import REPORT_DIR
 
     (root / REPORT_DIR).mkdir(parents=True, exist_ok=True)
     (root / REPORT_DIR / "report.md").write_text("# the lifecycle report\n")
@@ -393,9 +393,9 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def test_a_full_disk_stops_a_state_write_in_one_line_and_keeps_the_last_good_state(small_disk: Path) -> None:
-    from model.checkpoint import load_state, save_state
-    from model.cms import ChunkedOptimizer
-    from model.wake import sft_loss
+    from model.memory.checkpoint import load_state, save_state
+    from model.memory.cms import ChunkedOptimizer
+    from model.memory.wake import sft_loss
     from tests.model.helpers import tiny_with_cms, toy_batch
 
     lm, cms = tiny_with_cms()

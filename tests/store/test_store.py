@@ -47,7 +47,7 @@ from tests.store.conftest import free_port
 REPO = Path(__file__).resolve().parents[2]
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 RUN = "run-1"
-MANIFEST = {  # the shape of model.checkpoint.read_manifest(...)
+MANIFEST = {  # the shape of model.memory.checkpoint.read_manifest(...)
     "levels": [
         {"name": "fast", "experts": [
             {"slot": 0, "active": True, "unlocked_at_step": 0, "origin": "init", "history": ["unlocked@0:init"],

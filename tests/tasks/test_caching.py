@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model.checkpoint import save_state
+from model.memory.checkpoint import save_state
 from tasks.caching import OUTPUT_STATE, outputs_match, stamp_output
 from tests.model.helpers import make_nonzero, tiny_with_cms
 

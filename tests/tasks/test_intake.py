@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from model.config import load_params
-from model.data import DataError
-from model.intake import LEDGER_FILE, read_ledger
+from model.data.intake import LEDGER_FILE, read_ledger
+from model.data.stream import DataError
 from tasks.intake import inbox_dir, ingest_file
 
 
@@ -137,7 +137,7 @@ def test_a_ledger_naming_a_file_outside_the_inbox_is_refused(tmp_path, prefect_h
 
 
 def test_retention_keeps_the_last_periods_and_the_pinned_ones(tmp_path):
-    from model.intake import Ledger
+    from model.data.intake import Ledger
     from tasks.intake import retention_plan
 
     periods = [{"period": p, "batches": [], "status": "done"} for p in range(3, 9)]

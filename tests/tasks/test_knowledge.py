@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import model.dreaming as dreaming
 from model.config import DreamConfig
-from model.incorporation import run_single
-from model.knowledge import QA, Passage
+from model.evaluation.incorporation import run_single
+from model.evaluation.knowledge import QA, Passage
+import model.sleep.dreaming as dreaming
 from tasks.knowledge import gate_function
 from tests.model.helpers import tiny_with_cms
 

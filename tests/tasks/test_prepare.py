@@ -13,7 +13,7 @@ import yaml
 
 from checks import StreamValidation, StreamValidationError, validate_stream
 from model.config import DataConfig, SourceConfig
-from model.data import DataError, build_stream, load_source, load_stream
+from model.data.stream import DataError, build_stream, load_source, load_stream
 from model.io import sha256_file
 from tasks.prepare import check_and_report_stream
 

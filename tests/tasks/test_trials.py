@@ -9,9 +9,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from model.checkpoint import open_memory_model
 from model.config import DreamConfig, Params
-from model.dreaming import task_from_examples, try_dreams
+from model.memory.checkpoint import open_memory_model
+from model.sleep.dreaming import task_from_examples, try_dreams
 from tasks.trials import GroupedTrials, run_trial_group, split_groups, trial_task_runner
 from tests.model.helpers import make_nonzero, tiny_cms_config
 

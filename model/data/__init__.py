@@ -1,0 +1,1 @@
+"""Data: the class-incremental stream and the inbox of new data."""

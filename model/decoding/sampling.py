@@ -1,0 +1,386 @@
+"""Sampling continuations from the model in whatever CMS view is active (teacher/student/dream).
+
+One batched decoder serves every sampling site of a sleep: teacher samples and on-policy
+student samples for distillation, Learning-to-Imitate continuations, and dreams.
+
+* **Static KV cache.** Each decoder layer gets a preallocated key/value buffer
+  ``(rows, kv_heads, S, head_dim)``, written in place; a decode step calls the layer's
+  own submodules (norms, q/k/v/o projections, the model's rotary embedding, ``mlp``,
+  which is a :class:`~model.memory.cms.CMSBlock` where memory levels are attached), found by
+  :func:`model.decoding.architecture.decoder_of` (Llama, Qwen2, Qwen3), with SDPA
+  over the buffer. So whatever view the CMS is in -- levels masked, experts hidden,
+  random-expert dream routing -- is the view that samples, and none of ``generate``'s
+  per-step machinery (cache concatenation, mask building) runs.
+* **Continuous batching.** Rows live at buffer rows ``0..n-1``. A row that finishes
+  (EOS, a stop string, ``max_new_tokens``) leaves at once: the waiting prompts fill the
+  free rows (prefilled together, right-padded, causal attention), and when none wait
+  the last rows move into the holes, so every step runs only on live rows.
+* **Per-row randomness.** Row ``i`` of the expanded prompt list draws its tokens from
+  its own uniform stream, seeded by ``(seed, i)``: a sample does not depend on the
+  batch size or on which rows shared its batch (up to float rounding of the batched
+  matmuls), and the caller's random state is untouched. The one exception is dream
+  mode, whose router draws its random expert per token from one shared generator.
+* **Non-finite logits** (NaN or +inf) raise :class:`NonFiniteLogitsError` naming the
+  prompt: a model that produces them must not be trained on its own samples.
+
+fp32 is the reference. ``dtype="bfloat16"`` computes with a bf16 copy of the frozen base
+weights (cached per parameter; memory levels keep their fp32 weights), on a CPU with
+native bf16 support or a GPU. Greedy decoding equals Hugging Face ``generate``
+token for token in fp32 (tests/model/test_sampling.py, bench/decoding.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.decoding.architecture import decoder_of
+from model.memory.cms import ExpertBank
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PREFILL_TOKENS = 8192  # most prompt tokens prefilled in one pass
+NUCLEUS_K = (256, 4096)  # top-k tried before a full sort when looking for the top-p nucleus
+
+
+@dataclass
+class Sample:
+    prompt: str
+    text: str
+    finished: bool  # ended with EOS or a stop string (False: cut at max_new_tokens)
+    tokens: tuple[int, ...] = ()  # the new token ids, EOS excluded (a stop string's tokens included)
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The model produced NaN or +inf logits for a sequence being sampled."""
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V) and one uniform in [0, 1) per row (B,).
+
+    Greedy at temperature 0 (the uniforms are unused); else inverse-CDF sampling from
+    softmax(logits / T) restricted to the top-p nucleus (the most likely tokens up to and
+    including the one whose cumulative probability reaches ``top_p``). The nucleus is
+    looked for in the top 256, then 4096 tokens of each row, and only rows it does not
+    fit in are fully sorted (a sort of the 49k vocabulary costs more than a decode step).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return _inverse_cdf(probs, uniforms)
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    todo = torch.arange(probs.shape[0], device=probs.device)
+    for k in (*NUCLEUS_K, probs.shape[-1]):
+        k = min(k, probs.shape[-1])
+        top, order = probs[todo].topk(k, dim=-1) if k < probs.shape[-1] else probs[todo].sort(dim=-1, descending=True)
+        before = top.cumsum(dim=-1) - top  # mass of the more likely tokens
+        fits = before[:, -1] + top[:, -1] >= top_p if k < probs.shape[-1] else torch.ones_like(todo, dtype=torch.bool)
+        if bool(fits.any()):
+            kept = top[fits].masked_fill(before[fits] >= top_p, 0.0)
+            out[todo[fits]] = order[fits].gather(1, _inverse_cdf(kept, uniforms[todo[fits]])[:, None]).squeeze(1)
+        todo = todo[~fits]
+        if todo.numel() == 0:
+            break
+    return out
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index (B,) drawn from the unnormalised weights (B, K) >= 0 with one uniform per row (B,)."""
+    cdf = weights.cumsum(dim=-1)
+    target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).clamp(max=weights.shape[-1] - 1).squeeze(1)
+    # Float rounding can land on a zero-weight tail token: take the last positive one instead.
+    zero = weights.gather(1, idx[:, None]).squeeze(1) <= 0
+    if bool(zero.any()):
+        pos = torch.arange(weights.shape[-1], device=weights.device).expand_as(weights)
+        idx[zero] = torch.where(weights[zero] > 0, pos[zero], -1).max(dim=-1).values
+    return idx
+
+
+def row_uniforms(seed: int, n_rows: int, n_steps: int) -> torch.Tensor:
+    """Uniforms (n_rows, n_steps) in [0, 1); row i depends only on (seed, i)."""
+    return torch.from_numpy(np.stack([np.random.default_rng([seed, i]).random(n_steps) for i in range(n_rows)]))
+
+
+# ------------------------------------------------------------------ weights in another dtype
+_CAST_CACHE: dict[int, tuple[int, int, torch.dtype, torch.Tensor]] = {}  # id(parameter) -> its cast copy
+
+
+def base_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The base model's parameters: every parameter outside the CMS expert banks."""
+    memory = {id(p) for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in memory]
+
+
+def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ValueError if ``dtype`` compute is not natively supported on ``device``."""
+    if dtype != torch.bfloat16:
+        return
+    if device.type == "cpu" and not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        raise ValueError("bfloat16 sampling needs a CPU with native bf16 (AVX512-BF16 or AMX); use float32")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("bfloat16 sampling needs a GPU with bf16 support; use float32")
+
+
+@contextlib.contextmanager
+def base_weights_as(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily give the base model's parameters ``dtype`` copies (memory levels keep theirs).
+
+    The copies are cached per parameter (and rebuilt if the parameter changed in place),
+    so repeated calls cost nothing but memory; the original tensors are put back after.
+    """
+    swapped = []
+    try:
+        for p in base_parameters(model):
+            if p.dtype == dtype:
+                continue
+            key = (p._version, p.data_ptr(), dtype)
+            hit = _CAST_CACHE.get(id(p))
+            if hit is None:
+                weakref.finalize(p, _CAST_CACHE.pop, id(p), None)
+            if hit is None or hit[:3] != key:
+                hit = (*key, p.detach().to(dtype))
+                _CAST_CACHE[id(p)] = hit
+            swapped.append((p, p.data))
+            p.data = hit[3]
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data
+
+
+# ------------------------------------------------------------------ the static-cache decoder
+class StaticKVDecoder:
+    """A decoder (Llama, Qwen2 or Qwen3: :func:`model.decoding.architecture.decoder_of`) run layer by layer over
+    preallocated per-layer KV buffers.
+
+    Rows ``0..n-1`` of the buffers hold the live sequences, each from slot 0 (no padding
+    inside a row); ``lengths[r]`` is how many of row r's tokens are cached. One
+    :meth:`forward` feeds the next token of every live row *and* the whole prompts of
+    rows joining the batch, packed into one pass, so the weights are read once per step
+    whether or not rows are being refilled.
+    """
+
+    def __init__(self, model: PreTrainedModel, rows: int, max_len: int) -> None:
+        self.arch = decoder_of(model)  # UnsupportedArchitectureError for a family it does not know
+        self.views = self.arch.views  # each reads its layer's modules when called (CMS blocks, adapters)
+        self.hd, self.scale = self.arch.head_dim, self.arch.scaling
+        dtype, self.device = self.arch.embed.weight.dtype, self.arch.embed.weight.device
+        shape = (rows, self.arch.n_kv_heads, max_len, self.hd)
+        # Zeros, not empty: masked slots still enter the attention product (0 * NaN would be NaN).
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.arch.layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.arch.layers]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+
+    def forward(self, tokens: torch.Tensor, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Feed ``tokens`` (n,) to live rows 0..n-1 and ``prompts`` (g token-id lists) to rows n..n+g-1.
+
+        Returns the next-token logits (n + g, V) in fp32: after each live row's token and
+        after each prompt's last token. All N = n + sum(len(prompt)) tokens go through the
+        projections and MLPs as one packed sequence (no padding); attention runs per
+        group: the live rows over their cached slots, and each run of equally long
+        prompts causally over itself (pass prompts sorted by length for few runs).
+        """
+        n, g = tokens.shape[0], len(prompts)
+        lens = [len(p) for p in prompts]
+        flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device)
+        old = self.lengths[:n]  # slot each live row's token goes to = its position
+        pos = torch.cat([old, *(torch.arange(k, device=self.device) for k in lens)])  # (N,)
+        h = self.arch.embed(torch.cat([tokens, flat]))[None]  # (1, N, d)
+        cos, sin = self.arch.rotary_per_token(h, pos)  # (N, 1, hd)
+        rows = torch.arange(n, device=self.device)
+        span = int(old.max()) + 1 if n else 0
+        visible = (torch.arange(span, device=self.device)[None, :] <= old[:, None])[:, None, None, :]  # (n,1,1,S)
+        runs, start, row = [], n, n  # (first token, first row, rows, length) of each run of equal lengths
+        for k, group in itertools.groupby(lens):
+            count = len(list(group))
+            runs.append((start, row, count, k))
+            start, row = start + count * k, row + count
+        for i, layer in enumerate(self.views):
+            q, k, v = layer.qkv(layer.attention_input(h), cos, sin)  # (N, H, hd), (N, KV, hd), (N, KV, hd)
+            out = []
+            if n:  # one new token per live row, attending over its cached slots
+                self.k[i][rows, :, old] = k[:n]
+                self.v[i][rows, :, old] = v[:n]
+                o = F.scaled_dot_product_attention(q[:n, :, None], self.k[i][:n, :, :span], self.v[i][:n, :, :span],
+                                                   attn_mask=visible, scale=self.scale, enable_gqa=True)
+                out.append(o.reshape(n, -1))
+            for t0, r0, count, t in runs:  # whole prompts, causal
+                qp, kp, vp = (z[t0 : t0 + count * t].view(count, t, -1, self.hd).transpose(1, 2) for z in (q, k, v))
+                self.k[i][r0 : r0 + count, :, :t] = kp
+                self.v[i][r0 : r0 + count, :, :t] = vp
+                o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
+                out.append(o.transpose(1, 2).reshape(count * t, -1))
+            h = h + layer.attention_output(torch.cat(out)[None] if len(out) > 1 else out[0][None])
+            h = h + layer.feed_forward(h)
+        self.lengths[:n] += 1
+        self.lengths[n : n + g] = torch.tensor(lens, dtype=torch.long, device=self.device)
+        ends = torch.tensor(lens, dtype=torch.long).cumsum(0) + n - 1
+        last = torch.cat([rows, ends.to(self.device)])  # (n + g,)
+        return self.arch.head(self.arch.norm(h[0, last])).float()
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy buffer rows ``src`` onto rows ``dst`` (compaction)."""
+        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        span = int(self.lengths[s].max())
+        for buf in (*self.k, *self.v):
+            buf[d, :, :span] = buf[s, :, :span]
+        self.lengths[d] = self.lengths[s]
+
+
+# ------------------------------------------------------------------ the sampler
+@dataclass
+class _Row:
+    index: int  # position in the expanded prompt list
+    tokens: list[int]  # generated so far
+    text: str | None = None  # set when a stop string ended it
+
+
+@torch.inference_mode()
+def sample_continuations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    n_per_prompt: int = 1,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    min_new_tokens: int = 0,
+    *,
+    stop: Sequence[str] = (),
+    dtype: str | None = None,
+) -> list[Sample]:
+    """Sample ``n_per_prompt`` continuations of every prompt; temperature 0 means greedy.
+
+    EOS cannot be drawn before ``min_new_tokens`` tokens (a model that learned to answer
+    with one short label and stop can still be made to write more). A sequence also ends
+    at the first of the ``stop`` strings in its text, which is cut before it (the stop
+    string may span several tokens). At most ``batch_size`` sequences decode at once;
+    ``dtype`` (None: the model's own; "float32" or "bfloat16") is the base weights'
+    compute dtype. Seeded per row (see the module docstring). Returns prompt-major order.
+
+    Raises ValueError on bad arguments or a prompt that encodes to no tokens,
+    NonFiniteLogitsError on NaN/+inf logits, UnsupportedArchitectureError on a model
+    :func:`model.decoding.architecture.decoder_of` does not know.
+    """
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    if n_per_prompt < 1 or batch_size < 1:
+        raise ValueError(f"n_per_prompt and batch_size must be >= 1, got {n_per_prompt} and {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or seed < 0 or min_new_tokens < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, seed >= 0, min_new_tokens >= 0; got "
+                         f"{temperature}, {top_p}, {seed}, {min_new_tokens}")
+    if isinstance(stop, str) or any(not s for s in stop):
+        raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be None or one of {', '.join(DTYPES)}, got {dtype!r}")
+    expanded = [p for p in prompts for _ in range(n_per_prompt)]
+    encoded = tokenizer(list(prompts))["input_ids"]
+    empty = [p for p, ids in zip(prompts, encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]!r} encodes to no tokens")
+    ids = [encoded[i // n_per_prompt] for i in range(len(expanded))]
+    compute = DTYPES[dtype] if dtype else decoder_of(model).embed.weight.dtype
+    check_dtype_supported(compute, model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with base_weights_as(model, compute):
+            rows = _decode(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, batch_size,
+                           min_new_tokens, list(stop), expanded)
+    finally:
+        model.train(was_training)
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt, row in zip(expanded, rows):
+        ended = bool(row.tokens) and row.tokens[-1] == eos
+        body = tuple(row.tokens[:-1] if ended else row.tokens)
+        if row.text is not None:
+            out.append(Sample(prompt, row.text, True, body))
+        else:
+            out.append(Sample(prompt, tokenizer.decode(body, skip_special_tokens=True), ended, body))
+    return out
+
+
+def _decode(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    batch_size: int,
+    min_new_tokens: int,
+    stop: list[str],
+    prompts: list[str],
+) -> list[_Row]:
+    """Continuous batching over the token id lists ``ids``; one finished :class:`_Row` per input."""
+    n_all = len(ids)
+    width = min(batch_size, n_all)
+    dec = StaticKVDecoder(model, width, max(len(p) for p in ids) + max_new_tokens - 1)
+    device = dec.device
+    eos = tokenizer.eos_token_id
+    uniforms = row_uniforms(seed, n_all, max_new_tokens) if temperature > 0 else torch.zeros(n_all, max_new_tokens)
+    waiting = sorted(range(n_all), key=lambda i: len(ids[i]))  # pop() takes the longest: long runs of equal lengths
+    done: list[_Row | None] = [None] * n_all
+    live: list[_Row] = []
+    fed = torch.empty(0, dtype=torch.long, device=device)  # the last token of every live row
+    while live or waiting:
+        new: list[int] = []  # join the batch in the free rows at its end
+        budget = PREFILL_TOKENS
+        while waiting and len(live) + len(new) < width and (not new or len(ids[waiting[-1]]) <= budget):
+            budget -= len(ids[waiting[-1]])
+            new.append(waiting.pop())
+        logits = dec.forward(fed, [ids[j] for j in new])
+        live += [_Row(j, []) for j in new]
+        bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
+        if bool(bad.any()):
+            r = live[int(bad.nonzero()[0])]
+            raise NonFiniteLogitsError(f"non-finite logits while sampling prompt {r.index} ({prompts[r.index][:80]!r}) "
+                                       f"at new token {len(r.tokens)}")
+        steps = torch.tensor([len(r.tokens) for r in live])
+        if eos is not None and min_new_tokens > 0:
+            logits[(steps < min_new_tokens).to(device), eos] = float("-inf")
+        u = uniforms[torch.tensor([r.index for r in live]), steps]
+        picked = pick_tokens(logits, temperature, top_p, u.to(device)).tolist()
+        finished = []
+        for r, (row, tok) in enumerate(zip(live, picked)):
+            row.tokens.append(tok)
+            if stop:
+                text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+                cut = min((k for k in (text.find(s) for s in stop) if k >= 0), default=-1)
+                if cut >= 0:
+                    row.text = text[:cut]
+            if tok == eos or row.text is not None or len(row.tokens) == max_new_tokens:
+                finished.append(r)
+                done[row.index] = row
+        if finished:  # compact: the last live rows move into the holes
+            gone, m = set(finished), len(live) - len(finished)
+            holes = [r for r in finished if r < m]
+            movers = [r for r in range(m, len(live)) if r not in gone]
+            order = list(range(m))
+            for h, s in zip(holes, movers):
+                order[h] = s
+            if movers:
+                dec.move(movers, holes)
+            live = [live[r] for r in order]
+            picked = [picked[r] for r in order]
+        fed = torch.tensor(picked, dtype=torch.long, device=device)
+    return done  # type: ignore[return-value]
+
+
+__all__ = ["NonFiniteLogitsError", "Sample", "StaticKVDecoder", "pick_tokens", "row_uniforms", "sample_continuations"]

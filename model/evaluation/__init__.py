@@ -1,0 +1,1 @@
+"""Evaluation: continual-learning metrics, baselines and comparisons, grading, knowledge incorporation, long context."""

@@ -1,0 +1,424 @@
+"""Knowledge incorporation: ways to learn a SQuAD passage, and no-context QA after it (docs/design.md §5).
+
+Issue #6 compares, on SEAL's SQuAD subsets, four methods that each learn a passage C
+into the fast CMS level (the same parameters, the same promotion budget):
+
+* :func:`learn_base` (``base``): nothing is trained.
+* :func:`learn_passage_finetune` (``passage_finetune``): SFT on the passage text itself,
+  in pieces that fit the window, ``dream.promote_steps`` steps.
+* :func:`learn_base_dreams` (``base_dreams``): m dreams sampled from the base model (all
+  memory levels masked, no random-expert mode), every non-empty one trained in with the
+  promotion's steps: no importance selection, no isolated trials, no ReST-EM, no gate
+  (SEAL without its RL loop).
+* :func:`learn_sleep` (``sleep``): the dream stage as the lifecycle's dream task runs it:
+  :func:`model.sleep.dreaming.dream_about` (dream mode, selection, trials, ReST-EM into the
+  fast level), the gate, then promotion. The gate is a Great Expectations suite, which
+  ``model/`` does not import: the caller passes it in (:class:`GateFn`).
+
+Issue #14's methods put dreams on top of the wake that read the passage (a sleep follows a wake):
+
+* :func:`learn_passage_dreams` (``passage_dreams``): passage fine-tuning, then every dream of the
+  dream policy trained in (SEAL's "passage + synthetic data", no selection, trials or gate).
+* :func:`learn_passage_sleep` (``passage_sleep``, ``passage_sleep_trained``): passage fine-tuning,
+  then the full dream stage; the policy is the state's, untrained or trained beforehand
+  (model/sleep/policy_training.py), the same for every passage (:class:`MemorySnapshot` restores it).
+
+Two modes (:func:`run_single`, :func:`run_continued`): *single* (n=1) learns every
+passage from the same fresh state (:class:`MemorySnapshot`) and answers its questions
+right after; *continued* (continued pretraining) lets one state learn the passages one
+after the other and answers every passage's questions at the end. Measures
+(:func:`evaluate_passage`): exact match and token F1 of greedy no-context answers
+(:mod:`model.evaluation.grading`) and tau, the mean gold-answer log-likelihood per token.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.config import DreamConfig, SamplingConfig
+from model.evaluation.grading import exact_match, token_f1
+from model.evaluation.knowledge import Passage, answer_questions, passage_chunks
+from model.memory.cms import ContinuumMemory
+from model.sleep.dream_checks import add_check_columns
+from model.sleep.dreaming import (
+    DreamTask,
+    dream_about,
+    fast_parameters,
+    generate_dreams,
+    promote,
+    task_from_passage,
+    train_on_pairs,
+    train_prompt,
+)
+from model.sleep.sft import train_on_pairs
+from model.sleep.trials import AnswerLoglik
+
+METHODS = ("base", "passage_finetune", "base_dreams", "sleep", "passage_dreams", "passage_sleep", "passage_sleep_trained")
+#: Methods whose dreams come from a policy trained beforehand by ReST-EM (model/sleep/policy_training.py).
+TRAINED_POLICY_METHODS = frozenset({"passage_sleep_trained"})
+MEASURES = ("em", "f1", "tau")
+#: The gate of the sleep method: the dream table (with the check columns) -> the same rows with a
+#: boolean ``promoted`` column (and whatever else the gate adds: ``gate_passed``, ``failed_checks``).
+GateFn = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+@dataclass
+class Learned:
+    """What one method did to learn one passage: its training losses and, for dreams, the funnel."""
+
+    losses: list[float] = field(default_factory=list)
+    gradient_steps: int = 0
+    n_dreams: int = 0
+    funnel: dict[str, int] | None = None
+    dreams: pd.DataFrame | None = None  # the dream table (sleep: gated; base_dreams: text only)
+    dream_tokens: int = 0  # tokens of the dreams trained in (what "teaches per training token" divides by)
+
+
+class MemorySnapshot:
+    """A copy of every memory parameter and expert record (and of the dream policy), to start each passage from
+    the same state."""
+
+    def __init__(self, cms: ContinuumMemory) -> None:
+        self.tensors = {n: p.detach().clone() for n, p in cms.named_memory_parameters()}
+        self.experts = copy.deepcopy(cms.experts)
+        self.step = cms.step
+        policy = cms.dream_policy
+        self.policy = (policy.snapshot(), policy.rounds, list(policy.history)) if policy is not None else None
+
+    def restore(self, cms: ContinuumMemory) -> None:
+        """Put ``cms`` back into the snapshot's state (weights, active experts, routing, step)."""
+        with torch.no_grad():
+            for n, p in cms.named_memory_parameters():
+                p.copy_(self.tensors[n])
+                p.grad = None
+        cms.experts = copy.deepcopy(self.experts)
+        for li in range(cms.n_levels):
+            cms.refresh_routing(li)
+        cms.step = self.step
+        if self.policy is not None:  # the same dream policy for every passage (frozen across passages)
+            cms.dream_policy.restore(self.policy[0])
+            cms.dream_policy.rounds, cms.dream_policy.history = self.policy[1], list(self.policy[2])
+
+
+def fresh_fast_expert(cms: ContinuumMemory, origin: str = "knowledge") -> int:
+    """Empty the fast level and unlock one fresh expert (B = 0: the output is the base model's), as after
+    a consolidation; every method trains this expert. Returns its slot."""
+    cms.reset_level(0, reason="knowledge")
+    return cms.unlock(0, origin=origin)
+
+
+def evaluate_passage(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, passage: Passage, task: DreamTask, cfg: DreamConfig
+) -> dict[str, Any]:
+    """No-context QA on the passage's questions: mean exact match, mean token F1, tau, and the answers.
+
+    Answers are greedy, asked with ``cfg.qa_template`` and no passage; tau is the mean
+    log-likelihood per gold-answer token (pooled over the questions, always <= 0).
+    """
+    preds = answer_questions(model, tokenizer, [q.question for q in passage.questions], cfg.qa_template)
+    golds = [q.answer for q in passage.questions]
+    tau = AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
+    return {
+        "em": sum(exact_match(p, g) for p, g in zip(preds, golds)) / len(golds),
+        "f1": sum(token_f1(p, g) for p, g in zip(preds, golds)) / len(golds),
+        "tau": float(tau(None)),
+        "answers": preds,
+    }
+
+
+def learn_base(*_: Any, **__: Any) -> Learned:
+    """``base``: learn nothing (the reference every gain is measured against)."""
+    return Learned()
+
+
+def learn_passage_finetune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    origin: str = "passage-ft",
+) -> Learned:
+    """``passage_finetune``: SFT of the fast level on the passage text after the train prompt.
+
+    A passage longer than the window is cut into pieces at sentence ends
+    (:func:`model.evaluation.knowledge.passage_chunks`); all pieces form one batch trained for
+    ``cfg.promote_steps`` steps at ``cfg.lr``, the budget promotion gets.
+    """
+    prompt = train_prompt(task, cfg)
+    room = cfg.max_length - len(tokenizer(prompt)["input_ids"]) - 1  # prompt + piece + EOS fit the window
+    pieces = passage_chunks(tokenizer, task.context, room)
+    losses = train_on_pairs(model, tokenizer, fast_parameters(cms, origin), [prompt] * len(pieces), pieces,
+                            cfg.promote_steps, cfg.lr, cfg.max_length)
+    return Learned(losses=losses, gradient_steps=len(losses))
+
+
+def learn_base_dreams(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    seed: int,
+    sampling: SamplingConfig | None = None,
+) -> Learned:
+    """``base_dreams``: m dreams from the base model, every non-empty one trained in (no selection, no RL).
+
+    Dreams are sampled with every memory level masked (the base model, whatever the
+    state has learned) and without the random-expert dream mode; all of them are
+    trained into the fast level with :func:`model.sleep.dreaming.promote`.
+    """
+    plain = cfg.model_copy(update={"random_expert": False})
+    with cms.levels_masked(list(range(cms.n_levels))):
+        _, dreams = generate_dreams(model, tokenizer, cms, task, plain, seed, sampling)
+    return train_every_dream(model, tokenizer, cms, task, cfg, dreams)
+
+
+def train_every_dream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory,
+                      task: DreamTask, cfg: DreamConfig, dreams: Sequence[str]) -> Learned:
+    """Every non-empty dream trained into the fast level (:func:`model.sleep.dreaming.promote`): no selection, trials or gate."""
+    kept = [d for d in dreams if d.strip()]
+    losses = promote(model, tokenizer, cms, {task.context_id: task}, [(task.context_id, d) for d in kept], cfg, 0)
+    table = pd.DataFrame({"context_id": task.context_id, "text": list(dreams), "trained": [bool(d.strip()) for d in dreams]})
+    return Learned(losses=losses, gradient_steps=len(losses), n_dreams=len(kept),
+                   funnel={"generated": len(dreams), "trained": len(kept)}, dreams=table,
+                   dream_tokens=count_tokens(tokenizer, kept))
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> int:
+    """Tokens of ``texts`` (no special tokens): the training tokens dreams add."""
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def learn_passage_dreams(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    seed: int,
+    sampling: SamplingConfig | None = None,
+) -> Learned:
+    """``passage_dreams``: the wake (:func:`learn_passage_finetune`), then every non-empty dream of the dream
+    policy, sampled after the wake (memory on, dream mode as configured), trained in on top: SEAL's
+    "passage + synthetic data" without selection, trials or gate."""
+    wake = learn_passage_finetune(model, tokenizer, cms, task, cfg)
+    _, dreams = generate_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
+    learned = train_every_dream(model, tokenizer, cms, task, cfg, dreams)
+    learned.losses = wake.losses + learned.losses
+    learned.gradient_steps += wake.gradient_steps
+    return learned
+
+
+def learn_passage_sleep(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    seed: int,
+    gate: GateFn,
+    sampling: SamplingConfig | None = None,
+) -> Learned:
+    """``passage_sleep`` / ``passage_sleep_trained``: the wake (:func:`learn_passage_finetune`), then the full
+    dream stage (:func:`learn_sleep`) on top, as a sleep follows the wake that read the passage. Which policy
+    dreams (untrained or trained) is the state's (``dream.policy``)."""
+    wake = learn_passage_finetune(model, tokenizer, cms, task, cfg)
+    slept = learn_sleep(model, tokenizer, cms, task, cfg, seed, gate, sampling)
+    slept.losses = wake.losses + slept.losses
+    slept.gradient_steps += wake.gradient_steps
+    return slept
+
+
+def learn_sleep(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    seed: int,
+    gate: GateFn,
+    sampling: SamplingConfig | None = None,
+) -> Learned:
+    """``sleep``: the lifecycle's dream stage on one passage, then the gate, then promotion.
+
+    :func:`model.sleep.dreaming.dream_about` samples in dream mode, scores and selects dreams,
+    tries the selected ones in isolation and runs ReST-EM on the fast level (kept, as in
+    the lifecycle); ``gate`` decides the promoted dreams, which are trained in.
+    """
+    rows = dream_about(model, tokenizer, cms, task, cfg, period=0, seed=seed, sampling=sampling)
+    rest = len({r.round for r in rows if r.reward == 1.0}) * cfg.rest_steps  # ReST-EM: steps per rewarded round
+    table = add_check_columns(pd.DataFrame([asdict(r) for r in rows]), cfg.gate)
+    gated = gate(table)
+    promoted = gated[gated["promoted"]]
+    losses = promote(model, tokenizer, cms, {task.context_id: task}, list(zip(promoted["context_id"], promoted["text"])),
+                     cfg, 0)
+    funnel = {
+        "generated": int(len(gated)),
+        "selected": int(gated["selected"].sum()),
+        "rewarded": int((gated["reward"] == 1.0).sum()),
+        "passed_gate": int(gated["gate_passed"].sum()) if "gate_passed" in gated else int(len(promoted)),
+        "promoted": int(len(promoted)),
+        **rewarded_rejections(gated),
+    }
+    return Learned(losses=losses, gradient_steps=rest + len(losses), n_dreams=int(len(promoted)), funnel=funnel,
+                   dreams=gated, dream_tokens=count_tokens(tokenizer, list(promoted["text"])))
+
+
+def rewarded_rejections(gated: pd.DataFrame) -> dict[str, int]:
+    """Useful dreams the gate turned away: ``rejected_rewarded:<check>`` = rewarded dreams (their trial raised
+    tau) that failed ``check`` (a dream can fail several)."""
+    if "failed_checks" not in gated:
+        return {}
+    out: dict[str, int] = {}
+    for checks in gated.loc[(gated["reward"] == 1.0) & ~gated["gate_passed"].astype(bool), "failed_checks"]:
+        for name in [c for c in str(checks).split(";") if c]:
+            out[f"rejected_rewarded:{name}"] = out.get(f"rejected_rewarded:{name}", 0) + 1
+    return out
+
+
+def learn(
+    method: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    task: DreamTask,
+    cfg: DreamConfig,
+    seed: int,
+    gate: GateFn | None = None,
+    sampling: SamplingConfig | None = None,
+) -> Learned:
+    """Learn one passage (``task``) into the fast level with ``method`` (one of METHODS)."""
+    if method == "base":
+        return learn_base()
+    if method == "passage_finetune":
+        return learn_passage_finetune(model, tokenizer, cms, task, cfg)
+    if method == "base_dreams":
+        return learn_base_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
+    if method == "passage_dreams":
+        return learn_passage_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
+    if method in ("sleep", "passage_sleep", "passage_sleep_trained"):
+        if gate is None:
+            raise ValueError(f"the {method} method needs the dream gate (gate=...)")
+        learner = learn_sleep if method == "sleep" else learn_passage_sleep
+        return learner(model, tokenizer, cms, task, cfg, seed, gate, sampling)
+    raise ValueError(f"unknown knowledge method {method!r}; one of {', '.join(METHODS)}")
+
+
+def passage_seed(seed: int, index: int) -> int:
+    """The sampling seed of passage ``index`` in a run with ``seed`` (as bench/knowledge_incorporation.py)."""
+    return seed * 1_013 + index
+
+
+def _row(index: int, passage: Passage, learned: Learned, measured: dict[str, Any], seconds: float) -> dict[str, Any]:
+    return {"index": index, "title": passage.title, "n_questions": len(passage.questions), **measured,
+            "gradient_steps": learned.gradient_steps, "n_dreams": learned.n_dreams, "dream_tokens": learned.dream_tokens,
+            "funnel": learned.funnel, "losses": [round(x, 5) for x in learned.losses], "seconds": round(seconds, 2)}
+
+
+def run_single(
+    method: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    passages: Sequence[tuple[int, Passage]],
+    cfg: DreamConfig,
+    seed: int,
+    gate: GateFn | None = None,
+    done: Sequence[int] = (),
+    on_passage: Callable[[dict[str, Any], Learned], None] | None = None,
+    sampling: SamplingConfig | None = None,
+) -> list[dict[str, Any]]:
+    """Single-passage incorporation (n=1): each passage from the same fresh state, measured right after.
+
+    ``passages`` are (index, passage) pairs; indices in ``done`` are skipped (a resumed
+    run). The state is ``cms`` after :func:`fresh_fast_expert`, restored before every
+    passage, so no passage sees another. ``on_passage(row, learned)`` gets each row as it
+    is made (to persist progress). Returns the rows of the passages run here.
+    """
+    fresh_fast_expert(cms)
+    snapshot = MemorySnapshot(cms)
+    rows = []
+    for index, passage in passages:
+        if index in done:
+            continue
+        start = time.perf_counter()
+        snapshot.restore(cms)
+        task = task_from_passage(passage, f"passage{index}", cfg)
+        learned = learn(method, model, tokenizer, cms, task, cfg, passage_seed(seed, index), gate, sampling)
+        row = _row(index, passage, learned, evaluate_passage(model, tokenizer, passage, task, cfg),
+                   time.perf_counter() - start)
+        rows.append(row)
+        if on_passage is not None:
+            on_passage(row, learned)
+    snapshot.restore(cms)
+    return rows
+
+
+def mean_tau(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, passages: Sequence[tuple[int, Passage]],
+             cfg: DreamConfig) -> float:
+    """Mean over ``passages`` of each passage's tau (cheap: no generation)."""
+    taus = []
+    for index, passage in passages:
+        task = task_from_passage(passage, f"passage{index}", cfg)
+        taus.append(float(AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers),
+                                       cfg.max_length)(None)))
+    return sum(taus) / len(taus)
+
+
+def run_continued(
+    method: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    passages: Sequence[tuple[int, Passage]],
+    cfg: DreamConfig,
+    seed: int,
+    gate: GateFn | None = None,
+    start: int = 0,
+    tau_every: int = 0,
+    on_learned: Callable[[int, dict[str, Any], Learned], None] | None = None,
+    sampling: SamplingConfig | None = None,
+) -> list[dict[str, Any]]:
+    """Continued pretraining over ``passages``: one state learns them in order, then answers every question.
+
+    The fast level is never reset between passages: the same fast parameters keep
+    training. With ``start`` = k > 0 the run resumes: ``cms`` must hold the state after
+    the first k passages (and it is not reset). After every ``tau_every`` passages (0:
+    never) the mean tau over the passages learned so far is recorded in that passage's
+    row (``tau_learned``). ``on_learned(k, row, learned)`` is called after passage k-1,
+    the k-th, is learned (to save the state and progress). Returns the final rows: one
+    per passage with its EM, F1 and tau measured at the end.
+    """
+    if start == 0:
+        fresh_fast_expert(cms)
+    for k in range(start, len(passages)):
+        t0 = time.perf_counter()
+        index, passage = passages[k]
+        task = task_from_passage(passage, f"passage{index}", cfg)
+        learned = learn(method, model, tokenizer, cms, task, cfg, passage_seed(seed, index), gate, sampling)
+        row: dict[str, Any] = {"index": index, "learned": k + 1, "gradient_steps": learned.gradient_steps,
+                               "n_dreams": learned.n_dreams, "funnel": learned.funnel,
+                               "losses": [round(x, 5) for x in learned.losses]}
+        if tau_every and (k + 1) % tau_every == 0:
+            row["tau_learned"] = mean_tau(model, tokenizer, passages[: k + 1], cfg)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        if on_learned is not None:
+            on_learned(k + 1, row, learned)
+    out = []
+    for index, passage in passages:
+        t0 = time.perf_counter()
+        task = task_from_passage(passage, f"passage{index}", cfg)
+        out.append({"index": index, "title": passage.title, "n_questions": len(passage.questions),
+                    **evaluate_passage(model, tokenizer, passage, task, cfg),
+                    "seconds": round(time.perf_counter() - t0, 2)})
+    return out
+

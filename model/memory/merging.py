@@ -1,0 +1,126 @@
+"""Capacity that never runs out: merge the two oldest experts of a full level into one.
+
+A level has ``E_max`` pre-allocated slots, and every sleep unlocks one in the slower
+level. Without a policy the slow level is full after ``E_max - initial_experts`` sleeps
+and the next sleep has nowhere to consolidate (``NoFreeSlotError``): a nightly run would
+die on its seventh night. When a level is full, sleep first merges its two oldest
+consolidated experts into the older one's slot, by distillation, layer by layer:
+
+    target_l(h) = sum_{e in {e1, e2}} sigmoid(r_e . h) * B_e act(A_e h)      (their gated sum)
+    min_{A, B, r}  mean_h || sigmoid(r . h) * B act(A h) - target_l(h) ||^2
+
+over the hidden states ``h`` that reach the level in that layer on the sleep's own
+prompts (the period's prompts and the rehearsal dreams: no stored data). The merged
+expert starts from the older expert's weights, keeps its slot and provenance, and
+stays frozen if either was; the younger slot is freed. Each layer is fitted on its own
+inputs, which do not depend on the level's other layers' experts being merged (the
+inputs are captured once, before the merge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.memory.cms import CMSError, ContinuumMemory, ExpertBank
+from model.memory.routing import captured_inputs
+from model.memory.wake import encode
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """What a merge did: the slots merged (``into`` keeps the result), and the fit per layer."""
+
+    level: int
+    into: int
+    freed: int
+    relative_error: list[float]  # per CMS layer: ||fit - target|| / ||target|| after the merge
+
+
+def gated_expert_output(bank: ExpertBank, h: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+    """sum_{e in slots} sigmoid(r_e . h) * B_e act(A_e h), every expert selected. h: (N, d) -> (N, d)."""
+    out = torch.zeros_like(h)
+    for s in slots:
+        gate = torch.sigmoid(h @ bank.router[s])  # (N,)
+        out = out + gate.unsqueeze(-1) * (bank.act(h @ bank.A[s]) @ bank.B[s])
+    return out
+
+
+def oldest_pair(cms: ContinuumMemory, level: int) -> tuple[int, int]:
+    """The two oldest consolidated (else oldest active) experts of ``level``: (older, younger)."""
+    active = [e for e in cms.experts[level] if e.active]
+    consolidated = [e for e in active if e.frozen or (e.origin or "").startswith("consolidation")]
+    pool = consolidated if len(consolidated) >= 2 else active
+    if len(pool) < 2:
+        raise CMSError(f"level {level}: merging needs two active experts, it has {len(pool)} "
+                       f"(n_experts={cms.cfg.levels[level].n_experts}); raise n_experts")
+    older, younger = sorted(pool, key=lambda e: ((e.unlocked_at_step or 0), e.slot))[:2]
+    return older.slot, younger.slot
+
+
+@torch.no_grad()
+def level_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory, level: int,
+                 prompts: Sequence[str], max_length: int) -> list[torch.Tensor]:
+    """The hidden states (N, d) that reach ``level`` in every CMS layer, over the tokens of ``prompts``."""
+    if not prompts:
+        raise CMSError("merging needs prompts to read the level's inputs from")
+    batch = encode(tokenizer, list(prompts), [""] * len(prompts), max_length).to(model.device)
+    keep = (batch.segment >= 0).flatten()
+    with captured_inputs(cms, level) as seen:
+        model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    if any(not s for s in seen):  # a level masked or with no experts is not called: nothing to fit
+        raise CMSError(f"level {level} was not reached in the forward pass (masked, or without active experts)")
+    return [torch.cat([h.reshape(-1, h.shape[-1])[keep.to(h.device)].float() for h in s]) for s in seen]
+
+
+def merge_oldest(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    level: int,
+    prompts: Sequence[str],
+    max_length: int,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> MergeRecord:
+    """Merge the two oldest experts of ``level`` into the older one's slot; free the younger. Mutates ``cms``."""
+    into, freed = oldest_pair(cms, level)
+    inputs = level_inputs(model, tokenizer, cms, level, prompts, max_length)
+    errors = []
+    gen = torch.Generator().manual_seed(seed)
+    for bank, h in zip(cms.banks(level), inputs):
+        with torch.no_grad():
+            target = gated_expert_output(bank, h, [into, freed])
+        params = [bank.A[into], bank.B[into], bank.router[into]]
+        saved = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        n = h.shape[0]
+        for _ in range(steps):
+            idx = torch.randperm(n, generator=gen)[: min(n, 512)].to(h.device)
+            loss = (gated_expert_output(bank, h[idx], [into]) - target[idx]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for p, flag in zip(params, saved):
+            p.grad = None
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            fit = gated_expert_output(bank, h, [into])
+            errors.append(float((fit - target).norm() / target.norm().clamp(min=1e-12)))
+    was_frozen = cms.experts[level][into].frozen or cms.experts[level][freed].frozen
+    periods = [p for p in (cms.experts[level][into].period, cms.experts[level][freed].period) if p is not None]
+    cms.reset_slot(level, freed, reason=f"merged into slot {into}")
+    info = cms.experts[level][into]
+    info.frozen = was_frozen
+    info.period = min(periods) if periods else None  # it answers for the older period's inputs too
+    info.history.append(f"merged@{cms.step}:slot {freed} merged in")
+    return MergeRecord(level, into, freed, [round(e, 5) for e in errors])
+
+
+__all__ = ["MergeRecord", "gated_expert_output", "level_inputs", "merge_oldest", "oldest_pair"]

@@ -1,0 +1,396 @@
+"""Sleep, stage 1: consolidation by Knowledge Seeding (paper 3.2-3.3, docs/design.md §2).
+
+Level ``src = l-1`` is distilled into a freshly unlocked expert of level ``dst = l``:
+
+1. *Expand*: unlock a free slot of ``dst`` (B = 0, so the model is unchanged).
+2. *Teacher / student in one module*: the teacher is the model as it is with the new
+   expert hidden; the student masks level ``src`` and shows the new expert. Only the
+   new expert (A, B and its router row, in every CMS layer) receives gradients. Below
+   the first CMS layer both compute the same thing, so that prefix runs once, without
+   gradient, and feeds both suffixes.
+3. *Data D*: teacher samples from a small buffer of wake prompts.
+4. *GKD*: (1-lambda) E_{(x,y)~D} F(T||S)(y|x) + lambda E_x E_{y~S} F(T||S)(y|x),
+   no gradient through sampling.
+5. *Learning to Imitate*: cut a teacher sequence at a random token, let the student
+   continue it G times, reward r = gamma*r_sem + (1-gamma)*r_abs (eq. 3-4), policy
+   gradient with group-normalised advantages.
+6. *Objective*: L_KS = alpha * distillation - (1-alpha) * E[r].
+7. *Reset*: level ``src`` is zeroed and masked (synaptic pruning).
+
+Without expansion (``cfg.expand`` false, an ablation) step 1 is skipped: the newest
+active expert of ``dst`` is trained in place, and the teacher sees a frozen copy of
+its weights as they were when the sleep began.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.config import ConsolidationConfig, LevelConfig, SamplingConfig
+from model.decoding.forward import Batch, completion_logits, prefix_hidden, suffix_hidden
+from model.decoding.sampling import sample_continuations
+from model.errors import UserError
+from model.memory.cms import CMSError, ContinuumMemory
+from model.memory.merging import MergeRecord, merge_oldest
+from model.memory.routing import captured_inputs, router_logits, routing_loss
+from model.memory.wake import NonFiniteLossError, completion_logprobs, encode
+from model.sleep.losses import distillation_loss
+from model.sleep.rewards import SemanticJudge, group_advantages, imitation_reward
+
+
+class EmptyPromptBufferError(UserError, ValueError):
+    """Sleep has nothing to replay: the prompt buffer is empty."""
+
+
+def due_consolidations(step_before: int, step_after: int, levels: Sequence[LevelConfig]) -> list[tuple[int, int]]:
+    """Pairs (l-1, l) whose schedule fired in wake steps (step_before, step_after].
+
+    Level l-1 is consolidated into level l at every multiple of C(l). Several
+    multiples crossed in one wake period give one consolidation (the fast level holds
+    the same knowledge at each of them). The slowest pair comes first, so a level
+    hands its knowledge up before it receives the faster level's.
+    """
+    pairs = []
+    for dst in range(len(levels) - 1, 0, -1):
+        c = levels[dst].chunk_size
+        if step_after // c > step_before // c:
+            pairs.append((dst - 1, dst))
+    return pairs
+
+
+class SplitForward:
+    """Teacher and student share the layers below the first CMS layer: run them once per batch."""
+
+    def __init__(self, model: PreTrainedModel, cms: ContinuumMemory) -> None:
+        self.model = model
+        self.start = cms.layer_ids[0]
+
+    def prefix(self, batch: Batch) -> torch.Tensor:
+        """Hidden states (R, T, d) below the first CMS layer, without gradient."""
+        return prefix_hidden(self.model, batch.input_ids, batch.position_ids, self.start)
+
+    def completion_logits(self, prefix: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Logits (M, V) at the completion positions, in the current CMS view."""
+        return completion_logits(self.model, suffix_hidden(self.model, prefix, batch.position_ids, self.start), batch)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    distillation: float
+    reward: float
+    on_policy: bool
+
+
+@dataclass
+class ConsolidationResult:
+    src: int
+    dst: int
+    slot: int
+    merged: MergeRecord | None = None  # the merge that freed a slot of a full level first
+    seeded_from: int | None = None  # cfg.init 'copy': the slot of level src the new expert started as
+    steps: list[StepRecord] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)  # the sleep's dreams table rows
+
+
+def _cut(tokenizer: PreTrainedTokenizerBase, prompt: str, text: str, rng: random.Random) -> tuple[str, str]:
+    """Cut a teacher sequence at a random completion token: (prompt + head, remaining tail)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    k = rng.randrange(len(ids)) if ids else 0
+    return prompt + tokenizer.decode(ids[:k]), tokenizer.decode(ids[k:])
+
+
+def seed_expert(cms: ContinuumMemory, src: int, dst: int, slot: int) -> int | None:
+    """``consolidation.init: copy``: start the new expert ``slot`` of level ``dst`` as level ``src``'s expert
+    that learned most (the largest sum over layers of ||B||_F; with one active expert, that one). Returns its
+    slot, or None when level ``src`` has no active expert (the new expert keeps B = 0).
+
+    Level ``src`` is masked in the student, and it fed level ``dst`` in the chain (eq. 1), so the copy sees
+    the inputs its source saw: the student starts close to the teacher on this period's inputs, and
+    distillation, with rehearsal, has only to correct it, not to learn the period again from nothing.
+    """
+    slots = cms.active_slots(src)
+    if not slots:
+        return None
+    norms = {e: sum(float(bank.B[e].norm()) for bank in cms.banks(src)) for e in slots}
+    best = max(slots, key=lambda e: (norms[e], -e))
+    cms.copy_expert((src, best), (dst, slot))
+    return best
+
+
+def consolidate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    src: int,
+    dst: int,
+    prompts: Sequence[str],
+    cfg: ConsolidationConfig,
+    max_length: int,
+    judge: SemanticJudge | None,
+    seed: int,
+    origin: str,
+    on_step: Callable[[StepRecord], None] | None = None,
+    sampling: SamplingConfig | None = None,
+    rehearsal: Sequence[tuple[str, str]] = (),
+    freeze: bool = False,
+    route_weight: float = 0.0,
+    into: int | None = None,
+) -> ConsolidationResult:
+    """Knowledge Seeding of level ``src`` into a new expert of level ``dst``; then reset ``src``.
+
+    Mutates ``cms`` in memory only. Raises NonFiniteLossError on a NaN/inf loss and
+    NonFiniteLogitsError on NaN logits while sampling (the caller must then discard the
+    model rather than save it), NoFreeSlotError when
+    ``dst`` is full, EmptyPromptBufferError without prompts. ``sampling`` sets the
+    decoder's batch size and dtype for every sample drawn here (default: SamplingConfig()).
+
+    ``rehearsal``: (prompt, completion) pairs of dreamed old-task inputs (model/sleep/rehearsal.py).
+    They join D with a second teacher, the *old* model (level ``src`` masked, the new expert
+    hidden), in a batch of ``cfg.rehearsal.batch_size`` beside every distillation batch, weighted
+    by ``cfg.rehearsal.weight``; with ``route_weight`` > 0 the new expert's router also learns
+    L_route (model/memory/routing.py): on for this period's prompts, off for the rehearsal dreams.
+    ``freeze``: the new expert is read-only in later wakes.
+    When ``dst`` is full and ``cfg.merge_when_full``, its two oldest consolidated experts are
+    merged first (:func:`model.memory.merging.merge_oldest`), so a sleep always has a slot.
+    ``into``: an active slot of ``dst`` to train in place (against a frozen copy of itself, as
+    without expansion) instead of a new expert; how a sleep folds its dreams (:func:`fold_dreams`).
+    """
+    if not prompts:
+        raise EmptyPromptBufferError("consolidation needs wake prompts, but the prompt buffer is empty")
+    if not (0 <= src < cms.n_levels and 0 <= dst < cms.n_levels and dst == src + 1):
+        raise CMSError(f"cannot consolidate level {src} into level {dst}: need 0 <= src, dst = src + 1 < {cms.n_levels}")
+    if cfg.gamma > 0 and cfg.alpha < 1 and judge is None:
+        raise ValueError("gamma > 0 needs the semantic reward model (judge)")
+    rng = random.Random(seed)
+    existing = cms.active_slots(dst)
+    if into is not None:
+        if into not in existing:
+            raise CMSError(f"cannot train level {dst} slot {into} in place: it is not active (active: {existing})")
+        existing = [into]
+    expand = cfg.expand and into is None
+    merged = None
+    if (expand or not existing) and not cms.free_slots(dst) and cfg.merge_when_full:
+        with cms.levels_masked([src]):  # the slow level's inputs as the student will see them
+            merged = merge_oldest(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
+                                  max_length, cfg.merge_steps, cfg.lr, seed)
+    seeded_from = None
+    if expand or not existing:
+        slot = cms.unlock(dst, origin=origin)
+        if cfg.init == "copy":
+            seeded_from = seed_expert(cms, src, dst, slot)
+        new_params = cms.level_parameters(dst, [slot])
+        teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
+        old_teacher = lambda: cms.levels_masked([src], hidden={dst: [slot]})  # noqa: E731
+    else:  # no expansion: train the newest expert in place against a frozen copy of it
+        slot = existing[-1]
+        new_params = cms.level_parameters(dst, [slot])
+        frozen = [p.detach().clone() for p in new_params]
+        teacher = lambda: _weights_swapped(new_params, frozen)  # noqa: E731
+
+        @contextlib.contextmanager
+        def old_teacher() -> Iterator[None]:
+            with _weights_swapped(new_params, frozen), cms.levels_masked([src]):
+                yield
+    result = ConsolidationResult(src=src, dst=dst, slot=slot, merged=merged, seeded_from=seeded_from)
+    student = lambda: cms.levels_masked([src])  # noqa: E731
+    optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
+    split = SplitForward(model, cms)
+    sampling = sampling or SamplingConfig()
+    decode = {"batch_size": sampling.batch_size, "dtype": sampling.compute_dtype}
+
+    with teacher():
+        data = sample_continuations(
+            model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
+            **decode,
+        )
+    result.samples += [
+        {"prompt": s.prompt, "text": s.text, "sampled_by": "teacher", "kind": "teacher_data", "step": 0,
+         "reference": None, "reward": math.nan} for s in data
+    ]
+
+    model.train()
+    try:
+        with cms.trainable_only(new_params):
+            for step in range(1, cfg.steps + 1):
+                pick = [data[i] for i in rng.sample(range(len(data)), min(cfg.batch_size, len(data)))]
+                on_policy = rng.random() < cfg.on_policy_fraction
+                b_prompts = [s.prompt for s in pick]
+                if on_policy:  # y ~ student(.|x); no gradient through sampling
+                    with student():
+                        drawn = sample_continuations(
+                            model, tokenizer, b_prompts, 1, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                            seed * 1_000_003 + step, **decode,
+                        )
+                    comps = [s.text for s in drawn]
+                    result.samples += [
+                        {"prompt": s.prompt, "text": s.text, "sampled_by": "student", "kind": "on_policy",
+                         "step": step, "reference": None, "reward": math.nan} for s in drawn
+                    ]
+                else:
+                    comps = [s.text for s in pick]
+                batch = encode(tokenizer, b_prompts, comps, max_length).to(model.device)
+                state = split.prefix(batch)
+                with torch.no_grad(), teacher():
+                    t_logits = split.completion_logits(state, batch)
+                with student(), captured_inputs(cms, dst) as pos:
+                    s_logits = split.completion_logits(state, batch)
+                distill = distillation_loss(t_logits, s_logits, cfg.divergence, cfg.beta)
+                route = None
+                if rehearsal and (cfg.rehearsal.weight > 0 or route_weight > 0):  # old tasks: the old model teaches
+                    old = [rehearsal[i] for i in rng.sample(range(len(rehearsal)), min(cfg.rehearsal.batch_size, len(rehearsal)))]
+                    r_batch = encode(tokenizer, [p for p, _ in old], [c for _, c in old], max_length)
+                    if cfg.rehearsal.all_positions:  # keep the old function on every token, not just the label's
+                        r_batch = every_position(r_batch)
+                    r_batch = r_batch.to(model.device)
+                    r_state = split.prefix(r_batch)
+                    with torch.no_grad(), old_teacher():
+                        rt_logits = split.completion_logits(r_state, r_batch)
+                    with student(), captured_inputs(cms, dst) as neg:
+                        rs_logits = split.completion_logits(r_state, r_batch)
+                    distill = distill + cfg.rehearsal.weight * distillation_loss(rt_logits, rs_logits, cfg.divergence, cfg.beta)
+                    if route_weight > 0:  # the new expert fires on this period's inputs, not on the old tasks'
+                        route = routing_loss(router_logits(cms, dst, [slot], [x[0] for x in pos], batch.segment >= 0),
+                                             router_logits(cms, dst, [slot], [x[0] for x in neg], r_batch.segment >= 0))
+                loss, mean_reward = cfg.alpha * distill, math.nan
+                if route is not None:
+                    loss = loss + route_weight * route
+                if cfg.alpha < 1:
+                    pg, mean_reward, rows = _imitation_step(
+                        model, tokenizer, student, data, cfg, max_length, judge, rng, seed, step, decode
+                    )
+                    loss = loss + (1 - cfg.alpha) * pg
+                    result.samples += rows
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLossError(f"non-finite consolidation loss {loss.item()} at step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(new_params, cfg.grad_clip)
+                optimizer.step()
+                rec = StepRecord(step, float(loss.item()), float(distill.item()), mean_reward, on_policy)
+                result.steps.append(rec)
+                if on_step is not None:
+                    on_step(rec)
+    finally:
+        model.eval()
+        for p in new_params:
+            p.grad = None
+    cms.reset_level(src, reason=f"consolidated into level {dst} slot {slot}")
+    if freeze:
+        cms.freeze(dst, slot, reason=f"consolidated from level {src}")
+    return result
+
+
+def every_position(batch: Batch) -> Batch:
+    """The same batch with every token after an example's first one marked for distillation (M grows
+    from the completion tokens to all predicted tokens)."""
+    mask = (batch.segment >= 0) & (batch.position_ids > 0)
+    return dataclasses.replace(batch, completion_mask=mask)
+
+
+@contextlib.contextmanager
+def _weights_swapped(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Temporarily give ``params`` the tensors ``values`` (same shapes); gradients must be off meanwhile."""
+    saved = [p.data for p in params]
+    try:
+        for p, v in zip(params, values):
+            p.data = v
+        yield
+    finally:
+        for p, v in zip(params, saved):
+            p.data = v
+
+
+def _imitation_step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    student: Callable,
+    data: list,
+    cfg: ConsolidationConfig,
+    max_length: int,
+    judge: SemanticJudge | None,
+    rng: random.Random,
+    seed: int,
+    step: int,
+    decode: dict,
+) -> tuple[torch.Tensor, float, list[dict]]:
+    """Learning to Imitate: policy-gradient surrogate -E[A * log p_S(continuation)] and the mean reward."""
+    picks = [data[i] for i in rng.sample(range(len(data)), min(cfg.lti_prefixes, len(data)))]
+    cuts = [_cut(tokenizer, s.prompt, s.text, rng) for s in picks]
+    G = cfg.lti_group_size
+    with student():
+        conts = sample_continuations(
+            model, tokenizer, [p for p, _ in cuts], G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+            seed * 2_000_003 + step, **decode,
+        )
+    refs = [ref for _, ref in cuts for _ in range(G)]
+    texts = [c.text for c in conts]
+    rewards = torch.tensor(imitation_reward(texts, refs, cfg.gamma, cfg.z0, judge if cfg.gamma > 0 else None))
+    adv = group_advantages(rewards.view(len(cuts), G)).flatten()
+    with student():
+        logp, n = completion_logprobs(model, encode(tokenizer, [c.prompt for c in conts], texts, max_length))
+    pg = -(adv.to(logp.device) * logp / n.clamp(min=1)).mean()
+    rows = [
+        {"prompt": c.prompt, "text": c.text, "sampled_by": "student", "kind": "imitation", "step": step,
+         "reference": ref, "reward": float(r)} for c, ref, r in zip(conts, refs, rewards.tolist())
+    ]
+    return pg, float(rewards.mean()), rows
+
+
+__all__ = [
+    "ConsolidationResult",
+    "EmptyPromptBufferError",
+    "SplitForward",
+    "StepRecord",
+    "consolidate",
+    "due_consolidations",
+]
+
+
+def period_expert(cms: ContinuumMemory, level: int, period: int) -> int | None:
+    """The slot of ``level`` that the sleep after wake period ``period`` filled by consolidation (None: none)."""
+    slots = [e.slot for e in cms.experts[level]
+             if e.active and e.period == period and (e.origin or "").startswith("consolidation:")]
+    return slots[-1] if slots else None
+
+
+def fold_dreams(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    period: int,
+    prompts: Sequence[str],
+    cfg: ConsolidationConfig,
+    max_length: int,
+    judge: SemanticJudge | None,
+    seed: int,
+    sampling: SamplingConfig | None = None,
+    rehearsal: Sequence[tuple[str, str]] = (),
+) -> ConsolidationResult | None:
+    """Fold what a sleep's dreams trained into the fast level (level 0) into the level-1 expert the
+    same sleep consolidated, then free the fast level (``dream.fold_into_slow``).
+
+    It is Knowledge Seeding again, in place: the teacher is the whole model (the dream-trained
+    fast level on, the expert as consolidation left it), the student the model with the fast
+    level masked, and only that expert learns; ``rehearsal`` pairs keep their old teacher (fast
+    level masked, the expert as it was). So the dreams stay with their period's expert, which
+    prototype routing gives the period's inputs, and the next wake starts from an empty fast
+    level instead of a dream-trained one. Returns None (nothing changed) when this sleep filled
+    no level-1 expert.
+    """
+    if cms.n_levels < 2:
+        return None
+    slot = period_expert(cms, 1, period)
+    if slot is None:
+        return None
+    return consolidate(model, tokenizer, cms, 0, 1, prompts, cfg, max_length, judge, seed,
+                       origin=f"dream-fold@period-{period}", sampling=sampling, rehearsal=rehearsal, into=slot)
