@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig  # noqa: E402
 from model.decoding.loading import load_base_model, resolve_device  # noqa: E402
-from model.sleep.trials import AnswerLoglik, run_trial_peft, run_trials  # noqa: E402
+from model.sleep.trial_lora import AnswerLoglik  # noqa: E402
+from model.sleep.trials import run_trial_peft, run_trials  # noqa: E402
 
 SQUAD = ROOT / "data/raw/squad/squad_train_seal100.json"
 FALLBACK = (

@@ -59,7 +59,7 @@ from model.sleep.dreaming import (
     train_prompt,
 )
 from model.sleep.sft import train_on_pairs
-from model.sleep.trials import AnswerLoglik
+from model.sleep.trial_lora import AnswerLoglik
 
 METHODS = ("base", "passage_finetune", "base_dreams", "sleep", "passage_dreams", "passage_sleep", "passage_sleep_trained")
 #: Methods whose dreams come from a policy trained beforehand by ReST-EM (model/sleep/policy_training.py).

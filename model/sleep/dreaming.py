@@ -55,7 +55,8 @@ from model.memory.prototypes import routed_scores
 from model.memory.wake import encode, label_text, sft_loss, split_template
 from model.sleep.dream_policy import DreamPolicy, rest_em_update
 from model.sleep.sft import train_on_pairs
-from model.sleep.trials import AnswerLoglik, TrialResult, run_trials
+from model.sleep.trial_lora import AnswerLoglik
+from model.sleep.trials import TrialResult, run_trials
 
 
 @dataclass(frozen=True)

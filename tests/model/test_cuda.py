@@ -16,7 +16,8 @@ from model.memory.checkpoint import load_state, save_state
 from model.memory.wake import encode, score_candidates, sft_loss
 from model.sleep.consolidation import consolidate
 from model.sleep.dreaming import dream_about
-from model.sleep.trials import AnswerLoglik, run_trials
+from model.sleep.trial_lora import AnswerLoglik
+from model.sleep.trials import run_trials
 from tests.model.helpers import make_nonzero, tiny_with_cms
 from tests.model.test_consolidation import PROMPTS
 from tests.model.test_consolidation import _cfg as consolidation_cfg

@@ -30,7 +30,7 @@ from model.sleep.dreaming import (
     training_helped,
     try_dreams,
 )
-from model.sleep.trials import AnswerLoglik
+from model.sleep.trial_lora import AnswerLoglik
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
 PASSAGE_RAW = Passage(

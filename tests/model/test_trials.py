@@ -11,16 +11,8 @@ from torch import nn
 
 from model.decoding.loading import LoadedModel, tiny_model
 from model.memory.wake import completion_logprobs
-from model.sleep.trials import (
-    AnswerLoglik,
-    MultiLoRALinear,
-    attach_multi_lora,
-    rows_use,
-    run_trial_peft,
-    run_trials,
-    score_trials,
-    train_trials,
-)
+from model.sleep.trial_lora import AnswerLoglik, MultiLoRALinear, attach_multi_lora, rows_use
+from model.sleep.trials import run_trial_peft, run_trials, score_trials, train_trials
 
 DREAMS = [
     "the bank opens at nine and closes at five on weekdays",
