@@ -37,7 +37,8 @@ from model.config import load_params  # noqa: E402
 from model.data.stream import build_stream, load_source  # noqa: E402
 from model.decoding.forward import Batch  # noqa: E402
 from model.decoding.loading import load_base_model  # noqa: E402
-from model.memory.cms import ChunkedOptimizer, attach_cms  # noqa: E402
+from model.memory.cms import attach_cms  # noqa: E402
+from model.memory.optimizer import ChunkedOptimizer  # noqa: E402
 from model.memory.wake import encode, sft_loss, split_template  # noqa: E402
 
 

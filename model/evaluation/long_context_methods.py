@@ -34,7 +34,8 @@ from model.config import CMSConfig, ConsolidationConfig, LevelConfig, SamplingCo
 from model.evaluation.baselines import train_sequential
 from model.evaluation.knowledge import passage_chunks
 from model.evaluation.long_context import SENTENCE_END, Document, answer, question_prompt, tail_context
-from model.memory.cms import ChunkedOptimizer, ContinuumMemory
+from model.memory.cms import ContinuumMemory
+from model.memory.optimizer import ChunkedOptimizer
 from model.memory.wake import ensure_writable, train_period
 from model.sleep.consolidation import consolidate, due_consolidations
 

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from model.errors import UserError
 from model.io import atomic_dir, sha256_bytes, sha256_file
-from model.memory.cms import ChunkedOptimizer, CMSError, ContinuumMemory, ExpertInfo, attach_cms
+from model.memory.cms import CMSError, ContinuumMemory, ExpertInfo, attach_cms
+from model.memory.optimizer import ChunkedOptimizer
 from model.memory.prototypes import PROTOTYPE_KEYS, Prototypes
 from model.sleep.dream_policy import (
     POLICY_JSON,

@@ -3,7 +3,7 @@
 An example is written with a template such as ``"{text} -> {label}"``; the part
 before ``{label}`` is the prompt and the label (plus EOS) is the completion. Wake
 trains on the completion tokens only, one batch per step, and lets the
-:class:`~model.memory.cms.ChunkedOptimizer` update each level every C(l) steps (eq. 2).
+:class:`~model.memory.optimizer.ChunkedOptimizer` update each level every C(l) steps (eq. 2).
 Accuracy is measured by label log-likelihood: the predicted label is the candidate
 whose completion has the highest total log-probability.
 
@@ -26,7 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from model.config import LevelConfig
 from model.decoding.architecture import expand_cache
 from model.decoding.forward import Batch, completion_logits, logprobs_by_example
-from model.memory.cms import ChunkedOptimizer, CMSError, ContinuumMemory
+from model.memory.cms import CMSError, ContinuumMemory
+from model.memory.optimizer import ChunkedOptimizer
 from model.memory.routing import captured_inputs, router_logits, routing_loss
 
 

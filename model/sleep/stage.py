@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from model.config import Params
 from model.decoding.loading import LoadedModel
-from model.memory.cms import ChunkedOptimizer, ContinuumMemory
+from model.memory.cms import ContinuumMemory
+from model.memory.optimizer import ChunkedOptimizer
 from model.sleep.consolidation import ConsolidationResult, StepRecord, consolidate, due_consolidations
 from model.sleep.rehearsal import dream_task_inputs
 from model.sleep.rewards import SemanticJudge

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.memory.checkpoint import EXPERTS_FILE, MANIFEST_FILE, CheckpointError, load_state, save_state
-from model.memory.cms import ChunkedOptimizer
+from model.memory.optimizer import ChunkedOptimizer
 from model.memory.wake import sft_loss
 from tests.model.helpers import logits, tiny_cms_config, tiny_with_cms, toy_batch
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.memory.cms import CMSBlock, CMSError, ChunkedOptimizer, NoFreeSlotError
+from model.memory.cms import CMSBlock, CMSError, NoFreeSlotError
+from model.memory.optimizer import ChunkedOptimizer
 from model.memory.wake import sft_loss
 from tests.model.helpers import logits, make_nonzero, tiny_cms_config, tiny_with_cms, toy_batch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.memory.cms import ChunkedOptimizer
+from model.memory.optimizer import ChunkedOptimizer
 from model.memory.routing import captured_inputs, gate_means, routing_loss
 from model.memory.wake import encode, train_period
 from tests.model.helpers import tiny_cms_config, tiny_with_cms

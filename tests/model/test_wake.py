@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.memory.cms import ChunkedOptimizer
+from model.memory.optimizer import ChunkedOptimizer
 from model.memory.wake import NonFiniteLossError, classify, completion_logprobs, encode, split_template, train_period
 from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
 

@@ -394,7 +394,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 def test_a_full_disk_stops_a_state_write_in_one_line_and_keeps_the_last_good_state(small_disk: Path) -> None:
     from model.memory.checkpoint import load_state, save_state
-    from model.memory.cms import ChunkedOptimizer
+    from model.memory.optimizer import ChunkedOptimizer
     from model.memory.wake import sft_loss
     from tests.model.helpers import tiny_with_cms, toy_batch
 
