@@ -1,7 +1,7 @@
 """EWC's empirical Fisher on the embedded default model: one pass per example vs one per batch.
 
 The Fisher is the mean of *per-example* squared gradients, so the textbook way runs one
-forward/backward pass per example. :func:`model.evaluation.baselines.per_example_squared_grads`
+forward/backward pass per example. :func:`model.evaluation.ewc.per_example_squared_grads`
 gets every example's gradient from one pass over a batch (hooks on the LoRA layers).
 This script times both on the default comparison's setting (LoRA r=8 on q_proj and
 v_proj, CLINC150 "text -> intent" pairs) in one run, checks that they agree, and
@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig  # noqa: E402
 from model.decoding.loading import load_base_model  # noqa: E402
-from model.evaluation.baselines import EWC, attach_lora  # noqa: E402
+from model.evaluation.baselines import attach_lora  # noqa: E402
+from model.evaluation.ewc import EWC  # noqa: E402
 from model.memory.wake import split_template  # noqa: E402
 
 CLINC = ROOT / "data/raw/clinc150/data_full.json"

@@ -238,8 +238,8 @@ def cached_result(rdir: Path, key: str) -> dict | None:
 
 #: What a baseline's result depends on: the params sections it reads and the modules whose code it runs.
 BASELINE_SECTIONS = ("seed", "model", "data", "wake")
-BASELINE_CODE = ("model/evaluation/baselines.py", "model/evaluation/comparison.py", "model/memory/wake.py", "model/decoding/forward.py",
-                 "model/decoding/loading.py", "model/data/stream.py")
+BASELINE_CODE = ("model/evaluation/baselines.py", "model/evaluation/comparison.py", "model/evaluation/ewc.py",
+                 "model/memory/wake.py", "model/decoding/forward.py", "model/decoding/loading.py", "model/data/stream.py")
 
 
 def baseline_key(p: Params, method: str, baselines: BaselinesConfig) -> str:

@@ -23,7 +23,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from model.config import BaselinesConfig, Params, WakeConfig
 from model.data.stream import build_stream, load_source
 from model.evaluation.baselines import (
-    EWC,
     ReplayBuffer,
     attach_lora,
     classify_in_context,
@@ -31,6 +30,7 @@ from model.evaluation.baselines import (
     icl_prompt_prefix,
     train_sequential,
 )
+from model.evaluation.ewc import EWC
 from model.memory.wake import classify, split_template
 
 BASELINES = ("zero_shot", "icl", "finetune", "ewc", "replay", "joint")

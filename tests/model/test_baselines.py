@@ -10,7 +10,6 @@ import torch
 
 from model.decoding.loading import LoadedModel, tiny_model
 from model.evaluation.baselines import (
-    EWC,
     ReplayBuffer,
     SequentialStep,
     attach_lora,
@@ -19,6 +18,7 @@ from model.evaluation.baselines import (
     icl_prompt_prefix,
     train_sequential,
 )
+from model.evaluation.ewc import EWC
 from model.memory.wake import classify, completion_logprobs, encode, sft_loss, split_template
 from tests.model.helpers import logits, toy_batch
 
