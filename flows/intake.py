@@ -20,6 +20,7 @@ from flows.sleep import run_sleep
 from flows.wake import run_wake
 from model.config import load_params
 from tasks.guards import lifecycle_lock
+from tasks.inbox_pipeline import track_period
 from tasks.intake import (
     apply_retention,
     claim_period,
@@ -32,7 +33,6 @@ from tasks.intake import (
     seed_rebuild,
     stage_batches,
     states_match,
-    track_period,
 )
 from tasks.wake import timings_path, write_metrics
 
