@@ -24,10 +24,8 @@ from model.io import atomic_dir, atomic_path
 from model.memory.checkpoint import open_memory_model, read_manifest, save_state
 from model.memory.wake import split_template
 from model.sleep.consolidation import fold_dreams
-from model.sleep.dreaming import (
-    DreamTask, HeldOutScore, answer_check, dream_about, dream_policy, held_out_check, promote, task_from_examples,
-    task_from_passage, training_helped,
-)
+from model.sleep.dreaming import DreamTask, dream_about, dream_policy, promote, task_from_examples, task_from_passage
+from model.sleep.held_out import HeldOutScore, answer_check, held_out_check, training_helped
 from model.sleep.rewards import SemanticJudge
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.trials import trial_step
@@ -143,7 +141,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     Every dream rejected is a normal outcome: the sleep completes and says so. A failure
     once the gate has started removes whatever of these the task had written. With
     ``dream.promotion_check`` the stage's training is kept only if it helped the check set
-    (:func:`model.sleep.dreaming.training_helped`); otherwise the sleep state is the consolidated
+    (:func:`model.sleep.held_out.training_helped`); otherwise the sleep state is the consolidated
     one, and the report says so. ``plan`` gives the label names seen so far (the candidates).
     """
     log = get_run_logger()

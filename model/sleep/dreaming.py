@@ -51,7 +51,6 @@ from model.config import DreamConfig, SamplingConfig
 from model.decoding.sampling import sample_continuations
 from model.evaluation.knowledge import Passage, answer_completion, qa_prompt
 from model.memory.cms import ContinuumMemory
-from model.memory.prototypes import routed_scores
 from model.memory.wake import encode, label_text, sft_loss, split_template
 from model.sleep.dream_policy import DreamPolicy, rest_em_update
 from model.sleep.sft import train_on_pairs
@@ -359,71 +358,6 @@ def dream_about(
                 train_on_pairs(model, tokenizer, params, [prompt] * len(rewarded), rewarded, cfg.rest_steps, cfg.lr,
                                cfg.max_length)
     return rows
-
-
-@dataclass(frozen=True)
-class HeldOutScore:
-    """How well a state answers the sleep's check set.
-
-    ``logprob``: mean log-probability of the gold answer (higher is better); on the
-    stream it is normalised over the candidate labels (the labels seen so far), so it
-    measures telling labels apart, not making label words likelier. ``accuracy``: share of
-    check inputs whose best candidate is the gold one (NaN where there are no candidates).
-    """
-
-    logprob: float
-    accuracy: float
-    n: int
-
-
-def candidate_check(scores: torch.Tensor, gold: torch.Tensor) -> HeldOutScore:
-    """Score of label log-likelihoods ``scores`` (N, C) against gold indices ``gold`` (N,).
-
-    logprob = mean_i log softmax(scores_i)[gold_i]; accuracy = mean_i [argmax scores_i = gold_i].
-    """
-    if scores.ndim != 2 or gold.shape != (scores.shape[0],) or scores.shape[0] == 0:
-        raise ValueError(f"candidate_check: scores {tuple(scores.shape)} and gold {tuple(gold.shape)} do not match")
-    logp = torch.log_softmax(scores.float(), dim=1).gather(1, gold.view(-1, 1)).squeeze(1)
-    acc = (scores.argmax(dim=1) == gold).float().mean()
-    return HeldOutScore(float(logp.mean()), float(acc), int(scores.shape[0]))
-
-
-@torch.no_grad()
-def held_out_check(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
-    template: str,
-    examples: Sequence[tuple[str, str]],
-    candidates: Sequence[str],
-    batch_size: int,
-    max_length: int,
-) -> HeldOutScore:
-    """Stream check: each (text, label) scored among ``candidates`` as evaluation scores it (prototype routing)."""
-    index = {c: i for i, c in enumerate(candidates)}
-    missing = sorted({y for _, y in examples} - index.keys())
-    if missing:
-        raise ValueError(f"held-out check: labels {missing} are not among the candidate labels")
-    scores, _ = routed_scores(model, tokenizer, cms, template, [x for x, _ in examples], list(candidates),
-                              batch_size, max_length)
-    return candidate_check(scores, torch.tensor([index[y] for _, y in examples]))
-
-
-@torch.no_grad()
-def answer_check(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[DreamTask],
-                 max_length: int) -> HeldOutScore:
-    """Passage check: tau (mean answer log-likelihood per token) over every task's questions; no accuracy."""
-    prompts = [p for t in tasks for p in t.tau_prompts]
-    answers = [a for t in tasks for a in t.tau_answers]
-    tau = AnswerLoglik(model, tokenizer, prompts, answers, max_length)(None)
-    return HeldOutScore(float(tau[0]), math.nan, len(prompts))
-
-
-def training_helped(before: HeldOutScore, after: HeldOutScore) -> bool:
-    """Keep the dream stage's training: the check set's log-probability rose and its accuracy did not fall."""
-    if not after.logprob > before.logprob:
-        return False
-    return math.isnan(before.accuracy) or after.accuracy >= before.accuracy
 
 
 def promote(

@@ -153,7 +153,7 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     params_path.write_text(yaml.safe_dump(doc))
     report = dream(0, str(params_path))
     assert report["funnel"]["promoted"] >= 1 and report["check"]["trained"] is True and report["check"]["kept"] is False
-    before, after = report["check"]["before"], report["check"]["after"]  # the rule of model/dreaming.training_helped:
+    before, after = report["check"]["before"], report["check"]["after"]  # the rule of model/sleep/held_out.training_helped:
     assert after["logprob"] <= before["logprob"] or after["accuracy"] < before["accuracy"]  # one of them got worse
     wrecked, consolidated = read_manifest(tmp_path / "state/sleep/period-0"), read_manifest(tmp_path / "state/consolidated/period-0")
 

@@ -13,13 +13,10 @@ from model.config import DreamConfig
 from model.evaluation.knowledge import QA, Passage
 from model.memory.wake import label_scores
 from model.sleep.dreaming import (
-    HeldOutScore,
-    candidate_check,
     dream_about,
     dream_parameters,
     fast_parameters,
     generate_dreams,
-    held_out_check,
     importance_scores,
     promote,
     select_dreams,
@@ -27,9 +24,9 @@ from model.sleep.dreaming import (
     task_from_examples,
     task_from_passage,
     train_prompt,
-    training_helped,
     try_dreams,
 )
+from model.sleep.held_out import HeldOutScore, candidate_check, held_out_check, training_helped
 from model.sleep.trial_lora import AnswerLoglik
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
