@@ -391,7 +391,7 @@ def test_a_bad_dream_is_rejected_by_the_gate_naming_the_check(case: str, tmp_pat
     """A dream with a NaN importance or an empty text is not an error of the run: the gate rejects that dream,
     its report names the dream and the check, and the other dreams go on."""
     from checks import gate_dream_table
-    from tests.tasks.test_dream_gate import GATE, _table
+    from tests.checks.test_dreams import GATE, _table
 
     column, value, check = DREAM_CASES[case]
     dreams = _table()
