@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -38,20 +39,23 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 TIMINGS = Path("metrics/timings/orchestration.json")
 
 
-def _task_seconds(since: dt.datetime) -> tuple[float, int]:
-    """Total duration of the Prefect task runs that started after ``since`` (and their number).
+def _task_seconds(since: dt.datetime, tag: str | None = None) -> tuple[float, int]:
+    """Total duration of the Prefect task runs that started after ``since`` (and their number); with ``tag``,
+    only the runs that carry it.
 
     A subflow called from a flow has a task run of its own in the parent, which lasts as long as the
     subflow and its tasks: it is left out, or the subflow's tasks would count twice."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter,
-                                                TaskRunFilterStartTime)
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, FlowRunFilterTags,
+                                                TaskRunFilter, TaskRunFilterStartTime, TaskRunFilterTags)
 
+    tagged = {"tags": TaskRunFilterTags(all_=[tag])} if tag else {}
+    flow_tagged = {"tags": FlowRunFilterTags(all_=[tag])} if tag else {}
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)),
-                                     limit=None)
-        flows_ = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
-                                       limit=None)
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since), **tagged), limit=None)
+        flows_ = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since), **flow_tagged), limit=None)
     wrappers = {f.parent_task_run_id for f in flows_ if f.parent_task_run_id is not None}
     tasks_ = [r for r in runs if r.id not in wrappers]
     total = sum(r.total_run_time.total_seconds() for r in tasks_ if r.total_run_time)
@@ -62,10 +66,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job. With DVC: one local Prefect server, then `dvc repro`; report the orchestration time."""
     from flows.server import local_server
     from flows.stage import ENV as STAGE_SERVER_ENV
-    from flows.stage import stage_server
+    from flows.stage import JOB_ENV, job_tag, stage_server
 
     root = Path(args.params).resolve().parent
     since = dt.datetime.now(dt.timezone.utc)
+    os.environ[JOB_ENV] = job = uuid.uuid4().hex  # the stages DVC starts tag their runs with it
     t0 = time.perf_counter()
     with local_server(root / ".prefect-server.log") as url, contextlib.ExitStack() as stack:
         os.environ["PREFECT_API_URL"] = url  # for the processes this one starts (DVC, the stage server)
@@ -83,19 +88,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             from flows.publish import main as publish_main
             from model.config import load_params
 
-            prepare(args.params)
-            lifecycle(args.params)
-            # As the DVC pipeline's publish stage does: send what is still queued, and exit 1 (with the store's
-            # error) while anything stays queued, so a scheduler sees it. A finished run's objects are not re-sent.
-            if load_params(args.params).lifecycle.publish and (code := publish_main(["--params", args.params])):
-                return code
+            from prefect import tags
+
+            with tags(job_tag(job)):
+                prepare(args.params)
+                lifecycle(args.params)
+                # As the DVC pipeline's publish stage does: send what is still queued, and exit 1 (with the store's
+                # error) while anything stays queued, so a scheduler sees it. A finished run's objects are not re-sent.
+                if load_params(args.params).lifecycle.publish and (code := publish_main(["--params", args.params])):
+                    return code
         else:
             cmd = ["dvc", "repro", *(["--force"] if args.force else []), "dvc.yaml"]  # not pipelines/inbox
             proc = subprocess.run(cmd, cwd=root, env=dict(os.environ))
             if proc.returncode != 0:
                 return proc.returncode
         total = time.perf_counter() - t0
-        task_s, n_tasks = _task_seconds(since)
+        task_s, n_tasks = _task_seconds(since, job_tag(job))
     overhead = total - task_s
     timings = {"total_s": round(total, 1), "servers_start_s": round(t_server, 1), "task_runs": n_tasks,
                "task_s": round(task_s, 1), "orchestration_s": round(overhead, 1),

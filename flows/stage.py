@@ -32,13 +32,29 @@ PRELOAD = ("torch", "transformers", "pandas", "prefect", "great_expectations",
            *(f"flows.{s}" for s in STAGES))
 
 
+#: The tag of every flow and task run of one main job (``lm-sleep run`` sets it for the stages it starts), so the
+#: job's task time counts its own runs only: other processes may write runs into the same Prefect database
+#: meanwhile (``prefect server start`` keeps one in PREFECT_HOME).
+JOB_ENV = "LM_SLEEP_JOB"
+
+
+def job_tag(job: str) -> str:
+    return f"lm-sleep-job:{job}"
+
+
 def run_here(name: str, argv: list[str]) -> int:
     """Run stage ``name`` in this process (its module's ``main``)."""
     if name not in STAGES:
         print(f"flows.stage: unknown stage {name!r} (one of {', '.join(STAGES)})", file=sys.stderr)
         return 2
-    code = importlib.import_module(f"flows.{name}").main(argv)
-    return int(code or 0)
+    main = importlib.import_module(f"flows.{name}").main
+    job = os.environ.get(JOB_ENV)
+    if job is None:
+        return int(main(argv) or 0)
+    from prefect import tags
+
+    with tags(job_tag(job)):
+        return int(main(argv) or 0)
 
 
 # ------------------------------------------------------------------ client

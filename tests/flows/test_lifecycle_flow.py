@@ -250,3 +250,34 @@ def test_the_main_jobs_task_time_counts_a_subflows_tasks_once(prefect_harness):
     wall = time.perf_counter() - start
     seconds, n = _task_seconds(since)
     assert n == 2 and 0.6 <= seconds < wall
+
+
+def test_the_main_jobs_task_time_counts_only_the_runs_of_its_job(prefect_harness):
+    """Runs another process writes into the same Prefect database meanwhile are not the job's: only the runs
+    tagged with the job's tag count (``lm-sleep run`` once counted a concurrent comparison's, 4,868 s of tasks
+    in a 2,100 s job)."""
+    import datetime as dt
+    import time
+
+    from prefect import flow, tags, task
+
+    from flows.cli import _task_seconds
+    from flows.stage import job_tag
+
+    @task
+    def nap(seconds: float) -> None:
+        time.sleep(seconds)
+
+    @flow
+    def work(seconds: float) -> None:
+        nap(seconds)
+        nap(seconds)
+
+    since = dt.datetime.now(dt.timezone.utc)
+    with tags(job_tag("mine")):
+        work(0.2)
+    work(0.5)  # another job's runs, in the same window and database
+    mine, n_mine = _task_seconds(since, job_tag("mine"))
+    every, n_every = _task_seconds(since)
+    assert n_mine == 2 and 0.4 <= mine < 1.0
+    assert n_every == 4 and every >= mine + 1.0
