@@ -8,7 +8,8 @@ import pandas as pd
 from model.config import Params
 from model.decoding.loading import LoadedModel
 from model.memory.cms import ContinuumMemory
-from model.memory.prototypes import routed_classify, view_class
+from model.memory.prototypes import view_class
+from model.memory.routed import routed_classify
 
 
 def seen_accuracy(params: Params, loaded: LoadedModel, cms: ContinuumMemory, stream: pd.DataFrame,

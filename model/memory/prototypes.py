@@ -22,7 +22,7 @@ learned that task, and a later expert cannot override it. Prototypes and the poo
 are statistics of the model's own states (means and second moments of hidden states), not
 stored examples.
 
-Applied where the model answers: classification and evaluation, model/serving/serving.py's predict and
+Applied where the model answers (model/memory/routed.py): classification and evaluation, model/serving/serving.py's predict and
 generate, the exported model (model/serving/export.py). Training and the sleep's sampling run with every
 expert of the current period on. The routing loss (model/memory/routing.py) is the other, learned,
 mechanism; it is off by default.
@@ -31,11 +31,10 @@ mechanism; it is off by default.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +42,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.decoding.forward import prefix_hidden
 from model.memory.cms import CMSError, ContinuumMemory
-from model.memory.wake import label_scores, split_template
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 Metric = Literal["cosine", "mahalanobis"]
 BASE_KEYS = ("routing.mean", "routing.scale", "routing.centroids", "routing.periods", "routing.layer")
@@ -323,15 +318,6 @@ def route(protos: Prototypes, features: torch.Tensor) -> torch.Tensor:
     return protos.periods[mahalanobis_route(z, protos.centroids.float(), protos.whiten())]
 
 
-@contextlib.contextmanager
-def period_view(cms: ContinuumMemory, period: int) -> Iterator[None]:
-    """Only experts of periods <= ``period`` fire (experts without a period always fire)."""
-    hidden = {li: [e.slot for e in level if e.active and e.period is not None and e.period > period]
-              for li, level in enumerate(cms.experts)}
-    with cms.levels_masked([], hidden={li: s for li, s in hidden.items() if s}):
-        yield
-
-
 def feature_layer(cms: ContinuumMemory, layer: int | None) -> int:
     """The decoder layer whose input is the routing feature: ``layer``, or a quarter of the depth by default.
 
@@ -359,53 +345,6 @@ def learn_prototypes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return cms.prototypes
 
 
-def routed_periods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory,
-                   prompts: Sequence[str], batch_size: int, max_length: int) -> list[int] | None:
-    """The period of each prompt's nearest prototype (None without prototypes or without prompts)."""
-    protos = cms.prototypes
-    if protos is None or not prompts:
-        return None
-    return route(protos, sequence_features(model, tokenizer, prompts, protos.layer, batch_size, max_length)).tolist()
-
-
-def map_routed(cms: ContinuumMemory, periods: Sequence[int] | None, items: Sequence[T],
-               fn: Callable[[list[T]], Sequence[R]]) -> list[R]:
-    """``fn`` over ``items``, each item in the view of its routed period (all items at once, every expert on,
-    when ``periods`` is None); one call per period; the results in the order of ``items``."""
-    if periods is None:
-        return list(fn(list(items)))
-    out: list[R] = [None] * len(items)  # type: ignore[list-item]
-    for p in sorted(set(periods)):
-        idx = [i for i, q in enumerate(periods) if q == p]
-        with period_view(cms, p):
-            for i, y in zip(idx, fn([items[i] for i in idx])):
-                out[i] = y
-    return out
-
-
-def routed_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory, template: str,
-                  texts: Sequence[str], labels: Sequence[str], batch_size: int, max_length: int
-                  ) -> tuple[torch.Tensor, list[int] | None]:
-    """Log-likelihood of every label after every text (N, C); with prototypes, each text in the view of its
-    routed period. Also returns each text's routed period (None without prototypes)."""
-    prompts = [split_template(template, t, labels[0])[0] for t in texts]
-    periods = routed_periods(model, tokenizer, cms, prompts, batch_size, max_length)
-    rows = map_routed(cms, periods, list(texts),
-                      lambda part: list(label_scores(model, tokenizer, template, part, labels, batch_size, max_length)))
-    return (torch.stack(rows) if rows else torch.empty(0, len(labels))), periods
-
-
-def routed_classify(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory, template: str,
-                    texts: Sequence[str], labels: Sequence[str], batch_size: int, max_length: int
-                    ) -> tuple[list[str], list[int] | None]:
-    """Predict one of ``labels`` per text; with prototypes, each text in the view of its routed period.
-
-    Returns the predictions and each text's routed period (None without prototypes).
-    """
-    scores, periods = routed_scores(model, tokenizer, cms, template, texts, labels, batch_size, max_length)
-    return [labels[j] for j in scores.argmax(dim=1).tolist()], periods
-
-
 __all__ = [
     "BASE_KEYS",
     "MAHALANOBIS_KEYS",
@@ -421,12 +360,7 @@ __all__ = [
     "whitening",
     "feature_layer",
     "learn_prototypes",
-    "map_routed",
-    "period_view",
     "route",
-    "routed_classify",
-    "routed_periods",
-    "routed_scores",
     "view_class",
     "sequence_features",
     "spherical_kmeans",

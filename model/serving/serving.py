@@ -30,7 +30,7 @@ from model.decoding.sampling import sample_continuations
 from model.errors import UserError
 from model.memory.checkpoint import CheckpointError, open_memory_model, read_manifest
 from model.memory.cms import ContinuumMemory
-from model.memory.prototypes import map_routed, routed_periods, routed_scores
+from model.memory.routed import map_routed, routed_periods, routed_scores
 
 
 class ServingError(UserError, ValueError):
@@ -100,7 +100,7 @@ class TrainedModel:
         (default: every label the state has seen).
 
         The probabilities are the softmax of the label log-likelihoods, so over all candidates they sum to 1;
-        the best label is the one evaluation predicts (model.memory.prototypes.routed_classify).
+        the best label is the one evaluation predicts (model.memory.routed.routed_classify).
         """
         candidates = list(self.labels if labels is None else labels)
         if not candidates or any(not isinstance(c, str) or not c for c in candidates):

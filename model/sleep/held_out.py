@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.memory.cms import ContinuumMemory
-from model.memory.prototypes import routed_scores
+from model.memory.routed import routed_scores
 from model.sleep.dreaming import DreamTask
 from model.sleep.trial_lora import AnswerLoglik
 

@@ -285,7 +285,7 @@ def test_knowledge_comparison_quick_writes_the_report_and_resumes_mid_way(tmp_pa
 
 
 def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path, prefect_harness, monkeypatch):
-    import model.evaluation.incorporation as incorporation
+    import model.evaluation.incorporation_runs as incorporation_runs
     from flows.compare import compare
 
     methods = ["base", "passage_finetune"]
@@ -302,17 +302,17 @@ def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path,
 
     # Killed while learning passage 1: the run resumes from the state saved after passage 0.
     crashed = _with_knowledge(tmp_path / "crashed", mode="continued", seeds=(0, 1), methods=methods)
-    real = incorporation.learn
+    real = incorporation_runs.learn
 
     def crash_on_passage_1(method, model, tokenizer, cms, task, *a, **k):
         if method == "passage_finetune" and task.context_id == "passage1":
             raise KeyboardInterrupt("killed")
         return real(method, model, tokenizer, cms, task, *a, **k)
 
-    monkeypatch.setattr(incorporation, "learn", crash_on_passage_1)
+    monkeypatch.setattr(incorporation_runs, "learn", crash_on_passage_1)
     with pytest.raises(KeyboardInterrupt):
         compare("kn", str(crashed), quick=True)
-    monkeypatch.setattr(incorporation, "learn", real)
+    monkeypatch.setattr(incorporation_runs, "learn", real)
     rdir = tmp_path / "crashed/state/compare/kn-quick/passage_finetune/seed-0"
     assert not (rdir / "result.json").exists()
     assert read_manifest(rdir / "state")["metadata"]["learned"] == 1
@@ -320,7 +320,7 @@ def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path,
     assert len(first) == 1
 
     calls = []
-    monkeypatch.setattr(incorporation, "learn", lambda method, *a, **k: (
+    monkeypatch.setattr(incorporation_runs, "learn", lambda method, *a, **k: (
         calls.append(a[3].context_id) if method == "passage_finetune" else None) or real(method, *a, **k))
     compare("kn", str(crashed), quick=True)
     assert calls == ["passage1", "passage0", "passage1"]  # seed 0 resumes at passage 1; seed 1 runs whole
@@ -423,7 +423,7 @@ def test_a_policy_training_pool_that_holds_an_evaluation_passage_is_refused(tmp_
 
 
 def test_knowledge_shards_split_the_passages_and_an_unsharded_run_assembles_them(tmp_path, prefect_harness, monkeypatch):
-    import model.evaluation.incorporation as incorporation
+    import model.evaluation.incorporation_runs as incorporation_runs
     from flows.compare import compare, main
 
     params_path = _with_knowledge(tmp_path, methods=["base", "passage_finetune"])
@@ -436,8 +436,8 @@ def test_knowledge_shards_split_the_passages_and_an_unsharded_run_assembles_them
     assert [json.loads(l)["index"] for l in (rdir / "progress.shard-1-of-2.jsonl").read_text().splitlines()] == [1]
 
     calls = []
-    real = incorporation.learn
-    monkeypatch.setattr(incorporation, "learn", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = incorporation_runs.learn
+    monkeypatch.setattr(incorporation_runs, "learn", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     compare("kn", str(params_path))  # every passage is on disk: nothing learns again
     assert calls == []
     result = json.loads((rdir / "result.json").read_text())

@@ -8,14 +8,8 @@ import torch
 
 from model.config import DreamConfig
 import model.evaluation.incorporation as incorporation
-from model.evaluation.incorporation import (
-    MemorySnapshot,
-    evaluate_passage,
-    learn,
-    learn_base_dreams,
-    run_continued,
-    run_single,
-)
+from model.evaluation.incorporation import MemorySnapshot, evaluate_passage, learn, learn_base_dreams
+from model.evaluation.incorporation_runs import run_continued, run_single
 from model.evaluation.knowledge import QA, Passage
 import model.sleep.dreaming as dreaming
 from model.sleep.dreaming import task_from_passage

@@ -16,19 +16,18 @@ from model.memory.prototypes import (
     Prototypes,
     add_period,
     compact,
+    feature_layer,
     group_centroids,
     kmeans,
-    shared_covariance,
-    whitening,
-    feature_layer,
     learn_prototypes,
-    period_view,
     route,
-    routed_classify,
     sequence_features,
+    shared_covariance,
     spherical_kmeans,
     view_class,
+    whitening,
 )
+from model.memory.routed import period_view, routed_classify
 from model.memory.wake import classify
 from tests.model.helpers import logits, make_nonzero, tiny_cms_config, tiny_with_cms, toy_batch
 

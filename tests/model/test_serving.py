@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, dynamic_module_uti
 from model.config import load_params
 from model.decoding.sampling import sample_continuations
 from model.memory.checkpoint import CheckpointError, open_memory_model, read_manifest, save_state
-from model.memory.prototypes import learn_prototypes, period_view, routed_classify, routed_periods
+from model.memory.prototypes import learn_prototypes
+from model.memory.routed import period_view, routed_classify, routed_periods
 from model.memory.wake import classify
 from model.serving.export import EXPORT_MANIFEST, ExportError, export_model, verify_export
 from model.serving.serving import ServingError, TrainedModel, load_state, state_labels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model.config import DreamConfig
-from model.evaluation.incorporation import run_single
+from model.evaluation.incorporation_runs import run_single
 from model.evaluation.knowledge import QA, Passage
 import model.sleep.dreaming as dreaming
 from tasks.knowledge import gate_function
