@@ -12,6 +12,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
+# a fixed thread count: the same sums, so the same numbers, on a busy machine
+export MKL_DYNAMIC := FALSE
+export OMP_DYNAMIC := FALSE
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 

@@ -35,6 +35,12 @@ from pathlib import Path
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# The same numbers on a busy machine: with dynamic threading on (MKL's default), Intel's OpenMP may run a GEMM on
+# fewer threads when the load is high, which splits its sums differently (a fresh-clone `make run` beside the
+# test suite started its first wake loss at 12.54541 instead of 12.54535, and ended at another accuracy).
+# Read when MKL starts: before torch is imported here, and inherited by every stage DVC starts.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
 TIMINGS = Path("metrics/timings/orchestration.json")
 
