@@ -44,11 +44,10 @@ _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class UnsupportedArchitectureError(UserError, NotImplementedError, ValueError):
+class UnsupportedArchitectureError(UserError, ValueError):
     """A model whose decoder lm-sleep cannot run by hand; the message names its model_type and class.
 
-    A ``NotImplementedError`` (what the sampler raised before) and a ``ValueError`` (as
-    :class:`~model.memory.cms.CMSError`, what attaching memory levels raised before).
+    A ``ValueError``, as :class:`~model.memory.cms.CMSError` (what attaching memory levels raised before).
     """
 
 
