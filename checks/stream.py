@@ -15,6 +15,7 @@ import pandas as pd
 
 from checks.suite import check_entry, complete_results, gx_source, run_suite, texts_by_row_id
 from model.data.stream import STREAM_COLUMNS
+from model.errors import UserError
 from reporting import escape_md as _md  # text inert in any Markdown renderer
 
 STREAM_DTYPES = {"row_id": "int64", "task": "int64", "split": "str", "text": "str", "label": "str"}
@@ -73,7 +74,7 @@ class StreamValidation:
         return "\n".join(lines) + "\n"
 
 
-class StreamValidationError(ValueError):
+class StreamValidationError(UserError, ValueError):
     """The stream failed its expectation suite; the message names checks, rows and the report."""
 
     def __init__(self, validation: StreamValidation, report_path: str) -> None:

@@ -26,13 +26,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from checks import StreamValidationError
+from flows.errors import reporting_errors
 from flows.evaluate import evaluate
 from flows.sleep import sleep
 from flows.wake import wake
 from model.config import BaselinesConfig, ConfigError, Params, load_params
-from model.data.stream import DataError
-from model.io import BusyError
 from tasks.compare import (
     Comparison,
     cached_result,
@@ -203,6 +201,7 @@ def compare_long_context(params: Params, root: Path, comp: Comparison) -> dict:
     return summary
 
 
+@reporting_errors("lm-sleep compare")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lm-sleep compare", description="Run a named comparison of params.yaml "
                                  "(evaluation.comparisons) and write reports/<name>/.")
@@ -230,12 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         if not m or not 0 <= int(m[1]) < int(m[2]):
             ap.error(f"--shard: {args.shard!r} is not I/N with 0 <= I < N (e.g. 0/4)")
         shard = (int(m[1]), int(m[2]))
-    try:
-        compare(args.name, args.params, args.quick, args.methods, args.report_only, args.dev, args.seeds, shard,
-                args.device)
-    except (ConfigError, DataError, StreamValidationError, BusyError) as e:
-        print(f"compare {args.name} failed: {e}", file=sys.stderr)
-        return 1
+    compare(args.name, args.params, args.quick, args.methods, args.report_only, args.dev, args.seeds, shard,
+            args.device)
     return 0
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from checks import StreamValidationError
 from flows.compare import run_continual
-from model.config import ConfigError, load_params
+from flows.errors import reporting_errors
+from model.config import load_params
 from model.data.stream import DataError
-from model.io import BusyError
 from tasks.guards import locked
 from tasks.lr_search import NAME, search_comparisons, search_params, write_lr_search_report
 
@@ -47,17 +46,14 @@ def lr_search(params_path: str = "params.yaml", quick: bool = False) -> dict:
     return summary
 
 
+@reporting_errors("lm-sleep lr-search")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lm-sleep lr-search", description="Give every method the same learning-rate "
                                  "search on development tasks (evaluation.lr_search) and write reports/lr-search/.")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--quick", action="store_true", help="apply evaluation.quick: a small smoke run")
     args = ap.parse_args(argv)
-    try:
-        lr_search(args.params, args.quick)
-    except (ConfigError, DataError, StreamValidationError, BusyError) as e:
-        print(f"lr-search failed: {e}", file=sys.stderr)
-        return 1
+    lr_search(args.params, args.quick)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The commands that use a trained model: ``lm-sleep predict``, ``generate`` and ``export``.
 
-Argument parsing and input/output only; the model work is model/serving/serving.py and model/serving/export.py.
+Argument parsing and input/output only; the glue is tasks/serving.py, the model work model/serving/.
 Bad input (a missing or corrupt state, an unreadable, empty or non-UTF-8 file) is one line on
 stderr naming the file, exit code 1.
 """
@@ -12,10 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from flows.errors import debugging, expected, report
+from flows.errors import reporting_errors
 from model.errors import UserError
-from model.serving.export import ExportError, export_model
-from model.serving.serving import load_state
+from tasks.serving import generation_rows, open_state, prediction_rows, write_export
 
 STDIN = "-"
 
@@ -77,17 +76,7 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
     return ap
 
 
-def _run(command: str, body) -> int:
-    """``body()``; everything a user can get wrong (flows/errors.py) is one line and exit 1, no traceback."""
-    try:
-        body()
-    except Exception as e:
-        if debugging() or not expected(e):
-            raise
-        return report(f"lm-sleep {command}", e)
-    return 0
-
-
+@reporting_errors("lm-sleep predict")
 def predict_main(argv: list[str] | None = None) -> int:
     ap = _parser("predict", "The most likely labels of each text, with their probabilities among the candidate "
                  "labels, as JSON Lines: {\"text\": ..., \"labels\": [{\"label\": ..., \"score\": ...}, ...]}.")
@@ -97,17 +86,12 @@ def predict_main(argv: list[str] | None = None) -> int:
                     help="the candidate labels (default: every label the state has seen); put INPUT before it")
     ap.add_argument("--top-k", type=int, default=3, help="how many labels per text, best first (default 3)")
     args = ap.parse_args(argv)
-
-    def body() -> None:
-        texts = read_texts(args.input, "text")
-        trained = load_state(args.state, args.params)
-        answers = trained.predict(texts, args.labels, args.top_k)
-        _write_jsonl([{"text": t, "labels": [{"label": lab, "score": s} for lab, s in a]}
-                      for t, a in zip(texts, answers)])
-
-    return _run("predict", body)
+    texts = read_texts(args.input, "text")
+    _write_jsonl(prediction_rows(open_state(args.state, args.params), texts, args.labels, args.top_k))
+    return 0
 
 
+@reporting_errors("lm-sleep generate")
 def generate_main(argv: list[str] | None = None) -> int:
     ap = _parser("generate", "A continuation of each prompt, every memory level on (with prototype routing, in "
                  "the view of the prompt's period), as JSON Lines: {\"prompt\": ..., \"text\": ...}.")
@@ -118,29 +102,20 @@ def generate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: no cut)")
     ap.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
     args = ap.parse_args(argv)
-
-    def body() -> None:
-        prompts = read_texts(STDIN, "prompt") if args.prompts == [STDIN] else args.prompts
-        trained = load_state(args.state, args.params)
-        texts = trained.generate(prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-        _write_jsonl([{"prompt": p, "text": t} for p, t in zip(prompts, texts)])
-
-    return _run("generate", body)
+    prompts = read_texts(STDIN, "prompt") if args.prompts == [STDIN] else args.prompts
+    _write_jsonl(generation_rows(open_state(args.state, args.params), prompts, args.max_new_tokens, args.temperature,
+                                 args.top_p, args.seed))
+    return 0
 
 
+@reporting_errors("lm-sleep export")
 def export_main(argv: list[str] | None = None) -> int:
     ap = _parser("export", "Write the state as a Hugging Face directory: AutoModelForCausalLM.from_pretrained(DIR, "
                  "trust_remote_code=True) (safetensors, config, tokenizer, modeling_lm_sleep.py, checksums).")
     ap.add_argument("--out", required=True, metavar="DIR",
                     help="the directory to write (new, empty, or an earlier export, which is replaced atomically)")
     args = ap.parse_args(argv)
-
-    def body() -> None:
-        trained = load_state(args.state, args.params)
-        try:
-            out = export_model(trained, args.out)
-        except OSError as e:
-            raise ExportError(f"{args.out}: cannot write: {e.strerror or e}") from None
-        print(f"exported {trained.state} (period {trained.period}) -> {out}")
-
-    return _run("export", body)
+    trained = open_state(args.state, args.params)
+    out = write_export(trained, args.out)
+    print(f"exported {trained.state} (period {trained.period}) -> {out}")
+    return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.errors import debugging, report, reporting_errors
+from flows.errors import reporting_errors
 from model.config import load_params
 from tasks.guards import check_prepare_inputs
 from tasks.prepare import (
@@ -59,12 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     check_source(args.params)
-    try:
-        prepare(args.params)
-    except StreamValidationError as e:  # the report names the failed checks and rows
-        if debugging():
-            raise
-        return report("lm-sleep prepare", e)
+    prepare(args.params)  # a StreamValidationError names the failed checks, rows and the validation report
     return 0
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from prefect import flow
 
-from model.config import ConfigError, load_params
-from reporting import ReportError, print_summary_table
+from flows.errors import reporting_errors
+from model.config import load_params
+from reporting import print_summary_table
 from tasks.evaluate import summarise_cycles
 from tasks.report import report_task
 
@@ -30,19 +31,16 @@ def report(params_path: str = "params.yaml") -> dict[str, Any]:
     return summary
 
 
+@reporting_errors("lm-sleep report")
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns a non-zero exit code with a one-paragraph error."""
+    """Command-line entry point; bad input is one line on stderr and exit code 1 (flows/errors.py)."""
     parser = argparse.ArgumentParser(
         prog="python -m flows.report",
         description="Write the lifecycle report (markdown + PNG), the tables for `dvc plots` and a summary table.",
     )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    try:
-        report(args.params)
-    except (ConfigError, ReportError) as e:
-        print(f"report failed: {e}", file=sys.stderr)
-        return 1
+    report(args.params)
     return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.errors import UserError
+
 REPORT_DIR = Path("reports/lifecycle")
 PLOTS_DIR = Path("metrics/plots")
 CL_METRICS_PATH = Path("metrics/continual_learning.json")
@@ -28,7 +30,7 @@ FUNNEL_REQUIRED: tuple[str, ...] = ("generated", "selected", "rewarded", "promot
 NONE = "none"
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A lifecycle metrics file that is missing or malformed; the message names the file and the field."""
 
 
