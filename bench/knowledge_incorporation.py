@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from checks import gate_dreams, validate_dreams  # noqa: E402
 from model.config import load_params  # noqa: E402
 from model.evaluation.grading import mean_ci95  # noqa: E402
-from model.evaluation.incorporation import evaluate_passage, learn_passage_finetune  # noqa: E402
+from model.evaluation.incorporation import Reader, evaluate_passage, learn_passage_finetune  # noqa: E402
 from model.evaluation.knowledge import load_passages  # noqa: E402
 from model.memory.checkpoint import open_memory_model  # noqa: E402
 from model.memory.cms import ExpertInfo  # noqa: E402
@@ -112,7 +112,7 @@ def main() -> None:
         reset()
         res["base"] = measure(lm, passage, task, cfg)
         # the fast level fine-tuned on the passage (long passages in pieces), promote_steps steps
-        learn_passage_finetune(lm.model, lm.tokenizer, cms, task, cfg, origin=f"passage-ft-{i}")
+        learn_passage_finetune(Reader(lm.model, lm.tokenizer, cms, cfg), task, origin=f"passage-ft-{i}")
         res["passage_ft"] = measure(lm, passage, task, cfg)
         reset()
         rows = dream_about(lm.model, lm.tokenizer, cms, task, cfg, period=0, seed=params.seed * 1_013 + i)

@@ -28,7 +28,15 @@ from prefect.cache_policies import NO_CACHE
 from checks import gate_dreams, validate_dreams
 from model.config import DreamGateConfig, KnowledgeConfig, Params
 from model.data.stream import DataError
-from model.evaluation.incorporation import METHODS, TRAINED_POLICY_METHODS, GateFn, Learned, fresh_fast_expert
+from model.evaluation.incorporation import (
+    GATED_METHODS,
+    METHODS,
+    TRAINED_POLICY_METHODS,
+    GateFn,
+    Learned,
+    Reader,
+    fresh_fast_expert,
+)
 from model.evaluation.incorporation_runs import run_continued, run_single
 from model.evaluation.knowledge import Passage, select_passages
 from model.io import append_line, atomic_path, exclusive, read_keyed_lines, write_json, write_lines
@@ -43,7 +51,6 @@ STATE_DIR = "state"
 DREAMS_DIR = "dreams"
 POLICY_DIR = "policy"  # a trained dream policy (model/sleep/dream_policy.py), in <work_dir>/<name>/policy/seed-<s>/
 ROUNDS_FILE = "rounds.jsonl"
-GATED_METHODS = frozenset({"sleep", "passage_sleep", "passage_sleep_trained"})  # their dreams pass the gate
 
 
 def passages_path(root: Path, knowledge: KnowledgeConfig | str) -> Path:
@@ -118,6 +125,7 @@ def run_knowledge_method(
     lm, cms, _ = open_memory_model(p, root)
     cfg = p.dream
     gate = gate_function(cfg.gate) if method in GATED_METHODS else None
+    reader = Reader(lm.model, lm.tokenizer, cms, cfg, p.seed, gate, p.sampling)
     n = len(passages)
 
     if kc.mode == "single":
@@ -139,8 +147,7 @@ def run_knowledge_method(
             log.info(f"{method} seed {p.seed} [{len(progress)}/{len(passages)}] passage "
                      f"{row['index']}: em {row['em']:.2f} f1 {row['f1']:.2f} tau {row['tau']:.3f} ({row['seconds']:.0f} s)")
 
-        run_single(method, lm.model, lm.tokenizer, cms, mine, cfg, p.seed, gate, done, on_passage,
-                   sampling=p.sampling)
+        run_single(method, reader, mine, done, on_passage)
         by_index = {r["index"]: {k: v for k, v in r.items() if k != "key"} for r in progress}
         rows = [by_index[i] for i, _ in mine]
         learning = rows
@@ -173,8 +180,7 @@ def run_knowledge_method(
             extra = f" tau over learned {row['tau_learned']:.3f}" if "tau_learned" in row else ""
             log.info(f"{method} seed {p.seed}: learned {k}/{n} (passage {row['index']}){extra} ({row['seconds']:.0f} s)")
 
-        rows = run_continued(method, lm.model, lm.tokenizer, cms, passages, cfg, p.seed, gate, start, kc.tau_every,
-                             on_learned, sampling=p.sampling)
+        rows = run_continued(method, reader, passages, start, kc.tau_every, on_learned)
         learning = [{k: v for k, v in r.items() if k != "key"} for r in progress]
 
     funnel: dict[str, int] = {}

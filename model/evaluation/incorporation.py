@@ -58,7 +58,6 @@ from model.sleep.dreaming import (
 from model.sleep.sft import train_on_pairs
 from model.sleep.trial_lora import AnswerLoglik
 
-METHODS = ("base", "passage_finetune", "base_dreams", "sleep", "passage_dreams", "passage_sleep", "passage_sleep_trained")
 #: Methods whose dreams come from a policy trained beforehand by ReST-EM (model/sleep/policy_training.py).
 TRAINED_POLICY_METHODS = frozenset({"passage_sleep_trained"})
 MEASURES = ("em", "f1", "tau")
@@ -131,63 +130,62 @@ def evaluate_passage(
     }
 
 
-def learn_base(*_: Any, **__: Any) -> Learned:
+@dataclass(frozen=True)
+class Reader:
+    """What learns one passage: the model with its memory, the dream stage's settings, the passage's sampling seed and,
+    for the methods that gate dreams, the gate."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cms: ContinuumMemory
+    cfg: DreamConfig
+    seed: int = 0
+    gate: GateFn | None = None
+    sampling: SamplingConfig | None = None
+
+
+def learn_base(r: Reader, task: DreamTask) -> Learned:
     """``base``: learn nothing (the reference every gain is measured against)."""
     return Learned()
 
 
-def learn_passage_finetune(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
-    task: DreamTask,
-    cfg: DreamConfig,
-    origin: str = "passage-ft",
-) -> Learned:
+def learn_passage_finetune(r: Reader, task: DreamTask, origin: str = "passage-ft") -> Learned:
     """``passage_finetune``: SFT of the fast level on the passage text after the train prompt.
 
     A passage longer than the window is cut into pieces at sentence ends
     (:func:`model.evaluation.knowledge.passage_chunks`); all pieces form one batch trained for
     ``cfg.promote_steps`` steps at ``cfg.lr``, the budget promotion gets.
     """
+    cfg = r.cfg
     prompt = train_prompt(task, cfg)
-    room = cfg.max_length - len(tokenizer(prompt)["input_ids"]) - 1  # prompt + piece + EOS fit the window
-    pieces = passage_chunks(tokenizer, task.context, room)
-    losses = train_on_pairs(model, tokenizer, fast_parameters(cms, origin), [prompt] * len(pieces), pieces,
+    room = cfg.max_length - len(r.tokenizer(prompt)["input_ids"]) - 1  # prompt + piece + EOS fit the window
+    pieces = passage_chunks(r.tokenizer, task.context, room)
+    losses = train_on_pairs(r.model, r.tokenizer, fast_parameters(r.cms, origin), [prompt] * len(pieces), pieces,
                             cfg.promote_steps, cfg.lr, cfg.max_length)
     return Learned(losses=losses, gradient_steps=len(losses))
 
 
-def learn_base_dreams(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
-    task: DreamTask,
-    cfg: DreamConfig,
-    seed: int,
-    sampling: SamplingConfig | None = None,
-) -> Learned:
+def learn_base_dreams(r: Reader, task: DreamTask) -> Learned:
     """``base_dreams``: m dreams from the base model, every non-empty one trained in (no selection, no RL).
 
     Dreams are sampled with every memory level masked (the base model, whatever the
     state has learned) and without the random-expert dream mode; all of them are
     trained into the fast level with :func:`model.sleep.dreaming.promote`.
     """
-    plain = cfg.model_copy(update={"random_expert": False})
-    with cms.levels_masked(list(range(cms.n_levels))):
-        _, dreams = generate_dreams(model, tokenizer, cms, task, plain, seed, sampling)
-    return train_every_dream(model, tokenizer, cms, task, cfg, dreams)
+    plain = r.cfg.model_copy(update={"random_expert": False})
+    with r.cms.levels_masked(list(range(r.cms.n_levels))):
+        _, dreams = generate_dreams(r.model, r.tokenizer, r.cms, task, plain, r.seed, r.sampling)
+    return train_every_dream(r, task, dreams)
 
 
-def train_every_dream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory,
-                      task: DreamTask, cfg: DreamConfig, dreams: Sequence[str]) -> Learned:
+def train_every_dream(r: Reader, task: DreamTask, dreams: Sequence[str]) -> Learned:
     """Every non-empty dream trained into the fast level (:func:`model.sleep.dreaming.promote`): no selection, trials or gate."""
     kept = [d for d in dreams if d.strip()]
-    losses = promote(model, tokenizer, cms, {task.context_id: task}, [(task.context_id, d) for d in kept], cfg, 0)
+    losses = promote(r.model, r.tokenizer, r.cms, {task.context_id: task}, [(task.context_id, d) for d in kept], r.cfg, 0)
     table = pd.DataFrame({"context_id": task.context_id, "text": list(dreams), "trained": [bool(d.strip()) for d in dreams]})
     return Learned(losses=losses, gradient_steps=len(losses), n_dreams=len(kept),
                    funnel={"generated": len(dreams), "trained": len(kept)}, dreams=table,
-                   dream_tokens=count_tokens(tokenizer, kept))
+                   dream_tokens=count_tokens(r.tokenizer, kept))
 
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> int:
@@ -195,69 +193,45 @@ def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> in
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
-def learn_passage_dreams(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
-    task: DreamTask,
-    cfg: DreamConfig,
-    seed: int,
-    sampling: SamplingConfig | None = None,
-) -> Learned:
+def after_wake(wake: Learned, then: Learned) -> Learned:
+    """``then`` on top of the wake that read the passage: one record with both phases' losses and gradient steps."""
+    then.losses = wake.losses + then.losses
+    then.gradient_steps += wake.gradient_steps
+    return then
+
+
+def learn_passage_dreams(r: Reader, task: DreamTask) -> Learned:
     """``passage_dreams``: the wake (:func:`learn_passage_finetune`), then every non-empty dream of the dream
     policy, sampled after the wake (memory on, dream mode as configured), trained in on top: SEAL's
     "passage + synthetic data" without selection, trials or gate."""
-    wake = learn_passage_finetune(model, tokenizer, cms, task, cfg)
-    _, dreams = generate_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
-    learned = train_every_dream(model, tokenizer, cms, task, cfg, dreams)
-    learned.losses = wake.losses + learned.losses
-    learned.gradient_steps += wake.gradient_steps
-    return learned
+    wake = learn_passage_finetune(r, task)
+    _, dreams = generate_dreams(r.model, r.tokenizer, r.cms, task, r.cfg, r.seed, r.sampling)
+    return after_wake(wake, train_every_dream(r, task, dreams))
 
 
-def learn_passage_sleep(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
-    task: DreamTask,
-    cfg: DreamConfig,
-    seed: int,
-    gate: GateFn,
-    sampling: SamplingConfig | None = None,
-) -> Learned:
+def learn_passage_sleep(r: Reader, task: DreamTask) -> Learned:
     """``passage_sleep`` / ``passage_sleep_trained``: the wake (:func:`learn_passage_finetune`), then the full
     dream stage (:func:`learn_sleep`) on top, as a sleep follows the wake that read the passage. Which policy
     dreams (untrained or trained) is the state's (``dream.policy``)."""
-    wake = learn_passage_finetune(model, tokenizer, cms, task, cfg)
-    slept = learn_sleep(model, tokenizer, cms, task, cfg, seed, gate, sampling)
-    slept.losses = wake.losses + slept.losses
-    slept.gradient_steps += wake.gradient_steps
-    return slept
+    wake = learn_passage_finetune(r, task)
+    return after_wake(wake, learn_sleep(r, task))
 
 
-def learn_sleep(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
-    task: DreamTask,
-    cfg: DreamConfig,
-    seed: int,
-    gate: GateFn,
-    sampling: SamplingConfig | None = None,
-) -> Learned:
+def learn_sleep(r: Reader, task: DreamTask) -> Learned:
     """``sleep``: the lifecycle's dream stage on one passage, then the gate, then promotion.
 
     :func:`model.sleep.dreaming.dream_about` samples in dream mode, scores and selects dreams,
     tries the selected ones in isolation and runs ReST-EM on the fast level (kept, as in
-    the lifecycle); ``gate`` decides the promoted dreams, which are trained in.
+    the lifecycle); ``r.gate`` decides the promoted dreams, which are trained in.
     """
-    rows = dream_about(model, tokenizer, cms, task, cfg, period=0, seed=seed, sampling=sampling)
-    rest = len({r.round for r in rows if r.reward == 1.0}) * cfg.rest_steps  # ReST-EM: steps per rewarded round
-    table = add_check_columns(pd.DataFrame([asdict(r) for r in rows]), cfg.gate)
-    gated = gate(table)
+    cfg = r.cfg
+    rows = dream_about(r.model, r.tokenizer, r.cms, task, cfg, period=0, seed=r.seed, sampling=r.sampling)
+    rest = len({row.round for row in rows if row.reward == 1.0}) * cfg.rest_steps  # ReST-EM: steps per rewarded round
+    table = add_check_columns(pd.DataFrame([asdict(row) for row in rows]), cfg.gate)
+    gated = r.gate(table)
     promoted = gated[gated["promoted"]]
-    losses = promote(model, tokenizer, cms, {task.context_id: task}, list(zip(promoted["context_id"], promoted["text"])),
-                     cfg, 0)
+    losses = promote(r.model, r.tokenizer, r.cms, {task.context_id: task},
+                     list(zip(promoted["context_id"], promoted["text"])), cfg, 0)
     funnel = {
         "generated": int(len(gated)),
         "selected": int(gated["selected"].sum()),
@@ -267,7 +241,22 @@ def learn_sleep(
         **rewarded_rejections(gated),
     }
     return Learned(losses=losses, gradient_steps=rest + len(losses), n_dreams=int(len(promoted)), funnel=funnel,
-                   dreams=gated, dream_tokens=count_tokens(tokenizer, list(promoted["text"])))
+                   dreams=gated, dream_tokens=count_tokens(r.tokenizer, list(promoted["text"])))
+
+
+#: Each method's way to learn a passage.
+LEARNERS: dict[str, Callable[[Reader, DreamTask], Learned]] = {
+    "base": learn_base,
+    "passage_finetune": learn_passage_finetune,
+    "base_dreams": learn_base_dreams,
+    "sleep": learn_sleep,
+    "passage_dreams": learn_passage_dreams,
+    "passage_sleep": learn_passage_sleep,
+    "passage_sleep_trained": learn_passage_sleep,
+}
+#: The methods whose dreams pass the gate (Reader.gate).
+GATED_METHODS = frozenset({"sleep", "passage_sleep", "passage_sleep_trained"})
+METHODS = tuple(LEARNERS)
 
 
 def rewarded_rejections(gated: pd.DataFrame) -> dict[str, int]:
@@ -282,31 +271,10 @@ def rewarded_rejections(gated: pd.DataFrame) -> dict[str, int]:
     return out
 
 
-def learn(
-    method: str,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
-    task: DreamTask,
-    cfg: DreamConfig,
-    seed: int,
-    gate: GateFn | None = None,
-    sampling: SamplingConfig | None = None,
-) -> Learned:
+def learn(method: str, r: Reader, task: DreamTask) -> Learned:
     """Learn one passage (``task``) into the fast level with ``method`` (one of METHODS)."""
-    if method == "base":
-        return learn_base()
-    if method == "passage_finetune":
-        return learn_passage_finetune(model, tokenizer, cms, task, cfg)
-    if method == "base_dreams":
-        return learn_base_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
-    if method == "passage_dreams":
-        return learn_passage_dreams(model, tokenizer, cms, task, cfg, seed, sampling)
-    if method in ("sleep", "passage_sleep", "passage_sleep_trained"):
-        if gate is None:
-            raise ValueError(f"the {method} method needs the dream gate (gate=...)")
-        learner = learn_sleep if method == "sleep" else learn_passage_sleep
-        return learner(model, tokenizer, cms, task, cfg, seed, gate, sampling)
-    raise ValueError(f"unknown knowledge method {method!r}; one of {', '.join(METHODS)}")
-
-
+    if method not in LEARNERS:
+        raise ValueError(f"unknown knowledge method {method!r}; one of {', '.join(METHODS)}")
+    if method in GATED_METHODS and r.gate is None:
+        raise ValueError(f"the {method} method needs the dream gate (gate=...)")
+    return LEARNERS[method](r, task)

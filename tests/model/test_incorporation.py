@@ -8,7 +8,7 @@ import torch
 
 from model.config import DreamConfig
 import model.evaluation.incorporation as incorporation
-from model.evaluation.incorporation import MemorySnapshot, evaluate_passage, learn, learn_base_dreams
+from model.evaluation.incorporation import MemorySnapshot, Reader, evaluate_passage, learn, learn_base_dreams
 from model.evaluation.incorporation_runs import run_continued, run_single
 from model.evaluation.knowledge import QA, Passage
 import model.sleep.dreaming as dreaming
@@ -48,7 +48,7 @@ def _plain_gate(table: pd.DataFrame) -> pd.DataFrame:
 
 def test_base_trains_nothing_and_the_measures_are_in_range():
     lm, cms = tiny_with_cms()
-    rows = run_single("base", lm.model, lm.tokenizer, cms, PASSAGES, _cfg(), seed=0)
+    rows = run_single("base", Reader(lm.model, lm.tokenizer, cms, _cfg(), 0), PASSAGES)
     assert [r["index"] for r in rows] == [0, 1]
     for r in rows:
         assert 0.0 <= r["em"] <= 1.0 and 0.0 <= r["f1"] <= 1.0 and r["tau"] < 0
@@ -64,9 +64,9 @@ def test_base_trains_nothing_and_the_measures_are_in_range():
 def test_passage_finetune_raises_tau_over_base(seed):
     lm, cms = tiny_with_cms(seed)
     cfg = _cfg()
-    base = run_single("base", lm.model, lm.tokenizer, cms, PASSAGES, cfg, seed)
+    base = run_single("base", Reader(lm.model, lm.tokenizer, cms, cfg, seed), PASSAGES)
     slow = [p.detach().clone() for p in cms.level_parameters(1)]
-    ft = run_single("passage_finetune", lm.model, lm.tokenizer, cms, PASSAGES, cfg, seed)
+    ft = run_single("passage_finetune", Reader(lm.model, lm.tokenizer, cms, cfg, seed), PASSAGES)
     for b, f in zip(base, ft):
         assert f["tau"] > b["tau"]
         assert f["gradient_steps"] == cfg.promote_steps and f["losses"][-1] < f["losses"][0]
@@ -76,13 +76,13 @@ def test_passage_finetune_raises_tau_over_base(seed):
 def test_single_mode_starts_every_passage_from_the_same_state():
     cfg = _cfg()
     lm, cms = tiny_with_cms()
-    both = run_single("passage_finetune", lm.model, lm.tokenizer, cms, PASSAGES, cfg, 0)
+    both = run_single("passage_finetune", Reader(lm.model, lm.tokenizer, cms, cfg, 0), PASSAGES)
     lm, cms = tiny_with_cms()  # a new process: the same model, memory and fresh expert
-    alone = run_single("passage_finetune", lm.model, lm.tokenizer, cms, PASSAGES[1:], cfg, 0)
+    alone = run_single("passage_finetune", Reader(lm.model, lm.tokenizer, cms, cfg, 0), PASSAGES[1:])
     assert alone[0]["tau"] == pytest.approx(both[1]["tau"], abs=1e-6)  # passage 0 left nothing behind
     assert alone[0]["losses"] == both[1]["losses"]
     lm, cms = tiny_with_cms()
-    resumed = run_single("passage_finetune", lm.model, lm.tokenizer, cms, PASSAGES, cfg, 0, done=[0])
+    resumed = run_single("passage_finetune", Reader(lm.model, lm.tokenizer, cms, cfg, 0), PASSAGES, done=[0])
     assert [r["index"] for r in resumed] == [1] and resumed[0]["tau"] == pytest.approx(both[1]["tau"], abs=1e-6)
 
 
@@ -106,7 +106,7 @@ def test_base_dreams_samples_the_base_model_and_trains_every_dream(monkeypatch):
     incorporation.fresh_fast_expert(cms)
     before = _fast(cms)
     task = task_from_passage(PASSAGES[0][1], "passage0", cfg)
-    learned = learn_base_dreams(lm.model, lm.tokenizer, cms, task, cfg, seed=3)
+    learned = learn_base_dreams(Reader(lm.model, lm.tokenizer, cms, cfg, seed=3), task)
     assert seen == {"random_expert": False, "masked": True}
     assert all(any(blk.enabled) for blk in cms.blocks.values())  # unmasked again
     n = int((learned.dreams["text"].str.strip() != "").sum())
@@ -133,15 +133,15 @@ def test_sleep_needs_a_gate_and_unknown_methods_fail():
     lm, cms = tiny_with_cms()
     task = task_from_passage(PASSAGES[0][1], "passage0", _cfg())
     with pytest.raises(ValueError, match="needs the dream gate"):
-        learn("sleep", lm.model, lm.tokenizer, cms, task, _cfg(), 0)
+        learn("sleep", Reader(lm.model, lm.tokenizer, cms, _cfg(), 0), task)
     with pytest.raises(ValueError, match="unknown knowledge method 'cms'"):
-        learn("cms", lm.model, lm.tokenizer, cms, task, _cfg(), 0)
+        learn("cms", Reader(lm.model, lm.tokenizer, cms, _cfg(), 0), task)
 
 
 def test_sleep_runs_the_dream_stage_and_promotes_what_the_gate_passes():
     lm, cms = tiny_with_cms()
     cfg = _cfg()
-    rows = run_single("sleep", lm.model, lm.tokenizer, cms, PASSAGES[:1], cfg, 0, gate=_plain_gate)
+    rows = run_single("sleep", Reader(lm.model, lm.tokenizer, cms, cfg, 0, gate=_plain_gate), PASSAGES[:1])
     f = rows[0]["funnel"]
     assert f["generated"] == cfg.dreams_per_context and f["selected"] == cfg.top_k + cfg.random_extra
     assert f["promoted"] == f["rewarded"] == rows[0]["n_dreams"]
@@ -158,7 +158,7 @@ def test_continued_mode_keeps_training_one_state_and_resumes():
         slots[k] = (cms.active_slots(0), [list(e.history) for e in cms.experts[0]])
         learned_rows.append(row)
 
-    rows = run_continued("passage_finetune", lm.model, lm.tokenizer, cms, PASSAGES, cfg, 0, tau_every=1,
+    rows = run_continued("passage_finetune", Reader(lm.model, lm.tokenizer, cms, cfg, 0), PASSAGES, tau_every=1,
                          on_learned=on_learned)
     assert not _same(fast[1], fast[2])  # passage 2 trained the same parameters further
     assert slots[1] == slots[2] and len(slots[1][0]) == 1  # one fast expert throughout: no reset, no new unlock
@@ -166,16 +166,16 @@ def test_continued_mode_keeps_training_one_state_and_resumes():
     assert [r["index"] for r in rows] == [0, 1] and all(r["tau"] < 0 and 0 <= r["f1"] <= 1 for r in rows)
     # The state after passage 1 is what single mode would make of passage 0 alone.
     lm1, cms1 = tiny_with_cms()
-    single = run_single("passage_finetune", lm1.model, lm1.tokenizer, cms1, PASSAGES[:1], cfg, 0)
+    single = run_single("passage_finetune", Reader(lm1.model, lm1.tokenizer, cms1, cfg, 0), PASSAGES[:1])
     assert single[0]["losses"] == learned_rows[0]["losses"]
     # Both passages are remembered better at the end than by the base model.
-    base = run_single("base", lm1.model, lm1.tokenizer, cms1, PASSAGES, cfg, 0)
+    base = run_single("base", Reader(lm1.model, lm1.tokenizer, cms1, cfg, 0), PASSAGES)
     assert all(r["tau"] > b["tau"] for r, b in zip(rows, base))
 
     # Resume after passage 1: a state holding it, start=1, gives the same end.
     lm2, cms2 = tiny_with_cms()
-    run_continued("passage_finetune", lm2.model, lm2.tokenizer, cms2, PASSAGES[:1], cfg, 0)
-    resumed = run_continued("passage_finetune", lm2.model, lm2.tokenizer, cms2, PASSAGES, cfg, 0, start=1)
+    run_continued("passage_finetune", Reader(lm2.model, lm2.tokenizer, cms2, cfg, 0), PASSAGES[:1])
+    resumed = run_continued("passage_finetune", Reader(lm2.model, lm2.tokenizer, cms2, cfg, 0), PASSAGES, start=1)
     assert [r["tau"] for r in resumed] == pytest.approx([r["tau"] for r in rows], abs=1e-6)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model.config import DreamConfig
+from model.evaluation.incorporation import Reader
 from model.evaluation.incorporation_runs import run_single
 from model.evaluation.knowledge import QA, Passage
 import model.sleep.dreaming as dreaming
@@ -35,10 +36,10 @@ def test_sleep_gates_out_near_duplicates_promotes_rewarded_dreams_and_raises_tau
     cfg = _cfg()
     gate = gate_function(cfg.gate)
     lm, cms = tiny_with_cms(seed)
-    base = run_single("base", lm.model, lm.tokenizer, cms, [(0, PASSAGE)], cfg, seed)[0]
+    base = run_single("base", Reader(lm.model, lm.tokenizer, cms, cfg, seed), [(0, PASSAGE)])[0]
     lm, cms = tiny_with_cms(seed)
     learned = []
-    slept = run_single("sleep", lm.model, lm.tokenizer, cms, [(0, PASSAGE)], cfg, seed, gate=gate,
+    slept = run_single("sleep", Reader(lm.model, lm.tokenizer, cms, cfg, seed, gate), [(0, PASSAGE)],
                        on_passage=lambda row, got: learned.append(got))[0]
     table = learned[0].dreams
     assert list(table["failed_checks"]) == ["", "", "not_near_duplicate", ""]  # the near-copy of dream 0 is rejected
