@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from model.config import ModelConfig  # noqa: E402
 from model.decoding.loading import load_base_model, resolve_device  # noqa: E402
 from model.sleep.trial_lora import AnswerLoglik  # noqa: E402
-from model.sleep.trials import run_trial_peft, run_trials  # noqa: E402
+from model.sleep.trials import TrialRecipe, run_trial_peft, run_trials  # noqa: E402
 
 SQUAD = ROOT / "data/raw/squad/squad_train_seal100.json"
 FALLBACK = (
@@ -98,11 +98,11 @@ def count_flops(fn: Callable[[], object]) -> float:
 
 def bench_layers(model, tokenizer, dreams: list[str], measure: AnswerLoglik, layers: list[int] | None,
                  args: argparse.Namespace) -> dict:
-    kw = dict(steps=args.steps, lr=args.lr, r=args.r, alpha=2 * args.r, target_modules=["q_proj", "v_proj"],
-              layers=layers, max_length=args.max_length)
+    recipe = TrialRecipe(steps=args.steps, lr=args.lr, r=args.r, alpha=2 * args.r, target_modules=["q_proj", "v_proj"],
+                         layers=layers, max_length=args.max_length)
 
     def batched(k: int):
-        return run_trials(model, tokenizer, dreams[:k], measure, seeds=list(range(k)), **kw)
+        return run_trials(model, tokenizer, dreams[:k], measure, recipe, seeds=list(range(k)))
 
     res: dict = {"layers": "all" if layers is None else layers}
     batched(1), batched(8)  # warm-up
@@ -130,7 +130,8 @@ def bench_layers(model, tokenizer, dreams: list[str], measure: AnswerLoglik, lay
             warnings.simplefilter("ignore", FutureWarning)
             sync()
             t = time.perf_counter()
-            ref = [run_trial_peft(model, tokenizer, d, measure, seed=i, index=i, **kw) for i, d in enumerate(dreams[:8])]
+            ref = [run_trial_peft(model, tokenizer, d, measure, recipe, seed=i, index=i)
+                   for i, d in enumerate(dreams[:8])]
             sync()
             tp = time.perf_counter() - t
         res.update({"peft_sequential_8_s": tp, "ratio_peft8_over_t8": tp / t8, "ratio_peft8_over_t1": tp / t1,

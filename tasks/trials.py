@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,12 +25,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner
 from prefect.utilities.importtools import from_qualified_name
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import DreamConfig, Params
 from model.memory.checkpoint import open_memory_model, save_state
 from model.memory.cms import ContinuumMemory
-from model.sleep.dreaming import DreamTask, TrialFn, try_dreams
+from model.sleep.dreaming import DreamTask, TrialBatch, TrialFn, try_dreams
 from model.sleep.trials import TrialResult
 
 
@@ -62,7 +61,7 @@ def run_trial_group(
                 raise ValueError(f"run_trial_group: state file name {name!r} is not a plain file name")
             (Path(tmp) / name).write_bytes(data)
         loaded, cms, _ = open_memory_model(params, root, tmp)
-    results = try_dreams(loaded.model, loaded.tokenizer, cms, dream_task, cfg, dreams, seeds)
+    results = try_dreams(TrialBatch(loaded.model, loaded.tokenizer, cms, dream_task, cfg, dreams, seeds))
     return [{k: v for k, v in asdict(r).items() if k != "weights"} for r in results]
 
 
@@ -78,7 +77,7 @@ def split_groups(n: int, groups: int) -> list[range]:
 
 @dataclass
 class GroupedTrials:
-    """A :class:`model.sleep.dreaming.TrialFn` that runs the trials as :func:`run_trial_group` tasks on ``runner``.
+    """A :data:`model.sleep.dreaming.TrialFn` that runs the trials as :func:`run_trial_group` tasks on ``runner``.
 
     The dreams are split into at most ``groups`` groups; every group starts from a copy
     of the model state at the call (the CMS state; the base weights are frozen and
@@ -91,24 +90,16 @@ class GroupedTrials:
     root: Path
     groups: int
 
-    def __call__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        cms: ContinuumMemory,
-        task: DreamTask,
-        cfg: DreamConfig,
-        dreams: Sequence[str],
-        seeds: Sequence[int],
-    ) -> list[TrialResult]:
+    def __call__(self, batch: TrialBatch) -> list[TrialResult]:
+        dreams, seeds = batch.dreams, batch.seeds
         if len(dreams) != len(seeds):
             raise ValueError(f"{len(dreams)} dreams, {len(seeds)} seeds")
         if not dreams:
             return []
-        state = state_files(cms)
+        state = state_files(batch.cms)
         submitted = [
             (part, self.runner.submit(run_trial_group, {
-                "params": self.params, "root": self.root, "state": state, "cfg": cfg, "dream_task": task,
+                "params": self.params, "root": self.root, "state": state, "cfg": batch.cfg, "dream_task": batch.task,
                 "dreams": [dreams[i] for i in part], "seeds": [seeds[i] for i in part],
             }))
             for part in split_groups(len(dreams), self.groups)

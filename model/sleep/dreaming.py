@@ -14,7 +14,7 @@ class-incremental stream) -- one ReST-EM round is:
 4. *Try each selected dream in isolation*: a fresh LoRA per dream, SFT on that dream
    alone, tau before/after, reward 1 if tau improved (``model.sleep.trials``: k trials in
    one vectorised pass). The trials are independent and leave the model as it was, so
-   :func:`dream_about` takes the step as a function (:class:`TrialFn`): in this
+   :func:`dream_about` takes the step as a function (:data:`TrialFn`): in this
    process by default (:func:`try_dreams`), or split into groups run elsewhere from a
    copy of the model state (``tasks/trials.py``, ``dream.trial_workers``).
 5. *ReST-EM*: fine-tune the dream generator on (prompt -> rewarded dream).
@@ -39,9 +39,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -55,7 +54,7 @@ from model.memory.wake import encode, label_text, sft_loss, split_template
 from model.sleep.dream_policy import DreamPolicy, rest_em_update
 from model.sleep.sft import train_on_pairs
 from model.sleep.trial_lora import AnswerLoglik
-from model.sleep.trials import TrialResult, run_trials
+from model.sleep.trials import TrialRecipe, TrialResult, run_trials
 
 
 @dataclass(frozen=True)
@@ -227,48 +226,38 @@ def select_dreams(scores: Sequence[float], top_k: int, extra: int, rng: random.R
     return chosen
 
 
-class TrialFn(Protocol):
-    """Step 4 as a function: try ``dreams[i]`` in isolation with adapter seed ``seeds[i]``.
+@dataclass(frozen=True)
+class TrialBatch:
+    """Step 4's input: try ``dreams[i]`` in isolation with adapter seed ``seeds[i]``, from the state of ``cms`` over
+    ``model`` at the call (the generator as ReST-EM left it, the fast expert unlocked for the dreams)."""
 
-    Returns one :class:`TrialResult` per dream, in order (``index`` = position in
-    ``dreams``). It must leave ``model`` and ``cms`` as they were; the state the trials
-    see is theirs at the call (the generator as ReST-EM left it, the fast expert
-    unlocked for the dreams).
-    """
-
-    def __call__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        cms: ContinuumMemory,
-        task: DreamTask,
-        cfg: DreamConfig,
-        dreams: Sequence[str],
-        seeds: Sequence[int],
-    ) -> list[TrialResult]: ...
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cms: ContinuumMemory
+    task: DreamTask
+    cfg: DreamConfig
+    dreams: Sequence[str]
+    seeds: Sequence[int]
 
 
-def try_dreams(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cms: ContinuumMemory,
-    task: DreamTask,
-    cfg: DreamConfig,
-    dreams: Sequence[str],
-    seeds: Sequence[int],
-) -> list[TrialResult]:
-    """The default :class:`TrialFn`: every dream tried in this process, all in one batched pass.
+#: Step 4 as a function: one :class:`TrialResult` per dream of the batch, in order (``index`` = position in
+#: ``dreams``); it must leave the model and ``cms`` as they were. The default is :func:`try_dreams`.
+TrialFn = Callable[[TrialBatch], list[TrialResult]]
 
-    tau is ``task``'s answer log-likelihood; each dream trains a fresh LoRA on the CMS
-    layers after :func:`train_prompt`. Any split of ``dreams`` into groups gives the same
+
+def try_dreams(batch: TrialBatch) -> list[TrialResult]:
+    """The default :data:`TrialFn`: every dream tried in this process, all in one batched pass.
+
+    tau is the task's answer log-likelihood; each dream trains a fresh LoRA on the CMS
+    layers after :func:`train_prompt`. Any split of the dreams into groups gives the same
     results up to float rounding (the trials are independent).
     """
-    measure = AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
-    return run_trials(
-        model, tokenizer, list(dreams), measure, steps=cfg.trial_steps, lr=cfg.trial_lr,
-        r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, layers=cms.layer_ids,
-        seeds=list(seeds), max_length=cfg.max_length, prompt=train_prompt(task, cfg),
-    )
+    model, task, cfg = batch.model, batch.task, batch.cfg
+    measure = AnswerLoglik(model, batch.tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
+    recipe = TrialRecipe(steps=cfg.trial_steps, lr=cfg.trial_lr, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                         target_modules=cfg.lora_targets, layers=batch.cms.layer_ids, max_length=cfg.max_length,
+                         prompt=train_prompt(task, cfg))
+    return run_trials(model, batch.tokenizer, list(batch.dreams), measure, recipe, list(batch.seeds))
 
 
 @dataclass
@@ -328,9 +317,8 @@ def dream_about(
         order = sorted(chosen)
         results = {}
         if order:
-            trial = run_trials_fn(
-                model, tokenizer, cms, task, cfg, [dreams[i] for i in order], [r_seed * 31 + i for i in order]
-            )
+            trial = run_trials_fn(TrialBatch(model, tokenizer, cms, task, cfg, [dreams[i] for i in order],
+                                             [r_seed * 31 + i for i in order]))
             if len(trial) != len(order):
                 raise RuntimeError(f"the trial step returned {len(trial)} results for {len(order)} dreams")
             results = dict(zip(order, trial))

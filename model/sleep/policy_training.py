@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from model.config import DreamConfig, PolicyTrainingConfig, SamplingConfig
 from model.memory.cms import ContinuumMemory
 from model.sleep.dream_policy import DreamPolicy, rest_em_update
-from model.sleep.dreaming import DreamTask, TrialFn, generate_dreams, try_dreams
+from model.sleep.dreaming import DreamTask, TrialBatch, TrialFn, generate_dreams, try_dreams
 
 
 @dataclass
@@ -80,7 +80,7 @@ def measure_round(
             if on_passage is not None:
                 on_passage(split, j + 1, len(tasks))
             continue
-        results = trial_fn(model, tokenizer, cms, task, cfg, tried, [s * 31 + i for i in range(len(tried))])
+        results = trial_fn(TrialBatch(model, tokenizer, cms, task, cfg, tried, [s * 31 + i for i in range(len(tried))]))
         for d, res in zip(tried, results):
             if res.error is not None or res.tau_after is None:
                 continue

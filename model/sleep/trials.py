@@ -228,23 +228,30 @@ def score_trials(lora: MultiLoRA, logs: Sequence[TrialLog], measure: Measure, ta
     return results
 
 
+@dataclass(frozen=True)
+class TrialRecipe:
+    """How every trial trains its adapter: ``steps`` AdamW steps at ``lr`` of a rank-``r`` LoRA (scale ``alpha``) on
+    ``target_modules`` of ``layers`` (None: all), on the dream after ``prompt``, cut to ``max_length`` tokens."""
+
+    steps: int
+    lr: float
+    r: int
+    alpha: float
+    target_modules: Sequence[str]
+    layers: Sequence[int] | None
+    max_length: int
+    prompt: str = ""
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+
+
 def run_trials(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     dreams: Sequence[str],
     measure: Measure,
-    *,
-    steps: int,
-    lr: float,
-    r: int,
-    alpha: float,
-    target_modules: Sequence[str],
-    layers: Sequence[int] | None,
+    recipe: TrialRecipe,
     seeds: Sequence[int],
-    max_length: int,
-    prompt: str = "",
-    weight_decay: float = 0.0,
-    grad_clip: float | None = None,
     keep_weights: bool = False,
 ) -> list[TrialResult]:
     """Try every dream in isolation, all in one batched pass; the model is left as it was.
@@ -252,13 +259,14 @@ def run_trials(
     tau before is ``measure(None)`` on the base; tau after is ``measure(alive indices)``
     with the multi-LoRA attached. ``keep_weights`` copies each trained adapter into its result.
     """
+    rc = recipe
     with frozen_base(model):
         tau_before = float(measure(None)[0])
-        lora = attach_multi_lora(model, len(dreams), r, alpha, target_modules, layers, seeds)
+        lora = attach_multi_lora(model, len(dreams), rc.r, rc.alpha, rc.target_modules, rc.layers, seeds)
         try:
             logs = train_trials(
-                lora, tokenizer, dreams, steps=steps, lr=lr, max_length=max_length,
-                prompt=prompt, weight_decay=weight_decay, grad_clip=grad_clip,
+                lora, tokenizer, dreams, steps=rc.steps, lr=rc.lr, max_length=rc.max_length,
+                prompt=rc.prompt, weight_decay=rc.weight_decay, grad_clip=rc.grad_clip,
             )
             results = score_trials(lora, logs, measure, tau_before)
             if keep_weights:
@@ -274,18 +282,8 @@ def run_trial_peft(
     tokenizer: PreTrainedTokenizerBase,
     dream: str,
     measure: Measure,
-    *,
-    steps: int,
-    lr: float,
-    r: int,
-    alpha: float,
-    target_modules: Sequence[str],
-    layers: Sequence[int] | None,
+    recipe: TrialRecipe,
     seed: int,
-    max_length: int,
-    prompt: str = "",
-    weight_decay: float = 0.0,
-    grad_clip: float | None = None,
     index: int = 0,
     keep_weights: bool = False,
 ) -> TrialResult:
@@ -296,11 +294,12 @@ def run_trial_peft(
     """
     from peft import LoraConfig, get_peft_model
 
+    rc = recipe
     cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=list(target_modules),
-        layers_to_transform=None if layers is None else list(layers),
+        r=rc.r,
+        lora_alpha=rc.alpha,
+        target_modules=list(rc.target_modules),
+        layers_to_transform=None if rc.layers is None else list(rc.layers),
         lora_dropout=0.0,
         bias="none",
         init_lora_weights=True,
@@ -315,15 +314,15 @@ def run_trial_peft(
             peft_model = get_peft_model(model, cfg)
         try:
             params = [p for p in peft_model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            opt = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
             try:
-                ids, n_prompt = dream_tokens(tokenizer, dream, max_length, prompt)
+                ids, n_prompt = dream_tokens(tokenizer, dream, rc.max_length, rc.prompt)
             except ValueError as exc:
                 log.error = f"rejected before training: {exc}"
             else:
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 batch = dream_batch([(ids, n_prompt)], pad)
-                for step in range(1, steps + 1):
+                for step in range(1, rc.steps + 1):
                     loss = sft_loss(model, batch)
                     log.losses.append(float(loss.item()))
                     if not math.isfinite(log.losses[-1]):
@@ -334,8 +333,8 @@ def run_trial_peft(
                     if not math.isfinite(float(norm)):
                         log.error = f"non-finite gradient at step {step}"
                         break
-                    if grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                    if rc.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, rc.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
             if log.error is None:
@@ -357,6 +356,7 @@ def run_trial_peft(
 __all__ = [
     "Measure",
     "TrialLog",
+    "TrialRecipe",
     "TrialResult",
     "dream_batch",
     "dream_tokens",

@@ -17,7 +17,7 @@ from model.memory.wake import encode, score_candidates, sft_loss
 from model.sleep.consolidation import consolidate
 from model.sleep.dreaming import dream_about
 from model.sleep.trial_lora import AnswerLoglik
-from model.sleep.trials import run_trials
+from model.sleep.trials import TrialRecipe, run_trials
 from tests.model.helpers import make_nonzero, tiny_with_cms
 from tests.model.test_consolidation import PROMPTS
 from tests.model.test_consolidation import _cfg as consolidation_cfg
@@ -67,7 +67,7 @@ def test_isolated_trials_match():
     out = []
     for m in (lm, glm):
         measure = AnswerLoglik(m.model, m.tokenizer, QUESTIONS, ANSWERS, max_length=64)
-        out.append(run_trials(m.model, m.tokenizer, DREAMS, measure, seeds=SEEDS, **kw))
+        out.append(run_trials(m.model, m.tokenizer, DREAMS, measure, TrialRecipe(**kw), seeds=SEEDS))
     for c, g in zip(*out):
         assert c.error is None and g.error is None
         torch.testing.assert_close(torch.tensor(g.losses), torch.tensor(c.losses), **TOL)

@@ -56,9 +56,9 @@ def _perturb(policy, seed: int = 1) -> None:
             b.normal_(0, 0.5, generator=g)
 
 
-def _always_rewarded(model, tokenizer, cms, task, cfg, dreams, seeds):
+def _always_rewarded(batch):
     """A trial step that rewards every dream (the reward's own computation is tested in test_dreaming)."""
-    return [TrialResult(i, -5.0, -4.0, True, 1, 0.0, None) for i in range(len(dreams))]
+    return [TrialResult(i, -5.0, -4.0, True, 1, 0.0, None) for i in range(len(batch.dreams))]
 
 
 def test_a_fresh_policy_changes_nothing_and_a_trained_one_only_while_active():

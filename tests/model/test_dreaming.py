@@ -146,10 +146,10 @@ def test_the_trial_step_is_injectable_and_trials_one_by_one_equal_the_batched_pa
 
     calls = []
 
-    def one_by_one(model, tokenizer, cms_, task, cfg_, dreams, seeds):
-        calls.append((list(dreams), list(seeds), cms_.active_slots(0)))
-        return [replace(try_dreams(model, tokenizer, cms_, task, cfg_, [d], [s])[0], index=i)
-                for i, (d, s) in enumerate(zip(dreams, seeds))]
+    def one_by_one(batch):
+        calls.append((list(batch.dreams), list(batch.seeds), batch.cms.active_slots(0)))
+        return [replace(try_dreams(replace(batch, dreams=[d], seeds=[s]))[0], index=i)
+                for i, (d, s) in enumerate(zip(batch.dreams, batch.seeds))]
 
     lm2, cms2 = tiny_with_cms()
     cms2.reset_level(0)
@@ -162,7 +162,7 @@ def test_the_trial_step_is_injectable_and_trials_one_by_one_equal_the_batched_pa
             assert a.pop(key) == pytest.approx(b.pop(key), rel=1e-4, abs=1e-5, nan_ok=True)
         assert a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)  # NaN == NaN
     with pytest.raises(RuntimeError, match="returned 0 results for"):
-        dream_about(lm2.model, lm2.tokenizer, cms2, PASSAGE, cfg, period=0, seed=1, run_trials_fn=lambda *a: [])
+        dream_about(lm2.model, lm2.tokenizer, cms2, PASSAGE, cfg, period=0, seed=1, run_trials_fn=lambda batch: [])
 
 
 def test_the_promotion_check_scores_gold_among_candidates():

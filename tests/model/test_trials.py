@@ -12,7 +12,7 @@ from torch import nn
 from model.decoding.loading import LoadedModel, tiny_model
 from model.memory.wake import completion_logprobs
 from model.sleep.trial_lora import AnswerLoglik, MultiLoRALinear, attach_multi_lora, rows_use
-from model.sleep.trials import run_trial_peft, run_trials, score_trials, train_trials
+from model.sleep.trials import TrialRecipe, run_trial_peft, run_trials, score_trials, train_trials
 
 DREAMS = [
     "the bank opens at nine and closes at five on weekdays",
@@ -25,20 +25,20 @@ SEEDS = [11, 22, 33]
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def _kw(**over) -> dict:
+def _kw(**over) -> TrialRecipe:
     kw = dict(steps=3, lr=1e-2, r=4, alpha=8, target_modules=["q_proj", "v_proj"], layers=[1, 3], max_length=96)
-    return {**kw, **over}
+    return TrialRecipe(**{**kw, **over})
 
 
 def _measure(lm: LoadedModel) -> AnswerLoglik:
     return AnswerLoglik(lm.model, lm.tokenizer, QUESTIONS, ANSWERS, max_length=64)
 
 
-def _peft_one_by_one(lm: LoadedModel, dreams: list[str], **kw) -> list:
+def _peft_one_by_one(lm: LoadedModel, dreams: list[str], kw: TrialRecipe) -> list:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return [
-            run_trial_peft(lm.model, lm.tokenizer, d, _measure(lm), seed=s, index=i, keep_weights=True, **kw)
+            run_trial_peft(lm.model, lm.tokenizer, d, _measure(lm), kw, seed=s, index=i, keep_weights=True)
             for i, (d, s) in enumerate(zip(dreams, SEEDS))
         ]
 
@@ -103,8 +103,8 @@ def test_multi_lora_linear_routes_each_row_to_its_adapter():
 def test_batched_trials_equal_peft_one_by_one(over):
     lm = tiny_model()
     kw = _kw(**over)
-    batched = run_trials(lm.model, lm.tokenizer, DREAMS, _measure(lm), seeds=SEEDS, keep_weights=True, **kw)
-    reference = _peft_one_by_one(lm, DREAMS, **kw)
+    batched = run_trials(lm.model, lm.tokenizer, DREAMS, _measure(lm), kw, seeds=SEEDS, keep_weights=True)
+    reference = _peft_one_by_one(lm, DREAMS, kw)
     for got, ref in zip(batched, reference):
         assert got.error is None
         _assert_same_trial(got, ref)
@@ -129,8 +129,8 @@ def test_base_unchanged_and_model_restored():
     lora.detach()
     lora.detach()  # idempotent
 
-    run_trials(lm.model, lm.tokenizer, DREAMS, _measure(lm), seeds=SEEDS, **_kw())
-    _peft_one_by_one(lm, DREAMS[:1], **_kw())
+    run_trials(lm.model, lm.tokenizer, DREAMS, _measure(lm), _kw(), seeds=SEEDS)
+    _peft_one_by_one(lm, DREAMS[:1], _kw())
 
     after = lm.model.state_dict()
     assert after.keys() == before.keys()
@@ -147,9 +147,9 @@ def test_base_unchanged_and_model_restored():
 def test_trials_are_isolated():
     lm = tiny_model()
     kw = _kw()
-    first = run_trials(lm.model, lm.tokenizer, DREAMS, _measure(lm), seeds=SEEDS, keep_weights=True, **kw)
+    first = run_trials(lm.model, lm.tokenizer, DREAMS, _measure(lm), kw, seeds=SEEDS, keep_weights=True)
     other = DREAMS[:2] + ["an entirely different and rather longer dream about alarms set for seven in the morning"]
-    second = run_trials(lm.model, lm.tokenizer, other, _measure(lm), seeds=SEEDS, keep_weights=True, **kw)
+    second = run_trials(lm.model, lm.tokenizer, other, _measure(lm), kw, seeds=SEEDS, keep_weights=True)
     for i in (0, 1):
         _assert_same_trial(second[i], first[i])
     assert not math.isclose(second[2].losses[0], first[2].losses[0])
@@ -158,17 +158,17 @@ def test_trials_are_isolated():
 def test_nan_trial_is_rejected_and_the_others_go_on():
     lm = tiny_model()
     kw = _kw()
-    clean = run_trials(lm.model, lm.tokenizer, DREAMS, _measure(lm), seeds=SEEDS, keep_weights=True, **kw)
+    clean = run_trials(lm.model, lm.tokenizer, DREAMS, _measure(lm), kw, seeds=SEEDS, keep_weights=True)
 
     measure = _measure(lm)
     tau_before = float(measure(None)[0])
     lm.model.requires_grad_(False)
-    lora = attach_multi_lora(lm.model, 3, kw["r"], kw["alpha"], kw["target_modules"], kw["layers"], SEEDS)
+    lora = attach_multi_lora(lm.model, 3, kw.r, kw.alpha, kw.target_modules, kw.layers, SEEDS)
     try:
         with torch.no_grad():
             lora.modules["model.layers.1.self_attn.v_proj"].B[1].fill_(float("nan"))
         poisoned = lora.adapter_weights(1)
-        logs = train_trials(lora, lm.tokenizer, DREAMS, steps=kw["steps"], lr=kw["lr"], max_length=kw["max_length"])
+        logs = train_trials(lora, lm.tokenizer, DREAMS, steps=kw.steps, lr=kw.lr, max_length=kw.max_length)
         results = score_trials(lora, logs, measure, tau_before)
         for res in results:
             res.weights = lora.adapter_weights(res.index)
@@ -189,11 +189,11 @@ def test_over_long_dream_is_rejected_before_training():
     lm = tiny_model()
     kw = _kw(max_length=40)
     dreams = ["short dream", "x" * 200, "another short one"]
-    results = run_trials(lm.model, lm.tokenizer, dreams, _measure(lm), seeds=SEEDS, **kw)
+    results = run_trials(lm.model, lm.tokenizer, dreams, _measure(lm), kw, seeds=SEEDS)
     assert results[1].error.startswith("rejected before training") and results[1].losses == []
     assert results[1].reward == 0 and results[1].tau_after is None
     assert all(results[i].error is None and len(results[i].losses) == 3 for i in (0, 2))
-    nothing = run_trials(lm.model, lm.tokenizer, ["y" * 100, "z" * 100], _measure(lm), seeds=[1, 2], **kw)
+    nothing = run_trials(lm.model, lm.tokenizer, ["y" * 100, "z" * 100], _measure(lm), kw, seeds=[1, 2])
     assert all(r.error.startswith("rejected before training") and r.reward == 0 for r in nothing)
 
 
@@ -204,13 +204,13 @@ def test_reward_is_one_iff_tau_improved():
     def fake(adapters):
         return torch.zeros(1) if adapters is None else after[adapters]
 
-    results = run_trials(lm.model, lm.tokenizer, DREAMS, fake, seeds=SEEDS, **_kw(steps=1))
+    results = run_trials(lm.model, lm.tokenizer, DREAMS, fake, _kw(steps=1), seeds=SEEDS)
     assert [(r.improved, r.reward) for r in results] == [(True, 1), (False, 0), (False, 0)]
     assert all(r.tau_before == 0.0 for r in results)
 
     # For real: training on the very answer raises its log-likelihood.
     measure = AnswerLoglik(lm.model, lm.tokenizer, ["note: "], [DREAMS[0]], max_length=96)
-    real = run_trials(lm.model, lm.tokenizer, DREAMS[:1], measure, seeds=SEEDS[:1], **_kw(steps=5))
+    real = run_trials(lm.model, lm.tokenizer, DREAMS[:1], measure, _kw(steps=5), seeds=SEEDS[:1])
     assert real[0].tau_after > real[0].tau_before and real[0].reward == 1
 
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from model.config import DreamConfig, Params
 from model.memory.checkpoint import open_memory_model
-from model.sleep.dreaming import task_from_examples, try_dreams
+from model.sleep.dreaming import TrialBatch, task_from_examples, try_dreams
 from tasks.trials import GroupedTrials, run_trial_group, split_groups, trial_task_runner
 from tests.model.helpers import make_nonzero, tiny_cms_config
 
@@ -77,11 +77,11 @@ def test_groups_load_the_in_memory_state_and_equal_the_batched_pass(tmp_path: Pa
     task = task_from_examples([("please money money now", "balance"), ("wake me at six", "alarm")],
                               [("money money please", "balance"), ("an alarm at five", "alarm")],
                               "{text} -> {label}", "t0", params.dream)
-    args = (loaded.model, loaded.tokenizer, cms, task, params.dream)
-    batched = try_dreams(*args, DREAMS, SEEDS)
+    batch = TrialBatch(loaded.model, loaded.tokenizer, cms, task, params.dream, DREAMS, SEEDS)
+    batched = try_dreams(batch)
 
     runner = InlineRunner()
-    grouped = GroupedTrials(runner, params, tmp_path, groups=3)(*args, DREAMS, SEEDS)
+    grouped = GroupedTrials(runner, params, tmp_path, groups=3)(batch)
     assert [c["dreams"] for c in runner.calls] == [DREAMS[:2], DREAMS[2:3], DREAMS[3:]]
     assert [c["seeds"] for c in runner.calls] == [SEEDS[:2], SEEDS[2:3], SEEDS[3:]]
     assert [r.index for r in grouped] == [0, 1, 2, 3]
@@ -92,7 +92,8 @@ def test_groups_load_the_in_memory_state_and_equal_the_batched_pass(tmp_path: Pa
         torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), **TOL)
     # A fresh model (no fast expert) measures another tau: the groups did load the state in memory.
     fresh, fresh_cms, _ = open_memory_model(params)
-    fresh_tau = try_dreams(fresh.model, fresh.tokenizer, fresh_cms, task, params.dream, DREAMS[:1], SEEDS[:1])[0].tau_before
+    fresh_tau = try_dreams(TrialBatch(fresh.model, fresh.tokenizer, fresh_cms, task, params.dream, DREAMS[:1],
+                                      SEEDS[:1]))[0].tau_before
     assert abs(fresh_tau - batched[0].tau_before) > 1e-3
 
 
