@@ -7,7 +7,6 @@ why it is like for like is in that script's docstring.
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import statistics
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench.results import peak_rss_mib
 from model.config import ConsolidationConfig, Params, load_params
 from model.data.stream import build_stream, load_source
 from model.decoding.loading import load_base_model
@@ -36,10 +36,6 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_prompts(params: Params, n: int) -> list[str]:

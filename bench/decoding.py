@@ -29,7 +29,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 import argparse
 import json
 import random
-import resource
 import statistics
 import sys
 import time
@@ -40,15 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import peak_rss_mib  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.decoding.loading import load_base_model  # noqa: E402
 from model.decoding.sampling import DTYPES, base_weights_as, sample_continuations  # noqa: E402
 
 CLINC = ROOT / "data/raw/clinc150/data_full.json"
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def clinc_prompts(n: int, seed: int = 0) -> list[str]:

@@ -27,7 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import save_results  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.decoding.loading import load_base_model, resolve_device  # noqa: E402
 from model.sleep.trial_lora import AnswerLoglik  # noqa: E402
@@ -175,11 +175,7 @@ def main() -> None:
     for choice in args.layers:
         layers = None if choice == "all" else list(range(n_layers - 8, n_layers))
         res["by_layers"].append(bench_layers(model, tok, dreams, measure, layers, args))
-    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"peak RSS {res['peak_rss_mib']:.0f} MiB; results in {out}")
+    save_results(res, args.out)
 
 
 if __name__ == "__main__":

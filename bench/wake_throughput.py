@@ -21,7 +21,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import save_results  # noqa: E402
 from model.config import load_params  # noqa: E402
 from model.data.stream import build_stream, load_source  # noqa: E402
 from model.decoding.forward import Batch  # noqa: E402
@@ -167,11 +167,7 @@ def main() -> None:
                   f"= {100 * x['fraction_of_fp32_peak']:3.0f}% of fp32 peak, {100 * x['fraction_of_bf16_peak']:3.0f}% of bf16 peak")
         print(f"  {dtype:8s} packing efficiency {100 * r['packing_efficiency']:.0f}% ({r['tokens_per_step']} tokens in "
               f"{r['packed_rows']}x{r['row_length']})")
-    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"peak RSS {res['peak_rss_mib']:.0f} MiB; results in {out}")
+    save_results(res, args.out)
 
 
 if __name__ == "__main__":
