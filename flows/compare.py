@@ -17,7 +17,6 @@ its passages are checked before anything trains, and a run resumes mid-way.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.args import command_parser
 from flows.errors import reporting_errors
 from flows.evaluate import evaluate
 from flows.sleep import sleep
@@ -203,10 +203,9 @@ def compare_long_context(params: Params, root: Path, comp: Comparison) -> dict:
 
 @reporting_errors("lm-sleep compare")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lm-sleep compare", description="Run a named comparison of params.yaml "
-                                 "(evaluation.comparisons) and write reports/<name>/.")
+    ap = command_parser("lm-sleep compare", "Run a named comparison of params.yaml (evaluation.comparisons) and "
+                        "write reports/<name>/.")
     ap.add_argument("name", help="the comparison, e.g. default or ablations")
-    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--quick", action="store_true", help="apply evaluation.quick: a small smoke run")
     ap.add_argument("--methods", nargs="+", help="only these methods of the comparison")
     ap.add_argument("--report-only", action="store_true",

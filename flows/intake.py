@@ -9,16 +9,17 @@ unfinished period is taken up again with the same batches (the ledger says which
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.args import command_parser
 from flows.evaluate import run_evaluate
 from flows.sleep import run_sleep
 from flows.wake import run_wake
-from model.config import load_params
+from model.config import Params, load_project
 from tasks.guards import lifecycle_lock
 from tasks.inbox_pipeline import track_period
 from tasks.intake import (
@@ -40,53 +41,71 @@ from tasks.wake import timings_path, write_metrics
 @flow(name="ingest", log_prints=True)
 def ingest(src: str, params_path: str = "params.yaml", fmt: str | None = None) -> dict:
     """Put ``src`` (a path or s3://bucket/key) into the inbox; return its ledger record."""
-    params = load_params(params_path)
-    return ingest_file(params, Path(params_path).resolve().parent, src, fmt)
+    params, root = load_project(params_path)
+    return ingest_file(params, root, src, fmt)
+
+
+def _wake_due(params: Params, root: Path) -> tuple[dict | None, str]:
+    """The inbox period a wake claims (the unfinished one, else the waiting batches), or None and why."""
+    period = claim_period(params, root)
+    if period is None:
+        return None, "inbox: no new batch; nothing to learn"
+    if period["status"] == "woken":
+        return None, f"inbox period {period['period']}: its wake is done and its sleep is due; new batches wait"
+    return period, ""
+
+
+def _sleep_due(params: Params, root: Path) -> tuple[dict | None, str]:
+    """The inbox period whose wake is done and whose sleep is due, or None and why."""
+    period = read_open_period(params, root)
+    if period is None or period["status"] != "woken":
+        why = "" if period is None else f" (period {period['period']} has not finished its wake)"
+        return None, f"inbox: no period waits for its sleep{why}"
+    return period, ""
+
+
+def _inbox_step(params_path: str, due: Callable[[Params, Path], tuple[dict | None, str]],
+                step: Callable[[Params, Path, Params, dict], dict]) -> dict | None:
+    """Under the state directory's lock: the inbox period ``due`` finds (None: say why, do nothing), then
+    ``step(params, root, the inbox period's params, period)``."""
+    params, root = load_project(params_path)
+    with lifecycle_lock(params, root):
+        period, why = due(params, root)
+        if period is None:
+            get_run_logger().info(why)
+            return None
+        return step(params, root, inbox_params(params, root), period)
+
+
+def _wake_step(params: Params, root: Path, p: Params, period: dict) -> dict:
+    metrics = run_wake(p, root, period["period"])
+    write_metrics(root / p.wake.metrics_dir / f"period-{period['period']}.json", metrics,
+                  timings_path(p, root, "wake", period["period"]))
+    mark_period(params, root, period["period"], "woken")
+    return {"period": period["period"], "batches": period["batches"], "wake": metrics}
+
+
+def _sleep_step(params: Params, root: Path, p: Params, period: dict) -> dict:
+    sleep = run_sleep(p, root, period["period"])
+    row = run_evaluate(p, root, period["period"], summary=False)
+    mark_period(params, root, period["period"], "done")
+    track_period(params, root, period["period"])  # before retention: DVC keeps what retention deletes
+    apply_retention(params, root)
+    acc = " ".join(f"{a:.2f}" for a in row["accuracy"].values())
+    get_run_logger().info(f"inbox period {period['period']}: accuracy on seen tasks after sleep: {acc}")
+    return {"period": period["period"], "sleep": sleep, "evaluate": row}
 
 
 @flow(name="wake-inbox", log_prints=True)
 def wake_inbox(params_path: str = "params.yaml") -> dict | None:
     """Wake on the waiting batches (the next inbox period); None when nothing is new or a sleep is due first."""
-    log = get_run_logger()
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
-    with lifecycle_lock(params, root):
-        period = claim_period(params, root)
-        if period is None:
-            log.info("inbox: no new batch; nothing to learn")
-            return None
-        if period["status"] == "woken":
-            log.info(f"inbox period {period['period']}: its wake is done and its sleep is due; new batches wait")
-            return None
-        p = inbox_params(params, root)
-        metrics = run_wake(p, root, period["period"])
-        write_metrics(root / p.wake.metrics_dir / f"period-{period['period']}.json", metrics,
-                      timings_path(p, root, "wake", period["period"]))
-        mark_period(params, root, period["period"], "woken")
-    return {"period": period["period"], "batches": period["batches"], "wake": metrics}
+    return _inbox_step(params_path, _wake_due, _wake_step)
 
 
 @flow(name="sleep-inbox", log_prints=True)
 def sleep_inbox(params_path: str = "params.yaml") -> dict | None:
     """Sleep after the inbox period whose wake is done, then evaluate it; None when no such period waits."""
-    log = get_run_logger()
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
-    with lifecycle_lock(params, root):
-        period = read_open_period(params, root)
-        if period is None or period["status"] != "woken":
-            log.info("inbox: no period waits for its sleep" + ("" if period is None else
-                     f" (period {period['period']} has not finished its wake)"))
-            return None
-        p = inbox_params(params, root)
-        sleep = run_sleep(p, root, period["period"])
-        row = run_evaluate(p, root, period["period"], summary=False)
-        mark_period(params, root, period["period"], "done")
-        track_period(params, root, period["period"])  # before retention: DVC keeps what retention deletes
-        apply_retention(params, root)
-    acc = " ".join(f"{a:.2f}" for a in row["accuracy"].values())
-    log.info(f"inbox period {period['period']}: accuracy on seen tasks after sleep: {acc}")
-    return {"period": period["period"], "sleep": sleep, "evaluate": row}
+    return _inbox_step(params_path, _sleep_due, _sleep_step)
 
 
 @flow(name="cycle", log_prints=True)
@@ -105,8 +124,7 @@ def rebuild(period: int, out: str, params_path: str = "params.yaml") -> dict:
     The model of any past night, even one retention deleted: ``lm-sleep predict --state OUT/state/sleep/period-N``.
     """
     log = get_run_logger()
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
+    params, root = load_project(params_path)
     target = Path(out).resolve()
     periods = seed_rebuild(params, root, Path(params_path).resolve(), target, period)
     out_params = str(target / "params.yaml")
@@ -128,8 +146,7 @@ def replay(period: int, params_path: str = "params.yaml") -> dict:
     and the batches the ledger says it consumed (the command of its stage in ``pipelines/inbox/dvc.yaml``).
     The ledger is not changed; each state must come out with the digest the ledger recorded."""
     log = get_run_logger()
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
+    params, root = load_project(params_path)
     with lifecycle_lock(params, root):
         entry = finished_period(params, root, period)
         p = inbox_params(params, root)
@@ -145,11 +162,10 @@ def replay(period: int, params_path: str = "params.yaml") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m flows.stage intake --period N``: the inbox pipeline's stage (DVC runs it)."""
-    ap = argparse.ArgumentParser(prog="lm-sleep replay", description="Replay a finished inbox period in place from "
-                                 "the batches it consumed (what `dvc repro pipelines/inbox/dvc.yaml` runs); its "
-                                 "states must equal the digests the ledger recorded.")
+    ap = command_parser("lm-sleep replay", "Replay a finished inbox period in place from the batches it consumed "
+                        "(what `dvc repro pipelines/inbox/dvc.yaml` runs); its states must equal the digests the "
+                        "ledger recorded.")
     ap.add_argument("--period", type=int, required=True)
-    ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     result = replay(args.period, args.params)
     bad = [k for k, ok in result["identical"].items() if not ok]
@@ -160,11 +176,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_rebuild(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lm-sleep rebuild", description="Rebuild a past inbox period's states from the "
-                                 "ledger in an empty directory and check them against the digests it recorded.")
+    ap = command_parser("lm-sleep rebuild", "Rebuild a past inbox period's states from the ledger in an empty "
+                        "directory and check them against the digests it recorded.")
     ap.add_argument("--period", type=int, required=True)
     ap.add_argument("--out", required=True, help="an empty (or new) directory")
-    ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     result = rebuild(args.period, args.out, args.params)
     bad = [k for k, ok in result["identical"].items() if not ok]
@@ -176,10 +191,9 @@ def main_rebuild(argv: list[str] | None = None) -> int:
 
 
 def main_ingest(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lm-sleep ingest", description="Put a file of new data into the inbox "
-                                 "(CSV, JSON or JSONL; labelled rows or plain passages); bad rows go to quarantine.")
+    ap = command_parser("lm-sleep ingest", "Put a file of new data into the inbox (CSV, JSON or JSONL; labelled "
+                        "rows or plain passages); bad rows go to quarantine.")
     ap.add_argument("source", help="a file, or s3://BUCKET/KEY (endpoint from AWS_ENDPOINT_URL_S3)")
-    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--format", choices=["csv", "json", "jsonl"], default=None,
                     help="the file's format (default: from its suffix)")
     args = ap.parse_args(argv)
@@ -193,9 +207,8 @@ def main_ingest(argv: list[str] | None = None) -> int:
 
 
 def main_cycle(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lm-sleep cycle", description="Wake on every new batch of the inbox, then "
-                                 "sleep and evaluate (one inbox period); nothing new is a no-op.")
-    ap.add_argument("--params", default="params.yaml")
+    ap = command_parser("lm-sleep cycle", "Wake on every new batch of the inbox, then sleep and evaluate (one inbox "
+                        "period); nothing new is a no-op.")
     args = ap.parse_args(argv)
     out = cycle(args.params)
     if out["wake"] is None and out["sleep"] is None:

@@ -11,19 +11,18 @@ at the end the lifecycle report (markdown + plots).
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.args import command_parser
 from flows.evaluate import evaluate
 from flows.locked import run_locked
 from flows.report import report
 from flows.sleep import sleep
 from flows.wake import wake
-from model.config import load_params
+from model.config import load_project
 from tasks.guards import lifecycle_lock
 from tasks.publish import default_run_id, publish_cycle_artifacts
 
@@ -56,8 +55,7 @@ def _cycle_markdown(row: dict, published: dict | None) -> str:
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(params_path: str = "params.yaml") -> list[dict]:
     """For every period of the stream: wake, sleep, evaluate, publish; then the report."""
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
+    params, root = load_project(params_path)
     run_id = default_run_id(params)
     periods = []
     with lifecycle_lock(params, root):
@@ -80,8 +78,7 @@ def lifecycle(params_path: str = "params.yaml") -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run wake/sleep cycles over the prepared stream.")
-    ap.add_argument("--params", default="params.yaml")
+    ap = command_parser("python -m flows.lifecycle", "Run wake/sleep cycles over the prepared stream.")
     args = ap.parse_args(argv)
     return run_locked("lifecycle", args.params, lifecycle, args.params)
 

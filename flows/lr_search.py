@@ -8,12 +8,12 @@ choice per method. Nothing here edits params.yaml: the report says what to set.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.args import command_parser
 from flows.compare import run_continual
 from flows.errors import reporting_errors
 from model.config import load_params
@@ -48,9 +48,8 @@ def lr_search(params_path: str = "params.yaml", quick: bool = False) -> dict:
 
 @reporting_errors("lm-sleep lr-search")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lm-sleep lr-search", description="Give every method the same learning-rate "
-                                 "search on development tasks (evaluation.lr_search) and write reports/lr-search/.")
-    ap.add_argument("--params", default="params.yaml")
+    ap = command_parser("lm-sleep lr-search", "Give every method the same learning-rate search on development "
+                        "tasks (evaluation.lr_search) and write reports/lr-search/.")
     ap.add_argument("--quick", action="store_true", help="apply evaluation.quick: a small smoke run")
     args = ap.parse_args(argv)
     lr_search(args.params, args.quick)

@@ -6,12 +6,12 @@ Paths in the params file are relative to the params file's directory.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from prefect import flow
 
+from flows.args import command_parser
 from flows.errors import reporting_errors
 from model.config import load_params
 from tasks.guards import check_prepare_inputs
@@ -53,10 +53,7 @@ def check_source(params_path: str) -> None:
 @reporting_errors("lm-sleep prepare")
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; bad input is one line on stderr and exit code 1 (flows/errors.py)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.prepare", description="Build and validate the class-incremental stream."
-    )
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser = command_parser("lm-sleep prepare", "Build and validate the class-incremental stream.")
     args = parser.parse_args(argv)
     check_source(args.params)
     prepare(args.params)  # a StreamValidationError names the failed checks, rows and the validation report

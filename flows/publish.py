@@ -6,21 +6,19 @@ the ``store`` package). Uploads that fail stay queued and go out with the next p
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from prefect import flow
 
-from model.config import load_params
+from flows.args import command_parser
+from model.config import load_project
 from tasks.publish import default_run_id, last_evaluated, publish_cycle_artifacts
 
 
 @flow(name="publish", log_prints=True)
 def publish(params_path: str = "params.yaml", run_id: str | None = None) -> list[dict]:
     """Publish each cycle that has been evaluated (``metrics/lifecycle/period-N.json`` exists)."""
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
+    params, root = load_project(params_path)
     run_id = run_id or default_run_id(params)
     last = last_evaluated(params, root)
     out = [publish_cycle_artifacts(params, root, period, run_id) for period in range(0 if last is None else last + 1)]
@@ -46,8 +44,7 @@ def queued_message(results: list[dict]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Publish a lifecycle run's cycles to the artifact store.")
-    ap.add_argument("--params", default="params.yaml")
+    ap = command_parser("lm-sleep publish", "Publish a lifecycle run's cycles to the artifact store.")
     ap.add_argument("--run-id", default=None, help="default: $LM_SLEEP_RUN_ID, lifecycle.run_id, or a params digest")
     args = ap.parse_args(argv)
     message = queued_message(publish(args.params, args.run_id))

@@ -6,13 +6,13 @@ file are relative to the params file's directory.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from flows.args import command_parser
 from flows.errors import reporting_errors
 from model.config import load_params
 from reporting import print_summary_table
@@ -34,11 +34,8 @@ def report(params_path: str = "params.yaml") -> dict[str, Any]:
 @reporting_errors("lm-sleep report")
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; bad input is one line on stderr and exit code 1 (flows/errors.py)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.report",
-        description="Write the lifecycle report (markdown + PNG), the tables for `dvc plots` and a summary table.",
-    )
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser = command_parser("lm-sleep report", "Write the lifecycle report (markdown + PNG), the tables for "
+                            "`dvc plots` and a summary table.")
     args = parser.parse_args(argv)
     report(args.params)
     return 0

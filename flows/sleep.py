@@ -7,7 +7,6 @@ consolidation's files are rolled back and the state is what the wake left.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,19 +14,15 @@ import pandas as pd
 from prefect import flow
 from prefect.transactions import transaction
 
+from flows.args import command_parser
 from flows.errors import reporting_errors
 from flows.locked import run_locked
-from model.config import Params, load_params
+from model.config import Params, load_project
 from tasks.caching import outputs_match
 from tasks.dream import dream_and_promote
 from tasks.guards import check_sleep_inputs, lifecycle_lock
 from tasks.sleep import consolidate_due_levels
 from tasks.wake import consolidated_state_dir, read_plan, read_stream, sleep_state_dir, timings_path, write_metrics
-
-
-def _setup(params_path: str) -> tuple[Params, Path]:
-    params = load_params(params_path)
-    return params, Path(params_path).resolve().parent
 
 
 def _write_consolidation_metrics(params: Params, root: Path, period: int, report: dict) -> None:
@@ -59,7 +54,7 @@ def run_dreaming(params: Params, root: Path, period: int, stream: pd.DataFrame, 
 @flow(name="consolidate", log_prints=True)
 def consolidate(period: int, params_path: str = "params.yaml") -> dict:
     """Knowledge Seeding of every level pair due after wake period ``period``; writes the consolidated state."""
-    params, root = _setup(params_path)
+    params, root = load_project(params_path)
     with lifecycle_lock(params, root):
         plan = read_plan(root / params.data.out_dir)
         report = run_consolidation(params, root, period, plan)
@@ -70,7 +65,7 @@ def consolidate(period: int, params_path: str = "params.yaml") -> dict:
 @flow(name="dream", log_prints=True)
 def dream(period: int, params_path: str = "params.yaml") -> dict:
     """Dream about the period's tasks, gate the dreams, promote the good ones; writes the sleep state."""
-    params, root = _setup(params_path)
+    params, root = load_project(params_path)
     with lifecycle_lock(params, root):
         stream, plan = read_stream(root / params.data.out_dir, period)  # this period's rows and every label name
         report = run_dreaming(params, root, period, stream, plan)
@@ -86,7 +81,7 @@ def sleep(period: int, params_path: str = "params.yaml") -> dict:
     stage tasks run inside it: a task that fails and is retried inside a transaction rolls the
     whole transaction back, so the stream (an I/O task with retries) is read before.
     """
-    params, root = _setup(params_path)
+    params, root = load_project(params_path)
     with lifecycle_lock(params, root):
         return run_sleep(params, root, period)
 
@@ -105,14 +100,13 @@ def run_sleep(params: Params, root: Path, period: int) -> dict:
 def check_sleep(params_path: str, period: int, stage: str) -> None:
     """What the sleep after ``period`` reads, checked before its flow starts (a DataError or CheckpointError
     naming the file): the period is a task of the prepared stream, and the state the stage starts from opens."""
-    params, root = _setup(params_path)
+    params, root = load_project(params_path)
     check_sleep_inputs(params, root, period, stage)
 
 
 @reporting_errors("lm-sleep sleep")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run the sleep after one wake period (or one of its two stages).")
-    ap.add_argument("--params", default="params.yaml")
+    ap = command_parser("lm-sleep sleep", "Run the sleep after one wake period (or one of its two stages).")
     ap.add_argument("--period", type=int, required=True)
     ap.add_argument("--stage", choices=["all", "consolidate", "dream"], default="all",
                     help="all: consolidation then dreaming in one transaction (default)")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from prefect import flow
 
+from flows.args import command_parser
 from flows.errors import reporting_errors
 from flows.locked import run_locked
-from model.config import Params, load_params
+from model.config import Params, load_project
 from tasks.caching import outputs_match
 from tasks.guards import check_wake_inputs, lifecycle_lock
 from tasks.wake import read_stream, timings_path, train_wake_period, wake_state_dir, write_metrics
@@ -28,8 +28,7 @@ def run_wake(params: Params, root: Path, period: int) -> dict:
 @flow(name="wake", log_prints=True)
 def wake(period: int, params_path: str = "params.yaml") -> dict:
     """Train the memory levels on period ``period`` of the stream (from the previous sleep's state)."""
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
+    params, root = load_project(params_path)
     with lifecycle_lock(params, root):
         metrics = run_wake(params, root, period)
         write_metrics(root / params.wake.metrics_dir / f"period-{period}.json", metrics,
@@ -40,15 +39,13 @@ def wake(period: int, params_path: str = "params.yaml") -> dict:
 def check_wake(params_path: str, period: int) -> None:
     """What wake period ``period`` reads, checked before its flow starts (a DataError or CheckpointError naming
     the file): the period is a task of the prepared stream, and the state it starts from opens."""
-    params = load_params(params_path)
-    root = Path(params_path).resolve().parent
+    params, root = load_project(params_path)
     check_wake_inputs(params, root, period)
 
 
 @reporting_errors("lm-sleep wake")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run one wake period of the continuum-memory model.")
-    ap.add_argument("--params", default="params.yaml")
+    ap = command_parser("lm-sleep wake", "Run one wake period of the continuum-memory model.")
     ap.add_argument("--period", type=int, required=True)
     args = ap.parse_args(argv)
     check_wake(args.params, args.period)

@@ -7,7 +7,7 @@ tasks or flows. Secrets never live in params: they come from the environment.
 
 One module per part of the system: ``base`` (the strict section, errors), ``memory`` (model, sampler,
 levels, routing, CMS), ``stream`` (data and wake), ``sleep`` (consolidation, rehearsal, dreaming), ``lifecycle``,
-``evaluation`` (comparisons and their kinds) and ``params`` (the whole file and :func:`load_params`).
+``evaluation`` (comparisons and their kinds) and ``params`` (the whole file, :func:`load_params` and :func:`load_project`).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from model.config.params import (  # noqa: F401
     Params,
     check_project_paths,
     load_params,
+    load_project,
 )
 from model.config.sleep import (  # noqa: F401
     ConsolidationConfig,
@@ -125,6 +126,7 @@ __all__ = [
     "cms_lr_overrides",
     "format_errors",
     "load_params",
+    "load_project",
     "merge_overrides",
     "quick_section",
     "run_id_problem",

@@ -152,3 +152,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(format_errors(path, e)) from None
     check_project_paths(params, path.resolve().parent, path)
     return params
+
+
+def load_project(path: str | Path = "params.yaml") -> tuple[Params, Path]:
+    """The params of ``path`` and the project directory their relative paths start from (the file's folder)."""
+    return load_params(path), Path(path).resolve().parent
