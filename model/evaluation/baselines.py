@@ -13,7 +13,7 @@ is trained or added:
 - experience replay (Chaudhry et al. 2019, "tiny episodic memories"): each batch is
   extended with examples drawn from a :class:`ReplayBuffer` of past tasks;
 - in-context learning: :func:`icl_prompt_prefix` + :func:`classify_in_context`, no training;
-- zero-shot: :func:`model.memory.wake.classify` on the base model, no code here.
+- zero-shot: :func:`model.memory.wake.label_scores` and :func:`model.memory.wake.best_labels` on the base model, no code here.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def classify_in_context(
 ) -> list[str]:
     """Predict one of ``labels`` for each text by label log-likelihood after ``prefix``.
 
-    The same scoring as :func:`model.memory.wake.classify`, with the demonstrations as the
+    The same scoring as :func:`model.memory.wake.label_scores`, with the demonstrations as the
     scorer's shared prefix (computed once into a KV cache for all texts). They must
     not be cut: if the prefix plus any prompt plus the longest label (and EOS) is
     longer than ``max_length`` tokens, a ValueError says how long it must be.

@@ -31,7 +31,7 @@ from model.evaluation.baselines import (
     train_sequential,
 )
 from model.evaluation.ewc import EWC
-from model.memory.wake import classify, split_template
+from model.memory.wake import best_labels, label_scores, split_template
 
 BASELINES = ("zero_shot", "icl", "finetune", "ewc", "replay", "joint")
 
@@ -107,7 +107,8 @@ def run_baseline(
     buffer = ReplayBuffer(cfg.replay_buffer, seed=seed) if method == "replay" else None
 
     def predict(texts: list[str], labels: list[str]) -> list[str]:
-        return classify(model, tokenizer, wake.template, texts, labels, wake.eval_batch_size, wake.max_length)
+        scores = label_scores(model, tokenizer, wake.template, texts, labels, wake.eval_batch_size, wake.max_length)
+        return best_labels(scores, labels)
 
     for period in sorted(plan):
         pairs = [split_template(wake.template, x, y) for x, y in task_pairs(stream, period, "train")]

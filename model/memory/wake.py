@@ -321,17 +321,8 @@ def label_scores(
     return score_candidates(model, tokenizer, prompts, comps, batch_size, max_length)
 
 
-def classify(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: str,
-    texts: Sequence[str],
-    labels: Sequence[str],
-    batch_size: int,
-    max_length: int,
-) -> list[str]:
-    """Predict one of ``labels`` for each text by label log-likelihood."""
-    scores = label_scores(model, tokenizer, template, texts, labels, batch_size, max_length)
+def best_labels(scores: torch.Tensor, labels: Sequence[str]) -> list[str]:
+    """The label of each row's highest score: (N, C) scores over ``labels`` -> N labels (ties: the first)."""
     return [labels[j] for j in scores.argmax(dim=1).tolist()]
 
 
@@ -354,6 +345,7 @@ def heldout_metrics(
         logp, n = completion_logprobs(model, encode(tokenizer, [p for p, _ in chunk], [c for _, c in chunk], max_length))
         nll -= float(logp.sum())
         count += int(n.sum())
-    pred = classify(model, tokenizer, template, texts, candidates, batch_size, max_length)
+    scores = label_scores(model, tokenizer, template, texts, candidates, batch_size, max_length)
+    pred = best_labels(scores, candidates)
     accuracy = sum(p == g for p, g in zip(pred, labels)) / len(labels)
     return {"loss": nll / count, "accuracy": accuracy}

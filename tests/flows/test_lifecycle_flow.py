@@ -11,7 +11,7 @@ import yaml
 
 from model.decoding.loading import tiny_model
 from model.memory.checkpoint import read_manifest
-from model.memory.wake import classify
+from model.memory.wake import best_labels, label_scores
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,8 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     # Accuracy of the untouched base model on task 0, choosing among task 0's labels.
     lm = tiny_model()
     test0 = stream[(stream.task == 0) & (stream.split == "test")]
-    base_pred = classify(lm.model, lm.tokenizer, "{text} -> {label}", list(test0.text), plan["0"], 16, 32)
+    base_pred = best_labels(label_scores(lm.model, lm.tokenizer, "{text} -> {label}", list(test0.text), plan["0"], 16, 32),
+                            plan["0"])
     base_acc = sum(p == g for p, g in zip(base_pred, test0.label)) / len(test0)
 
     periods = lifecycle(str(params_path))

@@ -19,7 +19,7 @@ from model.evaluation.baselines import (
     train_sequential,
 )
 from model.evaluation.ewc import EWC
-from model.memory.wake import classify, completion_logprobs, encode, sft_loss, split_template
+from model.memory.wake import best_labels, completion_logprobs, encode, label_scores, sft_loss, split_template
 from tests.model.helpers import logits, toy_batch
 
 TEMPLATE = "{text} -> {label}"
@@ -303,8 +303,8 @@ def test_classify_in_context():
     texts = [t for t, _ in TASK_A]
     labels = ["balance", "alarm"]
     # An empty prefix is plain label-likelihood classification.
-    assert classify_in_context(lm.model, lm.tokenizer, TEMPLATE, "", texts, labels, 8, 64) == classify(
-        lm.model, lm.tokenizer, TEMPLATE, texts, labels, 8, 64)
+    assert classify_in_context(lm.model, lm.tokenizer, TEMPLATE, "", texts, labels, 8, 64) == best_labels(
+        label_scores(lm.model, lm.tokenizer, TEMPLATE, texts, labels, 8, 64), labels)
     prefix = icl_prompt_prefix(TASK_A, TEMPLATE)
     pred = classify_in_context(lm.model, lm.tokenizer, TEMPLATE, prefix, texts, labels, 8, 128)
     assert len(pred) == len(texts) and set(pred) <= set(labels)

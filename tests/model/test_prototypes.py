@@ -28,7 +28,7 @@ from model.memory.prototypes import (
     whitening,
 )
 from model.memory.routed import period_view, routed_classify
-from model.memory.wake import classify
+from model.memory.wake import best_labels, label_scores
 from tests.model.helpers import logits, make_nonzero, tiny_cms_config, tiny_with_cms, toy_batch
 
 ALARMS = ["please set an alarm now", "wake me up at seven", "alarm for six please", "set my alarm for nine"]
@@ -204,14 +204,17 @@ def test_routed_classify_answers_each_input_with_its_periods_experts():
     learn_prototypes(lm.model, lm.tokenizer, cms, prompts(MONEY), 1, None, 2, 4, 32)
     pred, periods = routed_classify(lm.model, lm.tokenizer, cms, TEMPLATE, ALARMS + MONEY, labels, 8, 32)
     assert periods == [0] * 4 + [1] * 4  # the training inputs route to their own period
+
+    def unrouted(texts: list[str]) -> list[str]:  # every active expert on every input
+        return best_labels(label_scores(lm.model, lm.tokenizer, TEMPLATE, texts, labels, 8, 32), labels)
+
     with cms.levels_masked([], hidden={0: [slot]}):
-        old = classify(lm.model, lm.tokenizer, TEMPLATE, ALARMS, labels, 8, 32)
-    new = classify(lm.model, lm.tokenizer, TEMPLATE, MONEY, labels, 8, 32)
+        old = unrouted(ALARMS)
+    new = unrouted(MONEY)
     assert pred == old + new
-    assert old != classify(lm.model, lm.tokenizer, TEMPLATE, ALARMS, labels, 8, 32)  # unrouted, the new expert overrides
+    assert old != unrouted(ALARMS)  # unrouted, the new expert overrides
     cms.prototypes = None  # no prototypes: every expert answers every input
-    assert routed_classify(lm.model, lm.tokenizer, cms, TEMPLATE, ALARMS, labels, 8, 32) == (
-        classify(lm.model, lm.tokenizer, TEMPLATE, ALARMS, labels, 8, 32), None)
+    assert routed_classify(lm.model, lm.tokenizer, cms, TEMPLATE, ALARMS, labels, 8, 32) == (unrouted(ALARMS), None)
 
 
 def test_prototypes_and_periods_survive_a_checkpoint_and_bad_ones_are_refused(tmp_path):

@@ -16,7 +16,7 @@ from model.decoding.sampling import sample_continuations
 from model.memory.checkpoint import CheckpointError, open_memory_model, read_manifest, save_state
 from model.memory.prototypes import learn_prototypes
 from model.memory.routed import period_view, routed_classify, routed_periods
-from model.memory.wake import classify
+from model.memory.wake import best_labels, label_scores
 from model.serving.export import EXPORT_MANIFEST, ExportError, export_model, verify_export
 from model.serving.serving import ServingError, TrainedModel, load_state, state_labels
 
@@ -86,7 +86,8 @@ def test_predict_ranks_labels_as_evaluation_classifies(trained):
     pred, periods = routed_classify(model, tok, trained.cms, wake.template, texts, trained.labels,
                                     wake.eval_batch_size, wake.max_length)
     assert periods == [0] * 4 + [1] * 4  # routing is in play: each text answered by its period's experts
-    assert pred != classify(model, tok, wake.template, texts, trained.labels, wake.eval_batch_size, wake.max_length)
+    unrouted = label_scores(model, tok, wake.template, texts, trained.labels, wake.eval_batch_size, wake.max_length)
+    assert pred != best_labels(unrouted, trained.labels)
     assert [a[0][0] for a in answers] == pred
     for a in answers:
         assert len(a) == 4 and sorted(lab for lab, _ in a) == sorted(trained.labels)

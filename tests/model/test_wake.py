@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from model.memory.optimizer import ChunkedOptimizer
-from model.memory.wake import NonFiniteLossError, classify, completion_logprobs, encode, split_template, train_period
+from model.memory.wake import (
+    NonFiniteLossError,
+    best_labels,
+    completion_logprobs,
+    encode,
+    label_scores,
+    split_template,
+    train_period,
+)
 from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
 
 TEMPLATE = "{text} -> {label}"
@@ -85,7 +93,7 @@ def test_wake_training_improves_accuracy_on_a_toy_stream():
     gold = [lab for _, lab in TOY]
 
     def accuracy() -> float:
-        pred = classify(lm.model, lm.tokenizer, TEMPLATE, texts, labels, 16, 64)
+        pred = best_labels(label_scores(lm.model, lm.tokenizer, TEMPLATE, texts, labels, 16, 64), labels)
         return sum(p == g for p, g in zip(pred, gold)) / len(gold)
 
     before = accuracy()
