@@ -30,24 +30,24 @@ class DataConfig(Section):
     """The class-incremental stream built by the ``prepare`` stage (docs/design.md §5)."""
 
     source: SourceConfig = Field(default_factory=SourceConfig)
-    n_tasks: int = Field(3, ge=1)
-    labels_per_task: int = Field(5, ge=1)
-    train_per_label: int = Field(20, ge=1)
-    test_per_label: int = Field(10, ge=1)
-    seed: int = Field(0, ge=0)
-    out_dir: str = "data/processed"
+    n_tasks: int = Field(3, ge=1, description="Tasks (periods) in the stream; each is one wake.")
+    labels_per_task: int = Field(5, ge=1, description="Labels a task brings; no label comes back in a later task.")
+    train_per_label: int = Field(20, ge=1, description="Training rows drawn per label (the wake reads them).")
+    test_per_label: int = Field(10, ge=1, description="Held-out rows per label, to measure every seen task.")
+    seed: int = Field(0, ge=0, description="Which labels go to which task, and which rows are drawn.")
+    out_dir: str = Field("data/processed", description="Where the prepared stream goes (DVC tracks it).")
 
 
 class WakeConfig(Section):
     """Online learning of the CMS during a wake period."""
 
     template: str = Field("{text} -> {label}", description="How an example is written; needs {text} and {label}.")
-    batch_size: int = Field(8, ge=1)
-    epochs: int = Field(1, ge=1)
-    max_length: int = Field(64, ge=4)
-    eval_batch_size: int = Field(64, ge=1)
-    grad_clip: float = Field(1.0, gt=0)
-    threads: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1, description="Examples per wake step.")
+    epochs: int = Field(1, ge=1, description="Passes over a period's training rows.")
+    max_length: int = Field(64, ge=4, description="Tokens of an example, prompt and label together; longer is cut.")
+    eval_batch_size: int = Field(64, ge=1, description="Texts scored at once when measuring accuracy.")
+    grad_clip: float = Field(1.0, gt=0, description="Largest gradient norm of a wake step.")
+    threads: int = Field(2, ge=1, description="torch threads of a wake (and of the stages that set them from it).")
     state_dir: str = "state/wake"
     metrics_dir: str = Field("metrics/wake", description="Training metrics, one JSON per period.")
 

@@ -255,13 +255,8 @@ def stream_pairs(tokenizer: PreTrainedTokenizerBase, template: str, texts: Seque
     return pairs, origin
 
 
-def passage_recall(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    batch_size: int = 16,
-    max_length: int = 256,
-) -> float | None:
+def passage_recall(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                   batch_size: int = 16, max_length: int = 256) -> float | None:
     """How well the model recalls plain passages: mean log p per token of each piece's rest given its
     beginning, the pieces a wake of window ``max_length`` learns (:func:`passage_pairs`, :func:`pairs_loglik`);
     None when no passage has two words."""
