@@ -208,13 +208,17 @@ def prepare_streams(params: Params, root: Path, comp: Comparison) -> dict[int, t
     return out
 
 
+#: Where a comparison's runs go (evaluation.workers, runner, runner_kwargs): not what their results depend on.
+SCALE_OUT = {"evaluation": {"workers", "runner", "runner_kwargs"}}
+
+
 def run_key(p: Params, method: str, baselines: BaselinesConfig | None = None, data: Path | None = None,
             extra: dict | None = None) -> str:
     """Digest of what a run's result depends on: its params (and baseline settings, ``extra``), the code,
     its data (``data``; default: its stream)."""
     h = hashlib.sha256()
     h.update(method.encode())
-    h.update(json.dumps(p.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(json.dumps(p.model_dump(mode="json", exclude=SCALE_OUT), sort_keys=True).encode())
     if baselines is not None:
         h.update(json.dumps(baselines.model_dump(mode="json"), sort_keys=True).encode())
     if extra is not None:

@@ -24,13 +24,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner
-from prefect.utilities.importtools import from_qualified_name
 
 from model.config import DreamConfig, Params
 from model.memory.checkpoint import open_memory_model, save_state
 from model.memory.cms import ContinuumMemory
 from model.sleep.dreaming import DreamTask, TrialBatch, TrialFn, try_dreams
 from model.sleep.trials import TrialResult
+from tasks.runners import api_for_workers, task_runner
 
 
 def state_files(cms: ContinuumMemory) -> dict[str, bytes]:
@@ -114,43 +114,9 @@ class GroupedTrials:
 
 
 def trial_task_runner(cfg: DreamConfig) -> TaskRunner:
-    """A new (not started) instance of ``cfg.trial_runner`` built with ``cfg.trial_runner_kwargs``.
-
-    The Dask runner without kwargs makes a local cluster of ``trial_workers`` worker
-    processes with one thread each (Dask sets ``OMP_NUM_THREADS=1`` in them, so torch
-    uses one thread too); it starts when the first group is submitted and stops when
-    the runner exits.
-    """
-    try:
-        cls = from_qualified_name(cfg.trial_runner)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"dream.trial_runner: cannot import {cfg.trial_runner!r}: {exc}") from exc
-    kwargs = dict(cfg.trial_runner_kwargs)
-    if not kwargs and cfg.trial_runner == "prefect_dask.DaskTaskRunner":
-        kwargs = {"cluster_kwargs": {"n_workers": cfg.trial_workers, "threads_per_worker": 1, "processes": True}}
-    runner = cls(**kwargs)
-    if not isinstance(runner, TaskRunner):
-        raise ValueError(f"dream.trial_runner: {cfg.trial_runner} is not a Prefect task runner")
-    return runner
-
-
-@contextlib.contextmanager
-def api_for_workers() -> Iterator[str]:
-    """Within: the Prefect API URL that task runs in other processes report to (yields it).
-
-    Without ``PREFECT_API_URL`` this process talks to an ephemeral API server of its own,
-    and a worker process would start another one on the same database. The URL of this
-    process's server is put in the settings, which travel with every submitted task.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
-        return
-    url = str(get_client(sync_client=True).api_url)
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield url
+    """A new (not started) instance of ``cfg.trial_runner`` built with ``cfg.trial_runner_kwargs`` (without kwargs,
+    the Dask runner is a local cluster of ``cfg.trial_workers`` single-threaded processes: tasks/runners.py)."""
+    return task_runner(cfg.trial_runner, cfg.trial_runner_kwargs, cfg.trial_workers, "dream.trial_runner")
 
 
 @contextlib.contextmanager

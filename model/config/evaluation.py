@@ -271,6 +271,21 @@ class EvaluationConfig(Section):
     )
     comparisons: dict[str, ComparisonConfig] = Field(default_factory=dict)
     lr_search: LRSearchConfig = Field(default_factory=LRSearchConfig)
+    workers: int = Field(
+        1, ge=1, le=1024, description="1: a comparison's runs (method x seed) one after the other in its process; "
+        "N > 1: every run not finished yet is a Prefect task (comparison-run) on the task runner `runner`, up to N at "
+        "once. Each run uses wake.threads threads: keep workers x threads within the cores. Results do not depend "
+        "on it (not in a run's key).",
+    )
+    runner: str = Field(
+        "prefect_dask.DaskTaskRunner", pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$",
+        description="Qualified class name of the Prefect task runner of a comparison's runs (workers > 1).",
+    )
+    runner_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of runner. Empty with the Dask runner: a local cluster "
+        "of `workers` processes, started for the comparison; {address: tcp://host:8786} uses a running Dask "
+        "scheduler, whose workers must see this project's directory at the same path.",
+    )
     lrs: dict[str, float] = Field(
         default_factory=dict, description="A method's own learning rate in comparisons, where the search chose one "
         "that differs from the params: a LoRA baseline's AdamW rate, or a CMS method's fast-level wake rate "

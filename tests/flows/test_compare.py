@@ -12,7 +12,7 @@ import yaml
 
 from model.config import ConfigError, load_params
 from model.memory.checkpoint import read_manifest
-from tasks.compare import resolve_comparison, run_dir, run_params
+from tasks.compare import resolve_comparison, run_dir, run_key, run_params
 from tests.flows.test_lifecycle_flow import toy_project
 
 pytestmark = pytest.mark.slow
@@ -105,6 +105,45 @@ def test_comparison_runs_every_method_and_seed_writes_the_report_and_resumes(tmp
     assert partial["summary"]["ewc"]["seeds"] == [0] and partial["summary"]["sleep"]["seeds"] == [0, 1]
     assert not (run_dir(params, tmp_path, comp, "ewc", 1) / "result.json").exists()
     assert partial["target"]["margins"]["ewc"]["seeds"] == [0]
+
+
+def test_runs_on_two_workers_equal_the_runs_one_by_one(tmp_path, prefect_harness):
+    """evaluation.workers = 2: every run (method x seed) is a task on a local Dask cluster of two processes; the
+    results are those of the runs one after the other, and where the runs went is not in their key."""
+    from flows.compare import compare
+    from tests.flows.test_faults import task_states_of
+
+    methods = ["finetune", "sleep"]
+    one = _with_comparisons(toy_project(tmp_path / "one"), methods=methods)
+    two = _with_comparisons(toy_project(tmp_path / "two"), methods=methods, workers=2)
+    compare("toy", str(one))
+    state = compare("toy", str(two), return_state=True)
+    assert task_states_of(state, "comparison-run", 4) == ["Completed"] * 4  # each run a task on the runner
+    runs = {}
+    for root in ("one", "two"):
+        for path in sorted((tmp_path / root / "state/compare/toy").glob("*/seed-*/result.json")):
+            r = json.loads(path.read_text())
+            runs.setdefault((r["method"], r["seed"]), []).append(r)
+    assert sorted(runs) == [(m, s) for m in methods for s in (0, 1)]
+    for (method, seed), (a, b) in runs.items():
+        assert a["accuracy"] == b["accuracy"] and a["gradient_steps"] == b["gradient_steps"], (method, seed)
+        assert a.get("losses") == b.get("losses"), (method, seed)
+    # Where the runs go is not what they compute: the same params with workers = 1 find every run finished.
+    params = load_params(two)
+    comp = resolve_comparison(params, "toy")
+    for method in methods:
+        p = run_params(params, tmp_path / "two", comp, method, 0)
+        unscaled = p.model_copy(update={"evaluation": p.evaluation.model_copy(update={"workers": 1})})
+        assert run_key(p, method) == run_key(unscaled, method)
+
+
+def test_the_command_line_keeps_the_comparisons_with_device_and_workers(tmp_path):
+    from flows.compare import with_run_options
+
+    params = load_params(_with_comparisons(toy_project(tmp_path)))
+    got = with_run_options(params, "cpu", 3)
+    assert got.model.device == "cpu" and got.evaluation.workers == 3 and set(got.evaluation.comparisons) == {"toy"}
+    assert with_run_options(params) == params
 
 
 def test_quick_applies_its_overrides_and_seeds(tmp_path):
@@ -282,6 +321,33 @@ def test_knowledge_comparison_quick_writes_the_report_and_resumes_mid_way(tmp_pa
     again = progress.read_text().splitlines()
     assert again[0] == lines[0] and len(again) == 2
     assert (rdir / "dreams/passage-0.parquet").stat().st_mtime_ns == dream0
+
+
+def test_knowledge_passages_on_two_workers_equal_the_passages_one_by_one(tmp_path, prefect_harness):
+    """evaluation.workers = 2, single mode: each run's passages go to two shard tasks on a local Dask cluster; the
+    run then assembles them. Every passage's measures equal those of the run in one process."""
+    from flows.compare import compare
+    from tests.flows.test_faults import task_states_of
+
+    methods = ["passage_finetune", "sleep"]
+    one = _with_knowledge(tmp_path / "one", methods=methods)
+    two = _with_knowledge(tmp_path / "two", methods=methods)
+    raw = yaml.safe_load(two.read_text())
+    raw["evaluation"]["workers"] = 2
+    two.write_text(yaml.safe_dump(raw))
+    compare("kn", str(one), quick=True)
+    state = compare("kn", str(two), quick=True, return_state=True)
+    # 2 runs x 2 shards on the runner, then each run once in the flow, finding its passages done
+    assert task_states_of(state, "run_knowledge_method", 6) == ["Completed"] * 6
+    for method in methods:
+        rows = [json.loads((tmp_path / root / f"state/compare/kn-quick/{method}/seed-0/result.json").read_text())
+                ["passages"] for root in ("one", "two")]
+        assert [r["index"] for r in rows[1]] == [r["index"] for r in rows[0]] == [0, 1]
+        for a, b in zip(*rows):
+            assert (a["em"], a["f1"], a["answers"], a["gradient_steps"], a["n_dreams"]) == (
+                b["em"], b["f1"], b["answers"], b["gradient_steps"], b["n_dreams"]), method
+            assert a["tau"] == pytest.approx(b["tau"], abs=1e-6), method
+    assert list((tmp_path / "two/state/compare/kn-quick/sleep/seed-0").glob("progress.shard-*-of-2.jsonl"))
 
 
 def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path, prefect_harness, monkeypatch):
