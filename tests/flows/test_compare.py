@@ -114,17 +114,17 @@ def test_runs_on_two_workers_equal_the_runs_one_by_one(tmp_path, prefect_harness
     from tests.flows.test_faults import task_states_of
 
     methods = ["finetune", "sleep"]
-    one = _with_comparisons(toy_project(tmp_path / "one"), methods=methods)
-    two = _with_comparisons(toy_project(tmp_path / "two"), methods=methods, workers=2)
+    one = _with_comparisons(toy_project(tmp_path / "one"), methods=methods, seeds=(0,))
+    two = _with_comparisons(toy_project(tmp_path / "two"), methods=methods, seeds=(0,), workers=2)
     compare("toy", str(one))
     state = compare("toy", str(two), return_state=True)
-    assert task_states_of(state, "comparison-run", 4) == ["Completed"] * 4  # each run a task on the runner
+    assert task_states_of(state, "comparison-run", 2) == ["Completed"] * 2  # each run a task on the runner
     runs = {}
     for root in ("one", "two"):
         for path in sorted((tmp_path / root / "state/compare/toy").glob("*/seed-*/result.json")):
             r = json.loads(path.read_text())
             runs.setdefault((r["method"], r["seed"]), []).append(r)
-    assert sorted(runs) == [(m, s) for m in methods for s in (0, 1)]
+    assert sorted(runs) == [(m, 0) for m in methods]
     for (method, seed), (a, b) in runs.items():
         assert a["accuracy"] == b["accuracy"] and a["gradient_steps"] == b["gradient_steps"], (method, seed)
         assert a.get("losses") == b.get("losses"), (method, seed)
@@ -370,10 +370,10 @@ def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path,
     crashed = _with_knowledge(tmp_path / "crashed", mode="continued", seeds=(0, 1), methods=methods)
     real = incorporation_runs.learn
 
-    def crash_on_passage_1(method, model, tokenizer, cms, task, *a, **k):
+    def crash_on_passage_1(method, reader, task):
         if method == "passage_finetune" and task.context_id == "passage1":
             raise KeyboardInterrupt("killed")
-        return real(method, model, tokenizer, cms, task, *a, **k)
+        return real(method, reader, task)
 
     monkeypatch.setattr(incorporation_runs, "learn", crash_on_passage_1)
     with pytest.raises(KeyboardInterrupt):
@@ -387,7 +387,7 @@ def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path,
 
     calls = []
     monkeypatch.setattr(incorporation_runs, "learn", lambda method, *a, **k: (
-        calls.append(a[3].context_id) if method == "passage_finetune" else None) or real(method, *a, **k))
+        calls.append(a[1].context_id) if method == "passage_finetune" else None) or real(method, *a, **k))
     compare("kn", str(crashed), quick=True)
     assert calls == ["passage1", "passage0", "passage1"]  # seed 0 resumes at passage 1; seed 1 runs whole
     again = json.loads((rdir / "result.json").read_text())
