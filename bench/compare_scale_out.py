@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +34,8 @@ def side(params: dict, work: Path, name: str, args: argparse.Namespace, workers:
     p = json.loads(json.dumps(params))
     p.setdefault("wake", {})["threads"] = args.threads
     ev = p.setdefault("evaluation", {})
-    ev.update({"workers": workers, "work_dir": str(work / "state"), "reports_dir": str(work / "reports")})
+    rel = work.relative_to(ROOT)  # paths in params are relative to the project directory
+    ev.update({"workers": workers, "work_dir": str(rel / "state"), "reports_dir": str(rel / "reports")})
     path = ROOT / f".bench-scale-out-{name}.yaml"  # beside params.yaml: its relative data paths stay valid
     path.write_text(yaml.safe_dump(p, sort_keys=False))
     cmd = [sys.executable, "-m", "flows.cli", "compare", args.comparison, "--params", str(path), "--seeds",
@@ -64,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench/results/compare_scale_out.json"))
     args = ap.parse_args(argv)
     params = yaml.safe_load(Path(args.params).read_text())
-    with tempfile.TemporaryDirectory(prefix="lm-sleep-scale-out-") as tmp:
-        one = side(params, Path(tmp) / "one", "one", args, 1)
-        many = side(params, Path(tmp) / "many", "many", args, args.workers)
+    work = ROOT / "state" / "bench-scale-out"  # state/ is not in git; each side starts from nothing
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        one = side(params, work / "one", "one", args, 1)
+        many = side(params, work / "many", "many", args, args.workers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     same = {k: {f: one["runs"][k][f] == many["runs"].get(k, {}).get(f) for f in ("accuracy", "gradient_steps", "losses")}
             for k in one["runs"]}
     slowest = max(r["seconds"] for r in one["runs"].values())
