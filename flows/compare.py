@@ -54,7 +54,7 @@ from tasks.guards import locked
 from tasks.knowledge import policy_dir, prepare_passages, run_knowledge_method, train_dream_policy, trains_a_policy
 from tasks.long_context import partial_result, prepare_documents, run_long_context_method
 from tasks.report import write_comparison_report, write_knowledge_report, write_long_context_report
-from tasks.runners import api_for_workers, task_runner
+from tasks.runners import runner_for_workers
 
 
 @flow(name="compare", log_prints=True)
@@ -179,7 +179,7 @@ def run_continual(params: Params, root: Path, comp: Comparison, baselines: Basel
             log.info(f"[{i}/{n}] {method}, seed {seed} ({rdir.relative_to(root)})")
             results.append(finished(i, n, seed, method, one_run(p, method, rdir, stream, plan, settings)))
         return results
-    with api_for_workers(), task_runner(ev.runner, ev.runner_kwargs, ev.workers, "evaluation.runner") as runner:
+    with runner_for_workers(ev.runner, ev.runner_kwargs, ev.workers, "evaluation.runner") as runner:
         log.info(f"{comp.name}: {len(runs)} runs, up to {ev.workers} at once on {ev.runner}")
         futures = []
         for i, n, seed, method, p, rdir, stream, plan, settings in runs:
@@ -214,7 +214,8 @@ def compare_knowledge(params: Params, root: Path, comp: Comparison, shard: tuple
             runs.append((i, n, seed, method, p, rdir, digest))
         ev = params.evaluation
         if shard is None and ev.workers > 1 and comp.knowledge.mode == "single":
-            spread_passages(ev, comp, root, passages, [(p, rdir, method, digest) for *_, method, p, rdir, digest in runs])
+            spread_passages(ev, comp, root, passages,
+                            [(p, rdir, method, digest) for *_, method, p, rdir, digest in runs])
         for i, n, seed, method, p, rdir, digest in runs:  # with spread passages: each run assembles its shards
             log.info(f"[{i}/{n}] {method}, seed {seed} ({rdir.relative_to(root)})")
             res = run_knowledge_method(p, root, rdir, method, comp.knowledge, passages, digest, shard)
@@ -235,7 +236,7 @@ def spread_passages(ev: EvaluationConfig, comp: Comparison, root: Path, passages
     """Every run's passages as ``ev.workers`` shards, each a task on ``ev.runner`` (single mode: the passages are
     independent); the run itself then finds them all done and only assembles its result."""
     log = get_run_logger()
-    with api_for_workers(), task_runner(ev.runner, ev.runner_kwargs, ev.workers, "evaluation.runner") as runner:
+    with runner_for_workers(ev.runner, ev.runner_kwargs, ev.workers, "evaluation.runner") as runner:
         log.info(f"{comp.name}: {len(runs)} runs x {ev.workers} shards of the passages on {ev.runner}")
         futures = [runner.submit(run_knowledge_method, {
             "p": p, "root": root, "rdir": rdir, "method": method, "kc": comp.knowledge, "passages": passages,

@@ -50,3 +50,12 @@ def api_for_workers() -> Iterator[str]:
     url = str(get_client(sync_client=True).api_url)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield url
+
+
+@contextlib.contextmanager
+def runner_for_workers(qualified_name: str, kwargs: dict[str, Any], workers: int, field: str) -> Iterator[TaskRunner]:
+    """Within: the started :func:`task_runner`, its tasks reporting to this process's Prefect API
+    (:func:`api_for_workers`); the runner (a local cluster, if it made one) stops on the way out."""
+    with api_for_workers(), task_runner(qualified_name, kwargs, workers, field) as runner:
+        yield runner
+
