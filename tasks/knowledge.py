@@ -38,6 +38,7 @@ from model.evaluation.incorporation import (
     fresh_fast_expert,
 )
 from model.evaluation.incorporation_runs import run_continued, run_single
+from model.decoding.loading import load_base_model
 from model.evaluation.knowledge import Passage, select_passages
 from model.io import append_line, atomic_path, exclusive, read_keyed_lines, write_json, write_lines
 from model.memory.checkpoint import CheckpointError, load_state, open_memory_model, read_manifest, save_state
@@ -300,9 +301,15 @@ def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
     return result
 
 
+def warm_model(p: Params, root: Path) -> str:
+    """Load the run's base model once, so that processes started after this one read the converted model from
+    the cache instead of each converting the embedded GGUF at the same time (flows/knowledge_shards.py)."""
+    return load_base_model(p.model, root).name
+
+
 def trains_a_policy(method: str) -> bool:
     """Whether ``method`` first trains a dream policy over the training pool (ReST-EM, once per seed)."""
     return method in TRAINED_POLICY_METHODS
 
 
-__all__ = ["POLICY_DIR", "PROGRESS_FILE", "policy_dir", "train_dream_policy", "trains_a_policy", "training_passages", "gate_function", "knowledge_run_key", "prepare_passages", "run_knowledge_method"]
+__all__ = ["POLICY_DIR", "PROGRESS_FILE", "policy_dir", "train_dream_policy", "trains_a_policy", "training_passages", "gate_function", "knowledge_run_key", "prepare_passages", "run_knowledge_method", "warm_model"]
