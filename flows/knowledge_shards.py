@@ -118,12 +118,17 @@ class Job:
 
 
 def _done_lines(cdir: Path) -> dict[str, int]:
-    """Passages on disk per method directory (every seed, every shard)."""
-    out: dict[str, int] = {}
+    """Passages on disk per method: distinct (seed, passage) pairs over every shard's progress file (a line a crash
+    cut short does not count; the assembling run checks each line's key)."""
+    seen: dict[str, set[tuple[str, int]]] = {}
     for f in sorted(cdir.glob("*/seed-*/progress*.jsonl")):
-        out[f.parts[-3]] = out.get(f.parts[-3], 0) + sum(1 for line in f.read_text(encoding="utf-8").splitlines()
-                                                           if line.strip())
-    return out
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                index = int(json.loads(line)["index"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            seen.setdefault(f.parts[-3], set()).add((f.parts[-2], index))
+    return {m: len(v) for m, v in seen.items()}
 
 
 def _schedule(args: argparse.Namespace) -> int:
@@ -134,7 +139,7 @@ def _schedule(args: argparse.Namespace) -> int:
     cdir = comparison_dir(params, root, comp)
     logs = cdir / LOG_DIR
     logs.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, str(Path(__file__).resolve()), comp.name.removesuffix("-quick"), "--root", str(root)]
+    base = [sys.executable, str(Path(__file__).resolve()), comp.name, "--root", str(root)]
     base += (["--device", args.device] if args.device else []) + (["--quick"] if args.quick else [])
     n_passages = comp.knowledge.n_passages
     jobs: list[Job] = []
