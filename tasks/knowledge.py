@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from checks import gate_dreams, validate_dreams
 from model.config import DreamGateConfig, KnowledgeConfig, Params
 from model.data.stream import DataError
+from model.decoding.loading import load_base_model
 from model.evaluation.incorporation import (
     GATED_METHODS,
     METHODS,
@@ -38,7 +39,6 @@ from model.evaluation.incorporation import (
     fresh_fast_expert,
 )
 from model.evaluation.incorporation_runs import run_continued, run_single
-from model.decoding.loading import load_base_model
 from model.evaluation.knowledge import Passage, select_passages
 from model.io import append_line, atomic_path, exclusive, read_keyed_lines, write_json, write_lines
 from model.memory.checkpoint import CheckpointError, load_state, open_memory_model, read_manifest, save_state

@@ -58,4 +58,3 @@ def runner_for_workers(qualified_name: str, kwargs: dict[str, Any], workers: int
     (:func:`api_for_workers`); the runner (a local cluster, if it made one) stops on the way out."""
     with api_for_workers(), task_runner(qualified_name, kwargs, workers, field) as runner:
         yield runner
-
