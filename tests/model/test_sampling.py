@@ -186,6 +186,26 @@ def test_bfloat16_uses_a_cached_copy_and_restores_fp32_weights():
     assert sampling._CAST_CACHE[id(weight)][3] is copy and [s.tokens for s in again] == [s.tokens for s in bf]
 
 
+def test_auto_dtype_is_bf16_exactly_where_the_device_runs_it_natively(monkeypatch):
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    cpu = torch.device("cpu")
+    native = sampling.native_bf16(cpu)
+    assert sampling.resolve_dtype("auto", cpu) == ("bfloat16" if native else None)
+    assert sampling.resolve_dtype("float32", cpu) == "float32" and sampling.resolve_dtype(None, cpu) is None
+    auto = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, temperature=1.0, seed=3, dtype="auto")
+    chosen = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, temperature=1.0, seed=3,
+                                  dtype="bfloat16" if native else None)
+    assert [s.tokens for s in auto] == [s.tokens for s in chosen]
+    # A CPU without native bf16: auto falls back to the model's own dtype, explicit bfloat16 is refused.
+    monkeypatch.setattr(sampling, "native_bf16", lambda device: False)
+    fallback = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, temperature=1.0, seed=3, dtype="auto")
+    fp = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, temperature=1.0, seed=3)
+    assert [s.tokens for s in fallback] == [s.tokens for s in fp]
+    with pytest.raises(ValueError, match="native bf16.*use float32 or auto"):
+        sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, dtype="bfloat16")
+
+
 def test_bad_arguments():
     lm, _ = tiny_with_cms()
     with pytest.raises(ValueError, match="no prompts"):
