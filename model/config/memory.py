@@ -34,9 +34,10 @@ class SamplingConfig(Section):
     """The sleep's decoder (model/decoding/sampling.py): teacher, on-policy, imitation and dream samples."""
 
     batch_size: int = Field(64, ge=1, le=1024, description="Most sequences decoded at once (continuous batching).")
-    dtype: Literal["model", "float32", "bfloat16"] = Field(
+    dtype: Literal["model", "float32", "bfloat16", "auto"] = Field(
         "model", description="Compute dtype of the base weights while sampling: model = model.dtype (float32 is "
-        "the reference); bfloat16 uses a cached bf16 copy and needs a CPU with native bf16 or a GPU.",
+        "the reference); bfloat16 uses a cached bf16 copy and needs a CPU with native bf16 or a GPU; auto = "
+        "bfloat16 where the device runs it natively, model.dtype elsewhere.",
     )
 
     @property

@@ -1,0 +1,156 @@
+"""Does a sleep's outcome change when its decoder runs in bf16? (issue #18)
+
+Runs ``lm-sleep compare default --methods sleep`` on the same seeds twice, one side with
+``sampling.dtype: float32`` and one with ``sampling.dtype: bfloat16`` (everything else equal: the
+comparison's budget, the model in fp32, the wake, the evaluation), each in a work directory of its
+own, one side after the other on the same machine. Every sample of the sleep goes through the
+sampler (teacher, on-policy and imitation samples of consolidation, rehearsal dreams, dreams), so
+this side-by-side is the whole effect of the decoder's dtype on what a sleep learns.
+
+Per seed and side it reports, from each run's own files: accuracy after each consolidation and
+after each dream stage (every seen task among all seen labels: ``lifecycle.diagnostics``), the final
+average accuracy, the share of tried dreams that were rewarded and their mean tau gain, and the
+seconds of consolidation and of dreaming. The check: bf16 - fp32, paired over seeds, with a 95%
+Student-t interval for each outcome; "no change beyond seed noise" means the interval holds 0 and
+its width is what seeds vary by.
+
+    python bench/sampling_dtype.py --seeds 0 1 2 --tasks 2 --out docs/results/issue18/sampling_dtype.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.results import save_results  # noqa: E402
+from model.evaluation.continual import t_quantile  # noqa: E402
+
+SIDES = ("float32", "bfloat16")
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def run_outcome(rdir: Path, n_periods: int) -> dict:
+    """One sleep run's outcome from its own files: accuracies per state, dream rewards, stage seconds."""
+    result = _json(rdir / "result.json")
+    diag = result.get("diagnostics") or []
+    acc = lambda d: _mean(list(d.values())) if d else None  # noqa: E731  (mean over seen tasks)
+    tried, rewarded, gains = 0, 0, []
+    for period in range(n_periods):
+        table = rdir / "dreams" / "dreaming" / f"period-{period}-dreams.parquet"
+        if table.is_file():
+            d = pd.read_parquet(table, columns=["reward", "tau_before", "tau_after"])
+            d = d[d["reward"].notna()]
+            tried += len(d)
+            rewarded += int((d["reward"] == 1.0).sum())
+            gains += (d["tau_after"] - d["tau_before"]).astype(float).tolist()
+    timings = rdir / "metrics" / "timings"
+    cons = sum(c.get("seconds", 0.0) for p in range(n_periods)
+               for c in _json(timings / f"consolidation-period-{p}.json").get("consolidations", []))
+    dream = sum(_json(timings / f"dreaming-period-{p}.json").get("seconds", 0.0) for p in range(n_periods))
+    final = result.get("accuracy", [{}])[-1]
+    return {
+        "after_consolidation": [acc(d.get("after_consolidation")) for d in diag],
+        "after_dreaming": [acc(d.get("after_dreaming")) for d in diag],
+        "final_accuracy": acc(final),
+        "dreams_tried": tried, "dreams_rewarded": rewarded,
+        "rewarded_share": round(rewarded / tried, 4) if tried else None,
+        "mean_tau_gain": _mean(gains),
+        "consolidation_seconds": round(cons, 1), "dreaming_seconds": round(dream, 1),
+    }
+
+
+def side(params: dict, work: Path, dtype: str, args: argparse.Namespace) -> dict:
+    """``lm-sleep compare`` with ``sampling.dtype: dtype`` in a process and work directory of its own."""
+    p = json.loads(json.dumps(params))
+    p.setdefault("sampling", {})["dtype"] = dtype
+    comp = p["evaluation"]["comparisons"][args.comparison]
+    comp.setdefault("overrides", {}).setdefault("data", {})["n_tasks"] = args.tasks
+    rel = work.relative_to(ROOT)  # paths in params are relative to the project directory
+    p["evaluation"].update({"work_dir": str(rel / "state"), "reports_dir": str(rel / "reports"), "workers": 1})
+    path = ROOT / f".bench-sampling-dtype-{dtype}.yaml"  # beside params.yaml: its relative data paths stay valid
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+    cmd = [sys.executable, "-m", "flows.cli", "compare", args.comparison, "--params", str(path), "--methods",
+           "sleep", "--seeds", *map(str, args.seeds)]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    start = time.perf_counter()
+    try:
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    finally:
+        path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    runs = {s: run_outcome(work / "state" / args.comparison / "sleep" / f"seed-{s}", args.tasks) for s in args.seeds}
+    return {"dtype": dtype, "seconds": round(seconds, 1), "runs": runs}
+
+
+def paired(a: list[float | None], b: list[float | None]) -> dict | None:
+    """Mean of b - a over the pairs where both exist, with a 95% Student-t interval."""
+    diffs = [y - x for x, y in zip(a, b) if x is not None and y is not None]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": round(mean, 4), "n": 1}
+    half = t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"mean": round(mean, 4), "lo": round(mean - half, 4), "hi": round(mean + half, 4), "n": len(diffs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--comparison", default="default")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--tasks", type=int, default=2, help="data.n_tasks of the stream: sleeps per run")
+    ap.add_argument("--keep", action="store_true", help="keep the runs' work directories (state/bench-sampling-dtype)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/sampling_dtype.json"))
+    args = ap.parse_args(argv)
+    params = yaml.safe_load(Path(args.params).read_text())
+    work = ROOT / "state" / "bench-sampling-dtype"  # state/ is not in git; each side starts from nothing
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        sides = {dtype: side(params, work / dtype, dtype, args) for dtype in SIDES}
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    fp, bf = sides["float32"]["runs"], sides["bfloat16"]["runs"]
+    seeds = args.seeds
+    check = {}
+    for key in ("final_accuracy", "rewarded_share", "mean_tau_gain"):
+        check[key] = paired([fp[s][key] for s in seeds], [bf[s][key] for s in seeds])
+    for key in ("after_consolidation", "after_dreaming"):
+        for period in range(args.tasks):
+            check[f"{key}_{period}"] = paired([(fp[s][key] + [None] * args.tasks)[period] for s in seeds],
+                                              [(bf[s][key] + [None] * args.tasks)[period] for s in seeds])
+    speed = {}
+    for key in ("consolidation_seconds", "dreaming_seconds"):
+        f, b = sum(fp[s][key] for s in seeds), sum(bf[s][key] for s in seeds)
+        speed[key.replace("_seconds", "")] = {"float32": round(f, 1), "bfloat16": round(b, 1),
+                                              "speedup": round(f / b, 2) if b else None}
+    res = {"comparison": args.comparison, "tasks": args.tasks, "seeds": seeds, "cpus": os.cpu_count(),
+           "sides": sides, "bf16_minus_fp32": check, "speed": speed}
+    save_results(res, args.out)
+    print(json.dumps({"bf16_minus_fp32": check, "speed": speed}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
