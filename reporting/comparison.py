@@ -140,6 +140,12 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
                      f"{format_ci(s['forgetting'])} | {format_ci(s['backward_transfer'])} | {s['gradient_steps']:.0f} | "
                      f"{s['seconds'] / 60:.1f} |")
     lines += ["", "Methods: " + "; ".join(f"**{m}**: {METHODS[m]}" for m in summary), ""]
+    machines = machines_table(results)
+    if machines["machine"].nunique() > 1:
+        lines += [f"**These runs come from {machines['machine'].nunique()} machines** (see Machines below). The "
+                  "same code, stream and seed give different floating point on different machines, and a "
+                  "run's final accuracy can move by several points with it: a paired difference is a clean "
+                  "comparison only on the seeds whose runs share a machine.", ""]
     lines += ["## Target", ""]
     if not target.get("checked"):
         lines.append(f"Not checked: {target.get('why')}.")
@@ -185,6 +191,13 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
                   "| --- | --- | --- |"]
         for m, g in routed.groupby("method", sort=False):
             lines.append(f"| {m} | {g['seed'].nunique()} | {format_ci(ci_summary(g.groupby('seed')['share'].mean().tolist()))} |")
+    lines += ["", "## Machines", "", "Where the runs computed (`machine` in each run's result.json; "
+              "`unknown`: a result written before runs recorded it).", "",
+              "| machine | processor | torch (CPU kernels) | threads | device | runs |", "| --- | --- | --- | --- | --- | --- |"]
+    for mid, g in machines.groupby("machine", sort=False):
+        first = g.iloc[0]
+        lines.append(f"| {mid} | {first['processor']} | {first['torch']} ({first['cpu_kernels']}) | {first['threads']} | "
+                     f"{first['device']} | " + ", ".join(f"{m} {s}" for m, s in zip(g["method"], g["seed"])) + " |")
     lines += ["", "## Plots", "", "![accuracy matrices](plots/accuracy_matrices.png)", "",
               "![final accuracy and forgetting](plots/final_forgetting.png)", "",
               "![accuracy of each task over time](plots/task_accuracy.png)", "", "## Runs", ""]
@@ -200,6 +213,17 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
         lines.append(f"- {r['method']}, seed {r['seed']}: R rows {rows} · {r['gradient_steps']} steps · "
                      f"{r['seconds']:.0f} s{extra}")
     return "\n".join(lines) + "\n"
+
+
+def machines_table(results: Sequence[dict]) -> pd.DataFrame:
+    """One row per run: its method, seed and the machine it computed on (``unknown`` where it has no record)."""
+    rows = []
+    for r in results:
+        m = r.get("machine") or {}
+        rows.append({"method": r["method"], "seed": r["seed"], "machine": m.get("id", "unknown"),
+                     **{k: m.get(k, "?") for k in ("processor", "cpu_kernels", "torch", "threads", "device")}})
+    return pd.DataFrame(rows, columns=["method", "seed", "machine", "processor", "cpu_kernels", "torch", "threads",
+                                       "device"])
 
 
 def routing_table(results: Sequence[dict]) -> pd.DataFrame:
@@ -352,7 +376,8 @@ def write_comparison_report(params: Params, root: Path, comp: Any, results: list
     with atomic_dir(out) as tmp:
         write_text(tmp / "README.md", markdown(name, comp.description, summary, target, comp.seeds, results, run_params))
         write_json(tmp / "metrics.json", {"comparison": name, "seeds": list(comp.seeds), "methods": metrics,
-                                          "target": target})
+                                          "target": target,
+                                          "machines": sorted(machines_table(results)["machine"].unique().tolist())})
         write_json(tmp / "results.json", {"comparison": name, "summary": summary, "runs": results})
         write_text(tmp / "runs.csv", runs.to_csv(index=False))
         write_text(tmp / "accuracy.csv", acc.to_csv(index=False))

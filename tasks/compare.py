@@ -38,6 +38,7 @@ from model.decoding.loading import load_base_model, resolve_device
 from model.evaluation.comparison import BASELINES, check_stream, evaluation_labels, run_baseline
 from model.io import sha256_file, write_json, write_text
 from tasks.caching import code_digest
+from tasks.machine import machine
 from tasks.prepare import check_and_report_stream, write_stream_files
 
 RESULT_FILE = "result.json"
@@ -286,7 +287,8 @@ def run_baseline_method(
     run = run_baseline(method, loaded.model, loaded.tokenizer, stream, plan, p.wake, baselines, p.seed, on_period)
     result = {"method": method, "seed": p.seed, "key": key, "accuracy": run.accuracy,
               "gradient_steps": run.gradient_steps, "seconds": round(run.seconds, 1),
-              "losses": [[round(x, 5) for x in period] for period in run.losses]}
+              "losses": [[round(x, 5) for x in period] for period in run.losses],
+              "machine": machine(resolve_device(p.model.device), p.wake.threads)}
     write_json(rdir / RESULT_FILE, result)
     return result
 
@@ -333,6 +335,7 @@ def collect_cms_result(p: Params, rdir: Path, method: str, rows: list[dict], sec
               "gradient_steps_by_stage": steps, "seconds": round(seconds, 1),
               "dream_funnels": [r.get("dream_funnel") for r in rows],
               "diagnostics": [r.get("diagnostics") for r in rows],
-              "routing_accuracy": [r.get("routing_accuracy") for r in rows]}
+              "routing_accuracy": [r.get("routing_accuracy") for r in rows],
+              "machine": machine(resolve_device(p.model.device), p.wake.threads)}
     write_json(rdir / RESULT_FILE, result)
     return result

@@ -87,6 +87,10 @@ def test_comparison_runs_every_method_and_seed_writes_the_report_and_resumes(tmp
     assert not s0.equals(s1)
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["methods"]) == set(METHODS) and metrics["target"]["checked"]
+    # Every run, baseline or lifecycle, records the machine it computed on; all of these share one.
+    ids = {r["machine"]["id"] for r in results.values()}
+    assert metrics["machines"] == sorted(ids) and len(ids) == 1
+    assert results[("sleep", 0)]["machine"]["threads"] == params.wake.threads
     for m, s in metrics["methods"].items():
         lo, hi = s["final_accuracy"]["low"], s["final_accuracy"]["high"]
         assert lo <= s["final_accuracy"]["mean"] <= hi

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from reporting.common import ci_summary
-from reporting.comparison import target_check
+from model.config import Params
+from reporting.comparison import machines_table, markdown, target_check
+from tasks.machine import machine
 
 
 def _summary(per_seed: dict[str, tuple[list[float], list[float]]]) -> dict:
@@ -42,3 +44,22 @@ def test_a_sleep_that_forgets_least_has_no_gap_and_can_meet_the_target():
     })
     t = target_check(summary, against=("ewc",))
     assert t["lowest_forgetting_ok"] and "forgetting_gap" not in t and t["met"]
+
+
+def test_runs_from_two_machines_are_flagged_and_listed():
+    here = machine("cpu", threads=2)
+    other = {**here, "processor": "another CPU", "id": "0123456789ab"}
+    assert machine("cpu", threads=2)["id"] == here["id"] and machine("cpu", threads=1)["id"] != here["id"]
+    summary = _summary({"ewc": ([0.6, 0.7], [0.3, 0.2]), "sleep": ([0.9, 0.95], [0.0, 0.01])})
+    for m in summary.values():
+        m.update(backward_transfer=ci_summary([0.0, 0.0]), gradient_steps=1, seconds=60.0)
+    runs = [{"method": m, "seed": s, "accuracy": [{"0": 0.9}], "gradient_steps": 1, "seconds": 1.0,
+             "machine": here if (m, s) != ("sleep", 1) else other} for m in ("ewc", "sleep") for s in (0, 1)]
+    table = machines_table(runs + [{"method": "ewc", "seed": 2, "accuracy": [], "gradient_steps": 0, "seconds": 0}])
+    assert table["machine"].tolist() == [here["id"]] * 3 + ["0123456789ab", "unknown"]
+    target = target_check(summary, against=("ewc",))
+    md = markdown("toy", "", summary, target, [0, 1], runs, Params())
+    assert "These runs come from 2 machines" in md and "| 0123456789ab | another CPU |" in md
+    assert f"| {here['id']} | {here['processor']} |" in md and "sleep 1 |" in md
+    one = markdown("toy", "", summary, target, [0, 1], [{**r, "machine": here} for r in runs], Params())
+    assert "machines**" not in one and "## Machines" in one
