@@ -186,6 +186,24 @@ def test_bfloat16_uses_a_cached_copy_and_restores_fp32_weights():
     assert sampling._CAST_CACHE[id(weight)][3] is copy and [s.tokens for s in again] == [s.tokens for s in bf]
 
 
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (9, 3), (8, 1)])
+def test_decode_attention_equals_sdpa_over_each_rows_cached_slots(n_heads, n_kv):
+    gen = torch.Generator().manual_seed(0)
+    n, span, hd = 5, 11, 16
+    q = torch.randn(n, n_heads, hd, generator=gen)
+    k, v = (torch.randn(n, n_kv, span + 3, hd, generator=gen)[:, :, :span] for _ in range(2))  # strided, as the buffer
+    cached = torch.tensor([0, 3, 10, 7, 1])  # the last visible slot of each row
+    visible = (torch.arange(span)[None, :] <= cached[:, None])[:, None, None, :]
+    got = sampling.decode_attention(q, k, v, visible, scale=0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=visible, scale=0.3,
+                                                           enable_gqa=True).reshape(n, -1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # Row 0 sees only its slot 0: its output is that slot's value, whatever the other slots hold.
+    torch.testing.assert_close(got[0].view(n_heads, hd), v[0, torch.arange(n_heads) // (n_heads // n_kv), 0])
+    half = sampling.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), visible, scale=0.3)
+    assert half.dtype == torch.bfloat16 and (half.float() - ref).abs().max() < 0.05
+
+
 def test_auto_dtype_is_bf16_exactly_where_the_device_runs_it_natively(monkeypatch):
     lm, cms = tiny_with_cms()
     make_nonzero(cms, 0)
