@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import shutil
 import time
@@ -26,27 +25,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.results import save_results  # noqa: E402
+from bench.results import run_comparison, save_results  # noqa: E402
 
 
 def side(params: dict, work: Path, name: str, args: argparse.Namespace, workers: int) -> dict:
     """One ``lm-sleep compare`` in a process of its own with ``workers``; its wall time and its runs' results."""
     p = json.loads(json.dumps(params))
     p.setdefault("wake", {})["threads"] = args.threads
-    ev = p.setdefault("evaluation", {})
-    rel = work.relative_to(ROOT)  # paths in params are relative to the project directory
-    ev.update({"workers": workers, "work_dir": str(rel / "state"), "reports_dir": str(rel / "reports")})
-    path = ROOT / f".bench-scale-out-{name}.yaml"  # beside params.yaml: its relative data paths stay valid
-    path.write_text(yaml.safe_dump(p, sort_keys=False))
-    cmd = [sys.executable, "-m", "flows.cli", "compare", args.comparison, "--params", str(path), "--seeds",
-           *map(str, args.seeds)] + (["--quick"] if args.quick else [])
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
-    start = time.perf_counter()
-    try:
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    finally:
-        path.unlink(missing_ok=True)
-    seconds = time.perf_counter() - start
+    p.setdefault("evaluation", {})["workers"] = workers
+    seconds = run_comparison(ROOT, p, work, f"scale-out-{name}", args.comparison,
+                             ["--seeds", *map(str, args.seeds)] + (["--quick"] if args.quick else []))
     runs = {}
     for result in sorted((work / "state").rglob("result.json")):
         r = json.loads(result.read_text())

@@ -24,9 +24,7 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.results import save_results  # noqa: E402
+from bench.results import run_comparison, save_results  # noqa: E402
 from model.evaluation.continual import t_quantile  # noqa: E402
 
 SIDES = ("float32", "bfloat16")
@@ -85,19 +83,9 @@ def side(params: dict, work: Path, dtype: str, args: argparse.Namespace) -> dict
     p.setdefault("sampling", {})["dtype"] = dtype
     comp = p["evaluation"]["comparisons"][args.comparison]
     comp.setdefault("overrides", {}).setdefault("data", {})["n_tasks"] = args.tasks
-    rel = work.relative_to(ROOT)  # paths in params are relative to the project directory
-    p["evaluation"].update({"work_dir": str(rel / "state"), "reports_dir": str(rel / "reports"), "workers": 1})
-    path = ROOT / f".bench-sampling-dtype-{dtype}.yaml"  # beside params.yaml: its relative data paths stay valid
-    path.write_text(yaml.safe_dump(p, sort_keys=False))
-    cmd = [sys.executable, "-m", "flows.cli", "compare", args.comparison, "--params", str(path), "--methods",
-           "sleep", "--seeds", *map(str, args.seeds)]
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
-    start = time.perf_counter()
-    try:
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    finally:
-        path.unlink(missing_ok=True)
-    seconds = time.perf_counter() - start
+    p["evaluation"]["workers"] = 1
+    seconds = run_comparison(ROOT, p, work, f"sampling-dtype-{dtype}", args.comparison,
+                             ["--methods", "sleep", "--seeds", *map(str, args.seeds)])
     runs = {s: run_outcome(work / "state" / args.comparison / "sleep" / f"seed-{s}", args.tasks) for s in args.seeds}
     return {"dtype": dtype, "seconds": round(seconds, 1), "runs": runs}
 
