@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results import run_comparison, save_results  # noqa: E402
-from model.evaluation.continual import t_quantile  # noqa: E402
+from model.evaluation.continual import paired_difference_ci  # noqa: E402
 
 SIDES = ("float32", "bfloat16")
 
@@ -91,15 +92,13 @@ def side(params: dict, work: Path, dtype: str, args: argparse.Namespace) -> dict
 
 
 def paired(a: list[float | None], b: list[float | None]) -> dict | None:
-    """Mean of b - a over the pairs where both exist, with a 95% Student-t interval."""
-    diffs = [y - x for x, y in zip(a, b) if x is not None and y is not None]
-    if not diffs:
+    """b - a over the pairs where both exist: mean and 95% paired Student-t interval (no bounds for one pair)."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not pairs:
         return None
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return {"mean": round(mean, 4), "n": 1}
-    half = t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return {"mean": round(mean, 4), "lo": round(mean - half, 4), "hi": round(mean + half, 4), "n": len(diffs)}
+    mean, lo, hi = paired_difference_ci([y for _, y in pairs], [x for x, _ in pairs])
+    bounds = {} if math.isnan(lo) else {"lo": round(lo, 4), "hi": round(hi, 4)}
+    return {"mean": round(mean, 4), **bounds, "n": len(pairs)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -302,7 +302,8 @@ def sample_continuations(
     at the first of the ``stop`` strings in its text, which is cut before it (the stop
     string may span several tokens). At most ``batch_size`` sequences decode at once;
     ``dtype`` (None: the model's own; "float32", "bfloat16", or "auto": bf16 where the device runs it
-    natively, else the model's own) is the base weights' compute dtype. Seeded per row (see the module docstring). Returns prompt-major order.
+    natively, else the model's own) is the base weights' compute dtype. Seeded per row (see the module
+    docstring). Returns prompt-major order.
 
     Raises ValueError on bad arguments or a prompt that encodes to no tokens,
     NonFiniteLogitsError on NaN/+inf logits, UnsupportedArchitectureError on a model
