@@ -24,7 +24,8 @@ from model.io import atomic_dir, atomic_path
 from model.memory.checkpoint import open_memory_model, read_manifest, save_state
 from model.memory.wake import split_template
 from model.sleep.consolidation import fold_dreams
-from model.sleep.dreaming import DreamTask, dream_about, dream_policy, promote, task_from_examples, task_from_passage
+from model.sleep.dreaming import (DreamTask, dream_about, dream_policy, promote, task_from_examples, task_from_passage,
+                                  train_prompt)
 from model.sleep.held_out import HeldOutScore, answer_check, held_out_check, training_helped
 from model.sleep.rewards import SemanticJudge
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
@@ -101,12 +102,14 @@ def check_score(params: Params, model, tokenizer, cms, tasks: list[DreamTask], e
                           params.wake.eval_batch_size, params.wake.max_length)
 
 
-def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, meta: dict, period: int) -> dict | None:
+def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, meta: dict, period: int,
+               dreams: list[tuple[str, str]]) -> dict | None:
     """``dream.fold_into_slow``: fold the dream-trained fast level into the slow expert this sleep filled.
 
     D is the period's wake prompts (at most ``consolidation.prompt_buffer_size``, seeded), the
     rehearsal the old-task dreams the consolidation kept (the state's ``dreamed_inputs``); no
-    earlier period's examples are read. Returns the fold's report, or None when nothing was folded.
+    earlier period's examples are read. ``dreams``: the promoted (train prompt, dream) pairs, which the fold
+    also distils with ``dream.fold_dream_weight``. Returns the fold's report, or None when nothing was folded.
     """
     cfg = params.consolidation
     pairs, _ = _stream_picks(params, stream, period)
@@ -117,12 +120,14 @@ def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, met
                  for d in meta.get("dreamed_inputs", []) if int(d["task"]) < period]
     judge = SemanticJudge.load(cfg.semantic_threshold) if cfg.alpha < 1 and cfg.gamma > 0 else None
     res = fold_dreams(loaded.model, loaded.tokenizer, cms, period, prompts, cfg, params.wake.max_length, judge,
-                      seed=params.seed * 1_019 + period * 41, sampling=params.sampling, rehearsal=rehearsal)
+                      seed=params.seed * 1_019 + period * 41, sampling=params.sampling, rehearsal=rehearsal,
+                      dreams=dreams, dream_weight=params.dream.fold_dream_weight)
     if res is None:
         return None
     optimizer.drop_state(cms.level_parameters(0))
     optimizer.drop_state(cms.level_parameters(1, [res.slot]))
     return {"slot": res.slot, "prompts": len(prompts), "rehearsal": len(rehearsal),
+            "dreams": len(dreams) if params.dream.fold_dream_weight > 0 else 0,
             "distillation": [round(r.distillation, 5) for r in res.steps]}
 
 
@@ -178,8 +183,9 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     with writing_outputs(report_dir, *tables.values(), out):
         gated = gate_dream_table(pd.DataFrame([asdict(r) for r in rows]), cfg.gate, report_dir)
         promoted = gated[gated["promoted"]]
+        tasks_by_id = {t.context_id: t for t in tasks}
         losses = promote(
-            loaded.model, loaded.tokenizer, cms, {t.context_id: t for t in tasks},
+            loaded.model, loaded.tokenizer, cms, tasks_by_id,
             list(zip(promoted["context_id"], promoted["text"])), cfg, period,
         )
         kept, fold = True, None
@@ -187,10 +193,11 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         rest_trained = policy is None and cfg.rest_steps > 0 and bool((gated["reward"] == 1.0).any())
         trained = rest_trained or (cfg.promote_steps > 0 and len(promoted) > 0)
         if cfg.fold_into_slow and trained and cfg.task_source == "stream":
-            fold = fold_stage(params, loaded, cms, optimizer, stream, meta, period)
+            dreamt = [(train_prompt(tasks_by_id[c], cfg), t) for c, t in zip(promoted["context_id"], promoted["text"])]
+            fold = fold_stage(params, loaded, cms, optimizer, stream, meta, period, dreamt)
             if fold is not None:
                 log.info(f"dream {period}: folded the dream-trained fast level into slow slot {fold['slot']} "
-                         f"({fold['prompts']} prompts, {fold['rehearsal']} rehearsal dreams)")
+                         f"({fold['prompts']} prompts, {fold['rehearsal']} rehearsal dreams, {fold['dreams']} dreams' own text)")
         if cfg.promotion_check:
             after = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates) if trained else before
             kept = trained and training_helped(before, after)

@@ -31,6 +31,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_promotion_check": {"dream": {"promotion_check": False}},
     "dreams_into_slow": {"dream": {"train_into": "consolidated"}},
     "fold_dreams": {"dream": {"fold_into_slow": True}},
+    "fold_with_dreams": {"dream": {"fold_into_slow": True, "fold_dream_weight": 1.0}},
     "no_dream_policy": {"dream": {"policy": {"enabled": False}}},
     "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
     "no_freezing": {"cms": {"freeze_consolidated": False}},
@@ -76,7 +77,8 @@ MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing", "cosine_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
-    "no_promotion_check", "dreams_into_slow", "fold_dreams", "no_dream_policy", "base", "passage_finetune",
+    "no_promotion_check", "dreams_into_slow", "fold_dreams", "fold_with_dreams",
+    "no_dream_policy", "base", "passage_finetune",
     "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "in_context", "retrieval",
     "sleep_1", "sleep_2", "sleep_3",
 ]

@@ -107,6 +107,8 @@ METHODS: dict[str, str] = {
     "dreams_into_slow": "full sleep, dreams trained into the slow expert the sleep consolidated instead of the fast level",
     "fold_dreams": "full sleep, dreams trained into the fast level, then distilled into the slow expert the sleep "
     "consolidated, and the fast level freed",
+    "fold_with_dreams": "fold_dreams, the fold also distilling the dream-trained model on the promoted dreams' own "
+    "text (every token), not only on the wake prompts",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "
     "(no dream policy of its own)",
 }

@@ -224,6 +224,12 @@ class DreamConfig(Section):
         "prompts with the consolidation's rehearsal dreams (consolidation's settings), then free the fast level. The "
         "dreams stay with their period's expert and the next wake starts from an empty fast level.",
     )
+    fold_dream_weight: float = Field(
+        0.0, ge=0, le=100.0, description="With fold_into_slow: the fold also distils the dream-trained model on "
+        "the promoted dreams' own text (the train prompt and the dream, every token), with this weight beside the "
+        "wake prompts; 0: on the wake prompts only. The dreams are where the fast level learned, so their text "
+        "carries what the wake prompts alone may not (method fold_with_dreams).",
+    )
     promotion_check: bool = Field(
         True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "
         "the period's examples that no dream saw in its context (stream: among every label seen so far; "
@@ -253,4 +259,6 @@ class DreamConfig(Section):
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
         if self.fold_into_slow and self.train_into != "fast":
             raise ValueError("fold_into_slow folds dreams trained into the fast level: it needs train_into 'fast'")
+        if self.fold_dream_weight > 0 and not self.fold_into_slow:
+            raise ValueError("fold_dream_weight weighs the dreams in a fold: it needs fold_into_slow true")
         return self

@@ -145,6 +145,8 @@ def consolidate(
     freeze: bool = False,
     route_weight: float = 0.0,
     into: int | None = None,
+    anchors: Sequence[tuple[str, str]] = (),
+    anchor_weight: float = 1.0,
 ) -> ConsolidationResult:
     """Knowledge Seeding of level ``src`` into a new expert of level ``dst``; then reset ``src``.
 
@@ -164,6 +166,9 @@ def consolidate(
     merged first (:func:`model.memory.merging.merge_oldest`), so a sleep always has a slot.
     ``into``: an active slot of ``dst`` to train in place (against a frozen copy of itself, as
     without expansion) instead of a new expert; how a sleep folds its dreams (:func:`fold_dreams`).
+    ``anchors``: (prompt, text) pairs that the *teacher* (not the old model) keeps on every token, up to
+    ``cfg.rehearsal.batch_size`` of them beside every distillation batch, weighted by ``anchor_weight``:
+    a fold's promoted dreams, the text its fast level was trained on.
     """
     if not prompts:
         raise EmptyPromptBufferError("consolidation needs wake prompts, but the prompt buffer is empty")
@@ -261,6 +266,16 @@ def consolidate(
                     if route_weight > 0:  # the new expert fires on this period's inputs, not on the old tasks'
                         route = routing_loss(router_logits(cms, dst, [slot], [x[0] for x in pos], batch.segment >= 0),
                                              router_logits(cms, dst, [slot], [x[0] for x in neg], r_batch.segment >= 0))
+                if anchors and anchor_weight > 0:  # the teacher's function on the text it was trained on
+                    picked = [anchors[i] for i in rng.sample(range(len(anchors)), min(cfg.rehearsal.batch_size, len(anchors)))]
+                    a_batch = every_position(encode(tokenizer, [p for p, _ in picked], [c for _, c in picked], max_length))
+                    a_batch = a_batch.to(model.device)
+                    a_state = split.prefix(a_batch)
+                    with torch.no_grad(), teacher():
+                        at_logits = split.completion_logits(a_state, a_batch)
+                    with student():
+                        as_logits = split.completion_logits(a_state, a_batch)
+                    distill = distill + anchor_weight * distillation_loss(at_logits, as_logits, cfg.divergence, cfg.beta)
                 loss, mean_reward = cfg.alpha * distill, math.nan
                 if route is not None:
                     loss = loss + route_weight * route
@@ -375,6 +390,8 @@ def fold_dreams(
     seed: int,
     sampling: SamplingConfig | None = None,
     rehearsal: Sequence[tuple[str, str]] = (),
+    dreams: Sequence[tuple[str, str]] = (),
+    dream_weight: float = 0.0,
 ) -> ConsolidationResult | None:
     """Fold what a sleep's dreams trained into the fast level (level 0) into the level-1 expert the
     same sleep consolidated, then free the fast level (``dream.fold_into_slow``).
@@ -384,8 +401,10 @@ def fold_dreams(
     level masked, and only that expert learns; ``rehearsal`` pairs keep their old teacher (fast
     level masked, the expert as it was). So the dreams stay with their period's expert, which
     prototype routing gives the period's inputs, and the next wake starts from an empty fast
-    level instead of a dream-trained one. Returns None (nothing changed) when this sleep filled
-    no level-1 expert.
+    level instead of a dream-trained one. With ``dream_weight`` > 0 the teacher is also distilled on
+    ``dreams``, the (train prompt, dream) pairs the fast level was trained on, at every token
+    (``dream.fold_dream_weight``): the wake prompts alone show only what the dreams changed on them.
+    Returns None (nothing changed) when this sleep filled no level-1 expert.
     """
     if cms.n_levels < 2:
         return None
@@ -393,4 +412,5 @@ def fold_dreams(
     if slot is None:
         return None
     return consolidate(model, tokenizer, cms, 0, 1, prompts, cfg, max_length, judge, seed,
-                       origin=f"dream-fold@period-{period}", sampling=sampling, rehearsal=rehearsal, into=slot)
+                       origin=f"dream-fold@period-{period}", sampling=sampling, rehearsal=rehearsal, into=slot,
+                       anchors=dreams, anchor_weight=dream_weight)

@@ -173,6 +173,7 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("sleep", ("lifecycle", "diagnostics"), True), ("no_promotion_check", ("dream", "promotion_check"), False),
     ("sleep", ("dream", "promotion_check"), True), ("dreams_into_slow", ("dream", "train_into"), "consolidated"),
     ("sleep", ("dream", "train_into"), "fast"), ("fold_dreams", ("dream", "fold_into_slow"), True),
+    ("fold_dreams", ("dream", "fold_dream_weight"), 0.0), ("fold_with_dreams", ("dream", "fold_dream_weight"), 1.0),
     ("no_dream_policy", ("dream", "policy", "enabled"), False), ("sleep", ("dream", "policy", "enabled"), True),
 ])
 def test_each_method_sets_its_switch(tmp_path, method, field, value):

@@ -189,12 +189,15 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     assert [a[4] == b[4] for a, b in zip(after, before)] == [True, False]  # init unchanged, period 0's expert moved
     # Dreams trained into the fast level, then folded into the slow expert this sleep consolidated: the fast
     # level is free again, only period 0's expert moved, and the manifest says the dreams were folded.
-    doc = {**original, "dream": {**original["dream"], "fold_into_slow": True, "promotion_check": False}}
+    # With fold_dream_weight the fold also distils on the promoted dreams' own text.
+    doc = {**original, "dream": {**original["dream"], "fold_into_slow": True, "fold_dream_weight": 1.0,
+                                 "promotion_check": False}}
     params_path.write_text(yaml.safe_dump(doc))
     report = dream(0, str(params_path))
     folded = read_manifest(tmp_path / "state/sleep/period-0")
     assert report["funnel"]["promoted"] >= 1 and report["fold"]["slot"] == before[1][0] and report["fold"]["prompts"] > 0
     assert len(report["fold"]["distillation"]) == doc["consolidation"]["steps"]
+    assert report["fold"]["dreams"] == report["funnel"]["promoted"]
     assert not any(e["active"] for e in folded["levels"][0]["experts"]) and folded["metadata"]["dream"]["folded"] is True
     after = slow(folded)
     assert [x[:4] for x in after] == [x[:4] for x in before]

@@ -238,6 +238,55 @@ def test_fold_dreams_moves_the_fast_level_into_the_periods_expert_only():
     assert fold_dreams(lm.model, lm.tokenizer, cms, 3, PROMPTS, _cfg(steps=2), 32, None, seed=1) is None
 
 
+def _dream_trained_after_consolidation():
+    """A sleep that consolidated period 2 into level 1, then trained its dreams into a fresh fast expert."""
+    lm, cms, _, _, _ = _fast_level_with_knowledge()
+    cms.begin_period(2)
+    consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=5), 32, None, seed=0,
+                origin="consolidation:fast->slow@period-2", freeze=True)
+    g = torch.Generator().manual_seed(11)
+    slot0 = cms.unlock(0, "dream@period-2")
+    with torch.no_grad():
+        for bank in cms.banks(0):
+            bank.A[slot0].normal_(0, 0.3, generator=g)
+            bank.B[slot0].normal_(0, 0.3, generator=g)
+    return lm, cms
+
+
+DREAMS = [("Examples of requests:", "check my balance -> balance\nhow much is left -> balance"),
+          ("Examples of requests:", "wake me at six -> alarm\nan alarm for noon -> alarm")]
+
+
+def test_fold_with_dreams_carries_the_dream_text_into_the_periods_expert():
+    """``dream.fold_dream_weight``: the fold also distils the dream-trained model on the dreams' own text,
+    every token; the period's expert then answers that text as the dream-trained model did, far closer
+    than a fold on the wake prompts alone gets it (same state, seed and steps)."""
+    from model.sleep.consolidation import every_position, fold_dreams
+
+    gaps = {}
+    for weight in (0.0, 1.0):
+        lm, cms = _dream_trained_after_consolidation()
+        text = every_position(encode(lm.tokenizer, [p for p, _ in DREAMS], [d for _, d in DREAMS], 48))
+        dreamt = _completion_logits(lm, text)
+        with cms.levels_masked([0]):
+            before = float(distillation_loss(dreamt, _completion_logits(lm, text), "forward_kl", 0.0))
+        res = fold_dreams(lm.model, lm.tokenizer, cms, 2, PROMPTS, _cfg(steps=30), 48, None, seed=1,
+                          dreams=DREAMS, dream_weight=weight)
+        assert res is not None and cms.active_slots(0) == []
+        gaps[weight] = (before, float(distillation_loss(dreamt, _completion_logits(lm, text), "forward_kl", 0.0)))
+    assert gaps[0.0][0] == gaps[1.0][0] > 0  # the same dream-trained state before either fold
+    assert gaps[1.0][1] < 0.5 * gaps[1.0][0], gaps
+    assert gaps[1.0][1] < 0.5 * gaps[0.0][1], gaps
+
+
+def test_fold_dream_weight_needs_a_fold():
+    from model.config import DreamConfig
+
+    with pytest.raises(ValueError, match="fold_dream_weight.*fold_into_slow"):
+        DreamConfig(fold_dream_weight=1.0)
+    assert DreamConfig(fold_into_slow=True, fold_dream_weight=1.0).fold_dream_weight == 1.0
+
+
 def test_training_in_place_needs_an_active_slot():
     lm, cms, _, _, _ = _fast_level_with_knowledge()
     free = cms.free_slots(1)[0]
