@@ -108,8 +108,8 @@ def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, met
 
     D is the period's wake prompts (at most ``consolidation.prompt_buffer_size``, seeded), the
     rehearsal the old-task dreams the consolidation kept (the state's ``dreamed_inputs``); no
-    earlier period's examples are read. ``dreams``: the promoted (train prompt, dream) pairs, which the fold
-    also distils with ``dream.fold_dream_weight``. Returns the fold's report, or None when nothing was folded.
+    earlier period's examples are read. ``dreams``: the promoted (train prompt, dream) pairs the fold also
+    distils (``dream.fold_dream_weight`` > 0; else none). Returns the fold's report, or None when nothing was folded.
     """
     cfg = params.consolidation
     pairs, _ = _stream_picks(params, stream, period)
@@ -127,7 +127,7 @@ def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, met
     optimizer.drop_state(cms.level_parameters(0))
     optimizer.drop_state(cms.level_parameters(1, [res.slot]))
     return {"slot": res.slot, "prompts": len(prompts), "rehearsal": len(rehearsal),
-            "dreams": len(dreams) if params.dream.fold_dream_weight > 0 else 0,
+            "dreams": len(dreams),
             "distillation": [round(r.distillation, 5) for r in res.steps]}
 
 
@@ -193,7 +193,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         rest_trained = policy is None and cfg.rest_steps > 0 and bool((gated["reward"] == 1.0).any())
         trained = rest_trained or (cfg.promote_steps > 0 and len(promoted) > 0)
         if cfg.fold_into_slow and trained and cfg.task_source == "stream":
-            dreamt = [(train_prompt(tasks_by_id[c], cfg), t) for c, t in zip(promoted["context_id"], promoted["text"])]
+            dreamt = ([(train_prompt(tasks_by_id[c], cfg), t) for c, t in zip(promoted["context_id"], promoted["text"])]
+                      if cfg.fold_dream_weight > 0 else [])
             fold = fold_stage(params, loaded, cms, optimizer, stream, meta, period, dreamt)
             if fold is not None:
                 log.info(f"dream {period}: folded the dream-trained fast level into slow slot {fold['slot']} "

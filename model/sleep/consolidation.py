@@ -252,12 +252,9 @@ def consolidate(
                 distill = distillation_loss(t_logits, s_logits, cfg.divergence, cfg.beta)
                 route = None
                 if rehearsal and (cfg.rehearsal.weight > 0 or route_weight > 0):  # old tasks: the old model teaches
-                    old = [rehearsal[i] for i in rng.sample(range(len(rehearsal)), min(cfg.rehearsal.batch_size, len(rehearsal)))]
-                    r_batch = encode(tokenizer, [p for p, _ in old], [c for _, c in old], max_length)
-                    if cfg.rehearsal.all_positions:  # keep the old function on every token, not just the label's
-                        r_batch = every_position(r_batch)
-                    r_batch = r_batch.to(model.device)
-                    r_state = split.prefix(r_batch)
+                    # all_positions: keep the old function on every token, not just the label's
+                    r_batch, r_state = _pairs_batch(rehearsal, rng, cfg.rehearsal.batch_size, tokenizer, max_length,
+                                                    cfg.rehearsal.all_positions, split)
                     with torch.no_grad(), old_teacher():
                         rt_logits = split.completion_logits(r_state, r_batch)
                     with student(), captured_inputs(cms, dst) as neg:
@@ -267,10 +264,8 @@ def consolidate(
                         route = routing_loss(router_logits(cms, dst, [slot], [x[0] for x in pos], batch.segment >= 0),
                                              router_logits(cms, dst, [slot], [x[0] for x in neg], r_batch.segment >= 0))
                 if anchors and anchor_weight > 0:  # the teacher's function on the text it was trained on
-                    picked = [anchors[i] for i in rng.sample(range(len(anchors)), min(cfg.rehearsal.batch_size, len(anchors)))]
-                    a_batch = every_position(encode(tokenizer, [p for p, _ in picked], [c for _, c in picked], max_length))
-                    a_batch = a_batch.to(model.device)
-                    a_state = split.prefix(a_batch)
+                    a_batch, a_state = _pairs_batch(anchors, rng, cfg.rehearsal.batch_size, tokenizer, max_length,
+                                                    True, split)
                     with torch.no_grad(), teacher():
                         at_logits = split.completion_logits(a_state, a_batch)
                     with student():
@@ -303,6 +298,16 @@ def consolidate(
     if freeze:
         cms.freeze(dst, slot, reason=f"consolidated from level {src}")
     return result
+
+
+def _pairs_batch(pairs: Sequence[tuple[str, str]], rng: random.Random, k: int, tokenizer: PreTrainedTokenizerBase,
+                 max_length: int, all_tokens: bool, split: SplitForward) -> tuple[Batch, torch.Tensor]:
+    """Up to ``k`` of the (prompt, completion) ``pairs``, drawn with ``rng``, as a batch on the model's device
+    (every token marked for distillation with ``all_tokens``) and its hidden states below the CMS layers."""
+    picked = [pairs[i] for i in rng.sample(range(len(pairs)), min(k, len(pairs)))]
+    batch = encode(tokenizer, [p for p, _ in picked], [c for _, c in picked], max_length)
+    batch = (every_position(batch) if all_tokens else batch).to(split.model.device)
+    return batch, split.prefix(batch)
 
 
 def every_position(batch: Batch) -> Batch:
