@@ -15,6 +15,10 @@ Student-t interval for each outcome; "no change beyond seed noise" means the int
 its width is what seeds vary by.
 
     python bench/sampling_dtype.py --seeds 0 1 2 --tasks 2 --out docs/results/issue18/sampling_dtype.json
+
+A default is a choice: make it on development streams (``--dev``: labels no evaluation stream uses),
+never on the evaluation streams. ``--keep`` keeps the work directories and reuses every run that
+finished there, so an interrupted check resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ def side(params: dict, work: Path, dtype: str, args: argparse.Namespace) -> dict
     comp.setdefault("overrides", {}).setdefault("data", {})["n_tasks"] = args.tasks
     p["evaluation"]["workers"] = 1
     seconds = run_comparison(ROOT, p, work, f"sampling-dtype-{dtype}", args.comparison,
-                             ["--methods", "sleep", "--seeds", *map(str, args.seeds)])
-    runs = {s: run_outcome(work / "state" / args.comparison / "sleep" / f"seed-{s}", args.tasks) for s in args.seeds}
+                             ["--methods", "sleep", "--seeds", *map(str, args.seeds), *(["--dev"] if args.dev else [])])
+    name = f"{args.comparison}-dev" if args.dev else args.comparison
+    runs = {s: run_outcome(work / "state" / name / "sleep" / f"seed-{s}", args.tasks) for s in args.seeds}
     return {"dtype": dtype, "seconds": round(seconds, 1), "runs": runs}
 
 
@@ -107,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--comparison", default="default")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--tasks", type=int, default=2, help="data.n_tasks of the stream: sleeps per run")
-    ap.add_argument("--keep", action="store_true", help="keep the runs' work directories (state/bench-sampling-dtype)")
+    ap.add_argument("--dev", action="store_true", help="on the comparison's development streams (NAME-dev)")
+    ap.add_argument("--keep", action="store_true", help="keep the runs' work directories (state/bench-sampling-dtype) "
+                    "and reuse the runs that finished there (resume)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/sampling_dtype.json"))
     args = ap.parse_args(argv)
     params = yaml.safe_load(Path(args.params).read_text())
     work = ROOT / "state" / "bench-sampling-dtype"  # state/ is not in git; each side starts from nothing
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     try:
         sides = {dtype: side(params, work / dtype, dtype, args) for dtype in SIDES}
     finally:
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         f, b = sum(fp[s][key] for s in seeds), sum(bf[s][key] for s in seeds)
         speed[key.replace("_seconds", "")] = {"float32": round(f, 1), "bfloat16": round(b, 1),
                                               "speedup": round(f / b, 2) if b else None}
-    res = {"comparison": args.comparison, "tasks": args.tasks, "seeds": seeds, "cpus": os.cpu_count(),
+    res = {"comparison": args.comparison, "dev": args.dev, "tasks": args.tasks, "seeds": seeds, "cpus": os.cpu_count(),
            "sides": sides, "bf16_minus_fp32": check, "speed": speed}
     save_results(res, args.out)
     print(json.dumps({"bf16_minus_fp32": check, "speed": speed}, indent=1))
