@@ -78,15 +78,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     since = dt.datetime.now(dt.timezone.utc)
     os.environ[JOB_ENV] = job = uuid.uuid4().hex  # the stages DVC starts tag their runs with it
     t0 = time.perf_counter()
-    with local_server(root / ".prefect-server.log") as url, contextlib.ExitStack() as stack:
+    def start_stages(url: str) -> None:  # while the Prefect server starts (flows/server.py)
         os.environ["PREFECT_API_URL"] = url  # for the processes this one starts (DVC, the stage server)
+        if not args.no_dvc:  # one process imports torch & co. once; each DVC stage forks from it
+            os.environ[STAGE_SERVER_ENV] = stack.enter_context(stage_server())
+
+    with contextlib.ExitStack() as stack, local_server(root / ".prefect-server.log", while_starting=start_stages) as url:
         # and for this process: Prefect read its settings when it was imported (the error classes import
         # it), so without this `--no-dvc` would start a temporary API of its own beside the server
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
-        if not args.no_dvc:  # one process imports torch & co. once; each DVC stage forks from it
-            os.environ[STAGE_SERVER_ENV] = stack.enter_context(stage_server())
         t_server = time.perf_counter() - t0
         if args.no_dvc:
             from flows.lifecycle import lifecycle

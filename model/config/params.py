@@ -128,11 +128,16 @@ def check_project_paths(params: Params, root: Path, where: str | Path) -> None:
         raise ConfigError(f"{where}: invalid parameters:\n" + "\n".join(errors))
 
 
+#: yaml.safe_load's loader in C where PyYAML has libyaml (the same safe subset, ~10x faster: every stage reads
+#: params.yaml two or three times, 60 ms each in Python)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; raise ConfigError naming the file and field."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as e:

@@ -271,6 +271,8 @@ def open_memory_model(
     """
     from model.decoding.loading import load_base_model, resolve_device
 
+    if (checked := _take_checked(params, root, state, with_optimizer)) is not None:
+        return checked
     loaded = load_base_model(params.model, root=root)
     cms = attach_cms(loaded.model, params.cms, seed=params.seed)
     loaded.model.to(resolve_device(params.model.device))
@@ -293,25 +295,53 @@ def open_memory_model(
     return loaded, cms, optimizer
 
 
+#: The state :func:`check_state` opened last, kept for the stage that checked it: (key, model, levels, optimiser).
+_checked: tuple[tuple, "LoadedModel", ContinuumMemory, ChunkedOptimizer] | None = None
+
+
+def _checked_key(params: "Params", root: Path, state: str | Path) -> tuple:
+    state = Path(state)
+    return (params.model_dump_json(), str(Path(root).resolve()), str(state.resolve()),
+            sha256_file(state / MANIFEST_FILE) if (state / MANIFEST_FILE).is_file() else None)
+
+
+def _take_checked(params: "Params", root: Path, state: str | Path | None, with_optimizer: bool):
+    """The model :func:`check_state` opened, if it is this one (same params, root, state and manifest); it is
+    handed out once, and the next opening lets it go whatever it asks for, so it is never held longer."""
+    global _checked
+    held, _checked = _checked, None
+    if held is None:
+        return None
+    if state is None or held[0] != _checked_key(params, root, state):
+        import gc
+
+        del held
+        gc.collect()  # the model's reference cycles: free it before the caller loads its own
+        return None
+    _, loaded, cms, optimizer = held
+    return loaded, cms, optimizer if with_optimizer else None
+
+
 def check_state(params: "Params", root: Path, state: str | Path, needed_by: str) -> dict[str, Any]:
     """Open ``state`` exactly as a stage will (base model, memory levels, optimiser, every check of
-    :func:`load_state`) and let it go; return its manifest.
+    :func:`load_state`) and keep it for the stage; return its manifest.
 
     A stage calls this before it starts its flow, so a missing, damaged or foreign state is one
     CheckpointError naming the file and the field, not a failure in the middle of a run. ``needed_by``
-    says which stage needs it (for the message of a missing state).
+    says which stage needs it (for the message of a missing state). The opened model is kept, and the stage's
+    own :func:`open_memory_model` of the same state (same params, root and manifest) takes it instead of opening
+    it a second time (about 1 s of each stage: the base model's load and checksums, and freeing the copy).
     """
-    import gc
-
+    global _checked
+    _checked = None
     state = Path(state)
     if not state.is_dir():
         raise CheckpointError(f"{state}: missing; {needed_by}")
-    _, cms, _ = open_memory_model(params, root, state, with_optimizer=True)
+    loaded, cms, optimizer = open_memory_model(params, root, state, with_optimizer=True)
     routing, protos = params.cms.routing, cms.prototypes
     if routing.by_prototype and protos is not None and protos.metric != routing.metric:  # the next wake adds to them
         raise CheckpointError(f"{state / EXPERTS_FILE}: its routing prototypes use the {protos.metric} metric, but "
                               f"params' cms.routing.metric is {routing.metric}; a state keeps the metric it started "
                               f"with (set cms.routing.metric: {protos.metric} to go on from it)")
-    del cms
-    gc.collect()  # the model's reference cycles: free it before the stage loads its own
+    _checked = (_checked_key(params, root, state), loaded, cms, optimizer)
     return read_manifest(state)

@@ -156,3 +156,70 @@ def test_a_damaged_state_is_one_error_naming_the_file_and_field(tmp_path, case, 
         load_state(cms2, state)
     assert "\n" not in str(err.value)
     torch.testing.assert_close(logits(lm2, batch), before, rtol=0, atol=0)
+
+
+def _checked_project(tmp_path):
+    """A params.yaml for the tiny model and a saved state of it with one trained step (state ``s``)."""
+    import yaml
+
+    from model.config import load_params
+    from model.memory.checkpoint import open_memory_model
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "seed": 0, "model": {"source": "tiny"},
+        "cms": {"top_layers": 2, "levels": [
+            {"name": "fast", "chunk_size": 1, "lr": 0.05, "n_experts": 3, "d_low": 8, "top_k": 2},
+            {"name": "slow", "chunk_size": 12, "lr": 0.02, "n_experts": 3, "d_low": 8, "top_k": 2}]},
+    }))
+    params = load_params(tmp_path / "params.yaml")
+    lm, cms, opt = open_memory_model(params, tmp_path, None, with_optimizer=True)
+    batch = toy_batch(lm)
+    sft_loss(lm.model, batch).backward()
+    opt.step()
+    save_state(cms, tmp_path / "s", opt)
+    return params, batch
+
+
+def test_a_checked_state_is_opened_once_and_is_the_state_a_fresh_open_gives(tmp_path):
+    from model.memory.checkpoint import check_state, open_memory_model
+
+    params, batch = _checked_project(tmp_path)
+    fresh, _, fresh_opt = open_memory_model(params, tmp_path, tmp_path / "s", with_optimizer=True)
+    check_state(params, tmp_path, tmp_path / "s", "test")
+    lm, cms, opt = open_memory_model(params, tmp_path, tmp_path / "s", with_optimizer=True)
+    torch.testing.assert_close(logits(lm, batch), logits(fresh, batch), rtol=0, atol=0)
+    assert opt is not None and cms.step == 1
+    again, _, _ = open_memory_model(params, tmp_path, tmp_path / "s", with_optimizer=True)
+    assert again.model is not lm.model  # handed out once: the next opening loads its own
+    # The stage of the check gets the model the check opened, without the optimiser when it asks for none.
+    check_state(params, tmp_path, tmp_path / "s", "test")
+    lm2, _, opt2 = open_memory_model(params, tmp_path, tmp_path / "s")
+    assert opt2 is None
+    torch.testing.assert_close(logits(lm2, batch), logits(fresh, batch), rtol=0, atol=0)
+
+
+def test_a_checked_state_is_not_handed_to_another_state_or_params(tmp_path):
+    from model.config import load_params
+    from model.memory.checkpoint import check_state, open_memory_model
+
+    params, batch = _checked_project(tmp_path)
+    check_state(params, tmp_path, tmp_path / "s", "test")
+    fresh, _, _ = open_memory_model(params, tmp_path, None)  # another state (none): a model of its own
+    held, _, _ = open_memory_model(params, tmp_path, tmp_path / "s")
+    assert held.model is not fresh.model
+    # Changed params (another seed) do not take the checked model either.
+    check_state(params, tmp_path, tmp_path / "s", "test")
+    other = load_params(tmp_path / "params.yaml").for_run({"seed": 3}, "test")
+    lm, _, _ = open_memory_model(other, tmp_path, tmp_path / "s")
+    lm2, _, _ = open_memory_model(params, tmp_path, tmp_path / "s")
+    assert lm2.model is not lm.model
+    # A state rewritten after the check (its manifest changed) is opened again, not taken from the check.
+    check_state(params, tmp_path, tmp_path / "s", "test")
+    lm3, cms3, opt3 = open_memory_model(params, tmp_path, tmp_path / "s", with_optimizer=True)
+    cms3.unlock(1, origin="consolidation:test")
+    save_state(cms3, tmp_path / "s", opt3)
+    check_state(params, tmp_path, tmp_path / "s", "test")
+    cms3.unlock(1, origin="consolidation:test2")
+    save_state(cms3, tmp_path / "s", opt3)
+    _, cms4, _ = open_memory_model(params, tmp_path, tmp_path / "s")
+    assert len(cms4.active_slots(1)) == len(cms3.active_slots(1))
