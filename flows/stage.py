@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -174,6 +175,10 @@ def serve(path: str) -> None:
     """Import everything once, then fork a stage per connection (one at a time, as DVC runs them)."""
     for module in PRELOAD:
         importlib.import_module(module)
+    # The ~675k objects the imports made live as long as the server: out of the collector's sight, so a stage's
+    # full collections (several in a long stage) scan only the stage's own objects, 3 ms instead of 0.35 s.
+    gc.collect()
+    gc.freeze()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
