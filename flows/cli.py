@@ -47,23 +47,24 @@ TIMINGS = Path("metrics/timings/orchestration.json")
 
 def _task_seconds(since: dt.datetime, tag: str | None = None) -> tuple[float, int]:
     """Total duration of the Prefect task runs that started after ``since`` (and their number); with ``tag``,
-    only the runs that carry it.
+    only the task runs of the flow runs that carry it (the job's flows tag their own runs, not their tasks':
+    flows.stage.tag_job_run).
 
     A subflow called from a flow has a task run of its own in the parent, which lasts as long as the
     subflow and its tasks: it is left out, or the subflow's tasks would count twice."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, FlowRunFilterTags,
-                                                TaskRunFilter, TaskRunFilterStartTime, TaskRunFilterTags)
+                                                TaskRunFilter, TaskRunFilterStartTime)
 
-    tagged = {"tags": TaskRunFilterTags(all_=[tag])} if tag else {}
     flow_tagged = {"tags": FlowRunFilterTags(all_=[tag])} if tag else {}
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since), **tagged), limit=None)
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)),
+                                     limit=None)
         flows_ = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since), **flow_tagged), limit=None)
     wrappers = {f.parent_task_run_id for f in flows_ if f.parent_task_run_id is not None}
-    tasks_ = [r for r in runs if r.id not in wrappers]
+    mine = {f.id for f in flows_}
+    tasks_ = [r for r in runs if r.id not in wrappers and (tag is None or r.flow_run_id in mine)]
     total = sum(r.total_run_time.total_seconds() for r in tasks_ if r.total_run_time)
     return total, len(tasks_)
 
@@ -96,15 +97,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             from flows.publish import main as publish_main
             from model.config import load_params
 
-            from prefect import tags
-
-            with tags(job_tag(job)):
-                prepare(args.params)
-                lifecycle(args.params)
-                # As the DVC pipeline's publish stage does: send what is still queued, and exit 1 (with the store's
-                # error) while anything stays queued, so a scheduler sees it. A finished run's objects are not re-sent.
-                if load_params(args.params).lifecycle.publish and (code := publish_main(["--params", args.params])):
-                    return code
+            prepare(args.params)  # the flows tag their runs with the job (JOB_ENV; flows.stage.tag_job_run)
+            lifecycle(args.params)
+            # As the DVC pipeline's publish stage does: send what is still queued, and exit 1 (with the store's
+            # error) while anything stays queued, so a scheduler sees it. A finished run's objects are not re-sent.
+            if load_params(args.params).lifecycle.publish and (code := publish_main(["--params", args.params])):
+                return code
         else:
             cmd = ["dvc", "repro", *(["--force"] if args.force else []), "dvc.yaml"]  # not pipelines/inbox
             proc = subprocess.run(cmd, cwd=root, env=dict(os.environ))

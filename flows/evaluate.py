@@ -10,12 +10,13 @@ from prefect import flow
 from flows.args import command_parser
 from flows.errors import reporting_errors
 from flows.locked import run_locked
+from flows.stage import tag_job_run
 from model.config import Params, load_project
 from tasks.evaluate import evaluate_cycle, summarise_cycles
 from tasks.guards import check_evaluate_inputs, lifecycle_lock
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, on_running=[tag_job_run])
 def evaluate(period: int, params_path: str = "params.yaml", summary: bool = True) -> dict:
     """Evaluate the state after the sleep of ``period``; with ``summary``, rewrite the matrix R[i][j] so far."""
     params, root = load_project(params_path)

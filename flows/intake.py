@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from flows.args import command_parser
 from flows.evaluate import run_evaluate
 from flows.sleep import run_sleep
+from flows.stage import tag_job_run
 from flows.wake import run_wake
 from model.config import Params, load_project
 from tasks.guards import lifecycle_lock
@@ -38,7 +39,7 @@ from tasks.intake import (
 from tasks.wake import timings_path, write_metrics
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest", log_prints=True, on_running=[tag_job_run])
 def ingest(src: str, params_path: str = "params.yaml", fmt: str | None = None) -> dict:
     """Put ``src`` (a path or s3://bucket/key) into the inbox; return its ledger record."""
     params, root = load_project(params_path)
@@ -96,19 +97,19 @@ def _sleep_step(params: Params, root: Path, p: Params, period: dict) -> dict:
     return {"period": period["period"], "sleep": sleep, "evaluate": row}
 
 
-@flow(name="wake-inbox", log_prints=True)
+@flow(name="wake-inbox", log_prints=True, on_running=[tag_job_run])
 def wake_inbox(params_path: str = "params.yaml") -> dict | None:
     """Wake on the waiting batches (the next inbox period); None when nothing is new or a sleep is due first."""
     return _inbox_step(params_path, _wake_due, _wake_step)
 
 
-@flow(name="sleep-inbox", log_prints=True)
+@flow(name="sleep-inbox", log_prints=True, on_running=[tag_job_run])
 def sleep_inbox(params_path: str = "params.yaml") -> dict | None:
     """Sleep after the inbox period whose wake is done, then evaluate it; None when no such period waits."""
     return _inbox_step(params_path, _sleep_due, _sleep_step)
 
 
-@flow(name="cycle", log_prints=True)
+@flow(name="cycle", log_prints=True, on_running=[tag_job_run])
 def cycle(params_path: str = "params.yaml") -> dict:
     """Wake on the new batches, then sleep and evaluate: one inbox period end to end."""
     woke = wake_inbox(params_path)
@@ -116,7 +117,7 @@ def cycle(params_path: str = "params.yaml") -> dict:
     return {"wake": woke, "sleep": slept}
 
 
-@flow(name="rebuild", log_prints=True)
+@flow(name="rebuild", log_prints=True, on_running=[tag_job_run])
 def rebuild(period: int, out: str, params_path: str = "params.yaml") -> dict:
     """Rebuild inbox period ``period`` in the empty directory ``out`` from the ledger (its batches, in the
     groups the periods consumed them) and check each state against the digest the ledger recorded.
@@ -140,7 +141,7 @@ def rebuild(period: int, out: str, params_path: str = "params.yaml") -> dict:
     return {"period": period, "out": str(target), "identical": same}
 
 
-@flow(name="replay", log_prints=True)
+@flow(name="replay", log_prints=True, on_running=[tag_job_run])
 def replay(period: int, params_path: str = "params.yaml") -> dict:
     """Replay finished inbox period ``period`` in place: its wake, sleep and evaluation, from the state before it
     and the batches the ledger says it consumed (the command of its stage in ``pipelines/inbox/dvc.yaml``).

@@ -21,6 +21,7 @@ from flows.evaluate import evaluate
 from flows.locked import run_locked
 from flows.report import report
 from flows.sleep import sleep
+from flows.stage import tag_job_run
 from flows.wake import wake
 from model.config import load_project
 from tasks.guards import lifecycle_lock
@@ -52,7 +53,7 @@ def _cycle_markdown(row: dict, published: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-@flow(name="lifecycle", log_prints=True)
+@flow(name="lifecycle", log_prints=True, on_running=[tag_job_run])
 def lifecycle(params_path: str = "params.yaml") -> list[dict]:
     """For every period of the stream: wake, sleep, evaluate, publish; then the report."""
     params, root = load_project(params_path)

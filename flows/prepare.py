@@ -13,6 +13,7 @@ from prefect import flow
 
 from flows.args import command_parser
 from flows.errors import reporting_errors
+from flows.stage import tag_job_run
 from model.config import load_params
 from tasks.guards import check_prepare_inputs
 from tasks.prepare import (
@@ -26,7 +27,7 @@ from tasks.prepare import (
 REPORT_DIR = Path("reports/prepare")
 
 
-@flow(name="prepare", log_prints=True)
+@flow(name="prepare", log_prints=True, on_running=[tag_job_run])
 def prepare(params_path: str = "params.yaml") -> str:
     """Load the source, build and validate the stream, write it; return the stream path."""
     params_file = Path(params_path).resolve()

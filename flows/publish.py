@@ -11,11 +11,12 @@ import sys
 from prefect import flow
 
 from flows.args import command_parser
+from flows.stage import tag_job_run
 from model.config import load_project
 from tasks.publish import default_run_id, last_evaluated, publish_cycle_artifacts
 
 
-@flow(name="publish", log_prints=True)
+@flow(name="publish", log_prints=True, on_running=[tag_job_run])
 def publish(params_path: str = "params.yaml", run_id: str | None = None) -> list[dict]:
     """Publish each cycle that has been evaluated (``metrics/lifecycle/period-N.json`` exists)."""
     params, root = load_project(params_path)

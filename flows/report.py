@@ -14,13 +14,14 @@ from prefect import flow
 
 from flows.args import command_parser
 from flows.errors import reporting_errors
+from flows.stage import tag_job_run
 from model.config import load_params
 from reporting import print_summary_table
 from tasks.evaluate import summarise_cycles
 from tasks.report import report_task
 
 
-@flow(name="report", log_prints=True)
+@flow(name="report", log_prints=True, on_running=[tag_job_run])
 def report(params_path: str = "params.yaml") -> dict[str, Any]:
     """Write the lifecycle report and print the summary table; return the summary."""
     params_file = Path(params_path).resolve()

@@ -17,6 +17,7 @@ from prefect.transactions import transaction
 from flows.args import command_parser
 from flows.errors import reporting_errors
 from flows.locked import run_locked
+from flows.stage import tag_job_run
 from model.config import Params, load_project
 from tasks.caching import outputs_match
 from tasks.dream import dream_and_promote
@@ -51,7 +52,7 @@ def run_dreaming(params: Params, root: Path, period: int, stream: pd.DataFrame, 
     return report
 
 
-@flow(name="consolidate", log_prints=True)
+@flow(name="consolidate", log_prints=True, on_running=[tag_job_run])
 def consolidate(period: int, params_path: str = "params.yaml") -> dict:
     """Knowledge Seeding of every level pair due after wake period ``period``; writes the consolidated state."""
     params, root = load_project(params_path)
@@ -62,7 +63,7 @@ def consolidate(period: int, params_path: str = "params.yaml") -> dict:
     return report
 
 
-@flow(name="dream", log_prints=True)
+@flow(name="dream", log_prints=True, on_running=[tag_job_run])
 def dream(period: int, params_path: str = "params.yaml") -> dict:
     """Dream about the period's tasks, gate the dreams, promote the good ones; writes the sleep state."""
     params, root = load_project(params_path)
@@ -73,7 +74,7 @@ def dream(period: int, params_path: str = "params.yaml") -> dict:
     return report
 
 
-@flow(name="sleep", log_prints=True)
+@flow(name="sleep", log_prints=True, on_running=[tag_job_run])
 def sleep(period: int, params_path: str = "params.yaml") -> dict:
     """A sleep after wake period ``period``: consolidation (stage 1), then dreaming (stage 2), atomically.
 

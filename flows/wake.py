@@ -10,6 +10,7 @@ from prefect import flow
 from flows.args import command_parser
 from flows.errors import reporting_errors
 from flows.locked import run_locked
+from flows.stage import tag_job_run
 from model.config import Params, load_project
 from tasks.caching import outputs_match
 from tasks.guards import check_wake_inputs, lifecycle_lock
@@ -25,7 +26,7 @@ def run_wake(params: Params, root: Path, period: int) -> dict:
     return {"period": period, "task": period, **metrics}
 
 
-@flow(name="wake", log_prints=True)
+@flow(name="wake", log_prints=True, on_running=[tag_job_run])
 def wake(period: int, params_path: str = "params.yaml") -> dict:
     """Train the memory levels on period ``period`` of the stream (from the previous sleep's state)."""
     params, root = load_project(params_path)

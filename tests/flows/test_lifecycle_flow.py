@@ -256,32 +256,46 @@ def test_the_main_jobs_task_time_counts_a_subflows_tasks_once(prefect_harness):
     assert n == 2 and 0.6 <= seconds < wall
 
 
-def test_the_main_jobs_task_time_counts_only_the_runs_of_its_job(prefect_harness):
-    """Runs another process writes into the same Prefect database meanwhile are not the job's: only the runs
-    tagged with the job's tag count (``lm-sleep run`` once counted a concurrent comparison's, 4,868 s of tasks
-    in a 2,100 s job)."""
+def test_the_main_jobs_task_time_counts_only_the_runs_of_its_job(prefect_harness, monkeypatch):
+    """Runs another process writes into the same Prefect database meanwhile are not the job's: only the task runs
+    of the flow runs tagged with the job's tag count (``lm-sleep run`` once counted a concurrent comparison's,
+    4,868 s of tasks in a 2,100 s job). The job's flows tag their own runs, not their task runs: a tagged task run
+    waits for a concurrency-slot round trip before it runs (~2 s after a long task)."""
     import datetime as dt
     import time
 
-    from prefect import flow, tags, task
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags, TaskRunFilter, TaskRunFilterFlowRunId
 
     from flows.cli import _task_seconds
-    from flows.stage import job_tag
+    from flows.stage import JOB_ENV, job_tag, tag_job_run
 
     @task
     def nap(seconds: float) -> None:
         time.sleep(seconds)
 
-    @flow
+    @flow(on_running=[tag_job_run])
     def work(seconds: float) -> None:
         nap(seconds)
         nap(seconds)
 
+    @flow(on_running=[tag_job_run])
+    def parent(seconds: float) -> None:
+        work(seconds)  # a subflow: its tasks count, its wrapper task in the parent does not
+
     since = dt.datetime.now(dt.timezone.utc)
-    with tags(job_tag("mine")):
-        work(0.2)
+    monkeypatch.setenv(JOB_ENV, "mine")
+    parent(0.2)
+    monkeypatch.delenv(JOB_ENV)
     work(0.5)  # another job's runs, in the same window and database
     mine, n_mine = _task_seconds(since, job_tag("mine"))
     every, n_every = _task_seconds(since)
     assert n_mine == 2 and 0.4 <= mine < 1.0
     assert n_every == 4 and every >= mine + 1.0
+    with get_client(sync_client=True) as client:
+        flows_ = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[job_tag("mine")])))
+        assert len(flows_) == 2  # the parent and its subflow
+        tasks_ = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in flows_])))
+    assert len(tasks_) == 3 and all(not t.tags for t in tasks_)  # two naps and the subflow's wrapper, untagged
