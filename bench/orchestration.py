@@ -24,48 +24,35 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results import save_results  # noqa: E402
-from model.config import load_params  # noqa: E402
-from tests.flows.test_lifecycle_flow import toy_project  # noqa: E402  (the test suite's toy project)
+from tests.flows.test_dvc import make_project  # noqa: E402  (the test suite's toy project under git and DVC)
 
 CODE = ("model", "checks", "store", "reporting", "tasks", "flows", "dvc.yaml")
-GIT = ["git", "-c", "user.name=lm-sleep bench", "-c", "user.email=bench@lm-sleep.invalid", "-c", "commit.gpgsign=false"]
 
 
-def code_of(rev: str | None, dest: Path) -> None:
-    """The pipeline's code at ``rev`` (None: this working tree, uncommitted changes included) into ``dest``."""
-    if rev is None:
-        for name in CODE:
-            src = ROOT / name
-            if src.is_dir():
-                shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy(src, dest / name)
-        return
+def code_of(rev: str, dest: Path) -> None:
+    """The pipeline's code at ``rev`` into ``dest``, in place of what is there."""
+    for name in CODE:
+        if (dest / name).is_dir():
+            shutil.rmtree(dest / name)
+        else:
+            (dest / name).unlink(missing_ok=True)
     tar = subprocess.run(["git", "archive", "--format=tar", rev, *CODE], cwd=ROOT, check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         t.extractall(dest, filter="data")
 
 
 def project(dest: Path, rev: str | None) -> Path:
-    """A git + DVC repository with ``rev``'s pipeline and the toy project's params and data, committed."""
+    """The tests' git + DVC toy project (this working tree's pipeline, committed), with ``rev``'s code in place of
+    this tree's when ``rev`` is given (DVC runs what is on disk)."""
     dest.mkdir(parents=True)
-    code_of(rev, dest)
-    params_path = toy_project(dest, "data/raw/toy.csv")
-    params = yaml.safe_load(params_path.read_text())
-    params["lifecycle"] = {"cycles": load_params(params_path).expected_cycles()}
-    params_path.write_text(yaml.safe_dump(params))
-    subprocess.run([*GIT, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
-    shutil.copy(ROOT / ".dvc/config", dest / ".dvc/config")
-    shutil.copytree(ROOT / ".dvc/plots", dest / ".dvc/plots", dirs_exist_ok=True)
-    subprocess.run([*GIT, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*GIT, "commit", "-q", "-m", "toy project"], cwd=dest, check=True)
+    make_project(dest)
+    if rev is not None:
+        code_of(rev, dest)
     return dest
 
 
