@@ -211,6 +211,17 @@ def _files(root: Path) -> dict[str, str]:
     return out
 
 
+def _killable_env(repo: Path) -> dict[str, str]:
+    """The environment of a command a test kills with SIGKILL: this checkout's code, and the session's Prefect test
+    server. Without a server's URL the command starts a temporary API of its own, which Prefect stops only at a
+    normal exit: every kill -9 left one ``uvicorn`` running after the test suite ended."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    return os.environ | {"PYTHONPATH": str(repo), "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 def test_kill_9_during_a_wake_then_a_rerun_ends_in_the_same_files_as_an_uninterrupted_run(tmp_path, prefect_harness):
     import os
     import signal
@@ -236,9 +247,9 @@ def test_kill_9_during_a_wake_then_a_rerun_ends_in_the_same_files_as_an_uninterr
         os.chdir(roots["straight"])
         cycle("params.yaml")
         os.chdir(roots["killed"])
-        env = os.environ | {"PYTHONPATH": str(repo)}
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "cycle", "--params", "params.yaml"],
-                                cwd=roots["killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                cwd=roots["killed"], env=_killable_env(repo), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         ledger_path = roots["killed"] / "state/inbox" / LEDGER_FILE
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -282,7 +293,7 @@ def test_kill_9_during_ingest_then_a_rerun_accepts_the_batch_once(tmp_path, pref
         ingest("big.csv", "params.yaml")
         os.chdir(roots["killed"])
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", "big.csv", "--params", "params.yaml"],
-                                cwd=roots["killed"], env=os.environ | {"PYTHONPATH": str(repo)},
+                                cwd=roots["killed"], env=_killable_env(repo),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         inbox = roots["killed"] / "state/inbox"
         deadline = time.monotonic() + 120
