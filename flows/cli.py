@@ -54,17 +54,17 @@ def _task_seconds(since: dt.datetime, tag: str | None = None) -> tuple[float, in
     subflow and its tasks: it is left out, or the subflow's tasks would count twice."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, FlowRunFilterTags,
-                                                TaskRunFilter, TaskRunFilterStartTime)
+                                                TaskRunFilter, TaskRunFilterFlowRunId, TaskRunFilterStartTime)
 
     flow_tagged = {"tags": FlowRunFilterTags(all_=[tag])} if tag else {}
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)),
-                                     limit=None)
         flows_ = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since), **flow_tagged), limit=None)
+        of_job = {"flow_run_id": TaskRunFilterFlowRunId(any_=[f.id for f in flows_])} if tag else {}
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since), **of_job), limit=None)
     wrappers = {f.parent_task_run_id for f in flows_ if f.parent_task_run_id is not None}
-    mine = {f.id for f in flows_}
-    tasks_ = [r for r in runs if r.id not in wrappers and (tag is None or r.flow_run_id in mine)]
+    tasks_ = [r for r in runs if r.id not in wrappers]
     total = sum(r.total_run_time.total_seconds() for r in tasks_ if r.total_run_time)
     return total, len(tasks_)
 

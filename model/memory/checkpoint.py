@@ -16,6 +16,7 @@ written atomically, so a crash leaves the previous state as it was.
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -313,8 +314,6 @@ def _take_checked(params: "Params", root: Path, state: str | Path | None, with_o
     if held is None:
         return None
     if state is None or held[0] != _checked_key(params, root, state):
-        import gc
-
         del held
         gc.collect()  # the model's reference cycles: free it before the caller loads its own
         return None
@@ -333,7 +332,6 @@ def check_state(params: "Params", root: Path, state: str | Path, needed_by: str)
     it a second time (about 1 s of each stage: the base model's load and checksums, and freeing the copy).
     """
     global _checked
-    _checked = None
     state = Path(state)
     if not state.is_dir():
         raise CheckpointError(f"{state}: missing; {needed_by}")
