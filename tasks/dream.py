@@ -19,6 +19,7 @@ from prefect import get_run_logger, task
 from checks import gate_dream_table
 from model.config import Params
 from model.data.stream import PASSAGE_LABEL, PLAN_FILE, task_file
+from model.decoding.forward import TrunkCache
 from model.evaluation.knowledge import load_passages
 from model.io import atomic_dir, atomic_path
 from model.memory.checkpoint import open_memory_model, read_manifest, save_state
@@ -94,12 +95,12 @@ def check_examples(params: Params, stream: pd.DataFrame, period: int) -> list[tu
 
 
 def check_score(params: Params, model, tokenizer, cms, tasks: list[DreamTask], examples: list[tuple[str, str]],
-                candidates: list[str]) -> HeldOutScore:
+                candidates: list[str], trunk: TrunkCache | None = None) -> HeldOutScore:
     """The promotion check of one state: the stream's unseen examples among ``candidates``, or the passages' questions."""
     if params.dream.task_source == "squad":
         return answer_check(model, tokenizer, tasks, params.dream.max_length)
     return held_out_check(model, tokenizer, cms, params.wake.template, examples, candidates,
-                          params.wake.eval_batch_size, params.wake.max_length)
+                          params.wake.eval_batch_size, params.wake.max_length, trunk=trunk)
 
 
 def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, meta: dict, period: int,
@@ -170,7 +171,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
     if cfg.promotion_check:
         candidates = [lab for t in sorted(plan) if t <= period for lab in plan[t]]
         examples = check_examples(params, stream, period) if cfg.task_source == "stream" else []
-        before = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates)
+        trunk = TrunkCache(cms.layer_ids[0])  # the layers below the memory: the same before and after
+        before = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates, trunk)
     rows = []
     with trial_step(params, root) as trials:
         for j, t in enumerate(tasks):
@@ -200,7 +202,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 log.info(f"dream {period}: folded the dream-trained fast level into slow slot {fold['slot']} "
                          f"({fold['prompts']} prompts, {fold['rehearsal']} rehearsal dreams, {fold['dreams']} dreams' own text)")
         if cfg.promotion_check:
-            after = check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates) if trained else before
+            after = (check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates, trunk)
+                     if trained else before)
             kept = trained and training_helped(before, after)
             check = {"trained": trained, "before": asdict(before), "after": asdict(after), "kept": kept}
             if not kept:  # no dream trained, or the training did not help: the sleep's state is the consolidated one

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from model.config import Params
 from model.data.stream import PASSAGE_LABEL, load_stream
+from model.decoding.forward import TrunkCache
 from model.evaluation.knowledge import passage_recall
 from model.evaluation.seen import seen_accuracy
 from model.io import write_json, write_text
@@ -78,6 +79,7 @@ def diagnose_states(
         "after_dreaming": (sleep_state_dir(params, root, period), []),
     }
     loaded, cms, _ = open_memory_model(params, root, None)
+    trunk = TrunkCache(cms.layer_ids[0])  # the states differ above it only: the same texts' trunk once
     out: dict[str, dict[str, float]] = {}
     routing = None
     for name, (state, masked) in views.items():
@@ -85,7 +87,7 @@ def diagnose_states(
             continue
         load_state(cms, state)
         with cms.levels_masked(masked):
-            out[name], routing = seen_accuracy(params, loaded, cms, stream, plan, period)
+            out[name], routing = seen_accuracy(params, loaded, cms, stream, plan, period, trunk)
     return out, (routing if "after_dreaming" in out else None)
 
 

@@ -145,9 +145,16 @@ class Decoder:
         """:meth:`causal_mask` and :meth:`rotary` together (what a run of whole layers needs)."""
         return self.causal_mask(h, position_ids), self.rotary(h, position_ids)
 
-    def run_layers(self, h: torch.Tensor, position_ids: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
-        """Hidden states (R, T, d) after layers [start, stop) on h (R, T, d), each layer's own forward."""
-        mask, pe = self.mask_and_rope(h, position_ids)
+    def run_layers(self, h: torch.Tensor, position_ids: torch.Tensor, start: int, stop: int | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (R, T, d) after layers [start, stop) on h (R, T, d), each layer's own forward.
+
+        ``mask``: a 4D boolean attention mask (R, 1, T, T), True where a token may attend (a tree of
+        candidates after a prompt, say); by default the causal mask of ``position_ids``."""
+        if mask is None:
+            mask, pe = self.mask_and_rope(h, position_ids)
+        else:
+            pe = self.rotary(h, position_ids)
         for layer in self.layers[start:stop]:
             h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
         return h

@@ -11,6 +11,7 @@ The decoder's pieces (embedding, layers, final norm, mask, rotary) come from
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,58 @@ class Batch:
             return self
         return Batch(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device),
                      self.completion_mask.to(device), self.n_examples)
+
+
+class TrunkCache:
+    """The hidden states below decoder layer ``start`` of scoring passes, by their tokens, positions and mask.
+
+    Nothing below the first CMS layer ever learns, so passes that score the same inputs in several states
+    of the memory (the dream stage's promotion check before and after its training) need those layers
+    once: :meth:`hidden` computes a pass's trunk the first time and returns it after. The cache empties
+    itself when the layers below ``start`` are not the same modules with the same parameter versions as
+    when it was filled (trained in place, or wrapped by an adapter); forward hooks that change their
+    output (the dream policy, which is off whenever the model answers) must be in the same state in every
+    pass that shares it.
+    """
+
+    def __init__(self, start: int) -> None:
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.start = start
+        self.hits = self.misses = 0
+        self._store: dict[bytes, torch.Tensor] = {}
+        self._signature: tuple | None = None
+
+    def _current(self, model: PreTrainedModel) -> tuple:
+        arch = decoder_of(model)
+        return (id(model), tuple((name, id(p), p._version) for m in (arch.embed, *arch.layers[: self.start])
+                                 for name, p in m.named_parameters()))
+
+    def hidden(self, model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (R, T, d) after layers [0, start) for ``input_ids`` (R, T) at ``position_ids``, with
+        the 4D boolean ``mask`` (None: causal), computed once per distinct input while the trunk is unchanged."""
+        signature = self._current(model)
+        if signature != self._signature:
+            self._store.clear()
+            self._signature = signature
+        digest = hashlib.sha256()
+        for t in (input_ids, position_ids, *(() if mask is None else (mask,))):
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        key = digest.digest()
+        h = self._store.get(key)
+        if h is None:
+            self.misses += 1
+            arch = decoder_of(model)
+            with torch.no_grad():
+                h = arch.embed(input_ids)
+                if self.start > 0:
+                    h = arch.run_layers(h, position_ids, 0, self.start, mask=mask)
+            self._store[key] = h
+        else:
+            self.hits += 1
+        return h
 
 
 def mask_and_rope(

@@ -224,7 +224,29 @@ class StaticKVDecoder:
         projections and MLPs as one packed sequence (no padding); attention runs per
         group: the live rows over their cached slots, and each run of equally long
         prompts causally over itself (pass prompts sorted by length for few runs).
+        A prompt given several times (several samples of one prompt) is computed once and
+        its cache copied to the other rows: a sleep draws 4-6 continuations of a prompt of
+        up to a few hundred tokens.
         """
+        unique = list(dict.fromkeys(tuple(p) for p in prompts))
+        if len(unique) == len(prompts):
+            return self._forward(tokens, prompts)
+        first = {p: u for u, p in enumerate(unique)}
+        which = [first[tuple(p)] for p in prompts]  # which[j] <= j: unique prompts in order of first occurrence
+        n = tokens.shape[0]
+        logits = self._forward(tokens, unique)
+        for j in range(len(prompts) - 1, -1, -1):  # from the end: a source row is never one written before
+            if which[j] != j:
+                self._copy_row(n + which[j], n + j)
+        return torch.cat([logits[:n], logits[n:][torch.tensor(which, device=logits.device)]])
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        span = int(self.lengths[src])
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :span] = buf[src, :, :span]
+        self.lengths[dst] = self.lengths[src]
+
+    def _forward(self, tokens: torch.Tensor, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         n, g = tokens.shape[0], len(prompts)
         lens = [len(p) for p in prompts]
         flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device)
@@ -279,7 +301,15 @@ class _Row:
     text: str | None = None  # set when a stop string ended it
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class SampleGroup:
+    """Prompts to sample ``n_per_prompt`` continuations of, with the seed of their rows."""
+
+    prompts: Sequence[str]
+    n_per_prompt: int = 1
+    seed: int = 0
+
+
 def sample_continuations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -309,33 +339,62 @@ def sample_continuations(
     NonFiniteLogitsError on NaN/+inf logits, UnsupportedArchitectureError on a model
     :func:`model.decoding.architecture.decoder_of` does not know.
     """
-    if not prompts:
+    return sample_groups(model, tokenizer, [SampleGroup(prompts, n_per_prompt, seed)], max_new_tokens, temperature,
+                         top_p, batch_size, min_new_tokens, stop=stop, dtype=dtype)[0]
+
+
+@torch.inference_mode()
+def sample_groups(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    groups: Sequence[SampleGroup],
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    min_new_tokens: int = 0,
+    *,
+    stop: Sequence[str] = (),
+    dtype: str | None = None,
+) -> list[list[Sample]]:
+    """:func:`sample_continuations` of several groups in one decode: each group's rows draw from the
+    uniform streams of its own seed, so group g's samples are those ``sample_continuations(groups[g]...)``
+    draws (up to the float rounding of batched matmuls), in its prompt-major order. On a small batch a
+    decode step costs about as much as on one row twice its size (it reads every weight once), so two
+    sampling sites of one training step (a sleep's on-policy and Learning-to-Imitate samples) share one.
+    """
+    if not groups or any(not g.prompts for g in groups):
         raise ValueError("no prompts to sample from")
-    if n_per_prompt < 1 or batch_size < 1:
-        raise ValueError(f"n_per_prompt and batch_size must be >= 1, got {n_per_prompt} and {batch_size}")
+    if any(g.n_per_prompt < 1 for g in groups) or batch_size < 1:
+        raise ValueError(f"n_per_prompt and batch_size must be >= 1, got "
+                         f"{[g.n_per_prompt for g in groups]} and {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or seed < 0 or min_new_tokens < 0:
+    if temperature < 0 or not 0 < top_p <= 1 or any(g.seed < 0 for g in groups) or min_new_tokens < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, seed >= 0, min_new_tokens >= 0; got "
-                         f"{temperature}, {top_p}, {seed}, {min_new_tokens}")
+                         f"{temperature}, {top_p}, {[g.seed for g in groups]}, {min_new_tokens}")
     if isinstance(stop, str) or any(not s for s in stop):
         raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r}")
     if dtype is not None and dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be None, auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     dtype = resolve_dtype(dtype, model.device)
-    expanded = [p for p in prompts for _ in range(n_per_prompt)]
-    encoded = tokenizer(list(prompts))["input_ids"]
-    empty = [p for p, ids in zip(prompts, encoded) if not ids]
-    if empty:
-        raise ValueError(f"prompt {empty[0]!r} encodes to no tokens")
-    ids = [encoded[i // n_per_prompt] for i in range(len(expanded))]
+    expanded, ids, uniforms = [], [], []
+    for g in groups:
+        encoded = tokenizer(list(g.prompts))["input_ids"]
+        empty = [p for p, x in zip(g.prompts, encoded) if not x]
+        if empty:
+            raise ValueError(f"prompt {empty[0]!r} encodes to no tokens")
+        n = len(g.prompts) * g.n_per_prompt
+        expanded += [p for p in g.prompts for _ in range(g.n_per_prompt)]
+        ids += [encoded[i // g.n_per_prompt] for i in range(n)]
+        uniforms.append(row_uniforms(g.seed, n, max_new_tokens) if temperature > 0 else torch.zeros(n, max_new_tokens))
     compute = DTYPES[dtype] if dtype else decoder_of(model).embed.weight.dtype
     check_dtype_supported(compute, model.device)
     was_training = model.training
     model.eval()
     try:
         with base_weights_as(model, compute):
-            rows = _decode(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, batch_size,
+            rows = _decode(model, tokenizer, ids, max_new_tokens, temperature, top_p, torch.cat(uniforms), batch_size,
                            min_new_tokens, list(stop), expanded)
     finally:
         model.train(was_training)
@@ -348,7 +407,8 @@ def sample_continuations(
             out.append(Sample(prompt, row.text, True, body))
         else:
             out.append(Sample(prompt, tokenizer.decode(body, skip_special_tokens=True), ended, body))
-    return out
+    bounds = list(itertools.accumulate(len(g.prompts) * g.n_per_prompt for g in groups))
+    return [out[a:b] for a, b in zip([0, *bounds], bounds)]
 
 
 def _decode(
@@ -358,19 +418,19 @@ def _decode(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    seed: int,
+    uniforms: torch.Tensor,
     batch_size: int,
     min_new_tokens: int,
     stop: list[str],
     prompts: list[str],
 ) -> list[_Row]:
-    """Continuous batching over the token id lists ``ids``; one finished :class:`_Row` per input."""
+    """Continuous batching over the token id lists ``ids``; one finished :class:`_Row` per input, row i
+    drawing its tokens with ``uniforms[i]`` (len(ids), max_new_tokens)."""
     n_all = len(ids)
     width = min(batch_size, n_all)
     dec = StaticKVDecoder(model, width, max(len(p) for p in ids) + max_new_tokens - 1)
     device = dec.device
     eos = tokenizer.eos_token_id
-    uniforms = row_uniforms(seed, n_all, max_new_tokens) if temperature > 0 else torch.zeros(n_all, max_new_tokens)
     waiting = sorted(range(n_all), key=lambda i: len(ids[i]))  # pop() takes the longest: long runs of equal lengths
     done: list[_Row | None] = [None] * n_all
     live: list[_Row] = []
@@ -419,4 +479,5 @@ def _decode(
     return done  # type: ignore[return-value]
 
 
-__all__ = ["NonFiniteLogitsError", "Sample", "StaticKVDecoder", "decode_attention", "pick_tokens", "row_uniforms", "sample_continuations"]
+__all__ = ["NonFiniteLogitsError", "Sample", "SampleGroup", "StaticKVDecoder", "decode_attention", "pick_tokens", "row_uniforms",
+           "sample_continuations", "sample_groups"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from model.config import Params
+from model.decoding.forward import TrunkCache
 from model.decoding.loading import LoadedModel
 from model.memory.cms import ContinuumMemory
 from model.memory.prototypes import view_class
@@ -13,13 +14,15 @@ from model.memory.routed import routed_classify
 
 
 def seen_accuracy(params: Params, loaded: LoadedModel, cms: ContinuumMemory, stream: pd.DataFrame,
-                  plan: dict[int, list[str]], period: int) -> tuple[dict[str, float], dict[str, float] | None]:
+                  plan: dict[int, list[str]], period: int, trunk: TrunkCache | None = None
+                  ) -> tuple[dict[str, float], dict[str, float] | None]:
     """Accuracy of the loaded model on the test rows of tasks 0..period (those that have test rows: not a period
     of plain passages), each among all seen labels, and
     (with prototype routing, else None) the share of each task's texts routed to the task's own period (or one
     that sees the same experts, :func:`model.memory.prototypes.view_class`).
 
-    With prototype routing each text is answered by the experts of its routed period.
+    With prototype routing each text is answered by the experts of its routed period. ``trunk``: a
+    :class:`~model.decoding.forward.TrunkCache` shared by the scorings of several states of one model.
     """
     test = stream[(stream["split"] == "test") & (stream["task"] <= period)].sort_values("row_id")
     seen = sorted(set(test["task"].tolist()))  # a period of plain passages has no test rows
@@ -28,7 +31,7 @@ def seen_accuracy(params: Params, loaded: LoadedModel, cms: ContinuumMemory, str
     labels = list(dict.fromkeys(lab for t in range(period + 1) for lab in plan[t]))  # a label may come back
     pred, routed = routed_classify(
         loaded.model, loaded.tokenizer, cms, params.wake.template, list(test["text"]), labels,
-        params.wake.eval_batch_size, params.wake.max_length,
+        params.wake.eval_batch_size, params.wake.max_length, trunk,
     )
     correct = pd.Series([p == g for p, g in zip(pred, test["label"])], index=test.index)
     accuracy = {str(t): float(correct[test["task"] == t].mean()) for t in seen}

@@ -10,6 +10,7 @@ from typing import TypeVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from model.decoding.forward import TrunkCache
 from model.memory.cms import ContinuumMemory
 from model.memory.prototypes import route, sequence_features
 from model.memory.wake import label_scores, split_template
@@ -52,25 +53,28 @@ def map_routed(cms: ContinuumMemory, periods: Sequence[int] | None, items: Seque
 
 
 def routed_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory, template: str,
-                  texts: Sequence[str], labels: Sequence[str], batch_size: int, max_length: int
-                  ) -> tuple[torch.Tensor, list[int] | None]:
+                  texts: Sequence[str], labels: Sequence[str], batch_size: int, max_length: int,
+                  trunk: TrunkCache | None = None) -> tuple[torch.Tensor, list[int] | None]:
     """Log-likelihood of every label after every text (N, C); with prototypes, each text in the view of its
-    routed period. Also returns each text's routed period (None without prototypes)."""
+    routed period. Also returns each text's routed period (None without prototypes). ``trunk``: see
+    :func:`model.memory.wake.score_candidates` (for scoring the same texts in several states)."""
     prompts = [split_template(template, t, labels[0])[0] for t in texts]
     periods = routed_periods(model, tokenizer, cms, prompts, batch_size, max_length)
     rows = map_routed(cms, periods, list(texts),
-                      lambda part: list(label_scores(model, tokenizer, template, part, labels, batch_size, max_length)))
+                      lambda part: list(label_scores(model, tokenizer, template, part, labels, batch_size, max_length,
+                                                     trunk=trunk)))
     return (torch.stack(rows) if rows else torch.empty(0, len(labels))), periods
 
 
 def routed_classify(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory, template: str,
-                    texts: Sequence[str], labels: Sequence[str], batch_size: int, max_length: int
-                    ) -> tuple[list[str], list[int] | None]:
+                    texts: Sequence[str], labels: Sequence[str], batch_size: int, max_length: int,
+                    trunk: TrunkCache | None = None) -> tuple[list[str], list[int] | None]:
     """Predict one of ``labels`` per text; with prototypes, each text in the view of its routed period.
 
-    Returns the predictions and each text's routed period (None without prototypes).
+    Returns the predictions and each text's routed period (None without prototypes). ``trunk``: see
+    :func:`routed_scores`.
     """
-    scores, periods = routed_scores(model, tokenizer, cms, template, texts, labels, batch_size, max_length)
+    scores, periods = routed_scores(model, tokenizer, cms, template, texts, labels, batch_size, max_length, trunk)
     return [labels[j] for j in scores.argmax(dim=1).tolist()], periods
 
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import LevelConfig
-from model.decoding.architecture import expand_cache
-from model.decoding.forward import Batch, completion_logits, logprobs_by_example
+from model.decoding.architecture import decoder_of, expand_cache
+from model.decoding.forward import Batch, TrunkCache, completion_logits, logprobs_by_example
 from model.memory.cms import CMSError, ContinuumMemory
 from model.memory.optimizer import ChunkedOptimizer
 from model.memory.routing import captured_inputs, router_logits, routing_loss
@@ -110,6 +110,71 @@ def completion_logprobs(model: PreTrainedModel, batch: Batch) -> tuple[torch.Ten
         input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
     ).last_hidden_state
     return logprobs_by_example(completion_logits(model, hidden, batch), batch)
+
+
+def grouped_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[Sequence[str]],
+    max_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_logprobs` of every (prompts[i], completions[i][j]) with each prompt computed once.
+
+    Returns (logp: (N,), n: (N,)) prompt-major (N = the number of completions), with gradients. A row holds
+    a prompt and then all its completions, each plus EOS; a tree-shaped mask lets each completion see the
+    prompt and itself (its positions continue from the prompt's end), so it equals scoring each pair alone
+    (:func:`encode` + :func:`completion_logprobs`) but pays for a prompt once where Learning to Imitate
+    draws several continuations of one prompt. A prompt is cut from the left so that its longest
+    completion fits in ``max_length``.
+    """
+    if len(prompts) != len(completions) or not prompts or any(not c for c in completions):
+        raise ValueError(f"grouped_logprobs: need one non-empty list of completions per prompt, got {len(prompts)} "
+                         f"prompts and {[len(c) for c in completions]} completions")
+    eos = tokenizer.eos_token_id
+    dev = model.device
+    rows = []  # (ids, positions, mask (T, T), predicting position per target, targets) of each prompt
+    for prompt, p, comps in zip(prompts, tokenizer(list(prompts), add_special_tokens=True)["input_ids"], completions):
+        c_ids = [list(c) + [eos] for c in tokenizer(list(comps), add_special_tokens=False)["input_ids"]]
+        longest = max(len(c) for c in c_ids)
+        if not p:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+        if longest >= max_length:
+            raise ValueError(f"a completion has {longest} tokens, more than max_length-1 ({max_length - 1})")
+        p = list(p)[-(max_length - longest):]
+        n_p, T = len(p), len(p) + sum(len(c) for c in c_ids)
+        mask = torch.zeros(T, T, dtype=torch.bool)
+        mask[:n_p, :n_p] = torch.ones(n_p, n_p, dtype=torch.bool).tril()
+        positions, pred, at = list(range(n_p)), [], n_p
+        for c in c_ids:
+            k = len(c)
+            mask[at : at + k, :n_p] = True
+            mask[at : at + k, at : at + k] = torch.ones(k, k, dtype=torch.bool).tril()
+            positions += range(n_p, n_p + k)
+            pred += [n_p - 1, *range(at, at + k - 1)]  # the first token is predicted at the prompt's end
+            at += k
+        rows.append((p + [t for c in c_ids for t in c], positions, mask, pred, [t for c in c_ids for t in c],
+                     [len(c) for c in c_ids]))
+    T = max(len(r[0]) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    mask = torch.eye(T, dtype=torch.bool).repeat(len(rows), 1, 1, 1)  # padding sees itself only
+    for r, (row_ids, positions, row_mask, _, _, _) in enumerate(rows):
+        n = len(row_ids)
+        ids[r, :n], pos[r, :n], mask[r, 0, :n, :n] = torch.tensor(row_ids), torch.tensor(positions), row_mask
+        pos[r, n:] = torch.arange(T - n)
+    hidden = model.get_decoder()(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev),
+                                 use_cache=False).last_hidden_state
+    at_row = torch.tensor([r for r, row in enumerate(rows) for _ in row[3]], device=dev)
+    at_pos = torch.tensor([q for row in rows for q in row[3]], device=dev)
+    targets = torch.tensor([t for row in rows for t in row[4]], device=dev)
+    logits = model.get_output_embeddings()(hidden[at_row, at_pos]).float()  # (M, V): head on predicting positions
+    token_lp = -F.cross_entropy(logits, targets, reduction="none")
+    lengths = torch.tensor([k for row in rows for k in row[5]], device=dev)
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths)
+    logp = torch.zeros(len(lengths), dtype=token_lp.dtype, device=dev).index_add(0, owner, token_lp)
+    return logp, lengths
 
 
 def sft_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
@@ -226,6 +291,7 @@ def score_candidates(
     batch_size: int,
     max_length: int,
     shared_prefix: str = "",
+    trunk: TrunkCache | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of every candidate completion (plus EOS) after every prompt: (P, C).
 
@@ -240,7 +306,12 @@ def score_candidates(
     is computed once into a KV cache that every row attends to, instead of once per
     prompt; ``max_length`` then bounds prefix + prompt + candidate (a ValueError if the
     prefix leaves no room).
+
+    ``trunk``: a :class:`~model.decoding.forward.TrunkCache` that keeps the layers below its ``start`` of
+    each pass, for scoring the same prompts again in another state of the memory (not with a shared prefix).
     """
+    if trunk is not None and shared_prefix:
+        raise ValueError("score_candidates: a trunk cache does not apply with a shared prefix")
     eos = tokenizer.eos_token_id
     cands = [list(c) + [eos] for c in tokenizer(list(candidates), add_special_tokens=False)["input_ids"]]
     longest = max(len(c) for c in cands)
@@ -292,11 +363,17 @@ def score_candidates(
             mask[r, 0, : P - n, : P - n] = torch.eye(P - n, dtype=torch.bool)  # padding sees itself only
             pred[r] = torch.where(offset == 0, P - 1, P + torch.arange(S) - 1)
         # one copy of the prefix's keys/values per row
-        cache = expand_cache(prefix_cache, len(rows)) if prefix_cache is not None else None
-        hidden = decoder(
-            input_ids=ids.to(dev), position_ids=(pos + L).to(dev), attention_mask=full.to(dev),
-            cache=cache, use_cache=cache is not None,
-        ).last_hidden_state
+        if trunk is not None:  # the layers below trunk.start once per distinct pass, the rest every time
+            arch = decoder_of(model)
+            ids, pos, full = ids.to(dev), pos.to(dev), full.to(dev)
+            h = trunk.hidden(model, ids, pos, full)
+            hidden = arch.norm(arch.run_layers(h, pos, trunk.start, mask=full))
+        else:
+            cache = expand_cache(prefix_cache, len(rows)) if prefix_cache is not None else None
+            hidden = decoder(
+                input_ids=ids.to(dev), position_ids=(pos + L).to(dev), attention_mask=full.to(dev),
+                cache=cache, use_cache=cache is not None,
+            ).last_hidden_state
         h = torch.gather(hidden, 1, pred.to(dev).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, S, d)
         logits = model.get_output_embeddings()(h).float()  # (R, S, V)
         targets = flat_cands.to(dev).repeat(len(rows))
@@ -314,11 +391,12 @@ def label_scores(
     labels: Sequence[str],
     batch_size: int,
     max_length: int,
+    trunk: TrunkCache | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of every label after every text, written with ``template``: (N, C)."""
     prompts = [split_template(template, t, labels[0])[0] for t in texts]
     comps = [label_text(lab) for lab in labels]
-    return score_candidates(model, tokenizer, prompts, comps, batch_size, max_length)
+    return score_candidates(model, tokenizer, prompts, comps, batch_size, max_length, trunk=trunk)
 
 
 def best_labels(scores: torch.Tensor, labels: Sequence[str]) -> list[str]:

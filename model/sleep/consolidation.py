@@ -36,12 +36,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import ConsolidationConfig, LevelConfig, SamplingConfig
 from model.decoding.forward import Batch, completion_logits, prefix_hidden, suffix_hidden
-from model.decoding.sampling import sample_continuations
+from model.decoding.sampling import SampleGroup, sample_continuations, sample_groups
 from model.errors import UserError
 from model.memory.cms import CMSError, ContinuumMemory
 from model.memory.merging import MergeRecord, merge_oldest
 from model.memory.routing import captured_inputs, router_logits, routing_loss
-from model.memory.wake import NonFiniteLossError, completion_logprobs, encode
+from model.memory.wake import NonFiniteLossError, encode, grouped_logprobs
 from model.sleep.losses import distillation_loss
 from model.sleep.rewards import SemanticJudge, group_advantages, imitation_reward
 
@@ -80,6 +80,76 @@ class SplitForward:
     def completion_logits(self, prefix: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Logits (M, V) at the completion positions, in the current CMS view."""
         return completion_logits(self.model, suffix_hidden(self.model, prefix, batch.position_ids, self.start), batch)
+
+
+class PrefixCache:
+    """What a sleep computes again and again for a fixed list of (prompt, completion) pairs, computed the
+    first time a batch draws the pair: its prefix (hidden states below the first CMS layer) and its
+    teacher's logits at the completion positions.
+
+    The data D, the rehearsal dreams and a fold's anchors are drawn from fixed lists step after step (a
+    rehearsal dream about 8 times in a 40-step sleep), and neither what they are computed by changes during
+    a consolidation: nothing below the CMS layers learns, and a teacher never sees the expert that learns
+    (it is hidden, or a frozen copy stands in for it). :meth:`batch` packs the drawn pairs as ``encode``
+    does and places each one's cached rows where it landed; the pad positions get zeros (their own segment:
+    no real token attends to them, and nothing is read at them). :meth:`teacher_logits` does the same for
+    the logits of ``teacher`` (a context manager factory: the view of the model that teaches these pairs).
+    Both equal what :class:`SplitForward` computes on the same batch up to the float rounding of another
+    packing. The logits cost memory: (completion tokens + 1) x vocabulary floats a pair.
+    """
+
+    def __init__(self, split: SplitForward, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]],
+                 max_length: int, all_positions: bool = False,
+                 teacher: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+        self.split, self.tokenizer, self.pairs = split, tokenizer, list(pairs)
+        self.max_length, self.all_positions, self.teacher = max_length, all_positions, teacher
+        self._hidden: list[torch.Tensor | None] = [None] * len(self.pairs)  # (n_tokens, d) of each pair
+        self._logits: list[torch.Tensor | None] = [None] * len(self.pairs)  # (n_predicted, V) of each pair
+
+    def _encode(self, idx: Sequence[int]) -> Batch:
+        batch = encode(self.tokenizer, [self.pairs[i][0] for i in idx], [self.pairs[i][1] for i in idx],
+                       self.max_length)
+        return (every_position(batch) if self.all_positions else batch).to(self.split.model.device)
+
+    def batch(self, idx: Sequence[int]) -> tuple[Batch, torch.Tensor]:
+        """The batch of pairs ``idx`` (distinct indices) and its prefix (R, T, d)."""
+        missing = [i for i in dict.fromkeys(idx) if self._hidden[i] is None]
+        if missing:
+            fresh = self._encode(missing)
+            with torch.no_grad():
+                h = self.split.prefix(fresh)
+            for k, i in enumerate(missing):
+                self._hidden[i] = h[fresh.segment == k]
+        batch = self._encode(idx)
+        first = self._hidden[idx[0]]
+        state = first.new_zeros(*batch.input_ids.shape, first.shape[-1])
+        for k, i in enumerate(idx):
+            state[batch.segment == k] = self._hidden[i]
+        return batch, state
+
+    def teacher_logits(self, idx: Sequence[int], batch: Batch) -> torch.Tensor:
+        """The teacher's logits (M, V) at the completion positions of ``batch`` (from :meth:`batch` of ``idx``)."""
+        if self.teacher is None:
+            raise ValueError("this PrefixCache has no teacher: give teacher= to cache its logits")
+        missing = [i for i in dict.fromkeys(idx) if self._logits[i] is None]
+        if missing:
+            fresh, state = self.batch(missing)
+            with torch.no_grad(), self.teacher():
+                out = self.split.completion_logits(state, fresh)
+            owner = _predicting(fresh)
+            for k, i in enumerate(missing):
+                self._logits[i] = out[owner == k]
+        owner = _predicting(batch)
+        first = self._logits[idx[0]]
+        out = first.new_empty(len(owner), first.shape[-1])
+        for k, i in enumerate(idx):
+            out[owner == k] = self._logits[i]
+        return out
+
+
+def _predicting(batch: Batch) -> torch.Tensor:
+    """For each row of :func:`completion_logits`' output (M,), the example whose token it predicts."""
+    return batch.segment[:, 1:][batch.completion_mask[:, 1:]]
 
 
 @dataclass
@@ -223,61 +293,70 @@ def consolidate(
          "reference": None, "reward": math.nan} for s in data
     ]
 
+    pair_of = lambda s: (s.prompt, s.text)  # noqa: E731
+    d_cache = PrefixCache(split, tokenizer, [pair_of(s) for s in data], max_length, teacher=teacher)
+    r_cache = PrefixCache(split, tokenizer, rehearsal, max_length, cfg.rehearsal.all_positions,
+                          teacher=old_teacher) if rehearsal else None
+    a_cache = PrefixCache(split, tokenizer, anchors, max_length, all_positions=True, teacher=teacher) if anchors else None
     model.train()
     try:
         with cms.trainable_only(new_params):
             for step in range(1, cfg.steps + 1):
-                pick = [data[i] for i in rng.sample(range(len(data)), min(cfg.batch_size, len(data)))]
+                # Every random draw of the step first, in a fixed order; then one decode for both sampling sites.
+                idx = rng.sample(range(len(data)), min(cfg.batch_size, len(data)))
+                pick = [data[i] for i in idx]
                 on_policy = rng.random() < cfg.on_policy_fraction
                 b_prompts = [s.prompt for s in pick]
-                if on_policy:  # y ~ student(.|x); no gradient through sampling
+                use_rehearsal = bool(rehearsal) and (cfg.rehearsal.weight > 0 or route_weight > 0)
+                r_idx = _draw(rehearsal, rng, cfg.rehearsal.batch_size) if use_rehearsal else []
+                a_idx = _draw(anchors, rng, cfg.rehearsal.batch_size) if anchors and anchor_weight > 0 else []
+                cuts = _imitation_cuts(tokenizer, data, cfg, rng) if cfg.alpha < 1 else []
+                groups = ([SampleGroup(b_prompts, 1, seed * 1_000_003 + step)] if on_policy else []) + (
+                    [SampleGroup([p for p, _ in cuts], cfg.lti_group_size, seed * 2_000_003 + step)] if cuts else [])
+                if groups:  # y ~ student(.|x); no gradient through sampling
                     with student():
-                        drawn = sample_continuations(
-                            model, tokenizer, b_prompts, 1, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                            seed * 1_000_003 + step, **decode,
-                        )
-                    comps = [s.text for s in drawn]
+                        drawn = sample_groups(model, tokenizer, groups, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                              **decode)
+                conts = drawn[-1] if cuts else []
+                if on_policy:
+                    comps = [s.text for s in drawn[0]]
                     result.samples += [
                         {"prompt": s.prompt, "text": s.text, "sampled_by": "student", "kind": "on_policy",
-                         "step": step, "reference": None, "reward": math.nan} for s in drawn
+                         "step": step, "reference": None, "reward": math.nan} for s in drawn[0]
                     ]
+                    batch = encode(tokenizer, b_prompts, comps, max_length).to(model.device)
+                    state = split.prefix(batch)
+                    with torch.no_grad(), teacher():
+                        t_logits = split.completion_logits(state, batch)
                 else:
-                    comps = [s.text for s in pick]
-                batch = encode(tokenizer, b_prompts, comps, max_length).to(model.device)
-                state = split.prefix(batch)
-                with torch.no_grad(), teacher():
-                    t_logits = split.completion_logits(state, batch)
+                    batch, state = d_cache.batch(idx)
+                    t_logits = d_cache.teacher_logits(idx, batch)
                 with student(), captured_inputs(cms, dst) as pos:
                     s_logits = split.completion_logits(state, batch)
                 distill = distillation_loss(t_logits, s_logits, cfg.divergence, cfg.beta)
                 route = None
-                if rehearsal and (cfg.rehearsal.weight > 0 or route_weight > 0):  # old tasks: the old model teaches
+                if r_idx:  # old tasks: the old model teaches
                     # all_positions: keep the old function on every token, not just the label's
-                    r_batch, r_state = _pairs_batch(rehearsal, rng, cfg.rehearsal.batch_size, tokenizer, max_length,
-                                                    cfg.rehearsal.all_positions, split)
-                    with torch.no_grad(), old_teacher():
-                        rt_logits = split.completion_logits(r_state, r_batch)
+                    r_batch, r_state = r_cache.batch(r_idx)
+                    rt_logits = r_cache.teacher_logits(r_idx, r_batch)
                     with student(), captured_inputs(cms, dst) as neg:
                         rs_logits = split.completion_logits(r_state, r_batch)
                     distill = distill + cfg.rehearsal.weight * distillation_loss(rt_logits, rs_logits, cfg.divergence, cfg.beta)
                     if route_weight > 0:  # the new expert fires on this period's inputs, not on the old tasks'
                         route = routing_loss(router_logits(cms, dst, [slot], [x[0] for x in pos], batch.segment >= 0),
                                              router_logits(cms, dst, [slot], [x[0] for x in neg], r_batch.segment >= 0))
-                if anchors and anchor_weight > 0:  # the teacher's function on the text it was trained on
-                    a_batch, a_state = _pairs_batch(anchors, rng, cfg.rehearsal.batch_size, tokenizer, max_length,
-                                                    True, split)
-                    with torch.no_grad(), teacher():
-                        at_logits = split.completion_logits(a_state, a_batch)
+                if a_idx:  # the teacher's function on the text it was trained on
+                    a_batch, a_state = a_cache.batch(a_idx)
+                    at_logits = a_cache.teacher_logits(a_idx, a_batch)
                     with student():
                         as_logits = split.completion_logits(a_state, a_batch)
                     distill = distill + anchor_weight * distillation_loss(at_logits, as_logits, cfg.divergence, cfg.beta)
                 loss, mean_reward = cfg.alpha * distill, math.nan
                 if route is not None:
                     loss = loss + route_weight * route
-                if cfg.alpha < 1:
-                    pg, mean_reward, rows = _imitation_step(
-                        model, tokenizer, student, data, cfg, max_length, judge, rng, seed, step, decode
-                    )
+                if cuts:
+                    pg, mean_reward, rows = _imitation_loss(model, tokenizer, student, cuts, conts, cfg, max_length,
+                                                            judge, step)
                     loss = loss + (1 - cfg.alpha) * pg
                     result.samples += rows
                 if not math.isfinite(loss.item()):
@@ -300,14 +379,9 @@ def consolidate(
     return result
 
 
-def _pairs_batch(pairs: Sequence[tuple[str, str]], rng: random.Random, k: int, tokenizer: PreTrainedTokenizerBase,
-                 max_length: int, all_tokens: bool, split: SplitForward) -> tuple[Batch, torch.Tensor]:
-    """Up to ``k`` of the (prompt, completion) ``pairs``, drawn with ``rng``, as a batch on the model's device
-    (every token marked for distillation with ``all_tokens``) and its hidden states below the CMS layers."""
-    picked = [pairs[i] for i in rng.sample(range(len(pairs)), min(k, len(pairs)))]
-    batch = encode(tokenizer, [p for p, _ in picked], [c for _, c in picked], max_length)
-    batch = (every_position(batch) if all_tokens else batch).to(split.model.device)
-    return batch, split.prefix(batch)
+def _draw(pairs: Sequence, rng: random.Random, k: int) -> list[int]:
+    """Indices of up to ``k`` distinct items of ``pairs``, drawn with ``rng``."""
+    return rng.sample(range(len(pairs)), min(k, len(pairs)))
 
 
 def every_position(batch: Batch) -> Batch:
@@ -330,34 +404,35 @@ def _weights_swapped(params: Sequence[torch.nn.Parameter], values: Sequence[torc
             p.data = v
 
 
-def _imitation_step(
+def _imitation_cuts(tokenizer: PreTrainedTokenizerBase, data: list, cfg: ConsolidationConfig,
+                    rng: random.Random) -> list[tuple[str, str]]:
+    """Learning to Imitate's draws: ``cfg.lti_prefixes`` teacher sequences of D, each cut at a random token
+    into (prompt + head, tail); the student continues each head ``cfg.lti_group_size`` times."""
+    picks = [data[i] for i in rng.sample(range(len(data)), min(cfg.lti_prefixes, len(data)))]
+    return [_cut(tokenizer, s.prompt, s.text, rng) for s in picks]
+
+
+def _imitation_loss(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     student: Callable,
-    data: list,
+    cuts: list[tuple[str, str]],
+    conts: list,
     cfg: ConsolidationConfig,
     max_length: int,
     judge: SemanticJudge | None,
-    rng: random.Random,
-    seed: int,
     step: int,
-    decode: dict,
 ) -> tuple[torch.Tensor, float, list[dict]]:
-    """Learning to Imitate: policy-gradient surrogate -E[A * log p_S(continuation)] and the mean reward."""
-    picks = [data[i] for i in rng.sample(range(len(data)), min(cfg.lti_prefixes, len(data)))]
-    cuts = [_cut(tokenizer, s.prompt, s.text, rng) for s in picks]
+    """Learning to Imitate: policy-gradient surrogate -E[A * log p_S(continuation)] and the mean reward, for
+    the student's continuations ``conts`` (cut-major, ``cfg.lti_group_size`` per cut) of the ``cuts``."""
     G = cfg.lti_group_size
-    with student():
-        conts = sample_continuations(
-            model, tokenizer, [p for p, _ in cuts], G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-            seed * 2_000_003 + step, **decode,
-        )
     refs = [ref for _, ref in cuts for _ in range(G)]
     texts = [c.text for c in conts]
     rewards = torch.tensor(imitation_reward(texts, refs, cfg.gamma, cfg.z0, judge if cfg.gamma > 0 else None))
     adv = group_advantages(rewards.view(len(cuts), G)).flatten()
-    with student():
-        logp, n = completion_logprobs(model, encode(tokenizer, [c.prompt for c in conts], texts, max_length))
+    with student():  # each cut's prompt once, its G continuations after it
+        logp, n = grouped_logprobs(model, tokenizer, [p for p, _ in cuts],
+                                   [texts[i * G : (i + 1) * G] for i in range(len(cuts))], max_length)
     pg = -(adv.to(logp.device) * logp / n.clamp(min=1)).mean()
     rows = [
         {"prompt": c.prompt, "text": c.text, "sampled_by": "student", "kind": "imitation", "step": step,
@@ -369,6 +444,7 @@ def _imitation_step(
 __all__ = [
     "ConsolidationResult",
     "EmptyPromptBufferError",
+    "PrefixCache",
     "SplitForward",
     "StepRecord",
     "consolidate",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from model.decoding.forward import TrunkCache
 from model.memory.cms import ContinuumMemory
 from model.memory.routed import routed_scores
 from model.sleep.dreaming import DreamTask
@@ -58,14 +59,19 @@ def held_out_check(
     candidates: Sequence[str],
     batch_size: int,
     max_length: int,
+    trunk: TrunkCache | None = None,
 ) -> HeldOutScore:
-    """Stream check: each (text, label) scored among ``candidates`` as evaluation scores it (prototype routing)."""
+    """Stream check: each (text, label) scored among ``candidates`` as evaluation scores it (prototype routing).
+
+    ``trunk``: one :class:`~model.decoding.forward.TrunkCache` for the check before and after the dream
+    training (which trains only memory levels above it), so the second check runs the layers below the
+    first CMS layer not again."""
     index = {c: i for i, c in enumerate(candidates)}
     missing = sorted({y for _, y in examples} - index.keys())
     if missing:
         raise ValueError(f"held-out check: labels {missing} are not among the candidate labels")
     scores, _ = routed_scores(model, tokenizer, cms, template, [x for x, _ in examples], list(candidates),
-                              batch_size, max_length)
+                              batch_size, max_length, trunk=trunk)
     return candidate_check(scores, torch.tensor([index[y] for _, y in examples]))
 
 

@@ -9,7 +9,14 @@ from model.config import ConsolidationConfig, LevelConfig
 from model.decoding.sampling import NonFiniteLogitsError
 from model.memory.cms import CMSError, NoFreeSlotError
 from model.memory.wake import encode
-from model.sleep.consolidation import EmptyPromptBufferError, consolidate, due_consolidations
+from model.sleep.consolidation import (
+    EmptyPromptBufferError,
+    PrefixCache,
+    SplitForward,
+    consolidate,
+    due_consolidations,
+    every_position,
+)
 from model.sleep.losses import distillation_loss
 from tests.model.helpers import logits, make_nonzero, tiny_with_cms, toy_batch
 
@@ -335,3 +342,42 @@ def test_init_copy_starts_the_new_expert_as_the_fast_one_so_the_student_starts_a
     assert res.seeded_from == 0 and cms.active_slots(0) == []
     gap = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
     assert gap < 1e-3 * gap_reset, (gap_reset, gap)  # zero init would leave the whole gap for distillation
+
+
+@pytest.mark.parametrize("all_positions", [False, True])
+def test_prefix_cache_places_each_pairs_rows_where_encode_packs_them(all_positions):
+    lm, cms = tiny_with_cms()
+    split = SplitForward(lm.model, cms)
+    pairs = [("what is my balance ->", "balance"), ("hi ->", "greeting"), ("book a table for two please ->", "book"),
+             ("x ->", "a longer label"), ("transfer money now ->", "transfer")]
+    make_nonzero(cms, 0)
+    views = []
+
+    def teacher():  # the fast level masked: a view other than the default one
+        views.append(1)
+        return cms.levels_masked([0])
+
+    cache = PrefixCache(split, lm.tokenizer, pairs, max_length=48, all_positions=all_positions, teacher=teacher)
+    calls = []
+    real = split.prefix
+    split.prefix = lambda b: calls.append(b.n_examples) or real(b)
+    for idx in ([0, 1, 2], [4, 2, 0, 3], [3, 1]):  # other packings, pairs seen before and new ones
+        batch, state = cache.batch(idx)
+        ref = encode(lm.tokenizer, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], 48)
+        ref = every_position(ref) if all_positions else ref
+        assert torch.equal(batch.input_ids, ref.input_ids) and torch.equal(batch.completion_mask, ref.completion_mask)
+        real_tokens = batch.segment >= 0
+        assert batch.input_ids.shape[0] > 1 or len(idx) == 2  # a batch over several packed rows
+        torch.testing.assert_close(state[real_tokens], real(ref)[real_tokens], atol=1e-5, rtol=1e-5)
+        assert not state[~real_tokens].any()  # pad positions: zeros
+        # what the suffix reads at the completion positions is the same as from the full prefix
+        torch.testing.assert_close(split.completion_logits(state, batch), split.completion_logits(real(ref), ref),
+                                   atol=1e-4, rtol=1e-4)
+        with cms.levels_masked([0]):
+            expected = split.completion_logits(real(ref), ref)
+        torch.testing.assert_close(cache.teacher_logits(idx, batch), expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(split.completion_logits(real(ref), ref), expected)  # the view matters
+    assert calls == [3, 2]  # each pair's prefix computed once: 0, 1, 2; then 4, 3; nothing for [3, 1]
+    assert len(views) == 2  # and its teacher logits: once for [0, 1, 2], once for the new 4 and 3
+    with pytest.raises(ValueError, match="no teacher"):
+        PrefixCache(split, lm.tokenizer, pairs, 48).teacher_logits([0], cache.batch([0])[0])

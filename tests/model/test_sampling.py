@@ -10,7 +10,7 @@ import torch
 from model.config import ModelConfig
 from model.decoding import sampling
 from model.decoding.loading import ModelNotFoundError, load_base_model
-from model.decoding.sampling import NonFiniteLogitsError, pick_tokens, sample_continuations
+from model.decoding.sampling import NonFiniteLogitsError, SampleGroup, pick_tokens, sample_continuations, sample_groups
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
 PROMPTS = ["what is my balance ->", "book a table for two please ->", "hi"]
@@ -222,6 +222,54 @@ def test_auto_dtype_is_bf16_exactly_where_the_device_runs_it_natively(monkeypatc
     assert [s.tokens for s in fallback] == [s.tokens for s in fp]
     with pytest.raises(ValueError, match="native bf16.*use float32 or auto"):
         sample_continuations(lm.model, lm.tokenizer, MANY, 1, 8, dtype="bfloat16")
+
+
+def test_groups_in_one_decode_draw_what_each_group_draws_alone():
+    lm, _ = tiny_with_cms()
+    eos_bias(lm, 1.5)
+    groups = [SampleGroup(MANY[:3], 1, seed=11), SampleGroup(MANY[2:], 3, seed=4), SampleGroup(["hi"], 2, seed=11)]
+    together = sample_groups(lm.model, lm.tokenizer, groups, 8, temperature=1.0, top_p=0.9, batch_size=6)
+    assert [len(g) for g in together] == [3, 18, 2]
+    for group, got in zip(groups, together):
+        alone = sample_continuations(lm.model, lm.tokenizer, group.prompts, group.n_per_prompt, 8, temperature=1.0,
+                                     top_p=0.9, seed=group.seed)
+        assert [(s.prompt, s.tokens, s.text, s.finished) for s in got] == [
+            (s.prompt, s.tokens, s.text, s.finished) for s in alone]
+    # the first and last groups share a seed: row i of each draws the same uniforms, so "hi" as row 0 of the
+    # last group continues as the first group's row 0 would if its prompt were "hi"
+    assert together[2][0].tokens == sample_continuations(lm.model, lm.tokenizer, ["hi"], 1, 8, temperature=1.0,
+                                                         top_p=0.9, seed=11)[0].tokens
+    with pytest.raises(ValueError, match="no prompts"):
+        sample_groups(lm.model, lm.tokenizer, [SampleGroup(["x"]), SampleGroup([])], 4)
+    with pytest.raises(ValueError, match="no prompts"):
+        sample_groups(lm.model, lm.tokenizer, [], 4)
+    with pytest.raises(ValueError, match="seed >= 0"):
+        sample_groups(lm.model, lm.tokenizer, [SampleGroup(["x"], 1, -1)], 4)
+
+
+def test_a_prompt_given_several_times_is_prefilled_once_with_the_same_cache_and_logits():
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    ids = lm.tokenizer(["book a table ->", "hi there", "transfer money"])["input_ids"]
+    prompts = [ids[0], ids[0], ids[1], ids[0], ids[2], ids[2]]  # duplicates adjacent or not
+    seen = []
+    embed = sampling.decoder_of(lm.model).embed
+    handle = embed.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    with torch.inference_mode():
+        dedup = sampling.StaticKVDecoder(lm.model, 6, 32)
+        got = dedup.forward(torch.empty(0, dtype=torch.long), prompts)
+        handle.remove()
+        one = [sampling.StaticKVDecoder(lm.model, 1, 32) for _ in prompts]
+        ref = torch.cat([d.forward(torch.empty(0, dtype=torch.long), [p]) for d, p in zip(one, prompts)])
+    assert seen == [sum(len(p) for p in ids)]  # each distinct prompt's tokens went through the model once
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert dedup.lengths.tolist() == [len(p) for p in prompts]
+    for r, d in enumerate(one):
+        for layer in range(len(dedup.k)):
+            torch.testing.assert_close(dedup.k[layer][r, :, : len(prompts[r])], d.k[layer][0, :, : len(prompts[r])],
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(dedup.v[layer][r, :, : len(prompts[r])], d.v[layer][0, :, : len(prompts[r])],
+                                       atol=1e-5, rtol=1e-5)
 
 
 def test_bad_arguments():

@@ -132,6 +132,68 @@ def test_prefix_shared_scores_equal_separate_forwards():
         torch.testing.assert_close(got[i], ref.detach(), rtol=1e-5, atol=1e-4)
 
 
+def test_a_trunk_cache_runs_the_layers_below_the_memory_once_for_the_same_prompts_in_every_state():
+    from model.decoding.architecture import decoder_of
+    from model.decoding.forward import TrunkCache
+    from model.memory.wake import score_candidates
+
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    prompts = ["what is my balance -> ", "hi -> ", "book a table for two please -> ", "x -> "]
+    cands = ["balance", "restaurant reservation", "alarm"]
+    start = cms.layer_ids[0]
+    assert start > 0
+    bottom = decoder_of(lm.model).layers[0]
+    runs = []
+    bottom.register_forward_hook(lambda m, i, o: runs.append(1))
+    trunk = TrunkCache(start)
+    plain = score_candidates(lm.model, lm.tokenizer, prompts, cands, batch_size=6, max_length=64)
+    n_plain = len(runs)
+    first = score_candidates(lm.model, lm.tokenizer, prompts, cands, batch_size=6, max_length=64, trunk=trunk)
+    torch.testing.assert_close(first, plain, rtol=1e-5, atol=1e-5)
+    assert len(runs) == 2 * n_plain and trunk.misses == n_plain and trunk.hits == 0  # 2 prompts a pass: 2 passes
+    make_nonzero(cms, 0, seed=7)  # another state of the memory (above the trunk)
+    again = score_candidates(lm.model, lm.tokenizer, prompts, cands, batch_size=6, max_length=64, trunk=trunk)
+    assert len(runs) == 2 * n_plain and trunk.hits == n_plain  # the bottom layer did not run again
+    torch.testing.assert_close(again, score_candidates(lm.model, lm.tokenizer, prompts, cands, 6, 64), rtol=1e-5,
+                               atol=1e-5)
+    assert not torch.allclose(again, first)
+    with torch.no_grad():  # a layer below the memory changes: the cache does not serve its old hidden states
+        bottom.mlp.down_proj.weight.mul_(1.5)
+    changed = score_candidates(lm.model, lm.tokenizer, prompts, cands, batch_size=6, max_length=64, trunk=trunk)
+    torch.testing.assert_close(changed, score_candidates(lm.model, lm.tokenizer, prompts, cands, 6, 64), rtol=1e-5,
+                               atol=1e-5)
+    assert trunk.misses == 2 * n_plain and not torch.allclose(changed, again)
+    with pytest.raises(ValueError, match="shared prefix"):
+        score_candidates(lm.model, lm.tokenizer, prompts, cands, 6, 64, shared_prefix="a -> b\n", trunk=trunk)
+
+
+def test_grouped_logprobs_equal_each_pair_alone_in_value_and_gradient():
+    from model.memory.wake import grouped_logprobs
+
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    prompts = ["what is my balance -> ", "hi -> ", "book a table for two please -> "]
+    comps = [["balance", "bal", "restaurant reservation"], ["greeting"], ["x", "book", "a table", "reservation"]]
+    params = cms.level_parameters(0)
+    logp, n = grouped_logprobs(lm.model, lm.tokenizer, prompts, comps, 64)
+    grads = torch.autograd.grad(logp.sum(), params, allow_unused=True)
+    flat = [(p, c) for p, cs in zip(prompts, comps) for c in cs]
+    ref, ref_n = completion_logprobs(lm.model, encode(lm.tokenizer, [p for p, _ in flat], [c for _, c in flat], 64))
+    ref_grads = torch.autograd.grad(ref.sum(), params, allow_unused=True)
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-4)
+    assert n.tolist() == ref_n.tolist()
+    assert [g is None for g in grads] == [r is None for r in ref_grads] and any(g is not None for g in grads)
+    for g, r in zip(grads, ref_grads):
+        if g is not None:
+            assert g.abs().sum() > 0
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one non-empty list"):
+        grouped_logprobs(lm.model, lm.tokenizer, prompts, comps[:2], 64)
+    with pytest.raises(ValueError, match="one non-empty list"):
+        grouped_logprobs(lm.model, lm.tokenizer, prompts[:1], [[]], 64)
+
+
 def test_a_shared_prefix_is_computed_once_and_scores_like_the_concatenated_prompt():
     from model.decoding.loading import tiny_model
     from model.memory.wake import score_candidates
