@@ -207,6 +207,7 @@ class StaticKVDecoder:
 
     def __init__(self, model: PreTrainedModel, rows: int, max_len: int) -> None:
         self.arch = decoder_of(model)  # UnsupportedArchitectureError for a family it does not know
+        self._banks = [m for m in model.modules() if isinstance(m, ExpertBank)]  # dream mode: random experts
         self.views = self.arch.views  # each reads its layer's modules when called (CMS blocks, adapters)
         self.hd, self.scale = self.arch.head_dim, self.arch.scaling
         dtype, self.device = self.arch.embed.weight.dtype, self.arch.embed.weight.device
@@ -226,10 +227,11 @@ class StaticKVDecoder:
         prompts causally over itself (pass prompts sorted by length for few runs).
         A prompt given several times (several samples of one prompt) is computed once and
         its cache copied to the other rows: a sleep draws 4-6 continuations of a prompt of
-        up to a few hundred tokens.
+        up to a few hundred tokens. Not in dream mode, where every token of every row draws
+        its own random expert (the copies of a prompt are different computations there).
         """
         unique = list(dict.fromkeys(tuple(p) for p in prompts))
-        if len(unique) == len(prompts):
+        if len(unique) == len(prompts) or any(b.random_generator is not None for b in self._banks):
             return self._forward(tokens, prompts)
         first = {p: u for u, p in enumerate(unique)}
         which = [first[tuple(p)] for p in prompts]  # which[j] <= j: unique prompts in order of first occurrence

@@ -11,7 +11,7 @@ from model.config import ModelConfig
 from model.decoding import sampling
 from model.decoding.loading import ModelNotFoundError, load_base_model
 from model.decoding.sampling import NonFiniteLogitsError, SampleGroup, pick_tokens, sample_continuations, sample_groups
-from tests.model.helpers import make_nonzero, tiny_with_cms
+from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
 
 PROMPTS = ["what is my balance ->", "book a table for two please ->", "hi"]
 # Different lengths (two of equal length: one prefill run), more prompts than some batch sizes below.
@@ -248,7 +248,9 @@ def test_groups_in_one_decode_draw_what_each_group_draws_alone():
 
 
 def test_a_prompt_given_several_times_is_prefilled_once_with_the_same_cache_and_logits():
-    lm, cms = tiny_with_cms()
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=5))
+    while cms.free_slots(0):  # 5 active experts, top-2: dream mode switches on one of the other 3 at random
+        cms.unlock(0, origin="test")
     make_nonzero(cms, 0)
     ids = lm.tokenizer(["book a table ->", "hi there", "transfer money"])["input_ids"]
     prompts = [ids[0], ids[0], ids[1], ids[0], ids[2], ids[2]]  # duplicates adjacent or not
@@ -262,6 +264,13 @@ def test_a_prompt_given_several_times_is_prefilled_once_with_the_same_cache_and_
         one = [sampling.StaticKVDecoder(lm.model, 1, 32) for _ in prompts]
         ref = torch.cat([d.forward(torch.empty(0, dtype=torch.long), [p]) for d, p in zip(one, prompts)])
     assert seen == [sum(len(p) for p in ids)]  # each distinct prompt's tokens went through the model once
+    # Dream mode: every token of every row draws its own random expert, so each copy is computed on its own.
+    handle = embed.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    with torch.inference_mode(), cms.random_expert_routing(seed=3):
+        dreaming = sampling.StaticKVDecoder(lm.model, 6, 32).forward(torch.empty(0, dtype=torch.long), prompts)
+    handle.remove()
+    assert seen[-1] == sum(len(p) for p in prompts)
+    assert not torch.allclose(dreaming[0], dreaming[1])  # two copies of one prompt, two draws of experts
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert dedup.lengths.tolist() == [len(p) for p in prompts]
     for r, d in enumerate(one):
