@@ -230,23 +230,17 @@ class StaticKVDecoder:
         up to a few hundred tokens. Not in dream mode, where every token of every row draws
         its own random expert (the copies of a prompt are different computations there).
         """
-        unique = list(dict.fromkeys(tuple(p) for p in prompts))
+        first: dict[tuple, int] = {}
+        which = [first.setdefault(tuple(p), len(first)) for p in prompts]  # unique prompts in order of first use
+        unique = list(first)
         if len(unique) == len(prompts) or any(b.random_generator is not None for b in self._banks):
             return self._forward(tokens, prompts)
-        first = {p: u for u, p in enumerate(unique)}
-        which = [first[tuple(p)] for p in prompts]  # which[j] <= j: unique prompts in order of first occurrence
         n = tokens.shape[0]
         logits = self._forward(tokens, unique)
-        for j in range(len(prompts) - 1, -1, -1):  # from the end: a source row is never one written before
-            if which[j] != j:
-                self._copy_row(n + which[j], n + j)
+        copies = [j for j in range(len(prompts)) if which[j] != j]
+        if copies:  # one gather then one scatter: a row that is both a source and a destination is read first
+            self.move([n + which[j] for j in copies], [n + j for j in copies])
         return torch.cat([logits[:n], logits[n:][torch.tensor(which, device=logits.device)]])
-
-    def _copy_row(self, src: int, dst: int) -> None:
-        span = int(self.lengths[src])
-        for buf in (*self.k, *self.v):
-            buf[dst, :, :span] = buf[src, :, :span]
-        self.lengths[dst] = self.lengths[src]
 
     def _forward(self, tokens: torch.Tensor, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         n, g = tokens.shape[0], len(prompts)
@@ -287,7 +281,8 @@ class StaticKVDecoder:
         return self.arch.head(self.arch.norm(h[0, last])).float()
 
     def move(self, src: list[int], dst: list[int]) -> None:
-        """Copy buffer rows ``src`` onto rows ``dst`` (compaction)."""
+        """Copy buffer rows ``src`` onto rows ``dst`` (compaction, copies of a prompt); all rows are read before any
+        is written."""
         s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
         span = int(self.lengths[s].max())
         for buf in (*self.k, *self.v):

@@ -408,8 +408,7 @@ def _imitation_cuts(tokenizer: PreTrainedTokenizerBase, data: list, cfg: Consoli
                     rng: random.Random) -> list[tuple[str, str]]:
     """Learning to Imitate's draws: ``cfg.lti_prefixes`` teacher sequences of D, each cut at a random token
     into (prompt + head, tail); the student continues each head ``cfg.lti_group_size`` times."""
-    picks = [data[i] for i in rng.sample(range(len(data)), min(cfg.lti_prefixes, len(data)))]
-    return [_cut(tokenizer, s.prompt, s.text, rng) for s in picks]
+    return [_cut(tokenizer, data[i].prompt, data[i].text, rng) for i in _draw(data, rng, cfg.lti_prefixes)]
 
 
 def _imitation_loss(
