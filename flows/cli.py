@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def start_stages(url: str) -> None:  # while the Prefect server starts (flows/server.py)
         os.environ["PREFECT_API_URL"] = url  # for the processes this one starts (DVC, the stage server)
         if not args.no_dvc:  # one process imports torch & co. once; each DVC stage forks from it
-            os.environ[STAGE_SERVER_ENV] = stack.enter_context(stage_server())
+            os.environ[STAGE_SERVER_ENV] = stack.enter_context(stage_server(params=args.params))
 
     with contextlib.ExitStack() as stack, local_server(root / ".prefect-server.log", while_starting=start_stages) as url:
         # and for this process: Prefect read its settings when it was imported (the error classes import

@@ -182,10 +182,30 @@ def _serve_one(conn: socket.socket, server: socket.socket) -> None:
     conn.close()
 
 
-def serve(path: str) -> None:
-    """Import everything once, then fork a stage per connection (one at a time, as DVC runs them)."""
+def _load_model_ahead(params_path: str) -> None:
+    """Load the base model that ``params_path`` names, for every stage forked after (model.decoding.loading)."""
+    from model.config import load_project
+    from model.decoding.loading import load_ahead
+
+    try:
+        params, root = load_project(params_path)
+        load_ahead(params.model, root)
+    except Exception as e:  # noqa: BLE001 -- each stage loads (or fails to load) the model itself, with its error
+        print(f"stage server: no model loaded ahead ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    if tqdm.monitor is not None:  # the loading bar's monitor thread: this process forks, so it keeps one thread
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+
+
+def serve(path: str, params_path: str | None = None) -> None:
+    """Import everything once (and the base model that ``params_path`` names, if given), then fork a stage per
+    connection (one at a time, as DVC runs them)."""
     for module in PRELOAD:
         importlib.import_module(module)
+    if params_path is not None:
+        _load_model_ahead(params_path)
     # The ~675k objects the imports made live as long as the server: out of the collector's sight, so a stage's
     # full collections (several in a long stage) scan only the stage's own objects, 3 ms instead of 0.35 s.
     gc.collect()
@@ -204,11 +224,12 @@ def serve(path: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_server(env: dict[str, str] | None = None) -> Iterator[str]:
+def stage_server(env: dict[str, str] | None = None, params: str | None = None) -> Iterator[str]:
     """Start ``python -m flows.stage --serve`` on a private Unix socket; yield the socket's path.
 
     ``env`` (default: this process's) should carry the settings every stage shares, such as
-    ``PREFECT_API_URL``: the server imports Prefect once, with them.
+    ``PREFECT_API_URL``: the server imports Prefect once, with them. With ``params`` (a params.yaml) the server
+    also loads that project's base model once, and each stage's first load of it takes that copy.
     """
     import subprocess
     import tempfile
@@ -217,7 +238,8 @@ def stage_server(env: dict[str, str] | None = None) -> Iterator[str]:
 
     path = str(Path(tempfile.mkdtemp(prefix="lm-sleep-")) / "stage.sock")  # 0700 directory, short path
     # A session of its own, stopped (socket directory included) with this process even by kill -9.
-    with tethered([sys.executable, "-m", "flows.stage", "--serve", path], remove=[os.path.dirname(path)],
+    ahead = [] if params is None else ["--params", str(Path(params).resolve())]
+    with tethered([sys.executable, "-m", "flows.stage", "--serve", path, *ahead], remove=[os.path.dirname(path)],
                   stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1]) as proc:
         line = proc.stdout.readline() if proc.stdout else ""
         if line.strip() != "ready":
@@ -226,7 +248,7 @@ def stage_server(env: dict[str, str] | None = None) -> Iterator[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
-        serve(sys.argv[2])
+    if len(sys.argv) in (3, 5) and sys.argv[1] == "--serve" and sys.argv[3:4] in ([], ["--params"]):
+        serve(sys.argv[2], *sys.argv[4:])
     else:
         sys.exit(main())

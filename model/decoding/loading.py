@@ -190,12 +190,63 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+#: The base model :func:`load_ahead` loaded, for the processes forked from the one that loaded it:
+#: (the load's key, the pid that loaded it, the model). Each fork takes it once; its loader never does.
+_ahead: tuple[tuple, int, LoadedModel] | None = None
+
+
+def _load_key(cfg: ModelConfig, root: Path) -> tuple:
+    """What a load of ``cfg`` reads: the config and the files of its source (name, size, modification time)."""
+    if cfg.source == "tiny":
+        src = None
+    elif cfg.source == "embedded":
+        src = cache_root() / "models" / EMBEDDED_NAME
+    else:
+        path = Path(cfg.path)
+        src = path if path.is_absolute() else Path(root) / path
+    files: tuple = ()
+    if src is not None and src.is_dir():
+        files = tuple((p.name, st.st_size, st.st_mtime_ns, st.st_ino)
+                      for p in sorted(src.iterdir()) if p.is_file() for st in [p.stat()])
+    return (cfg.model_dump_json(), str(Path(root).resolve()), str(src), files)
+
+
+def load_ahead(cfg: ModelConfig, root: Path = Path(".")) -> None:
+    """Load the base model of ``cfg`` now, in a process that will fork the ones that need it (the stage server).
+
+    Each forked process's first :func:`load_base_model` of the same config, while the source's files are as they
+    were (names, sizes, modification times), takes this model instead of loading and checking it again (~0.7 s of
+    every stage with the embedded model); the pages stay shared until written, and the base is frozen. The load
+    runs on one thread, so this process starts no OpenMP pool that its forks would inherit broken.
+    """
+    global _ahead
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_base_model(cfg, root)
+    finally:
+        torch.set_num_threads(threads)
+    _ahead = (_load_key(cfg, root), os.getpid(), loaded)
+
+
+def _take_ahead(cfg: ModelConfig, root: Path) -> LoadedModel | None:
+    """The model :func:`load_ahead` loaded in a parent process, if it is this load's; handed out once."""
+    global _ahead
+    if _ahead is None or _ahead[1] == os.getpid():
+        return None
+    held, _ahead = _ahead, None
+    return held[2] if held[0] == _load_key(cfg, root) else None
+
+
 def load_base_model(cfg: ModelConfig, root: Path = Path(".")) -> LoadedModel:
     """Load the base model that ``cfg`` names, frozen, in eval mode, with a pad token.
 
     It is left on the CPU: memory levels are attached there, then the whole model is
-    moved to ``cfg.device`` (see ``model.memory.checkpoint.open_memory_model``).
+    moved to ``cfg.device`` (see ``model.memory.checkpoint.open_memory_model``). In a process
+    forked after :func:`load_ahead` of the same model, the first call takes that model.
     """
+    if (ahead := _take_ahead(cfg, root)) is not None:
+        return ahead
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if cfg.source == "tiny":
         loaded = tiny_model()

@@ -58,12 +58,14 @@ def test_stages_run_through_the_server_like_in_their_own_process(servers, tmp_pa
     (tmp_path / "alone").mkdir()
     served = toy_project(tmp_path / "served")
     alone = toy_project(tmp_path / "alone")
-    for params in (served, alone):
-        path = servers if params is served else None
-        assert stage(["prepare", "--params", str(params)], path).returncode == 0
-        r = stage(["wake", "--params", str(params), "--period", "0"], path)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert "Finished in state Completed" in r.stdout + r.stderr  # the stage's output reached the client
+    # as `lm-sleep run` starts it: the server loads the project's base model once, and the stage takes that copy
+    with stage_server(params=str(served)) as ahead:
+        for params in (served, alone):
+            path = ahead if params is served else None
+            assert stage(["prepare", "--params", str(params)], path).returncode == 0
+            r = stage(["wake", "--params", str(params), "--period", "0"], path)
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert "Finished in state Completed" in r.stdout + r.stderr  # the stage's output reached the client
     a = json.loads((served.parent / "metrics/wake/period-0.json").read_text())
     b = json.loads((alone.parent / "metrics/wake/period-0.json").read_text())
     assert a["losses"] == b["losses"] and a["level_updates"] == b["level_updates"]
@@ -76,6 +78,10 @@ def test_a_failing_stage_gives_its_exit_code_and_error(servers, tmp_path):
     assert r.returncode != 0 and "params file not found" in r.stderr
     r = stage(["nonsense"], servers)
     assert r.returncode == 2 and "unknown stage" in r.stderr
+    # a server asked to load a model ahead from a params file it cannot read still serves; the stage says why
+    with stage_server(params=str(tmp_path / "missing.yaml")) as ahead:
+        r = stage(["wake", "--params", str(tmp_path / "missing.yaml"), "--period", "0"], ahead)
+        assert r.returncode != 0 and "params file not found" in r.stderr
 
 
 def test_killing_the_client_kills_its_stage(servers, tmp_path):
