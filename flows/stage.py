@@ -192,11 +192,12 @@ def _load_model_ahead(params_path: str) -> None:
         load_ahead(params.model, root)
     except Exception as e:  # noqa: BLE001 -- each stage loads (or fails to load) the model itself, with its error
         print(f"stage server: no model loaded ahead ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
-    from tqdm import tqdm
+    from tqdm._monitor import TMonitor
 
-    if tqdm.monitor is not None:  # the loading bar's monitor thread: this process forks, so it keeps one thread
-        tqdm.monitor.exit()
-        tqdm.monitor = None
+    for thread in threading.enumerate():  # a loading bar's monitor: this process forks, so it keeps one thread
+        if isinstance(thread, TMonitor):
+            thread.exit()
+            thread.tqdm_cls.monitor = None  # the class whose bar started it (tqdm.auto's, not tqdm.tqdm)
 
 
 def serve(path: str, params_path: str | None = None) -> None:

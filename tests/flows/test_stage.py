@@ -13,9 +13,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from flows.server import local_server
 from flows.stage import ENV, stage_server
+from model.decoding.loading import tiny_model
 from tests.flows.test_lifecycle_flow import toy_project
 
 pytestmark = pytest.mark.slow
@@ -58,6 +60,14 @@ def test_stages_run_through_the_server_like_in_their_own_process(servers, tmp_pa
     (tmp_path / "alone").mkdir()
     served = toy_project(tmp_path / "served")
     alone = toy_project(tmp_path / "alone")
+    base = tmp_path / "base"  # a model directory: loading it shows a progress bar, whose monitor thread the
+    lm = tiny_model()        # server must not keep (a process with a second thread cannot fork safely)
+    lm.model.save_pretrained(base)
+    lm.tokenizer.save_pretrained(base)
+    for params in (served, alone):
+        doc = yaml.safe_load(params.read_text())
+        doc["model"] = {"source": "path", "path": str(base)}
+        params.write_text(yaml.safe_dump(doc))
     # as `lm-sleep run` starts it: the server loads the project's base model once, and the stage takes that copy
     with stage_server(params=str(served)) as ahead:
         for params in (served, alone):
