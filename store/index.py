@@ -27,6 +27,8 @@ class DreamFunnel(BaseModel):
     promoted: int = Field(ge=0)
     rejected: int = Field(ge=0)
     kept: bool | None = Field(None, description="dream.promotion_check: whether the stage's training was kept")
+    kept_apart: int | None = Field(None, ge=0, description="dream.keep_dreams: fast experts the kept training wrote "
+                                   "that stay read-only with their period")
 
 
 class ExpertRecord(BaseModel):
@@ -86,7 +88,7 @@ _CSS = (
     "text-align:left;vertical-align:top}th{background:#f3f3f3}code{font-size:.9em}"
     "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}section{border-top:2px solid #888;margin-top:2em}"
 )
-_FUNNEL = ("generated", "selected", "rewarded", "passed_gate", "promoted", "rejected", "kept")
+_FUNNEL = ("generated", "selected", "rewarded", "passed_gate", "promoted", "rejected", "kept", "kept_apart")
 _CONSOLIDATION_FIRST = ("src", "dst", "slot", "retention_loss", "retention_accuracy", "accuracy_ratio")
 
 

@@ -25,8 +25,8 @@ from model.io import atomic_dir, atomic_path
 from model.memory.checkpoint import open_memory_model, read_manifest, save_state
 from model.memory.wake import split_template
 from model.sleep.consolidation import fold_dreams
-from model.sleep.dreaming import (DreamTask, dream_about, dream_policy, promote, task_from_examples, task_from_passage,
-                                  train_prompt)
+from model.sleep.dreaming import (DreamTask, dream_about, dream_policy, keep_dreams, promote, task_from_examples,
+                                  task_from_passage, train_prompt)
 from model.sleep.held_out import HeldOutScore, answer_check, held_out_check, training_helped
 from model.sleep.rewards import SemanticJudge
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
@@ -212,12 +212,19 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
                 if policy is not None:  # what ReST-EM taught the generator stands on its own trials' rewards
                     cms.dream_policy.load_from(policy)
+        kept_slots = []
+        if cfg.keep_dreams and kept and trained and cfg.task_source == "stream":
+            kept_slots = keep_dreams(cms, period, params.cms.levels[0].top_k)
+            log.info(f"dream {period}: " + (f"the dream-trained fast expert(s) {kept_slots} stay, read-only, with period {period}"
+                                            if kept_slots else "the dream-trained fast expert is not kept apart: the "
+                                            "fast level has no room (free slot, top_k) or the dreams trained a wake expert"))
         seconds = time.perf_counter() - start
         for name, frame in (("dreams", gated), ("promoted", promoted)):
             with atomic_path(tables[name]) as tmp:
                 frame.to_parquet(tmp, index=False)
         save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted)), "kept": kept,
-                                                                  "folded": fold is not None and kept}})
+                                                                  "folded": fold is not None and kept,
+                                                                  "kept_apart": kept_slots}})
     funnel = {
         "generated": int(len(gated)),
         "selected": int(gated["selected"].sum()),
@@ -226,6 +233,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         "promoted": int(len(promoted)),
         "rejected": int((~gated["promoted"]).sum()),
         "kept": bool(kept),
+        "kept_apart": len(kept_slots),
     }
     if funnel["promoted"] == 0:
         log.info(f"dream {period}: nothing promoted ({funnel}); the sleep goes on without dream training")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from pathlib import Path
@@ -86,7 +87,9 @@ def diagnose_states(
         if state is None or not state.is_dir():
             continue
         load_state(cms, state)
-        with cms.levels_masked(masked):
+        with contextlib.ExitStack() as hidden:  # the wake's fast experts (not kept dream experts: old ones)
+            for level in masked:
+                hidden.enter_context(cms.since_sleep_masked(level))
             out[name], routing = seen_accuracy(params, loaded, cms, stream, plan, period, trunk)
     return out, (routing if "after_dreaming" in out else None)
 

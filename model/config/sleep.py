@@ -230,6 +230,13 @@ class DreamConfig(Section):
         "wake prompts; 0: on the wake prompts only. The dreams are where the fast level learned, so their text "
         "carries what the wake prompts alone may not (method fold_with_dreams).",
     )
+    keep_dreams: bool = Field(
+        False, description="With train_into fast and stream dreams: when the dream training is kept, the fast "
+        "expert it trained becomes read-only and stays with this period (its inputs, by prototype routing, keep "
+        "what the dreams taught them; the next wake writes a new fast expert, and consolidations distil and free "
+        "only the writable ones). Done only while the level keeps a free slot and fewer kept-dream experts than "
+        "its top_k, so the wake's expert always fires beside them (method keep_dreams).",
+    )
     promotion_check: bool = Field(
         True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "
         "the period's examples that no dream saw in its context (stream: among every label seen so far; "
@@ -259,6 +266,9 @@ class DreamConfig(Section):
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
         if self.fold_into_slow and self.train_into != "fast":
             raise ValueError("fold_into_slow folds dreams trained into the fast level: it needs train_into 'fast'")
+        if self.keep_dreams and (self.train_into != "fast" or self.fold_into_slow):
+            raise ValueError("keep_dreams keeps the dream-trained fast expert: it needs train_into 'fast' and "
+                             "fold_into_slow false")
         if self.fold_dream_weight > 0 and not self.fold_into_slow:
             raise ValueError("fold_dream_weight weighs the dreams in a fold: it needs fold_into_slow true")
         return self

@@ -38,6 +38,8 @@ from model.decoding.architecture import decoder_of
 from model.errors import UserError
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+#: How the origin of an expert that a sleep's dream stage unlocked begins (``dream@period-N``).
+DREAM_ORIGIN = "dream@"
 
 
 class CMSError(UserError, ValueError):
@@ -207,6 +209,31 @@ class ContinuumMemory(nn.Module):
             raise CMSError(f"level {level} slot {slot} is not active; only an active expert can be frozen")
         info.frozen = True
         info.history.append(f"frozen@{self.step}:{reason}")
+
+    def kept_dream_slots(self, level: int) -> list[int]:
+        """Read-only experts that hold a sleep's kept dream training (``dream.keep_dreams``): they stay when the
+        level is consolidated."""
+        self._check_level(level)
+        return [e.slot for e in self.experts[level]
+                if e.active and e.frozen and (e.origin or "").startswith(DREAM_ORIGIN)]
+
+    def since_sleep_masked(self, level: int, hidden: dict[int, list[int]] | None = None):
+        """:meth:`levels_masked` without what ``level`` learned since its last consolidation: the whole level,
+        or, when it keeps kept-dream experts, every other expert of it. ``hidden`` as in :meth:`levels_masked`."""
+        hidden = dict(hidden or {})
+        keep = self.kept_dream_slots(level)
+        if not keep:
+            return self.levels_masked([level], hidden=hidden)
+        return self.levels_masked([], hidden={**hidden, level: [s for s in self.active_slots(level) if s not in keep]})
+
+    def free_since_sleep(self, level: int, reason: str) -> list[nn.Parameter]:
+        """Free what ``level`` learned since its last consolidation (:meth:`reset_level`, kept-dream experts
+        spared). Returns the freed parameters."""
+        keep = self.kept_dream_slots(level)
+        if not keep:
+            return self.reset_level(level, reason)
+        return [p for s in range(self.cfg.levels[level].n_experts) if s not in keep
+                for p in self.reset_slot(level, s, reason)]
 
     def free_slots(self, level: int) -> list[int]:
         self._check_level(level)

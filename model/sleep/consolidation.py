@@ -188,10 +188,10 @@ def seed_expert(cms: ContinuumMemory, src: int, dst: int, slot: int) -> int | No
     the inputs its source saw: the student starts close to the teacher on this period's inputs, and
     distillation, with rehearsal, has only to correct it, not to learn the period again from nothing.
     """
-    slots = cms.active_slots(src)
+    slots = [s for s in cms.active_slots(src) if s not in cms.kept_dream_slots(src)]
     if not slots:
         return None
-    norms = {e: sum(float(bank.B[e].norm()) for bank in cms.banks(src)) for e in slots}
+    norms = {e: sum(float(bank.B[e].detach().norm()) for bank in cms.banks(src)) for e in slots}
     best = max(slots, key=lambda e: (norms[e], -e))
     cms.copy_expert((src, best), (dst, slot))
     return best
@@ -218,7 +218,8 @@ def consolidate(
     anchors: Sequence[tuple[str, str]] = (),
     anchor_weight: float = 1.0,
 ) -> ConsolidationResult:
-    """Knowledge Seeding of level ``src`` into a new expert of level ``dst``; then reset ``src``.
+    """Knowledge Seeding of level ``src`` into a new expert of level ``dst``; then free ``src`` (its kept-dream
+    experts, ``dream.keep_dreams``, stay: they are part of the old model, in the student too).
 
     Mutates ``cms`` in memory only. Raises NonFiniteLossError on a NaN/inf loss and
     NonFiniteLogitsError on NaN logits while sampling (the caller must then discard the
@@ -255,7 +256,7 @@ def consolidate(
     expand = cfg.expand and into is None
     merged = None
     if (expand or not existing) and not cms.free_slots(dst) and cfg.merge_when_full:
-        with cms.levels_masked([src]):  # the slow level's inputs as the student will see them
+        with cms.since_sleep_masked(src):  # the slow level's inputs as the student will see them
             merged = merge_oldest(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
                                   max_length, cfg.merge_steps, cfg.lr, seed)
     seeded_from = None
@@ -265,7 +266,7 @@ def consolidate(
             seeded_from = seed_expert(cms, src, dst, slot)
         new_params = cms.level_parameters(dst, [slot])
         teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
-        old_teacher = lambda: cms.levels_masked([src], hidden={dst: [slot]})  # noqa: E731
+        old_teacher = lambda: cms.since_sleep_masked(src, hidden={dst: [slot]})  # noqa: E731
     else:  # no expansion: train the newest expert in place against a frozen copy of it
         slot = existing[-1]
         new_params = cms.level_parameters(dst, [slot])
@@ -274,10 +275,10 @@ def consolidate(
 
         @contextlib.contextmanager
         def old_teacher() -> Iterator[None]:
-            with _weights_swapped(new_params, frozen), cms.levels_masked([src]):
+            with _weights_swapped(new_params, frozen), cms.since_sleep_masked(src):
                 yield
     result = ConsolidationResult(src=src, dst=dst, slot=slot, merged=merged, seeded_from=seeded_from)
-    student = lambda: cms.levels_masked([src])  # noqa: E731
+    student = lambda: cms.since_sleep_masked(src)  # noqa: E731
     optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     split = SplitForward(model, cms)
     sampling = sampling or SamplingConfig()
@@ -373,7 +374,7 @@ def consolidate(
         model.eval()
         for p in new_params:
             p.grad = None
-    cms.reset_level(src, reason=f"consolidated into level {dst} slot {slot}")
+    cms.free_since_sleep(src, reason=f"consolidated into level {dst} slot {slot}")
     if freeze:
         cms.freeze(dst, slot, reason=f"consolidated from level {src}")
     return result

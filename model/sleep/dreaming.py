@@ -49,7 +49,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from model.config import DreamConfig, SamplingConfig
 from model.decoding.sampling import sample_continuations
 from model.evaluation.knowledge import Passage, answer_completion, qa_prompt
-from model.memory.cms import ContinuumMemory
+from model.memory.cms import DREAM_ORIGIN, ContinuumMemory
 from model.memory.wake import encode, label_text, sft_loss, split_template
 from model.sleep.dream_policy import DreamPolicy, rest_em_update
 from model.sleep.sft import train_on_pairs
@@ -117,10 +117,28 @@ def train_prompt(task: DreamTask, cfg: DreamConfig) -> str:
 
 
 def fast_parameters(cms: ContinuumMemory, origin: str) -> list[nn.Parameter]:
-    """Parameters of the fast level's active experts, unlocking one if the level is empty."""
-    if not cms.active_slots(0):
+    """Parameters of the fast level's writable experts, unlocking one if it has none (it was freed, or holds only
+    kept-dream experts)."""
+    if not cms.writable_slots(0):
         cms.unlock(0, origin=origin)
-    return cms.level_parameters(0, cms.active_slots(0))
+    return cms.level_parameters(0, cms.writable_slots(0))
+
+
+def keep_dreams(cms: ContinuumMemory, period: int, top_k: int) -> list[int]:
+    """``dream.keep_dreams``: make the fast experts this sleep's dream stage unlocked and trained read-only, with
+    ``period`` (the inputs routed to it keep what the dreams taught; later consolidations spare them).
+
+    Done only while the fast level keeps a free slot for the next wake and, with them, fewer kept-dream experts
+    than its ``top_k`` (gates are not renormalised, so the wake's expert then always fires beside them). Returns
+    the slots made read-only ([]: none, the level would be too full, or the dreams trained a wake expert).
+    """
+    slots = [e.slot for e in cms.experts[0] if e.active and not e.frozen and e.period == period
+             and (e.origin or "").startswith(DREAM_ORIGIN)]
+    if not slots or len(cms.free_slots(0)) < 1 or len(cms.kept_dream_slots(0)) + len(slots) >= top_k:
+        return []
+    for s in slots:
+        cms.freeze(0, s, reason=f"kept dreams of period {period}")
+    return slots
 
 
 def dream_parameters(cms: ContinuumMemory, cfg: DreamConfig, period: int, origin: str) -> list[nn.Parameter]:
@@ -300,7 +318,7 @@ def dream_about(
     decoder's batch size and dtype (default: SamplingConfig()).
     """
     rng = random.Random(seed)
-    params = dream_parameters(cms, cfg, period, origin=f"dream@period-{period}")
+    params = dream_parameters(cms, cfg, period, origin=f"{DREAM_ORIGIN}period-{period}")
     tau = (list(task.tau_prompts), list(task.tau_answers))
     t_prompt = train_prompt(task, cfg)
     rows: list[DreamRow] = []
@@ -360,6 +378,6 @@ def promote(
     """Train promoted dreams ((context_id, text) pairs) where ``dream.train_into`` says; returns the SFT losses."""
     if not promoted:
         return []
-    params = dream_parameters(cms, cfg, period, origin=f"dream@period-{period}")
+    params = dream_parameters(cms, cfg, period, origin=f"{DREAM_ORIGIN}period-{period}")
     prompts = [train_prompt(tasks[c], cfg) for c, _ in promoted]
     return train_on_pairs(model, tokenizer, params, prompts, [t for _, t in promoted], cfg.promote_steps, cfg.lr, cfg.max_length)

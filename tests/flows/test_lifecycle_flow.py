@@ -207,6 +207,37 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     assert [a[4] == b[4] for a, b in zip(after, before)] == [True, False]
 
 
+def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_sleep(tmp_path, prefect_harness):
+    """dream.keep_dreams: the fast expert the first sleep's kept dream training wrote stays, tensor for tensor, with
+    period 0 through the next wake and consolidation; the wake and the consolidation write and free another one."""
+    from flows.lifecycle import lifecycle
+    from flows.prepare import prepare
+
+    params_path = toy_project(tmp_path)
+    doc = yaml.safe_load(params_path.read_text())
+    doc["dream"]["keep_dreams"] = True
+    params_path.write_text(yaml.safe_dump(doc))
+    prepare(str(params_path))
+    lifecycle(str(params_path))
+
+    def fast(state: str) -> list[tuple]:
+        m = read_manifest(tmp_path / "state" / state)
+        return [(e["slot"], e["origin"], e["period"], e["frozen"], e["sha256"]) for e in m["levels"][0]["experts"]
+                if e["active"]]
+
+    s0 = read_manifest(tmp_path / "state/sleep/period-0")
+    assert s0["metadata"]["dream"]["kept"] is True  # as in the default run: the training helped the check set
+    (kept,) = fast("sleep/period-0")
+    assert kept[1:4] == ("dream@period-0", 0, True) and s0["metadata"]["dream"]["kept_apart"] == [kept[0]]
+    assert json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())["funnel"]["kept_apart"] == 1
+    wake1 = fast("wake/period-1")
+    assert wake1[0] == kept and [x[2:4] for x in wake1[1:]] == [(1, False)]  # the wake wrote a new expert only
+    assert fast("consolidated/period-1") == [kept]  # the consolidation freed the wake's expert, not the dreams
+    s1 = fast("sleep/period-1")
+    assert s1[0] == kept and all(not x[3] for x in s1[1:])  # a second one would fill the fast level's top-2
+    assert json.loads((tmp_path / "metrics/dreaming/period-1.json").read_text())["funnel"]["kept_apart"] == 0
+
+
 def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):
     from flows.prepare import prepare
     from flows.wake import wake

@@ -381,3 +381,79 @@ def test_prefix_cache_places_each_pairs_rows_where_encode_packs_them(all_positio
     assert len(views) == 2  # and its teacher logits: once for [0, 1, 2], once for the new 4 and 3
     with pytest.raises(ValueError, match="no teacher"):
         PrefixCache(split, lm.tokenizer, pairs, 48).teacher_logits([0], cache.batch([0])[0])
+
+
+def _with_kept_dream_expert():
+    """A CMS after a sleep whose dream training was kept apart (``dream.keep_dreams``) and the next wake: the fast
+    level holds period 0's read-only dream expert and period 1's writable one, both nonzero."""
+    from model.sleep.dreaming import fast_parameters, keep_dreams
+
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 1, seed=4)
+    cms.reset_level(0)  # as a consolidation leaves it
+    fast_parameters(cms, origin="dream@period-0")  # the dream stage unlocks its expert
+    make_nonzero(cms, 0, seed=5)  # ... and trains it
+    assert keep_dreams(cms, 0, top_k=2) == [0]
+    cms.begin_period(1)
+    assert cms.writable_slots(0) == []  # the next wake unlocks its own expert (model/memory/wake.py)
+    slot = cms.unlock(0, origin="wake@period-1")
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for bank in cms.banks(0):
+            bank.B[slot].normal_(0, 0.5, generator=g)
+    return lm, cms, slot
+
+
+def test_a_kept_dream_expert_stays_through_the_next_consolidation_and_the_student_keeps_it():
+    lm, cms, wake_slot = _with_kept_dream_expert()
+    info = cms.experts[0][0]
+    assert info.frozen and info.period == 0 and info.origin == "dream@period-0" and cms.kept_dream_slots(0) == [0]
+    kept = [p.detach().clone() for p in cms.level_parameters(0, [0])]
+    batch = toy_batch(lm)
+    with cms.levels_masked([], hidden={0: [wake_slot]}):
+        only_kept = logits(lm, batch)
+    with cms.since_sleep_masked(0):  # what the student and the old model see: the kept expert on, the wake's off
+        torch.testing.assert_close(logits(lm, batch), only_kept, rtol=0, atol=0)
+    with cms.levels_masked([0]):
+        assert not torch.allclose(logits(lm, batch), only_kept)  # the kept expert does change the output
+    res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=4, init="copy"), 32, None, seed=0,
+                      origin="consolidation:test", freeze=True)
+    assert cms.active_slots(0) == [0] and cms.kept_dream_slots(0) == [0]  # the wake's expert freed, the dreams kept
+    assert all(torch.equal(a, b) for a, b in zip(cms.level_parameters(0, [0]), kept))
+    assert all(float(p.abs().sum()) == 0 for p in cms.level_parameters(0, [wake_slot]))
+    assert res.seeded_from == wake_slot  # the new slow expert starts from what the wake learned, not the dreams
+
+
+def test_without_kept_dreams_the_fast_level_is_masked_and_freed_whole():
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    make_nonzero(cms, 1, seed=4)
+    batch = toy_batch(lm)
+    with cms.levels_masked([0]):
+        masked = logits(lm, batch)
+    with cms.since_sleep_masked(0):
+        torch.testing.assert_close(logits(lm, batch), masked, rtol=0, atol=0)
+    cms.free_since_sleep(0, reason="test")
+    assert cms.active_slots(0) == [] and all(float(p.abs().sum()) == 0 for p in cms.level_parameters(0))
+    # frozen experts of another origin (a slower level's consolidated ones) are not kept-dream experts
+    cms.freeze(1, cms.active_slots(1)[0], reason="consolidated")
+    assert cms.kept_dream_slots(1) == []
+
+
+def test_dreams_are_kept_apart_only_while_the_wakes_expert_still_fits():
+    from model.sleep.dreaming import fast_parameters, keep_dreams
+
+    lm, cms, wake_slot = _with_kept_dream_expert()  # one kept already; top_k 2
+    cms.free_since_sleep(0, reason="consolidated")
+    fast_parameters(cms, origin="dream@period-1")
+    assert keep_dreams(cms, 1, top_k=2) == []  # two kept would fill the top-2: the wake's expert could drop out
+    assert keep_dreams(cms, 0, top_k=3) == []  # none of period 0 left unfrozen
+    assert keep_dreams(cms, 1, top_k=3) == [1]
+    # no free slot left for the next wake: not kept apart
+    lm, cms = tiny_with_cms()
+    for s in range(3):
+        cms.unlock(0, origin="dream@period-0") if s else fast_parameters(cms, origin="dream@period-0")
+    assert cms.free_slots(0) == [] and keep_dreams(cms, 0, top_k=5) == []
+    # the dream stage trained a wake expert (no consolidation freed the level): not kept apart
+    lm, cms = tiny_with_cms()
+    assert cms.experts[0][0].origin == "init" and keep_dreams(cms, 0, top_k=3) == []
