@@ -76,11 +76,31 @@ def test_stages_run_through_the_server_like_in_their_own_process(servers, tmp_pa
             r = stage(["wake", "--params", str(params), "--period", "0"], path)
             assert r.returncode == 0, r.stderr[-2000:]
             assert "Finished in state Completed" in r.stdout + r.stderr  # the stage's output reached the client
+    # the job's server (its idle services off, flows/server.py) recorded the stages' task runs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 30  # task runs reach the database through events, a moment later
+        while not (runs := client.read_task_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["wake"])))):
+            assert time.monotonic() < deadline, "no task run of the wake flows was recorded"
+            time.sleep(0.5)
+    assert {r.name.rsplit("-", 1)[0] for r in runs} >= {"read_stream"}
     a = json.loads((served.parent / "metrics/wake/period-0.json").read_text())
     b = json.loads((alone.parent / "metrics/wake/period-0.json").read_text())
     assert a["losses"] == b["losses"] and a["level_updates"] == b["level_updates"]
     assert (served.parent / "state/wake/period-0/manifest.json").read_bytes() == (
         alone.parent / "state/wake/period-0/manifest.json").read_bytes()
+
+
+def test_the_job_servers_idle_services_are_prefects_own_settings():
+    from prefect.settings import get_current_settings
+
+    from flows.server import IDLE_SERVICES
+
+    services = type(get_current_settings().server.services).model_fields
+    assert {s.lower() for s in IDLE_SERVICES} <= set(services)
+    assert not {"task_run_recorder", "event_persister"} & {s.lower() for s in IDLE_SERVICES}
 
 
 def test_a_failing_stage_gives_its_exit_code_and_error(servers, tmp_path):
