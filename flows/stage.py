@@ -183,13 +183,12 @@ def _serve_one(conn: socket.socket, server: socket.socket) -> None:
 
 
 def _load_model_ahead(params_path: str) -> None:
-    """Load the base model that ``params_path`` names, for every stage forked after (model.decoding.loading)."""
+    """Load the base model that ``params_path`` names, for every stage forked after (tasks.guards.load_model_ahead)."""
     from model.config import load_project
-    from model.decoding.loading import load_ahead
+    from tasks.guards import load_model_ahead
 
     try:
-        params, root = load_project(params_path)
-        load_ahead(params.model, root)
+        load_model_ahead(*load_project(params_path))
     except Exception as e:  # noqa: BLE001 -- each stage loads (or fails to load) the model itself, with its error
         print(f"stage server: no model loaded ahead ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     from tqdm._monitor import TMonitor

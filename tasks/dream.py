@@ -213,7 +213,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 if policy is not None:  # what ReST-EM taught the generator stands on its own trials' rewards
                     cms.dream_policy.load_from(policy)
         kept_slots = []
-        if cfg.keep_dreams and kept and trained and cfg.task_source == "stream":
+        if (cfg.keep_dreams and kept and trained and cfg.task_source == "stream" and cfg.train_into == "fast"
+                and fold is None):
             kept_slots = keep_dreams(cms, period, params.cms.levels[0].top_k)
             log.info(f"dream {period}: " + (f"the dream-trained fast expert(s) {kept_slots} stay, read-only, with period {period}"
                                             if kept_slots else "the dream-trained fast expert is not kept apart: the "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from model.config import DataConfig, Params
 from model.data.stream import build_stream, check_period, load_source
+from model.decoding.loading import load_ahead
 from model.io import exclusive
 from model.memory.checkpoint import check_state
 from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
@@ -25,6 +26,12 @@ def locked(path: Path, what: str) -> AbstractContextManager:
 def lifecycle_lock(params: Params, root: Path) -> AbstractContextManager:
     """The lock of the lifecycle's state directory: one wake, sleep, evaluation or intake on it at a time."""
     return exclusive(root / params.lifecycle.state_root, "lifecycle run")
+
+
+def load_model_ahead(params: Params, root: Path) -> None:
+    """Load the project's base model in a process that forks the stages (the stage server): each stage's first
+    load of it then takes that copy (``model.decoding.loading.load_ahead``)."""
+    load_ahead(params.model, root)
 
 
 def check_prepare_inputs(cfg: DataConfig, root: Path) -> None:

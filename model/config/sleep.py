@@ -231,7 +231,7 @@ class DreamConfig(Section):
         "carries what the wake prompts alone may not (method fold_with_dreams).",
     )
     keep_dreams: bool = Field(
-        False, description="With train_into fast and stream dreams: when the dream training is kept, the fast "
+        True, description="With train_into fast, stream dreams and no fold (otherwise it does nothing): when the dream training is kept, the fast "
         "expert it trained becomes read-only and stays with this period (its inputs, by prototype routing, keep "
         "what the dreams taught them; the next wake writes a new fast expert, and consolidations distil and free "
         "only the writable ones). Done only while the level keeps a free slot and fewer kept-dream experts than "
@@ -266,9 +266,6 @@ class DreamConfig(Section):
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
         if self.fold_into_slow and self.train_into != "fast":
             raise ValueError("fold_into_slow folds dreams trained into the fast level: it needs train_into 'fast'")
-        if self.keep_dreams and (self.train_into != "fast" or self.fold_into_slow):
-            raise ValueError("keep_dreams keeps the dream-trained fast expert: it needs train_into 'fast' and "
-                             "fold_into_slow false")
         if self.fold_dream_weight > 0 and not self.fold_into_slow:
             raise ValueError("fold_dream_weight weighs the dreams in a fold: it needs fold_into_slow true")
         return self

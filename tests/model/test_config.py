@@ -39,8 +39,6 @@ def _write(tmp_path, data) -> Path:
         ({"cms": {"levels": [{"name": "a", "chunk_size": 1, "lr": 1e-3, "n_experts": 3, "top_k": 4}]}},
          "top_k (4) > n_experts (3)"),
         ({"dream": {"fold_into_slow": True, "train_into": "consolidated"}}, "fold_into_slow"),
-        ({"dream": {"keep_dreams": True, "train_into": "consolidated"}}, "keep_dreams"),
-        ({"dream": {"keep_dreams": True, "fold_into_slow": True}}, "keep_dreams"),
     ],
 )
 def test_bad_params_name_file_and_field(tmp_path, data, field):
