@@ -110,7 +110,7 @@ METHODS: dict[str, str] = {
     "fold_with_dreams": "fold_dreams, the fold also distilling the dream-trained model on the promoted dreams' own "
     "text (every token), not only on the wake prompts",
     "keep_dreams": "full sleep, the fast expert a kept dream training wrote stays read-only with its period; the next "
-    "wake writes a new one (the default since the development runs of docs/results/issue13/dev-keep-dreams/)",
+    "wake writes a new one (passed its development rule; not the default: docs/results/issue13/dev-keep-dreams/)",
     "no_keep_dreams": "full sleep, the fast expert a kept dream training wrote is retagged and trained by the next wake "
     "(the sleep before keep_dreams)",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "

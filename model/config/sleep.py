@@ -231,7 +231,7 @@ class DreamConfig(Section):
         "carries what the wake prompts alone may not (method fold_with_dreams).",
     )
     keep_dreams: bool = Field(
-        True, description="With train_into fast, stream dreams and no fold (otherwise it does nothing): when the dream training is kept, the fast "
+        False, description="With train_into fast, stream dreams and no fold (otherwise it does nothing): when the dream training is kept, the fast "
         "expert it trained becomes read-only and stays with this period (its inputs, by prototype routing, keep "
         "what the dreams taught them; the next wake writes a new fast expert, and consolidations distil and free "
         "only the writable ones). Done only while the level keeps a free slot and fewer kept-dream experts than "

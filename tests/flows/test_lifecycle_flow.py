@@ -208,7 +208,7 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
 
 
 def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_sleep(tmp_path, prefect_harness):
-    """dream.keep_dreams (the default): the fast expert the first sleep's kept dream training wrote stays, tensor for tensor, with
+    """dream.keep_dreams: the fast expert the first sleep's kept dream training wrote stays, tensor for tensor, with
     period 0 through the next wake and consolidation; the wake and the consolidation write and free another one."""
     from flows.lifecycle import lifecycle
     from flows.prepare import prepare
