@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 from pathlib import Path
@@ -87,9 +86,7 @@ def diagnose_states(
         if state is None or not state.is_dir():
             continue
         load_state(cms, state)
-        with contextlib.ExitStack() as hidden:  # the wake's fast experts (not kept dream experts: old ones)
-            for level in masked:
-                hidden.enter_context(cms.since_sleep_masked(level))
+        with cms.since_sleep_masked(masked):  # the wake's fast experts (not kept dream experts: old ones)
             out[name], routing = seen_accuracy(params, loaded, cms, stream, plan, period, trunk)
     return out, (routing if "after_dreaming" in out else None)
 

@@ -217,14 +217,17 @@ class ContinuumMemory(nn.Module):
         return [e.slot for e in self.experts[level]
                 if e.active and e.frozen and (e.origin or "").startswith(DREAM_ORIGIN)]
 
-    def since_sleep_masked(self, level: int, hidden: dict[int, list[int]] | None = None):
-        """:meth:`levels_masked` without what ``level`` learned since its last consolidation: the whole level,
+    def since_sleep_masked(self, levels: list[int], hidden: dict[int, list[int]] | None = None):
+        """:meth:`levels_masked` without what ``levels`` learned since their last consolidation: each level whole,
         or, when it keeps kept-dream experts, every other expert of it. ``hidden`` as in :meth:`levels_masked`."""
         hidden = dict(hidden or {})
-        keep = self.kept_dream_slots(level)
-        if not keep:
-            return self.levels_masked([level], hidden=hidden)
-        return self.levels_masked([], hidden={**hidden, level: [s for s in self.active_slots(level) if s not in keep]})
+        whole = []
+        for level in levels:
+            if keep := self.kept_dream_slots(level):
+                hidden[level] = [s for s in self.active_slots(level) if s not in keep]
+            else:
+                whole.append(level)
+        return self.levels_masked(whole, hidden=hidden)
 
     def free_since_sleep(self, level: int, reason: str) -> list[nn.Parameter]:
         """Free what ``level`` learned since its last consolidation (:meth:`reset_level`, kept-dream experts

@@ -256,7 +256,7 @@ def consolidate(
     expand = cfg.expand and into is None
     merged = None
     if (expand or not existing) and not cms.free_slots(dst) and cfg.merge_when_full:
-        with cms.since_sleep_masked(src):  # the slow level's inputs as the student will see them
+        with cms.since_sleep_masked([src]):  # the slow level's inputs as the student will see them
             merged = merge_oldest(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
                                   max_length, cfg.merge_steps, cfg.lr, seed)
     seeded_from = None
@@ -266,7 +266,7 @@ def consolidate(
             seeded_from = seed_expert(cms, src, dst, slot)
         new_params = cms.level_parameters(dst, [slot])
         teacher = lambda: cms.levels_masked([], hidden={dst: [slot]})  # noqa: E731
-        old_teacher = lambda: cms.since_sleep_masked(src, hidden={dst: [slot]})  # noqa: E731
+        old_teacher = lambda: cms.since_sleep_masked([src], hidden={dst: [slot]})  # noqa: E731
     else:  # no expansion: train the newest expert in place against a frozen copy of it
         slot = existing[-1]
         new_params = cms.level_parameters(dst, [slot])
@@ -275,10 +275,10 @@ def consolidate(
 
         @contextlib.contextmanager
         def old_teacher() -> Iterator[None]:
-            with _weights_swapped(new_params, frozen), cms.since_sleep_masked(src):
+            with _weights_swapped(new_params, frozen), cms.since_sleep_masked([src]):
                 yield
     result = ConsolidationResult(src=src, dst=dst, slot=slot, merged=merged, seeded_from=seeded_from)
-    student = lambda: cms.since_sleep_masked(src)  # noqa: E731
+    student = lambda: cms.since_sleep_masked([src])  # noqa: E731
     optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     split = SplitForward(model, cms)
     sampling = sampling or SamplingConfig()

@@ -115,7 +115,8 @@ def dream_task_inputs(
     """Dream ``cfg.per_label`` inputs for every label of the given tasks (``{task: labels}``).
 
     Sampled with what ``masked_levels`` learned since their last consolidation masked (the fast level, for
-    earlier tasks: the old experts, kept-dream ones included, remember them) and, with ``cfg.random_expert``, in dream mode (random experts on). Uses
+    earlier tasks: the old experts, kept-dream ones included, remember them) and, with ``cfg.random_expert``,
+    in dream mode (random experts on). Uses
     nothing but the label names and the model's own state. Raises RehearsalError when a task
     lists no label names. ``examples`` are (text, label) pairs of the *current* period (the
     wake's buffer): ``cfg.shots`` of them, drawn per prompt, stand before the label so the dream
@@ -133,10 +134,7 @@ def dream_task_inputs(
     k = min(cfg.shots, len(examples))
     prompts = [rehearsal_prompt(tokenizer, lab, cfg, rng.sample(list(examples), k)) for _, lab in pairs]
     routing = cms.random_expert_routing(seed) if cfg.random_expert else contextlib.nullcontext()
-    with contextlib.ExitStack() as masked:
-        for level in masked_levels:
-            masked.enter_context(cms.since_sleep_masked(level))
-        masked.enter_context(routing)
+    with cms.since_sleep_masked(list(masked_levels)), routing:
         samples = sample_continuations(
             model, tokenizer, prompts, cfg.per_label, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
             batch_size=sampling.batch_size, dtype=sampling.compute_dtype,

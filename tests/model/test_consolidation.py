@@ -412,7 +412,7 @@ def test_a_kept_dream_expert_stays_through_the_next_consolidation_and_the_studen
     batch = toy_batch(lm)
     with cms.levels_masked([], hidden={0: [wake_slot]}):
         only_kept = logits(lm, batch)
-    with cms.since_sleep_masked(0):  # what the student and the old model see: the kept expert on, the wake's off
+    with cms.since_sleep_masked([0]):  # what the student and the old model see: the kept expert on, the wake's off
         torch.testing.assert_close(logits(lm, batch), only_kept, rtol=0, atol=0)
     with cms.levels_masked([0]):
         assert not torch.allclose(logits(lm, batch), only_kept)  # the kept expert does change the output
@@ -431,7 +431,7 @@ def test_without_kept_dreams_the_fast_level_is_masked_and_freed_whole():
     batch = toy_batch(lm)
     with cms.levels_masked([0]):
         masked = logits(lm, batch)
-    with cms.since_sleep_masked(0):
+    with cms.since_sleep_masked([0]):
         torch.testing.assert_close(logits(lm, batch), masked, rtol=0, atol=0)
     cms.free_since_sleep(0, reason="test")
     assert cms.active_slots(0) == [] and all(float(p.abs().sum()) == 0 for p in cms.level_parameters(0))
