@@ -84,14 +84,20 @@ def write_batch(root: Path, cycle: int, rows_per_label: int = 5) -> Path:
     return path
 
 
-def soak(root: Path, cycles: int, keep_periods: int = 3, on_cycle=None) -> list[dict]:
-    """Run ``cycles`` ingest-wake-sleep cycles in ``root``; one record per cycle."""
+def _merged(base: dict, over: dict) -> dict:
+    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+def soak(root: Path, cycles: int, keep_periods: int = 3, on_cycle=None, overrides: dict | None = None) -> list[dict]:
+    """Run ``cycles`` ingest-wake-sleep cycles in ``root``; one record per cycle. ``overrides``: params merged into
+    :func:`soak_params` (a switch's own soak, e.g. {"dream": {"keep_dreams": True}})."""
     from flows.intake import cycle as run_cycle
     from flows.intake import ingest
 
     root.mkdir(parents=True, exist_ok=True)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(soak_params(keep_periods)))
+    params.write_text(yaml.safe_dump(_merged(soak_params(keep_periods), overrides or {})))
     proc = psutil.Process()
     records = []
     for i in range(cycles):
@@ -135,14 +141,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-periods", type=int, default=3)
     ap.add_argument("--dir", default=None, help="project directory (default: a temporary one)")
     ap.add_argument("--out", default=None, help="JSON of the records (a PNG plot beside it)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                    help="override a param of the soak's project, e.g. --set dream.keep_dreams=true (repeatable)")
     args = ap.parse_args(argv)
+    overrides: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--set {item!r}: want SECTION.KEY=VALUE")
+        *path, leaf = key.split(".")
+        node = overrides
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         root = Path(args.dir) if args.dir else Path(tmp)
         records = soak(root, args.cycles, args.keep_periods,
-                       on_cycle=lambda r: print(json.dumps(r), flush=True))
+                       on_cycle=lambda r: print(json.dumps(r), flush=True), overrides=overrides)
     rss5, rss_last = records[min(5, len(records) - 1)]["rss_mb"], records[-1]["rss_mb"]
-    summary = {"cycles": args.cycles, "keep_periods": args.keep_periods,
+    summary = {"cycles": args.cycles, "keep_periods": args.keep_periods, "overrides": overrides,
                "rss_growth_from_cycle_5": round(rss_last / rss5 - 1, 4),
                "median_cycle_seconds": sorted(r["seconds"] for r in records)[len(records) // 2], "records": records}
     print(json.dumps({k: v for k, v in summary.items() if k != "records"}))

@@ -27,8 +27,9 @@ class DreamFunnel(BaseModel):
     promoted: int = Field(ge=0)
     rejected: int = Field(ge=0)
     kept: bool | None = Field(None, description="dream.promotion_check: whether the stage's training was kept")
-    kept_apart: int | None = Field(None, ge=0, description="dream.keep_dreams: fast experts the kept training wrote "
-                                   "that stay read-only with their period")
+    kept_apart: int | None = Field(None, ge=0, description="dream.keep_dreams: experts the kept training wrote "
+                                   "that stay read-only with their period (in the fast level, or moved to the slow "
+                                   "level: dream.keep_dreams_in)")
 
 
 class ExpertRecord(BaseModel):

@@ -25,8 +25,8 @@ from model.io import atomic_dir, atomic_path
 from model.memory.checkpoint import open_memory_model, read_manifest, save_state
 from model.memory.wake import split_template
 from model.sleep.consolidation import fold_dreams
-from model.sleep.dreaming import (DreamTask, dream_about, dream_policy, keep_dreams, promote, task_from_examples,
-                                  task_from_passage, train_prompt)
+from model.sleep.dreaming import (DreamTask, dream_about, dream_policy, keep_dreams, keep_dreams_in_slow, promote,
+                                  task_from_examples, task_from_passage, train_prompt)
 from model.sleep.held_out import HeldOutScore, answer_check, held_out_check, training_helped
 from model.sleep.rewards import SemanticJudge
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
@@ -103,6 +103,18 @@ def check_score(params: Params, model, tokenizer, cms, tasks: list[DreamTask], e
                           params.wake.eval_batch_size, params.wake.max_length, trunk=trunk)
 
 
+def _fold_inputs(params: Params, stream: pd.DataFrame, meta: dict, period: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """The period's wake prompts (at most ``consolidation.prompt_buffer_size``, seeded) and the old-task dreams the
+    consolidation kept (the state's ``dreamed_inputs``, as (prompt, completion)): no earlier period's examples."""
+    pairs, _ = _stream_picks(params, stream, period)
+    rng = random.Random(params.seed * 4_999 + period)
+    prompts = [split_template(params.wake.template, t, lab)[0]
+               for t, lab in rng.sample(pairs, min(params.consolidation.prompt_buffer_size, len(pairs)))]
+    rehearsal = [split_template(params.wake.template, d["text"], d["label"])
+                 for d in meta.get("dreamed_inputs", []) if int(d["task"]) < period]
+    return prompts, rehearsal
+
+
 def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, meta: dict, period: int,
                dreams: list[tuple[str, str]]) -> dict | None:
     """``dream.fold_into_slow``: fold the dream-trained fast level into the slow expert this sleep filled.
@@ -113,12 +125,7 @@ def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, met
     distils (``dream.fold_dream_weight`` > 0; else none). Returns the fold's report, or None when nothing was folded.
     """
     cfg = params.consolidation
-    pairs, _ = _stream_picks(params, stream, period)
-    rng = random.Random(params.seed * 4_999 + period)
-    prompts = [split_template(params.wake.template, t, lab)[0]
-               for t, lab in rng.sample(pairs, min(cfg.prompt_buffer_size, len(pairs)))]
-    rehearsal = [split_template(params.wake.template, d["text"], d["label"])
-                 for d in meta.get("dreamed_inputs", []) if int(d["task"]) < period]
+    prompts, rehearsal = _fold_inputs(params, stream, meta, period)
     judge = SemanticJudge.load(cfg.semantic_threshold) if cfg.alpha < 1 and cfg.gamma > 0 else None
     res = fold_dreams(loaded.model, loaded.tokenizer, cms, period, prompts, cfg, params.wake.max_length, judge,
                       seed=params.seed * 1_019 + period * 41, sampling=params.sampling, rehearsal=rehearsal,
@@ -130,6 +137,24 @@ def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, met
     return {"slot": res.slot, "prompts": len(prompts), "rehearsal": len(rehearsal),
             "dreams": len(dreams),
             "distillation": [round(r.distillation, 5) for r in res.steps]}
+
+
+def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, meta: dict, period: int) -> dict | None:
+    """``dream.keep_dreams_in: slow``: the dream-trained fast expert becomes a read-only slow expert of the period
+    (:func:`model.sleep.dreaming.keep_dreams_in_slow`); a full slow level merges first, on the fold's inputs (the
+    period's wake prompts and the consolidation's rehearsal dreams: no earlier period's examples). Returns the
+    move's report, or None when nothing moved."""
+    cfg = params.consolidation
+    prompts, rehearsal = _fold_inputs(params, stream, meta, period)
+    res = keep_dreams_in_slow(loaded.model, loaded.tokenizer, cms, period, [*prompts, *(p for p, _ in rehearsal)],
+                              params.wake.max_length, cfg.merge_steps, cfg.lr, seed=params.seed * 1_021 + period * 43,
+                              merge_when_full=cfg.merge_when_full)
+    if res is None:
+        return None
+    optimizer.drop_state(cms.level_parameters(0, [res.src]))
+    optimizer.drop_state(cms.level_parameters(1, [res.slot] + ([res.merged.into, res.merged.freed] if res.merged else [])))
+    return {"src": res.src, "slot": res.slot, "exact": res.exact,
+            "merged": {"into": res.merged.into, "freed": res.merged.freed} if res.merged else None}
 
 
 def _dream_inputs(params: Params, root: Path, period: int) -> list[Path]:
@@ -201,6 +226,14 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
             if fold is not None:
                 log.info(f"dream {period}: folded the dream-trained fast level into slow slot {fold['slot']} "
                          f"({fold['prompts']} prompts, {fold['rehearsal']} rehearsal dreams, {fold['dreams']} dreams' own text)")
+        moved = None
+        if (cfg.keep_dreams and cfg.keep_dreams_in == "slow" and trained and cfg.task_source == "stream"
+                and cfg.train_into == "fast" and fold is None):  # before the check: it scores the state kept
+            moved = keep_in_slow_stage(params, loaded, cms, optimizer, stream, meta, period)
+            log.info(f"dream {period}: " + (f"the dream-trained fast expert {moved['src']} moved to slow slot "
+                                            f"{moved['slot']}, read-only, with period {period}" if moved else
+                                            "the dream-trained fast expert stays in the fast level: the dreams trained "
+                                            "a wake expert, or the slow level is full and may not merge"))
         if cfg.promotion_check:
             after = (check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates, trunk)
                      if trained else before)
@@ -212,8 +245,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
                 if policy is not None:  # what ReST-EM taught the generator stands on its own trials' rewards
                     cms.dream_policy.load_from(policy)
-        kept_slots = []
-        if (cfg.keep_dreams and kept and trained and cfg.task_source == "stream" and cfg.train_into == "fast"
+        kept_slots = [moved["slot"]] if moved and kept else []
+        if (cfg.keep_dreams and cfg.keep_dreams_in == "fast" and kept and trained and cfg.task_source == "stream" and cfg.train_into == "fast"
                 and fold is None):
             kept_slots = keep_dreams(cms, period, params.cms.levels[0].top_k)
             log.info(f"dream {period}: " + (f"the dream-trained fast expert(s) {kept_slots} stay, read-only, with period {period}"
@@ -225,7 +258,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 frame.to_parquet(tmp, index=False)
         save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted)), "kept": kept,
                                                                   "folded": fold is not None and kept,
-                                                                  "kept_apart": kept_slots}})
+                                                                  "kept_apart": kept_slots,
+                                                                  "kept_in": cfg.keep_dreams_in if kept_slots else None}})
     funnel = {
         "generated": int(len(gated)),
         "selected": int(gated["selected"].sum()),
@@ -242,7 +276,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         trained = f"; promotion loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "; promote_steps is 0: not trained"
         log.info(f"dream {period}: {funnel} in {seconds:.0f} s{trained}")
     return stamp_output({"period": period, "enabled": True, "funnel": funnel, "promotion_losses": losses, "check": check,
-                         "fold": fold,
+                         "fold": fold, "kept_in_slow": moved if kept else None,
                          "gate_report": str((report_dir / "gate.md").relative_to(root)),
                          TIMING: {"seconds": round(seconds, 2)}}, out)
 

@@ -33,6 +33,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "fold_dreams": {"dream": {"fold_into_slow": True}},
     "fold_with_dreams": {"dream": {"fold_into_slow": True, "fold_dream_weight": 1.0}},
     "keep_dreams": {"dream": {"keep_dreams": True}},
+    "keep_dreams_slow": {"dream": {"keep_dreams": True, "keep_dreams_in": "slow"}},
     "no_keep_dreams": {"dream": {"keep_dreams": False}},
     "no_dream_policy": {"dream": {"policy": {"enabled": False}}},
     "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
@@ -79,8 +80,8 @@ MethodName = Literal[
     "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing", "cosine_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
-    "no_promotion_check", "dreams_into_slow", "fold_dreams", "fold_with_dreams", "keep_dreams", "no_keep_dreams",
-    "no_dream_policy", "base", "passage_finetune",
+    "no_promotion_check", "dreams_into_slow", "fold_dreams", "fold_with_dreams", "keep_dreams", "keep_dreams_slow",
+    "no_keep_dreams", "no_dream_policy", "base", "passage_finetune",
     "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "in_context", "retrieval",
     "sleep_1", "sleep_2", "sleep_3",
 ]

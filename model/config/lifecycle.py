@@ -111,6 +111,8 @@ METHODS: dict[str, str] = {
     "text (every token), not only on the wake prompts",
     "keep_dreams": "full sleep, the fast expert a kept dream training wrote stays read-only with its period; the next "
     "wake writes a new one (passed its development rule; not the default: docs/results/issue13/dev-keep-dreams/)",
+    "keep_dreams_slow": "keep_dreams, the kept dream expert moved into a new read-only slow expert with its period and "
+    "the fast level freed (the slow level's merges retire it)",
     "no_keep_dreams": "full sleep, the fast expert a kept dream training wrote is retagged and trained by the next wake "
     "(the sleep before keep_dreams)",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "

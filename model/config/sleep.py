@@ -237,6 +237,13 @@ class DreamConfig(Section):
         "only the writable ones). Done only while the level keeps a free slot and fewer kept-dream experts than "
         "its top_k, so the wake's expert always fires beside them (method keep_dreams).",
     )
+    keep_dreams_in: Literal["fast", "slow"] = Field(
+        "fast", description="With keep_dreams: where the kept dream expert stays. fast: read-only in the fast level "
+        "(at most top_k - 1 of them, never freed). slow: copied into a new read-only expert of the slow level with "
+        "its period (exact: same rank, same layers), and the fast level freed, before the promotion check scores the "
+        "stage; a full slow level merges its two oldest read-only experts first, as a consolidation does, so the "
+        "dream experts share the slow level's capacity and its merges (method keep_dreams_slow).",
+    )
     promotion_check: bool = Field(
         True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "
         "the period's examples that no dream saw in its context (stream: among every label seen so far; "
@@ -268,4 +275,6 @@ class DreamConfig(Section):
             raise ValueError("fold_into_slow folds dreams trained into the fast level: it needs train_into 'fast'")
         if self.fold_dream_weight > 0 and not self.fold_into_slow:
             raise ValueError("fold_dream_weight weighs the dreams in a fold: it needs fold_into_slow true")
+        if self.keep_dreams_in != "fast" and not self.keep_dreams:
+            raise ValueError(f"keep_dreams_in '{self.keep_dreams_in}' says where kept dreams stay: it needs keep_dreams true")
         return self

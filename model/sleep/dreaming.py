@@ -50,6 +50,7 @@ from model.config import DreamConfig, SamplingConfig
 from model.decoding.sampling import sample_continuations
 from model.evaluation.knowledge import Passage, answer_completion, qa_prompt
 from model.memory.cms import DREAM_ORIGIN, ContinuumMemory
+from model.memory.merging import MergeRecord, merge_oldest
 from model.memory.wake import encode, label_text, sft_loss, split_template
 from model.sleep.dream_policy import DreamPolicy, rest_em_update
 from model.sleep.sft import train_on_pairs
@@ -139,6 +140,59 @@ def keep_dreams(cms: ContinuumMemory, period: int, top_k: int) -> list[int]:
     for s in slots:
         cms.freeze(0, s, reason=f"kept dreams of period {period}")
     return slots
+
+
+@dataclass(frozen=True)
+class KeptInSlow:
+    """What :func:`keep_dreams_in_slow` did: fast ``src`` became slow ``slot`` (``exact``: same function);
+    ``merged``: the merge that made room first (None: a slot was free)."""
+
+    src: int
+    slot: int
+    exact: bool
+    merged: MergeRecord | None
+
+
+def keep_dreams_in_slow(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    period: int,
+    prompts: Sequence[str],
+    max_length: int,
+    merge_steps: int,
+    lr: float,
+    seed: int,
+    merge_when_full: bool = True,
+) -> KeptInSlow | None:
+    """``dream.keep_dreams_in: slow``: move the fast expert this sleep's dream stage unlocked and trained into a new
+    read-only expert of the slow level (level 1) with ``period``, and free its fast slot.
+
+    The copy is exact (:meth:`ContinuumMemory.copy_expert`: the slow rank is at least the fast one, the same
+    layers and gate). The function changes only through the slow level's other experts, which now read h instead of
+    h plus the moved expert's output. A full slow level first merges its two oldest read-only experts
+    (:func:`model.memory.merging.merge_oldest`, on ``prompts`` with the fast level masked, as the slow level will
+    read them after the move), so dream experts are retired by the same merges as consolidated ones. Returns
+    None, changing nothing, when the dream stage trained no expert of its own (it trained a wake expert) or the slow
+    level is full and may not merge.
+    """
+    slots = [e.slot for e in cms.experts[0] if e.active and not e.frozen and e.period == period
+             and (e.origin or "").startswith(DREAM_ORIGIN)]
+    if len(slots) != 1 or cms.n_levels < 2:
+        return None
+    (src,) = slots
+    merged = None
+    if not cms.free_slots(1):
+        if not merge_when_full:
+            return None
+        with cms.levels_masked([0]):
+            merged = merge_oldest(model, tokenizer, cms, 1, prompts, max_length, merge_steps, lr, seed)
+    slot = cms.unlock(1, origin=f"{DREAM_ORIGIN}period-{period}:fast->slow")
+    exact = cms.copy_expert((0, src), (1, slot))
+    cms.experts[1][slot].period = period
+    cms.freeze(1, slot, reason=f"kept dreams of period {period}, from fast slot {src}")
+    cms.reset_slot(0, src, reason=f"moved to slow slot {slot}")
+    return KeptInSlow(src, slot, exact, merged)
 
 
 def dream_parameters(cms: ContinuumMemory, cfg: DreamConfig, period: int, origin: str) -> list[nn.Parameter]:

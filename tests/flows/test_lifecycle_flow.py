@@ -238,6 +238,43 @@ def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_
     assert json.loads((tmp_path / "metrics/dreaming/period-1.json").read_text())["funnel"]["kept_apart"] == 0
 
 
+def test_dreams_kept_in_slow_become_a_read_only_slow_expert_and_the_next_wake_starts_an_empty_fast_level(
+        tmp_path, prefect_harness):
+    """dream.keep_dreams_in slow: the first sleep's kept dream training ends as a read-only slow expert of period 0
+    (the fast level freed); the next wake and consolidation leave it tensor for tensor."""
+    from flows.lifecycle import lifecycle
+    from flows.prepare import prepare
+
+    params_path = toy_project(tmp_path)
+    doc = yaml.safe_load(params_path.read_text())
+    doc["dream"].update(keep_dreams=True, keep_dreams_in="slow")
+    params_path.write_text(yaml.safe_dump(doc))
+    prepare(str(params_path))
+    lifecycle(str(params_path))
+
+    def level(state: str, li: int) -> list[tuple]:
+        m = read_manifest(tmp_path / "state" / state)
+        return [(e["slot"], e["origin"], e["period"], e["frozen"], e["sha256"]) for e in m["levels"][li]["experts"]
+                if e["active"]]
+
+    s0 = read_manifest(tmp_path / "state/sleep/period-0")
+    assert s0["metadata"]["dream"]["kept"] is True  # as in the default run: the training helped the check set
+    assert level("sleep/period-0", 0) == []  # the fast level is free for the next wake
+    (moved,) = [e for e in level("sleep/period-0", 1) if e[1] == "dream@period-0:fast->slow"]
+    assert moved[2:4] == (0, True) and s0["metadata"]["dream"]["kept_apart"] == [moved[0]]
+    assert s0["metadata"]["dream"]["kept_in"] == "slow"
+    metrics = json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())
+    assert metrics["funnel"]["kept_apart"] == 1 and metrics["kept_in_slow"]["slot"] == moved[0]
+    assert moved in level("wake/period-1", 1)  # read-only in wake
+    assert [x[2:4] for x in level("wake/period-1", 0)] == [(1, False)]  # the wake wrote its own fast expert
+    # The toy's slow level has 3 slots (initial, consolidation 0, the dreams): consolidation 1 found it full and
+    # merged its two oldest read-only experts, the dreams into consolidation 0's expert (period 0): retired.
+    slow1 = {x[0]: x for x in level("consolidated/period-1", 1)}
+    consolidated0 = next(x for x in level("sleep/period-0", 1) if x[1].startswith("consolidation"))
+    assert slow1[consolidated0[0]][1:4] == consolidated0[1:4] and slow1[consolidated0[0]][4] != consolidated0[4]
+    assert slow1[moved[0]][1:4] == ("consolidation:fast->slow@period-1", 1, True)
+
+
 def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):
     from flows.prepare import prepare
     from flows.wake import wake

@@ -234,7 +234,7 @@ def test_fold_dreams_moves_the_fast_level_into_the_periods_expert_only():
     others = {s: [p.detach().clone() for p in cms.level_parameters(1, [s])] for s in cms.active_slots(1) if s != res.slot}
     folded = fold_dreams(lm.model, lm.tokenizer, cms, 2, PROMPTS, _cfg(steps=30), 32, None, seed=1)
     assert folded is not None and folded.slot == res.slot
-    assert cms.active_slots(0) == [] and all(float(p.abs().sum()) == 0 for p in cms.level_parameters(0))
+    assert cms.active_slots(0) == [] and all(float(p.detach().abs().sum()) == 0 for p in cms.level_parameters(0))
     assert cms.experts[1][res.slot].frozen and cms.experts[1][res.slot].period == 2
     assert sorted(cms.active_slots(1)) == sorted([*others, res.slot])  # in place: no slot unlocked
     for s, vals in others.items():
@@ -434,7 +434,7 @@ def test_without_kept_dreams_the_fast_level_is_masked_and_freed_whole():
     with cms.since_sleep_masked([0]):
         torch.testing.assert_close(logits(lm, batch), masked, rtol=0, atol=0)
     cms.free_since_sleep(0, reason="test")
-    assert cms.active_slots(0) == [] and all(float(p.abs().sum()) == 0 for p in cms.level_parameters(0))
+    assert cms.active_slots(0) == [] and all(float(p.detach().abs().sum()) == 0 for p in cms.level_parameters(0))
     # frozen experts of another origin (a slower level's consolidated ones) are not kept-dream experts
     cms.freeze(1, cms.active_slots(1)[0], reason="consolidated")
     assert cms.kept_dream_slots(1) == []
@@ -457,3 +457,64 @@ def test_dreams_are_kept_apart_only_while_the_wakes_expert_still_fits():
     # the dream stage trained a wake expert (no consolidation freed the level): not kept apart
     lm, cms = tiny_with_cms()
     assert cms.experts[0][0].origin == "init" and keep_dreams(cms, 0, top_k=3) == []
+
+
+def _dream_trained_fast_expert(period: int = 0):
+    """A CMS right after a dream stage: the consolidation freed the fast level, the dream stage unlocked and trained
+    a fast expert of ``period``."""
+    from model.sleep.dreaming import fast_parameters
+
+    lm, cms = tiny_with_cms()
+    cms.begin_period(period)
+    cms.reset_level(0)  # as a consolidation leaves it
+    fast_parameters(cms, origin=f"dream@period-{period}")
+    make_nonzero(cms, 0, seed=5)
+    return lm, cms
+
+
+def test_dreams_kept_in_slow_move_exactly_and_free_the_fast_slot():
+    from model.sleep.dreaming import keep_dreams_in_slow
+
+    lm, cms = _dream_trained_fast_expert()
+    cms.reset_level(1)  # nothing else in the slow level: the move must not change the function at all
+    (src,) = cms.active_slots(0)
+    batch = toy_batch(lm)
+    before = logits(lm, batch)
+    weights = [p.detach().clone() for p in cms.level_parameters(0, [src])]
+    res = keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 0, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0)
+    assert res is not None and res.src == src and res.exact and res.merged is None
+    assert cms.active_slots(0) == [] and all(float(p.detach().abs().sum()) == 0 for p in cms.level_parameters(0))
+    info = cms.experts[1][res.slot]
+    assert info.frozen and info.period == 0 and info.origin == "dream@period-0:fast->slow"
+    assert res.slot in cms.frozen_slots(1) and res.slot not in cms.writable_slots(1)  # the wake's step spares it
+    assert all(torch.equal(a, b) for a, b in zip(cms.level_parameters(1, [res.slot]), weights))
+    torch.testing.assert_close(logits(lm, batch), before, rtol=1e-5, atol=1e-5)
+
+
+def test_dreams_kept_in_a_full_slow_level_merge_its_oldest_first_or_stay():
+    from model.sleep.dreaming import keep_dreams_in_slow
+
+    lm, cms = _dream_trained_fast_expert(period=2)
+    while cms.free_slots(1):  # a full slow level: its initial expert and two consolidated ones
+        cms.freeze(1, cms.unlock(1, origin="consolidation:test"), reason="consolidated")
+    make_nonzero(cms, 1, seed=4)
+    (src,) = cms.active_slots(0)
+    res = keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 2, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0,
+                              merge_when_full=False)
+    assert res is None and cms.active_slots(0) == [src]  # may not merge: nothing moved
+    res = keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 2, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0)
+    assert res is not None and res.merged is not None and res.slot == res.merged.freed
+    assert (res.merged.into, res.merged.freed) == (1, 2)  # the two oldest read-only experts, not the writable one
+    assert len(cms.active_slots(1)) == 3 and cms.experts[1][res.slot].period == 2 and cms.active_slots(0) == []
+
+
+def test_only_an_expert_the_dream_stage_unlocked_moves_to_the_slow_level():
+    from model.sleep.dreaming import keep_dreams_in_slow
+
+    lm, cms = tiny_with_cms()  # the fast level still holds the wake's expert: the dreams trained it
+    make_nonzero(cms, 0)
+    before = [p.detach().clone() for p in cms.level_parameters(1)]
+    assert keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 0, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0) is None
+    assert cms.experts[0][0].origin == "init" and all(torch.equal(a, b) for a, b in zip(cms.level_parameters(1), before))
+    lm, cms = _dream_trained_fast_expert(period=1)  # another period's dream expert is not this sleep's
+    assert keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 0, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0) is None
