@@ -32,7 +32,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "dreams_into_slow": {"dream": {"train_into": "consolidated"}},
     "fold_dreams": {"dream": {"fold_into_slow": True}},
     "fold_with_dreams": {"dream": {"fold_into_slow": True, "fold_dream_weight": 1.0}},
-    "keep_dreams": {"dream": {"keep_dreams": True}},
+    "keep_dreams": {"dream": {"keep_dreams": True, "keep_dreams_in": "fast"}},
     "keep_dreams_slow": {"dream": {"keep_dreams": True, "keep_dreams_in": "slow"}},
     "no_keep_dreams": {"dream": {"keep_dreams": False}},
     "no_dream_policy": {"dream": {"policy": {"enabled": False}}},

@@ -109,12 +109,13 @@ METHODS: dict[str, str] = {
     "consolidated, and the fast level freed",
     "fold_with_dreams": "fold_dreams, the fold also distilling the dream-trained model on the promoted dreams' own "
     "text (every token), not only on the wake prompts",
-    "keep_dreams": "full sleep, the fast expert a kept dream training wrote stays read-only with its period; the next "
-    "wake writes a new one (passed its development rule; not the default: docs/results/issue13/dev-keep-dreams/)",
-    "keep_dreams_slow": "keep_dreams, the kept dream expert moved into a new read-only slow expert with its period and "
-    "the fast level freed (the slow level's merges retire it)",
+    "keep_dreams": "full sleep, the fast expert a kept dream training wrote stays read-only with its period in the "
+    "fast level, never freed; the next wake writes a new one (docs/results/issue13/dev-keep-dreams/)",
+    "keep_dreams_slow": "full sleep, the fast expert a kept dream training wrote moves into a new read-only slow "
+    "expert with its period and the fast level is freed; the slow level's merges retire it (the default sleep since "
+    "docs/results/issue13/dev-keep-dreams-slow/)",
     "no_keep_dreams": "full sleep, the fast expert a kept dream training wrote is retagged and trained by the next wake "
-    "(the sleep before keep_dreams)",
+    "(the sleep before keep_dreams_slow)",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "
     "(no dream policy of its own)",
 }

@@ -231,18 +231,19 @@ class DreamConfig(Section):
         "carries what the wake prompts alone may not (method fold_with_dreams).",
     )
     keep_dreams: bool = Field(
-        False, description="With train_into fast, stream dreams and no fold (otherwise it does nothing): when the dream training is kept, the fast "
-        "expert it trained becomes read-only and stays with this period (its inputs, by prototype routing, keep "
-        "what the dreams taught them; the next wake writes a new fast expert, and consolidations distil and free "
-        "only the writable ones). Done only while the level keeps a free slot and fewer kept-dream experts than "
-        "its top_k, so the wake's expert always fires beside them (method keep_dreams).",
+        True, description="With train_into fast, stream dreams and no fold (otherwise it does nothing): when the dream "
+        "training is kept, the expert it trained stays read-only with this period (its inputs, by prototype routing, "
+        "keep what the dreams taught them), where keep_dreams_in says; the next wake writes a new fast expert. "
+        "Chosen on development streams by a rule set before the runs (docs/results/issue13/dev-keep-dreams-slow/); "
+        "false: the next wake retags and retrains it (method no_keep_dreams).",
     )
     keep_dreams_in: Literal["fast", "slow"] = Field(
-        "fast", description="With keep_dreams: where the kept dream expert stays. fast: read-only in the fast level "
-        "(at most top_k - 1 of them, never freed). slow: copied into a new read-only expert of the slow level with "
-        "its period (exact: same rank, same layers), and the fast level freed, before the promotion check scores the "
-        "stage; a full slow level merges its two oldest read-only experts first, as a consolidation does, so the "
-        "dream experts share the slow level's capacity and its merges (method keep_dreams_slow).",
+        "slow", description="With keep_dreams: where the kept dream expert stays. slow (default): copied into a new "
+        "read-only expert of the slow level with its period (exact: same rank, same layers) and the fast level freed, "
+        "before the promotion check scores the stage; a full slow level merges its two oldest read-only experts "
+        "first, as a consolidation does, so dream experts share the slow level's capacity and are retired by its "
+        "merges. fast: read-only in the fast level, kept only while the level keeps a free slot and fewer kept "
+        "experts than its top_k, and never freed (method keep_dreams; consolidations free only the writable ones).",
     )
     promotion_check: bool = Field(
         True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "
@@ -275,6 +276,4 @@ class DreamConfig(Section):
             raise ValueError("fold_into_slow folds dreams trained into the fast level: it needs train_into 'fast'")
         if self.fold_dream_weight > 0 and not self.fold_into_slow:
             raise ValueError("fold_dream_weight weighs the dreams in a fold: it needs fold_into_slow true")
-        if self.keep_dreams_in != "fast" and not self.keep_dreams:
-            raise ValueError(f"keep_dreams_in '{self.keep_dreams_in}' says where kept dreams stay: it needs keep_dreams true")
         return self

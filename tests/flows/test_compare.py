@@ -175,7 +175,8 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("sleep", ("dream", "train_into"), "fast"), ("fold_dreams", ("dream", "fold_into_slow"), True),
     ("fold_dreams", ("dream", "fold_dream_weight"), 0.0), ("fold_with_dreams", ("dream", "fold_dream_weight"), 1.0),
     ("no_dream_policy", ("dream", "policy", "enabled"), False), ("sleep", ("dream", "policy", "enabled"), True),
-    ("keep_dreams", ("dream", "keep_dreams"), True), ("sleep", ("dream", "keep_dreams"), False),
+    ("keep_dreams", ("dream", "keep_dreams"), True), ("sleep", ("dream", "keep_dreams"), True),
+    ("sleep", ("dream", "keep_dreams_in"), "slow"),
     ("no_keep_dreams", ("dream", "keep_dreams"), False), ("keep_dreams_slow", ("dream", "keep_dreams"), True),
     ("keep_dreams_slow", ("dream", "keep_dreams_in"), "slow"), ("keep_dreams", ("dream", "keep_dreams_in"), "fast"),
 ])

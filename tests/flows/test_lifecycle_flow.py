@@ -215,7 +215,7 @@ def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_
 
     params_path = toy_project(tmp_path)
     doc = yaml.safe_load(params_path.read_text())
-    doc["dream"]["keep_dreams"] = True
+    doc["dream"].update(keep_dreams=True, keep_dreams_in="fast")
     params_path.write_text(yaml.safe_dump(doc))
     prepare(str(params_path))
     lifecycle(str(params_path))
@@ -240,7 +240,7 @@ def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_
 
 def test_dreams_kept_in_slow_become_a_read_only_slow_expert_and_the_next_wake_starts_an_empty_fast_level(
         tmp_path, prefect_harness):
-    """dream.keep_dreams_in slow: the first sleep's kept dream training ends as a read-only slow expert of period 0
+    """dream.keep_dreams_in slow (the default): the first sleep's kept dream training ends as a read-only slow expert of period 0
     (the fast level freed); the next wake and consolidation leave it tensor for tensor."""
     from flows.lifecycle import lifecycle
     from flows.prepare import prepare

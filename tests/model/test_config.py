@@ -39,7 +39,6 @@ def _write(tmp_path, data) -> Path:
         ({"cms": {"levels": [{"name": "a", "chunk_size": 1, "lr": 1e-3, "n_experts": 3, "top_k": 4}]}},
          "top_k (4) > n_experts (3)"),
         ({"dream": {"fold_into_slow": True, "train_into": "consolidated"}}, "fold_into_slow"),
-        ({"dream": {"keep_dreams_in": "slow"}}, "keep_dreams_in 'slow' says where kept dreams stay: it needs keep_dreams"),
         ({"dream": {"keep_dreams": True, "keep_dreams_in": "medium"}}, "dream.keep_dreams_in"),
     ],
 )
