@@ -95,9 +95,12 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     slow = m0["levels"][1]["experts"]
     assert [e["origin"] for e in slow if e["active"]] == ["init", "consolidation:fast->slow@period-0"]
     assert not any(e["active"] for e in m0["levels"][0]["experts"])  # fast level freed
-    # Dreaming then unlocked a fresh fast expert for its dreams and wrote the sleep state.
+    # Dreaming then unlocked a fresh fast expert for its dreams, trained it, kept it (below) and moved it into the
+    # slow level with its period (dream.keep_dreams_in: slow): the next wake starts from an empty fast level.
     s0 = read_manifest(tmp_path / "state/sleep/period-0")
-    assert [e["origin"] for e in s0["levels"][0]["experts"] if e["active"]] == ["dream@period-0"]
+    assert not any(e["active"] for e in s0["levels"][0]["experts"])
+    assert [e["origin"] for e in s0["levels"][1]["experts"] if e["active"]] == [
+        "init", "consolidation:fast->slow@period-0", "dream@period-0:fast->slow"]
     table = pd.read_parquet(tmp_path / "dreams/dreaming/period-0-dreams.parquet")
     assert len(table) == 3 and {"importance", "reward", "gate_passed", "failed_checks", "promoted"} <= set(table.columns)
     assert table["selected"].sum() == 2
