@@ -84,20 +84,16 @@ def write_batch(root: Path, cycle: int, rows_per_label: int = 5) -> Path:
     return path
 
 
-def _merged(base: dict, over: dict) -> dict:
-    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in over.items()}}
-
-
 def soak(root: Path, cycles: int, keep_periods: int = 3, on_cycle=None, overrides: dict | None = None) -> list[dict]:
     """Run ``cycles`` ingest-wake-sleep cycles in ``root``; one record per cycle. ``overrides``: params merged into
     :func:`soak_params` (a switch's own soak, e.g. {"dream": {"keep_dreams": True}})."""
     from flows.intake import cycle as run_cycle
     from flows.intake import ingest
+    from model.config import merge_overrides
 
     root.mkdir(parents=True, exist_ok=True)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(_merged(soak_params(keep_periods), overrides or {})))
+    params.write_text(yaml.safe_dump(merge_overrides(soak_params(keep_periods), overrides or {})))
     proc = psutil.Process()
     records = []
     for i in range(cycles):

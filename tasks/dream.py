@@ -103,7 +103,7 @@ def check_score(params: Params, model, tokenizer, cms, tasks: list[DreamTask], e
                           params.wake.eval_batch_size, params.wake.max_length, trunk=trunk)
 
 
-def _fold_inputs(params: Params, stream: pd.DataFrame, meta: dict, period: int) -> tuple[list[str], list[tuple[str, str]]]:
+def _period_inputs(params: Params, stream: pd.DataFrame, meta: dict, period: int) -> tuple[list[str], list[tuple[str, str]]]:
     """The period's wake prompts (at most ``consolidation.prompt_buffer_size``, seeded) and the old-task dreams the
     consolidation kept (the state's ``dreamed_inputs``, as (prompt, completion)): no earlier period's examples."""
     pairs, _ = _stream_picks(params, stream, period)
@@ -125,7 +125,7 @@ def fold_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFrame, met
     distils (``dream.fold_dream_weight`` > 0; else none). Returns the fold's report, or None when nothing was folded.
     """
     cfg = params.consolidation
-    prompts, rehearsal = _fold_inputs(params, stream, meta, period)
+    prompts, rehearsal = _period_inputs(params, stream, meta, period)
     judge = SemanticJudge.load(cfg.semantic_threshold) if cfg.alpha < 1 and cfg.gamma > 0 else None
     res = fold_dreams(loaded.model, loaded.tokenizer, cms, period, prompts, cfg, params.wake.max_length, judge,
                       seed=params.seed * 1_019 + period * 41, sampling=params.sampling, rehearsal=rehearsal,
@@ -145,7 +145,7 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
     period's wake prompts and the consolidation's rehearsal dreams: no earlier period's examples). Returns the
     move's report, or None when nothing moved."""
     cfg = params.consolidation
-    prompts, rehearsal = _fold_inputs(params, stream, meta, period)
+    prompts, rehearsal = _period_inputs(params, stream, meta, period)
     res = keep_dreams_in_slow(loaded.model, loaded.tokenizer, cms, period, [*prompts, *(p for p, _ in rehearsal)],
                               params.wake.max_length, cfg.merge_steps, cfg.lr, seed=params.seed * 1_021 + period * 43,
                               merge_when_full=cfg.merge_when_full)
@@ -227,8 +227,9 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 log.info(f"dream {period}: folded the dream-trained fast level into slow slot {fold['slot']} "
                          f"({fold['prompts']} prompts, {fold['rehearsal']} rehearsal dreams, {fold['dreams']} dreams' own text)")
         moved = None
-        if (cfg.keep_dreams and cfg.keep_dreams_in == "slow" and trained and cfg.task_source == "stream"
-                and cfg.train_into == "fast" and fold is None):  # before the check: it scores the state kept
+        # dream.keep_dreams applies to stream dreams trained into the fast level and not folded
+        keeps = cfg.keep_dreams and trained and cfg.task_source == "stream" and cfg.train_into == "fast" and fold is None
+        if keeps and cfg.keep_dreams_in == "slow":  # before the check: it scores the state kept
             moved = keep_in_slow_stage(params, loaded, cms, optimizer, stream, meta, period)
             log.info(f"dream {period}: " + (f"the dream-trained fast expert {moved['src']} moved to slow slot "
                                             f"{moved['slot']}, read-only, with period {period}" if moved else
@@ -246,8 +247,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 if policy is not None:  # what ReST-EM taught the generator stands on its own trials' rewards
                     cms.dream_policy.load_from(policy)
         kept_slots = [moved["slot"]] if moved and kept else []
-        if (cfg.keep_dreams and cfg.keep_dreams_in == "fast" and kept and trained and cfg.task_source == "stream" and cfg.train_into == "fast"
-                and fold is None):
+        if keeps and kept and cfg.keep_dreams_in == "fast":
             kept_slots = keep_dreams(cms, period, params.cms.levels[0].top_k)
             log.info(f"dream {period}: " + (f"the dream-trained fast expert(s) {kept_slots} stay, read-only, with period {period}"
                                             if kept_slots else "the dream-trained fast expert is not kept apart: the "

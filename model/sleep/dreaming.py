@@ -125,6 +125,12 @@ def fast_parameters(cms: ContinuumMemory, origin: str) -> list[nn.Parameter]:
     return cms.level_parameters(0, cms.writable_slots(0))
 
 
+def dream_slots(cms: ContinuumMemory, period: int) -> list[int]:
+    """The writable fast experts this sleep's dream stage unlocked (and trained) for ``period``."""
+    return [e.slot for e in cms.experts[0] if e.active and not e.frozen and e.period == period
+            and (e.origin or "").startswith(DREAM_ORIGIN)]
+
+
 def keep_dreams(cms: ContinuumMemory, period: int, top_k: int) -> list[int]:
     """``dream.keep_dreams``: make the fast experts this sleep's dream stage unlocked and trained read-only, with
     ``period`` (the inputs routed to it keep what the dreams taught; later consolidations spare them).
@@ -133,8 +139,7 @@ def keep_dreams(cms: ContinuumMemory, period: int, top_k: int) -> list[int]:
     than its ``top_k`` (gates are not renormalised, so the wake's expert then always fires beside them). Returns
     the slots made read-only ([]: none, the level would be too full, or the dreams trained a wake expert).
     """
-    slots = [e.slot for e in cms.experts[0] if e.active and not e.frozen and e.period == period
-             and (e.origin or "").startswith(DREAM_ORIGIN)]
+    slots = dream_slots(cms, period)
     if not slots or len(cms.free_slots(0)) < 1 or len(cms.kept_dream_slots(0)) + len(slots) >= top_k:
         return []
     for s in slots:
@@ -176,8 +181,7 @@ def keep_dreams_in_slow(
     None, changing nothing, when the dream stage trained no expert of its own (it trained a wake expert) or the slow
     level is full and may not merge.
     """
-    slots = [e.slot for e in cms.experts[0] if e.active and not e.frozen and e.period == period
-             and (e.origin or "").startswith(DREAM_ORIGIN)]
+    slots = dream_slots(cms, period)
     if len(slots) != 1 or cms.n_levels < 2:
         return None
     (src,) = slots

@@ -187,10 +187,7 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     into_slow = read_manifest(tmp_path / "state/sleep/period-0")
     assert report["funnel"]["promoted"] >= 1 and report["check"] is None
     assert not any(e["active"] for e in into_slow["levels"][0]["experts"])
-    def slow(m: dict) -> list[tuple]:
-        return [(e["slot"], e["origin"], e["period"], e["frozen"], e.get("sha256")) for e in m["levels"][1]["experts"] if e["active"]]
-
-    before, after = slow(consolidated), slow(into_slow)
+    before, after = _active_experts(consolidated, 1), _active_experts(into_slow, 1)
     assert [x[:4] for x in after] == [x[:4] for x in before]  # the same experts, the consolidated one trained:
     assert [a[4] == b[4] for a, b in zip(after, before)] == [True, False]  # init unchanged, period 0's expert moved
     # Dreams trained into the fast level, then folded into the slow expert this sleep consolidated: the fast
@@ -205,28 +202,37 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     assert len(report["fold"]["distillation"]) == doc["consolidation"]["steps"]
     assert report["fold"]["dreams"] == report["funnel"]["promoted"]
     assert not any(e["active"] for e in folded["levels"][0]["experts"]) and folded["metadata"]["dream"]["folded"] is True
-    after = slow(folded)
+    after = _active_experts(folded, 1)
     assert [x[:4] for x in after] == [x[:4] for x in before]
     assert [a[4] == b[4] for a, b in zip(after, before)] == [True, False]
+
+
+def _active_experts(manifest: dict, level: int) -> list[tuple]:
+    """(slot, origin, period, frozen, sha256) of every active expert of ``level`` in a state's manifest."""
+    return [(e["slot"], e["origin"], e["period"], e["frozen"], e.get("sha256")) for e in manifest["levels"][level]["experts"]
+            if e["active"]]
+
+
+def _lifecycle_with_dreams(root: Path, **dream) -> None:
+    """Prepare and run the toy project's whole lifecycle with ``dream`` settings over its params."""
+    from flows.lifecycle import lifecycle
+    from flows.prepare import prepare
+
+    params_path = toy_project(root)
+    doc = yaml.safe_load(params_path.read_text())
+    doc["dream"].update(dream)
+    params_path.write_text(yaml.safe_dump(doc))
+    prepare(str(params_path))
+    lifecycle(str(params_path))
 
 
 def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_sleep(tmp_path, prefect_harness):
     """dream.keep_dreams: the fast expert the first sleep's kept dream training wrote stays, tensor for tensor, with
     period 0 through the next wake and consolidation; the wake and the consolidation write and free another one."""
-    from flows.lifecycle import lifecycle
-    from flows.prepare import prepare
-
-    params_path = toy_project(tmp_path)
-    doc = yaml.safe_load(params_path.read_text())
-    doc["dream"].update(keep_dreams=True, keep_dreams_in="fast")
-    params_path.write_text(yaml.safe_dump(doc))
-    prepare(str(params_path))
-    lifecycle(str(params_path))
+    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="fast")
 
     def fast(state: str) -> list[tuple]:
-        m = read_manifest(tmp_path / "state" / state)
-        return [(e["slot"], e["origin"], e["period"], e["frozen"], e["sha256"]) for e in m["levels"][0]["experts"]
-                if e["active"]]
+        return _active_experts(read_manifest(tmp_path / "state" / state), 0)
 
     s0 = read_manifest(tmp_path / "state/sleep/period-0")
     assert s0["metadata"]["dream"]["kept"] is True  # as in the default run: the training helped the check set
@@ -243,22 +249,13 @@ def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_
 
 def test_dreams_kept_in_slow_become_a_read_only_slow_expert_and_the_next_wake_starts_an_empty_fast_level(
         tmp_path, prefect_harness):
-    """dream.keep_dreams_in slow (the default): the first sleep's kept dream training ends as a read-only slow expert of period 0
-    (the fast level freed); the next wake and consolidation leave it tensor for tensor."""
-    from flows.lifecycle import lifecycle
-    from flows.prepare import prepare
-
-    params_path = toy_project(tmp_path)
-    doc = yaml.safe_load(params_path.read_text())
-    doc["dream"].update(keep_dreams=True, keep_dreams_in="slow")
-    params_path.write_text(yaml.safe_dump(doc))
-    prepare(str(params_path))
-    lifecycle(str(params_path))
+    """dream.keep_dreams_in slow (the default): the first sleep's kept dream training ends as a read-only slow expert of
+    period 0 (the fast level freed); the next wake leaves it tensor for tensor, and the next consolidation, finding
+    the toy's slow level full, merges it into the older consolidated expert."""
+    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="slow")
 
     def level(state: str, li: int) -> list[tuple]:
-        m = read_manifest(tmp_path / "state" / state)
-        return [(e["slot"], e["origin"], e["period"], e["frozen"], e["sha256"]) for e in m["levels"][li]["experts"]
-                if e["active"]]
+        return _active_experts(read_manifest(tmp_path / "state" / state), li)
 
     s0 = read_manifest(tmp_path / "state/sleep/period-0")
     assert s0["metadata"]["dream"]["kept"] is True  # as in the default run: the training helped the check set
