@@ -31,6 +31,15 @@ STAGES = ("prepare", "wake", "sleep", "evaluate", "report", "publish", "intake")
 ENV = "LM_SLEEP_STAGE_SERVER"
 PRELOAD = ("torch", "transformers", "pandas", "prefect", "great_expectations",
            *(f"flows.{s}" for s in STAGES))
+#: What a stage's first flow call, first parquet read and first tasks import lazily (Prefect's run engines and
+#: flow graph, the encoder that serialises a flow's parameters, pandas' parquet reader, arrow types and CSV writer,
+#: torch's profiler hooks, the plots' backend): imported in the server too, or every forked stage imports them
+#: again, 0.1-0.2 s a stage (a test holds the stages to importing none of these packages' modules). Internal
+#: modules of pinned versions: one that a later version drops is skipped, at the cost of that import in each stage.
+PRELOAD_LAZY = ("prefect.flow_engine", "prefect.task_engine", "prefect.utilities.visualization", "fastapi.encoders",
+                "pyarrow.parquet", "pyarrow.dataset", "pandas.core.arrays.arrow.extension_types",
+                "pandas.core.methods.to_dict", "pandas.io.formats.csvs", "torch.profiler._cupti_monitor",
+                "matplotlib.backends.backend_agg")
 
 
 #: The tag of every flow and task run of one main job (``lm-sleep run`` sets it for the stages it starts), so the
@@ -204,6 +213,9 @@ def serve(path: str, params_path: str | None = None) -> None:
     connection (one at a time, as DVC runs them)."""
     for module in PRELOAD:
         importlib.import_module(module)
+    for module in PRELOAD_LAZY:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     if params_path is not None:
         _load_model_ahead(params_path)
     # The ~675k objects the imports made live as long as the server: out of the collector's sight, so a stage's

@@ -103,6 +103,34 @@ def test_the_job_servers_idle_services_are_prefects_own_settings():
     assert not {"task_run_recorder", "event_persister"} & {s.lower() for s in IDLE_SERVICES}
 
 
+FIRST_RUN = """
+import importlib, json, sys
+from flows.stage import PRELOAD, PRELOAD_LAZY, run_here
+for module in (*PRELOAD, *PRELOAD_LAZY):  # what the stage server imports before it forks
+    importlib.import_module(module)
+before = set(sys.modules)
+p = ["--params", sys.argv[1]]
+for argv in (["prepare", *p], ["wake", *p, "--period", "0"], ["sleep", *p, "--period", "0", "--stage", "consolidate"],
+             ["sleep", *p, "--period", "0", "--stage", "dream"], ["evaluate", *p, "--period", "0"]):
+    assert run_here(argv[0], argv[1:]) == 0, argv
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_a_forked_stage_imports_nothing_the_server_could_have(servers, tmp_path):
+    """The stages' first flow call, first parquet read and tasks (prepare, wake, both sleep stages, evaluate) import
+    nothing from the packages the server preloads (Prefect's engines, fastapi's encoder, pyarrow's parquet reader):
+    those imports came back in every forked stage, 0.1-0.2 s each."""
+    params = toy_project(tmp_path)
+    out = subprocess.run([sys.executable, "-c", FIRST_RUN, str(params)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != ENV})
+    assert out.returncode == 0, out.stderr[-3000:]
+    new = json.loads(out.stdout.strip().splitlines()[-1])
+    heavy = [m for m in new if m.split(".")[0] in {"prefect", "fastapi", "starlette", "pyarrow", "torch",
+                                                     "transformers", "pandas", "great_expectations", "matplotlib"}]
+    assert heavy == [], heavy
+
+
 def test_a_failing_stage_gives_its_exit_code_and_error(servers, tmp_path):
     r = stage(["wake", "--params", str(tmp_path / "missing.yaml"), "--period", "0"], servers)
     assert r.returncode != 0 and "params file not found" in r.stderr
