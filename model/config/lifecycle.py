@@ -116,6 +116,8 @@ METHODS: dict[str, str] = {
     "docs/results/issue13/dev-keep-dreams-slow/)",
     "no_keep_dreams": "full sleep, the fast expert a kept dream training wrote is retagged and trained by the next wake "
     "(the sleep before keep_dreams_slow)",
+    "same_period_merge": "full sleep, a full slow level merges the oldest two experts of one period (a kept dream "
+    "expert and its period's consolidated one) before two periods' experts",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "
     "(no dream policy of its own)",
 }

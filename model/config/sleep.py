@@ -89,6 +89,13 @@ class ConsolidationConfig(Section):
         "one (layer-wise distillation) so the sleep still has a slot (false: NoFreeSlotError).",
     )
     merge_steps: int = Field(60, ge=1, description="Adam steps of a merge (per layer, on the experts' own inputs).")
+    merge_pair: Literal["oldest", "same_period"] = Field(
+        "oldest", description="Which two read-only experts a full level merges. oldest: the two oldest. same_period: "
+        "the oldest two that hold the same period (a kept dream expert and its period's consolidated one, "
+        "dream.keep_dreams_in slow), else the two oldest: prototype routing turns on an expert for the inputs of its "
+        "period and later ones, so a same-period merge leaves every input with the experts it had, where merging two "
+        "periods' experts gives the older period's inputs the younger one's expert too (method same_period_merge).",
+    )
     state_dir: str = Field("state/consolidated", description="Model state after consolidation (input of dreaming).")
     dreams_dir: str = Field("dreams/consolidation", description="Sleep data per period (parquet).")
     metrics_dir: str = "metrics/consolidation"

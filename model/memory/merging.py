@@ -1,10 +1,11 @@
-"""Capacity that never runs out: merge the two oldest experts of a full level into one.
+"""Capacity that never runs out: merge two experts of a full level into one.
 
 A level has ``E_max`` pre-allocated slots, and every sleep unlocks one in the slower
 level. Without a policy the slow level is full after ``E_max - initial_experts`` sleeps
 and the next sleep has nowhere to consolidate (``NoFreeSlotError``): a nightly run would
-die on its seventh night. When a level is full, sleep first merges its two oldest
-consolidated experts into the older one's slot, by distillation, layer by layer:
+die on its seventh night. When a level is full, sleep first merges two read-only experts
+(:func:`pair_to_merge`: the two oldest, or the oldest two of one period) into the older
+one's slot, by distillation, layer by layer:
 
     target_l(h) = sum_{e in {e1, e2}} sigmoid(r_e . h) * B_e act(A_e h)      (their gated sum)
     min_{A, B, r}  mean_h || sigmoid(r . h) * B act(A h) - target_l(h) ||^2
@@ -49,15 +50,33 @@ def gated_expert_output(bank: ExpertBank, h: torch.Tensor, slots: Sequence[int])
     return out
 
 
-def oldest_pair(cms: ContinuumMemory, level: int) -> tuple[int, int]:
-    """The two oldest consolidated (else oldest active) experts of ``level``: (older, younger)."""
+def pair_to_merge(cms: ContinuumMemory, level: int, policy: str = "oldest") -> tuple[int, int]:
+    """The two experts of ``level`` a merge combines, (older, younger), among its consolidated (else all active)
+    experts. ``policy`` (consolidation.merge_pair): ``oldest``, the two oldest; ``same_period``, the oldest two that
+    hold one period (a period's consolidated expert and its kept dream expert), else the two oldest.
+
+    Prototype routing turns an expert on for the inputs of its period and of later ones, and a merged expert takes
+    the older period: merging two periods' experts gives the older period's inputs the younger one's function too,
+    while a same-period merge leaves every input with the functions it had, up to the fit."""
+    if policy not in ("oldest", "same_period"):
+        raise ValueError(f"unknown merge policy {policy!r} (oldest, same_period)")
     active = [e for e in cms.experts[level] if e.active]
     consolidated = [e for e in active if e.frozen or (e.origin or "").startswith("consolidation")]
     pool = consolidated if len(consolidated) >= 2 else active
     if len(pool) < 2:
         raise CMSError(f"level {level}: merging needs two active experts, it has {len(pool)} "
                        f"(n_experts={cms.cfg.levels[level].n_experts}); raise n_experts")
-    older, younger = sorted(pool, key=lambda e: ((e.unlocked_at_step or 0), e.slot))[:2]
+    ordered = sorted(pool, key=lambda e: ((e.unlocked_at_step or 0), e.slot))
+    if policy == "same_period":
+        by_period: dict[int, list] = {}
+        for e in ordered:
+            if e.period is not None:
+                by_period.setdefault(e.period, []).append(e)
+        pairs = [experts[:2] for experts in by_period.values() if len(experts) >= 2]
+        if pairs:
+            older, younger = pairs[0]  # by_period keeps the order of each period's oldest expert
+            return older.slot, younger.slot
+    older, younger = ordered[:2]
     return older.slot, younger.slot
 
 
@@ -76,7 +95,7 @@ def level_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms
     return [torch.cat([h.reshape(-1, h.shape[-1])[keep.to(h.device)].float() for h in s]) for s in seen]
 
 
-def merge_oldest(
+def merge_pair(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     cms: ContinuumMemory,
@@ -86,9 +105,11 @@ def merge_oldest(
     steps: int,
     lr: float,
     seed: int,
+    policy: str = "oldest",
 ) -> MergeRecord:
-    """Merge the two oldest experts of ``level`` into the older one's slot; free the younger. Mutates ``cms``."""
-    into, freed = oldest_pair(cms, level)
+    """Merge the two experts of ``level`` that ``policy`` picks (:func:`pair_to_merge`) into the older one's slot;
+    free the younger. Mutates ``cms``."""
+    into, freed = pair_to_merge(cms, level, policy)
     inputs = level_inputs(model, tokenizer, cms, level, prompts, max_length)
     errors = []
     gen = torch.Generator().manual_seed(seed)
@@ -123,4 +144,4 @@ def merge_oldest(
     return MergeRecord(level, into, freed, [round(e, 5) for e in errors])
 
 
-__all__ = ["MergeRecord", "gated_expert_output", "level_inputs", "merge_oldest", "oldest_pair"]
+__all__ = ["MergeRecord", "gated_expert_output", "level_inputs", "merge_pair", "pair_to_merge"]

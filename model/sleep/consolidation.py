@@ -39,7 +39,7 @@ from model.decoding.forward import Batch, completion_logits, prefix_hidden, suff
 from model.decoding.sampling import SampleGroup, sample_continuations, sample_groups
 from model.errors import UserError
 from model.memory.cms import CMSError, ContinuumMemory
-from model.memory.merging import MergeRecord, merge_oldest
+from model.memory.merging import MergeRecord, merge_pair
 from model.memory.routing import captured_inputs, router_logits, routing_loss
 from model.memory.wake import NonFiniteLossError, encode, grouped_logprobs
 from model.sleep.losses import distillation_loss
@@ -233,8 +233,8 @@ def consolidate(
     by ``cfg.rehearsal.weight``; with ``route_weight`` > 0 the new expert's router also learns
     L_route (model/memory/routing.py): on for this period's prompts, off for the rehearsal dreams.
     ``freeze``: the new expert is read-only in later wakes.
-    When ``dst`` is full and ``cfg.merge_when_full``, its two oldest consolidated experts are
-    merged first (:func:`model.memory.merging.merge_oldest`), so a sleep always has a slot.
+    When ``dst`` is full and ``cfg.merge_when_full``, two of its consolidated experts are merged first
+    (:func:`model.memory.merging.merge_pair`, the pair ``cfg.merge_pair`` picks), so a sleep always has a slot.
     ``into``: an active slot of ``dst`` to train in place (against a frozen copy of itself, as
     without expansion) instead of a new expert; how a sleep folds its dreams (:func:`fold_dreams`).
     ``anchors``: (prompt, text) pairs that the *teacher* (not the old model) keeps on every token, up to
@@ -257,8 +257,8 @@ def consolidate(
     merged = None
     if (expand or not existing) and not cms.free_slots(dst) and cfg.merge_when_full:
         with cms.since_sleep_masked([src]):  # the slow level's inputs as the student will see them
-            merged = merge_oldest(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
-                                  max_length, cfg.merge_steps, cfg.lr, seed)
+            merged = merge_pair(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
+                                max_length, cfg.merge_steps, cfg.lr, seed, cfg.merge_pair)
     seeded_from = None
     if expand or not existing:
         slot = cms.unlock(dst, origin=origin)

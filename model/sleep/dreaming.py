@@ -50,7 +50,7 @@ from model.config import DreamConfig, SamplingConfig
 from model.decoding.sampling import sample_continuations
 from model.evaluation.knowledge import Passage, answer_completion, qa_prompt
 from model.memory.cms import DREAM_ORIGIN, ContinuumMemory
-from model.memory.merging import MergeRecord, merge_oldest
+from model.memory.merging import MergeRecord, merge_pair
 from model.memory.wake import encode, label_text, sft_loss, split_template
 from model.sleep.dream_policy import DreamPolicy, rest_em_update
 from model.sleep.sft import train_on_pairs
@@ -169,15 +169,17 @@ def keep_dreams_in_slow(
     lr: float,
     seed: int,
     merge_when_full: bool = True,
+    merge_policy: str = "oldest",
 ) -> KeptInSlow | None:
     """``dream.keep_dreams_in: slow``: move the fast expert this sleep's dream stage unlocked and trained into a new
     read-only expert of the slow level (level 1) with ``period``, and free its fast slot.
 
     The copy is exact (:meth:`ContinuumMemory.copy_expert`: the slow rank is at least the fast one, the same
     layers and gate). The function changes only through the slow level's other experts, which now read h instead of
-    h plus the moved expert's output. A full slow level first merges its two oldest read-only experts
-    (:func:`model.memory.merging.merge_oldest`, on ``prompts`` with the fast level masked, as the slow level will
-    read them after the move), so dream experts are retired by the same merges as consolidated ones. Returns
+    h plus the moved expert's output. A full slow level first merges two read-only experts, the pair
+    ``merge_policy`` picks (:func:`model.memory.merging.merge_pair`, on ``prompts`` with the fast level masked, as
+    the slow level will read them after the move), so dream experts are retired by the same merges as consolidated
+    ones. Returns
     None, changing nothing, when the dream stage trained no expert of its own (it trained a wake expert) or the slow
     level is full and may not merge.
     """
@@ -190,7 +192,7 @@ def keep_dreams_in_slow(
         if not merge_when_full:
             return None
         with cms.levels_masked([0]):
-            merged = merge_oldest(model, tokenizer, cms, 1, prompts, max_length, merge_steps, lr, seed)
+            merged = merge_pair(model, tokenizer, cms, 1, prompts, max_length, merge_steps, lr, seed, merge_policy)
     slot = cms.unlock(1, origin=f"{DREAM_ORIGIN}period-{period}:fast->slow")
     exact = cms.copy_expert((0, src), (1, slot))
     cms.experts[1][slot].period = period

@@ -1,4 +1,4 @@
-"""Capacity: merging the two oldest experts of a full level (model/memory/merging.py)."""
+"""Capacity: merging two experts of a full level (model/memory/merging.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 
 from model.config import ConsolidationConfig
 from model.memory.cms import CMSError
-from model.memory.merging import gated_expert_output, level_inputs, merge_oldest, oldest_pair
+from model.memory.merging import gated_expert_output, level_inputs, merge_pair, pair_to_merge
 from model.memory.wake import ensure_writable
 from model.sleep.consolidation import consolidate
-from tests.model.helpers import make_nonzero, tiny_with_cms
+from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
 
 PROMPTS = ["what is my balance -> ", "book a table for two -> ", "set an alarm for seven -> "]
 
@@ -20,21 +20,59 @@ def test_merge_fits_the_gated_sum_of_both_experts_and_frees_one_slot():
     cms.unlock(1, "consolidation:a")
     cms.unlock(1, "consolidation:b")
     make_nonzero(cms, 1, seed=2)
-    assert oldest_pair(cms, 1) == (1, 2)
+    assert pair_to_merge(cms, 1) == (1, 2)
     inputs = level_inputs(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32)
     targets = [gated_expert_output(b, h, [1, 2]).detach() for b, h in zip(cms.banks(1), inputs)]
     alone = [float((gated_expert_output(b, h, [1]) - t).norm() / t.norm()) for b, h, t in zip(cms.banks(1), inputs, targets)]
-    rec = merge_oldest(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32, steps=200, lr=1e-2, seed=0)
+    rec = merge_pair(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32, steps=200, lr=1e-2, seed=0)
     assert (rec.into, rec.freed) == (1, 2) and cms.free_slots(1) == [2]
     assert all(float(p.abs().sum()) == 0 for p in cms.level_parameters(1, [2]))
     for e, a in zip(rec.relative_error, alone):  # the merged expert is closer to the pair than either one was
         assert e < 0.5 * a, (rec.relative_error, alone)
 
 
+def test_same_period_policy_merges_a_periods_two_experts_and_keeps_its_period():
+    """A slow level with period 0's and period 1's consolidated experts and period 1's kept dream expert: the
+    oldest policy merges periods 0 and 1 (period 0's inputs then meet period 1's function); same_period merges
+    period 1's two, and every input keeps the experts' periods it had."""
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=4))
+    for origin, period in (("consolidation:0", 0), ("consolidation:1", 1), ("dream:period-1:fast->slow", 1)):
+        slot = cms.unlock(1, origin)
+        cms.experts[1][slot].period = period
+        cms.freeze(1, slot, reason="test")
+    make_nonzero(cms, 1, seed=3)
+    assert pair_to_merge(cms, 1) == pair_to_merge(cms, 1, "oldest") == (1, 2)
+    assert pair_to_merge(cms, 1, "same_period") == (2, 3)
+    rec = merge_pair(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32, steps=2, lr=1e-2, seed=0, policy="same_period")
+    assert (rec.into, rec.freed) == (2, 3) and cms.free_slots(1) == [3]
+    assert [(e.slot, e.period, e.frozen) for e in cms.experts[1] if e.active and e.slot] == [(1, 0, True), (2, 1, True)]
+    # no period holds two experts: the two oldest, as the oldest policy
+    assert pair_to_merge(cms, 1, "same_period") == (1, 2)
+    with pytest.raises(ValueError, match="unknown merge policy"):
+        pair_to_merge(cms, 1, "newest")
+
+
+@pytest.mark.parametrize(("policy", "pair"), [("oldest", (1, 2)), ("same_period", (2, 3))])
+def test_a_full_level_merges_the_pair_consolidation_merge_pair_names(policy, pair):
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=4))
+    for origin, period in (("consolidation:0", 0), ("consolidation:1", 1), ("dream:period-1:fast->slow", 1)):
+        slot = cms.unlock(1, origin)
+        cms.experts[1][slot].period = period
+        cms.freeze(1, slot, reason="test")
+    make_nonzero(cms, 1, seed=3)
+    ensure_writable(cms, cms.cfg.levels, origin="wake:2")
+    make_nonzero(cms, 0, seed=4)
+    cfg = ConsolidationConfig(steps=1, batch_size=2, alpha=1.0, gamma=0.0, max_new_tokens=2, merge_steps=2,
+                              on_policy_fraction=0.0, merge_pair=policy)
+    res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, cfg, 32, None, seed=0, origin="consolidation:2",
+                      freeze=True)
+    assert (res.merged.into, res.merged.freed) == pair and res.slot == pair[1]
+
+
 def test_merge_needs_two_experts():
     lm, cms = tiny_with_cms()
     with pytest.raises(CMSError, match="merging needs two active experts"):
-        merge_oldest(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32, steps=2, lr=1e-2, seed=0)
+        merge_pair(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32, steps=2, lr=1e-2, seed=0)
 
 
 def test_thirty_sleeps_never_run_out_of_capacity():

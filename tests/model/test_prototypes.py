@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model.memory.checkpoint import CheckpointError, load_state, save_state
 from model.memory.cms import CMSError
-from model.memory.merging import merge_oldest
+from model.memory.merging import merge_pair
 from model.memory.prototypes import (
     MAHALANOBIS_KEYS,
     Prototypes,
@@ -257,7 +257,7 @@ def test_merged_expert_answers_for_the_older_period():
         slot = cms.unlock(1, origin=f"consolidation:test-{period}")
         cms.freeze(1, slot, reason="test")
     make_nonzero(cms, 1)
-    merge_oldest(lm.model, lm.tokenizer, cms, 1, ALARMS, 32, steps=2, lr=1e-2, seed=0)
+    merge_pair(lm.model, lm.tokenizer, cms, 1, ALARMS, 32, steps=2, lr=1e-2, seed=0)
     periods = sorted(e.period for e in cms.experts[1] if e.active)
     assert periods[0] == 0 and len(periods) == 2
 
