@@ -31,16 +31,23 @@ def test_merge_fits_the_gated_sum_of_both_experts_and_frees_one_slot():
         assert e < 0.5 * a, (rec.relative_error, alone)
 
 
-def test_same_period_policy_merges_a_periods_two_experts_and_keeps_its_period():
-    """A slow level with period 0's and period 1's consolidated experts and period 1's kept dream expert: the
-    oldest policy merges periods 0 and 1 (period 0's inputs then meet period 1's function); same_period merges
-    period 1's two, and every input keeps the experts' periods it had."""
+def _slow_level_with_a_kept_dream():
+    """A slow level of 4 slots: the initial expert, period 0's and period 1's consolidated experts and period 1's
+    kept dream expert (slots 1, 2, 3), all read-only and nonzero."""
     lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=4))
     for origin, period in (("consolidation:0", 0), ("consolidation:1", 1), ("dream:period-1:fast->slow", 1)):
         slot = cms.unlock(1, origin)
         cms.experts[1][slot].period = period
         cms.freeze(1, slot, reason="test")
     make_nonzero(cms, 1, seed=3)
+    return lm, cms
+
+
+def test_same_period_policy_merges_a_periods_two_experts_and_keeps_its_period():
+    """A slow level with period 0's and period 1's consolidated experts and period 1's kept dream expert: the
+    oldest policy merges periods 0 and 1 (period 0's inputs then meet period 1's function); same_period merges
+    period 1's two, and every input keeps the experts' periods it had."""
+    lm, cms = _slow_level_with_a_kept_dream()
     assert pair_to_merge(cms, 1) == pair_to_merge(cms, 1, "oldest") == (1, 2)
     assert pair_to_merge(cms, 1, "same_period") == (2, 3)
     rec = merge_pair(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32, steps=2, lr=1e-2, seed=0, policy="same_period")
@@ -54,12 +61,7 @@ def test_same_period_policy_merges_a_periods_two_experts_and_keeps_its_period():
 
 @pytest.mark.parametrize(("policy", "pair"), [("oldest", (1, 2)), ("same_period", (2, 3))])
 def test_a_full_level_merges_the_pair_consolidation_merge_pair_names(policy, pair):
-    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=4))
-    for origin, period in (("consolidation:0", 0), ("consolidation:1", 1), ("dream:period-1:fast->slow", 1)):
-        slot = cms.unlock(1, origin)
-        cms.experts[1][slot].period = period
-        cms.freeze(1, slot, reason="test")
-    make_nonzero(cms, 1, seed=3)
+    lm, cms = _slow_level_with_a_kept_dream()
     ensure_writable(cms, cms.cfg.levels, origin="wake:2")
     make_nonzero(cms, 0, seed=4)
     cfg = ConsolidationConfig(steps=1, batch_size=2, alpha=1.0, gamma=0.0, max_new_tokens=2, merge_steps=2,
