@@ -148,7 +148,8 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
     prompts, rehearsal = _period_inputs(params, stream, meta, period)
     res = keep_dreams_in_slow(loaded.model, loaded.tokenizer, cms, period, [*prompts, *(p for p, _ in rehearsal)],
                               params.wake.max_length, cfg.merge_steps, cfg.lr, seed=params.seed * 1_021 + period * 43,
-                              merge_when_full=cfg.merge_when_full, merge_policy=cfg.merge_pair)
+                              merge_when_full=cfg.merge_when_full, merge_policy=cfg.merge_pair,
+                              merge_in_view=cfg.merge_in_view)
     if res is None:
         return None
     optimizer.drop_state(cms.level_parameters(0, [res.src]))

@@ -118,6 +118,8 @@ METHODS: dict[str, str] = {
     "(the sleep before keep_dreams_slow)",
     "same_period_merge": "full sleep, a full slow level merges the oldest two experts of one period (a kept dream "
     "expert and its period's consolidated one) before two periods' experts",
+    "merge_in_view": "full sleep, a merge fits each of its prompts in the view of the period it routes to, to the "
+    "pair's experts that answer there (an older period's inputs to the older expert alone)",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "
     "(no dream policy of its own)",
 }

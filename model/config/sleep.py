@@ -96,6 +96,13 @@ class ConsolidationConfig(Section):
         "period and later ones, so a same-period merge leaves every input with the experts it had, where merging two "
         "periods' experts gives the older period's inputs the younger one's expert too (method same_period_merge).",
     )
+    merge_in_view: bool = Field(
+        False, description="With prototype routing: a merge reads each of its prompts in the view of the period it "
+        "routes to, as the model answers it, and fits the merged expert there to the pair's experts that fire in "
+        "that view only (an older period's inputs never saw the younger expert), leaving out prompts of periods the "
+        "merged expert never answers (model/memory/merging.py; method merge_in_view). false: every prompt with every "
+        "expert on, fitted to the pair's sum.",
+    )
     state_dir: str = Field("state/consolidated", description="Model state after consolidation (input of dreaming).")
     dreams_dir: str = Field("dreams/consolidation", description="Sleep data per period (parquet).")
     metrics_dir: str = "metrics/consolidation"

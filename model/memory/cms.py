@@ -366,6 +366,21 @@ class ContinuumMemory(nn.Module):
                 self.refresh_routing(lv)
 
     @contextlib.contextmanager
+    def experts_hidden(self, hidden: dict[int, list[int]]) -> Iterator[None]:
+        """Temporarily hide ``hidden`` (level -> slots) on top of whatever is hidden or masked already, and restore
+        exactly what was visible before (where :meth:`levels_masked` restores every active expert)."""
+        saved = {lv: [list(bank.slots) for bank in self.banks(lv)] for lv in hidden}
+        try:
+            for lv, slots in hidden.items():
+                for bank in self.banks(lv):
+                    bank.slots = [s for s in bank.slots if s not in slots]
+            yield
+        finally:
+            for lv, per_bank in saved.items():
+                for bank, slots in zip(self.banks(lv), per_bank):
+                    bank.slots = slots
+
+    @contextlib.contextmanager
     def trainable_only(self, params: list[nn.Parameter]) -> Iterator[None]:
         """Temporarily let only ``params`` receive gradients (other levels keep their .grad)."""
         keep = {id(p) for p in params}

@@ -11,7 +11,13 @@ one's slot, by distillation, layer by layer:
     min_{A, B, r}  mean_h || sigmoid(r . h) * B act(A h) - target_l(h) ||^2
 
 over the hidden states ``h`` that reach the level in that layer on the sleep's own
-prompts (the period's prompts and the rehearsal dreams: no stored data). The merged
+prompts (the period's prompts and the rehearsal dreams: no stored data). With ``in_view``
+(``consolidation.merge_in_view``) and prototype routing, each prompt is read in the view of the
+period it routes to, as the model answers it, and its target holds only the pair's experts that
+fire in that view: a prompt of period p sees experts of periods <= p, so where the younger
+expert's period is later than p the merged expert is fitted to the older expert alone (the sum
+would teach it to add the younger period's function to the older period's inputs); prompts of
+periods before the older expert's, which the merged expert never answers, are left out. The merged
 expert starts from the older expert's weights, keeps its slot and provenance, and
 stays frozen if either was; the younger slot is freed. Each layer is fitted on its own
 inputs, which do not depend on the level's other layers' experts being merged (the
@@ -27,6 +33,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.memory.cms import CMSError, ContinuumMemory, ExpertBank
+from model.memory.routed import period_view, routed_periods
 from model.memory.routing import captured_inputs
 from model.memory.wake import encode
 
@@ -95,6 +102,29 @@ def level_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms
     return [torch.cat([h.reshape(-1, h.shape[-1])[keep.to(h.device)].float() for h in s]) for s in seen]
 
 
+def fit_groups(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory, level: int,
+               pair: tuple[int, int], prompts: Sequence[str], max_length: int, in_view: bool,
+               batch_size: int = 16) -> list[tuple[list[torch.Tensor], list[int]]]:
+    """What a merge of ``pair`` fits: groups of (hidden states (N, d) per CMS layer, the pair's slots whose gated
+    sum is their target). Without ``in_view`` or without prototypes: one group, every prompt with every expert on,
+    target both experts. With them: one group per routed period p at or after the older expert's period, its
+    prompts read in period p's view, target the pair's experts of periods <= p (see the module's docstring)."""
+    periods = routed_periods(model, tokenizer, cms, prompts, batch_size, max_length) if in_view else None
+    pair_periods = [cms.experts[level][s].period for s in pair]
+    older = min((p for p in pair_periods if p is not None), default=None)
+    if periods is None or older is None:
+        return [(level_inputs(model, tokenizer, cms, level, prompts, max_length), list(pair))]
+    groups = []
+    for p in sorted({q for q in periods if q >= older}):
+        with period_view(cms, p):
+            inputs = level_inputs(model, tokenizer, cms, level, [x for x, q in zip(prompts, periods) if q == p],
+                                  max_length)
+        groups.append((inputs, [s for s, sp in zip(pair, pair_periods) if sp is None or sp <= p]))
+    if not groups:  # no prompt routes where the merged expert answers: fit the pair's sum on them all
+        return [(level_inputs(model, tokenizer, cms, level, prompts, max_length), list(pair))]
+    return groups
+
+
 def merge_pair(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -106,16 +136,19 @@ def merge_pair(
     lr: float,
     seed: int,
     policy: str = "oldest",
+    in_view: bool = False,
 ) -> MergeRecord:
     """Merge the two experts of ``level`` that ``policy`` picks (:func:`pair_to_merge`) into the older one's slot;
-    free the younger. Mutates ``cms``."""
+    free the younger. ``in_view``: fit each prompt in its routed period's view (:func:`fit_groups`). Mutates
+    ``cms``."""
     into, freed = pair_to_merge(cms, level, policy)
-    inputs = level_inputs(model, tokenizer, cms, level, prompts, max_length)
+    groups = fit_groups(model, tokenizer, cms, level, (into, freed), prompts, max_length, in_view)
     errors = []
     gen = torch.Generator().manual_seed(seed)
-    for bank, h in zip(cms.banks(level), inputs):
+    for k, bank in enumerate(cms.banks(level)):
         with torch.no_grad():
-            target = gated_expert_output(bank, h, [into, freed])
+            h = torch.cat([inputs[k] for inputs, _ in groups])
+            target = torch.cat([gated_expert_output(bank, inputs[k], slots) for inputs, slots in groups])
         params = [bank.A[into], bank.B[into], bank.router[into]]
         saved = [p.requires_grad for p in params]
         for p in params:
@@ -144,4 +177,4 @@ def merge_pair(
     return MergeRecord(level, into, freed, [round(e, 5) for e in errors])
 
 
-__all__ = ["MergeRecord", "gated_expert_output", "level_inputs", "merge_pair", "pair_to_merge"]
+__all__ = ["MergeRecord", "fit_groups", "gated_expert_output", "level_inputs", "merge_pair", "pair_to_merge"]

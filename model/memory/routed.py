@@ -21,10 +21,11 @@ R = TypeVar("R")
 
 @contextlib.contextmanager
 def period_view(cms: ContinuumMemory, period: int) -> Iterator[None]:
-    """Only experts of periods <= ``period`` fire (experts without a period always fire)."""
+    """Only experts of periods <= ``period`` fire (experts without a period always fire), among those the caller
+    has not masked or hidden already."""
     hidden = {li: [e.slot for e in level if e.active and e.period is not None and e.period > period]
               for li, level in enumerate(cms.experts)}
-    with cms.levels_masked([], hidden={li: s for li, s in hidden.items() if s}):
+    with cms.experts_hidden({li: s for li, s in hidden.items() if s}):
         yield
 
 

@@ -170,6 +170,7 @@ def keep_dreams_in_slow(
     seed: int,
     merge_when_full: bool = True,
     merge_policy: str = "oldest",
+    merge_in_view: bool = False,
 ) -> KeptInSlow | None:
     """``dream.keep_dreams_in: slow``: move the fast expert this sleep's dream stage unlocked and trained into a new
     read-only expert of the slow level (level 1) with ``period``, and free its fast slot.
@@ -177,7 +178,8 @@ def keep_dreams_in_slow(
     The copy is exact (:meth:`ContinuumMemory.copy_expert`: the slow rank is at least the fast one, the same
     layers and gate). The function changes only through the slow level's other experts, which now read h instead of
     h plus the moved expert's output. A full slow level first merges two read-only experts, the pair
-    ``merge_policy`` picks (:func:`model.memory.merging.merge_pair`, on ``prompts`` with the fast level masked, as
+    ``merge_policy`` picks (:func:`model.memory.merging.merge_pair`, in each prompt's view with ``merge_in_view``,
+    on ``prompts`` with the fast level masked, as
     the slow level will read them after the move), so dream experts are retired by the same merges as consolidated
     ones. Returns
     None, changing nothing, when the dream stage trained no expert of its own (it trained a wake expert) or the slow
@@ -192,7 +194,8 @@ def keep_dreams_in_slow(
         if not merge_when_full:
             return None
         with cms.levels_masked([0]):
-            merged = merge_pair(model, tokenizer, cms, 1, prompts, max_length, merge_steps, lr, seed, merge_policy)
+            merged = merge_pair(model, tokenizer, cms, 1, prompts, max_length, merge_steps, lr, seed, merge_policy,
+                                merge_in_view)
     slot = cms.unlock(1, origin=f"{DREAM_ORIGIN}period-{period}:fast->slow")
     exact = cms.copy_expert((0, src), (1, slot))
     cms.experts[1][slot].period = period

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model.memory.checkpoint import CheckpointError, load_state, save_state
 from model.memory.cms import CMSError
-from model.memory.merging import merge_pair
+from model.memory.merging import fit_groups, gated_expert_output, merge_pair
 from model.memory.prototypes import (
     MAHALANOBIS_KEYS,
     Prototypes,
@@ -260,6 +260,52 @@ def test_merged_expert_answers_for_the_older_period():
     merge_pair(lm.model, lm.tokenizer, cms, 1, ALARMS, 32, steps=2, lr=1e-2, seed=0)
     periods = sorted(e.period for e in cms.experts[1] if e.active)
     assert periods[0] == 0 and len(periods) == 2
+
+
+def _two_periods_of_slow_experts():
+    """Period 0's (ALARMS) and period 1's (MONEY) prototypes, and a read-only slow expert of each (slots 1, 2)."""
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=3, top_k=3))
+    for period, texts in ((0, ALARMS), (1, MONEY)):
+        cms.begin_period(period)
+        slot = cms.unlock(1, origin=f"consolidation:test-{period}")
+        cms.freeze(1, slot, reason="test")
+        learn_prototypes(lm.model, lm.tokenizer, cms, [f"{t} ->" for t in texts], period, None, 2, 4, 32)
+    make_nonzero(cms, 1, seed=5)
+    return lm, cms
+
+
+def test_a_merge_in_view_fits_each_periods_inputs_to_the_experts_that_answer_them():
+    """consolidation.merge_in_view: period 0's inputs never saw period 1's expert, so the merged expert is fitted
+    to period 0's expert alone on them, and to both on period 1's; without it, to both everywhere."""
+    prompts = [f"{t} ->" for t in ALARMS + MONEY]
+    lm, cms = _two_periods_of_slow_experts()
+    assert [slots for _, slots in fit_groups(lm.model, lm.tokenizer, cms, 1, (1, 2), prompts, 32, False)] == [[1, 2]]
+    groups = fit_groups(lm.model, lm.tokenizer, cms, 1, (1, 2), prompts, 32, True)
+    assert [slots for _, slots in groups] == [[1], [1, 2]]
+    n_tokens = [g[0][0].shape[0] for g in groups]
+    assert sum(n_tokens) == fit_groups(lm.model, lm.tokenizer, cms, 1, (1, 2), prompts, 32, False)[0][0][0].shape[0]
+    (old_inputs, _), (new_inputs, _) = groups
+    with period_view(cms, 0):  # period 0's inputs are read as the model answers them: without period 1's expert
+        assert all(torch.allclose(a, b) for a, b in zip(old_inputs, fit_groups(
+            lm.model, lm.tokenizer, cms, 1, (1, 2), prompts[:4], 32, False)[0][0]))
+    bank_targets = []
+    for bank, h in zip(cms.banks(1), old_inputs):
+        bank_targets.append((gated_expert_output(bank, h, [1]).detach(), gated_expert_output(bank, h, [1, 2]).detach()))
+    merge_pair(lm.model, lm.tokenizer, cms, 1, prompts, 32, steps=300, lr=1e-2, seed=0, in_view=True)
+    for bank, h, (alone, both) in zip(cms.banks(1), old_inputs, bank_targets):
+        fit = gated_expert_output(bank, h, [1])
+        assert (fit - alone).norm() < 0.5 * (fit - both).norm()  # closer to what period 0's inputs saw
+
+
+def test_experts_hidden_adds_to_what_is_hidden_and_restores_it_exactly():
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=3, top_k=3))
+    for _ in range(2):
+        cms.unlock(1, origin="test")
+    with cms.levels_masked([], hidden={1: [1]}):
+        with cms.experts_hidden({1: [2]}):
+            assert all(bank.slots == [0] for bank in cms.banks(1))
+        assert all(bank.slots == [0, 2] for bank in cms.banks(1))  # the outer hiding holds after the inner one
+    assert all(bank.slots == [0, 1, 2] for bank in cms.banks(1))
 
 
 def test_periods_that_see_the_same_experts_share_k_prototypes_and_route_alike():
