@@ -345,40 +345,29 @@ class ContinuumMemory(nn.Module):
 
     @contextlib.contextmanager
     def levels_masked(self, levels: list[int], hidden: dict[int, list[int]] | None = None) -> Iterator[None]:
-        """Temporarily mask whole levels and hide some experts of other levels.
+        """Temporarily mask whole levels and hide some experts of other levels, on top of what an enclosing context
+        hides already (its hidden experts stay hidden inside and after this one).
 
         This is how one module serves as both teacher and student in consolidation:
         the teacher hides the newly unlocked expert, the student masks the fast level.
         """
         before_enabled = [list(blk.enabled) for blk in self.blocks.values()]
+        outer = {lv: set(self.active_slots(lv)) - set(self.banks(lv)[0].slots) for lv in hidden or {}}
         try:
             for lv in levels:
                 self.set_level_enabled(lv, False)
             for lv, slots in (hidden or {}).items():
-                visible = [s for s in self.active_slots(lv) if s not in slots]
+                visible = [s for s in self.active_slots(lv) if s not in slots and s not in outer[lv]]
                 for bank in self.banks(lv):
                     bank.slots = visible
             yield
         finally:
             for blk, en in zip(self.blocks.values(), before_enabled):
                 blk.enabled = en
-            for lv in hidden or {}:
-                self.refresh_routing(lv)
-
-    @contextlib.contextmanager
-    def experts_hidden(self, hidden: dict[int, list[int]]) -> Iterator[None]:
-        """Temporarily hide ``hidden`` (level -> slots) on top of whatever is hidden or masked already, and restore
-        exactly what was visible before (where :meth:`levels_masked` restores every active expert)."""
-        saved = {lv: [list(bank.slots) for bank in self.banks(lv)] for lv in hidden}
-        try:
-            for lv, slots in hidden.items():
+            for lv, still_hidden in outer.items():  # the active experts now (a slot may have changed inside)
+                visible = [s for s in self.active_slots(lv) if s not in still_hidden]
                 for bank in self.banks(lv):
-                    bank.slots = [s for s in bank.slots if s not in slots]
-            yield
-        finally:
-            for lv, per_bank in saved.items():
-                for bank, slots in zip(self.banks(lv), per_bank):
-                    bank.slots = slots
+                    bank.slots = visible
 
     @contextlib.contextmanager
     def trainable_only(self, params: list[nn.Parameter]) -> Iterator[None]:

@@ -112,17 +112,14 @@ def fit_groups(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: 
     periods = routed_periods(model, tokenizer, cms, prompts, batch_size, max_length) if in_view else None
     pair_periods = [cms.experts[level][s].period for s in pair]
     older = min((p for p in pair_periods if p is not None), default=None)
-    if periods is None or older is None:
-        return [(level_inputs(model, tokenizer, cms, level, prompts, max_length), list(pair))]
     groups = []
-    for p in sorted({q for q in periods if q >= older}):
+    for p in sorted({q for q in periods or [] if older is not None and q >= older}):
         with period_view(cms, p):
             inputs = level_inputs(model, tokenizer, cms, level, [x for x, q in zip(prompts, periods) if q == p],
                                   max_length)
         groups.append((inputs, [s for s, sp in zip(pair, pair_periods) if sp is None or sp <= p]))
-    if not groups:  # no prompt routes where the merged expert answers: fit the pair's sum on them all
-        return [(level_inputs(model, tokenizer, cms, level, prompts, max_length), list(pair))]
-    return groups
+    # no view (or no prompt routes where the merged expert answers): the pair's sum on every prompt, all experts on
+    return groups or [(level_inputs(model, tokenizer, cms, level, prompts, max_length), list(pair))]
 
 
 def merge_pair(

@@ -25,7 +25,7 @@ def period_view(cms: ContinuumMemory, period: int) -> Iterator[None]:
     has not masked or hidden already."""
     hidden = {li: [e.slot for e in level if e.active and e.period is not None and e.period > period]
               for li, level in enumerate(cms.experts)}
-    with cms.experts_hidden({li: s for li, s in hidden.items() if s}):
+    with cms.levels_masked([], hidden={li: s for li, s in hidden.items() if s}):
         yield
 
 

@@ -178,12 +178,10 @@ def keep_dreams_in_slow(
     The copy is exact (:meth:`ContinuumMemory.copy_expert`: the slow rank is at least the fast one, the same
     layers and gate). The function changes only through the slow level's other experts, which now read h instead of
     h plus the moved expert's output. A full slow level first merges two read-only experts, the pair
-    ``merge_policy`` picks (:func:`model.memory.merging.merge_pair`, in each prompt's view with ``merge_in_view``,
-    on ``prompts`` with the fast level masked, as
-    the slow level will read them after the move), so dream experts are retired by the same merges as consolidated
-    ones. Returns
-    None, changing nothing, when the dream stage trained no expert of its own (it trained a wake expert) or the slow
-    level is full and may not merge.
+    ``merge_policy`` picks (:func:`model.memory.merging.merge_pair`, on ``prompts`` with the fast level masked, as
+    the slow level will read them after the move; in each prompt's view with ``merge_in_view``), so dream experts
+    are retired by the same merges as consolidated ones. Returns None, changing nothing, when the dream stage
+    trained no expert of its own (it trained a wake expert) or the slow level is full and may not merge.
     """
     slots = dream_slots(cms, period)
     if len(slots) != 1 or cms.n_levels < 2:

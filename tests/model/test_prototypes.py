@@ -297,12 +297,12 @@ def test_a_merge_in_view_fits_each_periods_inputs_to_the_experts_that_answer_the
         assert (fit - alone).norm() < 0.5 * (fit - both).norm()  # closer to what period 0's inputs saw
 
 
-def test_experts_hidden_adds_to_what_is_hidden_and_restores_it_exactly():
+def test_nested_hiding_adds_to_what_is_hidden_and_restores_it_exactly():
     lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=3, top_k=3))
     for _ in range(2):
         cms.unlock(1, origin="test")
     with cms.levels_masked([], hidden={1: [1]}):
-        with cms.experts_hidden({1: [2]}):
+        with cms.levels_masked([], hidden={1: [2]}):
             assert all(bank.slots == [0] for bank in cms.banks(1))
         assert all(bank.slots == [0, 2] for bank in cms.banks(1))  # the outer hiding holds after the inner one
     assert all(bank.slots == [0, 1, 2] for bank in cms.banks(1))
