@@ -1,0 +1,30 @@
+"""bench/rerun_exact.py's inputs: which threads a rerun gets, and bad variants named."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bench.rerun_exact import parse_variant, with_threads
+from model.config import Params
+
+
+def test_with_threads_sets_only_wake_threads_of_a_dumped_params_file() -> None:
+    text = yaml.safe_dump(Params().model_dump(mode="json"), sort_keys=False)
+    out = yaml.safe_load(with_threads(text, 1))
+    before = yaml.safe_load(text)
+    assert out["wake"]["threads"] == 1 and before["wake"]["threads"] != 1
+    before["wake"]["threads"] = 1
+    assert out == before  # nothing else moved
+
+
+def test_with_threads_refuses_a_file_without_wake_threads() -> None:
+    with pytest.raises(ValueError, match="wake.threads"):
+        with_threads("seed: 0\n", 1)
+
+
+def test_parse_variant() -> None:
+    assert parse_variant("threads=2,MKL_CBWR=COMPATIBLE") == (2, {"MKL_CBWR": "COMPATIBLE"})
+    assert parse_variant("MKL_CBWR=AUTO") == (0, {"MKL_CBWR": "AUTO"})
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_variant("threads")
