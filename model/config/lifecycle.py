@@ -117,7 +117,10 @@ METHODS: dict[str, str] = {
     "no_keep_dreams": "full sleep, the fast expert a kept dream training wrote is retagged and trained by the next wake "
     "(the sleep before keep_dreams_slow)",
     "same_period_merge": "full sleep, a full slow level merges the oldest two experts of one period (a kept dream "
-    "expert and its period's consolidated one) before two periods' experts",
+    "expert and its period's consolidated one) before two periods' experts (the default sleep since "
+    "docs/results/issue13/dev-same-period-merge/)",
+    "oldest_merge": "full sleep, a full slow level merges its two oldest read-only experts, of one period or two "
+    "(the sleep before same_period_merge)",
     "merge_in_view": "full sleep, a merge fits each of its prompts in the view of the period it routes to, to the "
     "pair's experts that answer there (an older period's inputs to the older expert alone)",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "

@@ -90,11 +90,12 @@ class ConsolidationConfig(Section):
     )
     merge_steps: int = Field(60, ge=1, description="Adam steps of a merge (per layer, on the experts' own inputs).")
     merge_pair: Literal["oldest", "same_period"] = Field(
-        "oldest", description="Which two read-only experts a full level merges. oldest: the two oldest. same_period: "
+        "same_period", description="Which two read-only experts a full level merges. oldest: the two oldest. same_period: "
         "the oldest two that hold the same period (a kept dream expert and its period's consolidated one, "
         "dream.keep_dreams_in slow), else the two oldest: prototype routing turns on an expert for the inputs of its "
         "period and later ones, so a same-period merge leaves every input with the experts it had, where merging two "
-        "periods' experts gives the older period's inputs the younger one's expert too (method same_period_merge).",
+        "periods' experts gives the older period's inputs the younger one's expert too. Chosen on development streams by "
+        "a rule set before the runs (docs/results/issue13/dev-same-period-merge/); oldest: method oldest_merge.",
     )
     merge_in_view: bool = Field(
         False, description="With prototype routing: a merge reads each of its prompts in the view of the period it "

@@ -179,7 +179,8 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("sleep", ("dream", "keep_dreams_in"), "slow"),
     ("no_keep_dreams", ("dream", "keep_dreams"), False), ("keep_dreams_slow", ("dream", "keep_dreams"), True),
     ("keep_dreams_slow", ("dream", "keep_dreams_in"), "slow"), ("keep_dreams", ("dream", "keep_dreams_in"), "fast"),
-    ("same_period_merge", ("consolidation", "merge_pair"), "same_period"), ("sleep", ("consolidation", "merge_pair"), "oldest"),
+    ("same_period_merge", ("consolidation", "merge_pair"), "same_period"), ("sleep", ("consolidation", "merge_pair"), "same_period"),
+    ("oldest_merge", ("consolidation", "merge_pair"), "oldest"),
     ("merge_in_view", ("consolidation", "merge_in_view"), True), ("sleep", ("consolidation", "merge_in_view"), False),
 ])
 def test_each_method_sets_its_switch(tmp_path, method, field, value):
