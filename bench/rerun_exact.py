@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,10 +51,11 @@ def parse_variant(text: str) -> tuple[int, dict[str, str]]:
 
 def with_threads(params_text: str, threads: int) -> str:
     """The run's params.yaml text with ``wake.threads`` (every stage's torch threads) set to ``threads``."""
-    out, n = re.subn(r"(?m)^(wake:\n(?:(?:  .*)?\n)*?  threads: )\d+", rf"\g<1>{threads}", params_text)
-    if n != 1:
+    params = yaml.safe_load(params_text)
+    if not isinstance(params, dict) or "threads" not in (params.get("wake") or {}):
         raise ValueError("the run's params.yaml has no wake.threads to set")
-    return out
+    params["wake"]["threads"] = threads
+    return yaml.safe_dump(params, sort_keys=False)
 
 
 def rerun(run: Path, period: int, threads: int, env: dict[str, str], work: Path) -> dict:
