@@ -149,13 +149,15 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
     res = keep_dreams_in_slow(loaded.model, loaded.tokenizer, cms, period, [*prompts, *(p for p, _ in rehearsal)],
                               params.wake.max_length, cfg.merge_steps, cfg.lr, seed=params.seed * 1_021 + period * 43,
                               merge_when_full=cfg.merge_when_full, merge_policy=cfg.merge_pair,
-                              merge_in_view=cfg.merge_in_view)
+                              merge_in_view=cfg.merge_in_view, when_full=params.dream.keep_dreams_when_full)
     if res is None:
         return None
     optimizer.drop_state(cms.level_parameters(0, [res.src]))
     optimizer.drop_state(cms.level_parameters(1, [res.slot] + ([res.merged.into, res.merged.freed] if res.merged else [])))
     return {"src": res.src, "slot": res.slot, "exact": res.exact,
-            "merged": {"into": res.merged.into, "freed": res.merged.freed} if res.merged else None}
+            "merged": {"into": res.merged.into, "freed": res.merged.freed} if res.merged else None,
+            "absorbed": {"into": res.absorbed.into, "relative_error": res.absorbed.relative_error}
+            if res.absorbed else None}
 
 
 def _dream_inputs(params: Params, root: Path, period: int) -> list[Path]:
@@ -232,7 +234,10 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         keeps = cfg.keep_dreams and trained and cfg.task_source == "stream" and cfg.train_into == "fast" and fold is None
         if keeps and cfg.keep_dreams_in == "slow":  # before the check: it scores the state kept
             moved = keep_in_slow_stage(params, loaded, cms, optimizer, stream, meta, period)
-            log.info(f"dream {period}: " + (f"the dream-trained fast expert {moved['src']} moved to slow slot "
+            log.info(f"dream {period}: " + (f"the dream-trained fast expert {moved['src']} absorbed into period "
+                                            f"{period}'s slow expert {moved['slot']}: the full slow level's merge would "
+                                            "have joined two periods" if moved and moved["absorbed"] else
+                                            f"the dream-trained fast expert {moved['src']} moved to slow slot "
                                             f"{moved['slot']}, read-only, with period {period}" if moved else
                                             "the dream-trained fast expert stays in the fast level: the dreams trained "
                                             "a wake expert, or the slow level is full and may not merge"))
@@ -247,7 +252,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
                 loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
                 if policy is not None:  # what ReST-EM taught the generator stands on its own trials' rewards
                     cms.dream_policy.load_from(policy)
-        kept_slots = [moved["slot"]] if moved and kept else []
+        kept_slots = [moved["slot"]] if moved and kept and not moved["absorbed"] else []
         if keeps and kept and cfg.keep_dreams_in == "fast":
             kept_slots = keep_dreams(cms, period, params.cms.levels[0].top_k)
             log.info(f"dream {period}: " + (f"the dream-trained fast expert(s) {kept_slots} stay, read-only, with period {period}"
@@ -260,6 +265,8 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
         save_state(cms, out, optimizer, metadata={**meta, "dream": {"period": period, "promoted": int(len(promoted)), "kept": kept,
                                                                   "folded": fold is not None and kept,
                                                                   "kept_apart": kept_slots,
+                                                                  "absorbed_into": moved["slot"] if moved and kept
+                                                                  and moved["absorbed"] else None,
                                                                   "kept_in": cfg.keep_dreams_in if kept_slots else None}})
     funnel = {
         "generated": int(len(gated)),

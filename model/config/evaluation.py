@@ -34,6 +34,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "fold_with_dreams": {"dream": {"fold_into_slow": True, "fold_dream_weight": 1.0}},
     "keep_dreams": {"dream": {"keep_dreams": True, "keep_dreams_in": "fast"}},
     "keep_dreams_slow": {"dream": {"keep_dreams": True, "keep_dreams_in": "slow"}},
+    "absorb_dreams": {"dream": {"keep_dreams_when_full": "absorb"}},
     "no_keep_dreams": {"dream": {"keep_dreams": False}},
     "same_period_merge": {"consolidation": {"merge_pair": "same_period"}},
     "oldest_merge": {"consolidation": {"merge_pair": "oldest"}},
@@ -84,7 +85,8 @@ MethodName = Literal[
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing", "cosine_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
     "no_promotion_check", "dreams_into_slow", "fold_dreams", "fold_with_dreams", "keep_dreams", "keep_dreams_slow",
-    "no_keep_dreams", "same_period_merge", "oldest_merge", "merge_in_view", "no_dream_policy", "base", "passage_finetune",
+    "no_keep_dreams", "same_period_merge", "oldest_merge", "merge_in_view", "absorb_dreams", "no_dream_policy", "base",
+    "passage_finetune",
     "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "in_context", "retrieval",
     "sleep_1", "sleep_2", "sleep_3",
 ]

@@ -260,6 +260,14 @@ class DreamConfig(Section):
         "merges. fast: read-only in the fast level, kept only while the level keeps a free slot and fewer kept "
         "experts than its top_k, and never freed (method keep_dreams; consolidations free only the writable ones).",
     )
+    keep_dreams_when_full: Literal["merge", "absorb"] = Field(
+        "merge", description="With keep_dreams_in slow, when the slow level is full. merge: merge the pair "
+        "consolidation.merge_pair picks, then move the dream expert into the freed slot (with no period holding two "
+        "experts, that pair joins two periods: the older period's inputs get the younger one's function). absorb: when "
+        "that pair would join two periods, fit the dream expert into its own period's consolidated slow expert instead "
+        "(model/memory/merging.py absorb_into, a same-period merge across levels; the dream is not kept apart); "
+        "otherwise merge as above (method absorb_dreams).",
+    )
     promotion_check: bool = Field(
         True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "
         "the period's examples that no dream saw in its context (stream: among every label seen so far; "

@@ -48,6 +48,17 @@ class MergeRecord:
     relative_error: list[float]  # per CMS layer: ||fit - target|| / ||target|| after the merge
 
 
+@dataclass(frozen=True)
+class AbsorbRecord:
+    """What :func:`absorb_into` did: expert ``src`` = (level, slot) of a faster level was fitted into ``level``'s
+    ``into`` and freed, with the fit per layer."""
+
+    src: tuple[int, int]
+    level: int
+    into: int
+    relative_error: list[float]
+
+
 def gated_expert_output(bank: ExpertBank, h: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
     """sum_{e in slots} sigmoid(r_e . h) * B_e act(A_e h), every expert selected. h: (N, d) -> (N, d)."""
     out = torch.zeros_like(h)
@@ -122,6 +133,38 @@ def fit_groups(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: 
     return groups or [(level_inputs(model, tokenizer, cms, level, prompts, max_length), list(pair))]
 
 
+def fit_expert(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
+               gen: torch.Generator) -> float:
+    """Fit expert ``slot`` of ``bank`` (its A, B and router, from their current values) so that its gated output
+    on ``h`` (N, d) matches ``target`` (N, d): ``steps`` Adam steps on minibatches of 512 rows. Returns the relative
+    error ||fit - target|| / ||target|| after the fit."""
+    params = [bank.A[slot], bank.B[slot], bank.router[slot]]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    n = h.shape[0]
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=gen)[: min(n, 512)].to(h.device)
+        loss = (gated_expert_output(bank, h[idx], [slot]) - target[idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p, flag in zip(params, saved):
+        p.grad = None
+        p.requires_grad_(flag)
+    with torch.no_grad():
+        fit = gated_expert_output(bank, h, [slot])
+        return float((fit - target).norm() / target.norm().clamp(min=1e-12))
+
+
+def joins_periods(cms: ContinuumMemory, level: int, pair: tuple[int, int]) -> bool:
+    """Whether merging ``pair`` of ``level`` would give one expert two periods' functions (an expert without a
+    period counts as a period of its own)."""
+    a, b = (cms.experts[level][s].period for s in pair)
+    return a is None or b is None or a != b
+
+
 def merge_pair(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -140,30 +183,13 @@ def merge_pair(
     ``cms``."""
     into, freed = pair_to_merge(cms, level, policy)
     groups = fit_groups(model, tokenizer, cms, level, (into, freed), prompts, max_length, in_view)
-    errors = []
     gen = torch.Generator().manual_seed(seed)
+    errors = []
     for k, bank in enumerate(cms.banks(level)):
         with torch.no_grad():
             h = torch.cat([inputs[k] for inputs, _ in groups])
             target = torch.cat([gated_expert_output(bank, inputs[k], slots) for inputs, slots in groups])
-        params = [bank.A[into], bank.B[into], bank.router[into]]
-        saved = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        n = h.shape[0]
-        for _ in range(steps):
-            idx = torch.randperm(n, generator=gen)[: min(n, 512)].to(h.device)
-            loss = (gated_expert_output(bank, h[idx], [into]) - target[idx]).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        for p, flag in zip(params, saved):
-            p.grad = None
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            fit = gated_expert_output(bank, h, [into])
-            errors.append(float((fit - target).norm() / target.norm().clamp(min=1e-12)))
+        errors.append(fit_expert(bank, into, h, target, steps, lr, gen))
     was_frozen = cms.experts[level][into].frozen or cms.experts[level][freed].frozen
     periods = [p for p in (cms.experts[level][into].period, cms.experts[level][freed].period) if p is not None]
     cms.reset_slot(level, freed, reason=f"merged into slot {into}")
@@ -174,4 +200,45 @@ def merge_pair(
     return MergeRecord(level, into, freed, [round(e, 5) for e in errors])
 
 
-__all__ = ["MergeRecord", "fit_groups", "gated_expert_output", "level_inputs", "merge_pair", "pair_to_merge"]
+def absorb_into(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cms: ContinuumMemory,
+    src: tuple[int, int],
+    level: int,
+    into: int,
+    prompts: Sequence[str],
+    max_length: int,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> AbsorbRecord:
+    """Fold expert ``src`` = (faster level, slot) into expert ``into`` of ``level``, a merge across levels, then
+    free ``src``. Per CMS layer, on the hidden states h (N, d) that reach ``level`` on ``prompts`` (the caller masks
+    what must be off, e.g. the fast level, as the level will read them once ``src`` is gone):
+
+        target_l(h) = sigmoid(r_into . h) B_into act(A_into h) + sigmoid(r_src . h) B_src act(A_src h)
+
+    fitted into ``into`` as :func:`merge_pair` fits a pair (it starts from ``into``'s weights and keeps its slot,
+    period, provenance and read-only flag). It is what a full level does with a kept dream expert whose only merge
+    partner would be another period's: the dream joins its own period's expert instead. Mutates ``cms``."""
+    src_level, src_slot = src
+    if src_level == level:
+        raise CMSError(f"absorb_into folds another level's expert into level {level}; use merge_pair within a level")
+    for lv, slot in ((src_level, src_slot), (level, into)):
+        if slot not in cms.active_slots(lv):
+            raise CMSError(f"cannot absorb: level {lv} slot {slot} is not active")
+    inputs = level_inputs(model, tokenizer, cms, level, prompts, max_length)
+    gen = torch.Generator().manual_seed(seed)
+    errors = []
+    for bank, bank_src, h in zip(cms.banks(level), cms.banks(src_level), inputs):
+        with torch.no_grad():
+            target = gated_expert_output(bank, h, [into]) + gated_expert_output(bank_src, h, [src_slot])
+        errors.append(fit_expert(bank, into, h, target, steps, lr, gen))
+    cms.reset_slot(src_level, src_slot, reason=f"absorbed into level {level} slot {into}")
+    cms.experts[level][into].history.append(f"absorbed@{cms.step}:level-{src_level}/slot-{src_slot}")
+    return AbsorbRecord((src_level, src_slot), level, into, [round(e, 5) for e in errors])
+
+
+__all__ = ["AbsorbRecord", "MergeRecord", "absorb_into", "fit_expert", "fit_groups", "gated_expert_output",
+           "joins_periods", "level_inputs", "merge_pair", "pair_to_merge"]

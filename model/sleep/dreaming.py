@@ -50,8 +50,9 @@ from model.config import DreamConfig, SamplingConfig
 from model.decoding.sampling import sample_continuations
 from model.evaluation.knowledge import Passage, answer_completion, qa_prompt
 from model.memory.cms import DREAM_ORIGIN, ContinuumMemory
-from model.memory.merging import MergeRecord, merge_pair
+from model.memory.merging import AbsorbRecord, MergeRecord, absorb_into, joins_periods, merge_pair, pair_to_merge
 from model.memory.wake import encode, label_text, sft_loss, split_template
+from model.sleep.consolidation import period_expert
 from model.sleep.dream_policy import DreamPolicy, rest_em_update
 from model.sleep.sft import train_on_pairs
 from model.sleep.trial_lora import AnswerLoglik
@@ -150,12 +151,14 @@ def keep_dreams(cms: ContinuumMemory, period: int, top_k: int) -> list[int]:
 @dataclass(frozen=True)
 class KeptInSlow:
     """What :func:`keep_dreams_in_slow` did: fast ``src`` became slow ``slot`` (``exact``: same function);
-    ``merged``: the merge that made room first (None: a slot was free)."""
+    ``merged``: the merge that made room first (None: a slot was free); ``absorbed``: the slow level was full and
+    the dream expert was fitted into its period's consolidated expert ``slot`` instead (not kept apart)."""
 
     src: int
     slot: int
     exact: bool
     merged: MergeRecord | None
+    absorbed: AbsorbRecord | None = None
 
 
 def keep_dreams_in_slow(
@@ -171,6 +174,7 @@ def keep_dreams_in_slow(
     merge_when_full: bool = True,
     merge_policy: str = "oldest",
     merge_in_view: bool = False,
+    when_full: str = "merge",
 ) -> KeptInSlow | None:
     """``dream.keep_dreams_in: slow``: move the fast expert this sleep's dream stage unlocked and trained into a new
     read-only expert of the slow level (level 1) with ``period``, and free its fast slot.
@@ -180,9 +184,15 @@ def keep_dreams_in_slow(
     h plus the moved expert's output. A full slow level first merges two read-only experts, the pair
     ``merge_policy`` picks (:func:`model.memory.merging.merge_pair`, on ``prompts`` with the fast level masked, as
     the slow level will read them after the move; in each prompt's view with ``merge_in_view``), so dream experts
-    are retired by the same merges as consolidated ones. Returns None, changing nothing, when the dream stage
-    trained no expert of its own (it trained a wake expert) or the slow level is full and may not merge.
+    are retired by the same merges as consolidated ones. ``when_full`` (``dream.keep_dreams_when_full``): ``merge``,
+    always that merge; ``absorb``, when that merge would join two periods' experts and the period has a consolidated
+    slow expert, the dream expert is fitted into that expert instead (:func:`model.memory.merging.absorb_into`, on
+    the same inputs): no period's inputs get another period's function for a dream's sake. Returns None, changing
+    nothing, when the dream stage trained no expert of its own (it trained a wake expert) or the slow level is full
+    and may not merge.
     """
+    if when_full not in ("merge", "absorb"):
+        raise ValueError(f"unknown when_full {when_full!r} (merge, absorb)")
     slots = dream_slots(cms, period)
     if len(slots) != 1 or cms.n_levels < 2:
         return None
@@ -191,6 +201,12 @@ def keep_dreams_in_slow(
     if not cms.free_slots(1):
         if not merge_when_full:
             return None
+        home = period_expert(cms, 1, period)
+        if when_full == "absorb" and home is not None and joins_periods(cms, 1, pair_to_merge(cms, 1, merge_policy)):
+            with cms.levels_masked([0]):
+                absorbed = absorb_into(model, tokenizer, cms, (0, src), 1, home, prompts, max_length, merge_steps, lr,
+                                       seed)
+            return KeptInSlow(src, home, False, None, absorbed)
         with cms.levels_masked([0]):
             merged = merge_pair(model, tokenizer, cms, 1, prompts, max_length, merge_steps, lr, seed, merge_policy,
                                 merge_in_view)

@@ -370,3 +370,25 @@ def test_the_main_jobs_task_time_counts_only_the_runs_of_its_job(prefect_harness
         tasks_ = client.read_task_runs(task_run_filter=TaskRunFilter(
             flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in flows_])))
     assert len(tasks_) == 3 and all(not t.tags for t in tasks_)  # two naps and the subflow's wrapper, untagged
+
+
+def test_a_dream_kept_when_the_slow_level_is_full_joins_its_own_periods_expert_with_absorb(tmp_path, prefect_harness):
+    """dream.keep_dreams_when_full absorb: the toy's slow level (3 slots) is full from the first sleep on; at the
+    second sleep the only merge left would join periods 0 and 1, so the kept dream expert is fitted into period 1's
+    consolidated expert instead: period 0's expert is left tensor for tensor and no expert holds two periods."""
+    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="slow", keep_dreams_when_full="absorb")
+
+    def level(state: str, li: int) -> list[tuple]:
+        return _active_experts(read_manifest(tmp_path / "state" / state), li)
+
+    c1, s1 = level("consolidated/period-1", 1), level("sleep/period-1", 1)
+    assert [x[1:4] for x in c1[1:]] == [("consolidation:fast->slow@period-0", 0, True),
+                                        ("consolidation:fast->slow@period-1", 1, True)]  # full, one expert per period
+    meta = read_manifest(tmp_path / "state/sleep/period-1")["metadata"]["dream"]
+    moved = json.loads((tmp_path / "metrics/dreaming/period-1.json").read_text())["kept_in_slow"]
+    assert meta["kept"] is True and meta["kept_apart"] == [] and meta["absorbed_into"] == c1[2][0]
+    assert moved["absorbed"]["into"] == c1[2][0] and moved["merged"] is None and not moved["exact"]
+    assert len(moved["absorbed"]["relative_error"]) == 2  # one fit per CMS layer of the toy
+    assert s1[:2] == c1[:2]  # period 0's expert (and the writable initial one) untouched
+    assert s1[2][:4] == c1[2][:4] and s1[2][4] != c1[2][4]  # period 1's expert now carries the dreams
+    assert level("sleep/period-1", 0) == []  # the fast level is free for the next wake

@@ -508,6 +508,64 @@ def test_dreams_kept_in_a_full_slow_level_merge_its_oldest_first_or_stay():
     assert len(cms.active_slots(1)) == 3 and cms.experts[1][res.slot].period == 2 and cms.active_slots(0) == []
 
 
+def _full_slow_level_one_expert_per_period(period: int, slow_periods: tuple[int, int] | None = None):
+    """A dream-trained fast expert of ``period`` and a full slow level (3 slots): the initial expert and the
+    consolidated experts of ``slow_periods`` (default period - 1 and period), read-only and nonzero."""
+    lm, cms = _dream_trained_fast_expert(period=period)
+    for p in slow_periods or (period - 1, period):
+        slot = cms.unlock(1, origin=f"consolidation:{p}")
+        cms.experts[1][slot].period = p
+        cms.freeze(1, slot, reason="consolidated")
+    make_nonzero(cms, 1, seed=4)
+    return lm, cms
+
+
+def test_a_dream_kept_in_a_full_slow_level_joins_its_own_period_with_absorb():
+    """keep_dreams_when_full absorb: the only merge would join periods 1 and 2, so the dream expert is fitted into
+    period 2's consolidated expert, the fast slot is freed, and period 1's expert is left as it was; merge (the
+    default) merges periods 1 and 2 to make room."""
+    from model.sleep.dreaming import keep_dreams_in_slow
+
+    lm, cms = _full_slow_level_one_expert_per_period(2)
+    (src,) = cms.active_slots(0)
+    period_1 = [p.detach().clone() for p in cms.level_parameters(1, [1])]
+    res = keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 2, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0,
+                              merge_policy="same_period", when_full="absorb")
+    assert res is not None and res.merged is None and res.absorbed is not None and not res.exact
+    assert res.slot == res.absorbed.into == 2 and res.absorbed.src == (0, src)
+    assert cms.active_slots(0) == [] and cms.active_slots(1) == [0, 1, 2]
+    assert [(e.period, e.origin) for e in cms.experts[1][1:]] == [(1, "consolidation:1"), (2, "consolidation:2")]
+    assert all(torch.equal(a, b) for a, b in zip(cms.level_parameters(1, [1]), period_1))
+
+    lm, cms = _full_slow_level_one_expert_per_period(2)
+    res = keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 2, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0,
+                              merge_policy="same_period")
+    assert res.absorbed is None and (res.merged.into, res.merged.freed) == (1, 2)  # two periods joined
+    assert cms.experts[1][1].period == 1 and cms.experts[1][2].period == 2 and cms.experts[1][2].origin.startswith("dream")
+
+
+def test_absorb_merges_as_before_when_the_pair_is_one_periods_or_the_period_has_no_expert():
+    from model.sleep.dreaming import keep_dreams_in_slow
+
+    lm, cms = _dream_trained_fast_expert(period=3)  # slots 1 and 2 both hold period 1: a same-period pair
+    for origin in ("consolidation:1", "dream@period-1:fast->slow"):
+        slot = cms.unlock(1, origin=origin)
+        cms.experts[1][slot].period = 1
+        cms.freeze(1, slot, reason="test")
+    make_nonzero(cms, 1, seed=4)
+    res = keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 3, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0,
+                              merge_policy="same_period", when_full="absorb")
+    assert res.absorbed is None and (res.merged.into, res.merged.freed) == (1, 2) and res.slot == 2
+    # period 5 has no consolidated slow expert to join: the merge makes room as before
+    lm, cms = _full_slow_level_one_expert_per_period(5, slow_periods=(1, 2))
+    res = keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 5, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0,
+                              merge_policy="same_period", when_full="absorb")
+    assert res.absorbed is None and (res.merged.into, res.merged.freed) == (1, 2) and cms.experts[1][2].period == 5
+    with pytest.raises(ValueError, match="unknown when_full"):
+        keep_dreams_in_slow(lm.model, lm.tokenizer, cms, 5, PROMPTS, 32, merge_steps=2, lr=1e-2, seed=0,
+                            when_full="fold")
+
+
 def test_only_an_expert_the_dream_stage_unlocked_moves_to_the_slow_level():
     from model.sleep.dreaming import keep_dreams_in_slow
 

@@ -7,7 +7,8 @@ import torch
 
 from model.config import ConsolidationConfig
 from model.memory.cms import CMSError
-from model.memory.merging import gated_expert_output, level_inputs, merge_pair, pair_to_merge
+from model.memory.merging import (absorb_into, gated_expert_output, joins_periods, level_inputs, merge_pair,
+                                  pair_to_merge)
 from model.memory.wake import ensure_writable
 from model.sleep.consolidation import consolidate
 from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
@@ -69,6 +70,47 @@ def test_a_full_level_merges_the_pair_consolidation_merge_pair_names(policy, pai
     res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, cfg, 32, None, seed=0, origin="consolidation:2",
                       freeze=True)
     assert (res.merged.into, res.merged.freed) == pair and res.slot == pair[1]
+
+
+def test_absorb_fits_a_faster_levels_expert_into_a_slow_one_and_frees_it():
+    """A merge across levels: the slow expert afterwards approximates its own gated output plus the fast expert's, on
+    the slow level's inputs; the fast slot is freed; the slow expert keeps its slot, period, origin and flag."""
+    lm, cms = _slow_level_with_a_kept_dream()
+    ensure_writable(cms, cms.cfg.levels, origin="dream@period-1")
+    make_nonzero(cms, 0, seed=6)
+    (src,) = cms.active_slots(0)
+    with cms.levels_masked([0]):
+        inputs = level_inputs(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32)
+    targets = [(gated_expert_output(b, h, [2]) + gated_expert_output(f, h, [src])).detach()
+               for b, f, h in zip(cms.banks(1), cms.banks(0), inputs)]
+    alone = [float((gated_expert_output(b, h, [2]) - t).norm() / t.norm()) for b, h, t in zip(cms.banks(1), inputs, targets)]
+    others = [p.detach().clone() for p in cms.level_parameters(1, [1, 3])]
+    with cms.levels_masked([0]):
+        rec = absorb_into(lm.model, lm.tokenizer, cms, (0, src), 1, 2, PROMPTS, 32, steps=200, lr=1e-2, seed=0)
+    assert rec.src == (0, src) and (rec.level, rec.into) == (1, 2)
+    assert cms.active_slots(0) == [] and all(float(p.abs().sum()) == 0 for p in cms.level_parameters(0))
+    for e, a in zip(rec.relative_error, alone):  # the slow expert now carries the fast one's function too
+        assert e < 0.5 * a, (rec.relative_error, alone)
+    assert all(torch.equal(a, b) for a, b in zip(cms.level_parameters(1, [1, 3]), others))  # no other expert moves
+    info = cms.experts[1][2]
+    assert (info.period, info.frozen, info.origin) == (1, True, "consolidation:1") and cms.free_slots(1) == []
+    assert info.history[-1].startswith("absorbed@")
+
+
+def test_absorb_refuses_one_level_and_inactive_slots():
+    lm, cms = _slow_level_with_a_kept_dream()
+    with pytest.raises(CMSError, match="use merge_pair within a level"):
+        absorb_into(lm.model, lm.tokenizer, cms, (1, 3), 1, 2, PROMPTS, 32, steps=1, lr=1e-2, seed=0)
+    cms.reset_level(0)
+    with pytest.raises(CMSError, match="level 0 slot 0 is not active"):
+        absorb_into(lm.model, lm.tokenizer, cms, (0, 0), 1, 2, PROMPTS, 32, steps=1, lr=1e-2, seed=0)
+
+
+def test_joins_periods_says_whether_a_pair_holds_two_periods():
+    lm, cms = _slow_level_with_a_kept_dream()  # slots 0, 1, 2, 3: periods 0, 0, 1, 1
+    assert joins_periods(cms, 1, (1, 2)) and not joins_periods(cms, 1, (2, 3)) and not joins_periods(cms, 1, (0, 1))
+    cms.experts[1][0].period = None  # an expert without a period is a period of its own
+    assert joins_periods(cms, 1, (0, 1))
 
 
 def test_merge_needs_two_experts():
