@@ -36,16 +36,21 @@ from bench.results import save_results  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[int, dict[str, str]]:
-    """``threads=N[,KEY=VALUE...]`` -> (N, {KEY: VALUE}); threads defaults to the run's own."""
-    threads, env = 0, {}
+    """``threads=N[,KEY=VALUE...]`` -> (N, {KEY: VALUE}); threads defaults to the run's own. A part without ``=``
+    continues the value before it (``MKL_CBWR=AUTO,STRICT`` is one setting)."""
+    threads, env, last = 0, {}, None
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
+        if not sep and last is not None and last != "threads":
+            env[last] += "," + part
+            continue
         if not sep or not key:
             raise ValueError(f"--variant {text!r}: {part!r} is not KEY=VALUE")
         if key == "threads":
             threads = int(value)
         else:
             env[key] = value
+        last = key
     return threads, env
 
 
@@ -88,17 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     if not (run / "state/wake" / f"period-{args.period}").is_dir():
         ap.error(f"{run}: no wake state of period {args.period} (state/wake/period-{args.period})")
     variants = args.variant or ["threads=0"]
+    for name in variants:  # every variant checked before the first rerun starts
+        try:
+            parse_variant(name)
+        except ValueError as e:
+            ap.error(str(e))
     results = {}
+    reps: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="rerun-exact-") as tmp:
-        for name in variants:
-            threads, env = parse_variant(name)
-            reps = []
-            for i in range(args.repeats):
-                reps.append(rerun(run, args.period, threads, env, Path(tmp) / f"{len(results)}-{i}"))
-                print(f"{name}: repeat {i}: {reps[-1]['experts_sha256'][:12]} in {reps[-1]['seconds']} s", flush=True)
-            digests = sorted({r["experts_sha256"] for r in reps})
-            results[name] = {"repeats": reps, "distinct_outputs": len(digests), "exact": len(digests) == 1,
-                             "median_seconds": sorted(r["seconds"] for r in reps)[len(reps) // 2]}
+        for i in range(args.repeats):  # round robin: a drift in the machine's load falls on every variant alike
+            for k, name in enumerate(variants):
+                threads, env = parse_variant(name)
+                reps[name].append(rerun(run, args.period, threads, env, Path(tmp) / f"{k}-{i}"))
+                print(f"{name}: repeat {i}: {reps[name][-1]['experts_sha256'][:12]} in {reps[name][-1]['seconds']} s",
+                      flush=True)
+    results = {}
+    for name, runs in reps.items():
+        digests = sorted({r["experts_sha256"] for r in runs})
+        results[name] = {"repeats": runs, "distinct_outputs": len(digests), "exact": len(digests) == 1,
+                         "median_seconds": sorted(r["seconds"] for r in runs)[len(runs) // 2]}
     for name, r in results.items():
         print(f"{name:40s} {r['distinct_outputs']} distinct of {args.repeats}, median {r['median_seconds']} s")
     save_results({"run": str(args.run), "period": args.period, "repeats": args.repeats, "variants": results}, args.out)

@@ -26,5 +26,8 @@ def test_with_threads_refuses_a_file_without_wake_threads() -> None:
 def test_parse_variant() -> None:
     assert parse_variant("threads=2,MKL_CBWR=COMPATIBLE") == (2, {"MKL_CBWR": "COMPATIBLE"})
     assert parse_variant("MKL_CBWR=AUTO") == (0, {"MKL_CBWR": "AUTO"})
+    assert parse_variant("threads=2,MKL_CBWR=AUTO,STRICT") == (2, {"MKL_CBWR": "AUTO,STRICT"})
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_variant("threads=2,STRICT")
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         parse_variant("threads")
