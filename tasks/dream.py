@@ -157,7 +157,8 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
     return {"src": res.src, "slot": res.slot, "exact": res.exact,
             "merged": {"into": res.merged.into, "freed": res.merged.freed, "relative_error": res.merged.relative_error}
             if res.merged else None,
-            "absorbed": {"into": res.absorbed.into, "relative_error": res.absorbed.relative_error}
+            "absorbed": {"into": res.absorbed.into, "relative_error": res.absorbed.relative_error,
+                         "started_from": res.absorbed.started_from}
             if res.absorbed else None}
 
 

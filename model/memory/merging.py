@@ -57,6 +57,7 @@ class AbsorbRecord:
     level: int
     into: int
     relative_error: list[float]
+    started_from: list[str]  # per CMS layer: "into" or "src", whose weights the fit started from
 
 
 def gated_expert_output(bank: ExpertBank, h: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
@@ -219,9 +220,12 @@ def absorb_into(
 
         target_l(h) = sigmoid(r_into . h) B_into act(A_into h) + sigmoid(r_src . h) B_src act(A_src h)
 
-    fitted into ``into`` as :func:`merge_pair` fits a pair (it starts from ``into``'s weights and keeps its slot,
-    period, provenance and read-only flag). It is what a full level does with a kept dream expert whose only merge
-    partner would be another period's: the dream joins its own period's expert instead. Mutates ``cms``."""
+    fitted into ``into`` as :func:`merge_pair` fits a pair; ``into`` keeps its slot, period, provenance and
+    read-only flag. In each layer the fit starts from the weights of whichever of the two has the larger gated
+    output on h there: an expert whose router is saturated off on every input (sigmoid(r . h) ~ 0, as happens in the
+    top layer, where h is large) gets no gradient and could never take the other's function in. It is what a full
+    level does with a kept dream expert whose only merge partner would be another period's: the dream joins its own
+    period's expert instead. Mutates ``cms``."""
     src_level, src_slot = src
     if src_level == level:
         raise CMSError(f"absorb_into folds another level's expert into level {level}; use merge_pair within a level")
@@ -231,13 +235,23 @@ def absorb_into(
     inputs = level_inputs(model, tokenizer, cms, level, prompts, max_length)
     gen = torch.Generator().manual_seed(seed)
     errors = []
+    starts = []
     for bank, bank_src, h in zip(cms.banks(level), cms.banks(src_level), inputs):
         with torch.no_grad():
-            target = gated_expert_output(bank, h, [into]) + gated_expert_output(bank_src, h, [src_slot])
+            own, other = gated_expert_output(bank, h, [into]), gated_expert_output(bank_src, h, [src_slot])
+            target = own + other
+            if other.norm() > own.norm():  # start from the larger contribution (see above)
+                r = min(bank.A[into].shape[1], bank_src.A[src_slot].shape[1])
+                bank.A[into].zero_()
+                bank.B[into].zero_()
+                bank.A[into][:, :r].copy_(bank_src.A[src_slot][:, :r])
+                bank.B[into][:r].copy_(bank_src.B[src_slot][:r])
+                bank.router[into].copy_(bank_src.router[src_slot])
+            starts.append("src" if other.norm() > own.norm() else "into")
         errors.append(fit_expert(bank, into, h, target, steps, lr, gen))
     cms.reset_slot(src_level, src_slot, reason=f"absorbed into level {level} slot {into}")
     cms.experts[level][into].history.append(f"absorbed@{cms.step}:level-{src_level}/slot-{src_slot}")
-    return AbsorbRecord((src_level, src_slot), level, into, [round(e, 5) for e in errors])
+    return AbsorbRecord((src_level, src_slot), level, into, [round(e, 5) for e in errors], starts)
 
 
 __all__ = ["AbsorbRecord", "MergeRecord", "absorb_into", "fit_expert", "fit_groups", "gated_expert_output",

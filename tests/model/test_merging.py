@@ -97,6 +97,26 @@ def test_absorb_fits_a_faster_levels_expert_into_a_slow_one_and_frees_it():
     assert info.history[-1].startswith("absorbed@")
 
 
+def test_absorb_starts_from_the_larger_contribution_where_the_slow_expert_cannot_move():
+    """In a layer where the slow expert gives nothing and gets no gradient (there: A = B = 0; in the top layer of the
+    embedded model: a router saturated off on every input), the fit starts from the fast expert and so takes its
+    function in; where the slow expert's output is the larger, the fit starts from it, as before."""
+    lm, cms = _slow_level_with_a_kept_dream()
+    ensure_writable(cms, cms.cfg.levels, origin="dream@period-1")
+    make_nonzero(cms, 0, seed=6)
+    (src,) = cms.active_slots(0)
+    dead = cms.banks(1)[0]
+    with torch.no_grad():
+        dead.A[2].zero_()
+        dead.B[2].zero_()
+        for bank in cms.banks(0)[1:]:  # elsewhere the fast expert is the smaller one
+            bank.B[src].mul_(1e-3)
+    with cms.levels_masked([0]):
+        rec = absorb_into(lm.model, lm.tokenizer, cms, (0, src), 1, 2, PROMPTS, 32, steps=5, lr=1e-3, seed=0)
+    assert rec.started_from == ["src"] + ["into"] * (len(cms.banks(1)) - 1)
+    assert rec.relative_error[0] < 0.5, rec.relative_error  # without the start: 1.0, nothing can move
+
+
 def test_absorb_refuses_one_level_and_inactive_slots():
     lm, cms = _slow_level_with_a_kept_dream()
     with pytest.raises(CMSError, match="use merge_pair within a level"):
