@@ -35,6 +35,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "keep_dreams": {"dream": {"keep_dreams": True, "keep_dreams_in": "fast"}},
     "keep_dreams_slow": {"dream": {"keep_dreams": True, "keep_dreams_in": "slow"}},
     "absorb_dreams": {"dream": {"keep_dreams_when_full": "absorb"}},
+    "merge_for_dreams": {"dream": {"keep_dreams_when_full": "merge"}},
     "no_keep_dreams": {"dream": {"keep_dreams": False}},
     "same_period_merge": {"consolidation": {"merge_pair": "same_period"}},
     "oldest_merge": {"consolidation": {"merge_pair": "oldest"}},
@@ -85,8 +86,8 @@ MethodName = Literal[
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing", "cosine_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
     "no_promotion_check", "dreams_into_slow", "fold_dreams", "fold_with_dreams", "keep_dreams", "keep_dreams_slow",
-    "no_keep_dreams", "same_period_merge", "oldest_merge", "merge_in_view", "absorb_dreams", "no_dream_policy", "base",
-    "passage_finetune",
+    "no_keep_dreams", "same_period_merge", "oldest_merge", "merge_in_view", "absorb_dreams", "merge_for_dreams",
+    "no_dream_policy", "base", "passage_finetune",
     "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "in_context", "retrieval",
     "sleep_1", "sleep_2", "sleep_3",
 ]

@@ -122,7 +122,10 @@ METHODS: dict[str, str] = {
     "oldest_merge": "full sleep, a full slow level merges its two oldest read-only experts, of one period or two "
     "(the sleep before same_period_merge)",
     "absorb_dreams": "full sleep, a kept dream expert that a full slow level could place only by merging two periods' "
-    "experts is fitted into its own period's consolidated expert instead (no cross-period merge for a dream)",
+    "experts is fitted into its own period's consolidated expert instead (the default sleep since "
+    "docs/results/issue13/dev-absorb-dreams/)",
+    "merge_for_dreams": "full sleep, a kept dream expert in a full slow level merges the pair merge_pair picks first, "
+    "even two periods' experts (the sleep before absorb_dreams)",
     "merge_in_view": "full sleep, a merge fits each of its prompts in the view of the period it routes to, to the "
     "pair's experts that answer there (an older period's inputs to the older expert alone)",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "

@@ -261,12 +261,13 @@ class DreamConfig(Section):
         "experts than its top_k, and never freed (method keep_dreams; consolidations free only the writable ones).",
     )
     keep_dreams_when_full: Literal["merge", "absorb"] = Field(
-        "merge", description="With keep_dreams_in slow, when the slow level is full. merge: merge the pair "
-        "consolidation.merge_pair picks, then move the dream expert into the freed slot (with no period holding two "
-        "experts, that pair joins two periods: the older period's inputs get the younger one's function). absorb: when "
-        "that pair would join two periods, fit the dream expert into its own period's consolidated slow expert instead "
-        "(model/memory/merging.py absorb_into, a same-period merge across levels; the dream is not kept apart); "
-        "otherwise merge as above (method absorb_dreams).",
+        "absorb", description="With keep_dreams_in slow, when the slow level is full. absorb (default): when the pair "
+        "consolidation.merge_pair would merge holds two periods, fit the dream expert into its own period's "
+        "consolidated slow expert instead (model/memory/merging.py absorb_into, a same-period merge across levels; the "
+        "dream is not kept apart), else merge as below; chosen on development streams by a rule set before the runs "
+        "(docs/results/issue13/dev-absorb-dreams/). merge: merge that pair, then move the dream expert into the freed "
+        "slot; with no period holding two experts the pair joins two periods and the older period's inputs get the "
+        "younger one's function (method merge_for_dreams).",
     )
     promotion_check: bool = Field(
         True, description="Keep the dream stage's training (ReST-EM and promotion) only if it measurably helps: "

@@ -182,7 +182,8 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("same_period_merge", ("consolidation", "merge_pair"), "same_period"), ("sleep", ("consolidation", "merge_pair"), "same_period"),
     ("oldest_merge", ("consolidation", "merge_pair"), "oldest"),
     ("merge_in_view", ("consolidation", "merge_in_view"), True), ("sleep", ("consolidation", "merge_in_view"), False),
-    ("absorb_dreams", ("dream", "keep_dreams_when_full"), "absorb"), ("sleep", ("dream", "keep_dreams_when_full"), "merge"),
+    ("absorb_dreams", ("dream", "keep_dreams_when_full"), "absorb"), ("sleep", ("dream", "keep_dreams_when_full"), "absorb"),
+    ("merge_for_dreams", ("dream", "keep_dreams_when_full"), "merge"),
 ])
 def test_each_method_sets_its_switch(tmp_path, method, field, value):
     params_path = _with_comparisons(toy_project(tmp_path), methods=[method])
