@@ -15,6 +15,8 @@ export OMP_WAIT_POLICY := PASSIVE
 # a fixed thread count: the same sums, so the same numbers, on a busy machine
 export MKL_DYNAMIC := FALSE
 export OMP_DYNAMIC := FALSE
+# the same numbers on a rerun (MKL's strict reproducible mode, docs/results/issue13/rerun-exact/)
+export MKL_CBWR := AUTO,STRICT
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 

@@ -41,6 +41,11 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Read when MKL starts: before torch is imported here, and inherited by every stage DVC starts.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+# The same numbers on a rerun: without it, at 2 threads on an Intel Xeon (model 167) a consolidation rerun from one
+# wake state wrote one of two experts, by a multithreaded MKL kernel's order of summation; MKL's strict conditional
+# numerical reproducibility on the processor's own code path reran it to the byte at the default's speed
+# (docs/results/issue13/rerun-exact/). Read when MKL starts; a user's own MKL_CBWR wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 TIMINGS = Path("metrics/timings/orchestration.json")
 
