@@ -31,3 +31,19 @@ def test_parse_variant() -> None:
         parse_variant("threads=2,STRICT")
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         parse_variant("threads")
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "AUTO,STRICT"), ("COMPATIBLE", "COMPATIBLE")])
+def test_lm_sleep_runs_mkl_in_strict_reproducible_mode_unless_the_user_chose(given, expected) -> None:
+    """flows/cli.py sets MKL_CBWR before torch (and so MKL) loads, for itself and every stage it starts; a user's own
+    setting wins (docs/results/issue13/rerun-exact/)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | ({"MKL_CBWR": given} if given else {})
+    code = "import os; import flows.cli; print(os.environ['MKL_CBWR'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected
