@@ -229,13 +229,13 @@ def _lifecycle_with_dreams(root: Path, **dream) -> None:
 def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_sleep(tmp_path, prefect_harness):
     """dream.keep_dreams: the fast expert the first sleep's kept dream training wrote stays, tensor for tensor, with
     period 0 through the next wake and consolidation; the wake and the consolidation write and free another one."""
-    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="fast")
+    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="fast", promotion_check=False)
 
     def fast(state: str) -> list[tuple]:
         return _active_experts(read_manifest(tmp_path / "state" / state), 0)
 
     s0 = read_manifest(tmp_path / "state/sleep/period-0")
-    assert s0["metadata"]["dream"]["kept"] is True  # as in the default run: the training helped the check set
+    assert s0["metadata"]["dream"]["kept"] is True  # the check is off: its verdict on the toy is a near-tie
     (kept,) = fast("sleep/period-0")
     assert kept[1:4] == ("dream@period-0", 0, True) and s0["metadata"]["dream"]["kept_apart"] == [kept[0]]
     assert json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())["funnel"]["kept_apart"] == 1
@@ -252,13 +252,13 @@ def test_dreams_kept_in_slow_become_a_read_only_slow_expert_and_the_next_wake_st
     """dream.keep_dreams_in slow (the default): the first sleep's kept dream training ends as a read-only slow expert of
     period 0 (the fast level freed); the next wake leaves it tensor for tensor, and the next consolidation, finding
     the toy's slow level full, merges it into the older consolidated expert."""
-    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="slow")
+    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="slow", promotion_check=False)
 
     def level(state: str, li: int) -> list[tuple]:
         return _active_experts(read_manifest(tmp_path / "state" / state), li)
 
     s0 = read_manifest(tmp_path / "state/sleep/period-0")
-    assert s0["metadata"]["dream"]["kept"] is True  # as in the default run: the training helped the check set
+    assert s0["metadata"]["dream"]["kept"] is True  # the check is off: its verdict on the toy is a near-tie
     assert level("sleep/period-0", 0) == []  # the fast level is free for the next wake
     (moved,) = [e for e in level("sleep/period-0", 1) if e[1] == "dream@period-0:fast->slow"]
     assert moved[2:4] == (0, True) and s0["metadata"]["dream"]["kept_apart"] == [moved[0]]
@@ -376,7 +376,8 @@ def test_a_dream_kept_when_the_slow_level_is_full_joins_its_own_periods_expert_w
     """dream.keep_dreams_when_full absorb: the toy's slow level (3 slots) is full from the first sleep on; at the
     second sleep the only merge left would join periods 0 and 1, so the kept dream expert is fitted into period 1's
     consolidated expert instead: period 0's expert is left tensor for tensor and no expert holds two periods."""
-    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="slow", keep_dreams_when_full="absorb")
+    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="slow", keep_dreams_when_full="absorb",
+                           promotion_check=False)
 
     def level(state: str, li: int) -> list[tuple]:
         return _active_experts(read_manifest(tmp_path / "state" / state), li)
