@@ -140,6 +140,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return decoder_of(model).layers
 
 
+@torch.no_grad()
+def copy_bank_expert(bank_s: ExpertBank, s: int, bank_d: ExpertBank, d: int) -> None:
+    """Set expert ``d`` of ``bank_d`` to expert ``s`` of ``bank_s`` in one layer: A, B and router; with a larger
+    destination rank the extra dimensions are zero (adding nothing), with a smaller one the leading ones are kept."""
+    r = min(bank_s.A[s].shape[1], bank_d.A[d].shape[1])
+    bank_d.A[d].zero_()
+    bank_d.B[d].zero_()
+    bank_d.A[d][:, :r].copy_(bank_s.A[s][:, :r])
+    bank_d.B[d][:r].copy_(bank_s.B[s][:r])
+    bank_d.router[d].copy_(bank_s.router[s])
+
+
 class ContinuumMemory(nn.Module):
     """All memory levels of a model, plus the operations on them (docs/design.md §1).
 
@@ -294,14 +306,8 @@ class ContinuumMemory(nn.Module):
             if slot not in self.active_slots(level):
                 raise CMSError(f"cannot copy: level {level} slot {slot} is not active")
         r_src, r_dst = self.cfg.levels[src[0]].d_low, self.cfg.levels[dst[0]].d_low
-        r = min(r_src, r_dst)
-        with torch.no_grad():
-            for bank_s, bank_d in zip(self.banks(src[0]), self.banks(dst[0])):
-                bank_d.A[dst[1]].zero_()
-                bank_d.B[dst[1]].zero_()
-                bank_d.A[dst[1]][:, :r].copy_(bank_s.A[src[1]][:, :r])
-                bank_d.B[dst[1]][:r].copy_(bank_s.B[src[1]][:r])
-                bank_d.router[dst[1]].copy_(bank_s.router[src[1]])
+        for bank_s, bank_d in zip(self.banks(src[0]), self.banks(dst[0])):
+            copy_bank_expert(bank_s, src[1], bank_d, dst[1])
         self.experts[dst[0]][dst[1]].history.append(f"copied@{self.step}:level-{src[0]}/slot-{src[1]}")
         return r_dst >= r_src
 
@@ -439,5 +445,6 @@ __all__ = [
     "ExpertInfo",
     "NoFreeSlotError",
     "attach_cms",
+    "copy_bank_expert",
     "decoder_layers",
 ]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from model.memory.cms import CMSError, ContinuumMemory, ExpertBank
+from model.memory.cms import CMSError, ContinuumMemory, ExpertBank, copy_bank_expert
 from model.memory.routed import period_view, routed_periods
 from model.memory.routing import captured_inputs
 from model.memory.wake import encode
@@ -240,14 +240,10 @@ def absorb_into(
         with torch.no_grad():
             own, other = gated_expert_output(bank, h, [into]), gated_expert_output(bank_src, h, [src_slot])
             target = own + other
-            if other.norm() > own.norm():  # start from the larger contribution (see above)
-                r = min(bank.A[into].shape[1], bank_src.A[src_slot].shape[1])
-                bank.A[into].zero_()
-                bank.B[into].zero_()
-                bank.A[into][:, :r].copy_(bank_src.A[src_slot][:, :r])
-                bank.B[into][:r].copy_(bank_src.B[src_slot][:r])
-                bank.router[into].copy_(bank_src.router[src_slot])
-            starts.append("src" if other.norm() > own.norm() else "into")
+            from_src = bool(other.norm() > own.norm())  # start from the larger contribution (see above)
+            if from_src:
+                copy_bank_expert(bank_src, src_slot, bank, into)
+            starts.append("src" if from_src else "into")
         errors.append(fit_expert(bank, into, h, target, steps, lr, gen))
     cms.reset_slot(src_level, src_slot, reason=f"absorbed into level {level} slot {into}")
     cms.experts[level][into].history.append(f"absorbed@{cms.step}:level-{src_level}/slot-{src_slot}")
