@@ -46,6 +46,9 @@ os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 # numerical reproducibility on the processor's own code path reran it to the byte at the default's speed
 # (docs/results/issue13/rerun-exact/). Read when MKL starts; a user's own MKL_CBWR wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# torch's deterministic algorithms (model/runtime.py) on a GPU need cuBLAS's fixed-size workspace, read when CUDA
+# starts; without it cuBLAS may split a sum differently from one call to the next.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 TIMINGS = Path("metrics/timings/orchestration.json")
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -37,6 +36,7 @@ from model.data.stream import STREAM_FILE, DataError, build_stream, load_source,
 from model.decoding.loading import load_base_model, resolve_device
 from model.evaluation.comparison import BASELINES, check_stream, evaluation_labels, run_baseline
 from model.io import sha256_file, write_json, write_text
+from model.runtime import configure_torch
 from tasks.caching import code_digest
 from tasks.machine import machine
 from tasks.prepare import check_and_report_stream, write_stream_files
@@ -277,7 +277,7 @@ def run_baseline_method(
         return hit
     if method not in BASELINES:
         raise ValueError(f"{method} is not a baseline")
-    torch.set_num_threads(p.wake.threads)
+    configure_torch(p.wake.threads, p.wake.deterministic)
     loaded = load_base_model(p.model)
     loaded.model.to(resolve_device(p.model.device))
 

@@ -13,7 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
-import torch
 from prefect import get_run_logger, task
 
 from checks import gate_dream_table
@@ -24,6 +23,7 @@ from model.evaluation.knowledge import load_passages
 from model.io import atomic_dir, atomic_path
 from model.memory.checkpoint import open_memory_model, read_manifest, save_state
 from model.memory.wake import split_template
+from model.runtime import configure_torch
 from model.sleep.consolidation import fold_dreams
 from model.sleep.dreaming import (DreamTask, dream_about, dream_policy, keep_dreams, keep_dreams_in_slow, promote,
                                   task_from_examples, task_from_passage, train_prompt)
@@ -192,7 +192,7 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
             log.warning(f"dream {period}: not dreaming: {skipped}")
             return stamp_output({"period": period, "enabled": True, "skipped": skipped, TIMING: {}}, out)
         return stamp_output({"period": period, "enabled": False, TIMING: {}}, out)
-    torch.set_num_threads(params.wake.threads)
+    configure_torch(params.wake.threads, params.wake.deterministic)
     meta = read_manifest(src)["metadata"]
     loaded, cms, optimizer = open_memory_model(params, root, src, with_optimizer=True)
     tasks = dream_tasks(params, root, stream, period)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -18,6 +17,7 @@ from model.evaluation.knowledge import passage_recall
 from model.evaluation.seen import seen_accuracy
 from model.io import write_json, write_text
 from model.memory.checkpoint import load_state, open_memory_model
+from model.runtime import configure_torch
 from tasks.wake import consolidated_state_dir, sleep_state_dir, wake_state_dir
 
 
@@ -29,7 +29,7 @@ def evaluate_seen_tasks(
 
     Class-incremental: each text is classified among the labels of all seen tasks.
     """
-    torch.set_num_threads(params.wake.threads)
+    configure_torch(params.wake.threads, params.wake.deterministic)
     loaded, cms, _ = open_memory_model(params, root, state_dir)
     return seen_accuracy(params, loaded, cms, stream, plan, period)
 
@@ -41,7 +41,7 @@ def recall_passages(params: Params, root: Path, stream: pd.DataFrame, period: in
     rows = stream[(stream["label"] == PASSAGE_LABEL) & (stream["task"] <= period)].sort_values("row_id")
     if rows.empty:
         return None
-    torch.set_num_threads(params.wake.threads)
+    configure_torch(params.wake.threads, params.wake.deterministic)
     loaded, cms, _ = open_memory_model(params, root, None)
     w = params.wake
 
@@ -70,7 +70,7 @@ def diagnose_states(
     run did not write are left out; ``after_dreaming`` is the cycle's accuracy. Also returns the
     routing shares of that last state (None without prototype routing or without the state).
     """
-    torch.set_num_threads(params.wake.threads)
+    configure_torch(params.wake.threads, params.wake.deterministic)
     views = {
         "after_previous_sleep": (sleep_state_dir(params, root, period - 1) if period > 0 else None, []),
         "after_wake": (wake_state_dir(params, root, period), []),

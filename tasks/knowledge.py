@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 from prefect.cache_policies import NO_CACHE
@@ -42,6 +41,7 @@ from model.evaluation.incorporation_runs import run_continued, run_single
 from model.evaluation.knowledge import Passage, select_passages
 from model.io import append_line, atomic_path, exclusive, read_keyed_lines, write_json, write_lines
 from model.memory.checkpoint import CheckpointError, load_state, open_memory_model, read_manifest, save_state
+from model.runtime import configure_torch
 from model.sleep.dream_policy import POLICY_JSON, DreamPolicyError, load_policy, read_policy, save_policy
 from model.sleep.dreaming import task_from_passage
 from model.sleep.policy_training import train_policy
@@ -122,7 +122,7 @@ def run_knowledge_method(
     rdir.mkdir(parents=True, exist_ok=True)
     progress_file = rdir / (PROGRESS_FILE if shard is None else f"progress.shard-{shard[0]}-of-{shard[1]}.jsonl")
     progress = read_keyed_lines(progress_file, key)
-    torch.set_num_threads(p.wake.threads)
+    configure_torch(p.wake.threads, p.wake.deterministic)
     lm, cms, _ = open_memory_model(p, root)
     cfg = p.dream
     gate = gate_function(cfg.gate) if method in GATED_METHODS else None
@@ -252,7 +252,7 @@ def _train_dream_policy(p: Params, root: Path, pdir: Path, kc: KnowledgeConfig,
         return hit
     pdir.mkdir(parents=True, exist_ok=True)
     rounds = read_keyed_lines(pdir / ROUNDS_FILE, key)
-    torch.set_num_threads(p.wake.threads)
+    configure_torch(p.wake.threads, p.wake.deterministic)
     lm, cms, _ = open_memory_model(p, root)
     fresh_fast_expert(cms, origin="policy training")  # the trials' state: as every evaluation passage starts
     done = {int(r["round"]) for r in rounds if r["split"] == "train"}

@@ -40,6 +40,7 @@ from model.evaluation.long_context_methods import (
 )
 from model.io import append_line, read_keyed_lines, write_json, write_lines
 from model.memory.checkpoint import open_memory_model
+from model.runtime import configure_torch
 from model.sleep.rewards import SemanticJudge
 from tasks.compare import RESULT_FILE, Comparison, cached_result, run_key
 
@@ -219,7 +220,7 @@ def run_long_context_method(p: Params, root: Path, rdir: Path, method: str, lc: 
     done = {r["doc"] for r in progress}
     if done:
         log.info(f"{method} seed {p.seed}: {len(done)}/{len(docs)} documents on disk, resuming")
-    torch.set_num_threads(p.wake.threads)
+    configure_torch(p.wake.threads, p.wake.deterministic)
     runner = _Runner(p, root, method, lc, baselines)
     todo = [d for d in docs if doc_id(d) not in done]
     bar = tqdm(total=sum(d.n_tokens for d in todo), desc=f"{method} seed {p.seed}", unit="tok", unit_scale=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import torch
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from model.config import Params
 from model.io import atomic_path
 from model.memory.checkpoint import open_memory_model, read_manifest, save_state
+from model.runtime import configure_torch
 from model.sleep.stage import consolidate_due_levels as consolidate_levels
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.wake import TIMING, consolidated_state_dir, wake_state_dir
@@ -33,7 +33,7 @@ def consolidate_due_levels(params: Params, root: Path, plan: dict[int, list[str]
     anything is written; one while writing removes what was written.
     """
     cfg = params.consolidation
-    torch.set_num_threads(params.wake.threads)
+    configure_torch(params.wake.threads, params.wake.deterministic)
     src_dir = wake_state_dir(params, root, period)
     manifest = read_manifest(src_dir)
     meta = manifest["metadata"]

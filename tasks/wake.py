@@ -20,6 +20,7 @@ from model.io import write_json
 from model.memory.checkpoint import open_memory_model, read_manifest, save_state
 from model.memory.prototypes import learn_prototypes
 from model.memory.wake import NonFiniteLossError, StepLog, ensure_writable, train_period
+from model.runtime import configure_torch
 from tasks.caching import OUTPUT_STATE, cache_options, stamp_output
 
 
@@ -67,7 +68,7 @@ def _wake_inputs(params: Params, root: Path, period: int) -> list[Path]:
 def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: int) -> dict:
     """Train the memory levels on one period's examples; save the state; return training logs."""
     log = get_run_logger()
-    torch.set_num_threads(params.wake.threads)
+    configure_torch(params.wake.threads, params.wake.deterministic)
     torch.manual_seed(params.seed * 100_003 + period)
     rows = stream[(stream["task"] == period) & (stream["split"] == "train")].sort_values("row_id")
     if rows.empty:

@@ -48,6 +48,9 @@ class WakeConfig(Section):
     eval_batch_size: int = Field(64, ge=1, description="Texts scored at once when measuring accuracy.")
     grad_clip: float = Field(1.0, gt=0, description="Largest gradient norm of a wake step.")
     threads: int = Field(2, ge=1, description="torch threads of a wake (and of the stages that set them from it).")
+    deterministic: bool = Field(True, description="torch's deterministic algorithms in every stage that sets its "
+                                "threads from wake.threads: no float sums whose order depends on thread timing "
+                                "(model/runtime.py); off only to measure what it costs.")
     state_dir: str = "state/wake"
     metrics_dir: str = Field("metrics/wake", description="Training metrics, one JSON per period.")
 
