@@ -87,6 +87,9 @@ def rerun(run: Path, period: int, wake: dict[str, object], env: dict[str, str], 
     (work / "params.yaml").write_text(with_wake(text, wake) if wake else text, encoding="utf-8")
     wake = Path("state/wake") / f"period-{period}"
     shutil.copytree(run / wake, work / wake)
+    stream = Path(((yaml.safe_load(text) or {}).get("data") or {}).get("out_dir", "data/processed"))
+    if not stream.is_absolute():  # a project's own run (make run), not a comparison's: its prepared stream too
+        shutil.copytree(run / stream, work / stream)
     penv = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "flows.stage", "sleep", "--params", "params.yaml", "--period",
@@ -100,7 +103,8 @@ def rerun(run: Path, period: int, wake: dict[str, object], env: dict[str, str], 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", type=Path, required=True, help="a comparison run directory (params.yaml, state/wake)")
+    ap.add_argument("--run", type=Path, required=True,
+                    help="a comparison run directory or a project after make run (params.yaml, state/wake)")
     ap.add_argument("--period", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variant", action="append", default=None,
