@@ -41,10 +41,10 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Read when MKL starts: before torch is imported here, and inherited by every stage DVC starts.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
-# The same numbers on a rerun: without it, at 2 threads on an Intel Xeon (model 167) a consolidation rerun from one
-# wake state wrote one of two experts, by a multithreaded MKL kernel's order of summation; MKL's strict conditional
-# numerical reproducibility on the processor's own code path reran it to the byte at the default's speed
-# (docs/results/issue13/rerun-exact/). Read when MKL starts; a user's own MKL_CBWR wins.
+# MKL's strict conditional numerical reproducibility: its results independent of the arrays' memory alignment (which
+# MKL documents them to depend on otherwise), at no measured cost. What made reruns differ here was an atomic-add race
+# in torch, which the stages' deterministic algorithms remove (model/runtime.py; docs/results/issue13/rerun-exact/).
+# Read when MKL starts; a user's own MKL_CBWR wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # torch's deterministic algorithms (model/runtime.py) on a GPU need cuBLAS's fixed-size workspace, read when CUDA
 # starts; without it cuBLAS may split a sum differently from one call to the next.
