@@ -155,8 +155,8 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
     optimizer.drop_state(cms.level_parameters(0, [res.src]))
     optimizer.drop_state(cms.level_parameters(1, [res.slot] + ([res.merged.into, res.merged.freed] if res.merged else [])))
     return {"src": res.src, "slot": res.slot, "exact": res.exact,
-            "merged": {"into": res.merged.into, "freed": res.merged.freed, "relative_error": res.merged.relative_error}
-            if res.merged else None,
+            "merged": {"into": res.merged.into, "freed": res.merged.freed, "relative_error": res.merged.relative_error,
+                       "started_from": res.merged.started_from} if res.merged else None,
             "absorbed": {"into": res.absorbed.into, "relative_error": res.absorbed.relative_error,
                          "started_from": res.absorbed.started_from}
             if res.absorbed else None}

@@ -18,8 +18,11 @@ fire in that view: a prompt of period p sees experts of periods <= p, so where t
 expert's period is later than p the merged expert is fitted to the older expert alone (the sum
 would teach it to add the younger period's function to the older period's inputs); prompts of
 periods before the older expert's, which the merged expert never answers, are left out. The merged
-expert starts from the older expert's weights, keeps its slot and provenance, and
-stays frozen if either was; the younger slot is freed. Each layer is fitted on its own
+expert keeps the older expert's slot and provenance, and stays frozen if either was; the younger slot is freed.
+In each layer the fit starts from the weights of whichever of the two gives the larger part of the target: an
+expert whose router is saturated off on every input (sigmoid(r . h) ~ 0, as happens in the top layer, where h is
+large) gets no gradient, and a fit started from it ended with relative error 1.0, the other's function dropped
+(docs/results/issue13/rerun-exact/). Each layer is fitted on its own
 inputs, which do not depend on the level's other layers' experts being merged (the
 inputs are captured once, before the merge).
 """
@@ -46,6 +49,7 @@ class MergeRecord:
     into: int
     freed: int
     relative_error: list[float]  # per CMS layer: ||fit - target|| / ||target|| after the merge
+    started_from: list[str]  # per CMS layer: "into" or "freed", whose weights the fit started from
 
 
 @dataclass(frozen=True)
@@ -185,11 +189,17 @@ def merge_pair(
     into, freed = pair_to_merge(cms, level, policy)
     groups = fit_groups(model, tokenizer, cms, level, (into, freed), prompts, max_length, in_view)
     gen = torch.Generator().manual_seed(seed)
-    errors = []
+    errors, starts = [], []
     for k, bank in enumerate(cms.banks(level)):
         with torch.no_grad():
             h = torch.cat([inputs[k] for inputs, _ in groups])
-            target = torch.cat([gated_expert_output(bank, inputs[k], slots) for inputs, slots in groups])
+            parts = {s: torch.cat([gated_expert_output(bank, inputs[k], [s]) if s in slots
+                                   else torch.zeros_like(inputs[k]) for inputs, slots in groups]) for s in (into, freed)}
+            target = parts[into] + parts[freed]  # each group's target: the sum of its slots' gated outputs
+            from_freed = bool(parts[freed].norm() > parts[into].norm())  # the larger contribution (absorb_into)
+            if from_freed:
+                copy_bank_expert(bank, freed, bank, into)
+            starts.append("freed" if from_freed else "into")
         errors.append(fit_expert(bank, into, h, target, steps, lr, gen))
     was_frozen = cms.experts[level][into].frozen or cms.experts[level][freed].frozen
     periods = [p for p in (cms.experts[level][into].period, cms.experts[level][freed].period) if p is not None]
@@ -198,7 +208,7 @@ def merge_pair(
     info.frozen = was_frozen
     info.period = min(periods) if periods else None  # it answers for the older period's inputs too
     info.history.append(f"merged@{cms.step}:slot {freed} merged in")
-    return MergeRecord(level, into, freed, [round(e, 5) for e in errors])
+    return MergeRecord(level, into, freed, [round(e, 5) for e in errors], starts)
 
 
 def absorb_into(

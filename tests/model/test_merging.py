@@ -117,6 +117,24 @@ def test_absorb_starts_from_the_larger_contribution_where_the_slow_expert_cannot
     assert rec.relative_error[0] < 0.5, rec.relative_error  # without the start: 1.0, nothing can move
 
 
+def test_merge_starts_from_the_larger_contribution_where_the_kept_expert_cannot_move():
+    """merge_pair, as absorb_into: in a layer where the expert that keeps the slot gives nothing and gets no gradient
+    (there: A = B = 0; in a merge of the embedded model: a router saturated off on every input, which left the top
+    layer at relative error 1.0, the younger expert's function dropped), the fit starts from the other expert;
+    elsewhere from the larger of the two."""
+    lm, cms = _slow_level_with_a_kept_dream()
+    dead = cms.banks(1)[0]
+    with torch.no_grad():
+        dead.A[2].zero_()
+        dead.B[2].zero_()
+        for bank in cms.banks(1)[1:]:  # elsewhere the younger expert is the smaller one
+            bank.B[3].mul_(1e-3)
+    rec = merge_pair(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32, steps=5, lr=1e-3, seed=0, policy="same_period")
+    assert (rec.into, rec.freed) == (2, 3)
+    assert rec.started_from == ["freed"] + ["into"] * (len(cms.banks(1)) - 1)
+    assert rec.relative_error[0] < 0.5, rec.relative_error  # without the start: 1.0, nothing can move
+
+
 def test_absorb_refuses_one_level_and_inactive_slots():
     lm, cms = _slow_level_with_a_kept_dream()
     with pytest.raises(CMSError, match="use merge_pair within a level"):
