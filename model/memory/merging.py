@@ -142,8 +142,16 @@ def fit_expert(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tenso
                gen: torch.Generator) -> float:
     """Fit expert ``slot`` of ``bank`` (its A, B and router, from their current values) so that its gated output
     on ``h`` (N, d) matches ``target`` (N, d): ``steps`` Adam steps on minibatches of 512 rows. Returns the relative
-    error ||fit - target|| / ||target|| after the fit."""
+    error ||fit - target|| / ||target|| after the fit.
+
+    The fit never ends worse than it started: where the steps raised the error on all of ``h``, the starting
+    weights are put back. In the top CMS layer the inputs' norm is in the tens of thousands, so one Adam step of
+    ``lr`` on every router coordinate moves r . h by hundreds and can gate the expert off on every input for good;
+    a merge that started from the larger contribution ended there at relative error 1.0 (docs/results/issue13/
+    merge-start/)."""
     params = [bank.A[slot], bank.B[slot], bank.router[slot]]
+    start = [p.detach().clone() for p in params]
+    start_error = _relative_error(bank, slot, h, target)
     saved = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -158,9 +166,19 @@ def fit_expert(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tenso
     for p, flag in zip(params, saved):
         p.grad = None
         p.requires_grad_(flag)
-    with torch.no_grad():
-        fit = gated_expert_output(bank, h, [slot])
-        return float((fit - target).norm() / target.norm().clamp(min=1e-12))
+    error = _relative_error(bank, slot, h, target)
+    if not error <= start_error:  # worse (or NaN): keep the start
+        with torch.no_grad():
+            for p, v in zip(params, start):
+                p.copy_(v)
+        return start_error
+    return error
+
+
+@torch.no_grad()
+def _relative_error(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tensor) -> float:
+    """||gated output of ``slot`` on h - target|| / ||target||: h, target (N, d) -> a float."""
+    return float((gated_expert_output(bank, h, [slot]) - target).norm() / target.norm().clamp(min=1e-12))
 
 
 def joins_periods(cms: ContinuumMemory, level: int, pair: tuple[int, int]) -> bool:

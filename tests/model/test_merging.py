@@ -173,3 +173,21 @@ def test_thirty_sleeps_never_run_out_of_capacity():
         assert all(torch.isfinite(p).all() for p in cms.level_parameters(1))
     assert merges >= 27  # 3 slots: the first sleeps fill them, every later one merges first
     assert len(cms.active_slots(1)) == 3
+
+
+def test_a_fit_that_the_steps_make_worse_keeps_its_start():
+    """fit_expert never ends worse than it started: with a step size that throws the expert off (as Adam's first
+    steps on a router did in the embedded model's top layer, where inputs are huge), the starting weights stay."""
+    from model.memory.merging import fit_expert
+
+    lm, cms = _slow_level_with_a_kept_dream()
+    bank = cms.banks(1)[0]
+    (h,) = level_inputs(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32)[:1]
+    target = gated_expert_output(bank, h, [2, 3]).detach()
+    start = [p.detach().clone() for p in (bank.A[2], bank.B[2], bank.router[2])]
+    start_error = float((gated_expert_output(bank, h, [2]) - target).norm() / target.norm())
+    error = fit_expert(bank, 2, h, target, steps=3, lr=1e3, gen=torch.Generator().manual_seed(0))
+    assert error == pytest.approx(start_error, rel=1e-6)
+    assert all(torch.equal(p, s) for p, s in zip((bank.A[2], bank.B[2], bank.router[2]), start))
+    good = fit_expert(bank, 2, h, target, steps=200, lr=1e-2, gen=torch.Generator().manual_seed(0))
+    assert good < 0.5 * start_error  # a fit that helps is kept
