@@ -156,9 +156,10 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
     optimizer.drop_state(cms.level_parameters(1, [res.slot] + ([res.merged.into, res.merged.freed] if res.merged else [])))
     return {"src": res.src, "slot": res.slot, "exact": res.exact,
             "merged": {"into": res.merged.into, "freed": res.merged.freed, "relative_error": res.merged.relative_error,
-                       "started_from": res.merged.started_from} if res.merged else None,
+                       "started_from": res.merged.started_from, "kept_start": res.merged.kept_start}
+            if res.merged else None,
             "absorbed": {"into": res.absorbed.into, "relative_error": res.absorbed.relative_error,
-                         "started_from": res.absorbed.started_from}
+                         "started_from": res.absorbed.started_from, "kept_start": res.absorbed.kept_start}
             if res.absorbed else None}
 
 

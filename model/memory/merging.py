@@ -50,6 +50,7 @@ class MergeRecord:
     freed: int
     relative_error: list[float]  # per CMS layer: ||fit - target|| / ||target|| after the merge
     started_from: list[str]  # per CMS layer: "into" or "freed", whose weights the fit started from
+    kept_start: list[bool]  # per CMS layer: the fit's steps made it worse, so it ended where it started
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class AbsorbRecord:
     into: int
     relative_error: list[float]
     started_from: list[str]  # per CMS layer: "into" or "src", whose weights the fit started from
+    kept_start: list[bool]  # per CMS layer: the fit's steps made it worse, so it ended where it started
 
 
 def gated_expert_output(bank: ExpertBank, h: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
@@ -139,10 +141,10 @@ def fit_groups(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: 
 
 
 def fit_expert(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
-               gen: torch.Generator) -> float:
+               gen: torch.Generator) -> tuple[float, bool]:
     """Fit expert ``slot`` of ``bank`` (its A, B and router, from their current values) so that its gated output
     on ``h`` (N, d) matches ``target`` (N, d): ``steps`` Adam steps on minibatches of 512 rows. Returns the relative
-    error ||fit - target|| / ||target|| after the fit.
+    error ||fit - target|| / ||target|| after the fit, and whether the starting weights were kept (see below).
 
     The fit never ends worse than it started: where the steps raised the error on all of ``h``, the starting
     weights are put back. In the top CMS layer the inputs' norm is in the tens of thousands, so one Adam step of
@@ -171,8 +173,8 @@ def fit_expert(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tenso
         with torch.no_grad():
             for p, v in zip(params, start):
                 p.copy_(v)
-        return start_error
-    return error
+        return start_error, True
+    return error, False
 
 
 @torch.no_grad()
@@ -207,7 +209,7 @@ def merge_pair(
     into, freed = pair_to_merge(cms, level, policy)
     groups = fit_groups(model, tokenizer, cms, level, (into, freed), prompts, max_length, in_view)
     gen = torch.Generator().manual_seed(seed)
-    errors, starts = [], []
+    errors, starts, kept = [], [], []
     for k, bank in enumerate(cms.banks(level)):
         with torch.no_grad():
             h = torch.cat([inputs[k] for inputs, _ in groups])
@@ -218,7 +220,9 @@ def merge_pair(
             if from_freed:
                 copy_bank_expert(bank, freed, bank, into)
             starts.append("freed" if from_freed else "into")
-        errors.append(fit_expert(bank, into, h, target, steps, lr, gen))
+        error, kept_start = fit_expert(bank, into, h, target, steps, lr, gen)
+        errors.append(error)
+        kept.append(kept_start)
     was_frozen = cms.experts[level][into].frozen or cms.experts[level][freed].frozen
     periods = [p for p in (cms.experts[level][into].period, cms.experts[level][freed].period) if p is not None]
     cms.reset_slot(level, freed, reason=f"merged into slot {into}")
@@ -226,7 +230,7 @@ def merge_pair(
     info.frozen = was_frozen
     info.period = min(periods) if periods else None  # it answers for the older period's inputs too
     info.history.append(f"merged@{cms.step}:slot {freed} merged in")
-    return MergeRecord(level, into, freed, [round(e, 5) for e in errors], starts)
+    return MergeRecord(level, into, freed, [round(e, 5) for e in errors], starts, kept)
 
 
 def absorb_into(
@@ -262,8 +266,7 @@ def absorb_into(
             raise CMSError(f"cannot absorb: level {lv} slot {slot} is not active")
     inputs = level_inputs(model, tokenizer, cms, level, prompts, max_length)
     gen = torch.Generator().manual_seed(seed)
-    errors = []
-    starts = []
+    errors, starts, kept = [], [], []
     for bank, bank_src, h in zip(cms.banks(level), cms.banks(src_level), inputs):
         with torch.no_grad():
             own, other = gated_expert_output(bank, h, [into]), gated_expert_output(bank_src, h, [src_slot])
@@ -272,10 +275,12 @@ def absorb_into(
             if from_src:
                 copy_bank_expert(bank_src, src_slot, bank, into)
             starts.append("src" if from_src else "into")
-        errors.append(fit_expert(bank, into, h, target, steps, lr, gen))
+        error, kept_start = fit_expert(bank, into, h, target, steps, lr, gen)
+        errors.append(error)
+        kept.append(kept_start)
     cms.reset_slot(src_level, src_slot, reason=f"absorbed into level {level} slot {into}")
     cms.experts[level][into].history.append(f"absorbed@{cms.step}:level-{src_level}/slot-{src_slot}")
-    return AbsorbRecord((src_level, src_slot), level, into, [round(e, 5) for e in errors], starts)
+    return AbsorbRecord((src_level, src_slot), level, into, [round(e, 5) for e in errors], starts, kept)
 
 
 __all__ = ["AbsorbRecord", "MergeRecord", "absorb_into", "fit_expert", "fit_groups", "gated_expert_output",

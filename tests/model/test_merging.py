@@ -186,8 +186,8 @@ def test_a_fit_that_the_steps_make_worse_keeps_its_start():
     target = gated_expert_output(bank, h, [2, 3]).detach()
     start = [p.detach().clone() for p in (bank.A[2], bank.B[2], bank.router[2])]
     start_error = float((gated_expert_output(bank, h, [2]) - target).norm() / target.norm())
-    error = fit_expert(bank, 2, h, target, steps=3, lr=1e3, gen=torch.Generator().manual_seed(0))
-    assert error == pytest.approx(start_error, rel=1e-6)
+    error, kept = fit_expert(bank, 2, h, target, steps=3, lr=1e3, gen=torch.Generator().manual_seed(0))
+    assert kept and error == pytest.approx(start_error, rel=1e-6)
     assert all(torch.equal(p, s) for p, s in zip((bank.A[2], bank.B[2], bank.router[2]), start))
-    good = fit_expert(bank, 2, h, target, steps=200, lr=1e-2, gen=torch.Generator().manual_seed(0))
-    assert good < 0.5 * start_error  # a fit that helps is kept
+    good, kept = fit_expert(bank, 2, h, target, steps=200, lr=1e-2, gen=torch.Generator().manual_seed(0))
+    assert not kept and good < 0.5 * start_error  # a fit that helps is kept
