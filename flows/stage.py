@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,8 +228,17 @@ def serve(path: str, params_path: str | None = None) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(4)
-    if threading.active_count() != 1:  # forking is only safe while this process has one thread
-        raise RuntimeError(f"stage server: {threading.active_count()} threads after the imports; cannot fork safely")
+    # Forking is only safe while this process has one thread. An import or the model's load may leave a short-lived
+    # thread behind (a fresh-clone `make run` on a loaded machine once found two): give those a moment to end.
+    deadline = time.monotonic() + 30.0
+    while threading.active_count() != 1 and time.monotonic() < deadline:
+        for t in threading.enumerate():
+            if t is not threading.main_thread():
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+    if threading.active_count() != 1:
+        names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        raise RuntimeError(f"stage server: {threading.active_count()} threads after the imports ({', '.join(names)}); "
+                           "cannot fork safely")
     print("ready", flush=True)
     while True:
         conn, _ = server.accept()
