@@ -177,6 +177,21 @@ def fit_expert(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tenso
     return error, False
 
 
+def fit_from_larger(bank: ExpertBank, slot: int, own: torch.Tensor, other_bank: ExpertBank, other_slot: int,
+                    other: torch.Tensor, h: torch.Tensor, steps: int, lr: float,
+                    gen: torch.Generator) -> tuple[float, bool, bool]:
+    """Fit expert ``slot`` of ``bank`` to ``own + other`` on ``h`` (each (N, d): its own and expert ``other_slot`` of
+    ``other_bank``'s gated outputs), starting from whichever of the two is larger: it copies the other expert first
+    when that one's output is. An expert gated off on every input (sigmoid(r . h) ~ 0, as in the top CMS layer,
+    where h is large) gets no gradient and could never take the other's function in. Returns (relative error,
+    whether it started from the other expert, whether the fit kept its start: :func:`fit_expert`)."""
+    from_other = bool(other.norm() > own.norm())
+    if from_other:
+        copy_bank_expert(other_bank, other_slot, bank, slot)
+    error, kept = fit_expert(bank, slot, h, own + other, steps, lr, gen)
+    return error, from_other, kept
+
+
 @torch.no_grad()
 def _relative_error(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tensor) -> float:
     """||gated output of ``slot`` on h - target|| / ||target||: h, target (N, d) -> a float."""
@@ -211,17 +226,14 @@ def merge_pair(
     gen = torch.Generator().manual_seed(seed)
     errors, starts, kept = [], [], []
     for k, bank in enumerate(cms.banks(level)):
-        with torch.no_grad():
+        with torch.no_grad():  # each group's target: the sum of its slots' gated outputs
             h = torch.cat([inputs[k] for inputs, _ in groups])
             parts = {s: torch.cat([gated_expert_output(bank, inputs[k], [s]) if s in slots
                                    else torch.zeros_like(inputs[k]) for inputs, slots in groups]) for s in (into, freed)}
-            target = parts[into] + parts[freed]  # each group's target: the sum of its slots' gated outputs
-            from_freed = bool(parts[freed].norm() > parts[into].norm())  # the larger contribution (absorb_into)
-            if from_freed:
-                copy_bank_expert(bank, freed, bank, into)
-            starts.append("freed" if from_freed else "into")
-        error, kept_start = fit_expert(bank, into, h, target, steps, lr, gen)
+        error, from_freed, kept_start = fit_from_larger(bank, into, parts[into], bank, freed, parts[freed], h, steps,
+                                                         lr, gen)
         errors.append(error)
+        starts.append("freed" if from_freed else "into")
         kept.append(kept_start)
     was_frozen = cms.experts[level][into].frozen or cms.experts[level][freed].frozen
     periods = [p for p in (cms.experts[level][into].period, cms.experts[level][freed].period) if p is not None]
@@ -270,18 +282,14 @@ def absorb_into(
     for bank, bank_src, h in zip(cms.banks(level), cms.banks(src_level), inputs):
         with torch.no_grad():
             own, other = gated_expert_output(bank, h, [into]), gated_expert_output(bank_src, h, [src_slot])
-            target = own + other
-            from_src = bool(other.norm() > own.norm())  # start from the larger contribution (see above)
-            if from_src:
-                copy_bank_expert(bank_src, src_slot, bank, into)
-            starts.append("src" if from_src else "into")
-        error, kept_start = fit_expert(bank, into, h, target, steps, lr, gen)
+        error, from_src, kept_start = fit_from_larger(bank, into, own, bank_src, src_slot, other, h, steps, lr, gen)
         errors.append(error)
+        starts.append("src" if from_src else "into")
         kept.append(kept_start)
     cms.reset_slot(src_level, src_slot, reason=f"absorbed into level {level} slot {into}")
     cms.experts[level][into].history.append(f"absorbed@{cms.step}:level-{src_level}/slot-{src_slot}")
     return AbsorbRecord((src_level, src_slot), level, into, [round(e, 5) for e in errors], starts, kept)
 
 
-__all__ = ["AbsorbRecord", "MergeRecord", "absorb_into", "fit_expert", "fit_groups", "gated_expert_output",
-           "joins_periods", "level_inputs", "merge_pair", "pair_to_merge"]
+__all__ = ["AbsorbRecord", "MergeRecord", "absorb_into", "fit_expert", "fit_from_larger", "fit_groups",
+           "gated_expert_output", "joins_periods", "level_inputs", "merge_pair", "pair_to_merge"]
