@@ -85,8 +85,8 @@ def rerun(run: Path, period: int, wake: dict[str, object], env: dict[str, str], 
     work.mkdir(parents=True)
     text = (run / "params.yaml").read_text(encoding="utf-8")
     (work / "params.yaml").write_text(with_wake(text, wake) if wake else text, encoding="utf-8")
-    wake = Path("state/wake") / f"period-{period}"
-    shutil.copytree(run / wake, work / wake)
+    wake_dir = Path("state/wake") / f"period-{period}"
+    shutil.copytree(run / wake_dir, work / wake_dir)
     stream = Path(((yaml.safe_load(text) or {}).get("data") or {}).get("out_dir", "data/processed"))
     if not stream.is_absolute():  # a project's own run (make run), not a comparison's: its prepared stream too
         shutil.copytree(run / stream, work / stream)
