@@ -149,17 +149,20 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
     res = keep_dreams_in_slow(loaded.model, loaded.tokenizer, cms, period, [*prompts, *(p for p, _ in rehearsal)],
                               params.wake.max_length, cfg.merge_steps, cfg.lr, seed=params.seed * 1_021 + period * 43,
                               merge_when_full=cfg.merge_when_full, merge_policy=cfg.merge_pair,
-                              merge_in_view=cfg.merge_in_view, when_full=params.dream.keep_dreams_when_full)
+                              merge_in_view=cfg.merge_in_view, when_full=params.dream.keep_dreams_when_full,
+                              merge_start=cfg.merge_start)
     if res is None:
         return None
     optimizer.drop_state(cms.level_parameters(0, [res.src]))
     optimizer.drop_state(cms.level_parameters(1, [res.slot] + ([res.merged.into, res.merged.freed] if res.merged else [])))
     return {"src": res.src, "slot": res.slot, "exact": res.exact,
             "merged": {"into": res.merged.into, "freed": res.merged.freed, "relative_error": res.merged.relative_error,
-                       "started_from": res.merged.started_from, "kept_start": res.merged.kept_start}
+                       "started_from": res.merged.started_from, "kept_start": res.merged.kept_start,
+                       "other_start_error": res.merged.other_start_error}
             if res.merged else None,
             "absorbed": {"into": res.absorbed.into, "relative_error": res.absorbed.relative_error,
-                         "started_from": res.absorbed.started_from, "kept_start": res.absorbed.kept_start}
+                         "started_from": res.absorbed.started_from, "kept_start": res.absorbed.kept_start,
+                         "other_start_error": res.absorbed.other_start_error}
             if res.absorbed else None}
 
 

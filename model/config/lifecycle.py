@@ -126,6 +126,8 @@ METHODS: dict[str, str] = {
     "docs/results/issue13/dev-absorb-dreams/)",
     "merge_for_dreams": "full sleep, a kept dream expert in a full slow level merges the pair merge_pair picks first, "
     "even two periods' experts (the sleep before absorb_dreams)",
+    "merge_both_starts": "full sleep, each layer of a merge fitted from both experts' weights, the fit with the "
+    "lower error kept (consolidation.merge_start: both)",
     "merge_in_view": "full sleep, a merge fits each of its prompts in the view of the period it routes to, to the "
     "pair's experts that answer there (an older period's inputs to the older expert alone)",
     "no_dream_policy": "full sleep, dreams sampled from the memory model and ReST-EM trained into the memory level "

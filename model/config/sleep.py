@@ -104,6 +104,12 @@ class ConsolidationConfig(Section):
         "merged expert never answers (model/memory/merging.py; method merge_in_view). false: every prompt with every "
         "expert on, fitted to the pair's sum.",
     )
+    merge_start: Literal["larger", "both"] = Field(
+        "larger", description="Where a merge's fit starts in each CMS layer (model/memory/merging.py: fit_sum). "
+        "larger: from the expert whose gated output is larger (an expert gated off everywhere gets no gradient). "
+        "both: also the same steps from the other expert, keeping the fit with the lower error on the merge's "
+        "inputs (twice the merge's fitting time; method merge_both_starts).",
+    )
     state_dir: str = Field("state/consolidated", description="Model state after consolidation (input of dreaming).")
     dreams_dir: str = Field("dreams/consolidation", description="Sleep data per period (parquet).")
     metrics_dir: str = "metrics/consolidation"

@@ -22,7 +22,8 @@ expert keeps the older expert's slot and provenance, and stays frozen if either 
 In each layer the fit starts from the weights of whichever of the two gives the larger part of the target: an
 expert whose router is saturated off on every input (sigmoid(r . h) ~ 0, as happens in the top layer, where h is
 large) gets no gradient, and a fit started from it ended with relative error 1.0, the other's function dropped
-(docs/results/issue13/rerun-exact/). Each layer is fitted on its own
+(docs/results/issue13/rerun-exact/); with ``consolidation.merge_start: both`` it is also fitted from the other
+start and the better of the two fits is kept (:func:`fit_sum`). Each layer is fitted on its own
 inputs, which do not depend on the level's other layers' experts being merged (the
 inputs are captured once, before the merge).
 """
@@ -51,6 +52,7 @@ class MergeRecord:
     relative_error: list[float]  # per CMS layer: ||fit - target|| / ||target|| after the merge
     started_from: list[str]  # per CMS layer: "into" or "freed", whose weights the fit started from
     kept_start: list[bool]  # per CMS layer: the fit's steps made it worse, so it ended where it started
+    other_start_error: list[float | None]  # per CMS layer, merge_start both: the error the losing start ended at
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class AbsorbRecord:
     relative_error: list[float]
     started_from: list[str]  # per CMS layer: "into" or "src", whose weights the fit started from
     kept_start: list[bool]  # per CMS layer: the fit's steps made it worse, so it ended where it started
+    other_start_error: list[float | None]  # per CMS layer, merge_start both: the error the losing start ended at
 
 
 def gated_expert_output(bank: ExpertBank, h: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
@@ -177,19 +180,65 @@ def fit_expert(bank: ExpertBank, slot: int, h: torch.Tensor, target: torch.Tenso
     return error, False
 
 
-def fit_from_larger(bank: ExpertBank, slot: int, own: torch.Tensor, other_bank: ExpertBank, other_slot: int,
-                    other: torch.Tensor, h: torch.Tensor, steps: int, lr: float,
-                    gen: torch.Generator) -> tuple[float, bool, bool]:
+@dataclass(frozen=True)
+class LayerFit:
+    """One CMS layer of a merge: the relative error the merged expert ended at, whether its fit started from the
+    other expert's weights, whether the fit kept its start (:func:`fit_expert`), and with ``start="both"`` the
+    error the losing start ended at (None when only one start was fitted)."""
+
+    error: float
+    from_other: bool
+    kept_start: bool
+    other_start_error: float | None = None
+
+
+def fit_sum(bank: ExpertBank, slot: int, own: torch.Tensor, other_bank: ExpertBank, other_slot: int,
+            other: torch.Tensor, h: torch.Tensor, steps: int, lr: float, gen: torch.Generator,
+            start: str = "larger") -> LayerFit:
     """Fit expert ``slot`` of ``bank`` to ``own + other`` on ``h`` (each (N, d): its own and expert ``other_slot`` of
-    ``other_bank``'s gated outputs), starting from whichever of the two is larger: it copies the other expert first
-    when that one's output is. An expert gated off on every input (sigmoid(r . h) ~ 0, as in the top CMS layer,
-    where h is large) gets no gradient and could never take the other's function in. Returns (relative error,
-    whether it started from the other expert, whether the fit kept its start: :func:`fit_expert`)."""
-    from_other = bool(other.norm() > own.norm())
-    if from_other:
-        copy_bank_expert(other_bank, other_slot, bank, slot)
-    error, kept = fit_expert(bank, slot, h, own + other, steps, lr, gen)
-    return error, from_other, kept
+    ``other_bank``'s gated outputs). ``start`` (``consolidation.merge_start``): ``larger``, from whichever of the two
+    has the larger output (it copies the other expert first when that one's is): an expert gated off on every input
+    (sigmoid(r . h) ~ 0, as in the top CMS layer, where h is large) gets no gradient and could never take the other's
+    function in. ``both``: that fit, then the same steps on the same minibatches from the other start, keeping the
+    one with the lower error on all of ``h``; a tie keeps the larger start, so ``both`` never ends worse than
+    ``larger`` and the generator advances as it does under ``larger``. The larger output is not always the better
+    start: in the top layer a start that holds most of the target can sit where no step helps
+    (docs/results/issue13/merge-start/)."""
+    if start not in ("larger", "both"):
+        raise ValueError(f"unknown merge start {start!r} (larger, both)")
+    larger_is_other = bool(other.norm() > own.norm())
+    params = [bank.A[slot], bank.B[slot], bank.router[slot]]
+    original = [p.detach().clone() for p in params]
+    state = gen.get_state()
+
+    def fit_from(from_other: bool, g: torch.Generator) -> tuple[float, bool]:
+        with torch.no_grad():
+            if from_other:
+                copy_bank_expert(other_bank, other_slot, bank, slot)
+            else:
+                for p, v in zip(params, original):
+                    p.copy_(v)
+        return fit_expert(bank, slot, h, own + other, steps, lr, g)
+
+    error, kept = fit_from(larger_is_other, gen)
+    if start == "larger":
+        return LayerFit(error, larger_is_other, kept)
+    first = [p.detach().clone() for p in params]
+    alt_error, alt_kept = fit_from(not larger_is_other, torch.Generator().set_state(state))
+    if alt_error < error:
+        return LayerFit(alt_error, not larger_is_other, alt_kept, error)
+    with torch.no_grad():
+        for p, v in zip(params, first):
+            p.copy_(v)
+    return LayerFit(error, larger_is_other, kept, alt_error)
+
+
+def _fit_columns(fits: Sequence[LayerFit], other: str) -> tuple[list, list, list, list]:
+    """A record's per-layer columns: relative errors, starts ("into" or ``other``), kept starts, losing starts'
+    errors."""
+    return ([round(f.error, 5) for f in fits], [other if f.from_other else "into" for f in fits],
+            [f.kept_start for f in fits],
+            [None if f.other_start_error is None else round(f.other_start_error, 5) for f in fits])
 
 
 @torch.no_grad()
@@ -217,24 +266,21 @@ def merge_pair(
     seed: int,
     policy: str = "oldest",
     in_view: bool = False,
+    start: str = "larger",
 ) -> MergeRecord:
     """Merge the two experts of ``level`` that ``policy`` picks (:func:`pair_to_merge`) into the older one's slot;
-    free the younger. ``in_view``: fit each prompt in its routed period's view (:func:`fit_groups`). Mutates
-    ``cms``."""
+    free the younger. ``in_view``: fit each prompt in its routed period's view (:func:`fit_groups`); ``start``: where
+    each layer's fit starts (:func:`fit_sum`). Mutates ``cms``."""
     into, freed = pair_to_merge(cms, level, policy)
     groups = fit_groups(model, tokenizer, cms, level, (into, freed), prompts, max_length, in_view)
     gen = torch.Generator().manual_seed(seed)
-    errors, starts, kept = [], [], []
+    fits = []
     for k, bank in enumerate(cms.banks(level)):
         with torch.no_grad():  # each group's target: the sum of its slots' gated outputs
             h = torch.cat([inputs[k] for inputs, _ in groups])
             parts = {s: torch.cat([gated_expert_output(bank, inputs[k], [s]) if s in slots
                                    else torch.zeros_like(inputs[k]) for inputs, slots in groups]) for s in (into, freed)}
-        error, from_freed, kept_start = fit_from_larger(bank, into, parts[into], bank, freed, parts[freed], h, steps,
-                                                         lr, gen)
-        errors.append(error)
-        starts.append("freed" if from_freed else "into")
-        kept.append(kept_start)
+        fits.append(fit_sum(bank, into, parts[into], bank, freed, parts[freed], h, steps, lr, gen, start))
     was_frozen = cms.experts[level][into].frozen or cms.experts[level][freed].frozen
     periods = [p for p in (cms.experts[level][into].period, cms.experts[level][freed].period) if p is not None]
     cms.reset_slot(level, freed, reason=f"merged into slot {into}")
@@ -242,7 +288,7 @@ def merge_pair(
     info.frozen = was_frozen
     info.period = min(periods) if periods else None  # it answers for the older period's inputs too
     info.history.append(f"merged@{cms.step}:slot {freed} merged in")
-    return MergeRecord(level, into, freed, [round(e, 5) for e in errors], starts, kept)
+    return MergeRecord(level, into, freed, *_fit_columns(fits, "freed"))
 
 
 def absorb_into(
@@ -257,17 +303,18 @@ def absorb_into(
     steps: int,
     lr: float,
     seed: int,
+    start: str = "larger",
 ) -> AbsorbRecord:
     """Fold expert ``src`` = (faster level, slot) into expert ``into`` of ``level``, a merge across levels, then
     free ``src``. Per CMS layer, on the hidden states h (N, d) that reach ``level`` on ``prompts`` (the caller masks
-    what must be off, e.g. the fast level, as the level will read them once ``src`` is gone):
+    what must be off, e.g. the fast level, as the level will read them once ``src`` is gone; ``start``: where each
+    layer's fit starts, :func:`fit_sum`):
 
         target_l(h) = sigmoid(r_into . h) B_into act(A_into h) + sigmoid(r_src . h) B_src act(A_src h)
 
     fitted into ``into`` as :func:`merge_pair` fits a pair; ``into`` keeps its slot, period, provenance and
-    read-only flag. In each layer the fit starts from the weights of whichever of the two has the larger gated
-    output on h there: an expert whose router is saturated off on every input (sigmoid(r . h) ~ 0, as happens in the
-    top layer, where h is large) gets no gradient and could never take the other's function in. It is what a full
+    read-only flag, the fit starting where :func:`fit_sum` says (by default from the larger gated output). It is
+    what a full
     level does with a kept dream expert whose only merge partner would be another period's: the dream joins its own
     period's expert instead. Mutates ``cms``."""
     src_level, src_slot = src
@@ -278,18 +325,15 @@ def absorb_into(
             raise CMSError(f"cannot absorb: level {lv} slot {slot} is not active")
     inputs = level_inputs(model, tokenizer, cms, level, prompts, max_length)
     gen = torch.Generator().manual_seed(seed)
-    errors, starts, kept = [], [], []
+    fits = []
     for bank, bank_src, h in zip(cms.banks(level), cms.banks(src_level), inputs):
         with torch.no_grad():
             own, other = gated_expert_output(bank, h, [into]), gated_expert_output(bank_src, h, [src_slot])
-        error, from_src, kept_start = fit_from_larger(bank, into, own, bank_src, src_slot, other, h, steps, lr, gen)
-        errors.append(error)
-        starts.append("src" if from_src else "into")
-        kept.append(kept_start)
+        fits.append(fit_sum(bank, into, own, bank_src, src_slot, other, h, steps, lr, gen, start))
     cms.reset_slot(src_level, src_slot, reason=f"absorbed into level {level} slot {into}")
     cms.experts[level][into].history.append(f"absorbed@{cms.step}:level-{src_level}/slot-{src_slot}")
-    return AbsorbRecord((src_level, src_slot), level, into, [round(e, 5) for e in errors], starts, kept)
+    return AbsorbRecord((src_level, src_slot), level, into, *_fit_columns(fits, "src"))
 
 
-__all__ = ["AbsorbRecord", "MergeRecord", "absorb_into", "fit_expert", "fit_from_larger", "fit_groups",
+__all__ = ["AbsorbRecord", "LayerFit", "MergeRecord", "absorb_into", "fit_expert", "fit_groups", "fit_sum",
            "gated_expert_output", "joins_periods", "level_inputs", "merge_pair", "pair_to_merge"]

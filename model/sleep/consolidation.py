@@ -258,7 +258,8 @@ def consolidate(
     if (expand or not existing) and not cms.free_slots(dst) and cfg.merge_when_full:
         with cms.since_sleep_masked([src]):  # the slow level's inputs as the student will see them
             merged = merge_pair(model, tokenizer, cms, dst, [*prompts, *(p for p, _ in rehearsal)],
-                                max_length, cfg.merge_steps, cfg.lr, seed, cfg.merge_pair, cfg.merge_in_view)
+                                max_length, cfg.merge_steps, cfg.lr, seed, cfg.merge_pair, cfg.merge_in_view,
+                                cfg.merge_start)
     seeded_from = None
     if expand or not existing:
         slot = cms.unlock(dst, origin=origin)

@@ -175,6 +175,7 @@ def keep_dreams_in_slow(
     merge_policy: str = "oldest",
     merge_in_view: bool = False,
     when_full: str = "merge",
+    merge_start: str = "larger",
 ) -> KeptInSlow | None:
     """``dream.keep_dreams_in: slow``: move the fast expert this sleep's dream stage unlocked and trained into a new
     read-only expert of the slow level (level 1) with ``period``, and free its fast slot.
@@ -187,7 +188,8 @@ def keep_dreams_in_slow(
     are retired by the same merges as consolidated ones. ``when_full`` (``dream.keep_dreams_when_full``): ``merge``,
     always that merge; ``absorb``, when that merge would join two periods' experts and the period has a consolidated
     slow expert, the dream expert is fitted into that expert instead (:func:`model.memory.merging.absorb_into`, on
-    the same inputs): no period's inputs get another period's function for a dream's sake. Returns None, changing
+    the same inputs): no period's inputs get another period's function for a dream's sake. ``merge_start``: where
+    either fit starts (:func:`model.memory.merging.fit_sum`). Returns None, changing
     nothing, when the dream stage trained no expert of its own (it trained a wake expert) or the slow level is full
     and may not merge.
     """
@@ -205,11 +207,11 @@ def keep_dreams_in_slow(
         if when_full == "absorb" and home is not None and joins_periods(cms, 1, pair_to_merge(cms, 1, merge_policy)):
             with cms.levels_masked([0]):
                 absorbed = absorb_into(model, tokenizer, cms, (0, src), 1, home, prompts, max_length, merge_steps, lr,
-                                       seed)
+                                       seed, merge_start)
             return KeptInSlow(src, home, False, None, absorbed)
         with cms.levels_masked([0]):
             merged = merge_pair(model, tokenizer, cms, 1, prompts, max_length, merge_steps, lr, seed, merge_policy,
-                                merge_in_view)
+                                merge_in_view, merge_start)
     slot = cms.unlock(1, origin=f"{DREAM_ORIGIN}period-{period}:fast->slow")
     exact = cms.copy_expert((0, src), (1, slot))
     cms.experts[1][slot].period = period

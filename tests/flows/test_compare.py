@@ -181,7 +181,8 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("keep_dreams_slow", ("dream", "keep_dreams_in"), "slow"), ("keep_dreams", ("dream", "keep_dreams_in"), "fast"),
     ("same_period_merge", ("consolidation", "merge_pair"), "same_period"), ("sleep", ("consolidation", "merge_pair"), "same_period"),
     ("oldest_merge", ("consolidation", "merge_pair"), "oldest"),
-    ("merge_in_view", ("consolidation", "merge_in_view"), True), ("sleep", ("consolidation", "merge_in_view"), False),
+    ("merge_in_view", ("consolidation", "merge_in_view"), True),
+    ("merge_both_starts", ("consolidation", "merge_start"), "both"), ("sleep", ("consolidation", "merge_start"), "larger"), ("sleep", ("consolidation", "merge_in_view"), False),
     ("absorb_dreams", ("dream", "keep_dreams_when_full"), "absorb"), ("sleep", ("dream", "keep_dreams_when_full"), "absorb"),
     ("merge_for_dreams", ("dream", "keep_dreams_when_full"), "merge"),
 ])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import ConsolidationConfig
-from model.memory.cms import CMSError
-from model.memory.merging import (absorb_into, gated_expert_output, joins_periods, level_inputs, merge_pair,
-                                  pair_to_merge)
+from model.config import ConsolidationConfig, LevelConfig
+from model.memory.cms import CMSError, ExpertBank
+from model.memory.merging import (absorb_into, fit_sum, gated_expert_output, joins_periods, level_inputs,
+                                  merge_pair, pair_to_merge)
 from model.memory.wake import ensure_writable
 from model.sleep.consolidation import consolidate
 from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
@@ -133,6 +133,89 @@ def test_merge_starts_from_the_larger_contribution_where_the_kept_expert_cannot_
     assert (rec.into, rec.freed) == (2, 3)
     assert rec.started_from == ["freed"] + ["into"] * (len(cms.banks(1)) - 1)
     assert rec.relative_error[0] < 0.5, rec.relative_error  # without the start: 1.0, nothing can move
+
+
+def _half_gated_pair(own_scale: float) -> tuple[ExpertBank, torch.Tensor]:
+    """A one-layer bank of two experts over inputs h (256, 16) in two clusters, +3u and -3u: expert 0's router is
+    50u, saturated on for one cluster and off (no gradient) for the other; expert 1 is gated on half everywhere.
+    ``own_scale`` scales expert 0's output."""
+    g = torch.Generator().manual_seed(1)
+    d = 16
+    bank = ExpertBank(d, LevelConfig(name="slow", chunk_size=1, n_experts=2, d_low=4, lr=1e-3), "silu")
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    sign = torch.where(torch.arange(256) % 2 == 0, 1.0, -1.0)
+    h = sign[:, None] * 3 * u + torch.randn(256, d, generator=g)
+    with torch.no_grad():
+        bank.A[0].copy_(torch.randn(d, 4, generator=g))
+        bank.B[0].copy_(own_scale * torch.randn(4, d, generator=g))
+        bank.router[0].copy_(50 * u)
+        bank.A[1].copy_(0.3 * torch.randn(d, 4, generator=g))
+        bank.B[1].copy_(0.3 * torch.randn(4, d, generator=g))
+    return bank, h
+
+
+def _fit(bank: ExpertBank, h: torch.Tensor, start: str, gen: torch.Generator):
+    with torch.no_grad():
+        own, other = gated_expert_output(bank, h, [0]), gated_expert_output(bank, h, [1])
+    return fit_sum(bank, 0, own, bank, 1, other, h, steps=200, lr=1e-2, gen=gen, start=start)
+
+
+def _relative(bank: ExpertBank, h: torch.Tensor, target: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((gated_expert_output(bank, h, [0]) - target).norm() / target.norm())
+
+
+def test_both_starts_keeps_the_smaller_start_where_the_larger_one_is_gated_off_for_half_the_inputs():
+    """consolidation.merge_start both: expert 0 gives the larger output, but its router is saturated off on half the
+    inputs, where its fit cannot turn it on; started from expert 1 (on everywhere) the fit ends far closer to the sum,
+    and both keeps that fit, its weights in the slot, the larger start's error beside it."""
+    bank, h = _half_gated_pair(own_scale=0.05)
+    with torch.no_grad():
+        own, other = gated_expert_output(bank, h, [0]), gated_expert_output(bank, h, [1])
+    assert own.norm() > other.norm()
+    target = own + other
+    larger_bank, _ = _half_gated_pair(own_scale=0.05)
+    larger = _fit(larger_bank, h, "larger", torch.Generator().manual_seed(0))
+    both = _fit(bank, h, "both", torch.Generator().manual_seed(0))
+    assert not larger.from_other and larger.other_start_error is None
+    assert both.from_other and both.error < 0.75 * larger.error, (larger, both)
+    assert both.other_start_error == pytest.approx(larger.error, abs=1e-6)  # the same steps on the same minibatches
+    assert _relative(bank, h, target) == pytest.approx(both.error, abs=1e-6)
+    assert _relative(larger_bank, h, target) == pytest.approx(larger.error, abs=1e-6)
+
+
+def test_both_starts_ends_as_the_larger_start_where_that_one_wins():
+    """Where the larger start's fit is the better, both leaves exactly the larger start's weights and advances the
+    generator as the larger start alone does (so what follows a merge does not change)."""
+    results = {}
+    for start in ("larger", "both"):
+        bank, h = _half_gated_pair(own_scale=1.0)
+        gen = torch.Generator().manual_seed(0)
+        fit = _fit(bank, h, start, gen)
+        results[start] = (fit, [p.detach().clone() for p in (bank.A[0], bank.B[0], bank.router[0])],
+                          torch.randperm(1000, generator=gen))
+    (larger, w_larger, next_larger), (both, w_both, next_both) = results["larger"], results["both"]
+    assert not both.from_other and both.error == larger.error and both.other_start_error > both.error
+    assert all(torch.equal(a, b) for a, b in zip(w_larger, w_both))
+    assert torch.equal(next_larger, next_both)
+    with pytest.raises(ValueError, match="unknown merge start"):
+        _fit(bank, h, "smaller", gen)
+
+
+def test_merge_pair_with_both_starts_is_never_worse_in_any_layer():
+    """merge_pair, start both, on the tiny model: every layer records the losing start's error, and ends at or below
+    the layer's error with the larger start."""
+    errors = {}
+    for start in ("larger", "both"):
+        lm, cms = _slow_level_with_a_kept_dream()
+        rec = merge_pair(lm.model, lm.tokenizer, cms, 1, PROMPTS, 32, steps=20, lr=1e-2, seed=0,
+                         policy="same_period", start=start)
+        errors[start] = rec
+    larger, both = errors["larger"], errors["both"]
+    assert larger.other_start_error == [None] * len(larger.relative_error)
+    assert all(e is not None for e in both.other_start_error)
+    for a, b, alt in zip(larger.relative_error, both.relative_error, both.other_start_error):
+        assert b <= a + 1e-6 and b <= alt + 1e-6, (larger, both)
 
 
 def test_absorb_refuses_one_level_and_inactive_slots():
