@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from model.config import load_params
@@ -32,6 +31,7 @@ from model.data.stream import load_stream
 from model.evaluation.seen import seen_accuracy
 from model.io import write_json
 from model.memory.checkpoint import open_memory_model, read_manifest
+from model.runtime import configure_torch
 from model.sleep.stage import consolidate_due_levels
 
 
@@ -76,7 +76,7 @@ def measure(run: Path, period: int, overrides: dict) -> dict:
         params = load_params(root / "params.yaml")
         woke_dir = root / params.wake.state_dir / f"period-{period}"
         shutil.copytree(run / params.wake.state_dir / f"period-{period}", woke_dir)
-        torch.set_num_threads(params.wake.threads)
+        configure_torch(params.wake.threads, params.wake.deterministic)  # as the lifecycle's stages run
         woke = _state_accuracy(params, root, woke_dir, stream, plan, period)
         manifest = read_manifest(woke_dir)
         loaded, cms, optimizer = open_memory_model(params, root, woke_dir, with_optimizer=True)
