@@ -27,7 +27,7 @@ from model.runtime import configure_torch
 from model.sleep.consolidation import fold_dreams
 from model.sleep.dreaming import (DreamTask, dream_about, dream_policy, keep_dreams, keep_dreams_in_slow, promote,
                                   task_from_examples, task_from_passage, train_prompt)
-from model.sleep.held_out import HeldOutScore, answer_check, held_out_check, training_helped
+from model.sleep.held_out import HeldOutScore, answer_check, held_out_check, nothing_lost, training_helped
 from model.sleep.rewards import SemanticJudge
 from tasks.caching import cache_options, remove_outputs, stamp_output, writing_outputs
 from tasks.trials import trial_step
@@ -103,6 +103,24 @@ def check_score(params: Params, model, tokenizer, cms, tasks: list[DreamTask], e
                           params.wake.eval_batch_size, params.wake.max_length, trunk=trunk)
 
 
+def merged_periods_check(params: Params, root: Path, src: Path, loaded, cms, meta: dict, period: int,
+                         merged_periods: list[int | None], candidates: list[str]) -> dict:
+    """``dream.check_merged_periods``: what the stage's merge of a full slow level did to the earlier periods it
+    touched, on their rehearsal dreams (the consolidation's ``dreamed_inputs``, labelled; no raw past data) among
+    ``candidates``: scored in the state the stage ends with (``loaded``, ``cms``) and in the consolidated one at
+    ``src`` (opened again). Returns the report; ``kept`` is False only if those inputs lost log-probability or
+    accuracy (:func:`model.sleep.held_out.nothing_lost`)."""
+    periods = sorted({q for q in merged_periods if q is not None and q != period})
+    examples = [(str(d["text"]), str(d["label"])) for d in meta.get("dreamed_inputs", []) if int(d["task"]) in periods]
+    report: dict = {"periods": periods, "examples": len(examples), "checked": bool(examples), "kept": True}
+    if not examples:  # the merge joined this period's experts only, or no rehearsal dream of theirs exists
+        return report
+    after = check_score(params, loaded.model, loaded.tokenizer, cms, [], examples, candidates)
+    old, old_cms, _ = open_memory_model(params, root, src)
+    before = check_score(params, old.model, old.tokenizer, old_cms, [], examples, candidates)
+    return report | {"before": asdict(before), "after": asdict(after), "kept": nothing_lost(before, after)}
+
+
 def _period_inputs(params: Params, stream: pd.DataFrame, meta: dict, period: int) -> tuple[list[str], list[tuple[str, str]]]:
     """The period's wake prompts (at most ``consolidation.prompt_buffer_size``, seeded) and the old-task dreams the
     consolidation kept (the state's ``dreamed_inputs``, as (prompt, completion)): no earlier period's examples."""
@@ -158,7 +176,7 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
     return {"src": res.src, "slot": res.slot, "exact": res.exact,
             "merged": {"into": res.merged.into, "freed": res.merged.freed, "relative_error": res.merged.relative_error,
                        "started_from": res.merged.started_from, "kept_start": res.merged.kept_start,
-                       "other_start_error": res.merged.other_start_error}
+                       "other_start_error": res.merged.other_start_error, "periods": list(res.merged.periods)}
             if res.merged else None,
             "absorbed": {"into": res.absorbed.into, "relative_error": res.absorbed.relative_error,
                          "started_from": res.absorbed.started_from, "kept_start": res.absorbed.kept_start,
@@ -251,7 +269,15 @@ def dream_and_promote(params: Params, root: Path, stream: pd.DataFrame, plan: di
             after = (check_score(params, loaded.model, loaded.tokenizer, cms, tasks, examples, candidates, trunk)
                      if trained else before)
             kept = trained and training_helped(before, after)
-            check = {"trained": trained, "before": asdict(before), "after": asdict(after), "kept": kept}
+            merged = (merged_periods_check(params, root, src, loaded, cms, meta, period, moved["merged"]["periods"],
+                                           candidates)
+                      if kept and cfg.check_merged_periods and moved and moved["merged"] else None)
+            if merged is not None and not merged["kept"]:
+                kept = False
+                log.info(f"dream {period}: the stage's merge cost periods {merged['periods']}' rehearsal dreams "
+                         f"{merged['before']} -> {merged['after']}; the dream training is not kept")
+            check = {"trained": trained, "before": asdict(before), "after": asdict(after), "kept": kept,
+                     "merged_periods": merged}
             if not kept:  # no dream trained, or the training did not help: the sleep's state is the consolidated one
                 if trained:
                     log.info(f"dream {period}: check set {before} -> {after}; the dream training is not kept")

@@ -126,6 +126,8 @@ METHODS: dict[str, str] = {
     "docs/results/issue13/dev-absorb-dreams/)",
     "merge_for_dreams": "full sleep, a kept dream expert in a full slow level merges the pair merge_pair picks first, "
     "even two periods' experts (the sleep before absorb_dreams)",
+    "check_merged_periods": "full sleep, a dream stage whose move into a full slow level merged earlier periods' "
+    "experts is kept only if those periods' rehearsal dreams lost nothing (dream.check_merged_periods)",
     "merge_both_starts": "full sleep, each layer of a merge fitted from both experts' weights, the fit with the "
     "lower error kept (consolidation.merge_start: both)",
     "merge_in_view": "full sleep, a merge fits each of its prompts in the view of the period it routes to, to the "

@@ -281,6 +281,15 @@ class DreamConfig(Section):
         "passages: their questions) score a higher gold log-probability, at no lower accuracy, than in the "
         "consolidated state; otherwise the sleep's state is the consolidated one.",
     )
+    check_merged_periods: bool = Field(
+        False, description="With promotion_check and keep_dreams_in slow: when the stage's move into a full slow "
+        "level merged experts of earlier periods (consolidation.merge_pair), the check also scores those periods' "
+        "rehearsal dreams (the consolidation's dreamed inputs, with their labels, among every label seen so far) "
+        "before and after the stage, and the stage is kept only if they lost nothing (log-probability and accuracy "
+        "not lower). The period's own check set never sees an earlier period's inputs, so without it a merge's cost "
+        "to them is unseen (docs/results/issue13/merge-both-starts/). Without rehearsal dreams of those periods the "
+        "stage is judged as without it, and the metrics say so.",
+    )
     lr: float = Field(1e-3, gt=0, le=1.0, description="Learning rate of ReST-EM and promotion (fast level).")
     max_length: int = Field(512, ge=16)
     gate: DreamGateConfig = Field(default_factory=DreamGateConfig)

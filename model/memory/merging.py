@@ -53,6 +53,7 @@ class MergeRecord:
     started_from: list[str]  # per CMS layer: "into" or "freed", whose weights the fit started from
     kept_start: list[bool]  # per CMS layer: the fit's steps made it worse, so it ended where it started
     other_start_error: list[float | None]  # per CMS layer, merge_start both: the error the losing start ended at
+    periods: tuple[int | None, int | None]  # the periods of ``into`` and ``freed`` before the merge
 
 
 @dataclass(frozen=True)
@@ -282,13 +283,14 @@ def merge_pair(
                                    else torch.zeros_like(inputs[k]) for inputs, slots in groups]) for s in (into, freed)}
         fits.append(fit_sum(bank, into, parts[into], bank, freed, parts[freed], h, steps, lr, gen, start))
     was_frozen = cms.experts[level][into].frozen or cms.experts[level][freed].frozen
-    periods = [p for p in (cms.experts[level][into].period, cms.experts[level][freed].period) if p is not None]
+    pair_periods = (cms.experts[level][into].period, cms.experts[level][freed].period)
+    periods = [p for p in pair_periods if p is not None]
     cms.reset_slot(level, freed, reason=f"merged into slot {into}")
     info = cms.experts[level][into]
     info.frozen = was_frozen
     info.period = min(periods) if periods else None  # it answers for the older period's inputs too
     info.history.append(f"merged@{cms.step}:slot {freed} merged in")
-    return MergeRecord(level, into, freed, *_fit_columns(fits, "freed"))
+    return MergeRecord(level, into, freed, *_fit_columns(fits, "freed"), periods=pair_periods)
 
 
 def absorb_into(

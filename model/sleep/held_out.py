@@ -90,3 +90,11 @@ def training_helped(before: HeldOutScore, after: HeldOutScore) -> bool:
     if not after.logprob > before.logprob:
         return False
     return math.isnan(before.accuracy) or after.accuracy >= before.accuracy
+
+
+def nothing_lost(before: HeldOutScore, after: HeldOutScore) -> bool:
+    """Keep a change that was not meant to help a check set (``dream.check_merged_periods``: the earlier periods a
+    dream stage's merge touched): its log-probability and accuracy did not fall."""
+    if not after.logprob >= before.logprob:
+        return False
+    return math.isnan(before.accuracy) or after.accuracy >= before.accuracy

@@ -182,7 +182,9 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("same_period_merge", ("consolidation", "merge_pair"), "same_period"), ("sleep", ("consolidation", "merge_pair"), "same_period"),
     ("oldest_merge", ("consolidation", "merge_pair"), "oldest"),
     ("merge_in_view", ("consolidation", "merge_in_view"), True),
-    ("merge_both_starts", ("consolidation", "merge_start"), "both"), ("sleep", ("consolidation", "merge_start"), "larger"), ("sleep", ("consolidation", "merge_in_view"), False),
+    ("merge_both_starts", ("consolidation", "merge_start"), "both"),
+    ("check_merged_periods", ("dream", "check_merged_periods"), True),
+    ("sleep", ("dream", "check_merged_periods"), False), ("sleep", ("consolidation", "merge_start"), "larger"), ("sleep", ("consolidation", "merge_in_view"), False),
     ("absorb_dreams", ("dream", "keep_dreams_when_full"), "absorb"), ("sleep", ("dream", "keep_dreams_when_full"), "absorb"),
     ("merge_for_dreams", ("dream", "keep_dreams_when_full"), "merge"),
 ])

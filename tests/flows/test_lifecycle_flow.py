@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from model.decoding.loading import tiny_model
-from model.memory.checkpoint import read_manifest
+from model.memory.checkpoint import open_memory_model, read_manifest
 from model.memory.wake import best_labels, label_scores
 
 pytestmark = pytest.mark.slow
@@ -279,6 +279,35 @@ def test_dreams_kept_in_slow_become_a_read_only_slow_expert_and_the_next_wake_st
     assert slow1[consolidated0[0]][1:4] == consolidated0[1:4]
     assert (slow1[consolidated0[0]][4] != consolidated0[4]) == moves
     assert slow1[moved[0]][1:4] == ("consolidation:fast->slow@period-1", 1, True)
+    assert merged["periods"] == [0, 0]
+    _merged_periods_check_scores_the_earlier_periods_rehearsal_dreams(tmp_path, merged["periods"])
+
+
+def _merged_periods_check_scores_the_earlier_periods_rehearsal_dreams(root: Path, periods: list[int]) -> None:
+    """dream.check_merged_periods (tasks.dream.merged_periods_check), on the merge of consolidation 1 (period 0's two
+    experts, in the sleep of period 1): it scores period 0's rehearsal dreams before the merge and after, and keeps
+    only if they lost nothing; between a state and itself nothing is lost; a merge of the sleep's own period only is
+    not checked."""
+    from model.config import load_params
+    from tasks.dream import merged_periods_check
+
+    params = load_params(root / "params.yaml")
+    src, out = root / "state/wake/period-1", root / "state/consolidated/period-1"
+    meta = read_manifest(out)["metadata"]
+    n0 = sum(int(d["task"]) == 0 for d in meta["dreamed_inputs"])
+    assert n0 > 0
+    plan = json.loads((root / "data/processed/tasks.json").read_text())
+    candidates = [lab for t in ("0", "1") for lab in plan[t]]
+    loaded, cms, _ = open_memory_model(params, root, out)
+    report = merged_periods_check(params, root, src, loaded, cms, meta, 1, periods, candidates)
+    assert report["periods"] == [0] and report["examples"] == n0 and report["checked"]
+    assert report["before"] != report["after"]  # the merge changed what period 0's inputs meet
+    assert report["kept"] == (report["after"]["logprob"] >= report["before"]["logprob"]
+                              and report["after"]["accuracy"] >= report["before"]["accuracy"])
+    same = merged_periods_check(params, root, out, loaded, cms, meta, 1, periods, candidates)
+    assert same["before"] == same["after"] and same["kept"]
+    assert merged_periods_check(params, root, out, loaded, cms, meta, 1, [1, None], candidates) == {
+        "periods": [], "examples": 0, "checked": False, "kept": True}
 
 
 def test_wake_period_without_previous_sleep_fails_clearly(tmp_path, prefect_harness):

@@ -26,7 +26,7 @@ from model.sleep.dreaming import (
     train_prompt,
     try_dreams,
 )
-from model.sleep.held_out import HeldOutScore, candidate_check, held_out_check, training_helped
+from model.sleep.held_out import HeldOutScore, candidate_check, held_out_check, nothing_lost, training_helped
 from model.sleep.trial_lora import AnswerLoglik
 from tests.model.helpers import make_nonzero, tiny_with_cms
 
@@ -184,6 +184,16 @@ def test_training_is_kept_only_if_the_check_set_improves_at_no_loss_of_accuracy(
     assert not training_helped(before, HeldOutScore(-0.5, 0.375, 8))  # likelier gold, but fewer right answers
     assert training_helped(HeldOutScore(-1.0, math.nan, 4), HeldOutScore(-0.99, math.nan, 4))  # passages: tau only
     assert not training_helped(before, HeldOutScore(math.nan, 0.5, 8))
+
+
+def test_a_merge_is_kept_for_earlier_periods_only_if_their_inputs_lost_nothing():
+    """dream.check_merged_periods: an unchanged score passes (nothing was meant to improve there); any fall in
+    log-probability or accuracy, or a NaN, fails."""
+    before = HeldOutScore(-1.0, 0.5, 8)
+    assert nothing_lost(before, before) and nothing_lost(before, HeldOutScore(-0.9, 0.625, 8))
+    assert not nothing_lost(before, HeldOutScore(-1.0001, 0.5, 8))
+    assert not nothing_lost(before, HeldOutScore(-0.5, 0.375, 8))
+    assert not nothing_lost(before, HeldOutScore(math.nan, 0.5, 8))
 
 
 def test_the_held_out_check_scores_as_evaluation_does():
