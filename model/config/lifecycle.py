@@ -126,6 +126,8 @@ METHODS: dict[str, str] = {
     "docs/results/issue13/dev-absorb-dreams/)",
     "merge_for_dreams": "full sleep, a kept dream expert in a full slow level merges the pair merge_pair picks first, "
     "even two periods' experts (the sleep before absorb_dreams)",
+    "one_teacher_sample": "full sleep, the consolidation's data D one teacher sample per buffered prompt (the sleep "
+    "before consolidation.samples_per_prompt 2)",
     "check_merged_periods": "full sleep, a dream stage whose move into a full slow level merged earlier periods' "
     "experts is kept only if those periods' rehearsal dreams lost nothing (dream.check_merged_periods)",
     "merge_both_starts": "full sleep, each layer of a merge fitted from both experts' weights, the fit with the "

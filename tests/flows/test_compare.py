@@ -197,6 +197,19 @@ def test_each_method_sets_its_switch(tmp_path, method, field, value):
     assert p == value
 
 
+def test_one_teacher_sample_sets_one_where_the_project_samples_two(tmp_path):
+    """params.yaml's consolidation samples 2 teacher continuations per prompt (its dev rule); the method
+    one_teacher_sample is the sleep before it, and sleep keeps the project's 2."""
+    params_path = _with_comparisons(toy_project(tmp_path), methods=["sleep", "one_teacher_sample"])
+    doc = yaml.safe_load(params_path.read_text())
+    doc["consolidation"]["samples_per_prompt"] = 2
+    params_path.write_text(yaml.safe_dump(doc))
+    params = load_params(params_path)
+    got = {m: run_params(params, tmp_path, resolve_comparison(params, "toy"), m, 0).consolidation.samples_per_prompt
+           for m in ("sleep", "one_teacher_sample")}
+    assert got == {"sleep": 2, "one_teacher_sample": 1}
+
+
 def test_a_baseline_result_survives_changes_to_sleep_but_not_to_what_it_reads(tmp_path):
     from model.config import BaselinesConfig
     from tasks.compare import baseline_key
