@@ -173,15 +173,9 @@ def keep_in_slow_stage(params: Params, loaded, cms, optimizer, stream: pd.DataFr
         return None
     optimizer.drop_state(cms.level_parameters(0, [res.src]))
     optimizer.drop_state(cms.level_parameters(1, [res.slot] + ([res.merged.into, res.merged.freed] if res.merged else [])))
-    return {"src": res.src, "slot": res.slot, "exact": res.exact,
-            "merged": {"into": res.merged.into, "freed": res.merged.freed, "relative_error": res.merged.relative_error,
-                       "started_from": res.merged.started_from, "kept_start": res.merged.kept_start,
-                       "other_start_error": res.merged.other_start_error, "periods": list(res.merged.periods)}
-            if res.merged else None,
-            "absorbed": {"into": res.absorbed.into, "relative_error": res.absorbed.relative_error,
-                         "started_from": res.absorbed.started_from, "kept_start": res.absorbed.kept_start,
-                         "other_start_error": res.absorbed.other_start_error}
-            if res.absorbed else None}
+    return {"src": res.src, "slot": res.slot, "exact": res.exact,  # the records as a consolidation's merge reports
+            "merged": asdict(res.merged) if res.merged else None,
+            "absorbed": asdict(res.absorbed) if res.absorbed else None}
 
 
 def _dream_inputs(params: Params, root: Path, period: int) -> list[Path]:

@@ -211,6 +211,7 @@ def fit_sum(bank: ExpertBank, slot: int, own: torch.Tensor, other_bank: ExpertBa
     params = [bank.A[slot], bank.B[slot], bank.router[slot]]
     original = [p.detach().clone() for p in params]
     state = gen.get_state()
+    target = own + other
 
     def fit_from(from_other: bool, g: torch.Generator) -> tuple[float, bool]:
         with torch.no_grad():
@@ -219,7 +220,7 @@ def fit_sum(bank: ExpertBank, slot: int, own: torch.Tensor, other_bank: ExpertBa
             else:
                 for p, v in zip(params, original):
                     p.copy_(v)
-        return fit_expert(bank, slot, h, own + other, steps, lr, g)
+        return fit_expert(bank, slot, h, target, steps, lr, g)
 
     error, kept = fit_from(larger_is_other, gen)
     if start == "larger":

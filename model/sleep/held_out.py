@@ -87,14 +87,15 @@ def answer_check(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tas
 
 def training_helped(before: HeldOutScore, after: HeldOutScore) -> bool:
     """Keep the dream stage's training: the check set's log-probability rose and its accuracy did not fall."""
-    if not after.logprob > before.logprob:
-        return False
-    return math.isnan(before.accuracy) or after.accuracy >= before.accuracy
+    return after.logprob > before.logprob and _accuracy_held(before, after)
 
 
 def nothing_lost(before: HeldOutScore, after: HeldOutScore) -> bool:
     """Keep a change that was not meant to help a check set (``dream.check_merged_periods``: the earlier periods a
     dream stage's merge touched): its log-probability and accuracy did not fall."""
-    if not after.logprob >= before.logprob:
-        return False
+    return after.logprob >= before.logprob and _accuracy_held(before, after)
+
+
+def _accuracy_held(before: HeldOutScore, after: HeldOutScore) -> bool:
+    """The check's accuracy did not fall (passages have none: NaN holds)."""
     return math.isnan(before.accuracy) or after.accuracy >= before.accuracy
