@@ -154,6 +154,8 @@ def _stage(name: str):
 #: Subcommands with a parser of their own: name -> (module whose main(argv) runs it, help).
 DELEGATED = {
     "compare": ("flows.compare", "run a named comparison (evaluation.comparisons) -> reports/NAME/"),
+    "paired": ("flows.paired", "two sets of runs (e.g. a method rerun against earlier baselines), paired over their "
+               "common seeds: intervals of each and of A - B"),
     "lr-search": ("flows.lr_search", "the same learning-rate search for every method, on development tasks "
                   "(evaluation.lr_search) -> reports/lr-search/"),
     "ingest": ("flows.intake:main_ingest", "put a file (or s3://BUCKET/KEY) of new data into the inbox; "

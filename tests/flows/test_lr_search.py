@@ -133,7 +133,7 @@ def test_every_subcommand_answers_help_with_its_own_options(capsys):
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     names = sorted(sub.choices)
-    assert set(DELEGATED) <= set(names) and {"ingest", "cycle", "rebuild", "predict", "lr-search"} <= set(names)
+    assert set(DELEGATED) <= set(names) and {"ingest", "cycle", "rebuild", "predict", "lr-search", "paired"} <= set(names)
     for name in names:
         with pytest.raises(SystemExit) as exc:
             main([name, "-h"])
