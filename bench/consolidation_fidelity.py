@@ -35,6 +35,11 @@ from model.runtime import configure_torch
 from model.sleep.stage import consolidate_due_levels
 
 
+#: Settings the wake applies, not the consolidation: a saved wake state already holds their effect, so a variant
+#: that changes them would replay the same consolidation under a false name (tasks/wake.py keeps the prompt buffer).
+FIXED_BY_WAKE = ("prompt_buffer_size",)
+
+
 def _variant(spec: str) -> dict:
     if spec == "base":
         return {}
@@ -43,6 +48,9 @@ def _variant(spec: str) -> dict:
         key, _, value = pair.partition("=")
         if not key or not _:
             raise SystemExit(f"--variants: {spec!r}: expected base or key=value[,key=value]")
+        if key.strip() in FIXED_BY_WAKE:
+            raise SystemExit(f"--variants: {spec!r}: consolidation.{key.strip()} is applied by the wake (its saved "
+                             "state holds the prompts it kept), so replaying the consolidation cannot vary it")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
