@@ -128,6 +128,8 @@ METHODS: dict[str, str] = {
     "even two periods' experts (the sleep before absorb_dreams)",
     "one_teacher_sample": "full sleep, the consolidation's data D one teacher sample per buffered prompt (the sleep "
     "before consolidation.samples_per_prompt 2)",
+    "zero_start": "full sleep, the new slow expert starting from B = 0 (the paper's expansion; the sleep before "
+    "consolidation.init copy)",
     "check_merged_periods": "full sleep, a dream stage whose move into a full slow level merged earlier periods' "
     "experts is kept only if those periods' rehearsal dreams lost nothing (dream.check_merged_periods)",
     "merge_both_starts": "full sleep, each layer of a merge fitted from both experts' weights, the fit with the "

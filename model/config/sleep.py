@@ -61,7 +61,9 @@ class ConsolidationConfig(Section):
     init: Literal["zero", "copy"] = Field(
         "zero", description="How the new expert starts: zero (B = 0, the paper's expansion: the model is unchanged) "
         "or copy (as the faster level's expert that learned most, model.sleep.consolidation.seed_expert; distillation "
-        "then corrects it).",
+        "then corrects it). params.yaml sets copy: chosen on development states by a rule set before the runs (the "
+        "current task's drop from wake to consolidation 0.074 -> 0.048 over 10 cases; "
+        "docs/results/issue13/dev-consolidation-data/); zero: method zero_start.",
     )
     prompt_buffer_size: int = Field(64, ge=1, description="Wake prompts kept for sleep (seeded sample).")
     samples_per_prompt: int = Field(

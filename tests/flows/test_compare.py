@@ -210,6 +210,20 @@ def test_one_teacher_sample_sets_one_where_the_project_samples_two(tmp_path):
     assert got == {"sleep": 2, "one_teacher_sample": 1}
 
 
+def test_zero_start_is_the_papers_expansion_where_the_project_copies_the_fast_expert(tmp_path):
+    """params.yaml's consolidation starts the new slow expert as the wake's fast expert (init copy, its dev rule); the
+    method zero_start is the sleep before it (B = 0), and sleep keeps the project's copy."""
+    params_path = _with_comparisons(toy_project(tmp_path), methods=["sleep", "zero_start"])
+    doc = yaml.safe_load(params_path.read_text())
+    doc["consolidation"]["init"] = "copy"
+    params_path.write_text(yaml.safe_dump(doc))
+    params = load_params(params_path)
+    got = {m: run_params(params, tmp_path, resolve_comparison(params, "toy"), m, 0).consolidation.init
+           for m in ("sleep", "zero_start")}
+    assert got == {"sleep": "copy", "zero_start": "zero"}
+    assert load_params(Path(__file__).resolve().parents[2] / "params.yaml").consolidation.init == "copy"  # the project's own
+
+
 def test_a_baseline_result_survives_changes_to_sleep_but_not_to_what_it_reads(tmp_path):
     from model.config import BaselinesConfig
     from tasks.compare import baseline_key
