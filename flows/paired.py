@@ -15,8 +15,7 @@ from pathlib import Path
 
 from flows.errors import reporting_errors
 from model.errors import ArgumentError
-from model.io import write_json, write_text
-from reporting.paired import paired_markdown, paired_runs, side_runs
+from reporting.paired import paired_markdown, paired_runs, side_runs, write_paired
 
 
 @reporting_errors("lm-sleep paired")
@@ -42,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = (ma, mb) if ma != mb else ("A", "B")
     report = paired_runs(a, b, labels)
     text = paired_markdown(report)
-    if args.out is not None:
-        write_json(args.out, report)
-    if args.markdown is not None:
-        write_text(args.markdown, text)
+    write_paired(report, text, args.out, args.markdown)
     sys.stdout.write(text)
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import UserError
+from model.io import write_json, write_text
 from reporting.comparison import run_metrics
 from reporting.common import ci_summary, format_ci, paired_ci
 
@@ -157,3 +158,11 @@ def paired_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {la} - {lb}, {k.replace('_', ' ')}, paired over {len(common)} seeds: "
                      f"{d['mean']:+.3f}{interval} ({where})")
     return "\n".join(lines) + "\n"
+
+
+def write_paired(report: dict[str, Any], markdown: str, json_path: Path | None, markdown_path: Path | None) -> None:
+    """Write the pairing as JSON and its Markdown report where asked (each atomically; None: not written)."""
+    if json_path is not None:
+        write_json(json_path, report)
+    if markdown_path is not None:
+        write_text(markdown_path, markdown)
