@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from model.evaluation.continual import mean_ci, paired_difference_ci
 
@@ -19,6 +20,17 @@ def paired_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]
     """a - b paired: {mean, low, high} with a 95% CI (low/high None where it is undefined, e.g. one pair)."""
     d, lo, hi = paired_difference_ci(a, b)
     return {"mean": d, "low": None if math.isnan(lo) else lo, "high": None if math.isnan(hi) else hi}
+
+
+def paired_by_seed(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """``a`` - ``b`` over the seeds both ran ({seed: value} each): {mean, low, high, seeds, above_zero, below_zero}
+    (the 95% CI; None where no seed is common)."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    c = paired_ci([a[s] for s in common], [b[s] for s in common])
+    return {**c, "seeds": common, "above_zero": c["low"] is not None and c["low"] > 0,
+            "below_zero": c["high"] is not None and c["high"] < 0}
 
 
 def error_bars(cs: Sequence[dict[str, float | None]]) -> list[list[float]]:

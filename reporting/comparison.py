@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from model.config import METHODS, STORES_RAW_DATA, Params
 from model.evaluation.continual import DIAGNOSTIC_STATES, accuracy_matrix, backward_transfer, final_average_accuracy, forgetting
 from model.io import atomic_dir, write_json, write_text
-from reporting.common import ci_summary, format_ci, paired_ci
+from reporting.common import ci_summary, format_ci, paired_by_seed
 from reporting.figures import COLORS, figure_style, save_png
 
 METRICS = ("final_accuracy", "forgetting", "backward_transfer")
@@ -92,15 +92,11 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
     for other in against:
         if other not in summary:
             continue
-        ref = dict(zip(summary[reference]["seeds"], summary[reference]["per_seed"]["final_accuracy"]))
-        oth = dict(zip(summary[other]["seeds"], summary[other]["per_seed"]["final_accuracy"]))
-        common = [s for s in ref if s in oth]  # paired over the seeds both ran
-        if not common:
+        c = _paired_gap(summary, reference, other, "final_accuracy")  # paired over the seeds both ran
+        if c is None:
             continue
-        c = paired_ci([ref[s] for s in common], [oth[s] for s in common])
-        above = bool(c["low"] is not None and c["low"] > 0)
-        out["margins"][other] = {**c, "above_zero": above, "seeds": common}
-        ok = ok and above
+        out["margins"][other] = c
+        ok = ok and c["above_zero"]
     for other, margin in near:
         if other not in summary:
             continue
@@ -112,13 +108,11 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
 
 
 def _paired_gap(summary: dict[str, Any], a: str, b: str, metric: str) -> dict[str, Any] | None:
-    """``a`` - ``b`` in ``metric``, paired over the seeds both ran: mean, 95% CI, seeds (None: no common seed)."""
-    x = dict(zip(summary[a]["seeds"], summary[a]["per_seed"][metric]))
-    y = dict(zip(summary[b]["seeds"], summary[b]["per_seed"][metric]))
-    common = [s for s in x if s in y]
-    if not common:
-        return None
-    return {"other": b, **paired_ci([x[s] for s in common], [y[s] for s in common]), "seeds": common}
+    """``a`` - ``b`` in ``metric``, paired over the seeds both ran: mean, 95% CI, seeds, above/below zero (None: no
+    common seed)."""
+    c = paired_by_seed(dict(zip(summary[a]["seeds"], summary[a]["per_seed"][metric])),
+                       dict(zip(summary[b]["seeds"], summary[b]["per_seed"][metric])))
+    return None if c is None else {"other": b, **c}
 
 
 def markdown(name: str, description: str, summary: dict[str, Any], target: dict[str, Any], seeds: Sequence[int],

@@ -23,7 +23,7 @@ from typing import Any
 from model.errors import UserError
 from model.io import write_json, write_text
 from reporting.comparison import run_metrics
-from reporting.common import ci_summary, format_ci, paired_ci
+from reporting.common import ci_summary, format_ci, paired_by_seed
 
 RESULT_FILE = "result.json"
 PAIRED_METRICS = ("final_accuracy", "forgetting")
@@ -112,11 +112,8 @@ def paired_runs(a: dict[int, dict], b: dict[int, dict], labels: tuple[str, str] 
             m = run_metrics(r, len(r["accuracy"]))
             per_seed[label][s] = {k: float(m[k]) for k in PAIRED_METRICS}
         sides[label] = {k: ci_summary([v[k] for v in per_seed[label].values()]) for k in PAIRED_METRICS}
-    difference = {}
-    for k in PAIRED_METRICS:
-        c = paired_ci([per_seed[labels[0]][s][k] for s in common], [per_seed[labels[1]][s][k] for s in common])
-        difference[k] = {**c, "above_zero": c["low"] is not None and c["low"] > 0,
-                         "below_zero": c["high"] is not None and c["high"] < 0}
+    difference = {k: paired_by_seed({s: v[k] for s, v in per_seed[labels[0]].items()},
+                                    {s: v[k] for s, v in per_seed[labels[1]].items()}) for k in PAIRED_METRICS}
     machines = {label: sorted({_machine(r) for r in runs.values()}) for label, runs in zip(labels, (a, b))}
     return {"labels": list(labels), "methods": {label: next(iter(runs.values()))["method"]
                                                  for label, runs in zip(labels, (a, b))},
@@ -129,6 +126,7 @@ def paired_markdown(report: dict[str, Any]) -> str:
     """The pairing as a short Markdown report: a row per seed, each side's interval, A - B paired."""
     la, lb = report["labels"]
     common = report["seeds"]["common"]
+
     def named(label: str) -> str:
         method = report["methods"][label]
         return label if method == label else f"{label} ({method})"
@@ -151,9 +149,8 @@ def paired_markdown(report: dict[str, Any]) -> str:
                      f"forgetting {format_ci(report['sides'][label]['forgetting'])}")
     for k in PAIRED_METRICS:
         d = report["difference"][k]
-        where = "above zero" if d["above_zero"] else "below zero" if d["below_zero"] else "includes zero"
-        if d["low"] is None:
-            where = "one pair: no interval"
+        where = ("one pair: no interval" if d["low"] is None else "above zero" if d["above_zero"]
+                 else "below zero" if d["below_zero"] else "includes zero")
         interval = "" if d["low"] is None else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
         lines.append(f"- {la} - {lb}, {k.replace('_', ' ')}, paired over {len(common)} seeds: "
                      f"{d['mean']:+.3f}{interval} ({where})")
