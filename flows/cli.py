@@ -133,22 +133,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _stage(name: str):
     def run(args: argparse.Namespace) -> int:
-        argv = ["--params", args.params]
-        if getattr(args, "inbox", False):
-            from flows.intake import sleep_inbox, wake_inbox
-            from flows.locked import run_locked
+        from flows.server import command_server
 
-            return run_locked(f"{name} --inbox", args.params, wake_inbox if name == "wake" else sleep_inbox,
-                              args.params)
-        if getattr(args, "period", None) is not None:
-            argv += ["--period", str(args.period)]
-        if name == "sleep":
-            argv += ["--stage", args.stage]
-        if name == "publish" and args.run_id:
-            argv += ["--run-id", args.run_id]
-        module = __import__(f"flows.{name}", fromlist=["main"])
-        return module.main(argv) or 0
+        with command_server(name):  # under `lm-sleep run` the job's server; alone, one tethered to this command
+            return _run_stage(name, args)
     return run
+
+
+def _run_stage(name: str, args: argparse.Namespace) -> int:
+    """One stage of the lifecycle as its own command (its flow module's main)."""
+    argv = ["--params", args.params]
+    if getattr(args, "inbox", False):
+        from flows.intake import sleep_inbox, wake_inbox
+        from flows.locked import run_locked
+
+        return run_locked(f"{name} --inbox", args.params, wake_inbox if name == "wake" else sleep_inbox,
+                          args.params)
+    if getattr(args, "period", None) is not None:
+        argv += ["--period", str(args.period)]
+    if name == "sleep":
+        argv += ["--stage", args.stage]
+    if name == "publish" and args.run_id:
+        argv += ["--run-id", args.run_id]
+    module = __import__(f"flows.{name}", fromlist=["main"])
+    return module.main(argv) or 0
 
 
 #: Subcommands with a parser of their own: name -> (module whose main(argv) runs it, help).

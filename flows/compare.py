@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.args import command_parser
 from flows.errors import reporting_errors
 from flows.evaluate import evaluate
+from flows.server import command_server
 from flows.sleep import sleep
 from flows.wake import wake
 from model.config import BaselinesConfig, ConfigError, EvaluationConfig, Params, load_params
@@ -297,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         shard = (int(m[1]), int(m[2]))
     if args.workers is not None and args.workers < 1:
         ap.error("--workers: at least 1")
-    compare(args.name, args.params, args.quick, args.methods, args.report_only, args.dev, args.seeds, shard,
-            args.device, args.workers)
+    resolve_comparison(load_params(args.params), args.name, args.quick, args.methods)  # bad input: before a server
+    with command_server("compare"):  # a server tethered to this command (flows/server.py), where none is set
+        compare(args.name, args.params, args.quick, args.methods, args.report_only, args.dev, args.seeds, shard,
+                args.device, args.workers)
     return 0
 
 

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows.args import command_parser
 from flows.evaluate import run_evaluate
+from flows.server import command_server
 from flows.sleep import run_sleep
 from flows.stage import tag_job_run
 from flows.wake import run_wake
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         "ledger recorded.")
     ap.add_argument("--period", type=int, required=True)
     args = ap.parse_args(argv)
-    result = replay(args.period, args.params)
+    with command_server("replay"):
+        result = replay(args.period, args.params)
     bad = [k for k, ok in result["identical"].items() if not ok]
     if bad:
         print(f"replay of inbox period {args.period}: {', '.join(bad)} differ from the ledger's digests", file=sys.stderr)
@@ -182,7 +184,8 @@ def main_rebuild(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", type=int, required=True)
     ap.add_argument("--out", required=True, help="an empty (or new) directory")
     args = ap.parse_args(argv)
-    result = rebuild(args.period, args.out, args.params)
+    with command_server("rebuild"):
+        result = rebuild(args.period, args.out, args.params)
     bad = [k for k, ok in result["identical"].items() if not ok]
     if bad:
         print(f"rebuild of period {args.period}: {', '.join(bad)} differ from the ledger's digests", file=sys.stderr)
@@ -198,7 +201,8 @@ def main_ingest(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", choices=["csv", "json", "jsonl"], default=None,
                     help="the file's format (default: from its suffix)")
     args = ap.parse_args(argv)
-    record = ingest(args.source, args.params, args.format)
+    with command_server("ingest"):
+        record = ingest(args.source, args.params, args.format)
     if record["quarantined"]:
         print(f"{args.source}: {record['quarantined']} of {record['rows']} rows quarantined "
               f"(see {record['quarantine_file']} in the inbox)", file=sys.stderr)
@@ -211,7 +215,8 @@ def main_cycle(argv: list[str] | None = None) -> int:
     ap = command_parser("lm-sleep cycle", "Wake on every new batch of the inbox, then sleep and evaluate (one inbox "
                         "period); nothing new is a no-op.")
     args = ap.parse_args(argv)
-    out = cycle(args.params)
+    with command_server("cycle"):
+        out = cycle(args.params)
     if out["wake"] is None and out["sleep"] is None:
         print("nothing new in the inbox")
     return 0

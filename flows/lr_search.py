@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from flows.args import command_parser
 from flows.compare import run_continual
 from flows.errors import reporting_errors
+from flows.server import command_server
 from model.config import load_params
 from model.data.stream import DataError
 from tasks.guards import locked
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                         "tasks (evaluation.lr_search) and write reports/lr-search/.")
     ap.add_argument("--quick", action="store_true", help="apply evaluation.quick: a small smoke run")
     args = ap.parse_args(argv)
-    lr_search(args.params, args.quick)
+    load_params(args.params)  # bad params: before a server starts
+    with command_server("lr-search"):  # a server tethered to this command (flows/server.py), where none is set
+        lr_search(args.params, args.quick)
     return 0
 
 

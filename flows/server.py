@@ -4,6 +4,12 @@ Without ``PREFECT_API_URL`` every Prefect process starts its own temporary API (
 here). The main job runs a dozen stage processes under DVC, so ``lm-sleep run`` starts
 one real server on loopback first and points every stage at it; the runs then also
 stay browsable in its UI (``prefect server start`` keeps its database in PREFECT_HOME).
+
+Every other command that runs flows (``lm-sleep compare``, ``lr-search``, a stage on its own)
+starts one too where no API is configured (:func:`command_server`): Prefect's temporary API
+is stopped only by an exit that runs Python's exit handlers, so a comparison ended by SIGTERM
+or ``kill -9`` left its server running (a 230 MB process on a free port, for good); this one is
+tethered to the command (flows/tether.py).
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -63,7 +70,8 @@ def warm(api_url: str) -> None:
 
 @contextlib.contextmanager
 def local_server(log_path: Path, timeout: float = 90.0,
-                 while_starting: Callable[[str], None] | None = None) -> Iterator[str]:
+                 while_starting: Callable[[str], None] | None = None,
+                 remove: Sequence[Path] = ()) -> Iterator[str]:
     """Start ``prefect server start`` on 127.0.0.1 and a free port; yield its API URL; stop it after.
 
     The server runs for one job: the services in :data:`IDLE_SERVICES` are off unless the environment sets them.
@@ -71,7 +79,8 @@ def local_server(log_path: Path, timeout: float = 90.0,
     If ``PREFECT_API_URL`` is already set (a server the user runs), that one is used as is.
     ``while_starting(url)`` is called once the server's process runs and before it answers: work that needs
     the URL but not the API (such as starting the stage server, which imports everything for 5-7 s) then
-    overlaps the server's own start (3-8 s) instead of following it.
+    overlaps the server's own start (3-8 s) instead of following it. ``remove``: directories deleted once the
+    server has stopped (by its tether, so after a ``kill -9`` of this process too).
     """
     if os.environ.get("PREFECT_API_URL"):
         if while_starting is not None:
@@ -86,7 +95,7 @@ def local_server(log_path: Path, timeout: float = 90.0,
            "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false")}
     with open(log_path, "w") as log, tethered(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log, stderr=subprocess.STDOUT, env=env, remove=remove,
     ) as proc:  # a session of its own, stopped with this process even by kill -9 (flows/tether.py)
         deadline = time.monotonic() + timeout
         if while_starting is not None:
@@ -100,3 +109,32 @@ def local_server(log_path: Path, timeout: float = 90.0,
                 time.sleep(0.05)
         warm(url)
         yield url
+
+
+@contextlib.contextmanager
+def command_server(name: str) -> Iterator[str]:
+    """The Prefect API for one command that runs flows (``name``: for the log's file name); yields its URL.
+
+    A configured API (``PREFECT_API_URL`` in the environment, the Prefect profile, or a caller's temporary
+    settings) is used as is. Else a :func:`local_server` for this command and every process it starts (Dask
+    workers read ``PREFECT_API_URL`` from the environment), tethered to it, instead of Prefect's temporary API,
+    which outlives a command ended by SIGTERM or ``kill -9``. Its log is in a temporary directory that goes
+    with the server; a server that does not start raises :class:`ServerStartError` with the log's end.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    logs = Path(tempfile.mkdtemp(prefix=f"lm-sleep-{name}-prefect-"))
+    saved = os.environ.get("PREFECT_API_URL")
+    try:
+        with local_server(logs / "server.log", remove=[logs]) as url, temporary_settings(updates={PREFECT_API_URL: url}):
+            os.environ["PREFECT_API_URL"] = url
+            yield url
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved

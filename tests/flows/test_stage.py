@@ -214,3 +214,61 @@ def test_no_server_process_outlives_its_starter(how, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(starter.pid, signal.SIGKILL)
         starter.wait()
+
+
+def test_a_command_uses_the_configured_api_and_starts_no_server(monkeypatch):
+    """``command_server``: a Prefect API the user set (here in the environment) is used as is, nothing started."""
+    from flows.server import command_server
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with command_server("compare") as url:
+        assert url == "http://127.0.0.1:9/api"
+        assert {p.pid for p in psutil.Process().children(recursive=True)} == before
+
+
+def cmdline(proc: psutil.Process) -> list[str]:
+    """A process's command line, empty once it has gone."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def test_a_comparison_ended_by_sigterm_leaves_no_prefect_server(tmp_path):
+    """`lm-sleep compare` with no Prefect API configured reports to a local server tethered to it
+    (flows/server.py command_server): SIGTERM to the command alone, which runs no exit handler, stops the
+    server's whole session and removes its log directory. Prefect's own temporary API outlived it (230 MB,
+    for good)."""
+    from tests.flows.test_compare import _with_comparisons
+
+    params = _with_comparisons(toy_project(tmp_path), methods=["finetune", "sleep"], seeds=[0, 1, 2])
+    env = ({k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", ENV)}
+           | {"PREFECT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)})
+    cmd = [sys.executable, "-m", "flows.cli", "compare", "toy", "--params", str(params)]
+    command = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline, server = time.monotonic() + 120, None
+        while server is None and time.monotonic() < deadline and command.poll() is None:
+            server = next((p for p in psutil.Process(command.pid).children(recursive=True)
+                           if cmdline(p)[1:5] == ["-m", "prefect", "server", "start"]), None)
+            time.sleep(0.2)
+        assert server is not None, "no `prefect server start` under the command: it ran on Prefect's temporary API"
+        tether = psutil.Process(server.ppid()).cmdline()  # flows/tether.py FD --grace S --remove DIR -- CMD
+        logs = Path(tether[tether.index("--remove") + 1])
+        assert logs.name.startswith("lm-sleep-compare-prefect-") and (logs / "server.log").is_file(), tether
+        pids = [p.pid for p in psutil.Process(command.pid).children(recursive=True)]
+        time.sleep(3)  # a flow run under way
+        assert command.poll() is None, "the comparison ended before it could be stopped"
+        command.send_signal(signal.SIGTERM)
+        command.wait(timeout=30)
+        deadline = time.monotonic() + 40
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [(pid, psutil.Process(pid).cmdline()[:5]) for pid in pids if alive(pid)] == []
+        assert not logs.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(command.pid, signal.SIGKILL)
+        command.wait()
