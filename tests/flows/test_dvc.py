@@ -29,7 +29,7 @@ from flows.stage import stage_server
 from model.config import load_params
 from reporting import FIGURES, PLOT_CSVS, REPORT_DIR
 from tests.flows.helpers import stop
-from tests.flows.test_lifecycle_flow import toy_project
+from tests.flows.test_lifecycle_flow import TRAINED_DREAMS, toy_project
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +50,7 @@ def make_project(root: Path) -> Path:
     params_path = toy_project(root, "data/raw/toy.csv")  # data/raw: a dependency of prepare and dream
     params = yaml.safe_load(params_path.read_text())
     params["lifecycle"] = {"cycles": load_params(params_path).expected_cycles()}
+    params["dream"].update(TRAINED_DREAMS)  # dream@0 changes the sleep state on every machine (a dream param reruns it)
     params_path.write_text(yaml.safe_dump(params))
     git = ["git", "-c", "user.name=lm-sleep tests", "-c", "user.email=tests@lm-sleep.invalid", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], cwd=root, check=True)

@@ -18,6 +18,14 @@ pytestmark = pytest.mark.slow
 KEYWORDS = {"alarm": "alarm", "balance": "money", "weather": "rain", "music": "song"}
 
 
+#: Dream settings under which the toy's first sleep promotes some dream on any machine. A trial's reward is 1 only if
+#: tau rose, and on the tiny model a trial moves tau by a near-tie whose sign is the processor's float rounding (on an
+#: AMD EPYC none of the default toy's two trials of period 0 was rewarded; on the Intel machines one was): eight.
+EIGHT_TRIALS = {"dreams_per_context": 8, "top_k": 7, "random_extra": 1}
+#: ... and with the promotion check off (its verdict on the toy is a near-tie too), the dream training is kept.
+TRAINED_DREAMS = {**EIGHT_TRIALS, "promotion_check": False}
+
+
 def toy_project(tmp_path: Path, data_path: str = "toy.csv") -> Path:
     """A toy CSV of 4 intents at ``data_path`` and a params.yaml for a tiny model, 2 tasks; returns the params path."""
     rows = []
@@ -95,12 +103,16 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     slow = m0["levels"][1]["experts"]
     assert [e["origin"] for e in slow if e["active"]] == ["init", "consolidation:fast->slow@period-0"]
     assert not any(e["active"] for e in m0["levels"][0]["experts"])  # fast level freed
-    # Dreaming then unlocked a fresh fast expert for its dreams, trained it, kept it (below) and moved it into the
-    # slow level with its period (dream.keep_dreams_in: slow): the next wake starts from an empty fast level.
+    # Dreaming then unlocked a fresh fast expert for its dreams and trained it; where the promotion check kept the
+    # training, the expert moved into the slow level with its period (dream.keep_dreams_in: slow), else it was
+    # dropped. Either way the next wake starts from an empty fast level. (Which of the two happens is a near-tie on
+    # the toy that the processor's rounding decides; the move itself, with dreams trained on every machine:
+    # test_dreams_kept_in_slow_become_a_read_only_slow_expert_and_the_next_wake_starts_an_empty_fast_level.)
     s0 = read_manifest(tmp_path / "state/sleep/period-0")
     assert not any(e["active"] for e in s0["levels"][0]["experts"])
+    moved = ["dream@period-0:fast->slow"] if s0["metadata"]["dream"]["kept"] else []
     assert [e["origin"] for e in s0["levels"][1]["experts"] if e["active"]] == [
-        "init", "consolidation:fast->slow@period-0", "dream@period-0:fast->slow"]
+        "init", "consolidation:fast->slow@period-0", *moved]
     table = pd.read_parquet(tmp_path / "dreams/dreaming/period-0-dreams.parquet")
     assert len(table) == 3 and {"importance", "reward", "gate_passed", "failed_checks", "promoted"} <= set(table.columns)
     assert table["selected"].sum() == 2
@@ -110,10 +122,14 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     assert "rejected" in (tmp_path / "reports/dreams/period-0/gate.md").read_text().lower()
     funnel = json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())["funnel"]
     assert funnel["generated"] == 3 and funnel["selected"] == 2 and funnel["promoted"] == len(promoted)
-    # The promotion check: the dream training was kept because the unseen examples of the period scored better.
+    # The promotion check: the dream training (promotion; ReST-EM trains the dream policy, not the memory) is kept
+    # exactly when the unseen examples of the period scored better after it; the funnel, the check and the state agree.
     check = json.loads((tmp_path / "metrics/dreaming/period-0.json").read_text())["check"]
-    assert funnel["kept"] is check["kept"] is check["trained"] is True and s0["metadata"]["dream"]["kept"] is True
-    assert check["after"]["logprob"] > check["before"]["logprob"] and check["after"]["accuracy"] >= check["before"]["accuracy"]
+    assert funnel["kept"] is check["kept"] is s0["metadata"]["dream"]["kept"]
+    assert check["trained"] is (funnel["promoted"] > 0)
+    helped = (check["after"]["logprob"] > check["before"]["logprob"]
+              and check["after"]["accuracy"] >= check["before"]["accuracy"])
+    assert check["kept"] is (check["trained"] and helped)
     assert check["before"]["n"] == 2 * 8 - 3  # the period's train examples less the 3 of C
     dreams = pd.read_parquet(tmp_path / "dreams/consolidation/period-0.parquet")
     assert {"teacher_data", "imitation"} <= set(dreams["kind"]) and len(dreams) > 6
@@ -153,7 +169,7 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
 
     original = yaml.safe_load(params_path.read_text())
     doc = yaml.safe_load(params_path.read_text())
-    doc["dream"].update(lr=1.0, promote_steps=8, rest_steps=4)
+    doc["dream"].update(lr=1.0, promote_steps=8, rest_steps=4, **EIGHT_TRIALS)
     params_path.write_text(yaml.safe_dump(doc))
     report = dream(0, str(params_path))
     assert report["funnel"]["promoted"] >= 1 and report["check"]["trained"] is True and report["check"]["kept"] is False
@@ -176,12 +192,11 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     # Back to the first params: their cached dream result is not used over a state that is not its own.
     params_path.write_text(yaml.safe_dump(original))
     report = dream(0, str(params_path))
-    assert report["check"]["kept"] is True and read_manifest(tmp_path / "state/sleep/period-0")["files"] == s0["files"]
+    assert report["check"]["kept"] is s0["metadata"]["dream"]["kept"]
+    assert read_manifest(tmp_path / "state/sleep/period-0")["files"] == s0["files"]
     # Dreams trained into the slow expert this sleep consolidated: the fast level stays free for the next wake.
-    # Every dream is tried (which two of three the gradient picks depends on where they train, and a trial's
-    # reward on the sampled text), so the one whose trial helped in the default run is promoted here too.
-    doc = {**original, "dream": {**original["dream"], "train_into": "consolidated", "promotion_check": False,
-                                 "top_k": 3, "random_extra": 0}}
+    # Eight dreams tried, so that some trial helps on any machine (EIGHT_TRIALS).
+    doc = {**original, "dream": {**original["dream"], "train_into": "consolidated", **TRAINED_DREAMS}}
     params_path.write_text(yaml.safe_dump(doc))
     report = dream(0, str(params_path))
     into_slow = read_manifest(tmp_path / "state/sleep/period-0")
@@ -194,7 +209,7 @@ def test_prepare_then_lifecycle_learns_consolidates_and_writes_everything(tmp_pa
     # level is free again, only period 0's expert moved, and the manifest says the dreams were folded.
     # With fold_dream_weight the fold also distils on the promoted dreams' own text.
     doc = {**original, "dream": {**original["dream"], "fold_into_slow": True, "fold_dream_weight": 1.0,
-                                 "promotion_check": False}}
+                                 **TRAINED_DREAMS}}
     params_path.write_text(yaml.safe_dump(doc))
     report = dream(0, str(params_path))
     folded = read_manifest(tmp_path / "state/sleep/period-0")
@@ -229,7 +244,7 @@ def _lifecycle_with_dreams(root: Path, **dream) -> None:
 def test_kept_dreams_stay_read_only_with_their_period_through_the_next_wake_and_sleep(tmp_path, prefect_harness):
     """dream.keep_dreams: the fast expert the first sleep's kept dream training wrote stays, tensor for tensor, with
     period 0 through the next wake and consolidation; the wake and the consolidation write and free another one."""
-    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="fast", promotion_check=False)
+    _lifecycle_with_dreams(tmp_path, **TRAINED_DREAMS, keep_dreams=True, keep_dreams_in="fast")
 
     def fast(state: str) -> list[tuple]:
         return _active_experts(read_manifest(tmp_path / "state" / state), 0)
@@ -252,7 +267,7 @@ def test_dreams_kept_in_slow_become_a_read_only_slow_expert_and_the_next_wake_st
     """dream.keep_dreams_in slow (the default): the first sleep's kept dream training ends as a read-only slow expert of
     period 0 (the fast level freed); the next wake leaves it tensor for tensor, and the next consolidation, finding
     the toy's slow level full, merges it into the older consolidated expert."""
-    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="slow", promotion_check=False)
+    _lifecycle_with_dreams(tmp_path, **TRAINED_DREAMS, keep_dreams=True, keep_dreams_in="slow")
 
     def level(state: str, li: int) -> list[tuple]:
         return _active_experts(read_manifest(tmp_path / "state" / state), li)
@@ -411,8 +426,8 @@ def test_a_dream_kept_when_the_slow_level_is_full_joins_its_own_periods_expert_w
     """dream.keep_dreams_when_full absorb: the toy's slow level (3 slots) is full from the first sleep on; at the
     second sleep the only merge left would join periods 0 and 1, so the kept dream expert is fitted into period 1's
     consolidated expert instead: period 0's expert is left tensor for tensor and no expert holds two periods."""
-    _lifecycle_with_dreams(tmp_path, keep_dreams=True, keep_dreams_in="slow", keep_dreams_when_full="absorb",
-                           promotion_check=False)
+    _lifecycle_with_dreams(tmp_path, **TRAINED_DREAMS, keep_dreams=True, keep_dreams_in="slow",
+                           keep_dreams_when_full="absorb")
 
     def level(state: str, li: int) -> list[tuple]:
         return _active_experts(read_manifest(tmp_path / "state" / state), li)

@@ -216,13 +216,15 @@ def test_no_server_process_outlives_its_starter(how, tmp_path):
         starter.wait()
 
 
-def test_a_command_uses_the_configured_api_and_starts_no_server(monkeypatch):
-    """``command_server``: a Prefect API the user set (here in the environment) is used as is, nothing started."""
+def test_a_command_uses_the_configured_api_and_starts_no_server():
+    """``command_server``: a Prefect API the user set (here in Prefect's settings, as a profile or the environment
+    sets it) is used as is, nothing started."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.server import command_server
 
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with command_server("compare") as url:
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}), command_server("compare") as url:
         assert url == "http://127.0.0.1:9/api"
         assert {p.pid for p in psutil.Process().children(recursive=True)} == before
 
