@@ -17,21 +17,27 @@ from model.config.sleep import PolicyTrainingConfig
 
 #: Methods that keep raw examples of past tasks (the target compares sleep with the others).
 STORES_RAW_DATA = frozenset({"icl", "replay", "joint"})
+#: Distillation steps of the methods that switch a part of consolidation's distillation (Learning to Imitate, the
+#: semantic reward, teacher samples, the start, expansion, the dream fold): the comparisons' budget distilled 32 steps after the copy
+#: until the copy alone (``consolidation.steps: 0``) replaced them by its development rule
+#: (docs/results/issue13/dev-copy-steps/); with no step those switches would change nothing.
+DISTILLATION_STEPS = 32
 #: What each method of the CMS family changes in params (applied after the comparison's overrides).
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "cms": {"consolidation": {"enabled": False}, "dream": {"enabled": False}},
     "sleep_consolidation": {"dream": {"enabled": False}},
     "sleep": {"lifecycle": {"diagnostics": True}},
-    "no_imitation": {"consolidation": {"alpha": 1.0}},
-    "no_semantic_reward": {"consolidation": {"gamma": 0.0}},
-    "no_expansion": {"consolidation": {"expand": False}},
+    "no_imitation": {"consolidation": {"alpha": 1.0, "steps": DISTILLATION_STEPS}},
+    "no_semantic_reward": {"consolidation": {"gamma": 0.0, "steps": DISTILLATION_STEPS}},
+    "no_expansion": {"consolidation": {"expand": False, "steps": DISTILLATION_STEPS}},
     "no_gradient_selection": {"dream": {"importance": "random"}},
     "no_random_expert": {"dream": {"random_expert": False}},
     "no_dreaming": {"dream": {"enabled": False}},
     "no_promotion_check": {"dream": {"promotion_check": False}},
     "dreams_into_slow": {"dream": {"train_into": "consolidated"}},
-    "fold_dreams": {"dream": {"fold_into_slow": True}},
-    "fold_with_dreams": {"dream": {"fold_into_slow": True, "fold_dream_weight": 1.0}},
+    "fold_dreams": {"dream": {"fold_into_slow": True}, "consolidation": {"steps": DISTILLATION_STEPS}},
+    "fold_with_dreams": {"dream": {"fold_into_slow": True, "fold_dream_weight": 1.0},
+                         "consolidation": {"steps": DISTILLATION_STEPS}},
     "keep_dreams": {"dream": {"keep_dreams": True, "keep_dreams_in": "fast"}},
     "keep_dreams_slow": {"dream": {"keep_dreams": True, "keep_dreams_in": "slow"}},
     "absorb_dreams": {"dream": {"keep_dreams_when_full": "absorb"}},
@@ -42,8 +48,9 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "merge_in_view": {"consolidation": {"merge_in_view": True}},
     "merge_both_starts": {"consolidation": {"merge_start": "both"}},
     "check_merged_periods": {"dream": {"check_merged_periods": True}},
-    "one_teacher_sample": {"consolidation": {"samples_per_prompt": 1}},
-    "zero_start": {"consolidation": {"init": "zero"}},
+    "one_teacher_sample": {"consolidation": {"samples_per_prompt": 1, "steps": DISTILLATION_STEPS}},
+    "zero_start": {"consolidation": {"init": "zero", "steps": DISTILLATION_STEPS}},
+    "copy_distilled": {"consolidation": {"steps": DISTILLATION_STEPS}},
     "no_dream_policy": {"dream": {"policy": {"enabled": False}}},
     "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
     "no_freezing": {"cms": {"freeze_consolidated": False}},
@@ -91,7 +98,7 @@ MethodName = Literal[
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
     "no_promotion_check", "dreams_into_slow", "fold_dreams", "fold_with_dreams", "keep_dreams", "keep_dreams_slow",
     "no_keep_dreams", "same_period_merge", "oldest_merge", "merge_in_view", "merge_both_starts", "absorb_dreams",
-    "merge_for_dreams", "check_merged_periods", "one_teacher_sample", "zero_start",
+    "merge_for_dreams", "check_merged_periods", "one_teacher_sample", "zero_start", "copy_distilled",
     "no_dream_policy", "base", "passage_finetune",
     "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "in_context", "retrieval",
     "sleep_1", "sleep_2", "sleep_3",

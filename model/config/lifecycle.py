@@ -97,16 +97,17 @@ METHODS: dict[str, str] = {
     "cms": "the continuum memory system learning online, without sleep",
     "sleep_consolidation": "wake + sleep with consolidation only (no dreaming)",
     "sleep": "wake + full sleep (consolidation and dreaming)",
-    "no_imitation": "full sleep without Learning to Imitate (alpha = 1)",
-    "no_semantic_reward": "full sleep without the semantic reward (gamma = 0)",
-    "no_expansion": "full sleep without parameter expansion (the slow level's expert is trained in place)",
+    "no_imitation": "copy_distilled without Learning to Imitate (alpha = 1)",
+    "no_semantic_reward": "copy_distilled without the semantic reward (gamma = 0)",
+    "no_expansion": "full sleep without parameter expansion (the slow level's expert is trained in place, "
+    "DISTILLATION_STEPS steps)",
     "no_gradient_selection": "full sleep, dreams picked at random instead of by gradient importance",
     "no_random_expert": "full sleep, dreams without the random-expert dream mode",
     "no_dreaming": "full sleep without dreaming (same as sleep_consolidation, named as the paper's ablation)",
     "no_promotion_check": "full sleep, the dream stage's training kept whether or not it helped the period's unseen examples",
     "dreams_into_slow": "full sleep, dreams trained into the slow expert the sleep consolidated instead of the fast level",
-    "fold_dreams": "full sleep, dreams trained into the fast level, then distilled into the slow expert the sleep "
-    "consolidated, and the fast level freed",
+    "fold_dreams": "copy_distilled, dreams trained into the fast level, then distilled (DISTILLATION_STEPS steps) into "
+    "the slow expert the sleep consolidated, and the fast level freed",
     "fold_with_dreams": "fold_dreams, the fold also distilling the dream-trained model on the promoted dreams' own "
     "text (every token), not only on the wake prompts",
     "keep_dreams": "full sleep, the fast expert a kept dream training wrote stays read-only with its period in the "
@@ -126,10 +127,12 @@ METHODS: dict[str, str] = {
     "docs/results/issue13/dev-absorb-dreams/)",
     "merge_for_dreams": "full sleep, a kept dream expert in a full slow level merges the pair merge_pair picks first, "
     "even two periods' experts (the sleep before absorb_dreams)",
-    "one_teacher_sample": "full sleep, the consolidation's data D one teacher sample per buffered prompt (the sleep "
-    "before consolidation.samples_per_prompt 2)",
-    "zero_start": "full sleep, the new slow expert starting from B = 0 (the paper's expansion; the sleep before "
-    "consolidation.init copy)",
+    "one_teacher_sample": "copy_distilled, the consolidation's data D one teacher sample per buffered prompt (the "
+    "sleep before consolidation.samples_per_prompt 2)",
+    "zero_start": "full sleep, the new slow expert starting from B = 0 and distilled DISTILLATION_STEPS steps (the "
+    "paper's expansion; the sleep before consolidation.init copy)",
+    "copy_distilled": "full sleep, the new slow expert copied from the fast one, then distilled DISTILLATION_STEPS "
+    "steps (the comparisons' sleep before the copy alone, consolidation.steps 0)",
     "check_merged_periods": "full sleep, a dream stage whose move into a full slow level merged earlier periods' "
     "experts is kept only if those periods' rehearsal dreams lost nothing (dream.check_merged_periods)",
     "merge_both_starts": "full sleep, each layer of a merge fitted from both experts' weights, the fit with the "

@@ -10,7 +10,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from model.config.base import ConfigError, RUN_ID_ENV, Section, format_errors, run_id_problem
-from model.config.evaluation import EvaluationConfig, QUICK_KEYS, merge_overrides, quick_section
+from model.config.evaluation import (EvaluationConfig, METHOD_OVERRIDES, QUICK_KEYS, merge_overrides,
+                                     quick_section)
 from model.config.lifecycle import IntakeConfig, LifecycleConfig
 from model.config.memory import CMSConfig, ModelConfig, SamplingConfig
 from model.config.sleep import ConsolidationConfig, DreamConfig
@@ -53,11 +54,22 @@ class Params(Section):
             for extra in ({}, self.evaluation.quick):
                 quick = {k: v for k, v in extra.items() if k not in QUICK_KEYS}
                 self.for_run(merge_overrides(comp.overrides, quick), f"evaluation.comparisons.{name}.overrides")
+            for method in comp.methods:  # a method's switches on this comparison's budget (tasks/compare.py run_params)
+                if METHOD_OVERRIDES.get(method):
+                    self.for_run(merge_overrides(comp.overrides, METHOD_OVERRIDES[method]),
+                                 f"evaluation.comparisons.{name}.methods ({method}: {METHOD_OVERRIDES[method]})")
             if comp.knowledge is not None:
                 quick_section(comp.knowledge, self.evaluation.quick, "knowledge", f"evaluation.quick.knowledge ({name})")
             if comp.long_context is not None:
                 quick_section(comp.long_context, self.evaluation.quick, "long_context",
                               f"evaluation.quick.long_context ({name})")
+        return self
+
+    @model_validator(mode="after")
+    def _fold_needs_steps(self) -> "Params":
+        if self.dream.fold_into_slow and self.consolidation.steps == 0:
+            raise ValueError("dream.fold_into_slow distils the dream-trained fast level into the slow expert in "
+                             "consolidation.steps steps: with steps 0 nothing would be folded and the dreams lost")
         return self
 
     @model_validator(mode="after")

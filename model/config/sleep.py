@@ -71,7 +71,10 @@ class ConsolidationConfig(Section):
         "development states by a rule set before the runs (the current task's drop from wake to consolidation 0.064 -> 0.040 over 10 cases; "
         "docs/results/issue13/dev-consolidation-fidelity/); 1: method one_teacher_sample.",
     )
-    steps: int = Field(40, ge=1, description="Optimiser steps on the new expert.")
+    steps: int = Field(
+        40, ge=0, description="Optimiser steps on the new expert. 0: the copy alone (init copy, with expansion): the "
+        "new expert is the faster level's expert, no teacher is sampled and nothing is distilled.",
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per distillation step.")
     lr: float = Field(3e-3, gt=0, le=1.0)
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -119,6 +122,14 @@ class ConsolidationConfig(Section):
     state_dir: str = Field("state/consolidated", description="Model state after consolidation (input of dreaming).")
     dreams_dir: str = Field("dreams/consolidation", description="Sleep data per period (parquet).")
     metrics_dir: str = "metrics/consolidation"
+
+    @model_validator(mode="after")
+    def _copy_alone(self) -> "ConsolidationConfig":
+        if self.steps == 0 and (self.init != "copy" or not self.expand):
+            raise ValueError("steps 0 keeps the copy of the faster level's expert as the new expert: it needs init "
+                             f"'copy' and expand true (got init '{self.init}', expand {str(self.expand).lower()}); "
+                             "without them the sleep would free the faster level and keep nothing of it")
+        return self
 
 
 SEAL_IMPLICATIONS = (

@@ -279,6 +279,8 @@ def consolidate(
             with _weights_swapped(new_params, frozen), cms.since_sleep_masked([src]):
                 yield
     result = ConsolidationResult(src=src, dst=dst, slot=slot, merged=merged, seeded_from=seeded_from)
+    if cfg.steps == 0:  # the copy alone (config: init copy, with expansion): no teacher data, nothing distilled
+        return _release(cms, src, dst, slot, freeze, result)
     student = lambda: cms.since_sleep_masked([src])  # noqa: E731
     optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     split = SplitForward(model, cms)
@@ -375,6 +377,12 @@ def consolidate(
         model.eval()
         for p in new_params:
             p.grad = None
+    return _release(cms, src, dst, slot, freeze, result)
+
+
+def _release(cms: ContinuumMemory, src: int, dst: int, slot: int, freeze: bool,
+             result: ConsolidationResult) -> ConsolidationResult:
+    """A consolidation's end: level ``src`` is freed, the filled expert made read-only for wake where asked."""
     cms.free_since_sleep(src, reason=f"consolidated into level {dst} slot {slot}")
     if freeze:
         cms.freeze(dst, slot, reason=f"consolidated from level {src}")

@@ -224,6 +224,45 @@ def test_zero_start_is_the_papers_expansion_where_the_project_copies_the_fast_ex
     assert load_params(Path(__file__).resolve().parents[2] / "params.yaml").consolidation.init == "copy"  # the project's own
 
 
+def test_the_comparisons_keep_the_copy_alone_and_the_distillation_switches_still_distil(tmp_path):
+    """The comparisons' budget consolidates by the copy alone (consolidation.steps 0, its dev rule); the methods that
+    switch a part of the distillation (and copy_distilled, the sleep before) distil DISTILLATION_STEPS steps, or they
+    would switch nothing."""
+    from model.config.evaluation import DISTILLATION_STEPS
+
+    distilling = ["copy_distilled", "zero_start", "no_imitation", "no_semantic_reward", "one_teacher_sample",
+                  "no_expansion", "fold_dreams", "fold_with_dreams"]
+    params_path = _with_comparisons(toy_project(tmp_path), methods=["sleep", *distilling])
+    doc = yaml.safe_load(params_path.read_text())
+    doc["consolidation"]["init"] = "copy"  # as the project's
+    doc["evaluation"]["comparisons"]["toy"]["overrides"]["consolidation"]["steps"] = 0
+    params_path.write_text(yaml.safe_dump(doc))
+    params = load_params(params_path)
+    comp = resolve_comparison(params, "toy")
+    got = {m: run_params(params, tmp_path, comp, m, 0).consolidation.steps for m in ["sleep", *distilling]}
+    assert got == {"sleep": 0, **{m: DISTILLATION_STEPS for m in distilling}}
+    project = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    assert {project.evaluation.comparisons[c].overrides["consolidation"]["steps"] for c in ("default", "default-5")} == {0}
+
+
+def test_a_method_that_its_comparisons_budget_makes_invalid_is_rejected_when_params_load(tmp_path, monkeypatch):
+    """Each method's switches are checked on each comparison's budget when params.yaml loads, naming the comparison
+    and the method, not when its run starts an hour into the comparison."""
+    import model.config.evaluation as evaluation
+
+    params_path = _with_comparisons(toy_project(tmp_path), methods=["sleep", "fold_dreams"])
+    doc = yaml.safe_load(params_path.read_text())
+    doc["consolidation"]["init"] = "copy"
+    doc["evaluation"]["comparisons"]["toy"]["overrides"]["consolidation"]["steps"] = 0
+    params_path.write_text(yaml.safe_dump(doc))
+    load_params(params_path)  # fold_dreams distils its own steps: valid
+    monkeypatch.setitem(evaluation.METHOD_OVERRIDES, "fold_dreams", {"dream": {"fold_into_slow": True}})
+    with pytest.raises(ConfigError) as e:
+        load_params(params_path)
+    assert all(s in str(e.value) for s in (str(params_path), "evaluation.comparisons.toy.methods (fold_dreams",
+                                          "nothing would be folded"))
+
+
 def test_a_baseline_result_survives_changes_to_sleep_but_not_to_what_it_reads(tmp_path):
     from model.config import BaselinesConfig
     from tasks.compare import baseline_key

@@ -40,6 +40,10 @@ def _write(tmp_path, data) -> Path:
          "top_k (4) > n_experts (3)"),
         ({"dream": {"fold_into_slow": True, "train_into": "consolidated"}}, "fold_into_slow"),
         ({"dream": {"keep_dreams": True, "keep_dreams_in": "medium"}}, "dream.keep_dreams_in"),
+        ({"consolidation": {"steps": 0, "init": "zero"}}, "steps 0 keeps the copy"),
+        ({"consolidation": {"steps": 0, "init": "copy", "expand": False}}, "expand false"),
+        ({"consolidation": {"steps": 0, "init": "copy"}, "dream": {"fold_into_slow": True}},
+         "with steps 0 nothing would be folded"),
     ],
 )
 def test_bad_params_name_file_and_field(tmp_path, data, field):

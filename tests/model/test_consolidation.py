@@ -344,6 +344,32 @@ def test_init_copy_starts_the_new_expert_as_the_fast_one_so_the_student_starts_a
     assert gap < 1e-3 * gap_reset, (gap_reset, gap)  # zero init would leave the whole gap for distillation
 
 
+def test_steps_zero_keeps_the_copy_alone_and_samples_nothing(monkeypatch):
+    """``consolidation.steps: 0``: the new slow expert is the fast one, exactly; no teacher is sampled, no step
+    taken; the fast level is freed and the new expert made read-only as after distillation."""
+    import model.sleep.consolidation as consolidation
+
+    lm, cms, probe, _, _ = _fast_level_with_knowledge()
+    with torch.no_grad():
+        for bank in cms.banks(1):
+            bank.B[0].mul_(0.5)  # the slow level's own expert stays, smaller: the copy must not touch it
+    teacher = _completion_logits(lm, probe)
+    with cms.levels_masked([0]):
+        gap_reset = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    fast = [p.detach().clone() for p in cms.level_parameters(0, [0])]
+    slow_before = [p.detach().clone() for p in cms.level_parameters(1, [0])]
+    monkeypatch.setattr(consolidation, "sample_continuations", lambda *a, **k: pytest.fail("teacher sampled"))
+    res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(init="copy", steps=0), 32, None, seed=0,
+                      origin="consolidation:test", freeze=True)
+    assert res.seeded_from == 0 and res.steps == [] and res.samples == []
+    assert all(torch.equal(a, b) for a, b in zip(cms.level_parameters(1, [res.slot]), fast))  # the copy, untouched
+    assert all(torch.equal(a, b) for a, b in zip(cms.level_parameters(1, [0]), slow_before))
+    assert cms.active_slots(0) == [] and cms.experts[1][res.slot].frozen
+    # the copy carries the fast level's function into the slow level (not exactly: it now reads the slow level's input)
+    gap = float(distillation_loss(teacher, _completion_logits(lm, probe), "forward_kl", 0.0))
+    assert gap < 0.01 * gap_reset, (gap_reset, gap)
+
+
 @pytest.mark.parametrize("all_positions", [False, True])
 def test_prefix_cache_places_each_pairs_rows_where_encode_packs_them(all_positions):
     lm, cms = tiny_with_cms()
