@@ -73,7 +73,10 @@ class ConsolidationConfig(Section):
     )
     steps: int = Field(
         40, ge=0, description="Optimiser steps on the new expert. 0: the copy alone (init copy, with expansion): the "
-        "new expert is the faster level's expert, no teacher is sampled and nothing is distilled.",
+        "new expert is the faster level's expert, no teacher is sampled and nothing is distilled; the comparisons' "
+        "budget in params.yaml sets 0, chosen on development states by a rule set before the runs (the current "
+        "task's drop from wake to consolidation 0.098 -> -0.002 over 10 cases; docs/results/issue13/dev-copy-steps/); "
+        "32 after the copy: method copy_distilled.",
     )
     batch_size: int = Field(8, ge=1, description="Sequences per distillation step.")
     lr: float = Field(3e-3, gt=0, le=1.0)
