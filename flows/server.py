@@ -108,7 +108,20 @@ def local_server(log_path: Path, timeout: float = 90.0,
                         f"prefect server on 127.0.0.1:{port} did not start (log {log_path}):\n{tail}")
                 time.sleep(0.05)
         warm(url)
-        yield url
+        try:
+            yield url
+        finally:
+            _send_queued_logs()
+
+
+def _send_queued_logs(timeout: float = 5.0) -> None:
+    """Send the run logs this process still holds for the API before the server stops: Prefect sends them in
+    batches from a worker thread, and one left for exit finds the server gone ("Error logging to API")."""
+    if "prefect.logging.handlers" not in sys.modules:  # nothing of Prefect's logging ran here
+        return
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout)
 
 
 @contextlib.contextmanager

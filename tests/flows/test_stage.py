@@ -274,3 +274,31 @@ def test_a_comparison_ended_by_sigterm_leaves_no_prefect_server(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(command.pid, signal.SIGKILL)
         command.wait()
+
+
+LOGGING_COMMAND = """
+from prefect import flow, get_run_logger
+from flows.server import command_server
+
+@flow
+def talk():
+    for i in range(20):
+        get_run_logger().info(f"line {i}")
+
+with command_server("logs"):
+    talk()
+print("done")
+"""
+
+
+def test_a_commands_last_run_logs_reach_its_server_before_it_stops(tmp_path):
+    """The run logs a command still holds when its flow ends are sent before its tethered server stops: Prefect
+    sends them in batches from a thread, and a batch left for exit met the stopped server ("Error logging to API"
+    at the end of every `lm-sleep compare --report-only`)."""
+    env = ({k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", ENV)}
+           | {"PREFECT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)})
+    r = subprocess.run([sys.executable, "-c", LOGGING_COMMAND], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+    assert "Finished in state Completed" in r.stderr  # the flow ran and logged
+    assert "Error logging to API" not in r.stderr, r.stderr[-2000:]
