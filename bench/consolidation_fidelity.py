@@ -11,7 +11,8 @@ saved wake state in a scratch project with the variant's settings (the code the 
         --variants base 'steps=32' 'lr=0.01' 'alpha=1.0' --out docs/results/issue13/consolidation_fidelity.json
 
 A variant is ``base`` (the run's own settings) or comma-separated ``key=value`` pairs of the
-``consolidation`` section (YAML values).
+``consolidation`` section (YAML values); a dotted key sets one field of a subsection
+(``rehearsal.steps=8``), the rest of it as the run had it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,19 @@ def _variant(spec: str) -> dict:
         if key.strip() in FIXED_BY_WAKE:
             raise SystemExit(f"--variants: {spec!r}: consolidation.{key.strip()} is applied by the wake (its saved "
                              "state holds the prompts it kept), so replaying the consolidation cannot vary it")
-        out[key.strip()] = yaml.safe_load(value)
+        *path, leaf = key.strip().split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied, subsections merged field by field."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(base.get(key) or {}, value) if isinstance(value, dict) else value
     return out
 
 
@@ -79,7 +92,7 @@ def measure(run: Path, period: int, overrides: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
         root = Path(tmp)
         raw = {**raw, "data": {**raw["data"], "out_dir": str(data)},
-               "consolidation": {**raw["consolidation"], **overrides}}
+               "consolidation": _merged(raw["consolidation"], overrides)}
         (root / "params.yaml").write_text(yaml.safe_dump(raw))
         params = load_params(root / "params.yaml")
         woke_dir = root / params.wake.state_dir / f"period-{period}"

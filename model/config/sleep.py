@@ -33,6 +33,9 @@ class RehearsalConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1.0)
     random_expert: bool = Field(True, description="Dream mode while dreaming: every router also activates a random expert.")
     batch_size: int = Field(8, ge=1, description="Dreamed old-task sequences per distillation step (beside the batch).")
+    steps: int = Field(0, ge=0, le=10_000, description="Steps on the rehearsal dreams alone after the copy and any "
+                       "distillation: the old model teaches the new expert its answers on earlier tasks' dreams "
+                       "(0: none; with consolidation.steps 0, the copy is then corrected on old tasks only).")
     weight: float = Field(1.0, ge=0, le=100.0, description="Weight of the old-task distillation term.")
     all_positions: bool = Field(False, description="Distil the old model on every token of a dreamed input, not only "
                                 "on its label (false: the label's tokens; true lost old tasks on the development run).")

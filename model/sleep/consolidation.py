@@ -169,6 +169,7 @@ class ConsolidationResult:
     merged: MergeRecord | None = None  # the merge that freed a slot of a full level first
     seeded_from: int | None = None  # cfg.init 'copy': the slot of level src the new expert started as
     steps: list[StepRecord] = field(default_factory=list)
+    rehearsal_steps: list[StepRecord] = field(default_factory=list)  # cfg.rehearsal.steps: the old tasks alone
     samples: list[dict] = field(default_factory=list)  # the sleep's dreams table rows
 
 
@@ -279,11 +280,16 @@ def consolidate(
             with _weights_swapped(new_params, frozen), cms.since_sleep_masked([src]):
                 yield
     result = ConsolidationResult(src=src, dst=dst, slot=slot, merged=merged, seeded_from=seeded_from)
-    if cfg.steps == 0:  # the copy alone (config: init copy, with expansion): no teacher data, nothing distilled
-        return _release(cms, src, dst, slot, freeze, result)
     student = lambda: cms.since_sleep_masked([src])  # noqa: E731
-    optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     split = SplitForward(model, cms)
+    r_cache = PrefixCache(split, tokenizer, rehearsal, max_length, cfg.rehearsal.all_positions,
+                          teacher=old_teacher) if rehearsal else None
+    if cfg.steps == 0:  # the copy alone (config: init copy, with expansion): no teacher data, nothing distilled
+        if r_cache is not None:
+            result.rehearsal_steps = rehearse_alone(model, cms, split, r_cache, new_params, student, cfg, rng,
+                                                    on_step)
+        return _release(cms, src, dst, slot, freeze, result)
+    optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     sampling = sampling or SamplingConfig()
     decode = {"batch_size": sampling.batch_size, "dtype": sampling.compute_dtype}
 
@@ -299,8 +305,6 @@ def consolidate(
 
     pair_of = lambda s: (s.prompt, s.text)  # noqa: E731
     d_cache = PrefixCache(split, tokenizer, [pair_of(s) for s in data], max_length, teacher=teacher)
-    r_cache = PrefixCache(split, tokenizer, rehearsal, max_length, cfg.rehearsal.all_positions,
-                          teacher=old_teacher) if rehearsal else None
     a_cache = PrefixCache(split, tokenizer, anchors, max_length, all_positions=True, teacher=teacher) if anchors else None
     model.train()
     try:
@@ -377,7 +381,61 @@ def consolidate(
         model.eval()
         for p in new_params:
             p.grad = None
+    if r_cache is not None:
+        result.rehearsal_steps = rehearse_alone(model, cms, split, r_cache, new_params, student, cfg, rng, on_step)
     return _release(cms, src, dst, slot, freeze, result)
+
+
+def rehearse_alone(
+    model: PreTrainedModel,
+    cms: ContinuumMemory,
+    split: SplitForward,
+    cache: PrefixCache,
+    new_params: Sequence[torch.nn.Parameter],
+    student: Callable[[], contextlib.AbstractContextManager],
+    cfg: ConsolidationConfig,
+    rng: random.Random,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> list[StepRecord]:
+    """``cfg.rehearsal.steps`` steps on the rehearsal dreams alone, after the copy and any distillation.
+
+    What a wake overwrote of an old task, the copy of its fast expert keeps; here the old model (the faster
+    level masked, the new expert hidden: ``cache``'s teacher) teaches the new expert its answers on dreamed
+    inputs of the earlier tasks, eq. (3) with D the rehearsal dreams only: this period's inputs are not
+    drawn, so their copied function is moved only as far as the two share the expert. Only ``new_params``
+    learn (a fresh AdamW at ``cfg.lr``); batches of ``cfg.rehearsal.batch_size`` dreams, loss
+    ``distillation_loss(old teacher, student)`` on the label's tokens (every token with
+    ``cfg.rehearsal.all_positions``). Raises NonFiniteLossError on a NaN/inf loss.
+    """
+    records: list[StepRecord] = []
+    if cfg.rehearsal.steps == 0:
+        return records
+    optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
+    model.train()
+    try:
+        with cms.trainable_only(new_params):
+            for k in range(1, cfg.rehearsal.steps + 1):
+                idx = _draw(cache.pairs, rng, cfg.rehearsal.batch_size)
+                batch, state = cache.batch(idx)
+                t_logits = cache.teacher_logits(idx, batch)
+                with student():
+                    s_logits = split.completion_logits(state, batch)
+                loss = distillation_loss(t_logits, s_logits, cfg.divergence, cfg.beta)
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLossError(f"non-finite rehearsal loss {loss.item()} at rehearsal step {k}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(new_params, cfg.grad_clip)
+                optimizer.step()
+                rec = StepRecord(cfg.steps + k, float(loss.item()), float(loss.item()), math.nan, False)
+                records.append(rec)
+                if on_step is not None:
+                    on_step(rec)
+    finally:
+        model.eval()
+        for p in new_params:
+            p.grad = None
+    return records
 
 
 def _release(cms: ContinuumMemory, src: int, dst: int, slot: int, freeze: bool,
@@ -458,6 +516,7 @@ __all__ = [
     "StepRecord",
     "consolidate",
     "due_consolidations",
+    "rehearse_alone",
 ]
 
 

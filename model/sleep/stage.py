@@ -114,7 +114,8 @@ def consolidate_due_levels(
                                for d in [*dreams, *current] if d.passed]
         prompts = meta["prompt_buffer"]
         dream_seconds = time.perf_counter() - start
-        bar = progress(f"sleep {period}: consolidate {names[0]} -> {names[1]}", cfg.steps)
+        bar = progress(f"sleep {period}: consolidate {names[0]} -> {names[1]}",
+                       cfg.steps + (cfg.rehearsal.steps if rehearsal else 0))
 
         def on_step(r: StepRecord) -> None:
             bar.update(1)
@@ -144,6 +145,7 @@ def consolidate_due_levels(
             "distillation": [round(r.distillation, 5) for r in res.steps],
             "reward": [None if r.reward != r.reward else round(r.reward, 4) for r in res.steps],
             "loss": [round(r.loss, 5) for r in res.steps],
+            **({"rehearsal_alone": [round(r.loss, 5) for r in res.rehearsal_steps]} if res.rehearsal_steps else {}),
         })
         out.timings.append({"src": names[0], "dst": names[1], "seconds": round(seconds, 2),
                             "rehearsal_dream_seconds": round(dream_seconds, 2)})

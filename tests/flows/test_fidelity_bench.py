@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.consolidation_fidelity import FIXED_BY_WAKE, _variant
+from bench.consolidation_fidelity import FIXED_BY_WAKE, _merged, _variant
 from model.config.sleep import ConsolidationConfig
 
 
@@ -21,3 +21,13 @@ def test_a_setting_the_wake_applies_cannot_be_varied_on_a_saved_wake_state() -> 
     assert set(FIXED_BY_WAKE) <= set(ConsolidationConfig.model_fields)
     with pytest.raises(SystemExit, match="consolidation.prompt_buffer_size is applied by the wake"):
         _variant("samples_per_prompt=2,prompt_buffer_size=100")
+
+
+def test_a_dotted_key_sets_one_field_of_a_subsection_and_keeps_the_rest() -> None:
+    over = _variant("rehearsal.steps=8,lr=0.01")
+    assert over == {"rehearsal": {"steps": 8}, "lr": 0.01}
+    run = {"lr": 0.001, "steps": 0, "rehearsal": {"batch_size": 8, "per_label": 4}}
+    merged = _merged(run, over)
+    assert merged == {"lr": 0.01, "steps": 0, "rehearsal": {"batch_size": 8, "per_label": 4, "steps": 8}}
+    assert run["rehearsal"] == {"batch_size": 8, "per_label": 4}  # the run's own settings are not changed
+    ConsolidationConfig(**{**merged, "init": "copy"})  # and the result is a valid section

@@ -370,6 +370,35 @@ def test_steps_zero_keeps_the_copy_alone_and_samples_nothing(monkeypatch):
     assert gap < 0.01 * gap_reset, (gap_reset, gap)
 
 
+
+def test_rehearsal_steps_after_the_copy_give_old_task_inputs_back_to_the_old_model(monkeypatch):
+    """``rehearsal.steps`` after the copy alone: the copied expert (which answers old-task inputs as the wake's
+    fast level did) learns the old model's answers on the dreamed old-task inputs; only it moves, nothing is
+    sampled, and each step is recorded apart from distillation's."""
+    import model.sleep.consolidation as consolidation
+
+    monkeypatch.setattr(consolidation, "sample_continuations", lambda *a, **k: pytest.fail("teacher sampled"))
+    pairs = list(zip(OLD_PROMPTS, OLD_LABELS))
+    gaps, moved = {}, {}
+    for n in (0, 30):
+        lm, cms, _, _, _ = _fast_level_with_knowledge()
+        probe = encode(lm.tokenizer, OLD_PROMPTS, OLD_LABELS, 32)
+        with cms.levels_masked([0]):
+            old = _completion_logits(lm, probe)  # what the old model (the fast level masked) answers
+        fast = [p.detach().clone() for p in cms.level_parameters(0, [0])]
+        slow_before = [p.detach().clone() for p in cms.level_parameters(1, [0])]
+        cfg = _cfg(init="copy", steps=0, rehearsal={"steps": n, "batch_size": 2})
+        res = consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, cfg, 32, None, seed=0,
+                          origin="consolidation:test", rehearsal=pairs, freeze=True)
+        assert res.steps == [] and res.samples == [] and len(res.rehearsal_steps) == n
+        assert [r.step for r in res.rehearsal_steps] == list(range(1, n + 1))
+        assert all(torch.equal(a, b) for a, b in zip(cms.level_parameters(1, [0]), slow_before))  # the old expert
+        assert cms.active_slots(0) == [] and cms.experts[1][res.slot].frozen
+        moved[n] = not all(torch.equal(a, b) for a, b in zip(cms.level_parameters(1, [res.slot]), fast))
+        gaps[n] = float(distillation_loss(old, _completion_logits(lm, probe), "forward_kl", 0.0))
+    assert moved == {0: False, 30: True}
+    assert gaps[30] < 0.5 * gaps[0], gaps  # the old model's answers on the old tasks, given back
+
 @pytest.mark.parametrize("all_positions", [False, True])
 def test_prefix_cache_places_each_pairs_rows_where_encode_packs_them(all_positions):
     lm, cms = tiny_with_cms()
