@@ -52,7 +52,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "zero_start": {"consolidation": {"init": "zero", "steps": DISTILLATION_STEPS}},
     "copy_distilled": {"consolidation": {"steps": DISTILLATION_STEPS}},
     "no_dream_policy": {"dream": {"policy": {"enabled": False}}},
-    "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False}}},
+    "no_rehearsal": {"consolidation": {"rehearsal": {"enabled": False, "steps": 0}}},
     "no_freezing": {"cms": {"freeze_consolidated": False}},
     "with_routing": {"cms": {"routing": {"enabled": True}}},
     "no_prototype_routing": {"cms": {"routing": {"by_prototype": False}}},

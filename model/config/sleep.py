@@ -43,6 +43,13 @@ class RehearsalConfig(Section):
     near_duplicate_threshold: float = Field(90, ge=0, le=100, description="Check: rapidfuzz ratio at which a dream "
                                             "repeats an earlier one of its label (or is just the label's name).")
 
+    @model_validator(mode="after")
+    def _steps_need_dreams(self) -> "RehearsalConfig":
+        if self.steps > 0 and not self.enabled:
+            raise ValueError(f"steps {self.steps} trains on the rehearsal dreams, but enabled is false: no dream is "
+                             "written (set steps 0, or enabled true)")
+        return self
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: str) -> str:

@@ -44,6 +44,7 @@ def _write(tmp_path, data) -> Path:
         ({"consolidation": {"steps": 0, "init": "copy", "expand": False}}, "expand false"),
         ({"consolidation": {"steps": 0, "init": "copy"}, "dream": {"fold_into_slow": True}},
          "with steps 0 nothing would be folded"),
+        ({"consolidation": {"rehearsal": {"enabled": False, "steps": 8}}}, "no dream is written"),
     ],
 )
 def test_bad_params_name_file_and_field(tmp_path, data, field):
