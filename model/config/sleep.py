@@ -36,6 +36,10 @@ class RehearsalConfig(Section):
     steps: int = Field(0, ge=0, le=10_000, description="Steps on the rehearsal dreams alone after the copy and any "
                        "distillation: the old model teaches the new expert its answers on earlier tasks' dreams "
                        "(0: none; with consolidation.steps 0, the copy is then corrected on old tasks only).")
+    anchor_current: bool = Field(True, description="During those steps, also keep the model's answers on this "
+                                 "period's prompts (consolidation.samples_per_prompt teacher samples each; false: the "
+                                 "old tasks alone, which taught the new expert to withhold the new labels: "
+                                 "docs/results/issue13/dev-rehearsal-steps/).")
     weight: float = Field(1.0, ge=0, le=100.0, description="Weight of the old-task distillation term.")
     all_positions: bool = Field(False, description="Distil the old model on every token of a dreamed input, not only "
                                 "on its label (false: the label's tokens; true lost old tasks on the development run).")

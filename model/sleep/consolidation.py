@@ -284,26 +284,30 @@ def consolidate(
     split = SplitForward(model, cms)
     r_cache = PrefixCache(split, tokenizer, rehearsal, max_length, cfg.rehearsal.all_positions,
                           teacher=old_teacher) if rehearsal else None
-    if cfg.steps == 0:  # the copy alone (config: init copy, with expansion): no teacher data, nothing distilled
-        if r_cache is not None:
-            result.rehearsal_steps = rehearse_alone(model, cms, split, r_cache, new_params, student, cfg, rng,
-                                                    on_step)
-        return _release(cms, src, dst, slot, freeze, result)
-    optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
     sampling = sampling or SamplingConfig()
     decode = {"batch_size": sampling.batch_size, "dtype": sampling.compute_dtype}
+    pair_of = lambda s: (s.prompt, s.text)  # noqa: E731
+    if cfg.steps == 0:  # the copy alone (config: init copy, with expansion): no teacher data, nothing distilled
+        if r_cache is not None and cfg.rehearsal.steps > 0:
+            keep = None
+            if cfg.rehearsal.anchor_current:  # the copy's answers on this period's prompts, kept beside
+                with teacher():
+                    data = sample_continuations(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens,
+                                                cfg.temperature, cfg.top_p, seed, **decode)
+                result.samples += _teacher_rows(data)
+                keep = PrefixCache(split, tokenizer, [pair_of(s) for s in data], max_length, teacher=teacher)
+            result.rehearsal_steps = rehearse_alone(model, cms, split, r_cache, new_params, student, cfg, rng,
+                                                    on_step, keep=keep)
+        return _release(cms, src, dst, slot, freeze, result)
+    optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
 
     with teacher():
         data = sample_continuations(
             model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
             **decode,
         )
-    result.samples += [
-        {"prompt": s.prompt, "text": s.text, "sampled_by": "teacher", "kind": "teacher_data", "step": 0,
-         "reference": None, "reward": math.nan} for s in data
-    ]
+    result.samples += _teacher_rows(data)
 
-    pair_of = lambda s: (s.prompt, s.text)  # noqa: E731
     d_cache = PrefixCache(split, tokenizer, [pair_of(s) for s in data], max_length, teacher=teacher)
     a_cache = PrefixCache(split, tokenizer, anchors, max_length, all_positions=True, teacher=teacher) if anchors else None
     model.train()
@@ -381,9 +385,16 @@ def consolidate(
         model.eval()
         for p in new_params:
             p.grad = None
-    if r_cache is not None:
-        result.rehearsal_steps = rehearse_alone(model, cms, split, r_cache, new_params, student, cfg, rng, on_step)
+    if r_cache is not None and cfg.rehearsal.steps > 0:
+        result.rehearsal_steps = rehearse_alone(model, cms, split, r_cache, new_params, student, cfg, rng, on_step,
+                                                keep=d_cache if cfg.rehearsal.anchor_current else None)
     return _release(cms, src, dst, slot, freeze, result)
+
+
+def _teacher_rows(data: Sequence) -> list[dict]:
+    """The dreams table's rows of the teacher's samples on this period's prompts."""
+    return [{"prompt": s.prompt, "text": s.text, "sampled_by": "teacher", "kind": "teacher_data", "step": 0,
+             "reference": None, "reward": math.nan} for s in data]
 
 
 def rehearse_alone(
@@ -396,6 +407,7 @@ def rehearse_alone(
     cfg: ConsolidationConfig,
     rng: random.Random,
     on_step: Callable[[StepRecord], None] | None = None,
+    keep: PrefixCache | None = None,
 ) -> list[StepRecord]:
     """``cfg.rehearsal.steps`` steps on the rehearsal dreams alone, after the copy and any distillation.
 
@@ -405,7 +417,11 @@ def rehearse_alone(
     drawn, so their copied function is moved only as far as the two share the expert. Only ``new_params``
     learn (a fresh AdamW at ``cfg.lr``); batches of ``cfg.rehearsal.batch_size`` dreams, loss
     ``distillation_loss(old teacher, student)`` on the label's tokens (every token with
-    ``cfg.rehearsal.all_positions``). Raises NonFiniteLossError on a NaN/inf loss.
+    ``cfg.rehearsal.all_positions``). ``keep`` (``cfg.rehearsal.anchor_current``): the teacher's samples on this
+    period's prompts with their teacher (the model as the wake left it, the new expert hidden), a batch of
+    ``cfg.batch_size`` of them beside every rehearsal batch, the same loss added: the old model never answers
+    with this period's new labels, so without it the steps teach the expert to withhold them everywhere.
+    Raises NonFiniteLossError on a NaN/inf loss.
     """
     records: list[StepRecord] = []
     if cfg.rehearsal.steps == 0:
@@ -421,6 +437,13 @@ def rehearse_alone(
                 with student():
                     s_logits = split.completion_logits(state, batch)
                 loss = distillation_loss(t_logits, s_logits, cfg.divergence, cfg.beta)
+                if keep is not None:  # this period's prompts keep the copy's answers
+                    k_idx = _draw(keep.pairs, rng, cfg.batch_size)
+                    k_batch, k_state = keep.batch(k_idx)
+                    kt_logits = keep.teacher_logits(k_idx, k_batch)
+                    with student():
+                        ks_logits = split.completion_logits(k_state, k_batch)
+                    loss = loss + distillation_loss(kt_logits, ks_logits, cfg.divergence, cfg.beta)
                 if not math.isfinite(loss.item()):
                     raise NonFiniteLossError(f"non-finite rehearsal loss {loss.item()} at rehearsal step {k}")
                 optimizer.zero_grad(set_to_none=True)
