@@ -26,6 +26,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
+import torch
 import yaml
 
 from model.config import load_params
@@ -35,6 +36,10 @@ from model.memory.checkpoint import open_memory_model
 from model.memory.prototypes import add_period, feature_layer, route, sequence_features, view_class
 from model.memory.wake import split_template
 from model.runtime import configure_torch
+
+
+#: ``--layers -1``: route by the sentence model's embedding of the raw text instead of a decoder layer's.
+SENTENCE = -1
 
 
 def _data_dir(run: Path, raw: dict) -> Path:
@@ -47,21 +52,31 @@ def _data_dir(run: Path, raw: dict) -> Path:
     raise SystemExit(f"{run / 'params.yaml'}: data.out_dir {given} is missing, and so is {local}")
 
 
-def rebuilt(loaded, cms, params, stream, plan, layer: int, shrinkage: float):
-    """The prototypes of every period at ``layer``, from its train texts, as each wake adds its own."""
+def sentence_features(texts: list[str]) -> torch.Tensor:
+    """all-MiniLM-L6-v2 embeddings (N, 384) of the raw texts: the sentence model the semantic reward loads."""
+    from model.sleep.rewards import SemanticJudge
+
+    judge = SemanticJudge.load(0.5)
+    return judge.model.encode(texts, batch_size=64, convert_to_tensor=True, show_progress_bar=False).float()
+
+
+def rebuilt(loaded, cms, params, stream, plan, layer: int, shrinkage: float, prompted: bool = False):
+    """The prototypes of every period at ``layer`` (-1: the sentence model's embedding of the text), from its train
+    texts, as each wake adds its own; ``prompted``: the sentence model reads each text in the wake's template."""
     protos = None
     for period in sorted(plan):
         rows = stream[(stream["task"] == period) & (stream["split"] == "train")].sort_values("row_id")
         prompts = [split_template(params.wake.template, t, y)[0] for t, y in zip(rows["text"], rows["label"])]
-        feats = sequence_features(loaded.model, loaded.tokenizer, prompts, layer, params.wake.eval_batch_size,
-                                  params.wake.max_length)
+        feats = (sentence_features(prompts if prompted else list(rows["text"])) if layer == SENTENCE else
+                 sequence_features(loaded.model, loaded.tokenizer, prompts, layer, params.wake.eval_batch_size,
+                                   params.wake.max_length))
         protos = add_period(protos, feats, period, params.cms.routing.prototypes_per_period, layer,
                             seed=params.seed * 100_003 + period, metric="mahalanobis", shrinkage=shrinkage,
                             groups=[str(y) for y in rows["label"]])
     return protos
 
 
-def measure(run: Path, shrinkages: list[float], layers: list[int] | None = None) -> list[dict]:
+def measure(run: Path, shrinkages: list[float], layers: list[int] | None = None, prompted: bool = False) -> list[dict]:
     params_path = run / "params.yaml"
     raw = yaml.safe_load(params_path.read_text())
     data = _data_dir(run, raw)
@@ -85,12 +100,14 @@ def measure(run: Path, shrinkages: list[float], layers: list[int] | None = None)
     tasks = test["task"].tolist()
     rows = []
     for layer in layers or [None]:
-        at = protos.layer if layer is None else feature_layer(cms, layer)
-        z = feats if layer is None else sequence_features(loaded.model, loaded.tokenizer, prompts, at,
-                                                          params.wake.eval_batch_size, params.wake.max_length)
+        at = protos.layer if layer is None else SENTENCE if layer == SENTENCE else feature_layer(cms, layer)
+        z = (feats if layer is None else sentence_features(prompts if prompted else list(test["text"]))
+             if at == SENTENCE else
+             sequence_features(loaded.model, loaded.tokenizer, prompts, at, params.wake.eval_batch_size,
+                               params.wake.max_length))
         for lam in shrinkages:
             mine = (dataclasses.replace(protos, shrinkage=float(lam), _whiten=None) if layer is None
-                    else rebuilt(loaded, cms, params, stream, plan, at, float(lam)))
+                    else rebuilt(loaded, cms, params, stream, plan, at, float(lam), prompted))
             routed = route(mine, z).tolist()
             view = {p: view_class(cms, p) for p in {*routed, *tasks}}
             own = {}
@@ -98,6 +115,7 @@ def measure(run: Path, shrinkages: list[float], layers: list[int] | None = None)
                 hits = [view[r] == view[t] for r, q in zip(routed, tasks) if q == t]
                 own[str(t)] = round(sum(hits) / len(hits), 4)
             rows.append({"run": str(run), "layer": at, "rebuilt": layer is not None, "shrinkage": lam,
+                         "prompted": prompted and at == SENTENCE,
                          "run_layer": protos.layer, "run_shrinkage": protos.shrinkage, "routing": own,
                          "earlier": round(statistics.mean(own[str(t)] for t in sorted(set(tasks)) if t < last), 4),
                          "last": own[str(last)]})
@@ -109,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", nargs="+", type=Path, required=True)
     ap.add_argument("--shrinkage", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--layers", nargs="+", type=int, default=None,
-                    help="rebuild the prototypes at these decoder layers (default: the run's own, as saved)")
+                    help="rebuild the prototypes at these decoder layers, -1 for the sentence model's embedding "
+                         "(default: the run's own, as saved)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--prompted", action="store_true", help="with --layers -1: embed the templated prompt, not the text")
     args = ap.parse_args(argv)
     if any(not 0.0 < s <= 1.0 for s in args.shrinkage):
         raise SystemExit(f"--shrinkage: each value must be in (0, 1], got {args.shrinkage}")
-    rows = [r for run in args.runs for r in measure(run, args.shrinkage, args.layers)]
+    rows = [r for run in args.runs for r in measure(run, args.shrinkage, args.layers, args.prompted)]
     print("| run | layer | shrinkage | each task routed to its own period | earlier tasks | last task |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
