@@ -124,7 +124,8 @@ def train_wake_period(params: Params, root: Path, stream: pd.DataFrame, period: 
         learn_prototypes(loaded.model, loaded.tokenizer, cms, [p for p, _ in pairs], period, routing.feature_layer,
                          routing.prototypes_per_period, params.wake.eval_batch_size, params.wake.max_length,
                          seed=params.seed * 100_003 + period, metric=routing.metric, shrinkage=routing.shrinkage,
-                         groups=[None if labels[i] == PASSAGE_LABEL else str(labels[i]) for i in origin])
+                         groups=[None if labels[i] == PASSAGE_LABEL else str(labels[i]) for i in origin],
+                         feature=routing.feature)
     else:
         cms.prototypes = None
     out = wake_state_dir(params, root, period)

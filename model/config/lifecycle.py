@@ -92,6 +92,8 @@ METHODS: dict[str, str] = {
     "no_freezing": "full sleep, consolidated experts stay writable in wake (the slow level's eq.-2 step moves them)",
     "no_prototype_routing": "full sleep, every expert fires on every input (no period prototypes)",
     "cosine_routing": "full sleep, prototypes by spherical k-means and cosine (no shared covariance)",
+    "sentence_routing": "full sleep, prototypes of the sentence model's embedding of each input (all-MiniLM-L6-v2) "
+    "instead of a decoder layer's",
     "with_routing": "full sleep plus the routing loss (routers fire on this period's inputs, not on dreamed inputs "
     "of other tasks; off by default: it did not help on the development runs)",
     "cms": "the continuum memory system learning online, without sleep",

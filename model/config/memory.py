@@ -78,6 +78,10 @@ class RoutingConfig(Section):
     by_prototype: bool = Field(True, description="Prototype routing (model/memory/prototypes.py): each wake period leaves "
                                "prototypes of its inputs; an input is answered by the experts of periods up to its "
                                "nearest prototype's (false: every expert fires on every input).")
+    feature: Literal["decoder", "sentence"] = Field(
+        "decoder", description="What an input's routing feature is: decoder, the mean residual stream entering "
+        "feature_layer; sentence, the frozen sentence model's embedding of the prompt (all-MiniLM-L6-v2, the semantic "
+        "reward's; docs/results/issue13/routing-replay/). A state keeps the feature it started with.")
     feature_layer: int | None = Field(None, ge=0, description="Decoder layer whose input is the routing feature (at or "
                                       "below the first CMS layer); null = a quarter of the model's depth.")
     prototypes_per_period: int = Field(16, ge=1, le=256, description="K: k-means prototypes of each period's inputs "
@@ -88,6 +92,13 @@ class RoutingConfig(Section):
         "(the 'cosine_routing' ablation). A state keeps the metric it started with.")
     shrinkage: float = Field(0.5, gt=0.0, le=1.0, description="Mahalanobis: the pooled covariance's weight on a multiple "
                              "of the identity (model/memory/prototypes.py shared_covariance); 1 = Euclidean distance.")
+
+    @model_validator(mode="after")
+    def _one_feature(self) -> "RoutingConfig":
+        if self.feature == "sentence" and self.feature_layer is not None:
+            raise ValueError(f"feature_layer {self.feature_layer} names a decoder layer, but feature 'sentence' reads "
+                             "the sentence model's embedding (set feature_layer null, or feature decoder)")
+        return self
 
 
 class CMSConfig(Section):

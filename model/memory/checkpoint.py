@@ -29,7 +29,7 @@ from model.errors import UserError
 from model.io import atomic_dir, sha256_bytes, sha256_file
 from model.memory.cms import CMSError, ContinuumMemory, ExpertInfo, attach_cms
 from model.memory.optimizer import ChunkedOptimizer
-from model.memory.prototypes import PROTOTYPE_KEYS, Prototypes
+from model.memory.prototypes import PROTOTYPE_KEYS, SENTENCE_DIM, SENTENCE_LAYER, Prototypes
 from model.sleep.dream_policy import (
     POLICY_JSON,
     POLICY_TENSORS,
@@ -200,9 +200,13 @@ def load_state(cms: ContinuumMemory, src: str | Path, optimizer: ChunkedOptimize
         prototypes = Prototypes.from_tensors(routing, str(src / EXPERTS_FILE)) if routing else None
     except CMSError as e:
         raise CheckpointError(str(e)) from None
-    if prototypes is not None and prototypes.mean.shape[0] != cms.d:  # (the scatter's shape is checked against it)
-        raise CheckpointError(f"{src / EXPERTS_FILE}: tensor 'routing.mean' has {prototypes.mean.shape[0]} features, "
-                              f"the model's hidden size is {cms.d}")
+    if prototypes is not None:  # (the scatter's shape is checked against the mean's)
+        sentence = prototypes.layer == SENTENCE_LAYER
+        want = SENTENCE_DIM if sentence else cms.d
+        if prototypes.mean.shape[0] != want:
+            raise CheckpointError(f"{src / EXPERTS_FILE}: tensor 'routing.mean' has {prototypes.mean.shape[0]} "
+                                  "features, " + (f"the sentence model's embedding has {want}" if sentence else
+                                                  f"the model's hidden size is {cms.d}"))
     own = dict(cms.named_memory_parameters())
     if set(tensors) != set(own):
         missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))

@@ -118,15 +118,39 @@ class Prototypes:
         return protos
 
 
+#: The routing feature's "layer" when it is the sentence model's embedding (``cms.routing.feature: sentence``).
+SENTENCE_LAYER = -1
+#: Its dimension (all-MiniLM-L6-v2).
+SENTENCE_DIM = 384
+
+
+def sentence_features(prompts: Sequence[str], batch_size: int, device: str = "cpu") -> torch.Tensor:
+    """The frozen sentence model's embedding of each prompt (all-MiniLM-L6-v2, mean-pooled, unit rows): (N, 384).
+
+    The model the semantic reward loads (model/sleep/rewards.py), from its PyPI package, once per process.
+    Raises RewardModelNotFoundError, with the install command, when it is not installed.
+    """
+    from model.sleep.rewards import _load_sentence_model, minilm_dir
+
+    encoder = _load_sentence_model(str(minilm_dir()), device)
+    with torch.no_grad():
+        emb = encoder.encode(list(prompts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                             show_progress_bar=False)
+    return emb.float().cpu()
+
+
 @torch.no_grad()
 def sequence_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                       layer: int, batch_size: int, max_length: int) -> torch.Tensor:
-    """Mean over each prompt's tokens of the residual stream entering decoder layer ``layer``: (N, d).
+    """Mean over each prompt's tokens of the residual stream entering decoder layer ``layer``: (N, d); for
+    ``layer`` = SENTENCE_LAYER, the sentence model's embedding (:func:`sentence_features`), (N, 384).
 
     Right padding under a causal mask: a prompt's tokens never see the padding after them.
     """
     if not prompts:
         raise ValueError("sequence_features: no prompts")
+    if layer == SENTENCE_LAYER:
+        return sentence_features(prompts, batch_size, str(model.device))
     ids = [list(p)[-max_length:] for p in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
@@ -217,7 +241,9 @@ def add_period(protos: Prototypes | None, features: torch.Tensor, period: int, k
             protos.scatter, protos.shrinkage = torch.zeros(d, d, dtype=torch.float64), float(shrinkage)
             protos.pooled_periods = torch.empty(0, dtype=torch.long)
     elif protos.layer != layer:
-        raise CMSError(f"cms.routing.feature_layer is {layer} but the state's prototypes were made at layer {protos.layer}")
+        raise CMSError(f"cms.routing is set to route by {_feature_name(layer)} but the state's prototypes were made "
+                       f"with {_feature_name(protos.layer)} (a state keeps the feature it started with: set "
+                       "cms.routing.feature and feature_layer back to go on from it)")
     if protos.metric != metric:
         raise CMSError(f"cms.routing.metric is {metric} but the state's prototypes were made with {protos.metric} "
                        f"(set cms.routing.metric: {protos.metric} to go on from this state)")
@@ -318,11 +344,22 @@ def route(protos: Prototypes, features: torch.Tensor) -> torch.Tensor:
     return protos.periods[mahalanobis_route(z, protos.centroids.float(), protos.whiten())]
 
 
-def feature_layer(cms: ContinuumMemory, layer: int | None) -> int:
-    """The decoder layer whose input is the routing feature: ``layer``, or a quarter of the depth by default.
+def _feature_name(layer: int) -> str:
+    return "the sentence model's embedding" if layer == SENTENCE_LAYER else f"decoder layer {layer}'s input"
 
-    It must lie at or below the first CMS layer, so that no memory level changes the features.
+
+def feature_layer(cms: ContinuumMemory, layer: int | None, feature: str = "decoder") -> int:
+    """The decoder layer whose input is the routing feature: ``layer``, or a quarter of the depth by default;
+    SENTENCE_LAYER when ``feature`` is ``sentence`` (a model outside the LM: no memory level changes it either).
+
+    A decoder layer must lie at or below the first CMS layer, so that no memory level changes the features.
     """
+    if feature == "sentence":
+        if layer is not None:
+            raise CMSError(f"cms.routing.feature_layer is {layer}, but feature 'sentence' reads no decoder layer")
+        return SENTENCE_LAYER
+    if feature != "decoder":
+        raise CMSError(f"cms.routing.feature must be 'decoder' or 'sentence', got {feature!r}")
     n_layers = len(cms.base_model[0].get_decoder().layers)
     chosen = n_layers // 4 if layer is None else layer
     if not 0 <= chosen <= cms.layer_ids[0]:
@@ -334,10 +371,10 @@ def feature_layer(cms: ContinuumMemory, layer: int | None) -> int:
 def learn_prototypes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cms: ContinuumMemory,
                      prompts: Sequence[str], period: int, layer: int | None, k: int, batch_size: int, max_length: int,
                      seed: int = 0, *, metric: Metric = "cosine", shrinkage: float = 0.5,
-                     groups: Sequence[Hashable | None] | None = None) -> Prototypes:
+                     groups: Sequence[Hashable | None] | None = None, feature: str = "decoder") -> Prototypes:
     """Wake: ``period``'s prototypes from its prompts (``groups``: each prompt's label, None for a passage),
-    into ``cms.prototypes`` (returned)."""
-    at = feature_layer(cms, layer)
+    into ``cms.prototypes`` (returned). ``feature``: ``decoder`` (layer ``layer``) or ``sentence``."""
+    at = feature_layer(cms, layer, feature)
     feats = sequence_features(model, tokenizer, prompts, at, batch_size, max_length)
     added = add_period(cms.prototypes, feats, period, k, at, seed=seed, metric=metric, shrinkage=shrinkage,
                        groups=groups)
@@ -350,6 +387,8 @@ __all__ = [
     "MAHALANOBIS_KEYS",
     "PROTOTYPE_KEYS",
     "Prototypes",
+    "SENTENCE_DIM",
+    "SENTENCE_LAYER",
     "add_period",
     "compact",
     "cosine_route",
@@ -362,6 +401,7 @@ __all__ = [
     "learn_prototypes",
     "route",
     "view_class",
+    "sentence_features",
     "sequence_features",
     "spherical_kmeans",
     "standardise",

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from model.errors import UserError
 from model.io import atomic_dir, sha256_file
+from model.memory.prototypes import SENTENCE_LAYER
 
 if TYPE_CHECKING:
     from model.serving.serving import TrainedModel
@@ -99,6 +100,12 @@ def export_model(trained: "TrainedModel", out: str | Path) -> Path:
     An existing ``out`` is replaced only when it is an earlier export or empty, never another directory.
     """
     out = Path(out)
+    protos = trained.cms.prototypes
+    if protos is not None and protos.layer == SENTENCE_LAYER:
+        raise ExportError(f"{out}: the state routes by the sentence model's embedding (cms.routing.feature: "
+                          "sentence), which the exported transformers model cannot compute; export a state that "
+                          "routes by a decoder layer (feature: decoder), or ask this one in process "
+                          "(lm-sleep predict / generate)")
     if out.exists() and not (out.is_dir() and (_is_export(out) or not any(out.iterdir()))):
         raise ExportError(f"{out}: exists and is not an lm-sleep export; choose a new or empty directory")
     from model.serving.modeling_lm_sleep import LMSleepConfig  # noqa: PLC0415 (only an export needs it)

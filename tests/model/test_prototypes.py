@@ -357,3 +357,41 @@ def test_mahalanobis_compaction_keeps_the_pooled_covariance_and_k_centroids_per_
     assert small.scatter is protos.scatter and small.count == protos.count == 36
     x = torch.cat([feats[p] for p in range(3)])
     assert [view_class(cms, int(r)) for r in route(small, x)] == [1] * 24 + [2] * 12
+
+
+def test_sentence_feature_routes_each_input_to_its_period_and_the_state_keeps_it(tmp_path):
+    """``cms.routing.feature: sentence``: prototypes of the sentence model's embedding (not a decoder layer's): the
+    texts of two periods go to their own period, the feature survives a checkpoint, and a state made with one
+    feature refuses the other."""
+    from model.memory.prototypes import SENTENCE_LAYER, sentence_features
+    from model.memory.routed import routed_periods
+
+    lm, cms = tiny_with_cms()
+    prompts = lambda texts: [f"{t} ->" for t in texts]  # noqa: E731
+    alarms = [*ALARMS, "set an alarm for noon", "i need an alarm at five"]
+    money = [*MONEY, "how much is in my account", "my balance please"]
+    kw = dict(metric="mahalanobis", shrinkage=0.5, feature="sentence")
+    learn_prototypes(lm.model, lm.tokenizer, cms, prompts(alarms[:4]), 0, None, 2, 4, 32,
+                     groups=["alarm"] * 4, **kw)
+    cms.begin_period(1)
+    learn_prototypes(lm.model, lm.tokenizer, cms, prompts(money[:4]), 1, None, 2, 4, 32,
+                     groups=["balance"] * 4, **kw)
+    assert cms.prototypes.layer == SENTENCE_LAYER and cms.prototypes.centroids.shape[1] == 384
+    held_out = prompts(alarms[4:] + money[4:])
+    assert routed_periods(lm.model, lm.tokenizer, cms, held_out, 4, 32) == [0, 0, 1, 1]
+    feats = sentence_features(held_out, 2)
+    assert feats.shape == (4, 384) and torch.allclose(feats.norm(dim=1), torch.ones(4), atol=1e-4)
+    # the same text, the same feature, whatever else is in its batch
+    assert torch.allclose(sentence_features(held_out[:1], 1)[0], feats[0], atol=1e-5)
+
+    save_state(cms, tmp_path / "s")
+    _, fresh = tiny_with_cms()
+    load_state(fresh, tmp_path / "s")
+    assert fresh.prototypes.layer == SENTENCE_LAYER
+    assert routed_periods(lm.model, lm.tokenizer, fresh, held_out, 4, 32) == [0, 0, 1, 1]
+    with pytest.raises(CMSError, match="route by decoder layer 1's input but the state's prototypes were made with "
+                                       "the sentence model's embedding"):
+        learn_prototypes(lm.model, lm.tokenizer, fresh, prompts(alarms), 2, None, 2, 4, 32,
+                         metric="mahalanobis", groups=["alarm"] * len(alarms))
+    with pytest.raises(CMSError, match="feature 'sentence' reads no decoder layer"):
+        feature_layer(cms, 1, "sentence")

@@ -192,6 +192,18 @@ def test_export_replaces_only_an_earlier_export_and_a_failure_leaves_it_whole(tr
     with pytest.raises(ExportError, match="mine: exists and is not an lm-sleep export"):
         export_model(trained, mine)
     assert (mine / "notes.txt").read_text() == "keep me"
+    import dataclasses
+
+    from model.memory.prototypes import SENTENCE_LAYER
+
+    kept = trained.cms.prototypes
+    trained.cms.prototypes = dataclasses.replace(kept, layer=SENTENCE_LAYER)  # a state routed by the sentence model
+    try:
+        with pytest.raises(ExportError, match="routes by the sentence model's embedding"):
+            export_model(trained, tmp_path / "sentence")
+    finally:
+        trained.cms.prototypes = kept
+    assert not (tmp_path / "sentence").exists()
 
     def broken(*_args, **_kwargs):
         raise OSError("disk full")
