@@ -58,6 +58,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_prototype_routing": {"cms": {"routing": {"by_prototype": False}}},
     "cosine_routing": {"cms": {"routing": {"metric": "cosine"}}},
     "sentence_routing": {"cms": {"routing": {"feature": "sentence"}}},
+    "decoder_routing": {"cms": {"routing": {"feature": "decoder"}}},
 }
 
 
@@ -100,6 +101,7 @@ MethodName = Literal[
     "no_promotion_check", "dreams_into_slow", "fold_dreams", "fold_with_dreams", "keep_dreams", "keep_dreams_slow",
     "no_keep_dreams", "same_period_merge", "oldest_merge", "merge_in_view", "merge_both_starts", "absorb_dreams",
     "merge_for_dreams", "check_merged_periods", "one_teacher_sample", "zero_start", "copy_distilled", "sentence_routing",
+    "decoder_routing",
     "no_dream_policy", "base", "passage_finetune",
     "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "in_context", "retrieval",
     "sleep_1", "sleep_2", "sleep_3",

@@ -94,6 +94,8 @@ METHODS: dict[str, str] = {
     "cosine_routing": "full sleep, prototypes by spherical k-means and cosine (no shared covariance)",
     "sentence_routing": "full sleep, prototypes of the sentence model's embedding of each input (all-MiniLM-L6-v2) "
     "instead of a decoder layer's",
+    "decoder_routing": "full sleep, prototypes of a decoder layer's mean residual stream (the router before the "
+    "comparisons' sentence feature)",
     "with_routing": "full sleep plus the routing loss (routers fire on this period's inputs, not on dreamed inputs "
     "of other tasks; off by default: it did not help on the development runs)",
     "cms": "the continuum memory system learning online, without sleep",

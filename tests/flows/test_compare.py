@@ -188,6 +188,7 @@ def test_quick_applies_its_overrides_and_seeds(tmp_path):
     ("absorb_dreams", ("dream", "keep_dreams_when_full"), "absorb"), ("sleep", ("dream", "keep_dreams_when_full"), "absorb"),
     ("merge_for_dreams", ("dream", "keep_dreams_when_full"), "merge"),
     ("sentence_routing", ("cms", "routing", "feature"), "sentence"), ("sleep", ("cms", "routing", "feature"), "decoder"),
+    ("decoder_routing", ("cms", "routing", "feature"), "decoder"),
 ])
 def test_each_method_sets_its_switch(tmp_path, method, field, value):
     params_path = _with_comparisons(toy_project(tmp_path), methods=[method])
