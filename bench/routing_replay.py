@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.consolidation_fidelity import _data_dir
 from model.config import load_params
 from model.data.stream import load_stream
 from model.io import write_json
@@ -40,16 +41,6 @@ from model.runtime import configure_torch
 
 #: ``--layers -1``: route by the sentence model's embedding of the raw text instead of a decoder layer's.
 SENTENCE = -1
-
-
-def _data_dir(run: Path, raw: dict) -> Path:
-    given = Path(raw["data"]["out_dir"])
-    if given.is_dir():
-        return given
-    local = run.parent.parent / "data" / run.name / "processed"
-    if local.is_dir():
-        return local
-    raise SystemExit(f"{run / 'params.yaml'}: data.out_dir {given} is missing, and so is {local}")
 
 
 def sentence_features(texts: list[str]) -> torch.Tensor:

@@ -371,12 +371,7 @@ def consolidate(
                                                             judge, step)
                     loss = loss + (1 - cfg.alpha) * pg
                     result.samples += rows
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLossError(f"non-finite consolidation loss {loss.item()} at step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(new_params, cfg.grad_clip)
-                optimizer.step()
+                _step(optimizer, loss, new_params, cfg.grad_clip, f"consolidation loss at step {step}")
                 rec = StepRecord(step, float(loss.item()), float(distill.item()), mean_reward, on_policy)
                 result.steps.append(rec)
                 if on_step is not None:
@@ -389,6 +384,17 @@ def consolidate(
         result.rehearsal_steps = rehearse_alone(model, cms, split, r_cache, new_params, student, cfg, rng, on_step,
                                                 keep=d_cache if cfg.rehearsal.anchor_current else None)
     return _release(cms, src, dst, slot, freeze, result)
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Sequence[torch.nn.Parameter],
+          grad_clip: float, what: str) -> None:
+    """One clipped optimizer step on ``loss``; NonFiniteLossError (naming ``what``) on a NaN/inf loss."""
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLossError(f"non-finite {what}: {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
 
 
 def _teacher_rows(data: Sequence) -> list[dict]:
@@ -444,12 +450,7 @@ def rehearse_alone(
                     with student():
                         ks_logits = split.completion_logits(k_state, k_batch)
                     loss = loss + distillation_loss(kt_logits, ks_logits, cfg.divergence, cfg.beta)
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLossError(f"non-finite rehearsal loss {loss.item()} at rehearsal step {k}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(new_params, cfg.grad_clip)
-                optimizer.step()
+                _step(optimizer, loss, new_params, cfg.grad_clip, f"rehearsal loss at rehearsal step {k}")
                 rec = StepRecord(cfg.steps + k, float(loss.item()), float(loss.item()), math.nan, False)
                 records.append(rec)
                 if on_step is not None:
