@@ -287,27 +287,27 @@ def consolidate(
     sampling = sampling or SamplingConfig()
     decode = {"batch_size": sampling.batch_size, "dtype": sampling.compute_dtype}
     pair_of = lambda s: (s.prompt, s.text)  # noqa: E731
+
+    def teacher_data() -> list:
+        """D: the teacher's samples on this period's prompts (recorded in the dreams table)."""
+        with teacher():
+            data = sample_continuations(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens,
+                                        cfg.temperature, cfg.top_p, seed, **decode)
+        result.samples += _teacher_rows(data)
+        return data
+
     if cfg.steps == 0:  # the copy alone (config: init copy, with expansion): no teacher data, nothing distilled
         if r_cache is not None and cfg.rehearsal.steps > 0:
             keep = None
             if cfg.rehearsal.anchor_current:  # the copy's answers on this period's prompts, kept beside
-                with teacher():
-                    data = sample_continuations(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens,
-                                                cfg.temperature, cfg.top_p, seed, **decode)
-                result.samples += _teacher_rows(data)
+                data = teacher_data()
                 keep = PrefixCache(split, tokenizer, [pair_of(s) for s in data], max_length, teacher=teacher)
             result.rehearsal_steps = rehearse_alone(model, cms, split, r_cache, new_params, student, cfg, rng,
                                                     on_step, keep=keep)
         return _release(cms, src, dst, slot, freeze, result)
     optimizer = torch.optim.AdamW(new_params, lr=cfg.lr, weight_decay=0.0)
 
-    with teacher():
-        data = sample_continuations(
-            model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed,
-            **decode,
-        )
-    result.samples += _teacher_rows(data)
-
+    data = teacher_data()
     d_cache = PrefixCache(split, tokenizer, [pair_of(s) for s in data], max_length, teacher=teacher)
     a_cache = PrefixCache(split, tokenizer, anchors, max_length, all_positions=True, teacher=teacher) if anchors else None
     model.train()
