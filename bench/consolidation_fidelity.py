@@ -68,7 +68,7 @@ def _merged(base: dict, overrides: dict) -> dict:
     return out
 
 
-def _data_dir(run: Path, raw: dict) -> Path:
+def run_data_dir(run: Path, raw: dict) -> Path:
     """The run's prepared stream: its params' out_dir, or the comparison's data/seed-N/processed beside it."""
     given = Path(raw["data"]["out_dir"])
     if given.is_dir():
@@ -87,7 +87,7 @@ def _state_accuracy(params, root: Path, state: Path, stream, plan, period: int) 
 
 def measure(run: Path, period: int, overrides: dict) -> dict:
     raw = yaml.safe_load((run / "params.yaml").read_text())
-    data = _data_dir(run, raw)
+    data = run_data_dir(run, raw)
     stream, plan = load_stream(data)
     with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
         root = Path(tmp)

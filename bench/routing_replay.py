@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.consolidation_fidelity import _data_dir
+from bench.consolidation_fidelity import run_data_dir
 from model.config import load_params
 from model.data.stream import load_stream
 from model.io import write_json
@@ -70,7 +70,7 @@ def rebuilt(loaded, cms, params, stream, plan, layer: int, shrinkage: float, pro
 def measure(run: Path, shrinkages: list[float], layers: list[int] | None = None, prompted: bool = False) -> list[dict]:
     params_path = run / "params.yaml"
     raw = yaml.safe_load(params_path.read_text())
-    data = _data_dir(run, raw)
+    data = run_data_dir(run, raw)
     stream, plan = load_stream(data)
     params = load_params(params_path)
     params = params.model_copy(update={"data": params.data.model_copy(update={"out_dir": str(data)})})
