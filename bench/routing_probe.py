@@ -12,6 +12,13 @@ of test prompts routed to their own task after the last task, mean over dev stre
     python bench/routing_probe.py                       # embedded default, 3 dev streams of 3 and 5 tasks
     python bench/routing_probe.py --out docs/results/issue13/routing_probe.json
 
+``--joined W ...``: instead, one Mahalanobis router at the default decoder layer and one on the sentence model's
+embedding (``cms.routing.feature: sentence``), each a prototype per label, and for each weight w the route
+argmin_p w d_sentence(x, p)^2 + (1 - w) d_decoder(x, p)^2 (w = 0: the decoder router, 1: the sentence router);
+reports the earlier tasks' texts sent to another task at the end of each dev stream (what sleep forgets by):
+
+    python bench/routing_probe.py --joined 0 0.25 0.5 0.75 1 --dev-seeds 100 101 102 103 104 105
+
 Any text/label data works: the source, template and sizes come from params.yaml's data section.
 """
 
@@ -31,7 +38,8 @@ from model.decoding.loading import load_base_model
 from model.evaluation.comparison import evaluation_labels
 from model.io import write_json
 from model.memory.cms import attach_cms
-from model.memory.prototypes import Prototypes, add_period, route, sequence_features
+from model.memory.prototypes import (SENTENCE_LAYER, Prototypes, add_period, feature_layer, route, sequence_features,
+                                     standardise)
 from model.memory.wake import split_template
 
 
@@ -45,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16], help="cosine: prototypes a period")
     ap.add_argument("--shrinkage", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7],
                     help="mahalanobis: the pooled covariance's weight on the identity")
+    ap.add_argument("--joined", type=float, nargs="+", default=None,
+                    help="weights of the sentence router in a score sum with the decoder router (0..1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.joined is not None and any(not 0.0 <= w <= 1.0 for w in args.joined):
+        raise SystemExit(f"--joined: each weight must be in [0, 1], got {args.joined}")
     torch.set_num_threads(2)
     root = Path(".")
     params = load_params(Path(args.params))
@@ -61,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     layers = sorted({min(int(f * n_layers), cms.layer_ids[0]) for f in args.layers})
     print(f"{len(excluded)} evaluation labels excluded; {df['label'].nunique()} dev labels; layers {layers}")
     start = time.perf_counter()
+    if args.joined is not None:
+        return joined(args, params, df, lm, feature_layer(cms, None), excluded, start)
     table: dict[str, list[float]] = {}
     for n_tasks in args.tasks:
         for seed in args.dev_seeds:
@@ -91,6 +105,61 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_json(Path(args.out), {"model": lm.name, "n_layers": n_layers, "dev_seeds": args.dev_seeds,
                                     "excluded_labels": len(excluded), "rows": rows})
+    return 0
+
+
+def mahalanobis_scores(protos: Prototypes, features: torch.Tensor) -> torch.Tensor:
+    """-|W (z - c_p)|^2 + |W z|^2 for every input and prototype (N, P): argmax is the Mahalanobis route."""
+    z, w = standardise(features, protos), protos.whiten()
+    y, c = z @ w.T, protos.centroids.float() @ w.T
+    return 2.0 * y @ c.T - (c * c).sum(dim=1)
+
+
+def joined(args, params, df, lm, layer: int, excluded: list, start: float) -> int:
+    """The score sum of the decoder-layer and the sentence-model routers on each dev stream, per weight."""
+    rows = []
+    for n_tasks in args.tasks:
+        for seed in args.dev_seeds:
+            cfg = params.data.model_copy(update={"seed": seed, "n_tasks": n_tasks, "exclude_labels": []})
+            stream, plan = build_stream(df, cfg)
+            split = {(t, s): stream[(stream.task == t) & (stream.split == s)] for t in plan for s in ("train", "test")}
+            prompts = {key: [split_template(params.wake.template, x, plan[key[0]][0])[0] for x in r.text]
+                       for key, r in split.items()}
+            protos, feats = {}, {}
+            for name, at in (("decoder", layer), ("sentence", SENTENCE_LAYER)):
+                feats[name] = {key: sequence_features(lm.model, lm.tokenizer, v, at, 64, params.wake.max_length)
+                               for key, v in prompts.items()}
+                for t in plan:
+                    protos[name] = add_period(protos.get(name), feats[name][(t, "train")], t, 1, at, seed=seed,
+                                              metric="mahalanobis", shrinkage=params.cms.routing.shrinkage,
+                                              groups=list(split[(t, "train")].label))
+            periods = protos["decoder"].periods
+            if not torch.equal(periods, protos["sentence"].periods):
+                raise RuntimeError("the two routers' prototypes are not in the same order")
+            last = max(plan)
+            for w in args.joined:
+                own = {}
+                for t in plan:
+                    score = (w * mahalanobis_scores(protos["sentence"], feats["sentence"][(t, "test")])
+                             + (1.0 - w) * mahalanobis_scores(protos["decoder"], feats["decoder"][(t, "test")]))
+                    own[t] = periods[score.argmax(dim=1)].eq(t).tolist()
+                rows.append({"n_tasks": n_tasks, "seed": seed, "w_sentence": w,
+                             "routed_own": {str(t): round(statistics.mean(v), 4) for t, v in own.items()},
+                             "earlier_misrouted": sum(len(v) - sum(v) for t, v in own.items() if t < last),
+                             "earlier_texts": sum(len(v) for t, v in own.items() if t < last),
+                             "last_misrouted": len(own[last]) - sum(own[last])})
+            print(f"dev stream {n_tasks} tasks seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"| sentence weight | {' | '.join(f'{n} tasks: earlier texts misrouted' for n in args.tasks)} | "
+          "last tasks' texts misrouted |\n| --- |" + " --- |" * (len(args.tasks) + 1))
+    for w in args.joined:
+        mine = [r for r in rows if r["w_sentence"] == w]
+        cells = [f"{sum(r['earlier_misrouted'] for r in mine if r['n_tasks'] == n)} of "
+                 f"{sum(r['earlier_texts'] for r in mine if r['n_tasks'] == n)}" for n in args.tasks]
+        print(f"| {w} | {' | '.join(cells)} | {sum(r['last_misrouted'] for r in mine)} |")
+    if args.out:
+        write_json(Path(args.out), {"model": lm.name, "decoder_layer": layer, "dev_seeds": args.dev_seeds,
+                                    "shrinkage": params.cms.routing.shrinkage, "excluded_labels": len(excluded),
+                                    "rows": rows})
     return 0
 
 
