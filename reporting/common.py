@@ -40,7 +40,9 @@ def error_bars(cs: Sequence[dict[str, float | None]]) -> list[list[float]]:
 
 
 def format_ci(c: dict[str, float | None], digits: int = 3) -> str:
-    """``mean [low, high]`` (just the mean when the CI is undefined)."""
+    """``mean [low, high]`` (just the mean when the CI is undefined; n/a when the metric is)."""
+    if c["mean"] is None:
+        return "n/a"
     if c["low"] is None:
         return f"{c['mean']:.{digits}f}"
     return f"{c['mean']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"

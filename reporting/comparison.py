@@ -1,7 +1,7 @@
 """The report of a comparison: ``reports/<name>/`` (docs/design.md §5).
 
-- ``README.md``: one row per method: final average accuracy, forgetting and backward
-  transfer as mean [95% CI] over seeds, gradient steps, minutes; then the target
+- ``README.md``: one row per method: final average accuracy, the earlier tasks' final accuracy,
+  forgetting and backward transfer as mean [95% CI] over seeds, gradient steps, minutes; then the target
   check (sleep vs the methods that keep no raw past data, and vs sequential
   fine-tuning by the CI of the per-seed differences), then every run's matrix.
 - ``metrics.json`` (DVC metrics): per method, the means and CIs.
@@ -11,7 +11,8 @@
   forgetting per method with error bars, accuracy of each task over time.
 
 Definitions (``model/evaluation/continual.py``): R[i][j] is the accuracy on task j after task i;
-final average accuracy = mean_j R[T-1][j]; forgetting = mean over j < T-1 of
+final average accuracy = mean_j R[T-1][j]; earlier tasks' final accuracy = mean over j < T-1 of
+R[T-1][j] (none with one task); forgetting = mean over j < T-1 of
 max_{j <= i <= T-2} R[i][j] - R[T-1][j] (Chaudhry et al. 2018); backward transfer =
 mean over j < T-1 of R[T-1][j] - R[j][j] (Lopez-Paz & Ranzato 2017).
 """
@@ -28,18 +29,20 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from model.config import METHODS, STORES_RAW_DATA, Params
-from model.evaluation.continual import DIAGNOSTIC_STATES, accuracy_matrix, backward_transfer, final_average_accuracy, forgetting
+from model.evaluation.continual import (DIAGNOSTIC_STATES, accuracy_matrix, backward_transfer, earlier_tasks_accuracy,
+                                        final_average_accuracy, forgetting)
 from model.io import atomic_dir, write_json, write_text
 from reporting.common import ci_summary, format_ci, paired_by_seed
 from reporting.figures import COLORS, figure_style, save_png
 
-METRICS = ("final_accuracy", "forgetting", "backward_transfer")
+METRICS = ("final_accuracy", "earlier_accuracy", "forgetting", "backward_transfer")
 
 
 def run_metrics(result: dict, n_tasks: int) -> dict[str, Any]:
-    """A run's accuracy matrix and its three continual-learning metrics."""
+    """A run's accuracy matrix and its continual-learning metrics (``earlier_accuracy`` None with one task)."""
     R = accuracy_matrix(result["accuracy"], n_tasks)
-    return {"matrix": R, "final_accuracy": final_average_accuracy(R), "forgetting": forgetting(R),
+    return {"matrix": R, "final_accuracy": final_average_accuracy(R), "earlier_accuracy": earlier_tasks_accuracy(R),
+            "forgetting": forgetting(R),
             "backward_transfer": backward_transfer(R)}
 
 
@@ -54,7 +57,7 @@ def summarise(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[i
             continue
         mats = np.array([[[math.nan if v is None else v for v in row] for row in r["matrix"]] for r in runs])
         out[m] = {
-            **{k: ci_summary([r[k] for r in runs]) for k in METRICS},
+            **{k: _ci_or_none([r[k] for r in runs]) for k in METRICS},
             "per_seed": {k: [r[k] for r in runs] for k in METRICS},
             "seeds": [r["seed"] for r in runs],
             "mean_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in np.nanmean(mats, axis=0)]
@@ -64,6 +67,13 @@ def summarise(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[i
             "stores_raw_data": m in STORES_RAW_DATA,
         }
     return out
+
+
+def _ci_or_none(values: Sequence[float | None]) -> dict[str, float | None]:
+    """ci_summary of the values; all None where any is (a metric a one-task stream does not define)."""
+    if any(v is None for v in values):
+        return {"mean": None, "low": None, "high": None}
+    return ci_summary(values)
 
 
 #: Methods that learn nothing (excluded from "forgets least": forgetting nothing is no achievement).
@@ -87,8 +97,11 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
                            "highest_accuracy": best_acc == reference, "lowest_forgetting_ok": least_forget == reference,
                            "margins": {}, "gaps": {}}
     ok = out["lowest_forgetting_ok"]
-    if not ok:  # how far from the least-forgetting method, paired over seeds (the target itself stays "no")
+    if not ok:  # how far from the least-forgetting method, paired over seeds (the target itself stays "no"), and
+        # whether the earlier tasks end higher or lower than that method's (a method that never learned a task well
+        # cannot lose much of it)
         out["forgetting_gap"] = _paired_gap(summary, reference, least_forget, "forgetting")
+        out["earlier_gap"] = _paired_gap(summary, reference, least_forget, "earlier_accuracy")
     for other in against:
         if other not in summary:
             continue
@@ -109,7 +122,11 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
 
 def _paired_gap(summary: dict[str, Any], a: str, b: str, metric: str) -> dict[str, Any] | None:
     """``a`` - ``b`` in ``metric``, paired over the seeds both ran: mean, 95% CI, seeds, above/below zero (None: no
-    common seed)."""
+    common seed, or a metric the runs do not define)."""
+    if metric not in summary[a]["per_seed"] or metric not in summary[b]["per_seed"]:
+        return None
+    if any(v is None for m in (a, b) for v in summary[m]["per_seed"][metric]):
+        return None
     c = paired_by_seed(dict(zip(summary[a]["seeds"], summary[a]["per_seed"][metric])),
                        dict(zip(summary[b]["seeds"], summary[b]["per_seed"][metric])))
     return None if c is None else {"other": b, **c}
@@ -126,12 +143,13 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
         f"{params.data.labels_per_task} labels, {params.data.train_per_label} train / {params.data.test_per_label} "
         f"test examples per label, model `{params.model.source}`. Mean over seeds with a 95% Student-t CI.",
         "",
-        "| method | keeps raw past data | final avg accuracy | forgetting | backward transfer | gradient steps | minutes (all seeds) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | keeps raw past data | final avg accuracy | earlier tasks' final accuracy | forgetting | "
+        "backward transfer | gradient steps | minutes (all seeds) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m, s in summary.items():
         lines.append(f"| {m} | {'yes' if s['stores_raw_data'] else 'no'} | {format_ci(s['final_accuracy'])} | "
-                     f"{format_ci(s['forgetting'])} | {format_ci(s['backward_transfer'])} | {s['gradient_steps']:.0f} | "
+                     f"{format_ci(s['earlier_accuracy'])} | {format_ci(s['forgetting'])} | {format_ci(s['backward_transfer'])} | {s['gradient_steps']:.0f} | "
                      f"{s['seconds'] / 60:.1f} |")
     lines += ["", "Methods: " + "; ".join(f"**{m}**: {METHODS[m]}" for m in summary), ""]
     machines = machines_table(results)
@@ -157,6 +175,10 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
             lines.append(f"- sleep - {gap['other']}, forgetting, paired over seeds {gap['seeds']}: {format_ci(gap)} ("
                          + ("the interval excludes zero" if apart else "the interval holds zero: the two are not "
                             "told apart on these seeds") + ")")
+        earlier = target.get("earlier_gap")
+        if earlier is not None:
+            lines.append(f"- sleep - {earlier['other']}, the earlier tasks' final accuracy (every task but the last, "
+                         f"at the end), paired over seeds {earlier['seeds']}: {format_ci(earlier)}")
         for other, m in target["margins"].items():
             lines.append(f"- sleep - {other}, final accuracy, paired over seeds {m['seeds']}: {format_ci(m)} "
                          f"(interval above zero: {yes(m['above_zero'])})")

@@ -5,8 +5,8 @@ runs that live apart: a method rerun at a later commit against the baselines of 
 comparison, two worktrees that each ran some seeds, a development arm against its reference.
 This reads every ``result.json`` under the folders given for each side (a method's folder of a
 comparison, ``state/compare/NAME/METHOD``, or any copy of it), keys the runs by their seed and
-reports, per side, the final average accuracy and forgetting with 95% Student-t intervals over
-seeds, and A - B of each, paired over the common seeds (the interval of the per-seed differences).
+reports, per side, the final average accuracy, the earlier tasks' final accuracy (every task but the last, at
+the end; not with one-task streams) and forgetting with 95% Student-t intervals over seeds, and A - B of each, paired over the common seeds (the interval of the per-seed differences).
 
 It refuses what would pair the wrong runs: two runs of one seed on one side, a side that mixes
 methods, paired runs with different numbers of tasks, no seed in common. Runs on different
@@ -26,7 +26,7 @@ from reporting.comparison import run_metrics
 from reporting.common import ci_summary, format_ci, paired_by_seed
 
 RESULT_FILE = "result.json"
-PAIRED_METRICS = ("final_accuracy", "forgetting")
+PAIRED_METRICS = ("final_accuracy", "earlier_accuracy", "forgetting")
 
 
 class PairedInputError(UserError, ValueError):
@@ -104,16 +104,19 @@ def paired_runs(a: dict[int, dict], b: dict[int, dict], labels: tuple[str, str] 
         if na != nb:
             raise PairedInputError(f"seed {s}: {a[s]['path']} has {na} tasks and {b[s]['path']} {nb}: "
                                    "the runs are not of one stream")
+    # a one-task run has no earlier task: its side is paired on the other metrics only
+    metrics = [k for k in PAIRED_METRICS if k != "earlier_accuracy"
+               or all(len(r["accuracy"]) > 1 for runs in (a, b) for r in runs.values())]
     per_seed: dict[str, dict[int, dict[str, float]]] = {}
     sides: dict[str, dict[str, dict]] = {}
     for label, runs in zip(labels, (a, b)):
         per_seed[label] = {}
         for s, r in sorted(runs.items()):
             m = run_metrics(r, len(r["accuracy"]))
-            per_seed[label][s] = {k: float(m[k]) for k in PAIRED_METRICS}
-        sides[label] = {k: ci_summary([v[k] for v in per_seed[label].values()]) for k in PAIRED_METRICS}
+            per_seed[label][s] = {k: float(m[k]) for k in metrics}
+        sides[label] = {k: ci_summary([v[k] for v in per_seed[label].values()]) for k in metrics}
     difference = {k: paired_by_seed({s: v[k] for s, v in per_seed[labels[0]].items()},
-                                    {s: v[k] for s, v in per_seed[labels[1]].items()}) for k in PAIRED_METRICS}
+                                    {s: v[k] for s, v in per_seed[labels[1]].items()}) for k in metrics}
     machines = {label: sorted({_machine(r) for r in runs.values()}) for label, runs in zip(labels, (a, b))}
     return {"labels": list(labels), "methods": {label: next(iter(runs.values()))["method"]
                                                  for label, runs in zip(labels, (a, b))},
@@ -135,24 +138,28 @@ def paired_markdown(report: dict[str, Any]) -> str:
              f"Seeds: {la} {report['seeds']['a']}, {lb} {report['seeds']['b']}; paired over {common}. "
              f"Machines: {la} {', '.join(report['machines'][la])}, {lb} {', '.join(report['machines'][lb])}"
              + ("" if report["same_machine"] else " (**not one machine**: float rounding alone moves a run)") + ".",
-             "", f"| seed | {la} final | {lb} final | {la} forgetting | {lb} forgetting |", "| --- | --- | --- | --- | --- |"]
+             ""]
+    metrics = [k for k in PAIRED_METRICS if k in report["difference"]]
+    names = {"final_accuracy": "final", "earlier_accuracy": "earlier tasks", "forgetting": "forgetting"}
+    lines += ["| seed | " + " | ".join(f"{label} {names[k]}" for k in metrics for label in (la, lb)) + " |",
+              "| --- |" + " --- |" * (2 * len(metrics))]
     for s in sorted(set(report["seeds"]["a"]) | set(report["seeds"]["b"])):
         cells = []
-        for k in PAIRED_METRICS:
+        for k in metrics:
             for label in (la, lb):
                 v = report["per_seed"][label].get(s, {}).get(k)
                 cells.append("–" if v is None else f"{v:.3f}")
-        lines.append(f"| {s} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+        lines.append(f"| {s} | {' | '.join(cells)} |")
     lines.append("")
     for label in (la, lb):
-        lines.append(f"- {label}: final {format_ci(report['sides'][label]['final_accuracy'])}, "
-                     f"forgetting {format_ci(report['sides'][label]['forgetting'])}")
-    for k in PAIRED_METRICS:
+        lines.append(f"- {label}: " + ", ".join(f"{names[k]} {format_ci(report['sides'][label][k])}" for k in metrics))
+    for k in metrics:
         d = report["difference"][k]
         where = ("one pair: no interval" if d["low"] is None else "above zero" if d["above_zero"]
                  else "below zero" if d["below_zero"] else "includes zero")
         interval = "" if d["low"] is None else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
-        lines.append(f"- {la} - {lb}, {k.replace('_', ' ')}, paired over {len(common)} seeds: "
+        long = {"earlier_accuracy": "earlier tasks' final accuracy"}.get(k, k.replace("_", " "))
+        lines.append(f"- {la} - {lb}, {long}, paired over {len(common)} seeds: "
                      f"{d['mean']:+.3f}{interval} ({where})")
     return "\n".join(lines) + "\n"
 

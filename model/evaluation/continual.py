@@ -88,6 +88,20 @@ def final_average_accuracy(R: Matrix) -> float:
     return sum(_entry(R, T - 1, j) for j in range(T)) / T
 
 
+def earlier_tasks_accuracy(R: Matrix) -> float | None:
+    """Mean over j < T-1 of R[T-1][j]: what the model still answers of every task before the last, at the end.
+
+    Forgetting measures a task's loss from its own best, so a method that never learned a task well forgets
+    little of it; this is the level the earlier tasks end at, whatever they reached before (the question a
+    continual learner's user asks: how much of the earlier tasks does it still know?). None when T == 1: there
+    is no earlier task.
+    """
+    T = _learned(R)
+    if T == 1:
+        return None
+    return sum(_entry(R, T - 1, j) for j in range(T - 1)) / (T - 1)
+
+
 def forgetting(R: Matrix) -> float:
     """Average forgetting F_T (Chaudhry et al. 2018, "Riemannian Walk", eq. 3-4).
 

@@ -10,6 +10,7 @@ import pytest
 from model.evaluation.continual import (
     accuracy_matrix,
     backward_transfer,
+    earlier_tasks_accuracy,
     final_average_accuracy,
     forgetting,
     mean_ci,
@@ -60,6 +61,19 @@ def test_negative_forgetting_and_positive_backward_transfer():
     assert forgetting(R) == pytest.approx(-0.2)
     assert backward_transfer(R) == pytest.approx(0.2)
     assert final_average_accuracy(R) == pytest.approx(0.8)
+
+
+def test_earlier_tasks_accuracy_is_where_they_end_whatever_they_reached():
+    # task 0 learned badly and kept (0.5 -> 0.5), against learned well and half lost (0.9 -> 0.7):
+    kept_low = [[0.5, None], [0.5, 0.9]]
+    lost_high = [[0.9, None], [0.7, 0.9]]
+    assert forgetting(kept_low) < forgetting(lost_high)  # forgetting ranks the poor learner first
+    assert earlier_tasks_accuracy(kept_low) == pytest.approx(0.5)  # but it ends lower
+    assert earlier_tasks_accuracy(lost_high) == pytest.approx(0.7)
+    assert earlier_tasks_accuracy(R3) == pytest.approx((0.7 + 0.8) / 2)  # the last row without the last task
+    assert earlier_tasks_accuracy([[0.8]]) is None  # one task: no earlier task
+    partial = accuracy_matrix([{0: 0.9}, {0: 0.6, 1: 0.8}], n_tasks=3)
+    assert earlier_tasks_accuracy(partial) == pytest.approx(0.6)  # two tasks learned of three
 
 
 def test_single_task_and_partial_and_missing():

@@ -10,13 +10,15 @@ from reporting.comparison import machines_table, markdown, target_check
 from tasks.machine import machine
 
 
-def _summary(per_seed: dict[str, tuple[list[float], list[float]]]) -> dict:
-    """method -> (final accuracy per seed, forgetting per seed), seeds 0..n-1."""
+def _summary(per_seed: dict[str, tuple]) -> dict:
+    """method -> (final accuracy per seed, forgetting per seed[, earlier tasks' final accuracy per seed]), seeds
+    0..n-1 (the earlier tasks' accuracy defaults to the final accuracy)."""
     out = {}
-    for m, (acc, forg) in per_seed.items():
-        out[m] = {"final_accuracy": ci_summary(acc), "forgetting": ci_summary(forg),
-                  "per_seed": {"final_accuracy": acc, "forgetting": forg}, "seeds": list(range(len(acc))),
-                  "stores_raw_data": m == "replay"}
+    for m, (acc, forg, *earlier) in per_seed.items():
+        early = earlier[0] if earlier else acc
+        out[m] = {"final_accuracy": ci_summary(acc), "forgetting": ci_summary(forg), "earlier_accuracy": ci_summary(early),
+                  "per_seed": {"final_accuracy": acc, "forgetting": forg, "earlier_accuracy": early},
+                  "seeds": list(range(len(acc))), "stores_raw_data": m == "replay"}
     return out
 
 
@@ -34,6 +36,32 @@ def test_a_sleep_that_does_not_forget_least_gets_its_paired_gap_to_the_method_th
     assert gap["mean"] == pytest.approx((0.04 - 0.01 + 0.0) / 3)
     assert gap["low"] < 0 < gap["high"]  # one seed's difference: not told apart
     assert t["margins"]["ewc"]["mean"] == pytest.approx(0.9 - 0.6)
+
+
+def test_beside_the_forgetting_gap_the_report_pairs_where_the_earlier_tasks_end():
+    # sleep forgets a little more than copy_distilled, whose earlier tasks never got as high: they end lower
+    summary = _summary({
+        "ewc": ([0.6, 0.7, 0.5], [0.3, 0.2, 0.4], [0.4, 0.5, 0.3]),
+        "copy_distilled": ([0.85, 0.86, 0.84], [0.0, 0.01, 0.0], [0.80, 0.82, 0.81]),
+        "sleep": ([0.9, 0.95, 0.85], [0.01, 0.01, 0.01], [0.90, 0.93, 0.88]),
+    })
+    for m in summary.values():
+        m.update(backward_transfer=ci_summary([0.0, 0.0, 0.0]), gradient_steps=1, seconds=60.0)
+    t = target_check(summary, against=("ewc",))
+    assert t["lowest_forgetting"] == "copy_distilled" and not t["met"]
+    e = t["earlier_gap"]
+    assert e["other"] == "copy_distilled" and e["mean"] == pytest.approx((0.10 + 0.11 + 0.07) / 3) and e["above_zero"]
+    md = markdown("toy", "", summary, t, [0, 1, 2], [], Params())
+    assert "| copy_distilled | no | 0.850 [" in md and "earlier tasks' final accuracy" in md
+    assert f"- sleep - copy_distilled, the earlier tasks' final accuracy (every task but the last, at the end), " \
+           f"paired over seeds [0, 1, 2]: {e['mean']:.3f} [" in md
+    # one-task runs define no earlier task: the column says n/a and nothing is paired on it
+    for m in summary.values():
+        m["earlier_accuracy"] = {"mean": None, "low": None, "high": None}
+        m["per_seed"]["earlier_accuracy"] = [None, None, None]
+    t = target_check(summary, against=("ewc",))
+    assert t["earlier_gap"] is None and "| sleep | no | 0.900 [" in markdown("toy", "", summary, t, [0, 1, 2], [], Params())
+    assert "| n/a |" in markdown("toy", "", summary, t, [0, 1, 2], [], Params())
 
 
 def test_a_sleep_that_forgets_least_has_no_gap_and_can_meet_the_target():

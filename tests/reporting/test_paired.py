@@ -56,9 +56,12 @@ def test_pairs_only_the_common_seeds_and_summarises_each_side_over_its_own(tmp_p
     f = report["difference"]["forgetting"]
     assert (f["mean"], f["low"], f["high"]) == pytest.approx((m, lo, hi))
     assert f["below_zero"] and not f["above_zero"]
+    m, lo, hi = _interval([0.8 - 0.2, 0.9 - 0.4, 0.8 - 0.2])  # task 0 at the end
+    e = report["difference"]["earlier_accuracy"]
+    assert (e["mean"], e["low"], e["high"]) == pytest.approx((m, lo, hi))
     assert report["same_machine"]
     text = paired_markdown(report)
-    assert "| 3 | 0.700 | – |" in text  # a seed only one side ran is shown, not paired
+    assert "| 3 | 0.700 | – | 0.700 | – |" in text  # a seed only one side ran is shown, not paired
     assert f"sleep - ewc, final accuracy, paired over 3 seeds: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] " \
            "(above zero)" in text
 
