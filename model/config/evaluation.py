@@ -10,18 +10,13 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from model.config.base import ConfigError, Section, format_errors
-from model.config.lifecycle import METHODS
+from model.config.lifecycle import DISTILLATION_STEPS, METHODS
 from model.config.memory import CMSConfig
 from model.config.sleep import PolicyTrainingConfig
 
 
 #: Methods that keep raw examples of past tasks (the target compares sleep with the others).
 STORES_RAW_DATA = frozenset({"icl", "replay", "joint"})
-#: Distillation steps of the methods that switch a part of consolidation's distillation (Learning to Imitate, the
-#: semantic reward, teacher samples, the start, expansion, the dream fold): the comparisons' budget distilled 32 steps after the copy
-#: until the copy alone (``consolidation.steps: 0``) replaced them by its development rule
-#: (docs/results/issue13/dev-copy-steps/); with no step those switches would change nothing.
-DISTILLATION_STEPS = 32
 #: What each method of the CMS family changes in params (applied after the comparison's overrides).
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "cms": {"consolidation": {"enabled": False}, "dream": {"enabled": False}},

@@ -81,6 +81,11 @@ class LifecycleConfig(Section):
         return v
 
 
+#: Distillation steps of the methods that switch a part of consolidation's distillation (Learning to Imitate, the
+#: semantic reward, teacher samples, the start, expansion, the dream fold): the comparisons' budget distilled 32 steps after the copy
+#: until the copy alone (``consolidation.steps: 0``) replaced them by its development rule
+#: (docs/results/issue13/dev-copy-steps/); with no step those switches would change nothing.
+DISTILLATION_STEPS = 32
 METHODS: dict[str, str] = {
     "zero_shot": "the base model, no training (label log-likelihood)",
     "icl": "in-context learning: k train examples per seen label in the prompt, no training",
@@ -104,13 +109,13 @@ METHODS: dict[str, str] = {
     "no_imitation": "copy_distilled without Learning to Imitate (alpha = 1)",
     "no_semantic_reward": "copy_distilled without the semantic reward (gamma = 0)",
     "no_expansion": "full sleep without parameter expansion (the slow level's expert is trained in place, "
-    "DISTILLATION_STEPS steps)",
+    f"{DISTILLATION_STEPS} steps)",
     "no_gradient_selection": "full sleep, dreams picked at random instead of by gradient importance",
     "no_random_expert": "full sleep, dreams without the random-expert dream mode",
     "no_dreaming": "full sleep without dreaming (same as sleep_consolidation, named as the paper's ablation)",
     "no_promotion_check": "full sleep, the dream stage's training kept whether or not it helped the period's unseen examples",
     "dreams_into_slow": "full sleep, dreams trained into the slow expert the sleep consolidated instead of the fast level",
-    "fold_dreams": "copy_distilled, dreams trained into the fast level, then distilled (DISTILLATION_STEPS steps) into "
+    "fold_dreams": f"copy_distilled, dreams trained into the fast level, then distilled ({DISTILLATION_STEPS} steps) into "
     "the slow expert the sleep consolidated, and the fast level freed",
     "fold_with_dreams": "fold_dreams, the fold also distilling the dream-trained model on the promoted dreams' own "
     "text (every token), not only on the wake prompts",
@@ -133,9 +138,9 @@ METHODS: dict[str, str] = {
     "even two periods' experts (the sleep before absorb_dreams)",
     "one_teacher_sample": "copy_distilled, the consolidation's data D one teacher sample per buffered prompt (the "
     "sleep before consolidation.samples_per_prompt 2)",
-    "zero_start": "full sleep, the new slow expert starting from B = 0 and distilled DISTILLATION_STEPS steps (the "
+    "zero_start": f"full sleep, the new slow expert starting from B = 0 and distilled {DISTILLATION_STEPS} steps (the "
     "paper's expansion; the sleep before consolidation.init copy)",
-    "copy_distilled": "full sleep, the new slow expert copied from the fast one, then distilled DISTILLATION_STEPS "
+    "copy_distilled": f"full sleep, the new slow expert copied from the fast one, then distilled {DISTILLATION_STEPS} "
     "steps (the comparisons' sleep before the copy alone, consolidation.steps 0)",
     "check_merged_periods": "full sleep, a dream stage whose move into a full slow level merged earlier periods' "
     "experts is kept only if those periods' rehearsal dreams lost nothing (dream.check_merged_periods)",

@@ -245,6 +245,11 @@ def test_the_comparisons_keep_the_copy_alone_and_the_distillation_switches_still
     assert got == {"sleep": 0, **{m: DISTILLATION_STEPS for m in distilling}}
     project = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     assert {project.evaluation.comparisons[c].overrides["consolidation"]["steps"] for c in ("default", "default-5")} == {0}
+    # what a report says of them names the number, not the constant
+    from model.config import METHODS as DESCRIPTIONS
+
+    assert all(f"{DISTILLATION_STEPS} steps" in DESCRIPTIONS[m] for m in ("copy_distilled", "zero_start", "no_expansion"))
+    assert not [m for m, text in DESCRIPTIONS.items() if re.search(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", text)]
 
 
 def test_a_method_that_its_comparisons_budget_makes_invalid_is_rejected_when_params_load(tmp_path, monkeypatch):
