@@ -76,27 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.joined is not None:
         return joined(args, params, df, lm, feature_layer(cms, None), excluded, start)
     table: dict[str, list[float]] = {}
-    for n_tasks in args.tasks:
-        for seed in args.dev_seeds:
-            cfg = params.data.model_copy(update={"seed": seed, "n_tasks": n_tasks, "exclude_labels": []})
-            stream, plan = build_stream(df, cfg)
-            rows = {(t, split): stream[(stream.task == t) & (stream.split == split)] for t in plan
-                    for split in ("train", "test")}
-            prompts = {key: [split_template(params.wake.template, x, plan[key[0]][0])[0] for x in r.text]
-                       for key, r in rows.items()}
-            for layer in layers:
-                feats = {key: sequence_features(lm.model, lm.tokenizer, v, layer, 64, params.wake.max_length)
-                         for key, v in prompts.items()}
-                settings = [(f"cosine, K={k}", "cosine", k, 0.5) for k in args.k] + [
-                    (f"mahalanobis, shrinkage {lam}", "mahalanobis", 1, lam) for lam in args.shrinkage]
-                for name, metric, k, lam in settings:
-                    protos: Prototypes | None = None
-                    for t in plan:
-                        protos = add_period(protos, feats[(t, "train")], t, k, layer, seed=seed, metric=metric,
-                                            shrinkage=lam, groups=list(rows[(t, "train")].label))
-                    hits = [float((route(protos, feats[(t, "test")]) == t).float().mean()) for t in plan]
-                    table.setdefault(f"{n_tasks} tasks, layer {layer}, {name}", []).append(statistics.mean(hits))
-            print(f"dev stream {n_tasks} tasks seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    for n_tasks, seed, plan, rows, prompts in dev_streams(args, params, df):
+        for layer in layers:
+            feats = {key: sequence_features(lm.model, lm.tokenizer, v, layer, 64, params.wake.max_length)
+                     for key, v in prompts.items()}
+            settings = [(f"cosine, K={k}", "cosine", k, 0.5) for k in args.k] + [
+                (f"mahalanobis, shrinkage {lam}", "mahalanobis", 1, lam) for lam in args.shrinkage]
+            for name, metric, k, lam in settings:
+                protos: Prototypes | None = None
+                for t in plan:
+                    protos = add_period(protos, feats[(t, "train")], t, k, layer, seed=seed, metric=metric,
+                                        shrinkage=lam, groups=list(rows[(t, "train")].label))
+                hits = [float((route(protos, feats[(t, "test")]) == t).float().mean()) for t in plan]
+                table.setdefault(f"{n_tasks} tasks, layer {layer}, {name}", []).append(statistics.mean(hits))
+        print(f"dev stream {n_tasks} tasks seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     rows = [{"setting": key, "routing_accuracy": round(statistics.mean(v), 4), "per_stream": [round(x, 4) for x in v]}
             for key, v in table.items()]
     print("| setting | routed to own task (mean over dev streams) |\n| --- | --- |")
@@ -106,6 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         write_json(Path(args.out), {"model": lm.name, "n_layers": n_layers, "dev_seeds": args.dev_seeds,
                                     "excluded_labels": len(excluded), "rows": rows})
     return 0
+
+
+def dev_streams(args, params, df):
+    """Each development stream (``args.tasks`` x ``args.dev_seeds``): (n_tasks, seed, plan, rows, prompts), rows and
+    prompts keyed by (task, split) for the train and test splits, each prompt the wake's template before the label."""
+    for n_tasks in args.tasks:
+        for seed in args.dev_seeds:
+            cfg = params.data.model_copy(update={"seed": seed, "n_tasks": n_tasks, "exclude_labels": []})
+            stream, plan = build_stream(df, cfg)
+            rows = {(t, split): stream[(stream.task == t) & (stream.split == split)] for t in plan
+                    for split in ("train", "test")}
+            prompts = {key: [split_template(params.wake.template, x, plan[key[0]][0])[0] for x in r.text]
+                       for key, r in rows.items()}
+            yield n_tasks, seed, plan, rows, prompts
 
 
 def mahalanobis_scores(protos: Prototypes, features: torch.Tensor) -> torch.Tensor:
@@ -118,37 +125,31 @@ def mahalanobis_scores(protos: Prototypes, features: torch.Tensor) -> torch.Tens
 def joined(args, params, df, lm, layer: int, excluded: list, start: float) -> int:
     """The score sum of the decoder-layer and the sentence-model routers on each dev stream, per weight."""
     rows = []
-    for n_tasks in args.tasks:
-        for seed in args.dev_seeds:
-            cfg = params.data.model_copy(update={"seed": seed, "n_tasks": n_tasks, "exclude_labels": []})
-            stream, plan = build_stream(df, cfg)
-            split = {(t, s): stream[(stream.task == t) & (stream.split == s)] for t in plan for s in ("train", "test")}
-            prompts = {key: [split_template(params.wake.template, x, plan[key[0]][0])[0] for x in r.text]
-                       for key, r in split.items()}
-            protos, feats = {}, {}
-            for name, at in (("decoder", layer), ("sentence", SENTENCE_LAYER)):
-                feats[name] = {key: sequence_features(lm.model, lm.tokenizer, v, at, 64, params.wake.max_length)
-                               for key, v in prompts.items()}
-                for t in plan:
-                    protos[name] = add_period(protos.get(name), feats[name][(t, "train")], t, 1, at, seed=seed,
-                                              metric="mahalanobis", shrinkage=params.cms.routing.shrinkage,
-                                              groups=list(split[(t, "train")].label))
-            periods = protos["decoder"].periods
-            if not torch.equal(periods, protos["sentence"].periods):
-                raise RuntimeError("the two routers' prototypes are not in the same order")
-            last = max(plan)
-            for w in args.joined:
-                own = {}
-                for t in plan:
-                    score = (w * mahalanobis_scores(protos["sentence"], feats["sentence"][(t, "test")])
-                             + (1.0 - w) * mahalanobis_scores(protos["decoder"], feats["decoder"][(t, "test")]))
-                    own[t] = periods[score.argmax(dim=1)].eq(t).tolist()
-                rows.append({"n_tasks": n_tasks, "seed": seed, "w_sentence": w,
-                             "routed_own": {str(t): round(statistics.mean(v), 4) for t, v in own.items()},
-                             "earlier_misrouted": sum(len(v) - sum(v) for t, v in own.items() if t < last),
-                             "earlier_texts": sum(len(v) for t, v in own.items() if t < last),
-                             "last_misrouted": len(own[last]) - sum(own[last])})
-            print(f"dev stream {n_tasks} tasks seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    for n_tasks, seed, plan, split, prompts in dev_streams(args, params, df):
+        protos, feats = {}, {}
+        for name, at in (("decoder", layer), ("sentence", SENTENCE_LAYER)):
+            feats[name] = {key: sequence_features(lm.model, lm.tokenizer, v, at, 64, params.wake.max_length)
+                           for key, v in prompts.items()}
+            for t in plan:
+                protos[name] = add_period(protos.get(name), feats[name][(t, "train")], t, 1, at, seed=seed,
+                                          metric="mahalanobis", shrinkage=params.cms.routing.shrinkage,
+                                          groups=list(split[(t, "train")].label))
+        periods = protos["decoder"].periods
+        if not torch.equal(periods, protos["sentence"].periods):
+            raise RuntimeError("the two routers' prototypes are not in the same order")
+        last = max(plan)
+        for w in args.joined:
+            own = {}
+            for t in plan:
+                score = (w * mahalanobis_scores(protos["sentence"], feats["sentence"][(t, "test")])
+                         + (1.0 - w) * mahalanobis_scores(protos["decoder"], feats["decoder"][(t, "test")]))
+                own[t] = periods[score.argmax(dim=1)].eq(t).tolist()
+            rows.append({"n_tasks": n_tasks, "seed": seed, "w_sentence": w,
+                         "routed_own": {str(t): round(statistics.mean(v), 4) for t, v in own.items()},
+                         "earlier_misrouted": sum(len(v) - sum(v) for t, v in own.items() if t < last),
+                         "earlier_texts": sum(len(v) for t, v in own.items() if t < last),
+                         "last_misrouted": len(own[last]) - sum(own[last])})
+        print(f"dev stream {n_tasks} tasks seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     print(f"| sentence weight | {' | '.join(f'{n} tasks: earlier texts misrouted' for n in args.tasks)} | "
           "last tasks' texts misrouted |\n| --- |" + " --- |" * (len(args.tasks) + 1))
     for w in args.joined:

@@ -42,8 +42,7 @@ def run_metrics(result: dict, n_tasks: int) -> dict[str, Any]:
     """A run's accuracy matrix and its continual-learning metrics (``earlier_accuracy`` None with one task)."""
     R = accuracy_matrix(result["accuracy"], n_tasks)
     return {"matrix": R, "final_accuracy": final_average_accuracy(R), "earlier_accuracy": earlier_tasks_accuracy(R),
-            "forgetting": forgetting(R),
-            "backward_transfer": backward_transfer(R)}
+            "forgetting": forgetting(R), "backward_transfer": backward_transfer(R)}
 
 
 def summarise(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
@@ -123,8 +122,6 @@ def target_check(summary: dict[str, Any], reference: str = "sleep",
 def _paired_gap(summary: dict[str, Any], a: str, b: str, metric: str) -> dict[str, Any] | None:
     """``a`` - ``b`` in ``metric``, paired over the seeds both ran: mean, 95% CI, seeds, above/below zero (None: no
     common seed, or a metric the runs do not define)."""
-    if metric not in summary[a]["per_seed"] or metric not in summary[b]["per_seed"]:
-        return None
     if any(v is None for m in (a, b) for v in summary[m]["per_seed"][metric]):
         return None
     c = paired_by_seed(dict(zip(summary[a]["seeds"], summary[a]["per_seed"][metric])),
@@ -149,8 +146,8 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
     ]
     for m, s in summary.items():
         lines.append(f"| {m} | {'yes' if s['stores_raw_data'] else 'no'} | {format_ci(s['final_accuracy'])} | "
-                     f"{format_ci(s['earlier_accuracy'])} | {format_ci(s['forgetting'])} | {format_ci(s['backward_transfer'])} | {s['gradient_steps']:.0f} | "
-                     f"{s['seconds'] / 60:.1f} |")
+                     f"{format_ci(s['earlier_accuracy'])} | {format_ci(s['forgetting'])} | "
+                     f"{format_ci(s['backward_transfer'])} | {s['gradient_steps']:.0f} | {s['seconds'] / 60:.1f} |")
     lines += ["", "Methods: " + "; ".join(f"**{m}**: {METHODS[m]}" for m in summary), ""]
     machines = machines_table(results)
     if machines["machine"].nunique() > 1:

@@ -6,7 +6,8 @@ comparison, two worktrees that each ran some seeds, a development arm against it
 This reads every ``result.json`` under the folders given for each side (a method's folder of a
 comparison, ``state/compare/NAME/METHOD``, or any copy of it), keys the runs by their seed and
 reports, per side, the final average accuracy, the earlier tasks' final accuracy (every task but the last, at
-the end; not with one-task streams) and forgetting with 95% Student-t intervals over seeds, and A - B of each, paired over the common seeds (the interval of the per-seed differences).
+the end; not with one-task streams) and forgetting with 95% Student-t intervals over seeds, and A - B of each,
+paired over the common seeds (the interval of the per-seed differences).
 
 It refuses what would pair the wrong runs: two runs of one seed on one side, a side that mixes
 methods, paired runs with different numbers of tasks, no seed in common. Runs on different
@@ -26,7 +27,10 @@ from reporting.comparison import run_metrics
 from reporting.common import ci_summary, format_ci, paired_by_seed
 
 RESULT_FILE = "result.json"
-PAIRED_METRICS = ("final_accuracy", "earlier_accuracy", "forgetting")
+#: The metrics paired, with their short (table) and long (difference line) names.
+PAIRED_METRICS = {"final_accuracy": ("final", "final accuracy"),
+                  "earlier_accuracy": ("earlier tasks", "earlier tasks' final accuracy"),
+                  "forgetting": ("forgetting", "forgetting")}
 
 
 class PairedInputError(UserError, ValueError):
@@ -104,17 +108,12 @@ def paired_runs(a: dict[int, dict], b: dict[int, dict], labels: tuple[str, str] 
         if na != nb:
             raise PairedInputError(f"seed {s}: {a[s]['path']} has {na} tasks and {b[s]['path']} {nb}: "
                                    "the runs are not of one stream")
-    # a one-task run has no earlier task: its side is paired on the other metrics only
-    metrics = [k for k in PAIRED_METRICS if k != "earlier_accuracy"
-               or all(len(r["accuracy"]) > 1 for runs in (a, b) for r in runs.values())]
-    per_seed: dict[str, dict[int, dict[str, float]]] = {}
-    sides: dict[str, dict[str, dict]] = {}
-    for label, runs in zip(labels, (a, b)):
-        per_seed[label] = {}
-        for s, r in sorted(runs.items()):
-            m = run_metrics(r, len(r["accuracy"]))
-            per_seed[label][s] = {k: float(m[k]) for k in metrics}
-        sides[label] = {k: ci_summary([v[k] for v in per_seed[label].values()]) for k in metrics}
+    computed = {label: {s: run_metrics(r, len(r["accuracy"])) for s, r in sorted(runs.items())}
+                for label, runs in zip(labels, (a, b))}
+    # a metric some run does not define (one-task runs have no earlier task) is left out for both sides
+    metrics = [k for k in PAIRED_METRICS if all(m[k] is not None for side in computed.values() for m in side.values())]
+    per_seed = {label: {s: {k: float(m[k]) for k in metrics} for s, m in side.items()} for label, side in computed.items()}
+    sides = {label: {k: ci_summary([v[k] for v in per_seed[label].values()]) for k in metrics} for label in labels}
     difference = {k: paired_by_seed({s: v[k] for s, v in per_seed[labels[0]].items()},
                                     {s: v[k] for s, v in per_seed[labels[1]].items()}) for k in metrics}
     machines = {label: sorted({_machine(r) for r in runs.values()}) for label, runs in zip(labels, (a, b))}
@@ -140,8 +139,7 @@ def paired_markdown(report: dict[str, Any]) -> str:
              + ("" if report["same_machine"] else " (**not one machine**: float rounding alone moves a run)") + ".",
              ""]
     metrics = [k for k in PAIRED_METRICS if k in report["difference"]]
-    names = {"final_accuracy": "final", "earlier_accuracy": "earlier tasks", "forgetting": "forgetting"}
-    lines += ["| seed | " + " | ".join(f"{label} {names[k]}" for k in metrics for label in (la, lb)) + " |",
+    lines += ["| seed | " + " | ".join(f"{label} {PAIRED_METRICS[k][0]}" for k in metrics for label in (la, lb)) + " |",
               "| --- |" + " --- |" * (2 * len(metrics))]
     for s in sorted(set(report["seeds"]["a"]) | set(report["seeds"]["b"])):
         cells = []
@@ -152,14 +150,14 @@ def paired_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {s} | {' | '.join(cells)} |")
     lines.append("")
     for label in (la, lb):
-        lines.append(f"- {label}: " + ", ".join(f"{names[k]} {format_ci(report['sides'][label][k])}" for k in metrics))
+        lines.append(f"- {label}: " + ", ".join(f"{PAIRED_METRICS[k][0]} {format_ci(report['sides'][label][k])}"
+                                                for k in metrics))
     for k in metrics:
         d = report["difference"][k]
         where = ("one pair: no interval" if d["low"] is None else "above zero" if d["above_zero"]
                  else "below zero" if d["below_zero"] else "includes zero")
         interval = "" if d["low"] is None else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
-        long = {"earlier_accuracy": "earlier tasks' final accuracy"}.get(k, k.replace("_", " "))
-        lines.append(f"- {la} - {lb}, {long}, paired over {len(common)} seeds: "
+        lines.append(f"- {la} - {lb}, {PAIRED_METRICS[k][1]}, paired over {len(common)} seeds: "
                      f"{d['mean']:+.3f}{interval} ({where})")
     return "\n".join(lines) + "\n"
 
