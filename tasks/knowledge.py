@@ -36,6 +36,7 @@ from model.evaluation.incorporation import (
     Learned,
     Reader,
     fresh_fast_expert,
+    uses_passage_experts,
 )
 from model.evaluation.incorporation_runs import run_continued, run_single
 from model.evaluation.knowledge import Passage, select_passages
@@ -181,7 +182,10 @@ def run_knowledge_method(
             extra = f" tau over learned {row['tau_learned']:.3f}" if "tau_learned" in row else ""
             log.info(f"{method} seed {p.seed}: learned {k}/{n} (passage {row['index']}){extra} ({row['seconds']:.0f} s)")
 
-        rows = run_continued(method, reader, passages, start, kc.tau_every, on_learned)
+        experts = uses_passage_experts(method, kc.passage_experts)
+        if experts and start == 0:
+            log.info(f"{method} seed {p.seed}: each passage into its own read-only expert, questions routed to it")
+        rows = run_continued(method, reader, passages, start, kc.tau_every, on_learned, experts=experts)
         learning = [{k: v for k, v in r.items() if k != "key"} for r in progress]
 
     funnel: dict[str, int] = {}

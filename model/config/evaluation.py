@@ -139,6 +139,12 @@ class KnowledgeConfig(Section):
     mode: Literal["single", "continued"] = "single"
     tau_every: int = Field(0, ge=0, description="continued: also measure tau over the passages learned so far "
                            "after every k passages (0: only at the end).")
+    passage_experts: Literal["sleep", "all", "none"] = Field(
+        "sleep", description="continued: which methods end each passage as a sleep does, its fast level "
+        "consolidated into a read-only expert of the slowest level that answers the questions routed to the "
+        "passage (model/memory/passage_experts.py; the slowest level needs a slot per passage): 'sleep' the "
+        "methods that sleep (sleep, passage_sleep, passage_sleep_trained), 'all' every method that learns (the "
+        "ablation that gives fine-tuning the same memory), 'none' every method trains one shared fast level.")
     policy_training: PolicyTrainingConfig = Field(
         default_factory=PolicyTrainingConfig, description="How the trained dream policy of method "
         "passage_sleep_trained is trained (before it runs, once per seed).")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,20 +113,39 @@ def fresh_fast_expert(cms: ContinuumMemory, origin: str = "knowledge") -> int:
 
 
 def evaluate_passage(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, passage: Passage, task: DreamTask, cfg: DreamConfig
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, passage: Passage, task: DreamTask, cfg: DreamConfig,
+    routes: Sequence[int] | None = None, view: Callable[[int], ContextManager[None]] | None = None,
 ) -> dict[str, Any]:
     """No-context QA on the passage's questions: mean exact match, mean token F1, tau, and the answers.
 
     Answers are greedy, asked with ``cfg.qa_template`` and no passage; tau is the mean
-    log-likelihood per gold-answer token (pooled over the questions, always <= 0).
+    log-likelihood per gold-answer token (pooled over the questions, always <= 0). With ``routes``
+    (each question's routed period) every question is answered, and its tau measured, inside
+    ``view(period)`` (model/memory/passage_experts.py: passage_view).
     """
-    preds = answer_questions(model, tokenizer, [q.question for q in passage.questions], cfg.qa_template)
+    questions = [q.question for q in passage.questions]
     golds = [q.answer for q in passage.questions]
     tau = AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
+    if routes is None:
+        preds = answer_questions(model, tokenizer, questions, cfg.qa_template)
+        logp, n = tau.per_example()
+    else:
+        if view is None or len(routes) != len(questions):
+            raise ValueError(f"evaluate_passage: {len(routes)} routes for {len(questions)} questions"
+                             + ("" if view is not None else ", and no view to answer them in"))
+        preds, logp, n = [""] * len(questions), torch.zeros(len(questions)), torch.zeros(len(questions))
+        for period in sorted(set(routes)):
+            idx = [i for i, r in enumerate(routes) if r == period]
+            with view(period):
+                for i, answer in zip(idx, answer_questions(model, tokenizer, [questions[i] for i in idx],
+                                                           cfg.qa_template)):
+                    preds[i] = answer
+                lp, cnt = tau.per_example()
+            logp[idx], n[idx] = lp[idx].float().cpu(), cnt[idx].float().cpu()
     return {
         "em": sum(exact_match(p, g) for p, g in zip(preds, golds)) / len(golds),
         "f1": sum(token_f1(p, g) for p, g in zip(preds, golds)) / len(golds),
-        "tau": float(tau(None)),
+        "tau": float(logp.sum() / n.sum()),
         "answers": preds,
     }
 
@@ -254,9 +274,17 @@ LEARNERS: dict[str, Callable[[Reader, DreamTask], Learned]] = {
     "passage_sleep": learn_passage_sleep,
     "passage_sleep_trained": learn_passage_sleep,
 }
-#: The methods whose dreams pass the gate (Reader.gate).
+#: The methods whose dreams pass the gate (Reader.gate): the methods that sleep.
 GATED_METHODS = frozenset({"sleep", "passage_sleep", "passage_sleep_trained"})
 METHODS = tuple(LEARNERS)
+
+
+def uses_passage_experts(method: str, setting: str) -> bool:
+    """Whether ``method`` ends each passage in its own passage expert in continued mode (``knowledge.passage_experts``:
+    'sleep' the methods that sleep, 'all' every method that learns, 'none' no method)."""
+    if setting not in ("sleep", "all", "none"):
+        raise ValueError(f"knowledge.passage_experts must be sleep, all or none, got {setting!r}")
+    return (setting == "all" and method != "base") or (setting == "sleep" and method in GATED_METHODS)
 
 
 def rewarded_rejections(gated: pd.DataFrame) -> dict[str, int]:

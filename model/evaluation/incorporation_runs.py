@@ -1,19 +1,30 @@
 """Knowledge incorporation over many passages (docs/design.md §5 "Knowledge incorporation"): each passage alone from one
-starting state (``single``), or the passages in turn into one state (``continued``), with their rows."""
+starting state (``single``), or the passages in turn into one state (``continued``; with passage experts, each passage
+consolidated into its own read-only expert and questions routed to it: model/memory/passage_experts.py), with their rows."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import DreamConfig
 from model.evaluation.incorporation import Learned, MemorySnapshot, Reader, evaluate_passage, fresh_fast_expert, learn
-from model.evaluation.knowledge import Passage
-from model.sleep.dreaming import task_from_passage
+from model.evaluation.knowledge import Passage, passage_sentences
+from model.memory.cms import ContinuumMemory
+from model.memory.passage_experts import (
+    Features,
+    add_passage_prototypes,
+    consolidate_passage,
+    default_features,
+    passage_view,
+    route_questions,
+)
+from model.sleep.dreaming import DreamTask, task_from_passage
 from model.sleep.trial_lora import AnswerLoglik
 
 
@@ -63,15 +74,57 @@ def run_single(
     return rows
 
 
+def passage_tau(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: DreamTask, cfg: DreamConfig,
+                routes: Sequence[int] | None = None, view: Callable[[int], ContextManager[None]] | None = None) -> float:
+    """The passage's tau (cheap: no generation); with ``routes``, each question's in ``view`` of its period."""
+    measure = AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
+    if routes is None:
+        return float(measure(None))
+    if view is None:
+        raise ValueError("passage_tau: routes without a view to measure them in")
+    total, count = 0.0, 0.0
+    for period in sorted(set(routes)):
+        idx = [i for i, r in enumerate(routes) if r == period]
+        with view(period):
+            logp, n = measure.per_example()
+        total, count = total + float(logp[idx].sum()), count + float(n[idx].sum())
+    return total / count
+
+
 def mean_tau(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, passages: Sequence[tuple[int, Passage]],
-             cfg: DreamConfig) -> float:
-    """Mean over ``passages`` of each passage's tau (cheap: no generation)."""
+             cfg: DreamConfig, cms: ContinuumMemory | None = None, features: Features = default_features) -> float:
+    """Mean over ``passages`` of each passage's tau (cheap: no generation); with ``cms``, every question routed to
+    its passage expert (:func:`answer_routes`)."""
     taus = []
     for index, passage in passages:
         task = task_from_passage(passage, f"passage{index}", cfg)
-        taus.append(float(AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers),
-                                       cfg.max_length)(None)))
+        routes, view = answer_routes(cms, passage, features) if cms is not None else (None, None)
+        taus.append(passage_tau(model, tokenizer, task, cfg, routes, view))
     return sum(taus) / len(taus)
+
+
+def answer_routes(cms: ContinuumMemory, passage: Passage, features: Features = default_features
+                  ) -> tuple[list[int], Callable[[int], ContextManager[None]]]:
+    """Each of the passage's questions routed to a learned passage's period, and the view that answers in it."""
+    if cms.prototypes is None:
+        raise ValueError("passage experts: the state has no passage prototypes to route questions with")
+    routes = route_questions(cms.prototypes, [q.question for q in passage.questions], features)
+    return routes, lambda period: passage_view(cms, period)
+
+
+def learn_into_expert(method: str, reader: Reader, task: DreamTask, passage: Passage, period: int,
+                      features: Features = default_features) -> Learned:
+    """One passage as a sleep that consolidates it (model/memory/passage_experts.py): a fresh fast expert learns it
+    with no earlier passage's expert on, is copied into a read-only expert of the slowest level for ``period``,
+    the fast level is freed, and the passage's sentences become its prototypes."""
+    cms = reader.cms
+    cms.begin_period(period)
+    fresh_fast_expert(cms)
+    with passage_view(cms, None):
+        learned = learn(method, reader, task)
+    consolidate_passage(cms, task.context_id)
+    cms.prototypes = add_passage_prototypes(cms.prototypes, features(passage_sentences(passage.context)), period)
+    return learned
 
 
 def run_continued(
@@ -81,11 +134,17 @@ def run_continued(
     start: int = 0,
     tau_every: int = 0,
     on_learned: Callable[[int, dict[str, Any], Learned], None] | None = None,
+    experts: bool = False,
+    features: Features = default_features,
 ) -> list[dict[str, Any]]:
     """Continued pretraining over ``passages``: one state learns them in order, then answers every question.
 
-    The fast level is never reset between passages: the same fast parameters keep
-    training. With ``start`` = k > 0 the run resumes: ``cms`` must hold the state after
+    Without ``experts`` the fast level is never reset between passages: the same fast
+    parameters keep training. With ``experts`` the k-th passage is learned by
+    :func:`learn_into_expert` (its own read-only expert, period k, and prototypes) and every
+    question is answered by the expert of the passage it is routed to; each row then also
+    records ``routed_own``, the share of its questions routed to their own passage.
+    With ``start`` = k > 0 the run resumes: ``cms`` must hold the state after
     the first k passages (and it is not reset); passage ``index`` samples with
     :func:`passage_seed` of ``reader.seed``. After every ``tau_every`` passages (0:
     never) the mean tau over the passages learned so far is recorded in that passage's
@@ -94,29 +153,34 @@ def run_continued(
     per passage with its EM, F1 and tau measured at the end.
     """
     model, tokenizer, cms, cfg = reader.model, reader.tokenizer, reader.cms, reader.cfg
-    if start == 0:
+    if start == 0 and not experts:
         fresh_fast_expert(cms)
+    routed = cms if experts else None
     for k in range(start, len(passages)):
         t0 = time.perf_counter()
         index, passage = passages[k]
         task = task_from_passage(passage, f"passage{index}", cfg)
-        learned = learn(method, replace(reader, seed=passage_seed(reader.seed, index)), task)
+        r = replace(reader, seed=passage_seed(reader.seed, index))
+        learned = learn_into_expert(method, r, task, passage, k, features) if experts else learn(method, r, task)
         row: dict[str, Any] = {"index": index, "learned": k + 1, "gradient_steps": learned.gradient_steps,
                                "n_dreams": learned.n_dreams, "funnel": learned.funnel,
                                "losses": [round(x, 5) for x in learned.losses]}
         if tau_every and (k + 1) % tau_every == 0:
-            row["tau_learned"] = mean_tau(model, tokenizer, passages[: k + 1], cfg)
+            row["tau_learned"] = mean_tau(model, tokenizer, passages[: k + 1], cfg, routed, features)
         row["seconds"] = round(time.perf_counter() - t0, 2)
         if on_learned is not None:
             on_learned(k + 1, row, learned)
     out = []
-    for index, passage in passages:
+    for k, (index, passage) in enumerate(passages):
         t0 = time.perf_counter()
         task = task_from_passage(passage, f"passage{index}", cfg)
+        routes, view = answer_routes(cms, passage, features) if experts else (None, None)
+        own = {"routed_own": sum(r == k for r in routes) / len(routes)} if routes is not None else {}
         out.append({"index": index, "title": passage.title, "n_questions": len(passage.questions),
-                    **evaluate_passage(model, tokenizer, passage, task, cfg),
+                    **evaluate_passage(model, tokenizer, passage, task, cfg, routes, view), **own,
                     "seconds": round(time.perf_counter() - t0, 2)})
     return out
 
 
-__all__ = ["_row", "mean_tau", "passage_seed", "run_continued", "run_single"]
+__all__ = ["_row", "answer_routes", "learn_into_expert", "mean_tau", "passage_seed", "passage_tau", "run_continued",
+           "run_single"]

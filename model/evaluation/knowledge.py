@@ -312,6 +312,11 @@ def no_context_accuracy(
     return accuracy(results, metric)
 
 
+def passage_sentences(text: str) -> list[str]:
+    """The passage's sentences: split after ., ! or ? followed by white space (empty pieces dropped)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
 def passage_chunks(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> list[str]:
     """Split ``text`` into consecutive pieces of at most ``max_tokens`` tokens, at sentence ends where possible.
 
@@ -320,7 +325,7 @@ def passage_chunks(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: in
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    sentences = passage_sentences(text)
     chunks: list[str] = []
     current: list[str] = []
     for sentence in sentences:

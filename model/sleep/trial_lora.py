@@ -249,11 +249,18 @@ class AnswerLoglik:
         self.rows_per_pass = rows_per_pass
 
     @torch.no_grad()
+    def per_example(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Without adapters: each pair's summed answer log-likelihood (N,) and its answer tokens (N,), so that
+        tau over any subset of the pairs is sum(logp[idx]) / sum(n[idx])."""
+        b = self.batch
+        with rows_use(self.model, None):
+            return suffix_logprobs(self.model, prefix_hidden(self.model, b.input_ids, b.position_ids, 0), b, 0)
+
+    @torch.no_grad()
     def __call__(self, adapters: torch.Tensor | None) -> torch.Tensor:
         b = self.batch
         if adapters is None:
-            with rows_use(self.model, None):
-                logp, n = suffix_logprobs(self.model, prefix_hidden(self.model, b.input_ids, b.position_ids, 0), b, 0)
+            logp, n = self.per_example()
             return (logp.sum() / n.sum()).view(1)
         start = first_multi_lora_layer(self.model)
         hidden = prefix_hidden(self.model, b.input_ids, b.position_ids, start)  # (R, T, d)
