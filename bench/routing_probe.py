@@ -38,8 +38,8 @@ from model.decoding.loading import load_base_model
 from model.evaluation.comparison import evaluation_labels
 from model.io import write_json
 from model.memory.cms import attach_cms
-from model.memory.prototypes import (SENTENCE_LAYER, Prototypes, add_period, feature_layer, route, sequence_features,
-                                     standardise)
+from model.memory.prototypes import (SENTENCE_LAYER, Prototypes, add_period, feature_layer, mahalanobis_scores, route,
+                                     sequence_features, standardise)
 from model.memory.wake import split_template
 
 
@@ -115,11 +115,9 @@ def dev_streams(args, params, df):
             yield n_tasks, seed, plan, rows, prompts
 
 
-def mahalanobis_scores(protos: Prototypes, features: torch.Tensor) -> torch.Tensor:
-    """-|W (z - c_p)|^2 + |W z|^2 for every input and prototype (N, P): argmax is the Mahalanobis route."""
-    z, w = standardise(features, protos), protos.whiten()
-    y, c = z @ w.T, protos.centroids.float() @ w.T
-    return 2.0 * y @ c.T - (c * c).sum(dim=1)
+def prototype_scores(protos: Prototypes, features: torch.Tensor) -> torch.Tensor:
+    """The Mahalanobis router's scores of every input for every prototype (N, P): its argmax is ``route``."""
+    return mahalanobis_scores(standardise(features, protos), protos.centroids.float(), protos.whiten())
 
 
 def joined(args, params, df, lm, layer: int, excluded: list, start: float) -> int:
@@ -141,8 +139,8 @@ def joined(args, params, df, lm, layer: int, excluded: list, start: float) -> in
         for w in args.joined:
             own = {}
             for t in plan:
-                score = (w * mahalanobis_scores(protos["sentence"], feats["sentence"][(t, "test")])
-                         + (1.0 - w) * mahalanobis_scores(protos["decoder"], feats["decoder"][(t, "test")]))
+                score = (w * prototype_scores(protos["sentence"], feats["sentence"][(t, "test")])
+                         + (1.0 - w) * prototype_scores(protos["decoder"], feats["decoder"][(t, "test")]))
                 own[t] = periods[score.argmax(dim=1)].eq(t).tolist()
             rows.append({"n_tasks": n_tasks, "seed": seed, "w_sentence": w,
                          "routed_own": {str(t): round(statistics.mean(v), 4) for t, v in own.items()},

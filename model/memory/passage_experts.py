@@ -22,7 +22,7 @@ slot per passage: ``cms.levels[-1].n_experts``), a merge policy for a full level
 
 Why a prototype per sentence and no standardisation: on 50 development passages (squad_val_dev800,
 280 questions) the nearest sentence routed 95.7% of the questions to their own passage, the mean of
-a passage's sentences 93.2%, the lifecycle's standardised prototypes 82-88% (cosine, Mahalanobis):
+a passage's sentences 94.6%, the lifecycle's standardised prototypes 82-88% (cosine, Mahalanobis):
 the standardisation is fixed by the first period's few sentences (docs/results/issue14/passage-routing/).
 """
 

@@ -327,13 +327,19 @@ def cosine_route(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return (z @ centroids.T).argmax(dim=1)
 
 
-def mahalanobis_route(z: torch.Tensor, centroids: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
-    """Index of each input's nearest centroid in the shared covariance's metric, argmin_p |W (z - c_p)|^2.
+def mahalanobis_scores(z: torch.Tensor, centroids: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """|W z|^2 - |W (z - c_p)|^2 for every input and centroid: z (N, d), centroids (P, d), whiten W (d, d) -> (N, P).
 
-    z (N, d), centroids (P, d), whiten W (d, d) -> (N,). Computed as argmax_p 2 (Wz).(Wc_p) - |Wc_p|^2.
+    Computed as 2 (Wz).(Wc_p) - |Wc_p|^2; the larger, the nearer in the shared covariance's metric.
     """
     y, c = z @ whiten.T, centroids @ whiten.T  # (N, d), (P, d)
-    return (2.0 * y @ c.T - (c * c).sum(dim=1)).argmax(dim=1)
+    return 2.0 * y @ c.T - (c * c).sum(dim=1)
+
+
+def mahalanobis_route(z: torch.Tensor, centroids: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """Index of each input's nearest centroid in the shared covariance's metric, argmin_p |W (z - c_p)|^2:
+    the argmax of :func:`mahalanobis_scores`, (N,)."""
+    return mahalanobis_scores(z, centroids, whiten).argmax(dim=1)
 
 
 def route(protos: Prototypes, features: torch.Tensor) -> torch.Tensor:
@@ -395,6 +401,7 @@ __all__ = [
     "group_centroids",
     "kmeans",
     "mahalanobis_route",
+    "mahalanobis_scores",
     "shared_covariance",
     "whitening",
     "feature_layer",

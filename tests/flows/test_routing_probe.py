@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.routing_probe import mahalanobis_scores
+from bench.routing_probe import prototype_scores
 from model.memory.prototypes import add_period, route
 
 
@@ -25,7 +25,7 @@ def _prototypes(seed: int, d: int):
 def test_the_scores_argmax_is_the_mahalanobis_route() -> None:
     protos, test = _prototypes(0, 12)
     routed = route(protos, test)
-    assert torch.equal(protos.periods[mahalanobis_scores(protos, test).argmax(dim=1)], routed)
+    assert torch.equal(protos.periods[prototype_scores(protos, test).argmax(dim=1)], routed)
     assert len(set(routed.tolist())) > 1  # noisy enough that the routes differ
 
 
@@ -33,7 +33,7 @@ def test_a_score_sum_at_weight_0_or_1_is_one_router() -> None:
     a, xa = _prototypes(1, 12)
     b, xb = _prototypes(2, 20)
     assert torch.equal(a.periods, b.periods)
-    sa, sb = mahalanobis_scores(a, xa), mahalanobis_scores(b, xb)
+    sa, sb = prototype_scores(a, xa), prototype_scores(b, xb)
     assert torch.equal(a.periods[(1.0 * sa + 0.0 * sb).argmax(1)], route(a, xa))
     assert torch.equal(a.periods[(0.0 * sa + 1.0 * sb).argmax(1)], route(b, xb))
     assert not torch.equal(route(a, xa), route(b, xb))  # the two routers disagree somewhere, so the check can fail
