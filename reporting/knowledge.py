@@ -93,7 +93,12 @@ def markdown(name: str, description: str, summary: dict[str, Any], knowledge: An
         f"{knowledge.n_passages} passages of `{Path(knowledge.passages).name}` from index {knowledge.offset}; "
         + ("each passage learned from the same fresh state and its questions answered right after (n=1)"
            if mode == "single" else "one state learns them one after the other (continued pretraining) and answers "
-           "every passage's questions at the end")
+           "every passage's questions at the end" + {
+               "sleep": " (the methods that sleep end each passage in its own read-only expert and answer every question "
+                        "with the expert of the passage it is routed to; the others train one shared fast level)",
+               "all": " (every method that learns ends each passage in its own read-only expert and answers every question "
+                      "with the expert of the passage it is routed to)",
+               "none": " (every method trains one shared fast level)"}[knowledge.passage_experts])
         + f"; seeds {list(seeds)}; model `{params.model.source}`. Questions are answered without the passage: "
         "greedy exact match and token F1 (model/evaluation/grading.py), and tau = mean log-likelihood per gold-answer token. "
         f"Mean over {over} with a 95% Student-t CI.",
@@ -118,6 +123,8 @@ def markdown(name: str, description: str, summary: dict[str, Any], knowledge: An
                 lines.append(f"  - rewarded dreams (their trial raised tau) the gate rejected, by check: "
                              + ", ".join(f"{k} {v}" for k, v in sorted(turned.items())))
         lines.append("")
+    if mode == "continued":
+        lines += slices_markdown(results, list(summary), seeds)
     lines += checks_markdown(paired_checks(results, seeds) if mode == "single"
                              else {"tau": early_checks(results, seeds), "per_token": None})
     lines += policy_markdown(policy_rounds_frame(policies))
@@ -169,6 +176,42 @@ def early_checks(results: Sequence[dict], seeds: Sequence[int], early: int = EAR
             idx = [i for i in first if i in ta and i in tb]
             out[name] = {"a": a, "b": b, "n": len(idx), **paired_ci([ta[i] for i in idx], [tb[i] for i in idx])}
     return out
+
+
+def slices(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[int], early: int = EARLY
+           ) -> dict[str, dict[str, float | None]]:
+    """Continued mode, per method: mean tau (over passages, each averaged over seeds) of the first ``early`` passages in
+    learning order, of the last ``early`` and of all, once every passage is learned; and the share of questions routed
+    to their own passage (``routed_own``, weighted by questions; None for a method without passage experts)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for m in methods:
+        runs = [r for r in results if r["method"] == m and r["seed"] in seeds]
+        if not runs:
+            continue
+        order = [row["index"] for row in runs[0]["passages"]]
+        tau = _per_passage(results, m, seeds, "tau")
+        rows = [row for r in runs for row in r["passages"]]
+        routed = [(row["routed_own"], row["n_questions"]) for row in rows if "routed_own" in row]
+        out[m] = {"first": float(np.mean([tau[i] for i in order[:early]])),
+                  "last": float(np.mean([tau[i] for i in order[-early:]])),
+                  "all": float(np.mean([tau[i] for i in order])),
+                  "routed_own": (sum(x * n for x, n in routed) / sum(n for _, n in routed)) if routed else None}
+    return out
+
+
+def slices_markdown(results: Sequence[dict], methods: Sequence[str], seeds: Sequence[int], early: int = EARLY
+                    ) -> list[str]:
+    """The continued-mode table of :func:`slices`."""
+    table = slices(results, methods, seeds, early)
+    lines = ["## Early and late passages", "",
+             f"Tau once every passage is learned: the first {early} passages learned, the last {early}, all; and the "
+             "questions routed to their own passage's expert (passage experts only, model/memory/passage_experts.py).",
+             "", f"| method | first {early} | last {early} | all | routed to their own passage |",
+             "| --- | --- | --- | --- | --- |"]
+    for m, t in table.items():
+        own = "--" if t["routed_own"] is None else f"{t['routed_own']:.3f}"
+        lines.append(f"| {m} | {t['first']:.3f} | {t['last']:.3f} | {t['all']:.3f} | {own} |")
+    return lines + [""]
 
 
 def paired_checks(results: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:

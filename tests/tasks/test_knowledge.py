@@ -78,3 +78,21 @@ def test_issue_14_checks_pair_by_passage_and_divide_by_dream_tokens():
     early = early_checks(cpt, [0, 1], early=10)
     c = early["untrained-policy sleep - passage fine-tuning, first passages"]
     assert c["n"] == 10 and c["mean"] == pytest.approx(0.1)  # the last two passages are not the early ones
+
+
+def test_continued_slices_average_the_first_and_last_passages_and_weight_routing_by_questions():
+    from reporting.knowledge import slices, slices_markdown
+
+    runs = [_run("passage_finetune", s, [-5.0 - k for k in range(12)]) for s in (0, 1)]
+    sleep = [_run("passage_sleep", s, [-4.0 - s for _ in range(12)]) for s in (0, 1)]
+    for r in sleep:  # passage 0 has 3 questions, routed 1/3 right; every other passage 1 question, routed right
+        for row in r["passages"]:
+            row["n_questions"], row["routed_own"] = (3, 1 / 3) if row["index"] == 0 else (1, 1.0)
+    t = slices(runs + sleep, ["passage_finetune", "passage_sleep", "absent"], [0, 1], early=10)
+    assert set(t) == {"passage_finetune", "passage_sleep"}
+    assert t["passage_finetune"]["first"] == pytest.approx(-9.5) and t["passage_finetune"]["last"] == pytest.approx(-11.5)
+    assert t["passage_finetune"]["all"] == pytest.approx(-10.5) and t["passage_finetune"]["routed_own"] is None
+    assert t["passage_sleep"]["first"] == pytest.approx(-4.5)  # each passage averaged over the two seeds
+    assert t["passage_sleep"]["routed_own"] == pytest.approx((2 * 1 + 2 * 11) / (2 * 3 + 2 * 11))
+    md = "\n".join(slices_markdown(runs + sleep, ["passage_finetune", "passage_sleep"], [0, 1], early=10))
+    assert "| passage_finetune | -9.500 | -11.500 | -10.500 | -- |" in md and "| passage_sleep | -4.500 |" in md
