@@ -114,11 +114,12 @@ def answer_routes(cms: ContinuumMemory, passage: Passage, features: Features = d
 
 def learn_into_expert(method: str, reader: Reader, task: DreamTask, passage: Passage, period: int,
                       features: Features = default_features) -> Learned:
-    """One passage as a sleep that consolidates it (model/memory/passage_experts.py): a fresh fast expert learns it
-    with no earlier passage's expert on, is copied into a read-only expert of the slowest level for ``period``,
+    """One passage as a sleep that consolidates it (model/memory/passage_experts.py): a fresh fast expert (drawn from
+    ``reader.seed``, the passage's sampling seed) learns it with no earlier passage's expert on, is copied into a read-only expert of the slowest level for ``period``,
     the fast level is freed, and the passage's sentences become its prototypes."""
     cms = reader.cms
     cms.begin_period(period)
+    cms.reseed(reader.seed)  # the passage's own draws: a resumed run learns it as an uninterrupted one does
     fresh_fast_expert(cms)
     with passage_view(cms, None):
         learned = learn(method, reader, task)

@@ -270,6 +270,11 @@ class ContinuumMemory(nn.Module):
             bank.slots = slots
 
     # ------------------------------------------------------------- operations
+    def reseed(self, seed: int) -> None:
+        """Restart the generator that new experts' A and router are drawn from, so that a unit of work (a passage)
+        draws the same experts whether its run went on or resumed from a saved state."""
+        self._gen.manual_seed(seed)
+
     def unlock(self, level: int, origin: str) -> int:
         """Parameter expansion: activate a free slot with B = 0 (output unchanged). Returns the slot."""
         free = self.free_slots(level)

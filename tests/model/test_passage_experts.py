@@ -105,31 +105,46 @@ def test_routed_evaluation_in_one_identity_view_equals_the_plain_one():
         evaluate_passage(lm.model, lm.tokenizer, passage, task, cfg, [0], view)
 
 
-def test_with_passage_experts_an_early_passage_is_kept_as_learned_and_the_run_resumes():
+def test_with_passage_experts_a_later_passage_leaves_an_earlier_one_as_it_was_learned():
     cfg = _cfg()
     lm, cms = tiny_with_cms()
     learned = []
     rows = run_continued("passage_finetune", Reader(lm.model, lm.tokenizer, cms, cfg, 0), PASSAGES, tau_every=1,
                          on_learned=lambda k, row, _: learned.append(row), experts=True)
-    assert [r["routed_own"] for r in rows] == [1.0, 1.0]
+    assert [r["routed_own"] for r in rows] == [1.0, 1.0] and [r["learned"] for r in learned] == [1, 2]
     assert len(passage_slots(cms)) == 2 and cms.active_slots(0) == []
-    # Passage 0 learned alone (single mode, the same seed and first fast expert) and answered right after it:
-    # with its own expert and no other, the end of the continued run answers it the same.
+    # Passage 0 alone, answered right after it: the run that went on to passage 1 answers it the same at the end.
     lm1, cms1 = tiny_with_cms()
-    single = run_single("passage_finetune", Reader(lm1.model, lm1.tokenizer, cms1, cfg, 0), PASSAGES)
-    assert learned[0]["losses"] == single[0]["losses"]
-    assert rows[0]["tau"] == pytest.approx(single[0]["tau"], abs=1e-5)
-    assert learned[0]["tau_learned"] == pytest.approx(single[0]["tau"], abs=1e-5)
-    # Without passage experts the second passage trains the shared fast level, and passage 0 moves.
-    lm2, cms2 = tiny_with_cms()
-    shared = run_continued("passage_finetune", Reader(lm2.model, lm2.tokenizer, cms2, cfg, 0), PASSAGES)
-    assert shared[0]["tau"] != pytest.approx(single[0]["tau"], abs=1e-3)
-    # Resume after passage 0: the same end.
+    alone = run_continued("passage_finetune", Reader(lm1.model, lm1.tokenizer, cms1, cfg, 0), PASSAGES[:1],
+                          experts=True)
+    assert rows[0]["tau"] == pytest.approx(alone[0]["tau"], abs=1e-5) and rows[0]["answers"] == alone[0]["answers"]
+    assert learned[0]["tau_learned"] == pytest.approx(alone[0]["tau"], abs=1e-5)
     lm3, cms3 = tiny_with_cms()
-    reader = Reader(lm3.model, lm3.tokenizer, cms3, cfg, 0)
-    run_continued("passage_finetune", reader, PASSAGES[:1], experts=True)
-    resumed = run_continued("passage_finetune", reader, PASSAGES, start=1, experts=True)
+    base = run_single("base", Reader(lm3.model, lm3.tokenizer, cms3, cfg, 0), PASSAGES)
+    assert all(r["tau"] > b["tau"] for r, b in zip(rows, base))  # each passage's expert taught its questions
+    # Without passage experts passage 1 trains the shared fast level further, and passage 0's answers move.
+    shared = [run_continued("passage_finetune", Reader(m.model, m.tokenizer, c, cfg, 0), ps)
+              for (m, c), ps in ((tiny_with_cms(), PASSAGES[:1]), (tiny_with_cms(), PASSAGES))]
+    assert shared[1][0]["tau"] != pytest.approx(shared[0][0]["tau"], abs=1e-3)
+
+
+def test_a_saved_state_resumes_with_its_passage_experts_and_prototypes(tmp_path):
+    from model.memory.checkpoint import load_state, save_state
+
+    cfg = _cfg()
+    lm, cms = tiny_with_cms()
+    rows = run_continued("passage_finetune", Reader(lm.model, lm.tokenizer, cms, cfg, 0), PASSAGES, experts=True)
+    lm1, cms1 = tiny_with_cms()
+    run_continued("passage_finetune", Reader(lm1.model, lm1.tokenizer, cms1, cfg, 0), PASSAGES[:1], experts=True)
+    save_state(cms1, tmp_path / "state")
+    lm2, cms2 = tiny_with_cms(seed=0)
+    load_state(cms2, tmp_path / "state")
+    assert passage_slots(cms2) == passage_slots(cms1) and torch.equal(cms2.prototypes.centroids,
+                                                                      cms1.prototypes.centroids)
+    resumed = run_continued("passage_finetune", Reader(lm2.model, lm2.tokenizer, cms2, cfg, 0), PASSAGES, start=1,
+                            experts=True)
     assert [r["tau"] for r in resumed] == pytest.approx([r["tau"] for r in rows], abs=1e-6)
+    assert [r["routed_own"] for r in resumed] == [1.0, 1.0]
 
 
 def test_which_methods_use_passage_experts():
