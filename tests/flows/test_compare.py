@@ -353,7 +353,7 @@ KNOWLEDGE_METHODS = ["base", "passage_finetune", "base_dreams", "sleep"]
 
 
 def _with_knowledge(tmp_path: Path, mode: str = "single", n_passages: int = 3, seeds=(0,), passages="squad.json",
-                    methods=KNOWLEDGE_METHODS) -> Path:
+                    methods=KNOWLEDGE_METHODS, passage_experts: str = "sleep") -> Path:
     params_path = toy_project(tmp_path)
     (tmp_path / "squad.json").write_text(json.dumps(TOY_PASSAGES))
     raw = yaml.safe_load(params_path.read_text())
@@ -361,7 +361,8 @@ def _with_knowledge(tmp_path: Path, mode: str = "single", n_passages: int = 3, s
         "quick": {"seeds": list(seeds), "knowledge": {"n_passages": 2, "tau_every": 1},
                   "dream": {"dreams_per_context": 3, "max_new_tokens": 8, "promote_steps": 3, "lr": 1e-2}},
         "comparisons": {"kn": {"kind": "knowledge", "methods": list(methods), "seeds": list(seeds),
-                               "knowledge": {"passages": passages, "n_passages": n_passages, "mode": mode}}},
+                               "knowledge": {"passages": passages, "n_passages": n_passages, "mode": mode,
+                                             "passage_experts": passage_experts}}},
     }
     params_path.write_text(yaml.safe_dump(raw))
     return params_path
@@ -440,24 +441,32 @@ def test_knowledge_passages_on_two_workers_equal_the_passages_one_by_one(tmp_pat
     assert list((tmp_path / "two/state/compare/kn-quick/sleep/seed-0").glob("progress.shard-*-of-2.jsonl"))
 
 
-def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path, prefect_harness, monkeypatch):
+@pytest.mark.parametrize("experts", ["none", "all"])
+def test_knowledge_continued_learns_in_turn_and_resumes_from_its_state(tmp_path, prefect_harness, monkeypatch, experts):
     import model.evaluation.incorporation_runs as incorporation_runs
     from flows.compare import compare
 
     methods = ["base", "passage_finetune"]
-    whole = _with_knowledge(tmp_path / "whole", mode="continued", seeds=(0, 1), methods=methods)
+    whole = _with_knowledge(tmp_path / "whole", mode="continued", seeds=(0, 1), methods=methods,
+                            passage_experts=experts)
     compare("kn", str(whole), quick=True)
     report = tmp_path / "whole/reports/kn-quick"
     results = {(r["method"], r["seed"]): r for r in json.loads((report / "results.json").read_text())["runs"]}
     ft = results[("passage_finetune", 0)]
     assert ft["mode"] == "continued" and [row["index"] for row in ft["passages"]] == [0, 1]
+    # With passage experts every question is routed (the share routed right is in each row and in the report).
+    assert all(("routed_own" in row) == (experts == "all") for row in ft["passages"])
+    section = (report / "README.md").read_text().split("## Early and late passages")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| passage_finetune |"))
+    assert row.endswith("| -- |") == (experts == "none")
     assert [k for k, _ in ft["tau_curve"]] == [1, 2] and ft["gradient_steps"] == 2 * 3
     assert (report / "tau_curve.csv").is_file() and (report / "plots/tau_curve.png").is_file()
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["seeds"] == [0, 1] and metrics["methods"]["passage_finetune"]["gain_over_base"]["tau"]["mean"] > 0
 
     # Killed while learning passage 1: the run resumes from the state saved after passage 0.
-    crashed = _with_knowledge(tmp_path / "crashed", mode="continued", seeds=(0, 1), methods=methods)
+    crashed = _with_knowledge(tmp_path / "crashed", mode="continued", seeds=(0, 1), methods=methods,
+                              passage_experts=experts)
     real = incorporation_runs.learn
 
     def crash_on_passage_1(method, reader, task):

@@ -147,6 +147,14 @@ def test_a_saved_state_resumes_with_its_passage_experts_and_prototypes(tmp_path)
     assert [r["routed_own"] for r in resumed] == [1.0, 1.0]
 
 
+def test_a_run_with_too_few_slots_for_its_passages_fails_before_anything_trains():
+    lm, cms = tiny_with_cms(cfg=tiny_cms_config(n_experts=2))  # one free slowest-level slot for two passages
+    before = [p.detach().clone() for _, p in cms.named_memory_parameters()]
+    with pytest.raises(NoFreeSlotError, match=r"2 passages to learn.*1 free expert slots.*n_experts = 2.*at least 3"):
+        run_continued("passage_finetune", Reader(lm.model, lm.tokenizer, cms, _cfg(), 0), PASSAGES, experts=True)
+    assert all(torch.equal(a, b) for a, (_, b) in zip(before, cms.named_memory_parameters()))
+
+
 def test_which_methods_use_passage_experts():
     assert uses_passage_experts("passage_sleep", "sleep") and uses_passage_experts("sleep", "sleep")
     assert not uses_passage_experts("passage_finetune", "sleep") and not uses_passage_experts("base", "all")
