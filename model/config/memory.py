@@ -52,7 +52,8 @@ class LevelConfig(Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
     chunk_size: int = Field(..., ge=1, description="C(l): optimiser step every C(l) wake steps (eq. 2).")
     lr: float = Field(..., gt=0, le=1.0, description="Learning rate eta(l) of this level.")
-    n_experts: int = Field(6, ge=1, le=64, description="E_max: pre-allocated expert slots.")
+    n_experts: int = Field(6, ge=1, le=256, description="E_max: pre-allocated expert slots (continued knowledge "
+                           "incorporation with passage experts needs one per passage in the slowest level).")
     d_low: int = Field(64, ge=1, le=4096, description="Rank of each low-rank expert.")
     top_k: int = Field(2, ge=1, description="Router top-k over active experts.")
     initial_experts: int = Field(1, ge=0, description="Experts unlocked when the model is created.")
