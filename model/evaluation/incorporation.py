@@ -125,29 +125,44 @@ def evaluate_passage(
     """
     questions = [q.question for q in passage.questions]
     golds = [q.answer for q in passage.questions]
-    tau = AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
+    measure = AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
     if routes is None:
         preds = answer_questions(model, tokenizer, questions, cfg.qa_template)
-        logp, n = tau.per_example()
     else:
         if view is None or len(routes) != len(questions):
             raise ValueError(f"evaluate_passage: {len(routes)} routes for {len(questions)} questions"
                              + ("" if view is not None else ", and no view to answer them in"))
-        preds, logp, n = [""] * len(questions), torch.zeros(len(questions)), torch.zeros(len(questions))
+        preds = [""] * len(questions)
         for period in sorted(set(routes)):
             idx = [i for i, r in enumerate(routes) if r == period]
             with view(period):
                 for i, answer in zip(idx, answer_questions(model, tokenizer, [questions[i] for i in idx],
                                                            cfg.qa_template)):
                     preds[i] = answer
-                lp, cnt = tau.per_example()
-            logp[idx], n[idx] = lp[idx].float().cpu(), cnt[idx].float().cpu()
     return {
         "em": sum(exact_match(p, g) for p, g in zip(preds, golds)) / len(golds),
         "f1": sum(token_f1(p, g) for p, g in zip(preds, golds)) / len(golds),
-        "tau": float(logp.sum() / n.sum()),
+        "tau": routed_tau(measure, routes, view),
         "answers": preds,
     }
+
+
+def routed_tau(measure: AnswerLoglik, routes: Sequence[int] | None = None,
+               view: Callable[[int], ContextManager[None]] | None = None) -> float:
+    """tau of ``measure``'s pairs, pooled over their answer tokens; with ``routes`` (one period per pair) each pair's
+    log-likelihood is taken inside ``view(period)``."""
+    if routes is None:
+        logp, n = measure.per_example()
+        return float(logp.sum() / n.sum())
+    if view is None:
+        raise ValueError("routed_tau: routes without a view to measure them in")
+    total, count = 0.0, 0.0
+    for period in sorted(set(routes)):
+        idx = [i for i, r in enumerate(routes) if r == period]
+        with view(period):
+            logp, n = measure.per_example()
+        total, count = total + float(logp[idx].sum()), count + float(n[idx].sum())
+    return total / count
 
 
 @dataclass(frozen=True)

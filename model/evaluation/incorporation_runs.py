@@ -13,7 +13,15 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import DreamConfig
-from model.evaluation.incorporation import Learned, MemorySnapshot, Reader, evaluate_passage, fresh_fast_expert, learn
+from model.evaluation.incorporation import (
+    Learned,
+    MemorySnapshot,
+    Reader,
+    evaluate_passage,
+    fresh_fast_expert,
+    learn,
+    routed_tau,
+)
 from model.evaluation.knowledge import Passage, passage_sentences
 from model.memory.cms import ContinuumMemory, NoFreeSlotError
 from model.memory.passage_experts import (
@@ -78,18 +86,8 @@ def run_single(
 def passage_tau(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: DreamTask, cfg: DreamConfig,
                 routes: Sequence[int] | None = None, view: Callable[[int], ContextManager[None]] | None = None) -> float:
     """The passage's tau (cheap: no generation); with ``routes``, each question's in ``view`` of its period."""
-    measure = AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length)
-    if routes is None:
-        return float(measure(None))
-    if view is None:
-        raise ValueError("passage_tau: routes without a view to measure them in")
-    total, count = 0.0, 0.0
-    for period in sorted(set(routes)):
-        idx = [i for i, r in enumerate(routes) if r == period]
-        with view(period):
-            logp, n = measure.per_example()
-        total, count = total + float(logp[idx].sum()), count + float(n[idx].sum())
-    return total / count
+    return routed_tau(AnswerLoglik(model, tokenizer, list(task.tau_prompts), list(task.tau_answers), cfg.max_length),
+                      routes, view)
 
 
 def mean_tau(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, passages: Sequence[tuple[int, Passage]],
@@ -116,8 +114,9 @@ def answer_routes(cms: ContinuumMemory, passage: Passage, features: Features = d
 def learn_into_expert(method: str, reader: Reader, task: DreamTask, passage: Passage, period: int,
                       features: Features = default_features) -> Learned:
     """One passage as a sleep that consolidates it (model/memory/passage_experts.py): a fresh fast expert (drawn from
-    ``reader.seed``, the passage's sampling seed) learns it with no earlier passage's expert on, is copied into a read-only expert of the slowest level for ``period``,
-    the fast level is freed, and the passage's sentences become its prototypes."""
+    ``reader.seed``, the passage's sampling seed) learns it with no earlier passage's expert on, is copied into a
+    read-only expert of the slowest level for ``period``, the fast level is freed, and the passage's sentences
+    become its prototypes."""
     cms = reader.cms
     cms.begin_period(period)
     cms.reseed(reader.seed)  # the passage's own draws: a resumed run learns it as an uninterrupted one does

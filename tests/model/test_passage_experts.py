@@ -99,7 +99,7 @@ def test_routed_evaluation_in_one_identity_view_equals_the_plain_one():
         return cms.levels_masked([])
 
     routed = evaluate_passage(lm.model, lm.tokenizer, passage, task, cfg, [5, 2], view)
-    assert sorted(seen) == [2, 5]
+    assert sorted(set(seen)) == [2, 5]  # each period answered (and measured) in its own view
     assert routed["tau"] == pytest.approx(plain["tau"], abs=1e-5) and routed["answers"] == plain["answers"]
     with pytest.raises(ValueError, match="routes"):
         evaluate_passage(lm.model, lm.tokenizer, passage, task, cfg, [0], view)
