@@ -15,15 +15,15 @@ and reports the share of the questions routed to their own passage:
     python bench/passage_routing.py --out docs/results/issue14/passage-routing/routing.json
     python bench/passage_routing.py --passages data/raw/squad/squad_val_dev800.json --n 100 --offset 100
 
-``--title-level`` also reports the share routed to a passage of the right article (sibling passages share a
-title), which bounds how much of the error is a near miss.
+Each router also reports the share routed to a passage of the right article (sibling passages share a title),
+which bounds how much of the error is a near miss.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,10 +32,8 @@ import torch.nn.functional as F
 from model.evaluation.knowledge import Passage, passage_sentences, select_passages
 from model.io import write_json
 from model.memory.cms import CMSError
-from model.memory.passage_experts import add_passage_prototypes, default_features, route_questions
+from model.memory.passage_experts import Features, add_passage_prototypes, default_features, route_questions
 from model.memory.prototypes import SENTENCE_LAYER, add_period, route
-
-Features = Callable[[Sequence[str]], torch.Tensor]
 
 
 def routing_accuracy(passages: Sequence[Passage], features: Features = default_features,
@@ -51,13 +49,14 @@ def routing_accuracy(passages: Sequence[Passage], features: Features = default_f
         same_title = [titles[int(r)] == titles[int(o)] for r, o in zip(routed, owner)]
         return {"own": float((routed == owner).float().mean()), "title": sum(same_title) / len(same_title)}
 
-    q = F.normalize(features(questions).float(), dim=1)
+    raw = features(questions)  # embedded once; every router routes these
+    q = F.normalize(raw.float(), dim=1)
     sent = [features(s) for s in sentences]
     out: dict[str, dict[str, float]] = {}
     protos = None
     for i, f in enumerate(sent):
         protos = add_passage_prototypes(protos, f, i)
-    out["nearest_sentence"] = score(torch.tensor(route_questions(protos, questions, features)))
+    out["nearest_sentence"] = score(torch.tensor(route_questions(protos, questions, lambda _: raw)))
     means = F.normalize(torch.stack([F.normalize(f.float(), dim=1).mean(0) for f in sent]), dim=1)
     out["sentence_mean"] = score((q @ means.T).argmax(1))
     whole = F.normalize(features([p.context for p in passages]).float(), dim=1)
@@ -68,7 +67,7 @@ def routing_accuracy(passages: Sequence[Passage], features: Features = default_f
                 lp = None
                 for i, f in enumerate(sent):
                     lp = add_period(lp, f, i, min(kk, f.shape[0]), SENTENCE_LAYER, metric=metric, shrinkage=0.5)
-                out[f"lifecycle_{metric}_k{kk}"] = score(route(lp, features(questions)))
+                out[f"lifecycle_{metric}_k{kk}"] = score(route(lp, raw))
             except (CMSError, torch.linalg.LinAlgError) as e:
                 out[f"lifecycle_{metric}_k{kk}"] = {"own": None, "title": None, "error": str(e).split("\n")[0]}
     return out

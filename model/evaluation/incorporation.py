@@ -47,6 +47,7 @@ from model.config import DreamConfig, SamplingConfig
 from model.evaluation.grading import exact_match, token_f1
 from model.evaluation.knowledge import Passage, answer_questions, passage_chunks
 from model.memory.cms import ContinuumMemory
+from model.memory.routed import map_routed
 from model.sleep.dream_checks import add_check_columns
 from model.sleep.dreaming import (
     DreamTask,
@@ -132,13 +133,8 @@ def evaluate_passage(
         if view is None or len(routes) != len(questions):
             raise ValueError(f"evaluate_passage: {len(routes)} routes for {len(questions)} questions"
                              + ("" if view is not None else ", and no view to answer them in"))
-        preds = [""] * len(questions)
-        for period in sorted(set(routes)):
-            idx = [i for i, r in enumerate(routes) if r == period]
-            with view(period):
-                for i, answer in zip(idx, answer_questions(model, tokenizer, [questions[i] for i in idx],
-                                                           cfg.qa_template)):
-                    preds[i] = answer
+        preds = map_routed(None, routes, questions,
+                           lambda part: answer_questions(model, tokenizer, part, cfg.qa_template), view)
     return {
         "em": sum(exact_match(p, g) for p, g in zip(preds, golds)) / len(golds),
         "f1": sum(token_f1(p, g) for p, g in zip(preds, golds)) / len(golds),
@@ -156,13 +152,13 @@ def routed_tau(measure: AnswerLoglik, routes: Sequence[int] | None = None,
         return float(logp.sum() / n.sum())
     if view is None:
         raise ValueError("routed_tau: routes without a view to measure them in")
-    total, count = 0.0, 0.0
-    for period in sorted(set(routes)):
-        idx = [i for i, r in enumerate(routes) if r == period]
-        with view(period):
-            logp, n = measure.per_example()
-        total, count = total + float(logp[idx].sum()), count + float(n[idx].sum())
-    return total / count
+
+    def pairs(part: list[int]) -> list[tuple[float, float]]:
+        logp, n = measure.per_example()  # every pair in this view; the part routed here is kept
+        return [(float(logp[i]), float(n[i])) for i in part]
+
+    kept = map_routed(None, routes, list(range(len(routes))), pairs, view)
+    return sum(lp for lp, _ in kept) / sum(n for _, n in kept)
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ from model.evaluation.incorporation import (
     routed_tau,
 )
 from model.evaluation.knowledge import Passage, passage_sentences
-from model.memory.cms import ContinuumMemory, NoFreeSlotError
+from model.memory.cms import ContinuumMemory
 from model.memory.passage_experts import (
     Features,
     add_passage_prototypes,
+    check_passage_room,
     consolidate_passage,
     default_features,
-    passage_level,
     passage_view,
     route_questions,
 )
@@ -128,18 +128,6 @@ def learn_into_expert(method: str, reader: Reader, task: DreamTask, passage: Pas
     return learned
 
 
-def check_passage_room(cms: ContinuumMemory, n_passages: int) -> None:
-    """Before anything trains: the slowest level must have a free slot for each of ``n_passages`` passages."""
-    level = passage_level(cms)
-    free = len(cms.free_slots(level))
-    if free < n_passages:
-        lv = cms.cfg.levels[level]
-        raise NoFreeSlotError(
-            f"passage experts: {n_passages} passages to learn, but the slowest level ('{lv.name}') has {free} free "
-            f"expert slots (cms.levels[{level}].n_experts = {lv.n_experts}); set it to at least "
-            f"{lv.n_experts - free + n_passages} in the comparison's overrides, or knowledge.passage_experts: none")
-
-
 def run_continued(
     method: str,
     reader: Reader,
@@ -197,5 +185,5 @@ def run_continued(
     return out
 
 
-__all__ = ["_row", "answer_routes", "check_passage_room", "learn_into_expert", "mean_tau", "passage_seed", "passage_tau", "run_continued",
+__all__ = ["_row", "answer_routes", "learn_into_expert", "mean_tau", "passage_seed", "passage_tau", "run_continued",
            "run_single"]

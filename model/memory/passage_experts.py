@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.memory.cms import CMSError, ContinuumMemory
+from model.memory.cms import CMSError, ContinuumMemory, NoFreeSlotError
 from model.memory.prototypes import SENTENCE_LAYER, Prototypes, route, sentence_features
 
 #: Origin prefix of the slowest level's experts that hold one passage.
@@ -62,13 +62,25 @@ def passage_slots(cms: ContinuumMemory, period: int | None = None) -> list[int]:
             and (period is None or e.period == period)]
 
 
+def check_passage_room(cms: ContinuumMemory, n_passages: int) -> None:
+    """Before anything trains: the slowest level must have a free slot for each of ``n_passages`` passages."""
+    level = passage_level(cms)
+    free = len(cms.free_slots(level))
+    if free < n_passages:
+        lv = cms.cfg.levels[level]
+        raise NoFreeSlotError(
+            f"passage experts: {n_passages} passages to learn, but the slowest level ('{lv.name}') has {free} free "
+            f"expert slots (cms.levels[{level}].n_experts = {lv.n_experts}); set it to at least "
+            f"{lv.n_experts - free + n_passages} in the comparison's overrides, or knowledge.passage_experts: none")
+
+
 def consolidate_passage(cms: ContinuumMemory, name: str) -> list[int]:
     """Sleep's consolidation for one passage: each active fast expert copied exactly into a new slowest-level expert
     of the current period (``cms.period``), read-only; the fast level freed. Returns the new slots.
 
     The copy reproduces the fast level's output when the slowest level's rank is at least the fast level's and
-    top-k keeps every copied expert on, beside the slowest level's shared (non-passage) experts (both checked); raises :class:`~model.memory.cms.NoFreeSlotError` when the
-    slowest level has no free slot left (raise ``n_experts`` of the slowest level).
+    top-k keeps every copied expert on, beside the slowest level's shared (non-passage) experts (both checked).
+    Raises :class:`~model.memory.cms.NoFreeSlotError` when the slowest level has no free slot left.
     """
     level = passage_level(cms)
     fast, slow = cms.cfg.levels[0], cms.cfg.levels[level]
@@ -131,6 +143,7 @@ __all__ = [
     "PASSAGE_ORIGIN",
     "Features",
     "add_passage_prototypes",
+    "check_passage_room",
     "consolidate_passage",
     "default_features",
     "passage_level",

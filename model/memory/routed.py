@@ -38,16 +38,22 @@ def routed_periods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
     return route(protos, sequence_features(model, tokenizer, prompts, protos.layer, batch_size, max_length)).tolist()
 
 
-def map_routed(cms: ContinuumMemory, periods: Sequence[int] | None, items: Sequence[T],
-               fn: Callable[[list[T]], Sequence[R]]) -> list[R]:
-    """``fn`` over ``items``, each item in the view of its routed period (all items at once, every expert on,
-    when ``periods`` is None); one call per period; the results in the order of ``items``."""
+def map_routed(cms: ContinuumMemory | None, periods: Sequence[int] | None, items: Sequence[T],
+               fn: Callable[[list[T]], Sequence[R]],
+               view: Callable[[int], contextlib.AbstractContextManager[None]] | None = None) -> list[R]:
+    """``fn`` over ``items``, each item in ``view`` of its routed period (default: :func:`period_view` of ``cms``; all
+    items at once, every expert on, when ``periods`` is None); one call per period; the results in the order of
+    ``items``."""
     if periods is None:
         return list(fn(list(items)))
+    if view is None:
+        if cms is None:
+            raise ValueError("map_routed: neither a state for the period view nor a view")
+        view = lambda period: period_view(cms, period)  # noqa: E731
     out: list[R] = [None] * len(items)  # type: ignore[list-item]
     for p in sorted(set(periods)):
         idx = [i for i, q in enumerate(periods) if q == p]
-        with period_view(cms, p):
+        with view(p):
             for i, y in zip(idx, fn([items[i] for i in idx])):
                 out[i] = y
     return out
