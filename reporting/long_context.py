@@ -2,7 +2,7 @@
 
 A method reads a long document hiding a few facts, then answers a question about them with
 no document in the prompt (in_context and retrieval: with the document's tail or its nearest
-piece instead); the answer is the best candidate by ``long_context.scoring`` (PMI by default,
+piece instead; facts_only, the ceiling: with the facts alone); the answer is the best candidate by ``long_context.scoring`` (PMI by default,
 model/evaluation/long_context.py ``answer``). A document is one
 (seed, task, item_id, length): the unit of every CI and of every pairing between methods.
 
@@ -34,7 +34,7 @@ from reporting.common import ci_summary, error_bars, format_ci, paired_ci
 from reporting.figures import COLORS, figure_style, save_png
 
 #: The methods in report order (model/evaluation/long_context_methods.py METHODS, not imported: it loads torch).
-METHODS = ("in_context", "retrieval", "finetune", "cms", "sleep_1", "sleep_2", "sleep_3")
+METHODS = ("facts_only", "in_context", "retrieval", "finetune", "cms", "sleep_1", "sleep_2", "sleep_3")
 #: The methods that train on the document and answer with no document in the prompt.
 READING_METHODS = ("finetune", "cms", "sleep_1", "sleep_2", "sleep_3")
 SLEEP_METHODS = ("sleep_1", "sleep_2", "sleep_3")
@@ -274,9 +274,9 @@ def plot_accuracy_by_length(summary: dict[str, Any], lengths: Sequence[int], cha
                 continue
             cs = [s["by_length"][str(L)] for L in xs]
             shift = 2 ** (0.05 * (i - (n - 1) / 2))  # a small offset so the error bars do not overlap
+            style = ":" if m == "facts_only" else "--" if m in ("in_context", "retrieval") else "-"
             ax.errorbar([x * shift for x in xs], [c["mean"] for c in cs], yerr=error_bars(cs), marker="o", markersize=4,
-                        capsize=3, color=COLORS[i % len(COLORS)], linestyle="--" if m in ("in_context", "retrieval")
-                        else "-", label=m)
+                        capsize=3, color=COLORS[i % len(COLORS)], linestyle=style, label=m)
         if chance_level is not None:
             ax.axhline(chance_level, color="#444444", linestyle="--", linewidth=0.8, label="chance")
         ax.set_xscale("log", base=2)

@@ -29,6 +29,7 @@ from model.evaluation.long_context import Document, Item, build_document, load_b
 from model.evaluation.long_context_methods import (
     METHODS,
     Reading,
+    answer_facts_only,
     answer_from_memory,
     answer_in_context,
     answer_retrieval,
@@ -178,6 +179,8 @@ class _Runner:
 
     def run(self, doc: Document, seed: int) -> tuple[int, Reading]:
         model, tok, lc = self.loaded.model, self.loaded.tokenizer, self.lc
+        if self.method == "facts_only":
+            return answer_facts_only(model, tok, doc, lc.window, lc.scoring), Reading()
         if self.method == "in_context":
             return answer_in_context(model, tok, doc, lc.window, lc.scoring), Reading()
         if self.method == "retrieval":

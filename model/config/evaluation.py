@@ -81,6 +81,8 @@ KNOWLEDGE_METHODS: dict[str, str] = {
 }
 #: The methods of a long-context comparison (``kind: long_context``; model/evaluation/long_context_methods.py).
 LONG_CONTEXT_METHODS: dict[str, str] = {
+    "facts_only": "a reference, not a reader: the question after the item's facts alone, no distractor prose "
+    "(BABILong's 0k): the ceiling of what recall could reach with this model",
     "in_context": "no training: the question after as much of the document's end as fits the window",
     "retrieval": "no training: the question after the window-sized piece closest to it by the MiniLM embedder",
     "finetune": "LoRA adapters learn next-token prediction on the document's pieces, one step per piece",
@@ -98,7 +100,7 @@ MethodName = Literal[
     "merge_for_dreams", "check_merged_periods", "one_teacher_sample", "zero_start", "copy_distilled", "sentence_routing",
     "decoder_routing",
     "no_dream_policy", "base", "passage_finetune",
-    "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "in_context", "retrieval",
+    "base_dreams", "passage_dreams", "passage_sleep", "passage_sleep_trained", "facts_only", "in_context", "retrieval",
     "sleep_1", "sleep_2", "sleep_3",
 ]
 

@@ -3,6 +3,9 @@
 Every method sees one :class:`model.evaluation.long_context.Document` at a time, from the same fresh
 state, and answers the item's question by log-likelihood over its candidates:
 
+* ``facts_only``: a reference, not a reader: the question after the item's facts alone, no
+  distractor prose (as much of them as fits the window; BABILong's "0k"): what the model can
+  answer when the facts are all it sees, the ceiling of recall (:func:`answer_facts_only`).
 * ``in_context``: no training; the question after as much of the document's end as fits
   the window (:func:`answer_in_context`).
 * ``retrieval``: no training; the question after the document's window-sized piece that
@@ -33,13 +36,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from model.config import CMSConfig, ConsolidationConfig, LevelConfig, SamplingConfig
 from model.evaluation.baselines import train_sequential
 from model.evaluation.knowledge import passage_chunks
-from model.evaluation.long_context import SENTENCE_END, Document, answer, question_prompt, tail_context
+from model.evaluation.long_context import SENTENCE_END, Document, Item, answer, question_prompt, tail_context
 from model.memory.cms import ContinuumMemory
 from model.memory.optimizer import ChunkedOptimizer
 from model.memory.wake import ensure_writable, train_period
 from model.sleep.consolidation import consolidate, due_consolidations
 
-METHODS = ("in_context", "retrieval", "finetune", "cms", "sleep_1", "sleep_2", "sleep_3")
+METHODS = ("facts_only", "in_context", "retrieval", "finetune", "cms", "sleep_1", "sleep_2", "sleep_3")
 #: What every piece is trained after (a prompt must have a token; the loss is on the piece only).
 READ_PROMPT = "Text:"
 #: Methods that train on the document (and answer with no document in the prompt).
@@ -95,15 +98,30 @@ class Reading:
     sleeps: list[dict[str, Any]] = field(default_factory=list)  # one record per consolidation
 
 
-def answer_in_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document,
-                      window: int, scoring: str = "pmi") -> int:
-    """``in_context``: the question after the document's last tokens that fit ``window`` with it."""
-    item = doc.item
+def _context_room(tokenizer: PreTrainedTokenizerBase, item: Item, window: int) -> int:
+    """Tokens of context that fit ``window`` beside ``item``'s question and its longest candidate."""
     room = window - len(tokenizer(question_prompt(item.question))["input_ids"]) \
         - max(len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in item.candidates) - 4
     if room < 1:
         raise ValueError(f"window {window} leaves no room for a context beside the question of {item.item_id}")
-    prompt = question_prompt(item.question, tail_context(tokenizer, doc.text, room))
+    return room
+
+
+def answer_in_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document,
+                      window: int, scoring: str = "pmi") -> int:
+    """``in_context``: the question after the document's last tokens that fit ``window`` with it."""
+    item = doc.item
+    prompt = question_prompt(item.question, tail_context(tokenizer, doc.text, _context_room(tokenizer, item, window)))
+    return answer(model, tokenizer, [prompt], item.candidates, window, scoring)[0]
+
+
+def answer_facts_only(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document,
+                      window: int, scoring: str = "pmi") -> int:
+    """``facts_only``: the question after the item's facts alone (their last tokens that fit ``window`` with it),
+    with no distractor prose: the same question and candidates as every method, at the easiest context."""
+    item = doc.item
+    facts = " ".join(item.facts)
+    prompt = question_prompt(item.question, tail_context(tokenizer, facts, _context_room(tokenizer, item, window)))
     return answer(model, tokenizer, [prompt], item.candidates, window, scoring)[0]
 
 
@@ -113,8 +131,7 @@ def answer_retrieval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """``retrieval``: the question after the piece (of the window's room) most similar to it by
     ``similarity(questions, pieces)`` (the MiniLM cosine). Returns (chosen candidate, piece index)."""
     item = doc.item
-    room = window - len(tokenizer(question_prompt(item.question))["input_ids"]) \
-        - max(len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in item.candidates) - 4
+    room = _context_room(tokenizer, item, window)
     pieces = passage_chunks(tokenizer, doc.text, room)
     scores = similarity([item.question] * len(pieces), pieces)
     best = max(range(len(pieces)), key=scores.__getitem__)
@@ -202,5 +219,5 @@ def read_cms(
     return reading
 
 
-__all__ = ["METHODS", "READING_METHODS", "Reading", "answer_from_memory", "answer_in_context", "answer_retrieval",
+__all__ = ["METHODS", "READING_METHODS", "Reading", "answer_facts_only", "answer_from_memory", "answer_in_context", "answer_retrieval",
            "boundary_prompts", "document_pieces", "read_cms", "read_lora", "sleep_levels", "slow_levels"]

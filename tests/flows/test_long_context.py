@@ -15,7 +15,7 @@ from tests.flows.test_lifecycle_flow import toy_project
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ["in_context", "retrieval", "finetune", "cms", "sleep_1", "sleep_2", "sleep_3"]
+METHODS = ["facts_only", "in_context", "retrieval", "finetune", "cms", "sleep_1", "sleep_2", "sleep_3"]
 PROSE = [{"title": f"T{i}", "context": " ".join(f"The weather in town {i} was fine on day {j}." for j in range(12)),
           "questions": [{"question": "What?", "answer": "fine"}]} for i in range(6)]
 
@@ -57,7 +57,7 @@ def test_long_context_quick_runs_every_method_writes_the_report_and_resumes(tmp_
         assert all(d["correct"] == (d["chosen"] == d["answer"]) and d["n_tokens"] <= d["length"] for d in docs)
     # The same reading budget: one step per piece for every method that reads (sleeps add their own steps).
     steps = {m: [d["gradient_steps"] for d in runs[m]["documents"]] for m in METHODS}
-    assert steps["in_context"] == steps["retrieval"] == [0, 0, 0, 0]
+    assert steps["facts_only"] == steps["in_context"] == steps["retrieval"] == [0, 0, 0, 0]
     assert steps["finetune"] == steps["cms"] and min(steps["cms"]) >= 2
     assert all(s > c for s, c in zip(steps["sleep_1"], steps["cms"]))
     assert all(d["sleeps"] == 0 for d in runs["cms"]["documents"])

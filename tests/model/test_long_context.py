@@ -193,3 +193,18 @@ def test_a_cms_reader_without_sleep_only_wakes():
     reading = read_cms(lm.model, lm.tokenizer, cms, pieces, 144, 2, 3, None, seed=0)
     assert reading.sleeps == [] and reading.gradient_steps == 2 * len(pieces) and cms.step == 2 * len(pieces)
     assert any(not torch.equal(before[n], p) for n, p in cms.named_memory_parameters())
+
+
+def test_facts_only_asks_after_the_facts_alone_whatever_the_documents_length():
+    from model.evaluation.long_context import answer
+    from model.evaluation.long_context_methods import answer_facts_only
+
+    lm = tiny_model(seed=3)
+    item = load_babi(QA1)[0]
+    short, long = (build_document(lm.tokenizer, item, PROSE, n, seed=0) for n in (400, 2000))
+    alone = question_prompt(item.question, " ".join(item.facts))
+    want = answer(lm.model, lm.tokenizer, [alone], item.candidates, 512, "pmi")[0]
+    assert answer_facts_only(lm.model, lm.tokenizer, short, 512) == want
+    assert answer_facts_only(lm.model, lm.tokenizer, long, 512) == want  # the prose never enters the prompt
+    with pytest.raises(ValueError, match="no room"):
+        answer_facts_only(lm.model, lm.tokenizer, short, 8)

@@ -21,8 +21,10 @@ ITEMS = (("qa1", "qa1_single.txt:1", 4), ("qa1", "qa1_single.txt:2", 4), ("qa2",
 
 def right(method: str, seed: int, item: int, length: int) -> bool:
     """Built so that: sleep_1 beats cms clearly, sleep_2 does not (too few documents apart), sleep_1 loses one
-    document at 64k (drop 1/6), in_context is right only while the facts fit its window (1k)."""
-    return {"in_context": length == 1024,
+    document at 64k (drop 1/6), in_context is right only while the facts fit its window (1k), the facts alone
+    answer every document."""
+    return {"facts_only": True,
+            "in_context": length == 1024,
             "retrieval": item != 2,
             "finetune": item == 0 and seed == 0,
             "cms": item == 0 and seed == 0,
@@ -37,7 +39,7 @@ def make_results() -> list[dict]:
         for s in SEEDS:
             docs = [{"task": task, "item_id": item_id, "length": L, "n_tokens": L - 16, "correct": right(m, s, i, L),
                      "chosen": "x", "answer": "x", "n_candidates": n, "facts_in_window": L == 1024,
-                     "gradient_steps": 0 if m in ("in_context", "retrieval") else L // 512,
+                     "gradient_steps": 0 if m in ("facts_only", "in_context", "retrieval") else L // 512,
                      "sleeps": int(m[-1]) if m.startswith("sleep_") else 0, "seconds": 1.0}
                     for L in LENGTHS if not (m == "sleep_3" and L == 65536)  # sleep_3 lacks a length
                     for i, (task, item_id, n) in enumerate(ITEMS)]
@@ -123,7 +125,7 @@ def test_report_files(tmp_path, capsys):
     assert "- sleep_3: not checked, sleep_3 has no documents at 65536 tokens." in readme
     assert "- more levels help: no" in readme
     acc = pd.read_csv(report / "accuracy.csv")
-    assert len(acc) == sum(len(r["documents"]) for r in results) == 6 * 2 * 9 + 2 * 6
+    assert len(acc) == sum(len(r["documents"]) for r in results) == 7 * 2 * 9 + 2 * 6  # sleep_3 lacks 64k
     assert acc.groupby(["method", "seed", "task", "item_id", "length"]).size().max() == 1
     assert acc[(acc.method == "sleep_1") & (acc.length == 65536)]["correct"].mean() == pytest.approx(5 / 6)
     runs = pd.read_csv(report / "runs.csv")
