@@ -115,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     from model.config import load_params
     from model.decoding.loading import load_base_model
     from model.evaluation.baselines import attach_lora
-    from model.evaluation.long_context import build_document, load_distractors, needle_items
+    from model.evaluation.long_context import DEV_NEEDLE_SEED, build_document, load_distractors, needle_items
     from model.runtime import configure_torch
-    from tasks.long_context import DEV_NEEDLE_SEED
 
     params = load_params(ROOT / "params.yaml")
     configure_torch(args.threads, True)

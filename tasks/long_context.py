@@ -25,7 +25,15 @@ from model.data.stream import DataError
 from model.decoding.loading import load_base_model, resolve_device
 from model.evaluation.baselines import attach_lora
 from model.evaluation.incorporation import MemorySnapshot
-from model.evaluation.long_context import Document, Item, build_document, load_babi, load_distractors, needle_items
+from model.evaluation.long_context import (
+    DEV_NEEDLE_SEED,
+    Document,
+    Item,
+    build_document,
+    load_babi,
+    load_distractors,
+    needle_items,
+)
 from model.evaluation.long_context_methods import (
     METHODS,
     Reading,
@@ -46,8 +54,6 @@ from model.sleep.rewards import SemanticJudge
 from tasks.compare import RESULT_FILE, Comparison, cached_result, run_key
 
 PROGRESS_FILE = "progress.jsonl"
-#: The seed offset of the development split's needles (the test split's are drawn from the seed itself).
-DEV_NEEDLE_SEED = 100_003
 
 
 def _root_path(root: Path, path: str) -> Path:

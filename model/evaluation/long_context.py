@@ -44,6 +44,8 @@ NEEDLE_QUESTION = "What is the secret number of the {key}?"
 NEEDLE_KEYS = ("red fox", "blue whale", "green parrot", "silver wolf", "golden eagle", "black bear", "white owl",
                "brown horse", "grey heron", "orange tiger", "purple crab", "yellow bee")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+#: The seed offset of the development split's needles (the test split's are drawn from the seed itself).
+DEV_NEEDLE_SEED = 100_003
 
 
 @dataclass(frozen=True)
@@ -234,5 +236,6 @@ def tail_context(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -
     return tail[cut.end():] if cut and cut.end() < len(tail) else tail
 
 
-__all__ = ["Document", "Item", "NEEDLE_KEYS", "NULL_PROMPT", "QUESTION_TEMPLATE", "answer", "build_document", "count_tokens",
-           "load_babi", "load_distractors", "needle_items", "question_prompt", "tail_context"]
+__all__ = ["DEV_NEEDLE_SEED", "Document", "Item", "NEEDLE_KEYS", "NULL_PROMPT", "QUESTION_TEMPLATE", "answer",
+           "build_document", "count_tokens", "load_babi", "load_distractors", "needle_items", "question_prompt",
+           "tail_context"]
