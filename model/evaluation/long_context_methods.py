@@ -107,22 +107,24 @@ def _context_room(tokenizer: PreTrainedTokenizerBase, item: Item, window: int) -
     return room
 
 
+def _answer_after_tail(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, item: Item, text: str,
+                       window: int, scoring: str) -> int:
+    """The best candidate for ``item``'s question after the last tokens of ``text`` that fit ``window`` with it."""
+    prompt = question_prompt(item.question, tail_context(tokenizer, text, _context_room(tokenizer, item, window)))
+    return answer(model, tokenizer, [prompt], item.candidates, window, scoring)[0]
+
+
 def answer_in_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document,
                       window: int, scoring: str = "pmi") -> int:
     """``in_context``: the question after the document's last tokens that fit ``window`` with it."""
-    item = doc.item
-    prompt = question_prompt(item.question, tail_context(tokenizer, doc.text, _context_room(tokenizer, item, window)))
-    return answer(model, tokenizer, [prompt], item.candidates, window, scoring)[0]
+    return _answer_after_tail(model, tokenizer, doc.item, doc.text, window, scoring)
 
 
 def answer_facts_only(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document,
                       window: int, scoring: str = "pmi") -> int:
     """``facts_only``: the question after the item's facts alone (their last tokens that fit ``window`` with it),
     with no distractor prose: the same question and candidates as every method, at the easiest context."""
-    item = doc.item
-    facts = " ".join(item.facts)
-    prompt = question_prompt(item.question, tail_context(tokenizer, facts, _context_room(tokenizer, item, window)))
-    return answer(model, tokenizer, [prompt], item.candidates, window, scoring)[0]
+    return _answer_after_tail(model, tokenizer, doc.item, " ".join(doc.item.facts), window, scoring)
 
 
 def answer_retrieval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: Document, window: int,
@@ -219,5 +221,5 @@ def read_cms(
     return reading
 
 
-__all__ = ["METHODS", "READING_METHODS", "Reading", "answer_facts_only", "answer_from_memory", "answer_in_context", "answer_retrieval",
-           "boundary_prompts", "document_pieces", "read_cms", "read_lora", "sleep_levels", "slow_levels"]
+__all__ = ["METHODS", "READING_METHODS", "Reading", "answer_facts_only", "answer_from_memory", "answer_in_context",
+           "answer_retrieval", "boundary_prompts", "document_pieces", "read_cms", "read_lora", "sleep_levels", "slow_levels"]
