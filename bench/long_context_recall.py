@@ -66,12 +66,13 @@ def run(model, tokenizer, lora, docs, epochs: list[int], lrs: list[float], windo
             on_row(row)
 
     model.eval()
-    facts = [" ".join(d.item.facts) + "\n\n" for d in docs]
+    facts = [" ".join(d.item.facts) for d in docs]
     emit({"reading": "no_memory", "question": recall(model, tokenizer, docs, questions, max_length),
           "cloze": recall(model, tokenizer, docs, clozes, max_length)})
-    emit({"reading": "facts_only", "question": recall(model, tokenizer, docs, [f + q for f, q in zip(facts, questions)],
-                                                       4 * max_length),
-          "cloze": recall(model, tokenizer, docs, [f + c for f, c in zip(facts, clozes)], 4 * max_length)})
+    emit({"reading": "facts_only",  # the comparison's facts_only prompt, and the cloze after the same facts
+          "question": recall(model, tokenizer, docs, [question_prompt(d.item.question, f) for d, f in zip(docs, facts)],
+                             4 * max_length),
+          "cloze": recall(model, tokenizer, docs, [f"{f}\n\n{c}" for f, c in zip(facts, clozes)], 4 * max_length)})
     for lr in lrs:
         for n in epochs:
             start = time.perf_counter()
