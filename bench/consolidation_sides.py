@@ -48,7 +48,11 @@ def bench_prompts(params: Params, n: int) -> list[str]:
 
 def bench_config(params: Params, lmbda: float, steps: int) -> ConsolidationConfig:
     return params.consolidation.model_copy(
-        update={"divergence": "jsd", "beta": BETA, "on_policy_fraction": lmbda, "alpha": 1.0, "steps": steps}
+        # init zero: the new expert starts at B = 0 on both sides (TRL's student is that freshly unlocked expert);
+        # with params.yaml's init copy ours would start as the teacher's copy, at a loss of 0. One teacher sample
+        # per prompt: D is --batch sequences, and every off-policy step of both sides trains on all of them.
+        update={"divergence": "jsd", "beta": BETA, "on_policy_fraction": lmbda, "alpha": 1.0, "steps": steps,
+                "init": "zero", "samples_per_prompt": 1}
     )
 
 

@@ -108,6 +108,69 @@ def token_divergence(
     raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
 
 
+def _student_gradient(log_s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The softmax chain rule from d F / d s (given up to a per-row constant) to d F / d student logits.
+
+    log_s: (N, V) the student's log-probabilities; g: (N, V) with dF/ds_v = g_v + c for any c per row.
+    Returns s * (g - sum_u s_u g_u): (N, V), written into ``g``.
+    """
+    s = log_s.exp()
+    g.sub_((s * g).sum(dim=-1, keepdim=True))
+    return g.mul_(s)
+
+
+class _StudentDivergence(torch.autograd.Function):
+    """F(T || S) per token, (N, V), (N, V) -> (N,), with the student's gradient in closed form.
+
+    The value is :func:`token_divergence`'s, operation for operation; the backward pass is one
+    expression instead of autograd's replay of every step of the forward pass (a consolidation
+    step's loss over a 49k vocabulary spent as long in autograd as in the model's head):
+
+    * forward KL, KL(T || S): dF/dz_S = S - T;
+    * reverse KL, KL(S || T): dF/dz_S = S * (g - E_S[g]), g = log S - log T;
+    * JSD(beta): dF/dz_S = S * (g - E_S[g]), g = (1 - beta) (log S - log M) (the terms from
+      M's dependence on S sum to a constant, which the softmax removes).
+
+    The teacher gets no gradient (distillation detaches it). 0 < beta < 1 for ``jsd``; its
+    endpoints arrive here as ``forward_kl`` / ``reverse_kl`` (:func:`generalized_jsd`'s convention).
+    """
+
+    @staticmethod
+    def forward(ctx, teacher_logits: torch.Tensor, student_logits: torch.Tensor, divergence: str,
+                beta: float) -> torch.Tensor:
+        log_t, log_s = _log_probs(teacher_logits), _log_probs(student_logits)
+        if divergence == "forward_kl":
+            value = _kl(log_t, log_s)
+            ctx.save_for_backward(log_t, log_s)
+        elif divergence == "reverse_kl":
+            value = _kl(log_s, log_t)
+            ctx.save_for_backward(log_s, log_t)
+        else:
+            log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+            value = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+            ctx.save_for_backward(log_s, log_m)
+        ctx.divergence, ctx.beta, ctx.dtype = divergence, beta, student_logits.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        if ctx.divergence == "forward_kl":  # a = log T, b = log S
+            grad = b.exp().sub_(a.exp())
+        else:  # a = log S, b = log T (reverse KL) or log M (JSD)
+            g = torch.where(torch.isneginf(a), torch.zeros_like(a), a - b)
+            grad = _student_gradient(a, g.mul_(1.0 - ctx.beta) if ctx.divergence == "jsd" else g)
+        return None, grad.mul_(grad_value.unsqueeze(-1)).to(ctx.dtype), None, None
+
+
+def _student_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, divergence: Divergence,
+                        beta: float) -> torch.Tensor:
+    """:func:`token_divergence` of a detached teacher, with the closed-form gradient of :class:`_StudentDivergence`."""
+    if divergence == "jsd" and beta in (0.0, 1.0):  # generalized_jsd's endpoints
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    return _StudentDivergence.apply(teacher_logits, student_logits, divergence, beta)
+
+
 def distillation_loss(
     teacher_logits: torch.Tensor,
     student_logits: torch.Tensor,
@@ -128,7 +191,7 @@ def distillation_loss(
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     _check_beta(beta)
     _check_shapes(teacher_logits, student_logits)
-    per_token = token_divergence(teacher_logits.detach(), student_logits, divergence, beta)
+    per_token = _student_divergence(teacher_logits.detach(), student_logits, divergence, beta)
     if mask is None:
         if per_token.numel() == 0:
             raise ValueError("no tokens to average over")

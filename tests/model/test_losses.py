@@ -159,3 +159,32 @@ def test_bad_inputs_raise() -> None:
         distillation_loss(t, s, "jsd", 0.5, torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
         distillation_loss(t, s, "jsd", 0.5, torch.ones(4))
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1),
+                                             ("jsd", 0.9), ("jsd", 0.0), ("jsd", 1.0)])
+def test_the_closed_form_gradient_is_autograds_through_the_divergence(divergence: str, beta: float) -> None:
+    """distillation_loss's backward is written out (losses._StudentDivergence); it must be the gradient that
+    autograd takes through token_divergence, for every divergence, with a mask, -inf teacher logits and in float64
+    to the last digits (gradcheck), and its value the same to the bit."""
+    t, s = _pair(n=7, v=13, seed=3, scale=3.0)
+    if divergence == "forward_kl" or (divergence == "jsd" and beta < 1):  # KL(S || T) is infinite where T is 0
+        t[:, :2] = -math.inf
+    mask = torch.tensor([True, False, True, True, False, True, True])
+    fused, plain = s.clone().requires_grad_(), s.clone().requires_grad_()
+    value = distillation_loss(t, fused, divergence, beta, mask)
+    value.backward()
+    reference = token_divergence(t, plain, divergence, beta)[mask].mean()
+    reference.backward()
+    assert value.item() == reference.item()
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-5, atol=1e-7)
+    assert (fused.grad[~mask] == 0).all() and fused.grad[mask].abs().sum() > 0
+    s64 = s.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: distillation_loss(t.double(), x, divergence, beta, mask), (s64,))
+
+
+def test_the_closed_form_gradient_keeps_the_students_dtype() -> None:
+    t, s = _pair()
+    s = s.bfloat16().requires_grad_()
+    distillation_loss(t.bfloat16(), s, "jsd", 0.5).backward()
+    assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad).all()
