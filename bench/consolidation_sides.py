@@ -21,7 +21,8 @@ from model.data.stream import build_stream, load_source
 from model.decoding.loading import load_base_model
 from model.decoding.sampling import sample_continuations
 from model.memory.cms import ContinuumMemory, attach_cms
-from model.memory.wake import encode, split_template
+from model.memory.wake import split_template
+from model.sleep.consolidation import encode_distillation
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.5
@@ -79,7 +80,7 @@ def simulate_wake(cms: ContinuumMemory, seed: int) -> None:
 
 def batch_shape(tok, prompts: list[str], texts: list[str], max_length: int) -> dict:
     """Tokens ours processes for these sequences (packed rows, completion positions)."""
-    b = encode(tok, prompts, texts, max_length)
+    b = encode_distillation(tok, prompts, texts, max_length)
     return {"rows": int(b.input_ids.shape[0]), "row_length": int(b.input_ids.shape[1]), "tokens": b.n_tokens,
             "completion_tokens": int(b.completion_mask.sum())}
 

@@ -43,14 +43,21 @@ def split_template(template: str, text: str, label: str) -> tuple[str, str]:
 
 
 def encode(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str], max_length: int,
+    row_length: int | None = None,
 ) -> Batch:
     """Tokenise prompt and completion separately (the boundary is exact) and pack into rows.
 
     The completion gets an EOS token. Over-long prompts are cut from the left so the
     completion is always kept whole; a completion of ``max_length`` tokens or more is
-    an error. Rows are ``max_length`` long (first-fit, longest examples first).
+    an error. Rows hold up to ``row_length`` tokens (default ``max_length``; first-fit,
+    longest examples first), and the batch is as long as its fullest row: a few examples
+    of a quarter of ``max_length`` in rows of ``max_length`` leave a fifth of the batch
+    padding, which a wider row packs away (every example still attends to itself only).
     """
+    row_length = max_length if row_length is None else row_length
+    if row_length < max_length:
+        raise ValueError(f"row_length ({row_length}) must be at least max_length ({max_length})")
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if not prompts:
@@ -74,11 +81,11 @@ def encode(
         r = next((r for r, f in enumerate(free) if f >= n), None)
         if r is None:
             rows.append([])
-            free.append(max_length)
+            free.append(row_length)
             r = len(rows) - 1
         rows[r].append(k)
         free[r] -= n
-    T = max(max_length - f for f in free)
+    T = max(row_length - f for f in free)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
     position_ids = torch.zeros((len(rows), T), dtype=torch.long)

@@ -45,6 +45,17 @@ from model.memory.wake import NonFiniteLossError, encode, grouped_logprobs
 from model.sleep.losses import distillation_loss
 from model.sleep.rewards import SemanticJudge, group_advantages, imitation_reward
 
+# A distillation batch's rows hold up to this many tokens (at least wake.max_length): a batch of 8 CLINC prompts with
+# their 12-token completions (about 25 tokens each) fills one row of 256 slots to 200 where rows of 64 would leave 4
+# rows a fifth empty, and the frozen prefix, both suffixes and the backward pass run on every slot.
+DISTILLATION_ROW_TOKENS = 512
+
+
+def encode_distillation(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str],
+                         max_length: int) -> Batch:
+    """``encode`` with rows of :data:`DISTILLATION_ROW_TOKENS` (or ``max_length``, if longer)."""
+    return encode(tokenizer, prompts, completions, max_length, max(DISTILLATION_ROW_TOKENS, max_length))
+
 
 class EmptyPromptBufferError(UserError, ValueError):
     """Sleep has nothing to replay: the prompt buffer is empty."""
@@ -107,8 +118,8 @@ class PrefixCache:
         self._logits: list[torch.Tensor | None] = [None] * len(self.pairs)  # (n_predicted, V) of each pair
 
     def _encode(self, idx: Sequence[int]) -> Batch:
-        batch = encode(self.tokenizer, [self.pairs[i][0] for i in idx], [self.pairs[i][1] for i in idx],
-                       self.max_length)
+        batch = encode_distillation(self.tokenizer, [self.pairs[i][0] for i in idx],
+                                     [self.pairs[i][1] for i in idx], self.max_length)
         return (every_position(batch) if self.all_positions else batch).to(self.split.model.device)
 
     def batch(self, idx: Sequence[int]) -> tuple[Batch, torch.Tensor]:
@@ -336,7 +347,7 @@ def consolidate(
                         {"prompt": s.prompt, "text": s.text, "sampled_by": "student", "kind": "on_policy",
                          "step": step, "reference": None, "reward": math.nan} for s in drawn[0]
                     ]
-                    batch = encode(tokenizer, b_prompts, comps, max_length).to(model.device)
+                    batch = encode_distillation(tokenizer, b_prompts, comps, max_length).to(model.device)
                     state = split.prefix(batch)
                     with torch.no_grad(), teacher():
                         t_logits = split.completion_logits(state, batch)
@@ -540,6 +551,7 @@ __all__ = [
     "StepRecord",
     "consolidate",
     "due_consolidations",
+    "encode_distillation",
     "rehearse_alone",
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import model.sleep.consolidation as consolidation_module
 from model.config import ConsolidationConfig, LevelConfig
 from model.decoding.sampling import NonFiniteLogitsError
 from model.memory.cms import CMSError, NoFreeSlotError
@@ -422,8 +423,10 @@ def test_anchored_rehearsal_steps_keep_the_copys_answers_on_this_periods_prompts
     assert new_gap[True] < 0.75 * new_gap[False], new_gap  # (0.26 against 0.46 here; the anchor is on samples)
     assert old_gap[True] < 2 * old_gap[False] + 0.05, old_gap
 
+@pytest.mark.parametrize("row_tokens", [48, 512])  # rows of max_length (several rows), one wide row
 @pytest.mark.parametrize("all_positions", [False, True])
-def test_prefix_cache_places_each_pairs_rows_where_encode_packs_them(all_positions):
+def test_prefix_cache_places_each_pairs_rows_where_encode_packs_them(all_positions, row_tokens, monkeypatch):
+    monkeypatch.setattr(consolidation_module, "DISTILLATION_ROW_TOKENS", row_tokens)
     lm, cms = tiny_with_cms()
     split = SplitForward(lm.model, cms)
     pairs = [("what is my balance ->", "balance"), ("hi ->", "greeting"), ("book a table for two please ->", "book"),
@@ -441,11 +444,14 @@ def test_prefix_cache_places_each_pairs_rows_where_encode_packs_them(all_positio
     split.prefix = lambda b: calls.append(b.n_examples) or real(b)
     for idx in ([0, 1, 2], [4, 2, 0, 3], [3, 1]):  # other packings, pairs seen before and new ones
         batch, state = cache.batch(idx)
-        ref = encode(lm.tokenizer, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], 48)
+        ref = encode(lm.tokenizer, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], 48, row_tokens)
         ref = every_position(ref) if all_positions else ref
         assert torch.equal(batch.input_ids, ref.input_ids) and torch.equal(batch.completion_mask, ref.completion_mask)
         real_tokens = batch.segment >= 0
-        assert batch.input_ids.shape[0] > 1 or len(idx) == 2  # a batch over several packed rows
+        if row_tokens == 48:
+            assert batch.input_ids.shape[0] > 1 or len(idx) == 2  # a batch over several packed rows
+        else:  # one row, no padding
+            assert batch.input_ids.shape[0] == 1 and bool(real_tokens.all())
         torch.testing.assert_close(state[real_tokens], real(ref)[real_tokens], atol=1e-5, rtol=1e-5)
         assert not state[~real_tokens].any()  # pad positions: zeros
         # what the suffix reads at the completion positions is the same as from the full prefix

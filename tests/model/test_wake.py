@@ -54,6 +54,24 @@ def test_packing_fills_rows_first_fit():
     assert sorted(set(b.segment[b.segment >= 0].tolist())) == list(range(9))
 
 
+def test_a_wider_row_packs_the_same_examples_with_less_padding():
+    """row_length: rows longer than max_length hold more examples; each example's tokens, positions and completion
+    mask are the ones it has in rows of max_length, and the prompt is still cut at max_length."""
+    lm, _ = tiny_with_cms()
+    prompts = [f"what is my balance{' please' * (i % 4)} -> " for i in range(9)]  # of several lengths
+    narrow = encode(lm.tokenizer, prompts, ["balance"] * 9, 32)
+    wide = encode(lm.tokenizer, prompts, ["balance"] * 9, 32, row_length=256)
+    assert wide.input_ids.shape[0] == 1 and bool((wide.segment >= 0).all())  # one row, no padding
+    assert narrow.input_ids.numel() > wide.input_ids.numel() == wide.n_tokens == narrow.n_tokens
+    for k in range(9):
+        for field in ("input_ids", "position_ids", "completion_mask"):
+            assert torch.equal(getattr(wide, field)[wide.segment == k], getattr(narrow, field)[narrow.segment == k])
+    cut = encode(lm.tokenizer, ["word " * 100], ["balance"], 16, row_length=64)
+    assert cut.n_tokens == 16
+    with pytest.raises(ValueError, match="row_length"):
+        encode(lm.tokenizer, prompts, ["balance"] * 9, 32, row_length=16)
+
+
 def test_long_prompt_is_cut_from_the_left_and_completion_kept():
     lm, _ = tiny_with_cms()
     b = encode(lm.tokenizer, ["word " * 100], ["balance"], 16)
