@@ -39,6 +39,12 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def bench_params(source: str = "embedded") -> Params:
+    """params.yaml with the model of ``source``: the embedded default, or ``tiny`` (built in code: a smoke run)."""
+    params = load_params(ROOT / "params.yaml")
+    return params.model_copy(update={"model": params.model.model_copy(update={"source": source})})
+
+
 def bench_prompts(params: Params, n: int) -> list[str]:
     """``n`` CLINC training prompts ``"{text} -> "`` (as bench/wake_throughput.py builds its batch)."""
     cfg = params.data.model_copy(update={"n_tasks": 1, "labels_per_task": 8, "train_per_label": 16, "test_per_label": 1})
@@ -105,7 +111,7 @@ def summary(times: list[float]) -> dict:
 def run_ours(args: argparse.Namespace) -> dict:
     from model.sleep.consolidation import consolidate
 
-    params = load_params(ROOT / "params.yaml")
+    params = bench_params(args.source)
     prompts = bench_prompts(params, args.batch)
     rss_imports = rss_mib()
     model, tok, cms = load_with_cms(params)
@@ -156,7 +162,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    params = load_params(ROOT / "params.yaml")
+    params = bench_params(args.source)
     prompts = bench_prompts(params, args.batch)
     rss_imports = rss_mib()
     # Student: our CMS model, fast level masked, one new slow expert (the only trainable tensors).

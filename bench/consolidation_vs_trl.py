@@ -51,7 +51,7 @@ its peak RSS (a high-water mark, ru_maxrss) is its own; the parent collects thei
 
 The two sides (and the setup they share) are in bench/consolidation_sides.py; this script is the parent.
 
-Run:  python bench/consolidation_vs_trl.py [--threads 2] [--steps 5] [--warmup 1] [--batch 8] [--lambdas 0 1]
+Run:  python bench/consolidation_vs_trl.py [--source embedded|tiny] [--threads 2] [--steps 5] [--warmup 1] [--batch 8] [--lambdas 0 1]
 Writes bench/results/consolidation_vs_trl.json. TRL is a benchmark dependency only.
 """
 
@@ -74,8 +74,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.consolidation_sides import BETA, WAKE_STD, run_ours, run_trl  # noqa: E402
-from model.config import load_params  # noqa: E402
+from bench.consolidation_sides import BETA, WAKE_STD, bench_params, run_ours, run_trl  # noqa: E402
 
 TARGET_SPEEDUP = 2.0  # ours/trl steps/s, issue #18 (1.5 before it)
 TARGET_MEMORY = 0.6  # ours/trl peak RSS, issue #18 (0.7 before it)
@@ -94,7 +93,8 @@ def run_child(args: argparse.Namespace, side: str, lmbda: float) -> dict:
         out = Path(d) / "child.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "ours" if side == "ours" else "trl",
                "--lmbda", str(lmbda), "--threads", str(args.threads), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch", str(args.batch), "--child-out", str(out)]
+               "--warmup", str(args.warmup), "--batch", str(args.batch), "--source", args.source,
+               "--child-out", str(out)]
         if side != "ours" and TRL_VARIANTS[side]:
             cmd.append("--trl-gc")
         t = time.perf_counter()
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--trl-variants", nargs="+", choices=list(TRL_VARIANTS), default=list(TRL_VARIANTS),
                     help="trl: gradient_checkpointing=False (like for like); trl_default: TRL's default True")
+    ap.add_argument("--source", choices=["embedded", "tiny"], default="embedded", help="tiny: a smoke run")
     ap.add_argument("--out", default=str(ROOT / "bench/results/consolidation_vs_trl.json"))
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # internal: one child process
     ap.add_argument("--lmbda", type=float, help=argparse.SUPPRESS)
@@ -133,8 +134,8 @@ def main() -> None:
         Path(args.child_out).write_text(json.dumps(res))
         return
 
-    params = load_params(ROOT / "params.yaml")
-    print(f"threads={args.threads} batch={args.batch} steps={args.steps} (+{args.warmup} warm-up) "
+    params = bench_params(args.source)
+    print(f"source={args.source} threads={args.threads} batch={args.batch} steps={args.steps} (+{args.warmup} warm-up) "
           f"max_new_tokens={params.consolidation.max_new_tokens} divergence=JSD beta={BETA} alpha=1")
     load_before = os.getloadavg()
     by_lambda = {}
