@@ -45,9 +45,9 @@ from model.memory.wake import NonFiniteLossError, encode, grouped_logprobs
 from model.sleep.losses import distillation_loss
 from model.sleep.rewards import SemanticJudge, group_advantages, imitation_reward
 
-# A distillation batch's rows hold up to this many tokens (at least wake.max_length): a batch of 8 CLINC prompts with
-# their 12-token completions (about 25 tokens each) fills one row of 256 slots to 200 where rows of 64 would leave 4
-# rows a fifth empty, and the frozen prefix, both suffixes and the backward pass run on every slot.
+# A distillation batch's rows hold up to this many tokens (at least wake.max_length): 8 CLINC prompts with their
+# 12-token completions (about 25 tokens each) pack into one row of about 200 tokens, where rows of 64 would be 4 rows
+# of 63 slots, a fifth of them padding that the frozen prefix, both suffixes and the backward pass run on.
 DISTILLATION_ROW_TOKENS = 512
 
 
