@@ -194,6 +194,125 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
     return torch.matmul(weights, v).reshape(n, n_heads * hd)
 
 
+@dataclass(frozen=True)
+class _TrunkEntry:
+    keys: tuple[torch.Tensor, ...]  # per layer below start: (KV, T, hd)
+    values: tuple[torch.Tensor, ...]
+    hidden: torch.Tensor  # (T, d): the prompt's hidden states entering layer start
+
+
+class PromptTrunk:
+    """The layers below ``start`` of the prompts a sampler prefills again and again, kept across samplings.
+
+    A consolidation samples on-policy continuations of the same prompts step after step while only its memory
+    levels (decoder layers ``start`` and up) learn: below the first CMS layer a prompt's keys, values and hidden
+    states are the same every time. Given to :func:`sample_groups`, a prompt computed once skips those layers
+    after (its cached keys and values are copied into its row); the samples are the same up to the float
+    rounding of another packing. Like :class:`~model.decoding.forward.TrunkCache` it empties itself when the
+    embedding or a layer below ``start`` is not the same tensor as when it was filled (trained in place, cast to
+    another dtype, another model), and layers below ``start`` must hold no memory level (ValueError); forward
+    hooks that change a layer's output (the dream policy, active only while dreams are sampled) must be in the
+    same state in every sampling that shares one. At most
+    ``max_tokens`` prompt tokens are kept (the oldest prompts go first): a token costs
+    ``start x 2 x kv_heads x head_dim + hidden_size`` floats (36 KB for SmolLM2-135M below layer 22).
+    """
+
+    def __init__(self, start: int, max_tokens: int = 8192) -> None:
+        if start < 1 or max_tokens < 1:
+            raise ValueError(f"start and max_tokens must be >= 1, got {start} and {max_tokens}")
+        self.start, self.max_tokens = start, max_tokens
+        self.hits = self.misses = self.tokens = 0
+        self._store: dict[tuple[int, ...], _TrunkEntry] = {}
+        self._signature: tuple | None = None
+
+    def _signature_of(self, model: nn.Module) -> tuple:
+        """What the cached states were computed by: the embedding's and the layers' below ``start`` tensors (and
+        their in-place versions); ValueError if a memory level lies below ``start``."""
+        arch = decoder_of(model)
+        if self.start > len(arch.layers):
+            raise ValueError(f"PromptTrunk start {self.start} is beyond the model's {len(arch.layers)} layers")
+        below = [m for layer in arch.layers[: self.start] for m in layer.modules() if isinstance(m, ExpertBank)]
+        if below:
+            raise ValueError(f"PromptTrunk start {self.start}: a memory level lies below it; its layers must be frozen")
+        return (id(model), tuple((id(p), p.data_ptr(), p.dtype, p._version)
+                                 for m in (arch.embed, *arch.layers[: self.start]) for p in m.parameters()))
+
+    def check(self, model: nn.Module) -> None:
+        """Empty the cache if ``model``'s trunk is not the one it was filled with (a sampler about to fill it)."""
+        signature = self._signature_of(model)
+        if signature != self._signature:
+            self._store.clear()
+            self.tokens = 0
+            self._signature = signature
+
+    def get(self, prompt: Sequence[int]) -> _TrunkEntry | None:
+        entry = self._store.get(tuple(prompt))
+        if entry is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return entry
+
+    def put(self, prompt: Sequence[int], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], row: int,
+            hidden: torch.Tensor) -> None:
+        """Keep ``prompt``'s keys and values (slots 0..len-1 of buffer row ``row`` of the layers below start) and
+        its hidden states (len, d)."""
+        t = len(prompt)
+        if tuple(prompt) in self._store or t > self.max_tokens:
+            return
+        while self._store and self.tokens + t > self.max_tokens:
+            self.tokens -= len(self._store.pop(next(iter(self._store))).hidden)
+        self._store[tuple(prompt)] = _TrunkEntry(tuple(k[row, :, :t].clone() for k in keys[: self.start]),
+                                                 tuple(v[row, :, :t].clone() for v in values[: self.start]),
+                                                 hidden.detach().clone())
+        self.tokens += t
+
+    @torch.no_grad()
+    def extend(self, model: nn.Module, prompts: Sequence[Sequence[int]],
+               tails: Sequence[Sequence[int]]) -> list[torch.Tensor] | None:
+        """The hidden states entering layer ``start`` of each prompt followed by its tail, (len(prompt) +
+        len(tail), d) each: the prompt's from the cache, the tail's computed over the layers below ``start``
+        attending to the prompt's cached keys and values (causal). None unless the cache holds every prompt for
+        this ``model`` as it is now (then compute them whole: the sampler may have run with its weights in another
+        dtype). What a sleep's training step needs below its memory levels for the prompts it has just sampled
+        from, with their continuations as the tails."""
+        if self._signature_of(model) != self._signature:
+            return None
+        entries = [self._store.get(tuple(p)) for p in prompts]
+        if not entries or any(e is None for e in entries) or any(not t for t in tails):
+            return None
+        arch = decoder_of(model)
+        device = arch.embed.weight.device
+        n_prompt, n_tail = [len(p) for p in prompts], [len(t) for t in tails]
+        h = arch.embed(torch.tensor([x for t in tails for x in t], dtype=torch.long, device=device))[None]
+        cos, sin = arch.rotary_per_token(h, torch.cat([torch.arange(p, p + t) for p, t in zip(n_prompt, n_tail)])
+                                         .to(device))
+        bounds = list(itertools.accumulate(n_tail, initial=0))
+        masks = [torch.ones(t, p + t, dtype=torch.bool, device=device).tril(p) for p, t in zip(n_prompt, n_tail)]
+        for i, layer in enumerate(arch.views[: self.start]):
+            q, k, v = layer.qkv(layer.attention_input(h), cos, sin)  # (N, H, hd), (N, KV, hd), (N, KV, hd)
+            out = []
+            for j, entry in enumerate(entries):  # token t of a tail sees the prompt and the tail up to t
+                a, b = bounds[j], bounds[j + 1]
+                keys = torch.cat([entry.keys[i], k[a:b].transpose(0, 1)], dim=1)[None]  # (1, KV, P + T, hd)
+                values = torch.cat([entry.values[i], v[a:b].transpose(0, 1)], dim=1)[None]
+                o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], keys, values, attn_mask=masks[j],
+                                                   scale=arch.scaling, enable_gqa=True)
+                out.append(o[0].transpose(0, 1).reshape(b - a, -1))
+            h = h + layer.attention_output(torch.cat(out)[None])
+            h = h + layer.feed_forward(h)
+        return [torch.cat([entry.hidden.to(h.dtype), h[0, bounds[j] : bounds[j + 1]]])
+                for j, entry in enumerate(entries)]
+
+    def load(self, entry: _TrunkEntry, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], row: int) -> None:
+        """Copy ``entry``'s keys and values into buffer row ``row`` of the layers below start."""
+        t = entry.hidden.shape[0]
+        for buf, cached in zip(keys, entry.keys):
+            buf[row, :, :t] = cached
+        for buf, cached in zip(values, entry.values):
+            buf[row, :, :t] = cached
+
+
 class StaticKVDecoder:
     """A decoder (Llama, Qwen2 or Qwen3: :func:`model.decoding.architecture.decoder_of`) run layer by layer over
     preallocated per-layer KV buffers.
@@ -203,10 +322,17 @@ class StaticKVDecoder:
     :meth:`forward` feeds the next token of every live row *and* the whole prompts of
     rows joining the batch, packed into one pass, so the weights are read once per step
     whether or not rows are being refilled.
+
+    With a :class:`PromptTrunk`, a prompt it holds skips the layers below the trunk's ``start``: its keys and
+    values there are copied into its row and its hidden states enter at layer ``start``; a prompt it does not
+    hold is computed and then kept.
     """
 
-    def __init__(self, model: PreTrainedModel, rows: int, max_len: int) -> None:
+    def __init__(self, model: PreTrainedModel, rows: int, max_len: int, trunk: PromptTrunk | None = None) -> None:
         self.arch = decoder_of(model)  # UnsupportedArchitectureError for a family it does not know
+        self.trunk = trunk
+        if trunk is not None:
+            trunk.check(model)  # empties itself if the trunk changed since it was filled
         self._banks = [m for m in model.modules() if isinstance(m, ExpertBank)]  # dream mode: random experts
         self.views = self.arch.views  # each reads its layer's modules when called (CMS blocks, adapters)
         self.hd, self.scale = self.arch.head_dim, self.arch.scaling
@@ -248,17 +374,63 @@ class StaticKVDecoder:
         flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device)
         old = self.lengths[:n]  # slot each live row's token goes to = its position
         pos = torch.cat([old, *(torch.arange(k, device=self.device) for k in lens)])  # (N,)
-        h = self.arch.embed(torch.cat([tokens, flat]))[None]  # (1, N, d)
-        cos, sin = self.arch.rotary_per_token(h, pos)  # (N, 1, hd)
+        ids = torch.cat([tokens, flat])
         rows = torch.arange(n, device=self.device)
         span = int(old.max()) + 1 if n else 0
         visible = (torch.arange(span, device=self.device)[None, :] <= old[:, None])[:, None, None, :]  # (n,1,1,S)
-        runs, start, row = [], n, n  # (first token, first row, rows, length) of each run of equal lengths
-        for k, group in itertools.groupby(lens):
-            count = len(list(group))
-            runs.append((start, row, count, k))
-            start, row = start + count * k, row + count
-        for i, layer in enumerate(self.views):
+        offsets = list(itertools.accumulate(lens, initial=n))  # first token of each prompt in the packed pass
+        live = (rows, old, span, visible)
+        cut = self.trunk.start if self.trunk is not None and g else 0
+        if cut:  # below the trunk's start: the live tokens and the prompts it does not hold
+            held = [self.trunk.get(p) for p in prompts]
+            todo = [j for j in range(g) if held[j] is None]
+            keep = torch.cat([rows, *(torch.arange(offsets[j], offsets[j] + lens[j], device=self.device)
+                                      for j in todo)])
+            h = self.arch.embed(ids[keep])[None]
+            if keep.numel():  # else every prompt is held and no row is live
+                cos, sin = self.arch.rotary_per_token(h, pos[keep])
+                h = self._layers(h, cos, sin, 0, cut, n, live,
+                                 self._runs([lens[j] for j in todo], [n + j for j in todo], n))
+            full = h.new_empty(1, ids.shape[0], h.shape[-1])
+            full[0, keep] = h[0]
+            for j, entry in enumerate(held):
+                if entry is not None:
+                    self.trunk.load(entry, self.k, self.v, n + j)
+                    full[0, offsets[j] : offsets[j] + lens[j]] = entry.hidden
+            for j in todo:
+                self.trunk.put(prompts[j], self.k, self.v, n + j, full[0, offsets[j] : offsets[j] + lens[j]])
+            h = full
+        else:
+            h = self.arch.embed(ids)[None]  # (1, N, d)
+        cos, sin = self.arch.rotary_per_token(h, pos)  # (N, 1, hd)
+        h = self._layers(h, cos, sin, cut, len(self.views), n, live, self._runs(lens, list(range(n, n + g)), n))
+        self.lengths[:n] += 1
+        self.lengths[n : n + g] = torch.tensor(lens, dtype=torch.long, device=self.device)
+        ends = torch.tensor(lens, dtype=torch.long).cumsum(0) + n - 1
+        last = torch.cat([rows, ends.to(self.device)])  # (n + g,)
+        return self.arch.head(self.arch.norm(h[0, last])).float()
+
+    @staticmethod
+    def _runs(lens: Sequence[int], prompt_rows: Sequence[int], token: int) -> list[tuple[int, int, int, int]]:
+        """(first token, first row, rows, length) of each run of prompts of equal length in consecutive rows,
+        their tokens packed one after another from packed position ``token`` (after the live rows' tokens)."""
+        runs: list[tuple[int, int, int, int]] = []
+        for length, row in zip(lens, prompt_rows):
+            t0, r0, count, k = runs[-1] if runs else (0, -2, 0, -1)
+            if k == length and r0 + count == row:
+                runs[-1] = (t0, r0, count + 1, k)
+            else:
+                runs.append((token, row, 1, length))
+            token += length
+        return runs
+
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lo: int, hi: int, n: int,
+                live: tuple, runs: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        """Layers [lo, hi) on the packed tokens h (1, N, d): the ``n`` live rows' new tokens first, then the
+        ``runs`` of whole prompts (:meth:`_runs`), causal; each token's keys and values go to its row's slot."""
+        rows, old, span, visible = live
+        for i in range(lo, hi):
+            layer = self.views[i]
             q, k, v = layer.qkv(layer.attention_input(h), cos, sin)  # (N, H, hd), (N, KV, hd), (N, KV, hd)
             out = []
             if n:  # one new token per live row, attending over its cached slots
@@ -274,11 +446,7 @@ class StaticKVDecoder:
                 out.append(o.transpose(1, 2).reshape(count * t, -1))
             h = h + layer.attention_output(torch.cat(out)[None] if len(out) > 1 else out[0][None])
             h = h + layer.feed_forward(h)
-        self.lengths[:n] += 1
-        self.lengths[n : n + g] = torch.tensor(lens, dtype=torch.long, device=self.device)
-        ends = torch.tensor(lens, dtype=torch.long).cumsum(0) + n - 1
-        last = torch.cat([rows, ends.to(self.device)])  # (n + g,)
-        return self.arch.head(self.arch.norm(h[0, last])).float()
+        return h
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy buffer rows ``src`` onto rows ``dst`` (compaction, copies of a prompt); all rows are read before any
@@ -321,6 +489,7 @@ def sample_continuations(
     *,
     stop: Sequence[str] = (),
     dtype: str | None = None,
+    trunk: PromptTrunk | None = None,
 ) -> list[Sample]:
     """Sample ``n_per_prompt`` continuations of every prompt; temperature 0 means greedy.
 
@@ -330,14 +499,14 @@ def sample_continuations(
     string may span several tokens). At most ``batch_size`` sequences decode at once;
     ``dtype`` (None: the model's own; "float32", "bfloat16", or "auto": bf16 where the device runs it
     natively, else the model's own) is the base weights' compute dtype. Seeded per row (see the module
-    docstring). Returns prompt-major order.
+    docstring). ``trunk``: a :class:`PromptTrunk` kept across calls. Returns prompt-major order.
 
     Raises ValueError on bad arguments or a prompt that encodes to no tokens,
     NonFiniteLogitsError on NaN/+inf logits, UnsupportedArchitectureError on a model
     :func:`model.decoding.architecture.decoder_of` does not know.
     """
     return sample_groups(model, tokenizer, [SampleGroup(prompts, n_per_prompt, seed)], max_new_tokens, temperature,
-                         top_p, batch_size, min_new_tokens, stop=stop, dtype=dtype)[0]
+                         top_p, batch_size, min_new_tokens, stop=stop, dtype=dtype, trunk=trunk)[0]
 
 
 @torch.inference_mode()
@@ -353,12 +522,14 @@ def sample_groups(
     *,
     stop: Sequence[str] = (),
     dtype: str | None = None,
+    trunk: PromptTrunk | None = None,
 ) -> list[list[Sample]]:
     """:func:`sample_continuations` of several groups in one decode: each group's rows draw from the
     uniform streams of its own seed, so group g's samples are those ``sample_continuations(groups[g]...)``
     draws (up to the float rounding of batched matmuls), in its prompt-major order. On a small batch a
     decode step costs about as much as on one row twice its size (it reads every weight once), so two
     sampling sites of one training step (a sleep's on-policy and Learning-to-Imitate samples) share one.
+    ``trunk``: a :class:`PromptTrunk` that keeps the prompts' layers below its start from one call to the next.
     """
     if not groups or any(not g.prompts for g in groups):
         raise ValueError("no prompts to sample from")
@@ -392,7 +563,7 @@ def sample_groups(
     try:
         with base_weights_as(model, compute):
             rows = _decode(model, tokenizer, ids, max_new_tokens, temperature, top_p, torch.cat(uniforms), batch_size,
-                           min_new_tokens, list(stop), expanded)
+                           min_new_tokens, list(stop), expanded, trunk)
     finally:
         model.train(was_training)
     eos = tokenizer.eos_token_id
@@ -420,12 +591,13 @@ def _decode(
     min_new_tokens: int,
     stop: list[str],
     prompts: list[str],
+    trunk: PromptTrunk | None = None,
 ) -> list[_Row]:
     """Continuous batching over the token id lists ``ids``; one finished :class:`_Row` per input, row i
     drawing its tokens with ``uniforms[i]`` (len(ids), max_new_tokens)."""
     n_all = len(ids)
     width = min(batch_size, n_all)
-    dec = StaticKVDecoder(model, width, max(len(p) for p in ids) + max_new_tokens - 1)
+    dec = StaticKVDecoder(model, width, max(len(p) for p in ids) + max_new_tokens - 1, trunk)
     device = dec.device
     eos = tokenizer.eos_token_id
     waiting = sorted(range(n_all), key=lambda i: len(ids[i]))  # pop() takes the longest: long runs of equal lengths
@@ -476,5 +648,5 @@ def _decode(
     return done  # type: ignore[return-value]
 
 
-__all__ = ["NonFiniteLogitsError", "Sample", "SampleGroup", "StaticKVDecoder", "decode_attention", "pick_tokens", "row_uniforms",
+__all__ = ["NonFiniteLogitsError", "PromptTrunk", "Sample", "SampleGroup", "StaticKVDecoder", "decode_attention", "pick_tokens", "row_uniforms",
            "sample_continuations", "sample_groups"]

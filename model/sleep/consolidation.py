@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import ConsolidationConfig, LevelConfig, SamplingConfig
 from model.decoding.forward import Batch, completion_logits, prefix_hidden, suffix_hidden
-from model.decoding.sampling import SampleGroup, sample_continuations, sample_groups
+from model.decoding.sampling import PromptTrunk, SampleGroup, sample_continuations, sample_groups
 from model.errors import UserError
 from model.memory.cms import CMSError, ContinuumMemory
 from model.memory.merging import MergeRecord, merge_pair
@@ -156,6 +156,22 @@ class PrefixCache:
         for k, i in enumerate(idx):
             out[owner == k] = self._logits[i]
         return out
+
+
+def held_prefix(trunk: PromptTrunk, model: PreTrainedModel, batch: Batch) -> torch.Tensor | None:
+    """:meth:`SplitForward.prefix` of ``batch`` (R, T, d) from what ``trunk`` holds of its prompts (the layers
+    below the first CMS layer of the prompts a sampler has just continued), computing the completions' part only;
+    None unless it holds every example's prompt (as ``encode`` cut it). The same up to float rounding."""
+    examples = [batch.input_ids[batch.segment == k] for k in range(batch.n_examples)]
+    starts = [int(batch.completion_mask[batch.segment == k].nonzero()[0]) for k in range(batch.n_examples)]
+    hidden = trunk.extend(model, [e[:s].tolist() for e, s in zip(examples, starts)],
+                          [e[s:].tolist() for e, s in zip(examples, starts)])
+    if hidden is None:
+        return None
+    state = hidden[0].new_zeros(*batch.input_ids.shape, hidden[0].shape[-1])  # pad slots: zeros, as PrefixCache
+    for k, h in enumerate(hidden):
+        state[batch.segment == k] = h
+    return state
 
 
 def _predicting(batch: Batch) -> torch.Tensor:
@@ -296,7 +312,10 @@ def consolidate(
     r_cache = PrefixCache(split, tokenizer, rehearsal, max_length, cfg.rehearsal.all_positions,
                           teacher=old_teacher) if rehearsal else None
     sampling = sampling or SamplingConfig()
-    decode = {"batch_size": sampling.batch_size, "dtype": sampling.compute_dtype}
+    # Every sampling of this consolidation (D, then each on-policy step) prefills prompts of D: below the first CMS
+    # layer, which never learns, their keys, values and hidden states are computed once.
+    trunk = PromptTrunk(split.start) if split.start > 0 else None
+    decode = {"batch_size": sampling.batch_size, "dtype": sampling.compute_dtype, "trunk": trunk}
     pair_of = lambda s: (s.prompt, s.text)  # noqa: E731
 
     def teacher_data() -> list:
@@ -348,7 +367,9 @@ def consolidate(
                          "step": step, "reference": None, "reward": math.nan} for s in drawn[0]
                     ]
                     batch = encode_distillation(tokenizer, b_prompts, comps, max_length).to(model.device)
-                    state = split.prefix(batch)
+                    state = held_prefix(trunk, model, batch) if trunk is not None else None
+                    if state is None:  # a prompt the sampler did not keep (cut to max_length, evicted)
+                        state = split.prefix(batch)
                     with torch.no_grad(), teacher():
                         t_logits = split.completion_logits(state, batch)
                 else:

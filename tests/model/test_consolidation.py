@@ -115,6 +115,58 @@ def test_consolidation_moves_knowledge_and_touches_only_the_new_expert(alpha):
         assert all(0.0 <= r["reward"] <= 1.0 for r in res.samples if r["kind"] == "imitation")
 
 
+def test_on_policy_sampling_prefills_the_prompts_trunk_once_and_draws_what_a_full_prefill_draws(monkeypatch):
+    """The consolidation's samplings share one PromptTrunk: D fills it, every on-policy step after reuses it, and
+    the sleep's samples and losses are those of samplings that prefill every prompt through every layer."""
+    made = []
+
+    class Recorded(consolidation_module.PromptTrunk):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    def run(trunk_class):
+        monkeypatch.setattr(consolidation_module, "PromptTrunk", trunk_class)
+        lm, cms, *_ = _fast_level_with_knowledge()
+        return consolidate(lm.model, lm.tokenizer, cms, 0, 1, PROMPTS, _cfg(steps=6, on_policy_fraction=1.0), 32,
+                           None, seed=0, origin="consolidation:test")
+
+    full = run(lambda start, **k: None)  # no trunk: every sampling prefills every layer
+    reused = run(Recorded)
+    (trunk,) = made
+    assert trunk.misses == len(PROMPTS)  # the teacher data D computed each prompt's trunk; no step did again
+    assert trunk.hits >= 6 * 4  # 6 on-policy steps of batch 4
+    assert all(s.on_policy for s in reused.steps)
+    assert [(r["kind"], r["text"]) for r in reused.samples] == [(r["kind"], r["text"]) for r in full.samples]
+    torch.testing.assert_close([r.loss for r in reused.steps], [r.loss for r in full.steps], rtol=1e-4, atol=1e-6)
+
+
+def test_held_prefix_is_the_split_forwards_prefix_from_the_sampled_prompts_trunk(monkeypatch):
+    monkeypatch.setattr(consolidation_module, "DISTILLATION_ROW_TOKENS", 32)  # rows of 32: several, with padding
+    lm, cms, *_ = _fast_level_with_knowledge()
+    split = SplitForward(lm.model, cms)
+    trunk = consolidation_module.PromptTrunk(split.start)
+    prompts = [*PROMPTS, PROMPTS[0]]  # a prompt twice: two examples with one cached prompt
+    with cms.levels_masked([0]):
+        comps = [s.text for s in consolidation_module.sample_continuations(lm.model, lm.tokenizer, prompts, 1, 6,
+                                                                            trunk=trunk)]
+    batch = consolidation_module.encode_distillation(lm.tokenizer, prompts, comps, 32)
+    assert batch.input_ids.shape[0] > 1 and (batch.segment < 0).any()
+    got = consolidation_module.held_prefix(trunk, lm.model, batch)
+    want = split.prefix(batch)
+    real = batch.segment >= 0
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    assert not got[~real].any()  # the padding: zeros, as PrefixCache leaves it
+    other = consolidation_module.encode_distillation(lm.tokenizer, ["never sampled ->", PROMPTS[1]], ["x", "y"], 32)
+    assert consolidation_module.held_prefix(trunk, lm.model, other) is None  # a prompt it does not hold
+    cut = consolidation_module.encode_distillation(lm.tokenizer, PROMPTS[:2], ["x", "y"], 12)  # prompts cut (left)
+    assert cut.n_tokens < sum(len(x) + 2 for x in lm.tokenizer(PROMPTS[:2])["input_ids"])
+    assert consolidation_module.held_prefix(trunk, lm.model, cut) is None
+    with torch.no_grad():  # the trunk changed since the sampling (here: trained; in a sleep: decoded in bf16)
+        lm.model.get_input_embeddings().weight.mul_(1.01)
+    assert consolidation_module.held_prefix(trunk, lm.model, batch) is None
+
+
 def test_empty_prompt_buffer_and_bad_levels():
     lm, cms = tiny_with_cms()
     with pytest.raises(EmptyPromptBufferError, match="prompt buffer is empty"):

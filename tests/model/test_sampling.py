@@ -10,7 +10,8 @@ import torch
 from model.config import ModelConfig
 from model.decoding import sampling
 from model.decoding.loading import ModelNotFoundError, load_base_model
-from model.decoding.sampling import NonFiniteLogitsError, SampleGroup, pick_tokens, sample_continuations, sample_groups
+from model.decoding.sampling import (NonFiniteLogitsError, PromptTrunk, SampleGroup, pick_tokens, sample_continuations,
+                                     sample_groups)
 from tests.model.helpers import make_nonzero, tiny_cms_config, tiny_with_cms
 
 PROMPTS = ["what is my balance ->", "book a table for two please ->", "hi"]
@@ -279,6 +280,62 @@ def test_a_prompt_given_several_times_is_prefilled_once_with_the_same_cache_and_
                                        atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(dedup.v[layer][r, :, : len(prompts[r])], d.v[layer][0, :, : len(prompts[r])],
                                        atol=1e-5, rtol=1e-5)
+
+
+def tokens_through(layer: torch.nn.Module, calls: list[int]) -> torch.utils.hooks.RemovableHandle:
+    """Count the tokens each pass through decoder ``layer`` computes (appended to ``calls``): the sampler calls
+    the layer's pieces, so count at its query projection."""
+    return layer.self_attn.q_proj.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[-2]))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_prompt_trunk_skips_the_layers_below_start_and_samples_the_same(temperature):
+    lm, cms = tiny_with_cms()
+    make_nonzero(cms, 0)
+    eos_bias(lm, 2.5)  # rows end at different steps: prompts join while other rows decode
+    start = cms.layer_ids[0]
+    assert start >= 1
+    layers = sampling.decoder_of(lm.model).layers
+    trunk = PromptTrunk(start)
+    with cms.levels_masked([0]):  # a sleep's student view
+        ref = sample_continuations(lm.model, lm.tokenizer, MANY, 2, 12, temperature, seed=4, batch_size=3)
+        first = sample_continuations(lm.model, lm.tokenizer, MANY, 2, 12, temperature, seed=4, batch_size=3,
+                                     trunk=trunk)
+        distinct = len(set(MANY))
+        assert (trunk.misses, len(trunk._store)) == (distinct, distinct)
+        below, above = [], []
+        hooks = [tokens_through(layers[0], below), tokens_through(layers[start], above)]
+        again = sample_continuations(lm.model, lm.tokenizer, MANY, 2, 12, temperature, seed=4, batch_size=3,
+                                     trunk=trunk)
+        for h in hooks:
+            h.remove()
+    assert [s.tokens for s in first] == [s.tokens for s in ref] == [s.tokens for s in again]
+    assert trunk.hits >= distinct and trunk.misses == distinct
+    # The second sampling prefilled every prompt from the cache: below start only the tokens fed back to the live
+    # rows (each row's tokens but its last; at most a batch of 3 a step); from start up the prompts' tokens too.
+    assert max(below) <= 3 and sum(below) == sum(len(s.tokens) + s.finished - 1 for s in again)
+    prompt_tokens = sum(len(x) for x in lm.tokenizer(list(dict.fromkeys(MANY)))["input_ids"])
+    assert sum(above) - sum(below) >= prompt_tokens
+
+
+def test_a_prompt_trunk_empties_itself_when_the_trunk_changes_and_keeps_at_most_max_tokens():
+    lm, cms = tiny_with_cms()
+    start = cms.layer_ids[0]
+    trunk = PromptTrunk(start, max_tokens=12)
+    ids = lm.tokenizer(MANY)["input_ids"]
+    sample_continuations(lm.model, lm.tokenizer, MANY, 1, 6, 0.0, trunk=trunk)
+    assert 0 < trunk.tokens <= 12 and trunk.tokens == sum(len(e.hidden) for e in trunk._store.values())
+    assert len(trunk._store) < len({tuple(x) for x in ids if len(x) <= 12})  # the oldest went
+    with torch.no_grad():  # a layer below start learns (it never does in a sleep): the cache must not be used
+        sampling.decoder_of(lm.model).layers[0].mlp.down_proj.weight.mul_(1.5)
+    misses = trunk.misses
+    got = sample_continuations(lm.model, lm.tokenizer, MANY, 1, 6, 0.0, trunk=trunk)
+    assert trunk.misses - misses == len(set(MANY))
+    assert [s.tokens for s in got] == [s.tokens for s in sample_continuations(lm.model, lm.tokenizer, MANY, 1, 6, 0.0)]
+    with pytest.raises(ValueError, match="memory level lies below"):
+        sample_continuations(lm.model, lm.tokenizer, MANY, 1, 6, 0.0, trunk=PromptTrunk(start + 1))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        PromptTrunk(0)
 
 
 def test_bad_arguments():
