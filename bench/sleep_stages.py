@@ -43,6 +43,7 @@ PARTS = [
     ("model.sleep.held_out", ("held_out_check",), "promotion check (before + after)"),
     ("model.sleep.dreaming", ("dream_about",), "dreams and their trials"),
     ("model.sleep.dreaming", ("promote",), "training on promoted dreams"),
+    ("model.sleep.consolidation", ("held_prefix",), "distillation prefix from the prompts' kept trunk"),
 ]
 
 
