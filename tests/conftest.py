@@ -18,25 +18,6 @@ for _key, _value in {
     os.environ[_key] = _value
 
 
-# The test files that take longest, heaviest first (seconds of their tests summed, one loaded run of the suite on
-# 2 cores: 426, 372, 359, 266, 212, 202, 200, 122, 110, 108, 74, 66, 65). pytest-xdist's `--dist loadfile` hands
-# files out in collection order as workers free up; collected in path order, the longest file started late and
-# kept one worker busy for minutes after the other had run out of work. Longest first (the LPT rule) lets the two
-# workers end together. Every other file follows in path order; each file's tests keep theirs.
-LONGEST_FIRST = (
-    "tests/flows/test_random_kills.py", "tests/flows/test_compare.py", "tests/flows/test_stage.py",
-    "tests/flows/test_faults.py", "tests/flows/test_soak.py", "tests/flows/test_deployments.py",
-    "tests/flows/test_dvc.py", "tests/flows/test_intake_flow.py", "tests/flows/test_knowledge_shards.py",
-    "tests/flows/test_lifecycle_flow.py", "tests/flows/test_bad_inputs.py", "tests/flows/test_consolidation_vs_trl.py",
-    "tests/flows/test_inbox_dvc.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep order
-
-
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """A temporary Prefect server and database for the whole session (started on first use)."""
