@@ -51,6 +51,15 @@ class Batch:
                      self.completion_mask.to(device), self.n_examples)
 
 
+def trunk_signature(model: PreTrainedModel, start: int) -> tuple:
+    """What a cache of the layers below ``start`` was computed by: the model, and the embedding's and those layers'
+    tensors (storage, dtype, in-place version). Trained in place, cast to another dtype (a tensor swapped into a
+    parameter's ``.data``), or wrapped by an adapter, the signature changes."""
+    arch = decoder_of(model)
+    return (id(model), tuple((name, id(p), p.data_ptr(), p.dtype, p._version)
+                             for m in (arch.embed, *arch.layers[:start]) for name, p in m.named_parameters()))
+
+
 class TrunkCache:
     """The hidden states below decoder layer ``start`` of scoring passes, by their tokens, positions and mask.
 
@@ -71,16 +80,11 @@ class TrunkCache:
         self._store: dict[bytes, torch.Tensor] = {}
         self._signature: tuple | None = None
 
-    def _current(self, model: PreTrainedModel) -> tuple:
-        arch = decoder_of(model)
-        return (id(model), tuple((name, id(p), p._version) for m in (arch.embed, *arch.layers[: self.start])
-                                 for name, p in m.named_parameters()))
-
     def hidden(self, model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (R, T, d) after layers [0, start) for ``input_ids`` (R, T) at ``position_ids``, with
         the 4D boolean ``mask`` (None: causal), computed once per distinct input while the trunk is unchanged."""
-        signature = self._current(model)
+        signature = trunk_signature(model, self.start)
         if signature != self._signature:
             self._store.clear()
             self._signature = signature

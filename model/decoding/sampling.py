@@ -44,6 +44,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.decoding.architecture import decoder_of
+from model.decoding.forward import trunk_signature
 from model.memory.cms import ExpertBank
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -226,16 +227,14 @@ class PromptTrunk:
         self._signature: tuple | None = None
 
     def _signature_of(self, model: nn.Module) -> tuple:
-        """What the cached states were computed by: the embedding's and the layers' below ``start`` tensors (and
-        their in-place versions); ValueError if a memory level lies below ``start``."""
+        """:func:`~model.decoding.forward.trunk_signature`; ValueError if a memory level lies below ``start``."""
         arch = decoder_of(model)
         if self.start > len(arch.layers):
             raise ValueError(f"PromptTrunk start {self.start} is beyond the model's {len(arch.layers)} layers")
         below = [m for layer in arch.layers[: self.start] for m in layer.modules() if isinstance(m, ExpertBank)]
         if below:
             raise ValueError(f"PromptTrunk start {self.start}: a memory level lies below it; its layers must be frozen")
-        return (id(model), tuple((id(p), p.data_ptr(), p.dtype, p._version)
-                                 for m in (arch.embed, *arch.layers[: self.start]) for p in m.parameters()))
+        return trunk_signature(model, self.start)
 
     def check(self, model: nn.Module) -> None:
         """Empty the cache if ``model``'s trunk is not the one it was filled with (a sampler about to fill it)."""
@@ -416,9 +415,9 @@ class StaticKVDecoder:
         their tokens packed one after another from packed position ``token`` (after the live rows' tokens)."""
         runs: list[tuple[int, int, int, int]] = []
         for length, row in zip(lens, prompt_rows):
-            t0, r0, count, k = runs[-1] if runs else (0, -2, 0, -1)
-            if k == length and r0 + count == row:
-                runs[-1] = (t0, r0, count + 1, k)
+            if runs and runs[-1][3] == length and runs[-1][1] + runs[-1][2] == row:  # extends the last run
+                t0, r0, count, _ = runs[-1]
+                runs[-1] = (t0, r0, count + 1, length)
             else:
                 runs.append((token, row, 1, length))
             token += length

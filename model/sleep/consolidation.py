@@ -162,15 +162,15 @@ def held_prefix(trunk: PromptTrunk, model: PreTrainedModel, batch: Batch) -> tor
     """:meth:`SplitForward.prefix` of ``batch`` (R, T, d) from what ``trunk`` holds of its prompts (the layers
     below the first CMS layer of the prompts a sampler has just continued), computing the completions' part only;
     None unless it holds every example's prompt (as ``encode`` cut it). The same up to float rounding."""
-    examples = [batch.input_ids[batch.segment == k] for k in range(batch.n_examples)]
-    starts = [int(batch.completion_mask[batch.segment == k].nonzero()[0]) for k in range(batch.n_examples)]
-    hidden = trunk.extend(model, [e[:s].tolist() for e, s in zip(examples, starts)],
-                          [e[s:].tolist() for e, s in zip(examples, starts)])
+    where = [batch.segment == k for k in range(batch.n_examples)]  # each example's slots, in order
+    ids = [batch.input_ids[w].tolist() for w in where]
+    starts = [int(batch.completion_mask[w].nonzero()[0]) for w in where]  # its first completion token
+    hidden = trunk.extend(model, [x[:s] for x, s in zip(ids, starts)], [x[s:] for x, s in zip(ids, starts)])
     if hidden is None:
         return None
     state = hidden[0].new_zeros(*batch.input_ids.shape, hidden[0].shape[-1])  # pad slots: zeros, as PrefixCache
-    for k, h in enumerate(hidden):
-        state[batch.segment == k] = h
+    for w, h in zip(where, hidden):
+        state[w] = h
     return state
 
 
