@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from flows.prefect_db import seed_database
 from flows.tether import tethered
 
 
@@ -93,6 +94,7 @@ def local_server(log_path: Path, timeout: float = 90.0,
     env = {**{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in IDLE_SERVICES}, **os.environ,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false")}
+    seed_database(env)  # a new database from the migrated template: no migrations in the server's start
     with open(log_path, "w") as log, tethered(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, remove=remove,

@@ -174,6 +174,12 @@ def write_json(dest: str | Path, obj: Any) -> Path:
     return write_text(dest, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def cache_root() -> Path:
+    """The project's cache on this machine (``$LM_SLEEP_CACHE`` or ``~/.cache/lm-sleep``): converted models, the
+    Prefect database template."""
+    return Path(os.environ.get("LM_SLEEP_CACHE", Path.home() / ".cache" / "lm-sleep"))
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()

