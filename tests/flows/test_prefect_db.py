@@ -1,4 +1,4 @@
-"""flows/prefect_db.py: a new Prefect server database starts as a copy of a migrated template, only where the
+"""tasks/prefect_db.py: a new Prefect server database starts as a copy of a migrated template, only where the
 database is surely the server's SQLite file, and a real server starts and serves on it."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.prefect_db import SQLITE, SWITCH, build_template, database_path, seed_database, template_path
+from tasks.prefect_db import SQLITE, SWITCH, build_template, database_path, seed_database, template_path
 from tests.flows.helpers import free_port, stop, wait_for
 
 

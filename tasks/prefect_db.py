@@ -13,14 +13,14 @@ Only where the database is surely the server's: the default ``$PREFECT_HOME/pref
 ``sqlite+aiosqlite:///`` file named by ``PREFECT_SERVER_DATABASE_CONNECTION_URL`` (or the older
 ``PREFECT_API_DATABASE_CONNECTION_URL``) in the environment. Another database (PostgreSQL, settings of a Prefect
 profile or ``prefect.toml``, an existing file) is left to Prefect as it is. ``LM_SLEEP_PREFECT_DB_TEMPLATE=0``
-switches the template off (``bench/server_start.py`` compares the two).
+switches the template off (``bench/server_start.py`` compares the two). Not a Prefect task: the glue
+``flows.server.local_server`` and the tests' module servers call before a server starts.
 
-    python -m flows.prefect_db           # build the template if this machine has none (make install)
+    python -m tasks.prefect_db           # build the template if this machine has none (make install)
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -28,35 +28,15 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+
+from model.io import atomic_path, cache_root
 
 
 SQLITE = "sqlite+aiosqlite:///"
 SWITCH = "LM_SLEEP_PREFECT_DB_TEMPLATE"  # "0": every new database is migrated by its server, as Prefect does
 URL_KEYS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
-
-
-def cache_root() -> Path:
-    """The project's cache, as ``model.io.cache_root`` names it (flows/ take only config and errors from model/)."""
-    return Path(os.environ.get("LM_SLEEP_CACHE", Path.home() / ".cache" / "lm-sleep"))
-
-
-@contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """An empty temporary file beside ``dest``, renamed onto it when the block succeeds and removed when it fails:
-    a concurrent reader sees the whole file or none."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    part = Path(name)
-    try:
-        yield part
-        with open(part, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
 
 
 class TemplateError(RuntimeError):
