@@ -135,7 +135,12 @@ def markdown(name: str, description: str, summary: dict[str, Any], target: dict[
     lines = [f"# Comparison `{name}`", ""]
     if description:
         lines += [description, ""]
+    src = params.data.source
     lines += [
+        # the data the runs read, whatever the description says (a params file may change only data.source)
+        f"Data: `{src.path}` ({src.format}; text `{src.text_field}`, label `{src.label_field}`"
+        + (f"; excluded labels {list(src.exclude_labels)}" if src.exclude_labels else "") + ").",
+        "",
         f"Seeds {list(seeds)} (each seed draws its own tasks); {params.data.n_tasks} tasks x "
         f"{params.data.labels_per_task} labels, {params.data.train_per_label} train / {params.data.test_per_label} "
         f"test examples per label, model `{params.model.source}`. Mean over seeds with a 95% Student-t CI.",

@@ -91,3 +91,17 @@ def test_runs_from_two_machines_are_flagged_and_listed():
     assert f"| {here['id']} | {here['processor']} |" in md and "sleep 1 |" in md
     one = markdown("toy", "", summary, target, [0, 1], [{**r, "machine": here} for r in runs], Params())
     assert "machines**" not in one and "## Machines" in one
+
+
+def test_the_report_names_the_data_its_runs_read_whatever_the_description_says():
+    summary = _summary({"ewc": ([0.6, 0.7], [0.3, 0.2]), "sleep": ([0.9, 0.95], [0.0, 0.01])})
+    for m in summary.values():
+        m.update(backward_transfer=ci_summary([0.0, 0.0]), gradient_steps=1, seconds=60.0)
+    target = target_check(summary, against=("ewc",))
+    params = Params.model_validate({"data": {"source": {"path": "derived/titles.jsonl", "format": "jsonl",
+                                                       "text_field": "question", "label_field": "title",
+                                                       "exclude_labels": []}}})
+    md = markdown("toy", "On the CLINC150 stream.", summary, target, [0, 1], [], params)
+    assert "Data: `derived/titles.jsonl` (jsonl; text `question`, label `title`)." in md
+    assert "Data: `data/raw/clinc150/data_full.json` (clinc150; text `text`, label `label`; excluded labels ['oos'])" \
+        in markdown("toy", "", summary, target, [0, 1], [], Params())
