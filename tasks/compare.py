@@ -244,6 +244,7 @@ def cached_result(rdir: Path, key: str) -> dict | None:
 #: What a baseline's result depends on: the params sections it reads and the modules whose code it runs.
 BASELINE_SECTIONS = ("seed", "model", "data", "wake")
 BASELINE_CODE = ("model/evaluation/baselines.py", "model/evaluation/comparison.py", "model/evaluation/ewc.py",
+                 "model/evaluation/prototype_classifier.py", "model/memory/prototypes.py",
                  "model/memory/wake.py", "model/decoding/forward.py", "model/decoding/loading.py", "model/data/stream.py")
 
 
@@ -268,7 +269,7 @@ def baseline_key(p: Params, method: str, baselines: BaselinesConfig) -> str:
 def run_baseline_method(
     p: Params, baselines: BaselinesConfig, rdir: Path, method: str, stream: pd.DataFrame, plan: dict[int, list[str]]
 ) -> dict:
-    """One baseline (zero_shot, icl, finetune, ewc, replay) over the seed's stream; writes result.json."""
+    """One baseline (model.evaluation.comparison.BASELINES) over the seed's stream; writes result.json."""
     log = get_run_logger()
     key = baseline_key(p, method, baselines)
     hit = cached_result(rdir, key)

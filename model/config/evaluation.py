@@ -92,7 +92,8 @@ LONG_CONTEXT_METHODS: dict[str, str] = {
     "sleep_3": "sleep_1 with three slower levels (more consolidation stages)",
 }
 MethodName = Literal[
-    "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep_consolidation", "sleep", "no_imitation",
+    "zero_shot", "icl", "finetune", "ewc", "replay", "joint", "sentence_lda", "cms", "sleep_consolidation", "sleep",
+    "no_imitation",
     "no_rehearsal", "no_freezing", "with_routing", "no_prototype_routing", "cosine_routing",
     "no_semantic_reward", "no_expansion", "no_gradient_selection", "no_random_expert", "no_dreaming",
     "no_promotion_check", "dreams_into_slow", "fold_dreams", "fold_with_dreams", "keep_dreams", "keep_dreams_slow",
@@ -123,6 +124,8 @@ class BaselinesConfig(Section):
     replay_per_batch: int = Field(5, ge=1, description="replay: buffered examples added to every batch.")
     icl_shots_per_label: int = Field(1, ge=1, description="icl: train examples per seen label in the prompt.")
     icl_max_length: int = Field(1024, ge=16, description="icl: token limit of prompt + label.")
+    lda_shrinkage: float = Field(0.5, ge=0.0, le=1.0, description="sentence_lda: the pooled covariance's weight on "
+                                 "the identity (cms.routing.shrinkage's value: the router's own statistics).")
 
 
 class KnowledgeConfig(Section):

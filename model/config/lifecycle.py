@@ -93,6 +93,9 @@ METHODS: dict[str, str] = {
     "ewc": "sequential LoRA fine-tuning with an elastic weight consolidation penalty",
     "replay": "sequential LoRA fine-tuning with experience replay from a reservoir buffer of past examples",
     "joint": "upper bound: LoRA fine-tuning on every task so far at once (all raw data), the same steps in all",
+    "sentence_lda": "no language model, no raw data: each seen label's mean of the sentence model's embedding "
+                    "(all-MiniLM-L6-v2) and one pooled covariance, nearest mean wins (streaming LDA; the statistics "
+                    "sleep's router keeps)",
     "no_rehearsal": "full sleep without rehearsal: consolidation sees the current period's prompts only",
     "no_freezing": "full sleep, consolidated experts stay writable in wake (the slow level's eq.-2 step moves them)",
     "no_prototype_routing": "full sleep, every expert fires on every input (no period prototypes)",

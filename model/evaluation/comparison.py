@@ -31,9 +31,10 @@ from model.evaluation.baselines import (
     train_sequential,
 )
 from model.evaluation.ewc import EWC
+from model.evaluation.prototype_classifier import PrototypeClassifier
 from model.memory.wake import best_labels, label_scores, split_template
 
-BASELINES = ("zero_shot", "icl", "finetune", "ewc", "replay", "joint")
+BASELINES = ("zero_shot", "icl", "finetune", "ewc", "replay", "joint", "sentence_lda")
 
 
 @dataclass
@@ -92,7 +93,8 @@ def run_baseline(
     examples from a reservoir of everything seen before the current task.
     ``zero_shot`` and ``icl`` never train. ``joint`` is the upper bound: after task i it is the
     same initial adapters trained on the train rows of tasks 0..i at once (shuffled), with as
-    many steps as the sequential methods took up to task i; it keeps all raw data.
+    many steps as the sequential methods took up to task i; it keeps all raw data. ``sentence_lda`` trains no
+    weight and keeps no raw data: a streaming LDA on the sentence model's embedding (model/evaluation/prototype_classifier.py).
     """
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; one of {', '.join(BASELINES)}")
@@ -105,6 +107,7 @@ def run_baseline(
     initial = [p.detach().clone() for p in params]
     ewc = EWC(params, cfg.ewc_lambda) if method == "ewc" else None
     buffer = ReplayBuffer(cfg.replay_buffer, seed=seed) if method == "replay" else None
+    lda = PrototypeClassifier(cfg.lda_shrinkage, wake.eval_batch_size) if method == "sentence_lda" else None
 
     def predict(texts: list[str], labels: list[str]) -> list[str]:
         scores = label_scores(model, tokenizer, wake.template, texts, labels, wake.eval_batch_size, wake.max_length)
@@ -136,7 +139,12 @@ def run_baseline(
                                 cfg.ewc_fisher_batch_size, wake.max_length)
             if buffer is not None:
                 buffer.add(pairs)
-        if method == "icl":
+        if lda is not None:
+            lda.learn([p for p, _ in pairs], [y for _, y in task_pairs(stream, period, "train")], period,
+                      seed=seed * 100_003 + period)
+            acc = seen_accuracy(lambda texts, labels: lda.predict(
+                [split_template(wake.template, x, labels[0])[0] for x in texts], labels), stream, plan, period)
+        elif method == "icl":
             seen = seen_train(stream, period)
             demos = icl_examples([x for x, _ in seen], [y for _, y in seen], cfg.icl_shots_per_label, seed)
             prefix = icl_prompt_prefix(demos, wake.template)

@@ -17,7 +17,7 @@ from tests.flows.test_lifecycle_flow import toy_project
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["zero_shot", "icl", "finetune", "ewc", "replay", "joint", "cms", "sleep"]
+METHODS = ["zero_shot", "icl", "finetune", "ewc", "replay", "joint", "sentence_lda", "cms", "sleep"]
 
 
 def _with_comparisons(params_path: Path, methods=METHODS, seeds=(0, 1), **evaluation) -> Path:
@@ -71,6 +71,7 @@ def test_comparison_runs_every_method_and_seed_writes_the_report_and_resumes(tmp
     assert results[("finetune", 0)].get("routing_accuracy") is None
     assert "## Routing" in (report / "README.md").read_text()
     assert results[("zero_shot", 0)]["gradient_steps"] == results[("icl", 0)]["gradient_steps"] == 0
+    assert results[("sentence_lda", 0)]["gradient_steps"] == 0  # means and a covariance, no training
     assert results[("cms", 0)]["gradient_steps_by_stage"]["wake"] == wake_steps
     assert results[("cms", 0)]["gradient_steps_by_stage"]["consolidation"] == 0
     assert results[("sleep", 0)]["gradient_steps_by_stage"]["consolidation"] > 0
@@ -95,7 +96,7 @@ def test_comparison_runs_every_method_and_seed_writes_the_report_and_resumes(tmp
         lo, hi = s["final_accuracy"]["low"], s["final_accuracy"]["high"]
         assert lo <= s["final_accuracy"]["mean"] <= hi
     md = (report / "README.md").read_text()
-    assert "| sleep |" in md and "| replay | yes |" in md and "target met" in md
+    assert "| sleep |" in md and "| replay | yes |" in md and "| sentence_lda | no |" in md and "target met" in md
 
     # Resume: a second call finds every result on disk and runs nothing again.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "state/compare/toy").rglob("result.json")}
