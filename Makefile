@@ -38,8 +38,8 @@ install-browser:
 run: install
 	lm-sleep run
 
-test: install  # two workers, one test file each at a time (module fixtures stay on one worker), longest first
-	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+test: install  # two workers, one test file each at a time (module fixtures stay on one worker)
+	python -m pytest -n 2 --dist loadfile
 
 test-fast: install
 	python -m pytest -m "not slow"
