@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from model.config import Params, load_params
 from model.data.stream import build_stream, load_source
 from model.io import write_json
-from model.memory.prototypes import (SENTENCE_LAYER, Prototypes, add_period, mahalanobis_scores, route,
-                                     sentence_features, standardise)
+from model.evaluation.prototype_classifier import PrototypeClassifier
+from model.memory.prototypes import route, sentence_features
 from model.memory.wake import split_template
 
 ROUTERS = ("prototypes", "1-NN", "10-NN", "logistic")
@@ -98,27 +98,21 @@ def one_run(where: str, params: Params, root: Path, run: Path | None = None) -> 
             prompts[(t, split)] = [split_template(params.wake.template, x, plan[t][0])[0] for x in rows.text]
             labels[(t, split)] = [str(x) for x in rows.label]
             feats[(t, split)] = sentence_features(prompts[(t, split)], params.wake.eval_batch_size)
-    protos: Prototypes | None = None
+    lda = PrototypeClassifier(routing.shrinkage, params.wake.eval_batch_size)  # the deployed router's statistics
     for t in plan:
-        protos = add_period(protos, feats[(t, "train")], t, routing.prototypes_per_period, SENTENCE_LAYER,
-                            seed=params.seed * 100_003 + t, metric="mahalanobis", shrinkage=routing.shrinkage,
-                            groups=labels[(t, "train")])
+        lda.learn_features(feats[(t, "train")], labels[(t, "train")], t, seed=params.seed * 100_003 + t)
     train = torch.cat([feats[(t, "train")] for t in plan])
     train_periods = torch.cat([torch.full((len(prompts[(t, "train")]),), t) for t in plan])
     test = torch.cat([feats[(t, "test")] for t in plan])
     test_periods = torch.cat([torch.full((len(prompts[(t, "test")]),), t) for t in plan])
-    routed = {"prototypes": route(protos, test), "1-NN": knn_route(train, train_periods, test, 1),
+    routed = {"prototypes": route(lda.protos, test), "1-NN": knn_route(train, train_periods, test, 1),
               "10-NN": knn_route(train, train_periods, test, 10),
               "logistic": logistic_route(train, train_periods, test)}
     own = {name: {str(t): round(float((r[test_periods == t] == t).float().mean()), 4) for t in plan}
            for name, r in routed.items()}
-    # the deployed router's nearest prototype as a label classifier, among every label seen (one prototype a label)
-    nearest = mahalanobis_scores(standardise(test, protos), protos.centroids.float(), protos.whiten()).argmax(1)
-    proto_labels = [lab for t in plan for lab in dict.fromkeys(labels[(t, "train")])]
-    if len(proto_labels) != protos.centroids.shape[0]:
-        raise RuntimeError(f"{where}: {protos.centroids.shape[0]} prototypes for {len(proto_labels)} labels")
+    # the deployed router's nearest prototype as a label classifier, among every label seen (sentence_lda)
     test_labels = [lab for t in plan for lab in labels[(t, "test")]]
-    label_acc = statistics.mean(proto_labels[i] == lab for i, lab in zip(nearest.tolist(), test_labels, strict=True))
+    label_acc = statistics.mean(p == g for p, g in zip(lda.predict_features(test, lda.labels), test_labels, strict=True))
     result = json.loads((run / "result.json").read_text()) if run and (run / "result.json").is_file() else {}
     recorded = (result.get("routing_accuracy") or [None])[-1]  # after the last task: {task: share routed home}
     last = (result.get("accuracy") or [None])[-1]  # the accuracy matrix's last row: {task: accuracy}

@@ -33,10 +33,13 @@ class PrototypeClassifier:
         """Add task ``period``: a mean per label of its prompts' embeddings, its residuals into the scatter."""
         if len(prompts) != len(labels) or not prompts:
             raise ValueError(f"task {period}: {len(prompts)} prompts for {len(labels)} labels")
+        self.learn_features(sentence_features(list(prompts), self.batch_size), labels, period, seed)
+
+    def learn_features(self, feats: torch.Tensor, labels: Sequence[str], period: int, seed: int = 0) -> None:
+        """:meth:`learn` from the prompts' embeddings (N, 384) already computed."""
         new = list(dict.fromkeys(str(lab) for lab in labels))
         if seen := [lab for lab in new if lab in self.labels]:
             raise ValueError(f"task {period}: labels {seen} were learned by an earlier task (class-incremental)")
-        feats = sentence_features(list(prompts), self.batch_size)  # (N, 384)
         self.protos = add_period(self.protos, feats, period, 1, SENTENCE_LAYER, seed=seed, metric="mahalanobis",
                                  shrinkage=self.shrinkage, groups=[str(lab) for lab in labels])
         self.labels += new
@@ -45,12 +48,16 @@ class PrototypeClassifier:
 
     def predict(self, prompts: Sequence[str], candidates: Sequence[str]) -> list[str]:
         """The nearest candidate label of each prompt; every candidate must have been learned."""
+        return self.predict_features(sentence_features(list(prompts), self.batch_size), candidates)
+
+    def predict_features(self, feats: torch.Tensor, candidates: Sequence[str]) -> list[str]:
+        """:meth:`predict` from the prompts' embeddings (N, 384) already computed."""
         if self.protos is None:
             raise ValueError("predict before any task was learned")
         if missing := [c for c in candidates if c not in self.labels]:
             raise ValueError(f"labels {missing} were never learned")
-        z = standardise(sentence_features(list(prompts), self.batch_size), self.protos)  # (N, 384)
+        z = standardise(feats, self.protos)  # (N, 384)
         scores = mahalanobis_scores(z, self.protos.centroids.float(), self.protos.whiten())  # (N, P)
-        allowed = torch.tensor([lab in set(candidates) for lab in self.labels])
-        scores[:, ~allowed] = float("-inf")
+        allowed = set(candidates)
+        scores[:, torch.tensor([lab not in allowed for lab in self.labels])] = float("-inf")
         return [self.labels[i] for i in scores.argmax(dim=1).tolist()]
